@@ -1,0 +1,79 @@
+"""Finding, loading and calling the shared library libneoxfuse.so (its C ABI: kernels/*/*.h).
+
+The library is looked up at $NEOXFUSE_LIB, else inside the installed package
+(neoxfuse/lib/libneoxfuse.so, where the wheel puts it). Each family declares the prototypes
+of its functions with `function(...)`; `call(...)` turns a non-zero status into KernelError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+from neoxfuse.errors import KernelError, LibraryNotFoundError
+
+ABI_VERSION = 1  # kernels/common/library.h: NEOXFUSE_ABI_VERSION
+
+# kernels/common/status.h
+STATUS_NAMES = {
+    1: "invalid argument",
+    2: "misaligned pointer or size",
+    3: "unsupported shape or dtype",
+    4: "CUDA error",
+    5: "no usable CUDA device",
+}
+
+_PACKAGED = Path(__file__).parent / "lib" / "libneoxfuse.so"
+
+
+def library_path() -> Path:
+    """Where the library is expected: $NEOXFUSE_LIB, else the copy inside the package."""
+    env = os.environ.get("NEOXFUSE_LIB")
+    return Path(env) if env else _PACKAGED
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL:
+    """The loaded library; LibraryNotFoundError (with what to do) if it is missing or stale."""
+    path = library_path()
+    if not path.is_file():
+        raise LibraryNotFoundError(
+            f"libneoxfuse.so not found at {path}. Build it with `./bazelw build //kernels:libneoxfuse.so` "
+            "and set NEOXFUSE_LIB to bazel-bin/kernels/libneoxfuse.so, or install the wheel "
+            "(`./bazelw build //python:wheel`, then `pip install bazel-bin/python/neoxfuse-*.whl`)."
+        )
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:
+        raise LibraryNotFoundError(f"{path} did not load: {err}") from err
+    lib.neoxfuse_abi_version.restype = ctypes.c_int
+    found = lib.neoxfuse_abi_version()
+    if found != ABI_VERSION:
+        raise LibraryNotFoundError(f"{path} has C ABI version {found}; this package needs {ABI_VERSION}. Rebuild it.")
+    lib.neoxfuse_build_info.restype = ctypes.c_char_p
+    lib.neoxfuse_last_error.restype = ctypes.c_char_p
+    return lib
+
+
+def function(name: str, argtypes: list, restype=ctypes.c_int):
+    """The library function `name` with its prototype declared (once)."""
+    fn = getattr(library(), name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
+def call(fn, *args) -> None:
+    """Calls a status-returning library function; raises KernelError on a non-zero status."""
+    status = fn(*args)
+    if status != 0:
+        message = STATUS_NAMES.get(status, f"status {status}")
+        detail = library().neoxfuse_last_error().decode()
+        raise KernelError(fn.__name__, status, f"{message}: {detail}" if detail else message)
+
+
+def build_info() -> str:
+    """What the library was built with, e.g. 'abi=1 cuda=13.0 archs=sm_90a,sm_120,compute_120'."""
+    return library().neoxfuse_build_info().decode()

@@ -1,0 +1,59 @@
+"""Argument checks run before every kernel call, so bad input is a clear Python error."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from neoxfuse.errors import InvalidInputError, NoGPUError
+
+VEC_BYTES = 16  # kernels/common/vec.cuh: kVecBytes
+
+
+def require_cuda() -> None:
+    """NoGPUError unless torch can run CUDA kernels here."""
+    if not torch.cuda.is_available():
+        build = "a CPU build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+        raise NoGPUError(f"neoxfuse kernels need a CUDA GPU; this machine has none usable ({build}).")
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    dtypes: Sequence[torch.dtype] | None = None,
+    shape: Sequence[int | None] | None = None,
+    cuda: bool = True,
+    contiguous: bool = True,
+    aligned: bool = True,
+) -> torch.Tensor:
+    """Checks `t` and returns it. `shape` entries of None match any size.
+
+    Raises InvalidInputError (or NoGPUError) naming `name` and what was expected.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise InvalidInputError(f"{name} must be {allowed}, got {str(t.dtype).replace('torch.', '')}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+            want_str = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise InvalidInputError(f"{name} must have shape {want_str}, got {list(t.shape)}")
+    if cuda:
+        if t.device.type != "cuda":
+            require_cuda()
+            raise InvalidInputError(f"{name} must be on a CUDA device, got {t.device}")
+    if contiguous and not t.is_contiguous():
+        raise InvalidInputError(f"{name} must be contiguous (call .contiguous()), got strides {t.stride()}")
+    if aligned and t.data_ptr() % VEC_BYTES != 0:
+        raise InvalidInputError(f"{name} must start on a {VEC_BYTES}-byte boundary (a storage offset breaks that)")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """InvalidInputError unless every tensor is on one device."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise InvalidInputError("tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in devices.items()))

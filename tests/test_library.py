@@ -1,0 +1,125 @@
+"""The shared library: it loads, describes itself, holds sm_90a and sm_120 code, copies exactly."""
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neoxfuse import _lib
+from neoxfuse.device import copy_bandwidth, devices
+from neoxfuse.errors import InvalidInputError, LibraryNotFoundError, NoGPUError
+from neoxfuse.ops.copy import device_copy
+
+
+def _cuobjdump() -> str:
+    """cuobjdump from PyPI's nvidia-cuda-cuobjdump (requirements.txt), else the toolkit's."""
+    import nvidia
+
+    for root in nvidia.__path__:
+        for found in Path(root).glob("*/bin/cuobjdump"):
+            return str(found)
+    path = shutil.which("cuobjdump")
+    if path is None:
+        pytest.fail("cuobjdump not found: requirements.txt installs nvidia-cuda-cuobjdump")
+    return path
+
+
+def test_library_loads_and_describes_itself():
+    info = _lib.build_info()
+    assert f"abi={_lib.ABI_VERSION}" in info
+    assert "archs=sm_90a,sm_120,compute_120" in info
+
+
+def test_library_holds_machine_code_for_every_target_arch():
+    listing = subprocess.run(
+        [_cuobjdump(), "--list-elf", "--list-ptx", str(_lib.library_path())], capture_output=True, text=True, check=True
+    ).stdout
+    elf = [line for line in listing.splitlines() if line.startswith("ELF file")]
+    ptx = [line for line in listing.splitlines() if line.startswith("PTX file")]
+    assert any(".sm_90a.cubin" in line for line in elf), listing
+    assert any(".sm_120.cubin" in line for line in elf), listing
+    assert any(".sm_120.ptx" in line for line in ptx), listing
+    # Every kernel object carries both machine codes, not only one of them.
+    assert sum(".sm_90a.cubin" in line for line in elf) == sum(".sm_120.cubin" in line for line in elf)
+
+
+def test_library_exports_only_the_c_abi():
+    lib = ctypes.CDLL(str(_lib.library_path()))
+    for name in ["neoxfuse_abi_version", "neoxfuse_build_info", "neoxfuse_device_copy", "neoxfuse_get_device_info"]:
+        assert hasattr(lib, name)
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm is not installed")
+    exported = subprocess.run([nm, "-D", "--defined-only", str(_lib.library_path())], capture_output=True, text=True).stdout
+    symbols = [line.split()[-1] for line in exported.splitlines() if " T " in line]
+    assert symbols and all(s.startswith("neoxfuse_") for s in symbols), symbols
+
+
+def test_missing_library_is_a_clear_error(tmp_path):
+    code = "from neoxfuse import _lib; _lib.library()"
+    env = dict(os.environ, NEOXFUSE_LIB=str(tmp_path / "nowhere.so"))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "LibraryNotFoundError" in result.stderr and "libneoxfuse.so not found" in result.stderr
+
+
+def test_library_that_does_not_load_is_a_clear_error(tmp_path):
+    fake = tmp_path / "libneoxfuse.so"
+    fake.write_bytes(b"not an ELF file")
+    code = "from neoxfuse import _lib; _lib.library()"
+    env = dict(os.environ, NEOXFUSE_LIB=str(fake))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "did not load" in result.stderr
+
+
+def test_device_listing_without_a_gpu_is_empty_not_an_error():
+    if torch.cuda.is_available():
+        assert devices(), "torch sees a GPU, the library must too"
+    else:
+        assert devices() == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_copy_bandwidth_on_cpu_machine_says_no_gpu():
+    with pytest.raises(NoGPUError, match="need a CUDA GPU"):
+        copy_bandwidth()
+
+
+def test_device_copy_refuses_cpu_tensors():
+    x = torch.zeros(16)
+    with pytest.raises((InvalidInputError, NoGPUError)):
+        device_copy(x, torch.empty_like(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nbytes", [16, 17, 4096 + 5, (1 << 20) + 3, 64 << 20])
+def test_device_copy_is_exact(nbytes):
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.full_like(src, 0xA5)  # poison: a byte left unwritten shows
+    device_copy(src, dst)
+    torch.cuda.synchronize()
+    assert torch.equal(src, dst)
+
+
+@pytest.mark.gpu
+def test_device_copy_checks_arguments():
+    src = torch.zeros(64, dtype=torch.float16, device="cuda")
+    with pytest.raises(InvalidInputError, match="match in dtype and size"):
+        device_copy(src, torch.empty(32, dtype=torch.float16, device="cuda"))
+    with pytest.raises(InvalidInputError, match="16-byte boundary"):
+        device_copy(src[1:33], torch.empty(32, dtype=torch.float16, device="cuda"))
+    with pytest.raises(InvalidInputError, match="contiguous"):
+        device_copy(src.view(8, 8).t(), torch.empty(8, 8, dtype=torch.float16, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_copy_bandwidth_reports_a_plausible_rate():
+    result = copy_bandwidth(nbytes=256 << 20, iterations=5)
+    assert result.bytes_moved == 2 * (256 << 20)
+    # Any GPU this project targets moves more than 100 GB/s and less than 20 TB/s.
+    assert 100 < result.GBps < 20_000
