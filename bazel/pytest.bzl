@@ -1,9 +1,9 @@
 """`pytest_test`: one py_test per test file, run by pytest against the built library."""
 
-def pytest_test(name, src, deps = [], data = [], size = "medium", tags = []):
+def pytest_test(name, src, deps = [], data = [], args = [], size = "medium", tags = []):
     """Runs pytest on `src` with NEOXFUSE_LIB pointing at the freshly built library.
 
-    Results are written as JUnit XML where Bazel expects them (bazel-testlogs/.../test.xml),
+    `args` reach the test as pytest options (declare them in conftest.py). Results are written as JUnit XML where Bazel expects them (bazel-testlogs/.../test.xml),
     so .ci/run can count test cases, not only targets.
     """
     native.py_test(
@@ -13,7 +13,7 @@ def pytest_test(name, src, deps = [], data = [], size = "medium", tags = []):
         args = [
             "--lib=$(rootpath //kernels:libneoxfuse.so)",
             "$(rootpath %s)" % src,
-        ],
+        ] + args,
         data = data + ["//kernels:libneoxfuse.so", "//tests:conftest.py"],
         deps = deps + ["//python:package"],
         python_version = "PY3",

@@ -1,7 +1,11 @@
-"""Shared test set-up: the `gpu` marker skips with a reason where no CUDA GPU is usable."""
+"""Shared test set-up: the `gpu` marker (skips with a reason where no CUDA GPU is usable), --wheel."""
 
 import pytest
 import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--wheel", default=None, help="the neoxfuse wheel to check (tests/test_wheel.py)")
 
 
 def pytest_configure(config):
