@@ -1,4 +1,4 @@
-"""`bazel run //python:neoxfuse -- ARGS`: the CLI with the library Bazel just built.
+"""`bazel run //:neoxfuse -- ARGS`: the CLI with the library Bazel just built.
 
 Bazel runs this from the runfiles tree; the library sits at kernels/libneoxfuse.so beside
 python/, and relative paths the user gave are resolved from where `bazel run` was called.
