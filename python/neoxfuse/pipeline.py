@@ -1,0 +1,519 @@
+"""The GPU pipeline: one command tests, benchmarks and profiles the installed neoxfuse on a GPU.
+
+    python -m neoxfuse.pipeline --tests CHECKOUT [--out DIR] [--commit SHA] [--suite NAME]... [--skip STAGE]...
+
+ci/gpu_pipeline runs exactly this with CHECKOUT = the repository it sits in. It needs the
+installed package (the wheel) and a CUDA build of torch; no Bazel, no network. The stages run
+in order; each ends passed, failed or skipped with its reason, and any failure makes the exit
+status 1:
+
+  environment      GPU, driver, CUDA, clocks and state (NVML), the library's build and archs,
+                   torch, ncu -> DIR/environment.json. Fails if the library does not load or
+                   holds no code for the GPU's arch.
+  tests            pytest -m gpu on CHECKOUT/tests against the installed package.
+  bench:<suite>    every suite module of neoxfuse.bench (SUITE, HELP, add_arguments, run), each
+                   in its own process with --out-dir DIR/results, while a GpuMonitor samples the
+                   GPU; each results file it writes gains "nvml" and per-row throttled /
+                   gpu_shared (neoxfuse.monitor). Suites of DESIGN.md §6 missing from this build
+                   are reported as skipped.
+  profile:<suite>  the suite again under Nsight Compute (neoxfuse.profile), with the suite's
+                   optional PROFILE_ARGS (arguments for a short run that still launches each of
+                   its kernels); the first launch of each neoxfuse kernel is profiled, the report
+                   kept as DIR/profiles/<suite>.ncu-rep and its per-kernel summary added to the
+                   suite's results files as "ncu".
+  dashboard        DIR/dashboard/index.html from CHECKOUT/bench/results and DIR/results.
+
+DIR holds pipeline.json (every stage: status, reason, seconds, details), environment.json,
+results/ (copy these into bench/results/ to commit them), profiles/, logs/ and dashboard/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import xml.etree.ElementTree as ElementTree
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import neoxfuse
+from neoxfuse import monitor, profile
+
+EXPECTED_SUITES = ("decode", "layer", "ln_residual", "gptq_ln_qkv")  # DESIGN.md §6
+STAGES = ("tests", "bench", "profile", "dashboard")  # the ones --skip can name
+
+
+@dataclass
+class Stage:
+    name: str
+    status: str  # passed | failed | skipped
+    reason: str = ""
+    seconds: float = 0.0
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    status: str
+    reason: str = ""
+    details: dict = field(default_factory=dict)
+
+
+def arch_supported(sm: str, archs: list[str]) -> bool:
+    """Whether a GPU of compute capability `sm` ("90") can run a library holding `archs`
+    (["sm_90a", "sm_120", "compute_120"]): machine code of its own arch (sm_XY, or the arch-
+    specific sm_XYa), or PTX the driver can compile for it (compute_N with N <= XY; an
+    arch-specific compute_Na only for N == XY)."""
+    for arch in archs:
+        kind, _, number = arch.partition("_")
+        specific = number.endswith(("a", "f"))
+        try:
+            n = int(number.rstrip("af"))
+        except ValueError:
+            continue
+        if kind == "sm" and n == int(sm):
+            return True
+        if kind == "compute" and (n == int(sm) if specific else n <= int(sm)):
+            return True
+    return False
+
+
+def _junit_counts(path: Path) -> dict:
+    """tests / failures / errors / skipped summed over a JUnit XML file's test suites."""
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    return {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
+
+
+@dataclass(frozen=True)
+class Suite:
+    module: str  # its module's name in neoxfuse.bench, e.g. "ln_residual"
+    name: str  # its SUITE (command-line) name, e.g. "ln-residual"
+    path: str  # the module to import, e.g. "neoxfuse.bench.ln_residual"
+
+
+def discover_suites() -> tuple[list[Suite], dict[str, str], str | None]:
+    """The suite modules of neoxfuse.bench (neoxfuse.bench.suites(): pkgutil over the package),
+    the modules that did not import {module: why}, and why there are none at all."""
+    try:
+        from neoxfuse import bench
+    except ModuleNotFoundError as err:
+        return [], {}, f"neoxfuse.bench is not in this build ({err})"
+    found, broken = bench.suites()
+    suites = [Suite(module.__name__.rsplit(".", 1)[1], name, module.__name__) for name, module in found.items()]
+    return sorted(suites, key=lambda s: s.module), broken, None
+
+
+def run_suite(argv: list[str]) -> int:
+    """The child side of a bench stage: `_suite MODULE OUT_DIR [ARGS...]` runs one suite with
+    its own argument parser on ARGS plus --out-dir OUT_DIR."""
+    module_path, out_dir, *extra = argv
+    module = importlib.import_module(module_path)
+    parser = argparse.ArgumentParser(prog=f"neoxfuse bench {module.SUITE}", description=getattr(module, "HELP", None))
+    module.add_arguments(parser)
+    return module.run(parser.parse_args([*extra, "--out-dir", out_dir]))
+
+
+class Pipeline:
+    """One run of the stages into `out` (see the module docstring)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out: Path = args.out.resolve()
+        self.results = self.out / "results"
+        self.logs = self.out / "logs"
+        self.profiles = self.out / "profiles"
+        for folder in (self.results, self.logs, self.profiles):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.checkout: Path | None = args.tests.resolve() if args.tests else None
+        self.commit = args.commit or os.environ.get("NEOXFUSE_COMMIT") or self._checkout_commit()
+        self.stages: list[Stage] = []
+        self.gpu_missing: str | None = None  # why GPU stages cannot run, once the environment is known
+        self.suite_results: dict[str, list[Path]] = {}  # suite -> results files its bench stage wrote
+        self.started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+    def _checkout_commit(self) -> str:
+        """`git rev-parse HEAD` in the checkout; "unknown" without one (or without git, or .git)."""
+        if self.checkout is None:
+            return "unknown"
+        try:
+            done = subprocess.run(["git", "-C", str(self.checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+        except OSError:
+            return "unknown"
+        return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _record(self, stage: Stage) -> Stage:
+        self.stages.append(stage)
+        note = f": {stage.reason}" if stage.reason else ""
+        print(f"<== {stage.name} {stage.status.upper()}{note} [{stage.seconds:.1f} s]", flush=True)
+        self.write_report()
+        return stage
+
+    def skip(self, name: str, reason: str) -> Stage:
+        return self._record(Stage(name, "skipped", reason))
+
+    def run_stage(self, name: str, fn, *fn_args) -> Stage:
+        """Runs fn(*fn_args) -> Outcome as stage `name`; an exception fails the stage, not the run."""
+        print(f"==> {name}", flush=True)
+        start = time.monotonic()
+        try:
+            outcome = fn(*fn_args)
+        except Exception as err:  # reported with its traceback; the later stages still run
+            outcome = Outcome("failed", f"{type(err).__name__}: {err}", {"traceback": traceback.format_exc()})
+        return self._record(
+            Stage(name, outcome.status, outcome.reason, round(time.monotonic() - start, 1), outcome.details)
+        )
+
+    def write_report(self) -> None:
+        report = {
+            "started": self.started,
+            "commit": self.commit,
+            "out": str(self.out),
+            "failed": any(s.status == "failed" for s in self.stages),
+            "stages": [asdict(s) for s in self.stages],
+        }
+        (self.out / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    def _run_logged(self, command: list[str], log: Path, cwd: Path | None = None) -> tuple[int, bool]:
+        """Runs `command`, its output streamed to the console (indented) and into `log`.
+        Killed (with its process group) after --timeout seconds. Returns (exit status, timed out)."""
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"}
+        if self.commit != "unknown":
+            env["NEOXFUSE_COMMIT"] = self.commit  # what bench.common.write_results records
+        timed_out = threading.Event()
+        with open(log, "w") as out:
+            out.write("$ " + " ".join(command) + "\n")
+            child = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                text=True,
+                start_new_session=True,
+            )
+
+            def kill() -> None:
+                timed_out.set()
+                os.killpg(child.pid, signal.SIGKILL)
+
+            timer = threading.Timer(self.args.timeout, kill)
+            timer.start()
+            try:
+                for line in child.stdout:
+                    out.write(line)
+                    sys.stdout.write("    " + line)
+                    sys.stdout.flush()
+            finally:
+                timer.cancel()
+            status = child.wait()
+        return status, timed_out.is_set()
+
+    def _exit_reason(self, status: int, timed_out: bool, log: Path) -> str:
+        where = log.relative_to(self.out)
+        return (
+            f"killed after {self.args.timeout} s (see {where})" if timed_out else f"exit status {status} (see {where})"
+        )
+
+    def _update_results(self, suite: str, change) -> None:
+        """Applies change(result dict) to each results file the suite's bench stage wrote."""
+        for path in self.suite_results.get(suite, []):
+            data = json.loads(path.read_text())
+            change(data)
+            path.write_text(json.dumps(data, indent=2) + "\n")
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def environment(self) -> Outcome:
+        import torch
+
+        from neoxfuse import _lib
+        from neoxfuse.device import devices
+        from neoxfuse.errors import NeoxfuseError
+
+        ncu = profile.find_ncu()
+        report: dict = {
+            "commit": self.commit,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "neoxfuse": {"version": neoxfuse.__version__, "package": str(Path(neoxfuse.__file__).parent)},
+            "torch": {
+                "version": torch.__version__,
+                "cuda": torch.version.cuda,
+                "cuda_available": torch.cuda.is_available(),
+            },
+            "nvml": monitor.device_report(),
+            "ncu": {"path": ncu, "version": profile.ncu_version(ncu)} if ncu else None,
+        }
+        problems = []
+        try:
+            info = _lib.build_info()
+            archs = info.split("archs=", 1)[1].split()[0].split(",") if "archs=" in info else []
+            found = devices()
+            report["neoxfuse"] |= {"library": str(_lib.library_path()), "build_info": info, "archs": archs}
+            report["devices"] = [asdict(d) | {"arch_supported": arch_supported(d.sm, archs)} for d in found]
+            problems += [
+                f"the library has no code for {d.name} (sm_{d.sm}; it holds {', '.join(archs)})"
+                for d in found
+                if not arch_supported(d.sm, archs)
+            ]
+        except NeoxfuseError as err:
+            problems.append(f"the neoxfuse library is unusable: {err}")
+            found = []
+        if not torch.cuda.is_available():
+            self.gpu_missing = "no CUDA GPU: " + (
+                "torch is a CPU build" if torch.version.cuda is None else "torch sees no device"
+            )
+        elif not found:
+            self.gpu_missing = "no CUDA GPU that the neoxfuse library can use"
+        report["gpu_missing"] = self.gpu_missing
+        (self.out / "environment.json").write_text(json.dumps(report, indent=2) + "\n")
+        gpus = ", ".join(f"{d['name']} (sm_{d['sm']})" for d in report.get("devices", [])) or "no GPU"
+        nvml = report["nvml"]
+        print(f"    GPU: {gpus}", flush=True)
+        print(f"    NVML: driver {nvml['driver_version']}" if nvml.get("available") else f"    NVML: {nvml['reason']}")
+        print(f"    library: {report['neoxfuse'].get('build_info', 'not loaded')}")
+        print(f"    torch {torch.__version__} (CUDA {torch.version.cuda}); ncu: {ncu or 'not found'}", flush=True)
+        if problems:
+            return Outcome("failed", "; ".join(problems), report)
+        return Outcome("passed", gpus, report)
+
+    def tests(self) -> Outcome:
+        tests = self.checkout / "tests"
+        if not tests.is_dir():
+            return Outcome("failed", f"{tests} does not exist")
+        log, xml = self.logs / "tests.log", self.logs / "tests.xml"
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(tests),
+            "-m",
+            "gpu",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={xml}",
+        ]
+        status, timed_out = self._run_logged(command, log, cwd=self.checkout)
+        counts = _junit_counts(xml) if xml.exists() else {}
+        summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+        if status == 0 and not timed_out:
+            return Outcome("passed", summary, counts)
+        if status == 5:  # pytest: no test collected
+            return Outcome("skipped", "no test carries the gpu marker", counts)
+        return Outcome("failed", f"{summary or 'no test report'}; {self._exit_reason(status, timed_out, log)}", counts)
+
+    def bench_suite(self, suite: Suite) -> Outcome:
+        log = self.logs / f"bench-{suite.module}.log"
+        before = set(self.results.glob("*.json"))
+        with monitor.GpuMonitor(interval_s=self.args.nvml_interval) as gpu:
+            status, timed_out = self._run_logged(
+                [sys.executable, "-m", "neoxfuse.pipeline", "_suite", suite.path, str(self.results)], log
+            )
+        nvml = gpu.summary()
+        written = sorted(set(self.results.glob("*.json")) - before)
+        self.suite_results[suite.module] = written
+        self._update_results(suite.module, lambda data: monitor.annotate(data, nvml))
+        details = {"results": [str(p.relative_to(self.out)) for p in written], "nvml": nvml}
+        if status != 0 or timed_out:
+            return Outcome("failed", self._exit_reason(status, timed_out, log), details)
+        if not written:
+            return Outcome("failed", f"the suite wrote no results file into {self.results}", details)
+        flags = []
+        if nvml.get("throttled"):
+            flags.append("FLAGGED throttled: " + ", ".join(nvml["throttle_reasons"]))
+        if nvml.get("gpu_shared"):
+            flags.append("FLAGGED shared the GPU with " + ", ".join(str(p["pid"]) for p in nvml["other_processes"]))
+        if not nvml.get("available"):
+            flags.append("NVML " + nvml["reason"])
+        return Outcome("passed", "; ".join([f"{len(written)} results file(s)", *flags]), details)
+
+    def profile_suite(self, suite: Suite, ncu: str) -> Outcome:
+        log = self.logs / f"profile-{suite.module}.log"
+        report = self.profiles / f"{suite.module}.ncu-rep"
+        extra = [str(a) for a in getattr(importlib.import_module(suite.path), "PROFILE_ARGS", [])]
+        with tempfile.TemporaryDirectory(
+            prefix=f"profile-{suite.module}-", dir=self.out
+        ) as scratch:  # timings under ncu are discarded
+            program = [sys.executable, "-m", "neoxfuse.pipeline", "_suite", suite.path, scratch, *extra]
+            status, timed_out = self._run_logged(
+                profile.profile_command(ncu, str(report.with_suffix("")), program), log
+            )
+        output = log.read_text()
+        if (blocked := profile.counters_unavailable(output)) is not None:
+            return self._attach_ncu(
+                suite, Outcome("skipped", f"ncu cannot read the GPU's performance counters here: {blocked}")
+            )
+        if status != 0 or timed_out:
+            errors = [line for line in output.splitlines() if line.startswith("==ERROR==")]
+            return self._attach_ncu(
+                suite, Outcome("failed", "; ".join(errors[:3] + [self._exit_reason(status, timed_out, log)]))
+            )
+        if not report.exists():
+            return self._attach_ncu(
+                suite, Outcome("skipped", "the suite launched no neoxfuse kernel, so ncu wrote no report")
+            )
+        kernels = profile.read_report(ncu, str(report))
+        summary = {
+            "tool": f"ncu {profile.ncu_version(ncu)}",
+            "sections": list(profile.SECTIONS),
+            "clock_control": profile.CLOCK_CONTROL,
+            "kernel_filter": profile.KERNEL_FILTER,
+            "report": str(report.relative_to(self.out)),
+            "kernels": kernels,
+        }
+        return self._attach_ncu(suite, Outcome("passed", f"{len(kernels)} kernel(s) profiled", summary))
+
+    def _attach_ncu(self, suite: Suite, outcome: Outcome) -> Outcome:
+        """Puts the profile summary (or why there is none) into the suite's results files as "ncu"."""
+        summary = (
+            outcome.details
+            if outcome.status == "passed"
+            else {"kernels": [], "reason": f"{outcome.status}: {outcome.reason}"}
+        )
+        self._update_results(suite.module, lambda data: data.update(ncu=summary))
+        return outcome
+
+    def dashboard(self) -> Outcome:
+        from neoxfuse.dashboard import build
+
+        history = self.args.history or (self.checkout / "bench" / "results" if self.checkout else None)
+        sources = [p for p in (history, self.results) if p is not None and p.is_dir()]
+        page = build(sources, self.out / "dashboard" / "index.html")
+        return Outcome("passed", str(page.relative_to(self.out)), {"sources": [str(p) for p in sources]})
+
+    # -- the whole run -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        print(f"neoxfuse GPU pipeline -> {self.out} (commit {self.commit})", flush=True)
+        skipped = set(self.args.skip or [])
+        self.run_stage("environment", self.environment)
+
+        if "tests" in skipped:
+            self.skip("tests", "--skip tests")
+        elif self.checkout is None:
+            self.skip("tests", "no checkout given (--tests CHECKOUT)")
+        elif self.gpu_missing:
+            self.skip("tests", self.gpu_missing)
+        else:
+            self.run_stage("tests", self.tests)
+
+        benched = self._bench_all(skipped)
+        self._profile_all(skipped, benched)
+
+        if "dashboard" in skipped:
+            self.skip("dashboard", "--skip dashboard")
+        else:
+            self.run_stage("dashboard", self.dashboard)
+        return self._finish()
+
+    def _selected(self, *names: str) -> bool:
+        return not self.args.suite or bool(set(names) & set(self.args.suite))
+
+    def _bench_all(self, skipped: set[str]) -> list[Suite]:
+        """Runs the bench stages; returns the suites whose benchmark passed."""
+        if "bench" in skipped:
+            self.skip("bench", "--skip bench")
+            return []
+        suites, broken, missing = discover_suites()
+        if missing:
+            self.skip("bench", missing)
+            return []
+        present = {s.module for s in suites} | set(broken)
+        for module in EXPECTED_SUITES:
+            if module not in present and self._selected(module):
+                self.skip(f"bench:{module}", f"no neoxfuse.bench.{module} module in this build yet")
+        for module, error in broken.items():
+            if self._selected(module):
+                self._record(Stage(f"bench:{module}", "failed", f"does not import: {error}"))
+        passed = []
+        for suite in suites:
+            if not self._selected(suite.module, suite.name):
+                continue
+            if self.gpu_missing:
+                self.skip(f"bench:{suite.module}", self.gpu_missing)
+            elif self.run_stage(f"bench:{suite.module}", self.bench_suite, suite).status == "passed":
+                passed.append(suite)
+        return passed
+
+    def _profile_all(self, skipped: set[str], benched: list[Suite]) -> None:
+        ncu = profile.find_ncu()
+        if "profile" in skipped:
+            reason = "--skip profile"
+        elif self.gpu_missing:
+            reason = self.gpu_missing
+        elif not benched:
+            reason = "no benchmark passed, so there is nothing to profile"
+        elif ncu is None:
+            reason = "ncu not found (not on PATH, not at /opt/nvidia/nsight-compute/*/ncu)"
+        else:
+            reason = None
+        if reason is not None:
+            self.skip("profile", reason)
+            for suite in benched:
+                self._attach_ncu(suite, Outcome("skipped", reason))
+            return
+        for suite in benched:
+            if reason is not None:  # ncu could not read counters for an earlier suite: it cannot for this one
+                self._attach_ncu(suite, Outcome("skipped", reason))
+                self.skip(f"profile:{suite.module}", reason)
+                continue
+            stage = self.run_stage(f"profile:{suite.module}", self.profile_suite, suite, ncu)
+            if stage.status == "skipped" and "performance counters" in stage.reason:
+                reason = stage.reason
+
+    def _finish(self) -> int:
+        print("\nstage                      status   seconds  reason")
+        for s in self.stages:
+            print(f"{s.name:<26} {s.status:<8} {s.seconds:>7.1f}  {s.reason}")
+        failed = [s.name for s in self.stages if s.status == "failed"]
+        print(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'no stage failed'}; everything is in {self.out}")
+        self.write_report()
+        return 1 if failed else 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m neoxfuse.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    parser.add_argument(
+        "--tests", type=Path, metavar="CHECKOUT", help="a checkout of this repository: runs pytest -m gpu on its tests/"
+    )
+    parser.add_argument("--out", type=Path, default=Path(f"neoxfuse-pipeline-{stamp}"), help="the run's output folder")
+    parser.add_argument("--commit", help="the commit being checked (default: $NEOXFUSE_COMMIT, else git rev-parse HEAD in CHECKOUT)")
+    parser.add_argument(
+        "--history", type=Path, help="earlier results for the dashboard (default: CHECKOUT/bench/results)"
+    )
+    parser.add_argument("--suite", action="append", help="run only this bench suite (repeatable; module or SUITE name)")
+    parser.add_argument("--skip", action="append", choices=STAGES, help="leave out a stage (repeatable)")
+    parser.add_argument(
+        "--timeout", type=float, default=3600, help="seconds any one child process may run (default 3600)"
+    )
+    parser.add_argument("--nvml-interval", type=float, default=0.1, help="seconds between NVML samples (default 0.1)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_suite"]:
+        return run_suite(argv[1:])
+    return Pipeline(parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

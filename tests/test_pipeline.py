@@ -1,0 +1,334 @@
+"""The GPU pipeline on a CPU machine: how it degrades, and each stage's logic driven by stand-ins
+(a checkout with failing GPU tests, bench suites that pass, fail, hang or write nothing, and an
+`ncu` stand-in that runs the program and prints a synthetic raw-CSV page)."""
+
+import csv
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neoxfuse import profile
+from neoxfuse.pipeline import Pipeline, Suite, arch_supported, parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "tests" / "data" / "sample_results"
+
+FAKE_SUITE = '''
+"""A stand-in bench suite: writes random rows, or misbehaves as $FAKE_SUITE_MODE says."""
+import json, os, random, time
+from pathlib import Path
+
+SUITE = "fake"
+HELP = "a stand-in"
+PROFILE_ARGS = ["--rows", "1"]
+
+
+def add_arguments(parser):
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--rows", type=int, default=5)
+
+
+def run(args):
+    mode = os.environ.get("FAKE_SUITE_MODE", "ok")
+    print(f"fake suite running ({mode})")
+    if mode == "fail":
+        return 3
+    if mode == "hang":
+        time.sleep(60)
+    if mode == "silent":
+        return 0
+    rows = [{"tokens": 2**i, "provider": "neoxfuse", "median_us": random.uniform(1, 9)} for i in range(args.rows)]
+    record = {"suite": "fake", "commit": os.environ.get("NEOXFUSE_COMMIT", "unknown"), "created": "2026-01-01T00:00:00+00:00",
+              "device": {"name": "stand-in", "sm": None, "copy_GBps": None}, "rows": rows}
+    Path(args.out_dir, f"fake-{random.getrandbits(32):08x}.json").write_text(json.dumps(record))
+    return 0
+'''
+
+FAKE_NCU = '''#!{python}
+"""A stand-in for ncu: --version; --import prints ncu.csv beside it; else runs the program after
+--force-overwrite and writes the --export report (holding the command line), or fails as
+$FAKE_NCU_MODE says."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+argv = sys.argv[1:]
+if argv == ["--version"]:
+    print("NVIDIA (R) Nsight Compute Command Line Profiler\\nVersion 2099.1.0.0 (build 1) (public-release)")
+    sys.exit(0)
+if argv[0] == "--import":
+    print("==PROF== Disconnected")
+    print(Path(__file__).with_name("ncu.csv").read_text(), end="")
+    sys.exit(0)
+if os.environ.get("FAKE_NCU_MODE") == "no-counters":
+    print("==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access NVIDIA GPU Performance Counters")
+    sys.exit(1)
+status = subprocess.call(argv[argv.index("--force-overwrite") + 1 :])
+if os.environ.get("FAKE_NCU_MODE") != "no-kernels":
+    Path(argv[argv.index("--export") + 1] + ".ncu-rep").write_text(json.dumps(argv))
+sys.exit(status)
+'''
+
+METRICS = {  # metric: (unit in ncu's base units, summary field, factor from the unit to the field's)
+    "gpu__time_duration.sum": ("nsecond", "duration_us", 1e-3),
+    "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed": ("%", "dram_throughput_pct", 1.0),
+    "dram__bytes.sum.per_second": ("byte/second", "dram_GBps", 1e-9),
+    "sm__warps_active.avg.pct_of_peak_sustained_active": ("%", "achieved_occupancy_pct", 1.0),
+    "launch__registers_per_thread": ("register/thread", "registers_per_thread", 1.0),
+    "launch__shared_mem_per_block_static": ("byte", "shared_memory_static_bytes", 1.0),
+    "launch__shared_mem_per_block_dynamic": ("byte", "shared_memory_dynamic_bytes", 1.0),
+    "launch__grid_size": ("", "grid_size", 1.0),
+    "launch__block_size": ("", "block_size", 1.0),
+}
+
+
+def synthetic_raw_csv(kernels: list[str], rng: random.Random) -> tuple[str, list[dict]]:
+    """A SYNTHETIC page shaped like `ncu --import R --csv --page raw --print-units base` (header row,
+    units row, one row per launch; big numbers with thousands separators), and each launch's values."""
+    head = ["ID", "Process ID", "Process Name", "Kernel Name", "Block Size", "Grid Size", *METRICS]
+    out = io.StringIO()
+    writer = csv.writer(out, quoting=csv.QUOTE_ALL)
+    writer.writerow(head)
+    writer.writerow(["", "", "", "", "", ""] + [unit for unit, _, _ in METRICS.values()])
+    launches = []
+    for i, kernel in enumerate(kernels):
+        values = {
+            metric: rng.randint(1, 3_000_000_000_000) if "second" in unit else rng.randint(1, 100)
+            for metric, (unit, _, _) in METRICS.items()
+        }
+        launches.append(values)
+        writer.writerow(
+            [str(i), "4242", "python3", kernel, "(256, 1, 1)", "(132, 1, 1)"] + [f"{v:,}" for v in values.values()]
+        )
+    return out.getvalue(), launches
+
+
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    """A stand-in checkout: tests/ (filled per test) and bench/results/ holding the sample results."""
+    root = tmp_path / "checkout"
+    (root / "tests").mkdir(parents=True)
+    (root / "bench").mkdir()
+    (root / "bench" / "results").symlink_to(SAMPLES)
+    return root
+
+
+@pytest.fixture
+def fakes(tmp_path, monkeypatch) -> Path:
+    """The stand-in suite module (importable by the pipeline's child processes) and ncu."""
+    folder = tmp_path / "fakes"
+    folder.mkdir()
+    (folder / "fake_suite.py").write_text(FAKE_SUITE)
+    ncu = folder / "ncu"
+    ncu.write_text(FAKE_NCU.format(python=sys.executable))
+    ncu.chmod(0o755)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.syspath_prepend(str(folder))
+    return folder
+
+
+def pipeline_for(tmp_path, *args) -> Pipeline:
+    return Pipeline(parse_args(["--out", str(tmp_path / "run"), *args]))
+
+
+FAKE = Suite(module="fake_suite", name="fake", path="fake_suite")
+
+
+@pytest.mark.parametrize(
+    ("sm", "archs", "supported"),
+    [
+        ("90", ["sm_90a", "sm_120", "compute_120"], True),  # H100 / H200: the arch-specific cubin
+        ("120", ["sm_90a", "sm_120", "compute_120"], True),
+        ("121", ["sm_90a", "sm_120", "compute_120"], True),  # PTX 12.0 JIT-compiles for 12.1
+        ("100", ["sm_90a", "sm_120", "compute_120"], False),  # sm_90a runs on sm_90 only
+        ("80", ["sm_90a", "sm_120", "compute_120"], False),  # A100: nothing old enough
+        ("100", ["compute_90a"], False),  # arch-specific PTX is not forward compatible
+        ("90", ["compute_90a"], True),
+        ("89", ["compute_80"], True),
+    ],
+)
+def test_arch_support(sm, archs, supported):
+    assert arch_supported(sm, archs) is supported
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks how the pipeline degrades on a machine without a GPU")
+def test_pipeline_on_a_cpu_machine_skips_gpu_stages_with_reasons(tmp_path, checkout):
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "neoxfuse.pipeline", "--tests", str(checkout), "--out", str(out), "--commit", "c0ffee"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "pipeline.json").read_text())
+    stages = {s["name"]: s for s in report["stages"]}
+    assert report["commit"] == "c0ffee" and not report["failed"]
+    assert stages["environment"]["status"] == "passed"
+    for name in ["tests", "profile"] + [n for n in stages if n.startswith("bench")]:
+        assert stages[name]["status"] == "skipped" and stages[name]["reason"], name
+    assert "no CUDA GPU" in stages["tests"]["reason"]
+    assert stages["dashboard"]["status"] == "passed"
+    environment = json.loads((out / "environment.json").read_text())
+    assert "archs=" in environment["neoxfuse"]["build_info"] and environment["gpu_missing"]
+    assert environment["nvml"]["available"] is False and environment["nvml"]["reason"].startswith("unavailable:")
+    page = (out / "dashboard" / "index.html").read_text()
+    assert page.count('<svg class="plot"') >= 5  # drawn from the checkout's bench/results
+    assert "==> environment" in done.stdout and "skipped" in done.stdout  # progress and the closing table
+
+
+def write_gpu_tests(checkout: Path, failing: int, passing: int) -> None:
+    (checkout / "tests" / "conftest.py").write_text(
+        "def pytest_configure(config):\n    config.addinivalue_line('markers', 'gpu: needs a GPU')\n"
+    )
+    body = ["import pytest"]
+    for i in range(passing):
+        body.append(f"@pytest.mark.gpu\ndef test_passes_{i}():\n    assert {i} == {i}")
+    for i in range(failing):
+        body.append(f"@pytest.mark.gpu\ndef test_fails_{i}():\n    assert {i} == {i + 1}")
+    body.append("def test_not_gpu():\n    raise AssertionError('-m gpu must leave this out')")
+    (checkout / "tests" / "test_stand_in.py").write_text("\n\n".join(body) + "\n")
+
+
+def test_a_failing_gpu_test_fails_the_pipeline(tmp_path, checkout):
+    rng = random.Random()
+    failing, passing = rng.randint(1, 3), rng.randint(1, 3)
+    write_gpu_tests(checkout, failing, passing)
+    pipeline = pipeline_for(tmp_path, "--tests", str(checkout))
+    stage = pipeline.run_stage("tests", pipeline.tests)
+    assert stage.status == "failed"
+    assert stage.details == {"tests": failing + passing, "failures": failing, "errors": 0, "skipped": 0}
+    assert "exit status 1" in stage.reason and "logs/tests.log" in stage.reason
+    assert "test_fails_0" in (pipeline.out / "logs" / "tests.log").read_text()
+    assert pipeline._finish() == 1
+    assert json.loads((pipeline.out / "pipeline.json").read_text())["failed"] is True
+
+
+def test_passing_gpu_tests_pass_and_no_gpu_tests_skip(tmp_path, checkout):
+    write_gpu_tests(checkout, failing=0, passing=2)
+    pipeline = pipeline_for(tmp_path, "--tests", str(checkout))
+    assert pipeline.run_stage("tests", pipeline.tests).status == "passed"
+    write_gpu_tests(checkout, failing=0, passing=0)
+    (checkout / "tests" / "test_stand_in.py").write_text("def test_cpu():\n    pass\n")
+    stage = pipeline.run_stage("tests", pipeline.tests)
+    assert (stage.status, stage.reason) == ("skipped", "no test carries the gpu marker")
+    assert pipeline._finish() == 0
+
+
+def test_bench_stage_runs_a_suite_and_adds_nvml_and_the_commit(tmp_path, fakes, capsys):
+    pipeline = pipeline_for(tmp_path, "--commit", "feedface")
+    stage = pipeline.run_stage("bench:fake_suite", pipeline.bench_suite, FAKE)
+    assert stage.status == "passed", stage
+    [written] = pipeline.suite_results["fake_suite"]
+    data = json.loads(written.read_text())
+    assert data["commit"] == "feedface" and len(data["rows"]) == 5
+    nvml = data["nvml"]
+    if nvml["available"]:
+        assert all({"throttled", "gpu_shared"} <= row.keys() for row in data["rows"])
+    else:
+        assert nvml["reason"].startswith("unavailable:") and "NVML unavailable" in stage.reason
+    assert "fake suite running (ok)" in (pipeline.out / "logs" / "bench-fake_suite.log").read_text()
+    assert "    fake suite running (ok)" in capsys.readouterr().out  # progress streams while it runs
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [("fail", "exit status 3"), ("silent", "wrote no results file"), ("hang", "killed after 1.0 s")],
+)
+def test_bench_stage_fails_a_suite_that_fails(tmp_path, fakes, monkeypatch, mode, reason):
+    monkeypatch.setenv("FAKE_SUITE_MODE", mode)
+    pipeline = pipeline_for(tmp_path, "--timeout", "1" if mode == "hang" else "120")
+    stage = pipeline.run_stage("bench:fake_suite", pipeline.bench_suite, FAKE)
+    assert stage.status == "failed" and reason in stage.reason, stage
+    assert pipeline._finish() == 1
+
+
+def test_profile_stage_summarises_kernels_into_the_suites_results(tmp_path, fakes):
+    rng = random.Random()
+    kernels = [
+        f"void neoxfuse::(anonymous namespace)::k{i}<{rng.randint(1, 8)}>(const __half *, int)" for i in range(3)
+    ]
+    text, launches = synthetic_raw_csv([*kernels, kernels[0]], rng)  # the last: a second launch of k0
+    (fakes / "ncu.csv").write_text(text)
+    pipeline = pipeline_for(tmp_path)
+    assert pipeline.run_stage("bench:fake_suite", pipeline.bench_suite, FAKE).status == "passed"
+    stage = pipeline.run_stage("profile:fake_suite", pipeline.profile_suite, FAKE, str(fakes / "ncu"))
+    assert stage.status == "passed", stage
+    [written] = pipeline.suite_results["fake_suite"]
+    assert sorted(p.name for p in (pipeline.out / "results").iterdir()) == [
+        written.name
+    ]  # the profiled run's are dropped
+    ncu = json.loads(written.read_text())["ncu"]
+    assert ncu["tool"] == "ncu 2099.1.0.0" and ncu["sections"] == list(profile.SECTIONS)
+    assert [k["kernel"] for k in ncu["kernels"]] == kernels
+    for summary, values in zip(ncu["kernels"], launches[: len(kernels)], strict=True):
+        for metric, (_, field, factor) in METRICS.items():
+            assert summary[field] == pytest.approx(values[metric] * factor), field
+    command = json.loads((pipeline.out / ncu["report"]).read_text())
+    assert command[command.index("--kernel-id") + 1] == f"::regex:{profile.KERNEL_FILTER}:1"
+    assert [command[i + 1] for i, a in enumerate(command) if a == "--section"] == list(profile.SECTIONS)
+    assert command[-2:] == ["--rows", "1"]  # the suite's PROFILE_ARGS
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "reason"),
+    [("no-counters", "skipped", "performance counters"), ("no-kernels", "skipped", "launched no neoxfuse kernel")],
+)
+def test_profile_stage_says_why_there_is_no_profile(tmp_path, fakes, monkeypatch, mode, status, reason):
+    pipeline = pipeline_for(tmp_path)
+    assert pipeline.run_stage("bench:fake_suite", pipeline.bench_suite, FAKE).status == "passed"
+    monkeypatch.setenv("FAKE_NCU_MODE", mode)
+    stage = pipeline.run_stage("profile:fake_suite", pipeline.profile_suite, FAKE, str(fakes / "ncu"))
+    assert stage.status == status and reason in stage.reason, stage
+    ncu = json.loads(pipeline.suite_results["fake_suite"][0].read_text())["ncu"]
+    assert ncu["kernels"] == [] and reason in ncu["reason"]
+
+
+def test_raw_csv_with_unknown_units_or_columns_is_an_error():
+    text, _ = synthetic_raw_csv(["neoxfuse::k"], random.Random())
+    with pytest.raises(profile.ProfileError, match="unexpected unit 'furlong'"):
+        profile.summarize_raw_csv(text.replace('"nsecond"', '"furlong"'))
+    with pytest.raises(profile.ProfileError, match="Kernel Name"):
+        profile.summarize_raw_csv(text.replace('"Kernel Name"', '"Name"'))
+
+
+def test_find_ncu_on_path(tmp_path, monkeypatch):
+    ncu = tmp_path / "ncu"
+    ncu.write_text("#!/bin/sh\necho 'Version 2099.2.0.0 (build 3)'\n")
+    ncu.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert profile.find_ncu() == str(ncu)
+    assert profile.ncu_version(str(ncu)) == "2099.2.0.0"
+
+
+def test_counter_permission_messages_are_recognised():
+    assert profile.counters_unavailable("==PROF== Connected\n==ERROR== ERR_NVGPUCTRPERM - no permission\n")
+    assert profile.counters_unavailable("==ERROR== Failed to initialize the profiler: LibraryNotLoaded")
+    assert profile.counters_unavailable("==PROF== Connected to process 12\n==PROF== Profiling k1: 0%....100%") is None
+
+
+def test_suite_child_runs_a_suite_with_its_arguments_and_out_dir(tmp_path, fakes):
+    done = subprocess.run(
+        [sys.executable, "-m", "neoxfuse.pipeline", "_suite", "fake_suite", str(tmp_path), "--rows", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    [written] = tmp_path.glob("fake-*.json")
+    assert len(json.loads(written.read_text())["rows"]) == 2
+
+
+def test_help_describes_the_stages():
+    done = subprocess.run(
+        [sys.executable, "-m", "neoxfuse.pipeline", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0
+    for stage in ("environment", "tests", "bench:<suite>", "profile:<suite>", "dashboard"):
+        assert stage in done.stdout
