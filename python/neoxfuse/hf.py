@@ -1,0 +1,214 @@
+"""Hugging Face integration: a GPTNeoXForCausalLM whose LayerNorms and residual adds run as
+neoxfuse's fused ln_residual kernels (neoxfuse.ops.ln_residual).
+
+    model = neoxfuse.hf.fuse_layernorms(model)   # in place; unfuse_layernorms(model) undoes it
+
+Each layer ends with one kernel that writes its output and the normalised inputs of what comes
+next (the next layer's LayerNorms, or the final LayerNorm after the last layer):
+
+    parallel residual (Pythia):  h' = mlp + attn + h;   LN1'(h'), LN2'(h')          one kernel
+    sequential residual:         a  = attn + h;         LN2(a)                      one kernel
+                                 h' = mlp + a;          LN1'(h')                    one kernel
+
+and the first layer normalises the embeddings itself. A forward pass of L layers so runs L + 1
+(parallel) or 2L + 1 (sequential) kernels where HF runs 2L + 1 LayerNorms and 2L (parallel:
+4L) adds. The parameters, state_dict, hooks and `isinstance` checks stay as they are: only the
+classes of the layers and of the final LayerNorm change (to subclasses whose forward differs).
+
+The outputs a layer computed for its successor are handed over through a small object shared by
+the model's layers, keyed by the identity of the hidden-state tensor the layer returned: the next
+layer (or the final LayerNorm) uses them only when called on that very tensor, and otherwise
+normalises its input itself, so calling layers one by one or out of order stays correct. This is
+ordinary Python state, which torch.compile traces (fullgraph) like the rest of the forward.
+
+The kernels run at inference: in eval mode with gradients off (torch.no_grad / inference_mode,
+as `generate` does). Otherwise the modules run HF's own forward, since the kernels have no backward.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXForCausalLM, GPTNeoXLayer, GPTNeoXModel
+
+from neoxfuse.errors import UnsupportedModelError
+from neoxfuse.ops import ln_residual
+
+# The GPTNeoXLayer.forward this module re-implements (transformers 5.x); another signature means
+# another layer body, so fuse_layernorms refuses rather than guessing.
+_LAYER_FORWARD_PARAMETERS = ["self", "hidden_states", "attention_mask", "position_ids", "use_cache", "layer_past", "position_embeddings", "kwargs"]
+
+
+class _HandOver:
+    """Normalised outputs one fused module computed for the next, keyed by the tensor they normalise."""
+
+    def __init__(self) -> None:
+        self.source: torch.Tensor | None = None
+        self.normed: tuple[torch.Tensor, ...] | None = None
+
+    def give(self, source: torch.Tensor, normed: tuple[torch.Tensor, ...]) -> None:
+        self.source, self.normed = source, normed
+
+    def take(self, source: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The outputs given for exactly `source`, else None; either way the slot is emptied."""
+        normed = self.normed if self.source is source else None
+        self.source = self.normed = None
+        return normed
+
+
+def _fusable_now(module: torch.nn.Module) -> bool:
+    """Whether the kernels may run: inference (eval mode, gradients off, as in `generate`). They
+    have no backward, so otherwise the module runs HF's forward."""
+    return not module.training and not torch.is_grad_enabled()
+
+
+def _norm_params(norms: tuple[torch.nn.LayerNorm, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [norm.weight for norm in norms], [norm.bias for norm in norms]
+
+
+class FusedGPTNeoXLayer(GPTNeoXLayer):
+    """GPTNeoXLayer whose LayerNorms and residual adds run as ln_residual kernels (module doc).
+
+    Set by fuse_layernorms: `_neoxfuse_hand_over` (shared by the model) and
+    `_neoxfuse_next_norms` (the LayerNorms applied to this layer's output: the next layer's LN1
+    (and LN2 with parallel residual), or the final LayerNorm).
+    """
+
+    _neoxfuse_hand_over: _HandOver
+    _neoxfuse_next_norms: tuple[torch.nn.LayerNorm, ...]
+
+    def _own_norms(self) -> tuple[torch.nn.LayerNorm, ...]:
+        if self.use_parallel_residual:
+            return (self.input_layernorm, self.post_attention_layernorm)
+        return (self.input_layernorm,)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = False,
+        layer_past=None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if not _fusable_now(self):
+            return super().forward(hidden_states, attention_mask, position_ids, use_cache, layer_past, position_embeddings, **kwargs)
+        eps = self.input_layernorm.eps
+        normed = self._neoxfuse_hand_over.take(hidden_states)
+        if normed is None:
+            weights, biases = _norm_params(self._own_norms())
+            normed = ln_residual.dual_layernorm(hidden_states, weights, biases, eps) if self.use_parallel_residual else (
+                ln_residual.layernorm(hidden_states, weights[0], biases[0], eps),
+            )
+        attn_output, _ = self.attention(
+            normed[0],
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            layer_past=layer_past,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        if self.use_parallel_residual:
+            mlp_output = self.mlp(normed[1])
+            residuals = [attn_output, hidden_states]  # h' = mlp + attn + h
+        else:
+            norm = self.post_attention_layernorm
+            attn_residual, mlp_input = ln_residual.add_layernorm(attn_output, [hidden_states], norm.weight, norm.bias, eps)
+            mlp_output = self.mlp(mlp_input)
+            residuals = [attn_residual]  # h' = mlp + (attn + h)
+        weights, biases = _norm_params(self._neoxfuse_next_norms)
+        if len(weights) == 2:
+            output, *next_normed = ln_residual.add_dual_layernorm(mlp_output, residuals, weights, biases, eps)
+        else:
+            output, *next_normed = ln_residual.add_layernorm(mlp_output, residuals, weights[0], biases[0], eps)
+        self._neoxfuse_hand_over.give(output, tuple(next_normed))
+        return output
+
+
+class FusedFinalLayerNorm(torch.nn.LayerNorm):
+    """The model's final LayerNorm: takes the output the last fused layer computed for it, or
+    runs the ln_residual kernel itself. `_neoxfuse_hand_over` is set by fuse_layernorms."""
+
+    _neoxfuse_hand_over: _HandOver
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not _fusable_now(self):
+            return super().forward(hidden_states)
+        normed = self._neoxfuse_hand_over.take(hidden_states)
+        if normed is not None:
+            return normed[0]
+        return ln_residual.layernorm(hidden_states, self.weight, self.bias, self.eps)
+
+
+def _decoder(model: torch.nn.Module) -> GPTNeoXModel:
+    if isinstance(model, GPTNeoXForCausalLM):
+        return model.gpt_neox
+    if isinstance(model, GPTNeoXModel):
+        return model
+    raise UnsupportedModelError(f"fuse_layernorms takes a GPTNeoXForCausalLM or GPTNeoXModel, got {type(model).__name__}")
+
+
+def _check_fusable(decoder: GPTNeoXModel) -> None:
+    found = list(inspect.signature(GPTNeoXLayer.forward).parameters)
+    if found != _LAYER_FORWARD_PARAMETERS:
+        raise UnsupportedModelError(
+            f"this transformers' GPTNeoXLayer.forward takes {found}; neoxfuse.hf re-implements the one taking "
+            f"{_LAYER_FORWARD_PARAMETERS} (transformers 5.x)"
+        )
+    if len(decoder.layers) == 0:
+        raise UnsupportedModelError("the model has no layers to fuse")
+    norms = [decoder.final_layer_norm]
+    for layer in decoder.layers:
+        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+    hidden = decoder.config.hidden_size
+    for norm in norms:
+        if type(norm) not in (torch.nn.LayerNorm, FusedFinalLayerNorm) or norm.weight is None or norm.bias is None:
+            raise UnsupportedModelError(f"expected LayerNorms with weight and bias, found {norm!r}")
+        if tuple(norm.normalized_shape) != (hidden,):
+            raise UnsupportedModelError(f"expected LayerNorms over the hidden size {hidden}, found {norm!r}")
+    if len({norm.eps for norm in norms}) != 1:
+        raise UnsupportedModelError(f"LayerNorms sharing statistics need one eps, found {sorted({n.eps for n in norms})}")
+
+
+def fuse_layernorms(model: torch.nn.Module) -> torch.nn.Module:
+    """Makes `model` (GPTNeoXForCausalLM or GPTNeoXModel) run its LayerNorms and residual adds as
+    ln_residual kernels, in place; returns it. Idempotent. See the module doc for what changes.
+
+    UnsupportedModelError where the model or the installed transformers is not the GPT-NeoX this
+    re-implements. The kernels need the model on a CUDA device in fp32, fp16 or bf16 (checked at
+    each call, so the model may be moved after fusing).
+    """
+    decoder = _decoder(model)
+    _check_fusable(decoder)
+    hand_over = _HandOver()
+    layers = list(decoder.layers)
+    for layer in layers:
+        layer.__class__ = FusedGPTNeoXLayer
+        layer._neoxfuse_hand_over = hand_over
+    for layer, successor in zip(layers, layers[1:]):
+        layer._neoxfuse_next_norms = successor._own_norms()
+    layers[-1]._neoxfuse_next_norms = (decoder.final_layer_norm,)
+    decoder.final_layer_norm.__class__ = FusedFinalLayerNorm
+    decoder.final_layer_norm._neoxfuse_hand_over = hand_over
+    return model
+
+
+def unfuse_layernorms(model: torch.nn.Module) -> torch.nn.Module:
+    """Undoes fuse_layernorms: the model runs HF's own forward again. Returns it."""
+    decoder = _decoder(model)
+    for layer in decoder.layers:
+        if isinstance(layer, FusedGPTNeoXLayer):
+            layer.__class__ = GPTNeoXLayer
+            del layer._neoxfuse_hand_over, layer._neoxfuse_next_norms
+    if isinstance(decoder.final_layer_norm, FusedFinalLayerNorm):
+        decoder.final_layer_norm.__class__ = torch.nn.LayerNorm
+        del decoder.final_layer_norm._neoxfuse_hand_over
+    return model
+
+
+def is_fused(model: torch.nn.Module) -> bool:
+    """Whether fuse_layernorms has been applied to `model`."""
+    return isinstance(_decoder(model).final_layer_norm, FusedFinalLayerNorm)
