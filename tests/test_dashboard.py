@@ -166,6 +166,12 @@ def test_samples_are_marked_synthetic_and_kept_out_of_bench_results():
         assert "synthetic" not in json.loads(path.read_text()), f"{path}: synthetic samples belong in tests/data"
 
 
+def test_a_machine_without_chromium_is_told_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ChromiumNotFoundError, match="apt-get install -y chromium"):
+        find_chromium()
+
+
 def chromium() -> str:
     try:
         return find_chromium()

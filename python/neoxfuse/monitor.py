@@ -66,11 +66,8 @@ def reason_names(mask: int) -> list[str]:
     return [name for name, (bit, _) in CLOCK_EVENT_REASONS.items() if mask & bit]
 
 
-def is_throttling(mask: int) -> bool:
-    return any(mask & bit for bit, throttling in CLOCK_EVENT_REASONS.values() if throttling)
-
-
 def unavailable(reason: str) -> dict:
+    """The summary of a run NVML could not watch."""
     return {"available": False, "reason": f"unavailable: {reason}"}
 
 
@@ -141,7 +138,8 @@ def _process_name(pid: int) -> str:
 
 
 class NvmlSource:
-    """Reads one GPU through NVML. Raises RuntimeError("...") if NVML cannot be used here."""
+    """Reads GPU `index` in NVML's numbering (PCI order: on a one-GPU machine, the GPU the suites use).
+    Raises RuntimeError saying why if NVML cannot be used here."""
 
     def __init__(self, index: int = 0):
         try:

@@ -1,6 +1,7 @@
 """The GPU pipeline: one command tests, benchmarks and profiles the installed neoxfuse on a GPU.
 
-    python -m neoxfuse.pipeline --tests CHECKOUT [--out DIR] [--commit SHA] [--suite NAME]... [--skip STAGE]...
+    python -m neoxfuse.pipeline --tests CHECKOUT [--out DIR] [--commit SHA] [--suite NAME]...
+                                [--suite-args 'NAME=ARGS']... [--skip STAGE]... [--timeout S]
 
 ci/gpu_pipeline runs exactly this with CHECKOUT = the repository it sits in. It needs the
 installed package (the wheel) and a CUDA build of torch; no Bazel, no network. The stages run
@@ -12,10 +13,10 @@ status 1:
                    holds no code for the GPU's arch.
   tests            pytest -m gpu on CHECKOUT/tests against the installed package.
   bench:<suite>    every suite module of neoxfuse.bench (SUITE, HELP, add_arguments, run), each
-                   in its own process with --out-dir DIR/results, while a GpuMonitor samples the
-                   GPU; each results file it writes gains "nvml" and per-row throttled /
-                   gpu_shared (neoxfuse.monitor). Suites of DESIGN.md §6 missing from this build
-                   are reported as skipped.
+                   in its own process with --out-dir DIR/results (and its --suite-args), while a
+                   GpuMonitor samples the GPU; each results file it writes gains "nvml" and
+                   per-row throttled / gpu_shared (neoxfuse.monitor). Suites of DESIGN.md §6
+                   missing from this build are reported as skipped.
   profile:<suite>  the suite again under Nsight Compute (neoxfuse.profile), with the suite's
                    optional PROFILE_ARGS (arguments for a short run that still launches each of
                    its kernels); the first launch of each neoxfuse kernel is profiled, the report
@@ -35,6 +36,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -138,7 +140,7 @@ class Pipeline:
         self.checkout: Path | None = args.tests.resolve() if args.tests else None
         self.commit = args.commit or os.environ.get("NEOXFUSE_COMMIT") or self._checkout_commit()
         self.stages: list[Stage] = []
-        self.gpu_missing: str | None = None  # why GPU stages cannot run, once the environment is known
+        self.gpu_missing: str | None = "the environment stage did not finish"  # why GPU stages cannot run
         self.suite_results: dict[str, list[Path]] = {}  # suite -> results files its bench stage wrote
         self.started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
@@ -147,7 +149,9 @@ class Pipeline:
         if self.checkout is None:
             return "unknown"
         try:
-            done = subprocess.run(["git", "-C", str(self.checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+            done = subprocess.run(
+                ["git", "-C", str(self.checkout), "rev-parse", "HEAD"], capture_output=True, text=True
+            )
         except OSError:
             return "unknown"
         return done.stdout.strip() if done.returncode == 0 else "unknown"
@@ -278,6 +282,8 @@ class Pipeline:
             )
         elif not found:
             self.gpu_missing = "no CUDA GPU that the neoxfuse library can use"
+        else:
+            self.gpu_missing = None
         report["gpu_missing"] = self.gpu_missing
         (self.out / "environment.json").write_text(json.dumps(report, indent=2) + "\n")
         gpus = ", ".join(f"{d['name']} (sm_{d['sm']})" for d in report.get("devices", [])) or "no GPU"
@@ -295,19 +301,8 @@ class Pipeline:
         if not tests.is_dir():
             return Outcome("failed", f"{tests} does not exist")
         log, xml = self.logs / "tests.log", self.logs / "tests.xml"
-        command = [
-            sys.executable,
-            "-m",
-            "pytest",
-            str(tests),
-            "-m",
-            "gpu",
-            "-q",
-            "-rs",
-            "-p",
-            "no:cacheprovider",
-            f"--junitxml={xml}",
-        ]
+        command = [sys.executable, "-m", "pytest", str(tests), "-m", "gpu", "-q", "-rs"]
+        command += ["-p", "no:cacheprovider", f"--junitxml={xml}"]
         status, timed_out = self._run_logged(command, log, cwd=self.checkout)
         counts = _junit_counts(xml) if xml.exists() else {}
         summary = ", ".join(f"{v} {k}" for k, v in counts.items())
@@ -322,7 +317,16 @@ class Pipeline:
         before = set(self.results.glob("*.json"))
         with monitor.GpuMonitor(interval_s=self.args.nvml_interval) as gpu:
             status, timed_out = self._run_logged(
-                [sys.executable, "-m", "neoxfuse.pipeline", "_suite", suite.path, str(self.results)], log
+                [
+                    sys.executable,
+                    "-m",
+                    "neoxfuse.pipeline",
+                    "_suite",
+                    suite.path,
+                    str(self.results),
+                    *self._suite_args(suite),
+                ],
+                log,
             )
         nvml = gpu.summary()
         written = sorted(set(self.results.glob("*.json")) - before)
@@ -345,7 +349,9 @@ class Pipeline:
     def profile_suite(self, suite: Suite, ncu: str) -> Outcome:
         log = self.logs / f"profile-{suite.module}.log"
         report = self.profiles / f"{suite.module}.ncu-rep"
-        extra = [str(a) for a in getattr(importlib.import_module(suite.path), "PROFILE_ARGS", [])]
+        extra = self._suite_args(suite) + [
+            str(a) for a in getattr(importlib.import_module(suite.path), "PROFILE_ARGS", [])
+        ]
         with tempfile.TemporaryDirectory(
             prefix=f"profile-{suite.module}-", dir=self.out
         ) as scratch:  # timings under ncu are discarded
@@ -421,6 +427,14 @@ class Pipeline:
             self.run_stage("dashboard", self.dashboard)
         return self._finish()
 
+    def _suite_args(self, suite: Suite) -> list[str]:
+        """The arguments --suite-args gives this suite (by module or SUITE name)."""
+        for given in self.args.suite_args or []:
+            name, _, text = given.partition("=")
+            if name in (suite.module, suite.name):
+                return shlex.split(text)
+        return []
+
     def _selected(self, *names: str) -> bool:
         return not self.args.suite or bool(set(names) & set(self.args.suite))
 
@@ -495,11 +509,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tests", type=Path, metavar="CHECKOUT", help="a checkout of this repository: runs pytest -m gpu on its tests/"
     )
     parser.add_argument("--out", type=Path, default=Path(f"neoxfuse-pipeline-{stamp}"), help="the run's output folder")
-    parser.add_argument("--commit", help="the commit being checked (default: $NEOXFUSE_COMMIT, else git rev-parse HEAD in CHECKOUT)")
+    parser.add_argument(
+        "--commit", help="the commit being checked (default: $NEOXFUSE_COMMIT, else git rev-parse HEAD in CHECKOUT)"
+    )
     parser.add_argument(
         "--history", type=Path, help="earlier results for the dashboard (default: CHECKOUT/bench/results)"
     )
     parser.add_argument("--suite", action="append", help="run only this bench suite (repeatable; module or SUITE name)")
+    parser.add_argument(
+        "--suite-args",
+        action="append",
+        metavar="SUITE=ARGS",
+        help="arguments for one suite's runs, e.g. --suite-args 'decode=--lengths 16,256' (repeatable)",
+    )
     parser.add_argument("--skip", action="append", choices=STAGES, help="leave out a stage (repeatable)")
     parser.add_argument(
         "--timeout", type=float, default=3600, help="seconds any one child process may run (default 3600)"

@@ -13,7 +13,7 @@ from neoxfuse.dashboard.browser import BrowserError, ChromiumNotFoundError, chec
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neoxfuse.dashboard", description=__doc__)
     parser.add_argument("paths", nargs="*", type=Path, default=[Path("bench/results")], help="results files or folders")
-    parser.add_argument("--out", type=Path, default=Path("dashboard/index.html"), help="the HTML file to write")
+    parser.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     parser.add_argument(
         "--check", action="store_true", help="load it in headless Chromium; fail on errors or empty plots"
     )
