@@ -5,3 +5,13 @@ as torch custom ops; neoxfuse.reference is the fp32 oracle; neoxfuse.Engine deco
 """
 
 __version__ = "0.1.0"
+__all__ = ["Engine", "__version__"]
+
+
+def __getattr__(name: str):
+    # `import neoxfuse` stays light: the engine (torch, transformers) loads on first use.
+    if name == "Engine":
+        from neoxfuse.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'neoxfuse' has no attribute {name!r}")

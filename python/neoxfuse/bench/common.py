@@ -1,0 +1,242 @@
+"""What every benchmark suite shares: timing with percentiles, the device record, GPU monitoring
+through NVML, and the results file of DESIGN.md §6.
+
+    timing = time_cuda(lambda: op(next_buffers()), warmup=10, runs=100)   # Timing in microseconds
+    with NvmlSampler() as nvml: ...                                         # clocks, power, throttling
+    write_results("decode", rows, device=device_record(copy_bandwidth()), extra={"nvml": nvml.summary()})
+
+nvidia-ml-py is optional: without it (or without a driver) NvmlSampler records nothing and its
+summary says why; everything else runs on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from neoxfuse.checks import require_cuda
+from neoxfuse.device import CopyBandwidth, devices
+from neoxfuse.errors import InvalidInputError
+
+DEVICE_FIELDS = ("name", "sm", "copy_GBps")
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) of `samples`, interpolating linearly between the two nearest ranks:
+    with s sorted and r = q/100 * (n-1), it is s[floor(r)] + (r - floor(r)) * (s[floor(r)+1] - s[floor(r)])."""
+    if not samples:
+        raise InvalidInputError("percentile of no samples")
+    if not 0 <= q <= 100:
+        raise InvalidInputError(f"percentile q must be in [0, 100], got {q}")
+    ordered = sorted(samples)
+    rank = q / 100 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (rank - low) * (ordered[high] - ordered[low])
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Summary of repeated timings, in microseconds. median_us == p50_us."""
+
+    median_us: float
+    p50_us: float
+    p90_us: float
+    p95_us: float
+    p99_us: float
+    mean_us: float
+    runs: int
+
+    @classmethod
+    def from_samples(cls, samples_us: Sequence[float]) -> Timing:
+        median = percentile(samples_us, 50)
+        return cls(
+            median_us=median,
+            p50_us=median,
+            p90_us=percentile(samples_us, 90),
+            p95_us=percentile(samples_us, 95),
+            p99_us=percentile(samples_us, 99),
+            mean_us=statistics.fmean(samples_us),
+            runs=len(samples_us),
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_cuda(fn: Callable[[], object], *, warmup: int = 10, runs: int = 100) -> Timing:
+    """Times `fn()` on the current CUDA stream: `warmup` untimed calls, then `runs` calls each between
+    two CUDA events. All events are read after one synchronize, so timing adds no host waits.
+
+    To keep L2 from flattering small ops, `fn` should rotate through buffers larger than L2 in total.
+    """
+    require_cuda()
+    if warmup < 0 or runs < 1:
+        raise InvalidInputError(f"time_cuda needs warmup >= 0 and runs >= 1, got {warmup} and {runs}")
+    for _ in range(warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return Timing.from_samples([start.elapsed_time(end) * 1e3 for start, end in events])
+
+
+def device_record(copy: CopyBandwidth | None) -> dict:
+    """The `device` entry of a results file: {name, sm, copy_GBps} of the current CUDA device and the
+    copy bandwidth measured in this run. With `copy` None (a CPU run, no probe) sm and copy_GBps are None."""
+    if copy is None:
+        return {"name": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "sm": None, "copy_GBps": None}
+    info = devices()[torch.cuda.current_device()]
+    return {"name": info.name, "sm": info.sm, "copy_GBps": round(copy.GBps, 1)}
+
+
+def git_commit() -> str:
+    """The commit being measured: $NEOXFUSE_COMMIT (set where there is no git), else `git rev-parse HEAD`
+    in the working directory, else "unknown"."""
+    if os.environ.get("NEOXFUSE_COMMIT"):
+        return os.environ["NEOXFUSE_COMMIT"]
+    try:
+        found = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return found.stdout.strip() if found.returncode == 0 and found.stdout.strip() else "unknown"
+
+
+def write_results(
+    suite: str, rows: list[dict], *, device: dict, out_dir: str | os.PathLike = "bench/results", extra: dict | None = None
+) -> Path:
+    """Writes one run as JSON (DESIGN.md §6): {suite, commit, created, device {name, sm, copy_GBps}, rows, **extra}.
+
+    The file is out_dir/<suite>-<UTC time>-<device>.json; returns its path.
+    """
+    if not suite or not isinstance(suite, str):
+        raise InvalidInputError(f"suite must be a non-empty string, got {suite!r}")
+    missing = [key for key in DEVICE_FIELDS if key not in device]
+    if missing:
+        raise InvalidInputError(f"device must hold {', '.join(DEVICE_FIELDS)}; missing {', '.join(missing)}")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise InvalidInputError("rows must be a list of dicts")
+    clashes = sorted({"suite", "commit", "created", "device", "rows"} & set(extra or {}))
+    if clashes:
+        raise InvalidInputError(f"extra must not redefine {', '.join(clashes)}")
+    created = datetime.now(timezone.utc)
+    record = {
+        "suite": suite,
+        "commit": git_commit(),
+        "created": created.isoformat(timespec="seconds"),
+        "device": device,
+        **(extra or {}),
+        "rows": rows,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device_slug = re.sub(r"[^a-z0-9]+", "-", str(device["name"]).lower()).strip("-")
+    stem = f"{suite}-{created.strftime('%Y%m%dT%H%M%SZ')}-{device_slug}"
+    path = out / f"{stem}.json"
+    attempt = 1
+    while path.exists():
+        attempt += 1
+        path = out / f"{stem}-{attempt}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+class NvmlSampler:
+    """Samples a GPU's SM and memory clocks, power, temperature and clock-event (throttle) reasons
+    every `interval_s` in a background thread, for a benchmark's `with` block.
+
+    device: a CUDA device index as torch counts them (matched to NVML by PCI bus id).
+    summary(): min/median/max of each quantity and every throttle reason seen, or, where NVML
+    cannot be used (nvidia-ml-py missing, no driver), {"available": False, "reason": ...}.
+    """
+
+    def __init__(self, device: int | None = None, interval_s: float = 0.1):
+        self.device = device
+        self.interval_s = interval_s
+        self.samples: list[dict] = []
+        self.unavailable: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> NvmlSampler:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception as err:  # ImportError, or NVMLError of any kind: no driver, no library
+            self.unavailable = f"NVML not usable: {err or type(err).__name__}"
+            return self
+        self._nvml = pynvml
+        try:
+            self._handle = self._nvml_handle()
+        except (pynvml.NVMLError, RuntimeError, AssertionError) as err:  # no such GPU, or torch sees none
+            pynvml.nvmlShutdown()
+            self.unavailable = f"NVML does not find the GPU: {err or type(err).__name__}"
+            return self
+        self._reasons = {
+            name.removeprefix("nvmlClocksEventReason"): getattr(pynvml, name)
+            for name in dir(pynvml)
+            if name.startswith("nvmlClocksEventReason") and name not in ("nvmlClocksEventReasonAll", "nvmlClocksEventReasonNone")
+        }
+        self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _nvml_handle(self):
+        index = torch.cuda.current_device() if self.device is None else self.device
+        props = torch.cuda.get_device_properties(index)
+        if hasattr(props, "pci_bus_id"):
+            bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+            return self._nvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+        return self._nvml.nvmlDeviceGetHandleByIndex(index)
+
+    def _run(self) -> None:
+        nvml, handle = self._nvml, self._handle
+        while not self._stop.is_set():
+            try:
+                reasons = nvml.nvmlDeviceGetCurrentClocksEventReasons(handle)
+                self.samples.append(
+                    {
+                        "sm_clock_mhz": nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
+                        "mem_clock_mhz": nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM),
+                        "power_w": nvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
+                        "temperature_c": nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
+                        "reasons": [name for name, bit in self._reasons.items() if reasons & bit],
+                    }
+                )
+            except nvml.NVMLError as err:
+                self.unavailable = f"NVML sampling failed: {err}"
+                return
+            self._stop.wait(self.interval_s)
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._nvml.nvmlShutdown()
+
+    def summary(self) -> dict:
+        if self.unavailable and not self.samples:
+            return {"available": False, "reason": self.unavailable}
+        summary: dict = {"available": True, "samples": len(self.samples), "interval_s": self.interval_s}
+        for key in ("sm_clock_mhz", "mem_clock_mhz", "power_w", "temperature_c"):
+            values = [sample[key] for sample in self.samples]
+            summary[key] = {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
+        summary["clock_event_reasons"] = sorted({name for sample in self.samples for name in sample["reasons"]})
+        if self.unavailable:
+            summary["stopped_early"] = self.unavailable
+        return summary

@@ -1,0 +1,324 @@
+"""`neoxfuse bench decode`: time per output token (TPOT) of batch-1 greedy decoding, per backend,
+against the memory floor and against Hugging Face peers, over generated lengths.
+
+Every contender greedily generates L tokens (each length of --lengths) after the same random
+one-token prompt, so the last decode step reads a KV cache of `context` = L positions:
+
+- each neoxfuse Engine backend that can run here (`reference` now, the fused kernels later);
+- hf_eager: `model.generate` with HF's dynamic cache, no compilation;
+- hf_compile: `model.generate` with a static cache and torch.compile(mode="reduce-overhead")
+  (CUDA graphs), HF's own recipe for fast decoding; CUDA only.
+
+A row's tpot_ms is the mean time of the run's L-1 decode steps (token 1 comes from the
+prefill); HF steps are timed between CUDA events recorded in a logits processor, so the clock
+adds no host waits. Its floor is what those steps must read, at the copy rate this run
+measured with neoxfuse.device.copy_bandwidth():
+
+    floor_ms = mean over steps of (weight_bytes + keys_read * kv_bytes_per_token) / copy_GBps
+             = (weight_bytes + (L + 2) / 2 * kv_bytes_per_token) / copy_GBps
+
+(decode step i reads the i + 1 keys of positions 0..i). On a CPU there is no copy probe:
+floor fields are null and the default model is the tiny shape. `match` says whether the run's
+tokens equal the baseline's (hf_eager when it ran); `matched_tokens` how many agree before the
+first difference (fp16 runs of different kernels may part at a near tie).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from neoxfuse.bench.common import NvmlSampler, device_record, percentile, write_results
+from neoxfuse.configs import MODEL_NAMES, shape_of
+from neoxfuse.device import copy_bandwidth
+from neoxfuse.engine import BACKENDS, DTYPES, Engine, resolve_device, resolve_dtype
+from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnknownModelError
+from neoxfuse.progress import progress_bar
+from neoxfuse.weights import CheckpointNotFoundError, random_model
+
+SUITE = "decode"
+HELP = "TPOT of batch-1 greedy decoding per backend vs the memory floor and HF peers, over generated lengths"
+
+GPU_MODEL, CPU_MODEL = "pythia-2.8b", "tiny"
+GPU_LENGTHS, CPU_LENGTHS = (16, 64, 256, 1024, 2048), (16, 64)
+HF_PEERS = ("hf_eager", "hf_compile")
+BASELINE = "hf_eager"
+WARMUP_TOKENS = 8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help=f"a model name ({', '.join(MODEL_NAMES)}; random-initialised) or an HF checkpoint "
+                        f"directory (default: {GPU_MODEL} on a GPU, {CPU_MODEL} on a CPU)")
+    parser.add_argument("--lengths", type=_lengths, help="generated lengths, comma-separated "
+                        f"(default: {','.join(map(str, GPU_LENGTHS))} on a GPU, {','.join(map(str, CPU_LENGTHS))} on a CPU)")
+    parser.add_argument("--backends", type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+                        help="contenders, comma-separated (default: every Engine backend and HF peer that can run here)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on a GPU, fp32 on a CPU")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random model and the prompt (default 0)")
+    parser.add_argument("--out-dir", default="bench/results", help="where the JSON results go (default bench/results)")
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lengths must be integers separated by commas, got {text!r}") from None
+    if not lengths or min(lengths) < 2:
+        raise argparse.ArgumentTypeError("each length must be >= 2 (a run of L tokens times L-1 decode steps)")
+    return lengths
+
+
+@dataclass
+class Run:
+    tokens: list[int]  # the generated tokens
+    prefill_ms: float
+    decode_ms: list[float]  # one per decode step
+
+
+class EngineContender:
+    """A neoxfuse Engine backend, timed by Engine.generate (it waits for each token)."""
+
+    warm_up_each_length = False
+
+    def __init__(self, engine: Engine, name: str):
+        self.engine = engine
+        self.name = name
+
+    def generate(self, prompt: list[int], new_tokens: int) -> Run:
+        out = self.engine.generate(prompt, new_tokens)
+        return Run(out.tokens, out.prefill_ms, out.decode_ms)
+
+
+class StepClock(transformers.LogitsProcessor):
+    """A logits processor that marks the end of each forward pass of model.generate: a CUDA event on
+    CUDA (recorded on the stream, so the host never waits), the host clock on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self.marks = [self._mark()]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.marks.append(self._mark())
+        return scores
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks: the prefill, then each decode step."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+class HFContender:
+    """`model.generate`, greedy: eager with a dynamic cache, or static cache + torch.compile."""
+
+    def __init__(self, model, name: str, compiled: bool):
+        self.model = model
+        self.name = name
+        self.compiled = compiled
+        self.warm_up_each_length = compiled  # the static cache is sized per length: compiled and captured per length
+        self.clock = StepClock(model.device)
+
+    def generate(self, prompt: list[int], new_tokens: int) -> Run:
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)  # [1, P]
+        if self.compiled:
+            cache = {"cache_implementation": "static", "compile_config": transformers.CompileConfig(mode="reduce-overhead")}
+        else:
+            cache = {"disable_compile": True}
+        config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, **cache)
+        self.clock.start()
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=config,
+            logits_processor=transformers.LogitsProcessorList([self.clock]),
+        )
+        intervals = self.clock.intervals_ms()
+        return Run(out[0, len(prompt) :].tolist(), intervals[0], intervals[1:])
+
+
+def _hf_model(source: str, dtype: torch.dtype, device: torch.device, seed: int):
+    """(GPTNeoXForCausalLM on `device`, its description): random of a named shape, or a checkpoint directory."""
+    if source in MODEL_NAMES:
+        model, description = random_model(source, seed=seed, dtype=dtype, attn_implementation="sdpa"), f"{source} (random-initialised)"
+    elif Path(source).is_dir():
+        if not (Path(source) / "config.json").is_file():
+            raise CheckpointNotFoundError(f"{source} has no config.json: not a Hugging Face checkpoint directory")
+        shape_of(transformers.AutoConfig.from_pretrained(source))  # UnsupportedModelError for anything but GPT-NeoX
+        model = transformers.GPTNeoXForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        description = str(source)
+    else:
+        raise UnknownModelError(f"{source!r} is neither a known model name ({', '.join(MODEL_NAMES)}) nor a checkpoint directory")
+    model.generation_config.eos_token_id = None  # every run generates exactly the tokens asked for
+    return model.to(device).eval(), description
+
+
+def _contenders(args, model, device, dtype, max_seq_len) -> tuple[list, dict[str, str]]:
+    """The contenders that run here, and {name: why not} for those that cannot."""
+    shape = shape_of(model.config)
+    known = [*sorted(BACKENDS), *HF_PEERS]
+    wanted = args.backends or known
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise InvalidInputError(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    contenders, skipped = [], {}
+    for name in wanted:
+        if name in BACKENDS:
+            availability = BACKENDS[name].available(device, dtype, shape)
+            if not availability:
+                skipped[name] = availability.reason
+                continue
+            engine = Engine(model, backend=name, device=device, dtype=dtype, max_seq_len=max_seq_len)
+            contenders.append(EngineContender(engine, name))
+        elif name == "hf_compile" and device.type != "cuda":
+            skipped[name] = "reduce-overhead mode replays CUDA graphs: needs a GPU"
+        else:
+            contenders.append(HFContender(model, name, compiled=name == "hf_compile"))
+    if not contenders:
+        raise InvalidInputError("no contender can run here: " + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
+    return contenders, skipped
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def run(args) -> int:
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    on_gpu = device.type == "cuda"
+    model_source = args.model or (GPU_MODEL if on_gpu else CPU_MODEL)
+    lengths = args.lengths or list(GPU_LENGTHS if on_gpu else CPU_LENGTHS)
+    if not args.model and not on_gpu:
+        print(f"neoxfuse: no GPU: benchmarking a random-initialised {CPU_MODEL} model on the CPU (lengths "
+              f"{','.join(map(str, lengths))}) so the suite runs anywhere; there is no copy probe, so floor fields are null",
+              file=sys.stderr)
+
+    copy = copy_bandwidth() if on_gpu else None
+    model, description = _hf_model(model_source, dtype, device, args.seed)
+    shape = shape_of(model.config)
+    max_seq_len = max(lengths)  # a one-token prompt and L new tokens fill L cache positions
+    if max_seq_len > shape.max_positions:
+        raise SequenceTooLongError(f"length {max_seq_len} needs {max_seq_len} KV cache positions; "
+                                   f"{description} has {shape.max_positions}: choose shorter --lengths")
+    contenders, skipped = _contenders(args, model, device, dtype, max_seq_len)
+    prompt = torch.randint(0, shape.vocab, (1,), generator=torch.Generator().manual_seed(args.seed)).tolist()
+
+    if on_gpu:
+        with NvmlSampler() as sampler:
+            runs = _measure(contenders, prompt, lengths)
+        nvml = sampler.summary()
+    else:
+        runs = _measure(contenders, prompt, lengths)
+        nvml = {"available": False, "reason": "a CPU run has no GPU to sample"}
+
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    names = [contender.name for contender in contenders]
+    floor = {"weight_bytes": shape.weight_bytes(dtype_bytes), "kv_bytes_per_token": shape.kv_bytes_per_token(dtype_bytes)}
+    rows = _rows(runs, names, lengths, description, floor, copy.GBps if copy else None)
+    extra = {
+        "model": description,
+        "dtype": str(dtype).replace("torch.", ""),
+        "lengths": lengths,
+        "baseline": BASELINE if BASELINE in names else names[0],
+        "skipped": skipped,
+        "floor": floor,
+        "copy": copy.as_dict() if copy else None,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "nvml": nvml,
+    }
+    device_entry = device_record(copy)
+    path = write_results(SUITE, rows, device=device_entry, out_dir=args.out_dir, extra=extra)
+    print(_table(rows, description, extra, device_entry))
+    print(f"wrote {path}")
+    return 0
+
+
+def _measure(contenders: list, prompt: list[int], lengths: list[int]) -> dict[tuple[str, int], Run]:
+    """{(contender, length): its timed run}, each after a warm-up (per length where shapes are compiled per length)."""
+    runs = {}
+    with progress_bar(len(contenders) * len(lengths), "bench decode", unit="run") as bar:
+        for contender in contenders:
+            for index, length in enumerate(lengths):
+                bar.set_postfix_str(f"{contender.name} L={length}")
+                if contender.warm_up_each_length:
+                    contender.generate(prompt, length)
+                elif index == 0:
+                    contender.generate(prompt, min(WARMUP_TOKENS, length))
+                runs[contender.name, length] = contender.generate(prompt, length)
+                bar.update(1)
+    return runs
+
+
+def _rows(runs, names: list[str], lengths: list[int], description: str, floor: dict, copy_GBps: float | None) -> list[dict]:
+    """One results row per (length, contender): TPOT, its floor, the speedup over the best HF peer, the token match."""
+    baseline = BASELINE if BASELINE in names else names[0]
+    rows = []
+    for length in lengths:
+        peer_tpots = [statistics.fmean(runs[name, length].decode_ms) for name in names if name in HF_PEERS]
+        mean_keys = (length + 2) / 2  # decode steps 1..L-1 read 2..L keys
+        floor_ms = None
+        if copy_GBps is not None:
+            floor_ms = (floor["weight_bytes"] + mean_keys * floor["kv_bytes_per_token"]) / (copy_GBps * 1e9) * 1e3
+        for name in names:
+            result, expected = runs[name, length], runs[baseline, length].tokens
+            tpot = statistics.fmean(result.decode_ms)
+            rows.append({
+                "model": description,
+                "backend": name,
+                "context": length,
+                "generated": length,
+                "tpot_ms": tpot,
+                "tpot_p50_ms": percentile(result.decode_ms, 50),
+                "tpot_p90_ms": percentile(result.decode_ms, 90),
+                "tpot_p99_ms": percentile(result.decode_ms, 99),
+                "prefill_ms": result.prefill_ms,
+                "floor_ms": floor_ms,
+                "pct_of_floor": None if floor_ms is None else 100 * floor_ms / tpot,
+                "speedup_vs_best_peer": min(peer_tpots) / tpot if peer_tpots else None,
+                "match": result.tokens == expected,
+                "matched_tokens": _common_prefix(result.tokens, expected),
+            })
+    return rows
+
+
+def _table(rows: list[dict], description: str, extra: dict, device: dict) -> str:
+    def number(value, digits=2):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    floor = extra["floor"]
+    lines = [f"decode: {description}, {extra['dtype']} on {device['name']}"]
+    if device["copy_GBps"] is None:
+        lines.append("floor: n/a (no copy probe on a CPU; floor fields are null)")
+    else:
+        lines.append(f"floor = ({floor['weight_bytes'] / 1e9:.2f} GB weights + keys read x {floor['kv_bytes_per_token'] / 1024:.0f} KiB KV) "
+                     f"/ {device['copy_GBps']:.0f} GB/s copy rate measured in this run")
+    header = f"{'context':>7}  {'backend':<12} {'TPOT ms':>9} {'p90 ms':>9} {'floor ms':>9} {'% floor':>8} {'vs best peer':>12}  match"
+    lines += [header, "-" * len(header)]
+    for row in rows:
+        match = f"{'yes' if row['match'] else 'no'} ({row['matched_tokens']}/{row['generated']})"
+        lines.append(
+            f"{row['context']:>7}  {row['backend']:<12} {number(row['tpot_ms'], 3):>9} {number(row['tpot_p90_ms'], 3):>9} "
+            f"{number(row['floor_ms'], 3):>9} {number(row['pct_of_floor'], 1):>8} {number(row['speedup_vs_best_peer']):>12}  {match}"
+        )
+    lines.append(f"match: tokens equal to {extra['baseline']}'s; vs best peer: fastest HF peer's TPOT / this TPOT")
+    lines += [f"skipped {name}: {why}" for name, why in extra["skipped"].items()]
+    return "\n".join(lines)

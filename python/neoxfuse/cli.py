@@ -1,0 +1,265 @@
+"""The `neoxfuse` command (also `python -m neoxfuse` and `bazel run //python:neoxfuse -- ...`).
+
+    neoxfuse generate --tokens 1,2,3 [--model NAME|DIR] [--max-new-tokens N] [--temperature T ...]
+    neoxfuse bench decode [--lengths 16,64] [--out-dir DIR]      # and every other suite in neoxfuse.bench
+    neoxfuse env                                                 # GPUs, library, versions, backends
+
+A failure the user can cause (no library, no GPU, an unknown model, a checkpoint that is not
+GPT-NeoX, a prompt without a tokenizer, a sequence past the cache, ...) prints one line,
+`neoxfuse: error: ...`, and exits 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+import neoxfuse
+from neoxfuse import _lib, bench
+from neoxfuse.configs import MODEL_NAMES
+from neoxfuse.device import devices
+from neoxfuse.engine import BACKENDS, DTYPES, Engine, backend_availability, resolve_device, resolve_dtype
+from neoxfuse.errors import NeoxfuseError
+from neoxfuse.sampling import SamplingParams
+
+GPU_DEFAULT_MODEL = "pythia-2.8b"
+CPU_DEFAULT_MODEL = "pythia-70m"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line `argv` (sys.argv[1:] by default); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:  # --help, or a usage error argparse has already printed
+        return int(exit_request.code or 0)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except (NeoxfuseError, torch.OutOfMemoryError, OSError) as err:
+        print(f"neoxfuse: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("neoxfuse: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, NeoxfuseError) else f"{type(err).__name__}: {text}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neoxfuse", description="Batch-1 GPT-NeoX (Pythia) decoding at the speed of GPU memory.")
+    parser.add_argument("--version", action="version", version=f"neoxfuse {neoxfuse.__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="generate tokens from a prompt", description=_generate.__doc__)
+    _add_generate_arguments(generate)
+    generate.set_defaults(handler=_generate)
+
+    bench_parser = commands.add_parser("bench", help="run a benchmark suite", description="Run a benchmark suite.")
+    suites = bench_parser.add_subparsers(title="suites", metavar="SUITE")
+    found, broken = bench.suites()
+    for name, module in sorted(found.items()):
+        suite = suites.add_parser(name, help=module.HELP, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(suite)
+        suite.set_defaults(handler=module.run)
+    for module_name, why in sorted(broken.items()):
+        suite = suites.add_parser(module_name.replace("_", "-"), help=f"(cannot run: {why})")
+        suite.set_defaults(handler=_broken_suite(module_name, why))
+    bench_parser.set_defaults(handler=lambda args: _usage(bench_parser))
+
+    env = commands.add_parser("env", help="describe this machine: GPUs, library, versions, backends")
+    env.set_defaults(handler=_env)
+    return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _broken_suite(module_name: str, why: str):
+    def handler(args) -> int:
+        print(f"neoxfuse: error: the bench suite neoxfuse.bench.{module_name} does not import: {why}", file=sys.stderr)
+        return 1
+
+    return handler
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+
+
+def _token_list(text: str) -> list[int]:
+    try:
+        tokens = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tokens takes integer ids separated by commas, like 1,2,3; got {text!r}") from None
+    if not tokens:
+        raise argparse.ArgumentTypeError("--tokens needs at least one token id")
+    return tokens
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help=f"a model name ({', '.join(MODEL_NAMES)}), which gives a random-initialised model "
+                        "of that shape, or a local Hugging Face checkpoint directory (default: a random-initialised "
+                        f"{GPU_DEFAULT_MODEL} on a GPU, {CPU_DEFAULT_MODEL} on a CPU)")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs a checkpoint with a tokenizer)")
+    prompt.add_argument("--tokens", type=_token_list, help="prompt token ids, comma-separated: 1,2,3")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample from softmax(logits / T)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens of mass top-p (default 1: all)")
+    parser.add_argument("--seed", type=int, help="seed for sampling (and for a random-initialised model's weights; default 0)")
+    parser.add_argument("--backend", default="reference", help=f"how the model is computed: {', '.join(sorted(BACKENDS))} (default reference)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on a GPU, fp32 on a CPU")
+    parser.add_argument("--max-seq-len", type=int, help="KV cache positions (default: the model's maximum)")
+
+
+def _generate(args) -> int:
+    """Generate tokens after a prompt, print them and their timings.
+
+    Greedy by default; --temperature > 0 samples (with --top-k, --top-p, --seed). With a tokenizer
+    (a checkpoint directory that has one) the text is printed too and generation stops at its EOS.
+    """
+    device = resolve_device(args.device)
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if sampling.greedy and (args.top_k or args.top_p != 1.0):
+        print("neoxfuse: greedy decoding (--temperature 0): --top-k and --top-p have no effect", file=sys.stderr)
+    model = args.model or (GPU_DEFAULT_MODEL if device.type == "cuda" else CPU_DEFAULT_MODEL)
+    if args.model is None:
+        print(f"neoxfuse: no --model given: using a random-initialised {model} (its tokens mean nothing; pass --model DIR "
+              "for a real checkpoint)" + (_cpu_shape_reason(model) if device.type == "cpu" else ""), file=sys.stderr)
+    elif model in MODEL_NAMES:
+        print(f"neoxfuse: {model} is random-initialised (neoxfuse downloads nothing; its tokens mean nothing); "
+              "pass --model DIR for a real checkpoint", file=sys.stderr)
+
+    engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed or 0)
+    prompt = args.tokens if args.prompt is None else engine.encode(args.prompt)
+    eos = getattr(engine.tokenizer, "eos_token_id", None)
+    out = engine.generate(prompt, args.max_new_tokens, sampling, stop_token_ids=() if eos is None else (eos,), progress=True)
+
+    dtype_name = str(engine.dtype).replace("torch.", "")
+    print(f"model: {engine.description}; backend {args.backend}; {dtype_name} on {engine.device}")
+    print(f"prompt ({_count(out.prompt_tokens, 'token')}): {','.join(map(str, out.prompt_tokens))}")
+    print(f"generated ({_count(out.tokens, 'token')}): {','.join(map(str, out.tokens))}")
+    if out.text is not None:
+        print(f"text: {args.prompt if args.prompt is not None else engine.tokenizer.decode(out.prompt_tokens)}{out.text}")
+    timing = f"prefill {out.prefill_ms:.2f} ms"
+    if out.tpot_ms is not None:
+        timing += f"; {_count(out.decode_ms, 'decode step')}, TPOT {out.tpot_ms:.3f} ms ({1e3 / out.tpot_ms:.1f} tokens/s)"
+    print(timing)
+    return 0
+
+
+def _count(items, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def _cpu_shape_reason(model: str) -> str:
+    return (f"; {model} because this run is on a CPU, where {GPU_DEFAULT_MODEL} (the GPU default) would need 11 GB "
+            "in fp32 and seconds per token")
+
+
+# ----------------------------------------------------------------------------------------------
+# env
+
+
+def library_code_for(sm: str, archs: list[str]) -> str | None:
+    """Which code in the library a GPU of compute capability `sm` ("90", "120") runs, or None.
+
+    A cubin sm_XY runs on major X, minor >= Y; an arch-specific one (sm_90a) only on X.Y exactly.
+    PTX compute_XY is JIT-compiled by the driver on any capability >= X.Y.
+    """
+    capability = int(sm)
+    for arch in archs:
+        if arch.startswith("sm_"):
+            number = arch[3:]
+            built = int(number.rstrip("af"))
+            if (number.endswith("a") and built == capability) or (not number.endswith("a") and built // 10 == capability // 10 and built <= capability):
+                return f"{arch} machine code"
+    for arch in archs:
+        if arch.startswith("compute_") and int(arch[len("compute_"):]) <= capability:
+            return f"{arch} PTX, JIT-compiled by the driver at first use"
+    return None
+
+
+def _nvml_summary() -> tuple[str | None, list[tuple[str, str]], str | None]:
+    """(driver version, [(name, sm)] of every GPU, why NVML could not tell) from nvidia-ml-py, if usable."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as err:  # ImportError, or any NVMLError: no driver here
+        return None, [], f"NVML not usable: {err or type(err).__name__}"
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        gpus = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            gpus.append((pynvml.nvmlDeviceGetName(handle), f"{major}{minor}"))
+        return (driver.decode() if isinstance(driver, bytes) else driver), gpus, None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _env(args) -> int:
+    """Prints the GPUs, the driver, the library and what code it holds for each GPU, versions, and the backends."""
+    print(f"neoxfuse {neoxfuse.__version__} (Python {platform.python_version()}, {platform.system()} {platform.machine()})")
+
+    archs: list[str] = []
+    library_gpus = None
+    try:
+        build = _lib.build_info()
+        archs = dict(item.split("=", 1) for item in build.split() if "=" in item).get("archs", "").split(",")
+        print(f"library: {_lib.library_path()}\n  build: {build}")
+        library_gpus = devices()
+    except NeoxfuseError as err:
+        print(f"library: not usable: {_one_line(err)}")
+
+    cuda = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
+    print(f"torch: {torch.__version__} ({cuda}; CUDA {'available' if torch.cuda.is_available() else 'not available'})")
+    try:
+        import transformers
+
+        print(f"transformers: {transformers.__version__}")
+    except ImportError:
+        print("transformers: not installed")
+
+    driver, nvml_gpus, nvml_problem = _nvml_summary()
+    if driver:
+        print(f"driver: {driver} (NVML)")
+    elif library_gpus:
+        print(f"driver: CUDA {library_gpus[0].driver_version} (through the library)")
+    if library_gpus:
+        gpus = [(f"{d.name}, {d.multiprocessors} SMs, {d.total_memory_bytes / 2**30:.1f} GiB, L2 {d.l2_cache_bytes / 2**20:.0f} MiB", d.sm) for d in library_gpus]
+    else:
+        gpus = nvml_gpus
+    if not gpus:
+        why = [nvml_problem] if nvml_problem else []
+        if library_gpus == []:
+            why.append("the library sees no CUDA device")
+        print("GPUs: none" + (f" ({'; '.join(why)})" if why else ""))
+    for index, (description, sm) in enumerate(gpus):
+        if archs:
+            code = library_code_for(sm, archs) or f"NO code for sm_{sm} (the library holds {','.join(archs)}): its kernels cannot run here"
+        else:
+            code = "unknown (no library)"
+        print(f"GPU {index}: {description}; compute capability {sm[:-1]}.{sm[-1]} -> {code}")
+
+    device = resolve_device(None)
+    dtype = resolve_dtype(None, device)
+    print(f"backends (on {device}, {str(dtype).replace('torch.', '')}):")
+    for name, availability in backend_availability(device, dtype).items():
+        print(f"  {name}: {'yes' if availability else 'no'}: {availability.reason}")
+    return 0

@@ -1,0 +1,350 @@
+"""The decode engine: batch-1 generation with GPT-NeoX through one interface over swappable backends.
+
+    engine = Engine("pythia-70m")                   # a Pythia name: random-initialised model of that shape
+    engine = Engine("/ckpt/pythia-2.8b")            # a local HF checkpoint directory (its tokenizer too)
+    engine = Engine(hf_model) / Engine(weights)     # an in-memory GPTNeoXForCausalLM or ModelWeights
+    out = engine.generate([1, 2, 3], max_new_tokens=32, sampling=SamplingParams(temperature=0.8, seed=1))
+    out.tokens, out.prefill_ms, out.tpot_ms
+
+A backend computes the model: `prefill(tokens, cache)` and `decode_step(token, cache)` give the
+logits of the last token, `new_cache()` a KV cache holding `max_seq_len` positions, and the class
+method `available(device, dtype, shape)` says whether it can run there and, if not, why. The
+engine owns everything else: loading the model, checking the request, choosing tokens
+(neoxfuse.sampling) and timing.
+
+Adding a backend (the fused kernels, say): subclass `Backend`, decorate it with
+`@register_backend`, and import its module at the end of this file so the registry holds it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Union
+
+import torch
+
+from neoxfuse.configs import MODEL_NAMES, NeoXShape
+from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnknownModelError, UnsupportedModelError
+from neoxfuse.progress import progress_bar
+from neoxfuse.reference import ReferenceModel
+from neoxfuse.sampling import SamplingParams, next_token
+from neoxfuse.weights import ModelWeights, from_hf, load_checkpoint, random_model
+
+ModelSource = Union[str, os.PathLike, torch.nn.Module, ModelWeights]
+
+DTYPES = {
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run on a device; `reason` says why not (or what it runs as)."""
+
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class Backend(ABC):
+    """One way of computing the model. Built on weights already on the engine's device and dtype."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def available(cls, device: torch.device, dtype: torch.dtype, shape: NeoXShape | None = None) -> Availability:
+        """Whether this backend can run on `device` in `dtype` (for `shape`, when given)."""
+
+    @abstractmethod
+    def __init__(self, weights: ModelWeights, max_seq_len: int): ...
+
+    @abstractmethod
+    def new_cache(self):
+        """An empty KV cache of `max_seq_len` positions, with attributes `length` and `max_seq_len`."""
+
+    @abstractmethod
+    def prefill(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """Runs tokens [T] (long, on the device) from position cache.length; the last token's logits [vocab]."""
+
+    @abstractmethod
+    def decode_step(self, token: int, cache) -> torch.Tensor:
+        """Runs one token at position cache.length; its logits [vocab]. SequenceTooLongError when full."""
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: makes `cls` selectable as Engine(..., backend=cls.name)."""
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The registered backend called `name`; InvalidInputError listing the known ones otherwise."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise InvalidInputError(f"unknown backend {name!r}; available backends: {', '.join(sorted(BACKENDS))}") from None
+
+
+def backend_availability(device: torch.device, dtype: torch.dtype, shape: NeoXShape | None = None) -> dict[str, Availability]:
+    """Every registered backend's answer to whether it can run on `device` in `dtype`."""
+    return {name: cls.available(device, dtype, shape) for name, cls in sorted(BACKENDS.items())}
+
+
+@register_backend
+class ReferenceBackend(Backend):
+    """neoxfuse.reference.ReferenceModel: plain PyTorch, any device and dtype. The oracle, not fast."""
+
+    name = "reference"
+    summary = "plain PyTorch (neoxfuse.reference), any device and dtype; the oracle, not fast"
+
+    @classmethod
+    def available(cls, device, dtype, shape=None):
+        return Availability(True, f"plain PyTorch on {device.type}")
+
+    def __init__(self, weights: ModelWeights, max_seq_len: int):
+        self.model = ReferenceModel(weights, max_seq_len=max_seq_len)
+
+    def new_cache(self):
+        return self.model.new_cache()
+
+    def prefill(self, tokens, cache):
+        return self.model.prefill(tokens, cache)[-1]
+
+    def decode_step(self, token, cache):
+        return self.model.decode_step(token, cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models, devices, dtypes
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    weights: ModelWeights
+    tokenizer: object | None  # a transformers tokenizer, when the checkpoint has one
+    description: str  # "pythia-70m (random-initialised)", a checkpoint path, ...
+    random_init: bool
+
+
+def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+    """Weights (on CPU or where they already are) and tokenizer from any model source.
+
+    A Pythia name (configs.MODEL_NAMES) gives a random-initialised model of that shape, made in
+    `dtype` from `seed`; a directory is read as an HF checkpoint; an in-memory
+    GPTNeoXForCausalLM or ModelWeights is used as it is (no copy).
+    """
+    if isinstance(source, ModelWeights):
+        return LoadedModel(source, None, "in-memory ModelWeights", random_init=False)
+    if isinstance(source, torch.nn.Module):
+        model_type = getattr(getattr(source, "config", None), "model_type", None)
+        if model_type != "gpt_neox":
+            raise UnsupportedModelError(f"neoxfuse runs GPT-NeoX models; got {type(source).__name__} (model_type {model_type!r})")
+        return LoadedModel(from_hf(source), None, f"in-memory {type(source).__name__}", random_init=False)
+    if not isinstance(source, (str, os.PathLike)):
+        raise InvalidInputError(f"a model is a Pythia name, a checkpoint directory, a GPTNeoXForCausalLM or ModelWeights; got {type(source).__name__}")
+    path = Path(source)
+    if path.is_dir():
+        weights, tokenizer = load_checkpoint(path)
+        return LoadedModel(weights, tokenizer, str(path), random_init=False)
+    if str(source) in MODEL_NAMES:
+        weights = from_hf(random_model(str(source), seed=seed, dtype=dtype))
+        return LoadedModel(weights, None, f"{source} (random-initialised)", random_init=True)
+    if path.exists():
+        raise UnsupportedModelError(f"{path} is a file; a checkpoint is a directory holding config.json and the weights")
+    raise UnknownModelError(
+        f"{str(source)!r} is neither a known model name ({', '.join(MODEL_NAMES)}) nor a checkpoint directory"
+    )
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: CUDA when torch has a GPU, else CPU. NoGPUError for CUDA without one."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise InvalidInputError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "torch is a CPU build" if torch.version.cuda is None else "torch sees no CUDA device"
+            raise NoGPUError(f"device {str(device)!r} needs a CUDA GPU and this machine has none usable ({build}); use cpu")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+        if resolved.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"there is no {resolved}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type != "cpu":
+        raise InvalidInputError(f"neoxfuse runs on cpu or cuda, not {resolved.type}")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The compute dtype: fp16 on CUDA and fp32 on CPU unless given (as a torch.dtype or a DTYPES name)."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise InvalidInputError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class Generation:
+    """The tokens a generate() call produced and how long they took.
+
+    prefill_ms: the prompt's forward pass plus choosing the first new token (time to first token).
+    decode_ms: one entry per later token: its decode step plus choosing it; tpot_ms is their mean.
+    """
+
+    prompt_tokens: list[int]
+    tokens: list[int]  # the new tokens, without the prompt
+    prefill_ms: float
+    decode_ms: list[float] = field(default_factory=list)
+    text: str | None = None  # the new tokens decoded, when the engine has a tokenizer
+
+    @property
+    def tpot_ms(self) -> float | None:
+        """Time per output token after the first: mean(decode_ms); None with a single new token."""
+        return sum(self.decode_ms) / len(self.decode_ms) if self.decode_ms else None
+
+
+class Engine:
+    """Batch-1 generation with one GPT-NeoX model on one device, computed by one backend.
+
+    model: a Pythia name (random-initialised, from `seed`), a checkpoint directory, a
+    GPTNeoXForCausalLM or ModelWeights. backend: a name in BACKENDS. device: CUDA when there is a
+    GPU, else CPU. dtype: fp16 on CUDA, fp32 on CPU. max_seq_len: the KV cache's capacity in
+    positions (a generation fills prompt + new tokens - 1); the model's max_positions by default.
+    """
+
+    def __init__(
+        self,
+        model: ModelSource,
+        *,
+        backend: str = "reference",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_seq_len: int | None = None,
+        tokenizer=None,
+        seed: int = 0,
+    ):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        backend_cls = backend_class(backend)
+        self._require_available(backend_cls, None)
+        loaded = load_model(model, dtype=self.dtype, seed=seed)
+        self.shape: NeoXShape = loaded.weights.shape
+        self._require_available(backend_cls, self.shape)
+        if max_seq_len is not None and max_seq_len < 1:
+            raise InvalidInputError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        self.max_seq_len = max_seq_len or self.shape.max_positions
+        self.weights = loaded.weights.to(device=self.device, dtype=self.dtype)
+        self.backend = backend_cls(self.weights, self.max_seq_len)
+        self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
+        self.description = loaded.description
+        self.random_init = loaded.random_init
+
+    def _require_available(self, backend_cls: type[Backend], shape: NeoXShape | None) -> None:
+        availability = backend_cls.available(self.device, self.dtype, shape)
+        if not availability:
+            dtype_name = str(self.dtype).replace("torch.", "")
+            raise InvalidInputError(f"backend {backend_cls.name!r} cannot run on {self.device} in {dtype_name}: {availability.reason}")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` with the checkpoint's tokenizer; InvalidInputError without one."""
+        if self.tokenizer is None:
+            raise InvalidInputError(
+                f"a text prompt needs a tokenizer and {self.description} has none; pass token ids instead "
+                "(or a checkpoint directory that holds tokenizer files)"
+            )
+        return list(self.tokenizer.encode(text))
+
+    def _prompt_tokens(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
+        if isinstance(prompt, str):
+            tokens = self.encode(prompt)
+        elif isinstance(prompt, torch.Tensor):
+            tokens = [int(t) for t in prompt.flatten().tolist()]
+        else:
+            tokens = [int(t) for t in prompt]
+        if not tokens:
+            raise InvalidInputError("the prompt is empty; give at least one token")
+        bad = [t for t in tokens if not 0 <= t < self.shape.vocab]
+        if bad:
+            raise InvalidInputError(f"token ids must be in [0, {self.shape.vocab}) for this model; got {bad[:5]}")
+        return tokens
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str | Sequence[int] | torch.Tensor,
+        max_new_tokens: int = 32,
+        sampling: SamplingParams | None = None,
+        *,
+        stop_token_ids: Collection[int] = (),
+        progress: bool = False,
+    ) -> Generation:
+        """Generates up to `max_new_tokens` tokens after `prompt` (text or token ids).
+
+        Greedy unless `sampling` says otherwise; stops early after a token in `stop_token_ids`.
+        SequenceTooLongError, before any work, when the prompt and the new tokens but the last (which is
+        never fed back) need more than max_seq_len KV cache positions.
+        """
+        sampling = sampling or SamplingParams()
+        prompt_tokens = self._prompt_tokens(prompt)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        positions = len(prompt_tokens) + max_new_tokens - 1  # the last new token is never fed back
+        if positions > self.max_seq_len:
+            raise SequenceTooLongError(
+                f"a {len(prompt_tokens)}-token prompt and {max_new_tokens} new tokens need {positions} KV cache positions; "
+                f"the cache holds {self.max_seq_len}: ask for at most {max(self.max_seq_len - len(prompt_tokens) + 1, 0)} "
+                "new tokens or build the Engine with a larger max_seq_len"
+            )
+        generator = sampling.generator(self.device)
+        cache = self.backend.new_cache()
+        prompt_tensor = torch.tensor(prompt_tokens, dtype=torch.long, device=self.device)  # [T]
+
+        self._synchronize()
+        start = time.perf_counter()
+        token = next_token(self.backend.prefill(prompt_tensor, cache), sampling, generator)  # int(): waits for the GPU
+        result = Generation(prompt_tokens, [token], prefill_ms=(time.perf_counter() - start) * 1e3)
+        with progress_bar(max_new_tokens, "decoding", unit="tok", enabled=progress) as bar:
+            bar.update(1)
+            while len(result.tokens) < max_new_tokens and token not in stop_token_ids:
+                start = time.perf_counter()
+                token = next_token(self.backend.decode_step(token, cache), sampling, generator)
+                result.decode_ms.append((time.perf_counter() - start) * 1e3)
+                result.tokens.append(token)
+                bar.update(1)
+        if self.tokenizer is not None:
+            result.text = self.tokenizer.decode(result.tokens)
+        return result
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

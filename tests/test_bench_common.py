@@ -1,0 +1,132 @@
+"""neoxfuse.bench.common: percentiles, CUDA-event timing, the device record, the results file, NVML sampling."""
+
+import json
+import re
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from neoxfuse.bench.common import NvmlSampler, Timing, device_record, percentile, time_cuda, write_results
+from neoxfuse.errors import InvalidInputError, NoGPUError
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1001])
+def test_percentiles_match_numpy(n):
+    samples = (torch.rand(n, dtype=torch.float64) * 1000).tolist()
+    for q in (0, 10, 50, 90, 95, 99, 100):
+        assert percentile(samples, q) == pytest.approx(float(np.percentile(samples, q)))
+
+
+def test_percentile_refuses_nonsense():
+    with pytest.raises(InvalidInputError):
+        percentile([], 50)
+    with pytest.raises(InvalidInputError):
+        percentile([1.0], 101)
+
+
+def test_timing_summarises_samples():
+    samples = torch.rand(57, dtype=torch.float64).mul(100).tolist()
+    timing = Timing.from_samples(samples)
+    assert timing.runs == 57
+    assert timing.median_us == timing.p50_us == pytest.approx(float(np.median(samples)))
+    assert timing.mean_us == pytest.approx(float(np.mean(samples)))
+    assert timing.p50_us <= timing.p90_us <= timing.p95_us <= timing.p99_us <= max(samples)
+    assert set(timing.as_dict()) == {"median_us", "p50_us", "p90_us", "p95_us", "p99_us", "mean_us", "runs"}
+
+
+def _device(name="Test GPU 80GB", sm="90", copy=3012.5):
+    return {"name": name, "sm": sm, "copy_GBps": copy}
+
+
+def test_write_results_follows_the_schema(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEOXFUSE_COMMIT", "0123abcd" * 5)
+    rows = [{"model": "tiny", "backend": "reference", "context": 16, "tpot_ms": 1.5, "floor_ms": 0.2, "match": True}]
+    path = write_results("decode", rows, device=_device(), out_dir=tmp_path / "results", extra={"nvml": {"available": False}})
+    assert path.parent == tmp_path / "results" and path.suffix == ".json"
+    assert re.fullmatch(r"decode-\d{8}T\d{6}Z-test-gpu-80gb", path.stem), path.name
+    record = json.loads(path.read_text())
+    assert set(record) == {"suite", "commit", "created", "device", "rows", "nvml"}
+    assert record["suite"] == "decode"
+    assert record["commit"] == "0123abcd" * 5
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", record["created"])
+    assert record["device"] == _device()
+    assert record["rows"] == rows
+    assert record["nvml"] == {"available": False}
+
+
+def test_commit_comes_from_git_or_says_unknown(tmp_path, monkeypatch):
+    monkeypatch.delenv("NEOXFUSE_COMMIT", raising=False)
+    record = json.loads(write_results("layer", [], device=_device(), out_dir=tmp_path).read_text())
+    assert record["commit"] == "unknown" or re.fullmatch(r"[0-9a-f]{40}", record["commit"])
+
+
+def test_runs_in_the_same_second_get_their_own_files(tmp_path):
+    paths = {write_results("decode", [], device=_device(), out_dir=tmp_path) for _ in range(3)}
+    assert len(paths) == 3 and all(path.is_file() for path in paths)
+
+
+@pytest.mark.parametrize(
+    "suite, rows, device, extra, message",
+    [
+        ("", [], _device(), None, "suite"),
+        ("decode", [], {"name": "x", "sm": "90"}, None, "copy_GBps"),
+        ("decode", [1, 2], _device(), None, "rows"),
+        ("decode", [], _device(), {"rows": []}, "redefine rows"),
+    ],
+)
+def test_write_results_refuses_a_malformed_record(tmp_path, suite, rows, device, extra, message):
+    with pytest.raises(InvalidInputError, match=message):
+        write_results(suite, rows, device=device, out_dir=tmp_path, extra=extra)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_cpu_run_has_no_copy_rate():
+    record = device_record(None)
+    assert record["sm"] is None and record["copy_GBps"] is None and record["name"].startswith("cpu")
+
+
+def test_nvml_sampler_without_nvidia_ml_py_says_why(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
+    with NvmlSampler(interval_s=0.01) as sampler:
+        time.sleep(0.03)
+    summary = sampler.summary()
+    assert summary["available"] is False and "NVML not usable" in summary["reason"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_cpu_machine_nvml_and_cuda_timing_say_why():
+    with NvmlSampler(interval_s=0.01) as sampler:
+        time.sleep(0.03)
+    assert sampler.summary()["available"] is False
+    with pytest.raises(NoGPUError):
+        time_cuda(lambda: None)
+
+
+@pytest.mark.gpu
+def test_time_cuda_measures_device_time():
+    # torch.cuda._sleep spins the GPU for a number of cycles: twice the cycles, about twice the time.
+    short = time_cuda(lambda: torch.cuda._sleep(200_000), warmup=2, runs=20)
+    long = time_cuda(lambda: torch.cuda._sleep(400_000), warmup=2, runs=20)
+    assert short.runs == long.runs == 20
+    assert 1.6 < long.median_us / short.median_us < 2.4
+    with pytest.raises(InvalidInputError):
+        time_cuda(lambda: None, runs=0)
+
+
+@pytest.mark.gpu
+def test_nvml_sampler_and_device_record_on_a_gpu():
+    from neoxfuse.device import copy_bandwidth
+
+    record = device_record(copy_bandwidth(nbytes=64 << 20, iterations=3))
+    assert record["name"] and record["sm"].isdigit() and record["copy_GBps"] > 100
+    pytest.importorskip("pynvml")
+    with NvmlSampler(interval_s=0.01) as sampler:
+        torch.cuda._sleep(100_000_000)
+        torch.cuda.synchronize()
+    summary = sampler.summary()
+    assert summary["available"] and summary["samples"] > 0
+    assert summary["sm_clock_mhz"]["max"] > 0 and summary["power_w"]["max"] > 0
+    assert isinstance(summary["clock_event_reasons"], list)

@@ -1,0 +1,169 @@
+"""The `neoxfuse` command as a new user meets it on a CPU machine: useful output or one clear line, never a traceback."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import neoxfuse
+from neoxfuse import bench
+from neoxfuse.cli import library_code_for, main
+from neoxfuse.weights import random_model
+
+ARCHS = ["sm_90a", "sm_120", "compute_120"]  # bazel/cuda.bzl
+
+
+def _neoxfuse(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m neoxfuse ARGS` in a fresh process, finding this checkout's package."""
+    package_root = str(Path(neoxfuse.__file__).resolve().parent.parent)
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "neoxfuse", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _one_line_error(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("neoxfuse: error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-checkpoint")
+    random_model("tiny", seed=3).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize(
+    "sm, code",
+    [
+        ("90", "sm_90a machine code"),  # H100, H200
+        ("120", "sm_120 machine code"),  # RTX 5090
+        ("121", "sm_120 machine code"),  # same major, later minor: the sm_120 cubin runs
+        ("130", "compute_120 PTX, JIT-compiled by the driver at first use"),  # newer: PTX
+        ("100", None),  # B200: sm_120 code does not run on 10.x, PTX 12.0 is too new
+        ("89", None),
+        ("80", None),
+    ],
+)
+def test_library_code_for_each_compute_capability(sm, code):
+    assert library_code_for(sm, ARCHS) == code
+
+
+def test_env_describes_a_cpu_machine(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert f"neoxfuse {neoxfuse.__version__}" in out
+    assert f"torch: {torch.__version__}" in out and "transformers: " in out
+    assert "library: " in out and "reference: yes" in out
+    if not torch.cuda.is_available():
+        assert "GPUs: none" in out
+
+
+def test_env_without_the_library_still_reports(tmp_path):
+    result = _neoxfuse("env", env=dict(os.environ, NEOXFUSE_LIB=str(tmp_path / "missing.so")))
+    assert result.returncode == 0, result.stderr
+    assert "library: not usable: libneoxfuse.so not found" in result.stdout
+    assert "backends" in result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU default model")
+def test_generate_with_the_default_model_on_a_cpu():
+    result = _neoxfuse("generate", "--tokens", "1,2,3", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert "random-initialised pythia-70m" in result.stderr and "CPU" in result.stderr
+    assert "prompt (3 tokens): 1,2,3" in result.stdout
+    generated = next(line for line in result.stdout.splitlines() if line.startswith("generated"))
+    assert generated.startswith("generated (3 tokens): ") and len(generated.split(": ")[1].split(",")) == 3
+    assert "TPOT" in result.stdout
+
+
+def test_generate_from_a_checkpoint_and_sampling_options(tiny_checkpoint, capsys):
+    args = ["generate", "--model", str(tiny_checkpoint), "--tokens", "5,6", "--max-new-tokens", "6", "--device", "cpu"]
+    sampled = [*args, "--temperature", "0.9", "--top-k", "50", "--top-p", "0.9", "--seed", "4"]
+    assert main(sampled) == 0
+    first = capsys.readouterr().out
+    assert main(sampled) == 0
+    assert capsys.readouterr().out.splitlines()[2] == first.splitlines()[2]  # the generated tokens, reproduced
+    assert main(args) == 0
+    assert "random-initialised" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "pythia-7b", "--tokens", "1"], "neither a known model name"),
+        (["--model", "tiny", "--prompt", "hello"], "needs a tokenizer"),
+        (["--model", "tiny", "--tokens", "1,2", "--max-new-tokens", "300"], "KV cache"),
+        (["--model", "tiny", "--tokens", "1,600"], "token ids must be in"),
+        (["--model", "tiny", "--tokens", "1", "--backend", "nope"], "available backends: reference"),
+        (["--model", "tiny", "--tokens", "1", "--top-p", "0"], "top_p"),
+        (["--model", "tiny", "--tokens", "1", "--max-seq-len", "100000"], "max_seq_len"),
+    ],
+)
+def test_generate_mistakes_are_one_line_errors(capsys, args, message):
+    assert main(["generate", "--device", "cpu", *args]) == 1
+    assert message in _one_line_error(capsys.readouterr().err)
+
+
+def test_a_checkpoint_that_is_not_gpt_neox_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["generate", "--model", str(tmp_path), "--tokens", "1", "--device", "cpu"]) == 1
+    assert "gpt_neox only" in _one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_asking_for_a_gpu_on_a_cpu_machine_is_a_one_line_error(capsys):
+    assert main(["generate", "--model", "tiny", "--tokens", "1", "--device", "cuda"]) == 1
+    assert "needs a CUDA GPU" in _one_line_error(capsys.readouterr().err)
+
+
+def test_usage_errors_exit_2_with_help(capsys):
+    assert main([]) == 2
+    assert "generate" in capsys.readouterr().out
+    assert main(["generate", "--tokens", "1,x"]) == 2
+    assert "integer ids" in capsys.readouterr().err
+    assert main(["bench"]) == 2
+    assert "decode" in capsys.readouterr().out
+
+
+def test_bench_suites_are_discovered():
+    found, broken = bench.suites()
+    assert "decode" in found and not broken
+    for module in found.values():
+        assert module.HELP and callable(module.add_arguments) and callable(module.run)
+
+
+def test_bench_decode_on_a_cpu_writes_its_results(tmp_path, capsys):
+    out_dir = tmp_path / "results"
+    code = main(["bench", "decode", "--model", "tiny", "--device", "cpu", "--lengths", "4,9", "--out-dir", str(out_dir)])
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "hf_eager" in out and "skipped hf_compile" in out and "no copy probe" in out
+    [path] = out_dir.glob("decode-*.json")
+    record = json.loads(path.read_text())
+    assert record["suite"] == "decode" and record["commit"] and record["created"]
+    assert record["device"]["copy_GBps"] is None and record["device"]["sm"] is None
+    assert {(row["backend"], row["context"]) for row in record["rows"]} == {
+        (backend, length) for backend in ("reference", "hf_eager") for length in (4, 9)
+    }
+    for row in record["rows"]:
+        assert {"model", "backend", "context", "tpot_ms", "floor_ms", "match"} <= set(row)
+        assert row["tpot_ms"] > 0 and row["floor_ms"] is None
+        assert row["match"] is (row["matched_tokens"] == row["context"])
+    # fp32 on a CPU: the reference and HF agree token for token.
+    assert all(row["match"] for row in record["rows"])
+
+
+def test_bench_decode_mistakes_are_one_line_errors(tmp_path, capsys):
+    base = ["bench", "decode", "--model", "tiny", "--device", "cpu", "--out-dir", str(tmp_path)]
+    assert main([*base, "--lengths", "4", "--backends", "reference,fused9"]) == 1
+    assert "unknown contender(s) fused9" in _one_line_error(capsys.readouterr().err)
+    assert main([*base, "--lengths", "512"]) == 1
+    assert "KV cache positions" in _one_line_error(capsys.readouterr().err)
+    assert main([*base, "--lengths", "1"]) == 2
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,259 @@
+"""neoxfuse.Engine: model sources, greedy and sampled generation, the KV cache limit, the backend registry."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import neoxfuse
+from neoxfuse.engine import BACKENDS, Availability, Backend, Engine, ReferenceBackend, backend_availability, register_backend
+from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnknownModelError, UnsupportedModelError
+from neoxfuse.reference import ReferenceModel
+from neoxfuse.sampling import SamplingParams
+from neoxfuse.weights import from_hf, random_model
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return random_model("tiny", seed=1234)
+
+
+@pytest.fixture(scope="module")
+def engine(hf_model):
+    return Engine(hf_model, device="cpu")  # CPU tests compare with CPU computations, GPU or not
+
+
+def _random_prompt(vocab: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    length = int(torch.randint(1, 12, (1,), generator=generator))
+    return torch.randint(0, vocab, (length,), generator=generator).tolist()
+
+
+def _reference_greedy(model: ReferenceModel, prompt: list[int], new_tokens: int) -> list[int]:
+    cache = model.new_cache()
+    tokens = [int(model.prefill(torch.tensor(prompt), cache)[-1].argmax())]
+    while len(tokens) < new_tokens:
+        tokens.append(int(model.decode_step(tokens[-1], cache).argmax()))
+    return tokens
+
+
+def test_engine_is_exported_lazily():
+    assert neoxfuse.Engine is Engine
+
+
+def test_cpu_defaults_to_fp32(engine):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU default")
+    assert engine.device == torch.device("cpu") and engine.dtype == torch.float32
+    assert engine.max_seq_len == engine.shape.max_positions
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_equals_the_reference_models_greedy(hf_model, engine, seed):
+    prompt = _random_prompt(engine.shape.vocab, seed)
+    got = engine.generate(prompt, 24)
+    assert got.prompt_tokens == prompt
+    assert got.tokens == _reference_greedy(ReferenceModel(from_hf(hf_model)), prompt, 24)
+
+
+def test_greedy_equals_hf_generate(hf_model, engine):
+    prompt = _random_prompt(engine.shape.vocab, 7)
+    ids = torch.tensor([prompt])
+    hf_model.generation_config.eos_token_id = None  # generate exactly 40 tokens
+    expected = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
+    assert engine.generate(prompt, 40).tokens == expected[0, len(prompt) :].tolist()
+
+
+def test_every_model_source_gives_the_same_model(tmp_path):
+    prompt = [5, 17, 300]
+    hf_model = random_model("tiny", seed=0)
+    expected = Engine(hf_model, device="cpu").generate(prompt, 12).tokens
+    hf_model.save_pretrained(tmp_path)
+    by_name = Engine("tiny", seed=0, device="cpu")  # random_model("tiny", seed=0) again
+    assert by_name.random_init and "random-initialised" in by_name.description
+    assert by_name.generate(prompt, 12).tokens == expected
+    assert Engine(from_hf(hf_model), device="cpu").generate(prompt, 12).tokens == expected
+    assert Engine(str(tmp_path), device="cpu").generate(prompt, 12).tokens == expected
+    assert Engine(tmp_path, device="cpu").tokenizer is None
+    assert Engine("tiny", seed=1, device="cpu").generate(prompt, 12).tokens != expected
+
+
+def _word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A whitespace word tokenizer with one word per model token (built offline)."""
+    words = ["<|endoftext|>", "hello", "world", *(f"w{i}" for i in range(3, vocab_size))]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def test_text_prompts_use_the_checkpoints_tokenizer(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path)
+    tokenizer = _word_tokenizer(hf_model.config.vocab_size)
+    tokenizer.save_pretrained(tmp_path)
+    engine = Engine(tmp_path, device="cpu")
+    assert engine.tokenizer is not None
+    out = engine.generate("hello world", 6)
+    assert out.prompt_tokens == [1, 2]
+    assert out.tokens == engine.generate([1, 2], 6).tokens
+    assert out.text == tokenizer.decode(out.tokens) and out.text.startswith("w")
+
+
+def test_text_prompt_without_tokenizer_is_a_clear_error(engine):
+    with pytest.raises(InvalidInputError, match="needs a tokenizer"):
+        engine.generate("hello", 4)
+
+
+def test_generation_stops_after_a_stop_token(engine):
+    full = engine.generate([3, 4, 5], 16).tokens
+    stop = full[5]
+    first = full.index(stop)
+    assert engine.generate([3, 4, 5], 16, stop_token_ids={stop}).tokens == full[: first + 1]
+
+
+def test_timings_are_reported(engine):
+    out = engine.generate([1, 2, 3], 10)
+    assert out.prefill_ms > 0
+    assert len(out.decode_ms) == 9 and all(ms > 0 for ms in out.decode_ms)
+    assert out.tpot_ms == pytest.approx(sum(out.decode_ms) / 9)
+    assert engine.generate([1], 1).tpot_ms is None
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(engine):
+    prompt = [9, 8, 7]
+
+    def sample(seed):
+        return engine.generate(prompt, 20, SamplingParams(temperature=1.0, top_p=0.95, seed=seed)).tokens
+
+    assert sample(5) == sample(5)
+    assert sample(5) != sample(6)
+
+
+def test_top_k_one_sampling_equals_greedy(engine):
+    prompt = [40, 41]
+    sampled = engine.generate(prompt, 20, SamplingParams(temperature=0.7, top_k=1, seed=3)).tokens
+    assert sampled == engine.generate(prompt, 20).tokens
+
+
+def test_the_request_must_fit_the_kv_cache(hf_model):
+    engine = Engine(hf_model, device="cpu", max_seq_len=8)
+    assert len(engine.generate([1, 2, 3], 6).tokens) == 6  # 3 + 6 - 1 = 8 positions: fits exactly
+    with pytest.raises(SequenceTooLongError, match="need 9 KV cache positions"):
+        engine.generate([1, 2, 3], 7)
+    with pytest.raises(SequenceTooLongError):
+        engine.generate(list(range(9)), 1)
+
+
+def test_a_full_cache_refuses_another_token(hf_model):
+    backend = ReferenceBackend(from_hf(hf_model), max_seq_len=4)
+    cache = backend.new_cache()
+    backend.prefill(torch.tensor([1, 2, 3]), cache)
+    backend.decode_step(4, cache)
+    with pytest.raises(SequenceTooLongError):
+        backend.decode_step(5, cache)
+
+
+@pytest.mark.parametrize(
+    "prompt, new_tokens, message",
+    [
+        ([], 4, "empty"),
+        ([1, 512], 4, r"\[0, 512\)"),
+        ([-1], 4, r"\[0, 512\)"),
+        ([1], 0, "max_new_tokens"),
+        ([1], 2.5, "max_new_tokens"),
+    ],
+)
+def test_bad_requests_are_clear_errors(engine, prompt, new_tokens, message):
+    with pytest.raises(InvalidInputError, match=message):
+        engine.generate(prompt, new_tokens)
+
+
+def test_unknown_backend_lists_the_available_ones(hf_model):
+    with pytest.raises(InvalidInputError, match="unknown backend 'nope'; available backends: .*reference"):
+        Engine(hf_model, backend="nope")
+
+
+class _CountingBackend(ReferenceBackend):
+    """A backend added the way the fused one will be: subclass, register, select by name."""
+
+    name = "counting"
+    summary = "the reference, counting decode steps"
+    steps = 0
+
+    def decode_step(self, token, cache):
+        type(self).steps += 1
+        return super().decode_step(token, cache)
+
+
+class _NeverBackend(ReferenceBackend):
+    name = "never"
+    summary = "cannot run anywhere"
+
+    @classmethod
+    def available(cls, device, dtype, shape=None):
+        return Availability(False, "built for no GPU at all")
+
+
+@pytest.fixture
+def extra_backends():
+    register_backend(_CountingBackend)
+    register_backend(_NeverBackend)
+    yield
+    del BACKENDS["counting"], BACKENDS["never"]
+
+
+def test_a_registered_backend_is_selectable(hf_model, engine, extra_backends):
+    assert issubclass(_CountingBackend, Backend)
+    counted = Engine(hf_model, backend="counting", device="cpu")
+    assert counted.generate([1, 2], 5).tokens == engine.generate([1, 2], 5).tokens
+    assert _CountingBackend.steps == 4
+
+
+def test_an_unavailable_backend_says_why(hf_model, extra_backends):
+    availability = backend_availability(torch.device("cpu"), torch.float32)
+    assert availability["reference"] and not availability["never"]
+    with pytest.raises(InvalidInputError, match="cannot run on cpu in float32: built for no GPU at all"):
+        Engine(hf_model, backend="never", device="cpu")
+
+
+def test_unknown_model_name_lists_the_known_ones():
+    with pytest.raises(UnknownModelError, match="pythia-2.8b.*tiny"):
+        Engine("pythia-7b")
+
+
+def test_a_model_that_is_not_gpt_neox_is_refused():
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="GPT-NeoX"):
+        Engine(llama)
+    with pytest.raises(InvalidInputError, match="a model is"):
+        Engine(42)
+
+
+def test_a_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"")
+    with pytest.raises(UnsupportedModelError, match="is a file"):
+        Engine(path)
+
+
+def test_bad_device_and_dtype_are_clear_errors(hf_model):
+    with pytest.raises(InvalidInputError, match="dtype"):
+        Engine(hf_model, dtype="int8")
+    with pytest.raises(InvalidInputError, match="device"):
+        Engine(hf_model, device="tpu0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cuda_without_a_gpu_is_a_clear_error(hf_model):
+    with pytest.raises(NoGPUError, match="needs a CUDA GPU"):
+        Engine(hf_model, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_defaults_and_fp32_tokens_match_the_cpu(hf_model):
+    gpu = Engine(hf_model)
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.float16
+    out = gpu.generate([1, 2, 3], 16, SamplingParams(temperature=0.8, seed=1))
+    assert len(out.tokens) == 16 and all(0 <= t < gpu.shape.vocab for t in out.tokens)
+    # fp32 on the GPU (no TF32 by default) agrees with the CPU to ~1e-6: the same greedy tokens.
+    cpu_tokens = Engine(hf_model, device="cpu").generate([1, 2, 3], 24).tokens
+    assert Engine(hf_model, device="cuda", dtype="fp32").generate([1, 2, 3], 24).tokens == cpu_tokens
