@@ -526,3 +526,48 @@ def test_runs_under_torch_compile_with_inductor():
     assert ln_residual.launch_count() == before + 1
     expected = block(x, attn, mlp, w1, b1, w2, b2)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark suite `neoxfuse bench ln-residual`.
+
+
+def test_bench_shapes_parse_and_count_their_bytes():
+    from neoxfuse.bench.ln_residual import Shape
+
+    shape = Shape.parse("16384x2560:fp16:add_dual_layernorm")
+    assert (shape.tokens, shape.hidden, shape.torch_dtype, str(shape)) == (16384, 2560, torch.float16, "16384x2560:fp16:add_dual_layernorm")
+    # reads x, r1, r2; writes h, y1, y2; reads two weights and two biases
+    assert shape.bytes_moved == 2 * (16384 * 2560 * 6 + 4 * 2560)
+    assert Shape.parse("1x111:fp32:final").bytes_moved == 4 * (111 * 4 + 2 * 111)
+    for bad in ["2560:fp16:layernorm", "1x2560:fp64:layernorm", "1x2560:fp16:rmsnorm", f"1x{MAX_HIDDEN + 1}:fp16:layernorm"]:
+        with pytest.raises(Exception, match="TOKENSxHIDDEN|tokens >= 1"):
+            Shape.parse(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_bench_on_a_machine_without_gpu_says_so_and_fails(capsys):
+    from neoxfuse.cli import main
+
+    assert main(["bench", "ln-residual", "--e2e", "none"]) == 1
+    assert "need a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_bench_runs_and_writes_its_results(tmp_path):
+    import json
+
+    from neoxfuse.cli import main
+
+    shape = "3x512:fp16:add_dual_layernorm"
+    assert main(["bench", "ln-residual", "--shape", shape, "--replays", "5", "--e2e", "none", "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("ln_residual-*.json")
+    record = json.loads(path.read_text())
+    assert record["suite"] == "ln_residual" and record["device"]["copy_GBps"] > 0
+    providers = {row["provider"]: row for row in record["rows"]}
+    assert {"neoxfuse", "torch_eager", "torch_compile"} <= set(providers)
+    for row in providers.values():
+        assert 0 < row["median_us"] <= row["p90_us"] <= row["p99_us"]
+        assert row["rel_err"] < REL_TOL[torch.float16] * 2
+    assert providers["neoxfuse"]["speedup_vs_torch_eager"] > 0
+    assert "flashinfer" in record["skipped"][shape]
