@@ -222,7 +222,7 @@ def _env(args) -> int:
     try:
         build = _lib.build_info()
         archs = dict(item.split("=", 1) for item in build.split() if "=" in item).get("archs", "").split(",")
-        print(f"library: {_lib.library_path()}\n  build: {build}")
+        print(f"library: {_lib.library_path().resolve()}\n  build: {build}")
         library_gpus = devices()
     except NeoxfuseError as err:
         print(f"library: not usable: {_one_line(err)}")
