@@ -150,6 +150,7 @@ BAD_CALLS = {
     "hidden too large": (dict(x=torch.ones(1, MAX_HIDDEN + 1, dtype=torch.float16)), f"over {MAX_HIDDEN}"),
     "three residuals": (dict(residuals=[torch.ones(3, 64, dtype=torch.float16)] * 3), "at most two residuals"),
     "residuals a tensor": (dict(residuals=torch.ones(3, 64, dtype=torch.float16)), "residuals must be a list"),
+    "residuals None": (dict(residuals=None), "residuals must be a list"),
     "residual dtype": (dict(residuals=[torch.ones(3, 64)]), r"residuals\[0\] must be float16 like x, got float32"),
     "residual shape": (dict(residuals=[torch.ones(3, 65, dtype=torch.float16)]), r"residuals\[0\] must have shape \[3, 64\]"),
     "residual broadcast": (dict(residuals=[torch.ones(1, 64, dtype=torch.float16)]), r"residuals\[0\] must have shape \[3, 64\]"),

@@ -11,8 +11,7 @@ next (the next layer's LayerNorms, or the final LayerNorm after the last layer):
                                  h' = mlp + a;          LN1'(h')                    one kernel
 
 and the first layer normalises the embeddings itself. A forward pass of L layers so runs L + 1
-(parallel) or 2L + 1 (sequential) kernels where HF runs 2L + 1 LayerNorms and 2L (parallel:
-4L) adds. The parameters, state_dict, hooks and `isinstance` checks stay as they are: only the
+(parallel) or 2L + 1 (sequential) kernels where HF runs 2L + 1 LayerNorms and 2L adds. The parameters, state_dict, hooks and `isinstance` checks stay as they are: only the
 classes of the layers and of the final LayerNorm change (to subclasses whose forward differs).
 
 The outputs a layer computed for its successor are handed over through a small object shared by
@@ -83,6 +82,14 @@ class FusedGPTNeoXLayer(GPTNeoXLayer):
             return (self.input_layernorm, self.post_attention_layernorm)
         return (self.input_layernorm,)
 
+    def _normalise_input(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """LN1 (and LN2) of this layer's input, where no predecessor handed them over."""
+        weights, biases = _norm_params(self._own_norms())
+        eps = self.input_layernorm.eps
+        if len(weights) == 2:
+            return ln_residual.dual_layernorm(hidden_states, weights, biases, eps)
+        return (ln_residual.layernorm(hidden_states, weights[0], biases[0], eps),)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -98,10 +105,7 @@ class FusedGPTNeoXLayer(GPTNeoXLayer):
         eps = self.input_layernorm.eps
         normed = self._neoxfuse_hand_over.take(hidden_states)
         if normed is None:
-            weights, biases = _norm_params(self._own_norms())
-            normed = ln_residual.dual_layernorm(hidden_states, weights, biases, eps) if self.use_parallel_residual else (
-                ln_residual.layernorm(hidden_states, weights[0], biases[0], eps),
-            )
+            normed = self._normalise_input(hidden_states)
         attn_output, _ = self.attention(
             normed[0],
             attention_mask=attention_mask,

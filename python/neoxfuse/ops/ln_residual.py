@@ -110,7 +110,7 @@ def _check_values(
     if hidden > MAX_HIDDEN:
         raise InvalidInputError(f"hidden size {hidden} is over {MAX_HIDDEN}, the longest row the kernel holds")
     for name, group in [("residuals", residuals), ("weights", weights), ("biases", biases), ("outs", outs)]:
-        if group is not None and not isinstance(group, (list, tuple)):
+        if not isinstance(group, (list, tuple)) and not (name == "outs" and group is None):
             raise InvalidInputError(f"{name} must be a list of tensors, got {type(group).__name__}")
     if len(residuals) > 2:
         raise InvalidInputError(f"at most two residuals, got {len(residuals)}")
@@ -120,7 +120,7 @@ def _check_values(
         raise InvalidInputError(f"one output per LayerNorm: {len(weights)} weights but {len(outs)} outs")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise InvalidInputError(f"eps must be a finite number >= 0, got {eps!r}")
-    like_x = [*_named("residuals", residuals), *_named("outs", outs or []), *([("h_out", h_out)] if h_out is not None else [])]
+    like_x = [*_named("residuals", residuals), *_named_outputs(outs or [], h_out)]
     params = [*_named("weights", weights), *_named("biases", biases)]
     for (name, t), shape in [*((item, tuple(x.shape)) for item in like_x), *((item, (hidden,)) for item in params)]:
         if not isinstance(t, torch.Tensor):
@@ -135,6 +135,10 @@ def _named(group: str, tensors: Sequence[torch.Tensor]) -> list[tuple[str, torch
     return [(f"{group}[{i}]", t) for i, t in enumerate(tensors)]
 
 
+def _named_outputs(outs: Sequence[torch.Tensor], h_out: torch.Tensor | None) -> list[tuple[str, torch.Tensor]]:
+    return [*_named("outs", outs), *([("h_out", h_out)] if h_out is not None else [])]
+
+
 def _check_cuda(tensors: list[tuple[str, torch.Tensor]]) -> None:
     """All tensors on one CUDA device: NoGPUError where there is none, else InvalidInputError."""
     check_same_device(**dict(tensors))
@@ -147,6 +151,8 @@ def _check_cuda(tensors: list[tuple[str, torch.Tensor]]) -> None:
 def _rows(name: str, t: torch.Tensor, *, output: bool) -> tuple[int, int]:
     """(rows, row stride in elements) of t [..., hidden] seen as [rows, hidden]."""
     hidden = t.shape[-1]
+    if t.is_contiguous():
+        return t.numel() // hidden, hidden
     try:
         as_rows = t.view(-1, hidden)  # [rows, hidden]
     except RuntimeError as err:
@@ -186,27 +192,20 @@ class _Span(NamedTuple):
         return True
 
 
-def _args(x, residuals, weights, biases, eps, outs, h_out) -> _Args:
-    """The C arguments of a call whose values passed _check_values; checks the memory layout."""
+def _args(x, residuals, weights, biases, eps, outs, h_out, *, fresh_outputs: bool = False) -> _Args:
+    """The C arguments of a call whose values passed _check_values; checks the memory layout
+    (whether outputs overlap other tensors only where they are not freshly allocated)."""
     hidden, element = x.shape[-1], x.element_size()
     for name, param in [*_named("weights", weights), *_named("biases", biases)]:
         if not param.is_contiguous():
             raise InvalidInputError(f"{name} must be contiguous")
     inputs = [("x", x), *_named("residuals", residuals)]
-    outputs = [*_named("outs", outs), *([("h_out", h_out)] if h_out is not None else [])]
+    outputs = _named_outputs(outs, h_out)
     layouts = {name: _rows(name, t, output=False) for name, t in inputs}
     layouts.update({name: _rows(name, t, output=True) for name, t in outputs})
 
-    spans = {}
-    for name, t in [*inputs, *outputs]:
-        rows, stride = layouts[name]
-        spans[name] = _Span(t.data_ptr(), rows, stride * element, hidden * element)
-    for name, param in [*_named("weights", weights), *_named("biases", biases)]:
-        spans[name] = _Span(param.data_ptr(), 1, hidden * element, hidden * element)
-    for name, _ in outputs:
-        for other, span in spans.items():
-            if other != name and spans[name].overlaps(span):
-                raise InvalidInputError(f"output {name} overlaps {other}; outputs must not share memory with other tensors of the call")
+    if not fresh_outputs:
+        _check_no_overlap(inputs, outputs, [*_named("weights", weights), *_named("biases", biases)], layouts, hidden * element, element)
 
     args = _Args(dtype=DTYPE_CODES[x.dtype], eps=eps, rows=layouts["x"][0], hidden=hidden, x=x.data_ptr(), x_stride=layouts["x"][1])
     for i, r in enumerate(residuals):
@@ -218,17 +217,27 @@ def _args(x, residuals, weights, biases, eps, outs, h_out) -> _Args:
     return args
 
 
+def _check_no_overlap(inputs, outputs, params, layouts, row_bytes: int, element: int) -> None:
+    """InvalidInputError if an output shares a byte with any other tensor of the call."""
+    spans = {name: _Span(t.data_ptr(), layouts[name][0], layouts[name][1] * element, row_bytes) for name, t in [*inputs, *outputs]}
+    spans.update({name: _Span(param.data_ptr(), 1, row_bytes, row_bytes) for name, param in params})
+    for name, _ in outputs:
+        for other, span in spans.items():
+            if other != name and spans[name].overlaps(span):
+                raise InvalidInputError(f"output {name} overlaps {other}; outputs must not share memory with other tensors of the call")
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel():
     return _lib.function("neoxfuse_ln_residual", [ctypes.POINTER(_Args), ctypes.c_void_p])
 
 
-def _launch(x, residuals, weights, biases, eps, outs, h_out) -> None:
+def _launch(x, residuals, weights, biases, eps, outs, h_out, *, fresh_outputs: bool = False) -> None:
     """Checks device and layout, then runs the kernel on the current stream of x's device."""
     global _launches
-    outputs = [*_named("outs", outs), *([("h_out", h_out)] if h_out is not None else [])]
+    outputs = _named_outputs(outs, h_out)
     _check_cuda([("x", x), *_named("residuals", residuals), *_named("weights", weights), *_named("biases", biases), *outputs])
-    args = _args(x, residuals, weights, biases, eps, outs, h_out)
+    args = _args(x, residuals, weights, biases, eps, outs, h_out, fresh_outputs=fresh_outputs)
     with torch.cuda.device(x.device):
         _lib.call(_kernel(), ctypes.byref(args), torch.cuda.current_stream().cuda_stream)
     _launches += 1
@@ -259,7 +268,7 @@ def _ln_residual(
     _check_values(x, residuals, weights, biases, eps)
     outs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in weights]
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if write_sum else None
-    _launch(x, residuals, weights, biases, eps, outs, h)
+    _launch(x, residuals, weights, biases, eps, outs, h, fresh_outputs=True)
     return ([h] if h is not None else []) + outs
 
 
