@@ -1,0 +1,231 @@
+"""Weights: from an HF model in memory, from local checkpoints of every format, random models, bad input."""
+
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPTNeoXModel, PreTrainedTokenizerFast
+
+from neoxfuse.configs import pythia_config, shape_of
+from neoxfuse.errors import InvalidInputError, NeoxfuseError, UnsupportedModelError
+from neoxfuse.weights import (
+    CheckpointNotFoundError,
+    LayerWeights,
+    ModelWeights,
+    from_hf,
+    load_checkpoint,
+    random_model,
+)
+
+# An odd shape (head_dim 12, rotary 2, ffn 72, vocab 97) so no size is confused with another.
+ODD = dict(hidden_size=36, num_attention_heads=3, intermediate_size=72, vocab_size=97, rotary_pct=0.2)
+
+
+def named_tensors(weights: ModelWeights) -> dict[str, torch.Tensor]:
+    """Every tensor of `weights` by a readable name."""
+    found = {name: getattr(weights, name) for name in ["embed_in", "final_ln_weight", "final_ln_bias", "embed_out"]}
+    for i, layer in enumerate(weights.layers):
+        found.update({f"layers.{i}.{f.name}": getattr(layer, f.name) for f in fields(LayerWeights)})
+    return found
+
+
+def assert_same_weights(got: ModelWeights, want: ModelWeights):
+    assert got.shape == want.shape
+    got_tensors, want_tensors = named_tensors(got), named_tensors(want)
+    assert got_tensors.keys() == want_tensors.keys()
+    for name, tensor in want_tensors.items():
+        assert got_tensors[name].dtype == tensor.dtype, name
+        assert torch.equal(got_tensors[name], tensor), name
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(pythia_config("tiny", **ODD), seed=3)
+
+
+def test_from_hf_shares_storage_and_has_the_contract_shapes(model):
+    weights = from_hf(model)
+    h, ffn, vocab = 36, 72, 97
+    assert weights.shape == shape_of(model.config)
+    assert weights.embed_in.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert weights.embed_out.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    hf_layer = model.gpt_neox.layers[1]
+    assert weights.layers[1].qkv_weight.data_ptr() == hf_layer.attention.query_key_value.weight.data_ptr()
+    assert weights.layers[1].fc_out_bias.data_ptr() == hf_layer.mlp.dense_4h_to_h.bias.data_ptr()
+    assert weights.layers[1].ln2_weight.data_ptr() == hf_layer.post_attention_layernorm.weight.data_ptr()
+    assert not any(t.requires_grad for t in named_tensors(weights).values())
+    assert (weights.embed_in.shape, weights.embed_out.shape) == ((vocab, h), (vocab, h))
+    assert weights.final_ln_weight.shape == weights.final_ln_bias.shape == (h,)
+    assert len(weights.layers) == 2
+    want = {
+        "ln1_weight": (h,), "ln1_bias": (h,), "ln2_weight": (h,), "ln2_bias": (h,),
+        "qkv_weight": (3 * h, h), "qkv_bias": (3 * h,), "dense_weight": (h, h), "dense_bias": (h,),
+        "fc_in_weight": (ffn, h), "fc_in_bias": (ffn,), "fc_out_weight": (h, ffn), "fc_out_bias": (h,),
+    }
+    for layer in weights.layers:
+        assert {f.name: tuple(getattr(layer, f.name).shape) for f in fields(LayerWeights)} == want
+
+
+def test_from_hf_refuses_a_model_without_lm_head():
+    with pytest.raises(UnsupportedModelError, match="GPTNeoXForCausalLM"):
+        from_hf(GPTNeoXModel(pythia_config("tiny")))
+
+
+def test_weights_to_changes_dtype_of_every_tensor(model):
+    weights = from_hf(model)
+    half = weights.to(dtype=torch.float16)
+    assert half.shape == weights.shape
+    for name, tensor in named_tensors(half).items():
+        assert tensor.dtype == torch.float16, name
+        assert torch.equal(tensor, named_tensors(weights)[name].half()), name
+    same = weights.to()
+    assert same.layers[0].qkv_weight.data_ptr() == weights.layers[0].qkv_weight.data_ptr()
+
+
+def test_safetensors_checkpoint_equals_from_hf(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    weights, tokenizer = load_checkpoint(tmp_path)
+    assert_same_weights(weights, from_hf(model))
+    assert tokenizer is None
+
+
+def test_sharded_safetensors_checkpoint_equals_from_hf(model, tmp_path):
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    weights, _ = load_checkpoint(tmp_path)
+    assert_same_weights(weights, from_hf(model))
+
+
+def test_bin_checkpoint_equals_from_hf(model, tmp_path):
+    # transformers 5's save_pretrained writes safetensors only (it ignores safe_serialization=False),
+    # so write pytorch_model.bin as transformers 4 did: torch.save of the state dict under the
+    # checkpoint names. Like the published Pythia .bin files, it also holds the old causal-mask
+    # buffers (attention.bias / masked_bias), which the loader must ignore.
+    model.save_pretrained(tmp_path / "st")
+    state = load_file(tmp_path / "st" / "model.safetensors")
+    state["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+    state["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
+    model.config.save_pretrained(tmp_path / "bin")
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    weights, _ = load_checkpoint(tmp_path / "bin")
+    assert_same_weights(weights, from_hf(model))
+
+
+def test_sharded_bin_checkpoint_equals_from_hf(model, tmp_path):
+    model.save_pretrained(tmp_path / "st")
+    state = load_file(tmp_path / "st" / "model.safetensors")
+    model.config.save_pretrained(tmp_path / "bin")
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, shard_names in shards.items():
+        torch.save({name: state[name] for name in shard_names}, tmp_path / "bin" / file)
+    weight_map = {name: file for file, shard_names in shards.items() for name in shard_names}
+    (tmp_path / "bin" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    weights, _ = load_checkpoint(tmp_path / "bin")
+    assert_same_weights(weights, from_hf(model))
+
+
+def test_fp16_checkpoint_loads_in_fp16(tmp_path):
+    model = random_model(pythia_config("tiny", **ODD), seed=4, dtype=torch.float16)
+    model.save_pretrained(tmp_path)
+    weights, _ = load_checkpoint(tmp_path)
+    assert weights.embed_in.dtype == torch.float16
+    assert_same_weights(weights, from_hf(model))
+
+
+def test_tied_embeddings_load_as_embed_in(tmp_path):
+    model = random_model(pythia_config("tiny", tie_word_embeddings=True), seed=5)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    model.save_pretrained(tmp_path)  # writes embed_in only
+    weights, _ = load_checkpoint(tmp_path)
+    assert torch.equal(weights.embed_out, model.get_input_embeddings().weight)
+    assert_same_weights(weights, from_hf(model))
+
+
+def test_tokenizer_is_loaded_when_the_checkpoint_has_one(model, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {word: i for i, word in enumerate(["<unk>", "the", "quick", "brown", "fox", "jumps"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    _, tokenizer = load_checkpoint(tmp_path)
+    assert tokenizer is not None
+    assert tokenizer("the quick red fox")["input_ids"] == [1, 2, 0, 4]
+
+
+def test_random_model_is_reproducible_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(4)
+    torch.manual_seed(123)
+    first = from_hf(random_model("tiny", seed=7))
+    assert torch.equal(torch.rand(4), before)  # random_model drew from its own generator state
+    assert_same_weights(from_hf(random_model("tiny", seed=7)), first)
+    other = from_hf(random_model("tiny", seed=8))
+    assert not torch.equal(other.layers[0].qkv_weight, first.layers[0].qkv_weight)
+
+
+def test_random_model_exercises_every_parameter():
+    model = random_model("tiny", dtype=torch.float64)
+    assert not model.training
+    assert model.config._attn_implementation == "eager"
+    for name, tensor in named_tensors(from_hf(model)).items():
+        assert tensor.dtype == torch.float64, name
+        # No zero biases, no all-ones LayerNorm: a kernel that drops one of them must show it.
+        assert tensor.std() > 0.05, name
+    weights = from_hf(model)
+    assert 0.8 < weights.layers[0].ln1_weight.mean() < 1.2
+    assert 0.8 < weights.embed_in.std() < 1.2  # activations of order 1, so attention is not near uniform
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="does not exist") as error:
+        load_checkpoint(tmp_path / "nowhere")
+    assert isinstance(error.value, NeoxfuseError) and isinstance(error.value, FileNotFoundError)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="no config.json"):
+        load_checkpoint(tmp_path)
+
+
+def test_checkpoint_of_another_model_type(tmp_path):
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="'gpt2'"):
+        load_checkpoint(tmp_path)
+
+
+def test_checkpoint_without_weight_files(model, tmp_path):
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointNotFoundError, match="has no weights"):
+        load_checkpoint(tmp_path)
+
+
+def test_index_naming_a_missing_shard(model, tmp_path):
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    missing = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    missing.unlink()
+    with pytest.raises(CheckpointNotFoundError, match=missing.name):
+        load_checkpoint(tmp_path)
+
+
+def test_checkpoint_missing_a_tensor(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["gpt_neox.layers.1.mlp.dense_h_to_4h.bias"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(InvalidInputError, match=r"missing: gpt_neox\.layers\.1\.mlp\.dense_h_to_4h\.bias"):
+        load_checkpoint(tmp_path)
+
+
+def test_checkpoint_tensor_of_the_wrong_shape(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["gpt_neox.layers.0.attention.dense.weight"] = torch.randn(36, 35)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(InvalidInputError, match=r"attention\.dense\.weight \[36, 35\] \(expected \[36, 36\]\)"):
+        load_checkpoint(tmp_path)
