@@ -9,9 +9,8 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPTNeoXModel, PreTrainedTokenizerFast
 
 from neoxfuse.configs import pythia_config, shape_of
-from neoxfuse.errors import InvalidInputError, NeoxfuseError, UnsupportedModelError
+from neoxfuse.errors import CheckpointNotFoundError, InvalidInputError, NeoxfuseError, UnsupportedModelError
 from neoxfuse.weights import (
-    CheckpointNotFoundError,
     LayerWeights,
     ModelWeights,
     from_hf,

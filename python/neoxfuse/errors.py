@@ -30,6 +30,10 @@ class SequenceTooLongError(InvalidInputError):
     """A position past the KV cache's capacity."""
 
 
+class CheckpointNotFoundError(NeoxfuseError, FileNotFoundError):
+    """A checkpoint directory, its config.json, or its weight files are missing."""
+
+
 class UnknownModelError(NeoxfuseError, ValueError):
     """A model name neoxfuse does not know."""
 

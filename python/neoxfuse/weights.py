@@ -18,11 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from neoxfuse.configs import NeoXShape, pythia_config, shape_of
-from neoxfuse.errors import InvalidInputError, NeoxfuseError, UnsupportedModelError
-
-
-class CheckpointNotFoundError(NeoxfuseError, FileNotFoundError):
-    """A checkpoint directory, its config.json, or its weight files are missing."""
+from neoxfuse.errors import CheckpointNotFoundError, InvalidInputError, UnsupportedModelError
 
 
 @dataclass

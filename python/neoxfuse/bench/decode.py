@@ -41,7 +41,8 @@ from neoxfuse.device import copy_bandwidth
 from neoxfuse.engine import BACKENDS, DTYPES, Engine, resolve_device, resolve_dtype
 from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnknownModelError
 from neoxfuse.progress import progress_bar
-from neoxfuse.weights import CheckpointNotFoundError, random_model
+from neoxfuse.errors import CheckpointNotFoundError
+from neoxfuse.weights import random_model
 
 SUITE = "decode"
 HELP = "TPOT of batch-1 greedy decoding per backend vs the memory floor and HF peers, over generated lengths"
