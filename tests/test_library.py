@@ -12,7 +12,7 @@ import torch
 
 from neoxfuse import _lib
 from neoxfuse.device import copy_bandwidth, devices
-from neoxfuse.errors import InvalidInputError, LibraryNotFoundError, NoGPUError
+from neoxfuse.errors import InvalidInputError, NoGPUError
 from neoxfuse.ops.copy import device_copy
 
 

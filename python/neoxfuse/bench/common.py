@@ -1,12 +1,9 @@
-"""What every benchmark suite shares: timing with percentiles, the device record, GPU monitoring
-through NVML, and the results file of DESIGN.md §6.
+"""What every benchmark suite shares: timing with percentiles, the device record and the
+results file of DESIGN.md §6. GPU monitoring (clocks, power, throttling) is neoxfuse.monitor's.
 
     timing = time_cuda(lambda: op(next_buffers()), warmup=10, runs=100)   # Timing in microseconds
-    with NvmlSampler() as nvml: ...                                         # clocks, power, throttling
-    write_results("decode", rows, device=device_record(copy_bandwidth()), extra={"nvml": nvml.summary()})
-
-nvidia-ml-py is optional: without it (or without a driver) NvmlSampler records nothing and its
-summary says why; everything else runs on.
+    with GpuMonitor() as monitor: ...                                       # neoxfuse.monitor
+    write_results("decode", rows, device=device_record(copy_bandwidth()), extra={"nvml": monitor.summary()})
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import platform
 import re
 import statistics
 import subprocess
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -153,90 +149,3 @@ def write_results(
         path = out / f"{stem}-{attempt}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
-
-
-class NvmlSampler:
-    """Samples a GPU's SM and memory clocks, power, temperature and clock-event (throttle) reasons
-    every `interval_s` in a background thread, for a benchmark's `with` block.
-
-    device: a CUDA device index as torch counts them (matched to NVML by PCI bus id).
-    summary(): min/median/max of each quantity and every throttle reason seen, or, where NVML
-    cannot be used (nvidia-ml-py missing, no driver), {"available": False, "reason": ...}.
-    """
-
-    def __init__(self, device: int | None = None, interval_s: float = 0.1):
-        self.device = device
-        self.interval_s = interval_s
-        self.samples: list[dict] = []
-        self.unavailable: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> NvmlSampler:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-        except Exception as err:  # ImportError, or NVMLError of any kind: no driver, no library
-            self.unavailable = f"NVML not usable: {err or type(err).__name__}"
-            return self
-        self._nvml = pynvml
-        try:
-            self._handle = self._nvml_handle()
-        except (pynvml.NVMLError, RuntimeError, AssertionError) as err:  # no such GPU, or torch sees none
-            pynvml.nvmlShutdown()
-            self.unavailable = f"NVML does not find the GPU: {err or type(err).__name__}"
-            return self
-        self._reasons = {
-            name.removeprefix("nvmlClocksEventReason"): getattr(pynvml, name)
-            for name in dir(pynvml)
-            if name.startswith("nvmlClocksEventReason") and name not in ("nvmlClocksEventReasonAll", "nvmlClocksEventReasonNone")
-        }
-        self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def _nvml_handle(self):
-        index = torch.cuda.current_device() if self.device is None else self.device
-        props = torch.cuda.get_device_properties(index)
-        if hasattr(props, "pci_bus_id"):
-            bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-            return self._nvml.nvmlDeviceGetHandleByPciBusId(bus_id)
-        return self._nvml.nvmlDeviceGetHandleByIndex(index)
-
-    def _run(self) -> None:
-        nvml, handle = self._nvml, self._handle
-        while not self._stop.is_set():
-            try:
-                reasons = nvml.nvmlDeviceGetCurrentClocksEventReasons(handle)
-                self.samples.append(
-                    {
-                        "sm_clock_mhz": nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
-                        "mem_clock_mhz": nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM),
-                        "power_w": nvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
-                        "temperature_c": nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
-                        "reasons": [name for name, bit in self._reasons.items() if reasons & bit],
-                    }
-                )
-            except nvml.NVMLError as err:
-                self.unavailable = f"NVML sampling failed: {err}"
-                return
-            self._stop.wait(self.interval_s)
-
-    def __exit__(self, *exc) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._nvml.nvmlShutdown()
-
-    def summary(self) -> dict:
-        if self.unavailable and not self.samples:
-            return {"available": False, "reason": self.unavailable}
-        summary: dict = {"available": True, "samples": len(self.samples), "interval_s": self.interval_s}
-        for key in ("sm_clock_mhz", "mem_clock_mhz", "power_w", "temperature_c"):
-            values = [sample[key] for sample in self.samples]
-            summary[key] = {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
-        summary["clock_event_reasons"] = sorted({name for sample in self.samples for name in sample["reasons"]})
-        if self.unavailable:
-            summary["stopped_early"] = self.unavailable
-        return summary

@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 import transformers
 
-from neoxfuse.bench.common import NvmlSampler, device_record, percentile, write_results
+from neoxfuse.bench.common import device_record, percentile, write_results
 from neoxfuse.configs import MODEL_NAMES, shape_of
 from neoxfuse.device import copy_bandwidth
 from neoxfuse.engine import BACKENDS, DTYPES, Engine, resolve_device, resolve_dtype
-from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnknownModelError
+from neoxfuse.errors import CheckpointNotFoundError, InvalidInputError, SequenceTooLongError, UnknownModelError
+from neoxfuse.monitor import GpuMonitor
 from neoxfuse.progress import progress_bar
-from neoxfuse.errors import CheckpointNotFoundError
 from neoxfuse.weights import random_model
 
 SUITE = "decode"
@@ -224,7 +224,7 @@ def run(args) -> int:
     prompt = torch.randint(0, shape.vocab, (1,), generator=torch.Generator().manual_seed(args.seed)).tolist()
 
     if on_gpu:
-        with NvmlSampler() as sampler:
+        with GpuMonitor() as sampler:
             runs = _measure(contenders, prompt, lengths)
         nvml = sampler.summary()
     else:

@@ -41,10 +41,11 @@ import torch
 import transformers
 
 from neoxfuse import hf
-from neoxfuse.bench.common import NvmlSampler, Timing, device_record, write_results
+from neoxfuse.bench.common import Timing, device_record, write_results
 from neoxfuse.checks import require_cuda
 from neoxfuse.device import copy_bandwidth, devices
 from neoxfuse.errors import InvalidInputError
+from neoxfuse.monitor import GpuMonitor
 from neoxfuse.ops import ln_residual
 from neoxfuse.progress import progress_bar
 from neoxfuse.reference import layer_norm
@@ -403,7 +404,7 @@ def run(args) -> int:
     shapes = args.shapes or [Shape.parse(text) for text in DEFAULT_SHAPES]
     copy = copy_bandwidth()
     l2_bytes = devices()[torch.cuda.current_device()].l2_cache_bytes
-    with NvmlSampler() as sampler:
+    with GpuMonitor() as sampler:
         rows, skipped = _measure_shapes(shapes, args.providers, args.replays, copy.GBps, l2_bytes)
         decode_tpot = _decode_tpot(args.e2e, args.e2e_tokens) if args.e2e != "none" else []
     extra = {
