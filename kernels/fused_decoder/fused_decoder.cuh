@@ -1,0 +1,363 @@
+// fused_decoder.cuh — the GPT-NeoX decode kernels: a layer in two cluster launches, then the logits.
+//
+// A decode step is memory-bound: every weight byte is read once per token, so the design goal
+// is that all SMs stream weights with 16-byte loads from start to end, and everything else
+// (LayerNorm, rotary, attention, reductions) hides behind that stream or costs on-chip time only.
+//
+// Why two launches per layer: y needs a dot product over all of attn (every head) and all of
+// GELU(fc_in) (every row), so there is one grid-wide dependency in a layer; a launch boundary is
+// the cheapest deterministic grid barrier (no float atomics, no co-residency requirement), and
+// programmatic dependent launch (PDL) lets each kernel start streaming while the previous drains.
+//
+// 1. attn_mlp_in_kernel — grid: heads clusters x C blocks (C: the plan's cluster size, e.g. 4 for
+//    32 heads on a 132-SM H100).
+//    Cluster h owns head h. Every block computes LN1(x) and LN2(x) itself (x is 10 KiB).
+//    - QKV: the 3 * head_dim rows of head h are split across the C blocks; each warp takes whole
+//      rows (warp_dot). ClusterGather then gives every block the head's q, k, v.
+//    - rotary on q, k; the block whose position range holds p writes k, v into the cache at p.
+//    - attention over positions 0..p, split across the C blocks (flash-decoding); the softmax
+//      partials merge over DSMEM with ClusterReduce<SoftmaxMerge>, block r finishing dims
+//      split_range(head_dim, C, r) -> attn[h, :].
+//    - MLP in: the ffn rows of fc_in are split evenly over all blocks of the grid (GELU applied,
+//      -> mlp). Half of a block's rows run between the QKV and the gather, half after the merge,
+//      so the cluster barriers' waits overlap weight streaming.
+// 2. out_proj_kernel — grid: clusters x C blocks. Cluster g owns rows split_range(hidden, clusters, g)
+//    of y; block r multiplies them by its slice of attn (dense) and of mlp (fc_out), then the
+//    partial dot products are summed over the cluster in rank order (ClusterReduce<Sum>) and
+//    y = x + b_dense + b_out + sum.
+// 3. lm_head_kernel — plain blocks: LN_final(x) in every block, then the vocab rows of embed_out
+//    split evenly over the blocks -> logits (fp32).
+//
+// Activations written by an earlier kernel (x, attn, mlp, position, the KV cache) are read with
+// ld.global.cg: with PDL a kernel is resident while its predecessor still writes, so they must
+// not go through the non-coherent or L1 paths. Every thread must reach every cluster barrier,
+// so no thread leaves a kernel early except all blocks of a cluster together.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "kernels/common/cluster.cuh"
+#include "kernels/common/layernorm.cuh"
+#include "kernels/common/reduce.cuh"
+#include "kernels/fused_decoder/attention.cuh"
+#include "kernels/fused_decoder/fused_decoder.h"
+#include "kernels/fused_decoder/matvec.cuh"
+
+namespace neoxfuse {
+namespace fused_decoder {
+
+constexpr int kThreads = NEOXFUSE_FUSED_DECODER_THREADS;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kMaxHidden = NEOXFUSE_FUSED_DECODER_MAX_HIDDEN;
+constexpr int kLayerNormChunks = kMaxHidden / (kChunkElems * kThreads);  // 8-element chunks per thread
+
+// Everything a layer's two kernels read and write (device pointers; see fused_decoder.h).
+struct LayerParams {
+  const float* x;            // [hidden]
+  const __half* ln1_weight;  // [hidden]
+  const __half* ln1_bias;
+  const __half* ln2_weight;
+  const __half* ln2_bias;
+  const __half* qkv_weight;  // [heads, 3, head_dim, hidden]
+  const __half* qkv_bias;    // [heads, 3, head_dim]
+  const __half* dense_weight;   // [hidden, hidden]
+  const __half* dense_bias;     // [hidden]
+  const __half* fc_in_weight;   // [ffn, hidden]
+  const __half* fc_in_bias;     // [ffn]
+  const __half* fc_out_weight;  // [hidden, ffn]
+  const __half* fc_out_bias;    // [hidden]
+  __half* k_cache;              // [heads, max_seq, head_dim]
+  __half* v_cache;              // [heads, max_seq, head_dim]
+  const int* position;          // [1]
+  float* attn;                  // [hidden] = [heads, head_dim]
+  float* mlp;                   // [ffn]
+  float* y;                     // [hidden]
+  int hidden, heads, ffn, max_seq, rotary_dims;
+  float eps, rotary_base, softmax_scale;
+};
+
+// griddepcontrol (sm_90+): without a PDL launch both are no-ops.
+__device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void wait_for_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+__device__ __forceinline__ const uint4* row_of(const __half* matrix, int row, int cols) {
+  return reinterpret_cast<const uint4*>(matrix + static_cast<size_t>(row) * cols);
+}
+
+__device__ __forceinline__ float gelu(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
+
+// One LayerNorm output: out = LN(x) * weight + bias, written to shared memory.
+struct LayerNormOut {
+  const __half* weight;  // [hidden]
+  const __half* bias;    // [hidden]
+  float* out;            // [hidden] shared
+};
+
+// out_k = (x - mean) * rstd * weight_k + bias_k for each k < kOuts, from one set of statistics of
+// x [hidden] (fp32, global, written by an earlier kernel). Thread t holds chunks t, t + kThreads.
+// Ends with a barrier, so the outputs are ready for the whole block.
+template <int kOuts>
+__device__ void layer_norm_to_shared(const float* x, int hidden, float eps, const LayerNormOut (&outs)[kOuts],
+                                     float (*reduce_scratch)[kMaxWarpsPerBlock]) {
+  const int chunks = hidden / kChunkElems;
+  auto chunk_of = [](int slot) { return static_cast<int>(threadIdx.x) + slot * kThreads; };
+  float values[kLayerNormChunks * kChunkElems];
+#pragma unroll
+  for (int slot = 0; slot < kLayerNormChunks; ++slot) {
+    float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+    if (chunk_of(slot) < chunks) {
+      lo = __ldcg(reinterpret_cast<const float4*>(x) + 2 * chunk_of(slot));
+      hi = __ldcg(reinterpret_cast<const float4*>(x) + 2 * chunk_of(slot) + 1);
+    }
+    const float loaded[kChunkElems] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int e = 0; e < kChunkElems; ++e) values[slot * kChunkElems + e] = loaded[e];
+  }
+  BlockAllReduce<SumOp> block_sum(reduce_scratch);
+  const LayerNormStats stats = layernorm_stats(
+      values, [&](int i) { return chunk_of(i / kChunkElems) < chunks; }, hidden, eps,
+      [&](float v) { return block_sum(v); });
+#pragma unroll
+  for (int k = 0; k < kOuts; ++k) {
+#pragma unroll
+    for (int slot = 0; slot < kLayerNormChunks; ++slot) {
+      const int c = chunk_of(slot);
+      if (c >= chunks) continue;
+      const uint4 w = reinterpret_cast<const uint4*>(outs[k].weight)[c];
+      const uint4 b = reinterpret_cast<const uint4*>(outs[k].bias)[c];
+      const __half* wh = reinterpret_cast<const __half*>(&w);
+      const __half* bh = reinterpret_cast<const __half*>(&b);
+      float result[kChunkElems];
+#pragma unroll
+      for (int e = 0; e < kChunkElems; ++e) {
+        result[e] = layernorm_apply(values[slot * kChunkElems + e], stats, __half2float(wh[e]), __half2float(bh[e]));
+      }
+      float4* dst = reinterpret_cast<float4*>(outs[k].out) + 2 * c;
+      dst[0] = make_float4(result[0], result[1], result[2], result[3]);
+      dst[1] = make_float4(result[4], result[5], result[6], result[7]);
+    }
+  }
+  __syncthreads();
+}
+
+// NeoX rotate_half RoPE in place on q and k [head_dim] (shared), for i < rotary_dims / 2:
+//   angle = p * base^(-2i / r);  (x_i, x_{i+r/2}) <- (x_i cos - x_{i+r/2} sin, x_{i+r/2} cos + x_i sin)
+// with base^(-2i/r) computed as neoxfuse.reference does: 1 / base^(float(2i) / r) in fp32.
+__device__ void rotate_half_in_place(float* q, float* k, int rotary_dims, int position, float base) {
+  const int half = rotary_dims / 2;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float inv_freq = 1.0f / powf(base, static_cast<float>(2 * i) / static_cast<float>(rotary_dims));
+    float sin_a, cos_a;
+    sincosf(static_cast<float>(position) * inv_freq, &sin_a, &cos_a);
+    auto rotate = [&](float* vec) {
+      const float x1 = vec[i], x2 = vec[i + half];
+      vec[i] = x1 * cos_a - x2 * sin_a;
+      vec[i + half] = x2 * cos_a + x1 * sin_a;
+    };
+    rotate(q);
+    rotate(k);
+  }
+}
+
+// Shared memory of attn_mlp_in_kernel, in floats from the start of the dynamic allocation.
+template <int kHeadDim>
+struct AttnMlpInLayout {
+  using Attention = DecodeAttention<kHeadDim, kThreads>;
+  static constexpr int kQkvRows = 3 * kHeadDim;  // [3, head_dim]: this head's q, k, v
+  static constexpr int kPartialFloats = kHeadDim * static_cast<int>(sizeof(SoftmaxPartial) / sizeof(float));
+
+  __host__ __device__ static int xn1(int) { return 0; }
+  __host__ __device__ static int xn2(int hidden) { return hidden; }
+  __host__ __device__ static int qkv_own(int hidden) { return 2 * hidden; }
+  __host__ __device__ static int qkv(int hidden) { return qkv_own(hidden) + kQkvRows; }
+  __host__ __device__ static int partial(int hidden) { return qkv(hidden) + kQkvRows; }
+  __host__ __device__ static int merged(int hidden) { return partial(hidden) + kPartialFloats; }
+  __host__ __device__ static int scratch(int hidden) { return merged(hidden) + kPartialFloats; }
+  __host__ __device__ static size_t bytes(int hidden) {
+    return sizeof(float) * static_cast<size_t>(scratch(hidden) + Attention::kScratchFloats);
+  }
+};
+
+template <int kHeadDim>
+__global__ void __launch_bounds__(kThreads, 1) attn_mlp_in_kernel(const LayerParams p) {
+  using Layout = AttnMlpInLayout<kHeadDim>;
+  using Attention = typename Layout::Attention;
+  constexpr int kQkvRows = Layout::kQkvRows;
+  extern __shared__ float4 shared4[];
+  float* shared = reinterpret_cast<float*>(shared4);
+  float* xn1 = shared + Layout::xn1(p.hidden);      // [hidden] LN1(x)
+  float* xn2 = shared + Layout::xn2(p.hidden);      // [hidden] LN2(x)
+  float* qkv_own = shared + Layout::qkv_own(p.hidden);  // [3, head_dim]: rows this block computed
+  float* qkv = shared + Layout::qkv(p.hidden);          // [3, head_dim]: the whole head; q, k rotated
+  auto* partial = reinterpret_cast<SoftmaxPartial*>(shared + Layout::partial(p.hidden));  // [head_dim]
+  auto* merged = reinterpret_cast<SoftmaxPartial*>(shared + Layout::merged(p.hidden));    // [head_dim]
+  float* attn_scratch = shared + Layout::scratch(p.hidden);  // [Attention::kScratchFloats]
+  __shared__ float reduce_scratch[2][kMaxWarpsPerBlock];
+
+  const int rank = cluster_rank(), ranks = cluster_size();
+  const int head = static_cast<int>(blockIdx.x) / ranks;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize, lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int chunks = p.hidden / kChunkElems;
+  const IndexRange qkv_rows = split_range(kQkvRows, ranks, rank);  // of this head's [3, head_dim]
+  const IndexRange fc_rows = split_range(p.ffn, gridDim.x, blockIdx.x);
+  const int fc_split = fc_rows.begin + fc_rows.size() / 2;  // rows [begin, split) before attention
+  const int qkv_jobs = qkv_rows.size(), first_jobs = qkv_jobs + (fc_split - fc_rows.begin);
+  const __half* head_qkv_weight = p.qkv_weight + static_cast<size_t>(head) * kQkvRows * p.hidden;  // [3, head_dim, hidden]
+
+  allow_dependent_launch();
+  if (warp < first_jobs) {
+    const __half* first_row = warp < qkv_jobs ? head_qkv_weight + static_cast<size_t>(qkv_rows.begin + warp) * p.hidden
+                                              : p.fc_in_weight + static_cast<size_t>(fc_rows.begin + warp - qkv_jobs) * p.hidden;
+    warp_prefetch_l2(first_row, sizeof(__half) * p.hidden);
+  }
+  wait_for_previous_grid();
+
+  const int position = __ldcg(p.position);
+  if (position < 0 || position >= p.max_seq) {  // uniform over the grid: every block leaves here
+    const IndexRange dims = split_range(kHeadDim, ranks, rank);
+    for (int d = dims.begin + threadIdx.x; d < dims.end; d += kThreads) p.attn[head * kHeadDim + d] = NAN;
+    for (int f = fc_rows.begin + threadIdx.x; f < fc_rows.end; f += kThreads) p.mlp[f] = NAN;
+    return;
+  }
+
+  layer_norm_to_shared<2>(p.x, p.hidden, p.eps, {{p.ln1_weight, p.ln1_bias, xn1}, {p.ln2_weight, p.ln2_bias, xn2}},
+                          reduce_scratch);
+
+  auto mlp_row = [&](int f) {
+    const float dot = warp_dot({row_of(p.fc_in_weight, f, p.hidden), xn2, chunks});
+    if (lane == 0) p.mlp[f] = gelu(dot + __half2float(p.fc_in_bias[f]));
+  };
+
+  // Jobs of a warp: warp, warp + kWarps, ... over [QKV rows | first half of the fc_in rows].
+  int job = warp;
+  for (; job < qkv_jobs; job += kWarps) {
+    const int row = qkv_rows.begin + job;
+    const float dot = warp_dot({row_of(head_qkv_weight, row, p.hidden), xn1, chunks});
+    if (lane == 0) qkv_own[row] = dot + __half2float(p.qkv_bias[head * kQkvRows + row]);
+  }
+  cluster_arrive();  // this block's q, k, v rows are written
+  for (; job < first_jobs; job += kWarps) mlp_row(fc_rows.begin + job - qkv_jobs);
+  cluster_wait();
+
+  ClusterGather<float>{}(qkv_own, qkv, kQkvRows);
+  __syncthreads();
+  float* q = qkv;                  // [head_dim]
+  float* k = qkv + kHeadDim;       // [head_dim]
+  const float* v = qkv + 2 * kHeadDim;
+  rotate_half_in_place(q, k, p.rotary_dims, position, p.rotary_base);
+  __syncthreads();
+
+  const size_t head_cache = static_cast<size_t>(head) * p.max_seq * kHeadDim;  // [max_seq, head_dim] of this head
+  const IndexRange positions = split_range(position + 1, ranks, rank);
+  if (positions.contains(position)) {  // the one block that reads position p writes it first
+    for (int d = threadIdx.x; d < kHeadDim; d += kThreads) {
+      p.k_cache[head_cache + static_cast<size_t>(position) * kHeadDim + d] = __float2half_rn(k[d]);
+      p.v_cache[head_cache + static_cast<size_t>(position) * kHeadDim + d] = __float2half_rn(v[d]);
+    }
+  }
+  __syncthreads();
+  Attention::partial(q, p.k_cache + head_cache, p.v_cache + head_cache, positions.begin, positions.end, p.softmax_scale,
+                     partial, attn_scratch);
+
+  cluster_sync();  // every block's partial is written
+  const IndexRange dims = split_range(kHeadDim, ranks, rank);
+  ClusterReduce<SoftmaxPartial, SoftmaxMerge>{}(partial, merged, dims.begin, dims.end);
+  __syncthreads();
+  for (int d = dims.begin + threadIdx.x; d < dims.end; d += kThreads) {
+    p.attn[head * kHeadDim + d] = merged[d].out / merged[d].sum;
+  }
+
+  cluster_arrive();  // done reading the other blocks' partials and q, k, v
+  for (job = warp; job < fc_rows.end - fc_split; job += kWarps) mlp_row(fc_split + job);
+  cluster_wait();  // no block leaves while another may still read its shared memory
+}
+
+// Shared memory of out_proj_kernel, in floats; sized for rank 0, whose slices are the largest.
+struct OutProjLayout {
+  __host__ __device__ static size_t bytes(int hidden, int ffn, int ranks, int clusters) {
+    const int attn_chunks = split_range(hidden / kChunkElems, ranks, 0).size();
+    const int mlp_chunks = split_range(ffn / kChunkElems, ranks, 0).size();
+    const int rows = split_range(hidden, clusters, 0).size();
+    return sizeof(float) * static_cast<size_t>((attn_chunks + mlp_chunks) * kChunkElems + 2 * rows);
+  }
+};
+
+__global__ void __launch_bounds__(kThreads, 1) out_proj_kernel(const LayerParams p) {
+  extern __shared__ float4 shared4[];
+  const int rank = cluster_rank(), ranks = cluster_size();
+  const int cluster = static_cast<int>(blockIdx.x) / ranks, clusters = static_cast<int>(gridDim.x) / ranks;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize, lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const IndexRange rows = split_range(p.hidden, clusters, cluster);                  // rows of y
+  const IndexRange attn_chunks = split_range(p.hidden / kChunkElems, ranks, rank);   // this block's K slice of dense
+  const IndexRange mlp_chunks = split_range(p.ffn / kChunkElems, ranks, rank);       // ... and of fc_out
+  float* attn_in = reinterpret_cast<float*>(shared4);                  // [attn_chunks * 8]
+  float* mlp_in = attn_in + attn_chunks.size() * kChunkElems;         // [mlp_chunks * 8]
+  float* partial = mlp_in + mlp_chunks.size() * kChunkElems;          // [rows] this block's share of each dot
+  float* total = partial + rows.size();                                // [rows]
+
+  // Row `row` of y: this block's piece of dense[row, :] . attn and of fc_out[row, :] . mlp.
+  auto dense_segment = [&](int row) {
+    return RowSegment{row_of(p.dense_weight, row, p.hidden) + attn_chunks.begin, attn_in, attn_chunks.size()};
+  };
+  auto fc_out_segment = [&](int row) {
+    return RowSegment{row_of(p.fc_out_weight, row, p.ffn) + mlp_chunks.begin, mlp_in, mlp_chunks.size()};
+  };
+
+  allow_dependent_launch();
+  if (warp < rows.size()) {
+    warp_prefetch_l2(dense_segment(rows.begin + warp).weights, sizeof(uint4) * attn_chunks.size());
+    warp_prefetch_l2(fc_out_segment(rows.begin + warp).weights, sizeof(uint4) * mlp_chunks.size());
+  }
+  wait_for_previous_grid();
+
+  for (int i = threadIdx.x; i < attn_chunks.size() * 2; i += kThreads) {
+    reinterpret_cast<float4*>(attn_in)[i] = __ldcg(reinterpret_cast<const float4*>(p.attn + attn_chunks.begin * kChunkElems) + i);
+  }
+  for (int i = threadIdx.x; i < mlp_chunks.size() * 2; i += kThreads) {
+    reinterpret_cast<float4*>(mlp_in)[i] = __ldcg(reinterpret_cast<const float4*>(p.mlp + mlp_chunks.begin * kChunkElems) + i);
+  }
+  __syncthreads();
+
+  for (int j = warp; j < rows.size(); j += kWarps) {
+    const float dot = warp_dot(dense_segment(rows.begin + j), fc_out_segment(rows.begin + j));
+    if (lane == 0) partial[j] = dot;
+  }
+  cluster_sync();  // every block's partial dot products are written
+
+  const IndexRange mine = split_range(rows.size(), ranks, rank);
+  ClusterReduce<float, ClusterSum>{}(partial, total, mine.begin, mine.end);
+  cluster_arrive();  // done reading the other blocks' partials
+  __syncthreads();
+  for (int j = mine.begin + threadIdx.x; j < mine.end; j += kThreads) {
+    const int row = rows.begin + j;
+    const float bias = __half2float(p.dense_bias[row]) + __half2float(p.fc_out_bias[row]);
+    p.y[row] = __ldcg(p.x + row) + bias + total[j];
+  }
+  cluster_wait();
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    lm_head_kernel(const float* x, const __half* ln_weight, const __half* ln_bias, const __half* embed_out,
+                   float* logits, int hidden, int vocab, float eps) {
+  extern __shared__ float4 shared4[];
+  float* xn = reinterpret_cast<float*>(shared4);  // [hidden] LN_final(x)
+  __shared__ float reduce_scratch[2][kMaxWarpsPerBlock];
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize, lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const IndexRange rows = split_range(vocab, gridDim.x, blockIdx.x);
+
+  allow_dependent_launch();
+  if (warp < rows.size()) warp_prefetch_l2(row_of(embed_out, rows.begin + warp, hidden), sizeof(__half) * hidden);
+  wait_for_previous_grid();
+
+  layer_norm_to_shared<1>(x, hidden, eps, {{ln_weight, ln_bias, xn}}, reduce_scratch);
+  for (int j = warp; j < rows.size(); j += kWarps) {
+    const float dot = warp_dot({row_of(embed_out, rows.begin + j, hidden), xn, hidden / kChunkElems});
+    if (lane == 0) logits[rows.begin + j] = dot;
+  }
+}
+
+}  // namespace fused_decoder
+}  // namespace neoxfuse

@@ -1,0 +1,96 @@
+/* fused_decoder.h — one GPT-NeoX (parallel residual) decoder layer for one token, and the final
+ * LayerNorm + logits, as cluster kernels (kernels/fused_decoder/fused_decoder.cu).
+ *
+ * For the token's residual stream x [hidden] (fp32) at position p, a layer computes
+ *
+ *   q, k, v = split(LN1(x) @ W_qkv.T + b_qkv)       per head: [heads, 3, head_dim] (HF's layout)
+ *   q, k    = RoPE(q, p), RoPE(k, p)                 NeoX rotate_half on the first rotary_dims
+ *   K[h, p], V[h, p] = k, v                          written into the fp16 KV cache
+ *   a_h     = softmax(q_h . K[h, 0..p] / sqrt(head_dim)) V[h, 0..p]
+ *   m       = GELU(LN2(x) @ W_in.T + b_in)           exact erf GELU
+ *   y       = x + (a @ W_dense.T + b_dense) + (m @ W_out.T + b_out)
+ *
+ * with LN(x) = (x - mean) / sqrt(var + eps) * w + b from one set of statistics. Weights are
+ * fp16 in Hugging Face's layout (no re-layout); everything is accumulated in fp32; the KV cache
+ * is fp16 [heads, max_seq, head_dim] per layer. Results do not depend on timing: every
+ * reduction has a fixed order and no float atomics are used.
+ *
+ * The position is read from device memory, so a CUDA graph can replay a step while the
+ * position advances. A position outside [0, max_seq) writes NaN to y and nothing to the cache.
+ *
+ * Call neoxfuse_fused_decoder_plan() once per device and shape before launching a layer: it
+ * checks the shape, sets the kernels' shared-memory limits and picks the cluster size.
+ */
+#pragma once
+
+#include <stddef.h>
+
+#include "kernels/common/status.h"
+
+typedef struct CUstream_st* cudaStream_t;
+
+#define NEOXFUSE_FUSED_DECODER_THREADS 256 /* threads per block of every kernel */
+#define NEOXFUSE_FUSED_DECODER_MAX_HIDDEN 8192
+
+/* The model's sizes. Supported: head_dim 80 or 128, hidden = heads * head_dim <= 8192, hidden and
+ * ffn multiples of 8, rotary_dims even and <= head_dim (NEOXFUSE_ERR_UNSUPPORTED otherwise). */
+typedef struct {
+  int hidden;
+  int heads;
+  int head_dim;
+  int rotary_dims;
+  int ffn;
+  int max_seq; /* positions the KV cache holds */
+  float eps;
+  float rotary_base;
+} neoxfuse_fused_shape;
+
+/* How the layer kernels run on the current device (filled by neoxfuse_fused_decoder_plan). */
+typedef struct {
+  int cluster_size;        /* blocks per cluster of both layer kernels (1..8) */
+  int clusters;            /* clusters per layer kernel: one per head */
+  int max_active_clusters; /* clusters of this size the device runs at once */
+  int attn_mlp_in_smem;    /* dynamic shared memory per block, bytes */
+  int out_proj_smem;
+} neoxfuse_fused_plan;
+
+/* One layer's tensors: device pointers, each 16-byte aligned and contiguous. fp16 = __half. */
+typedef struct {
+  const float* x;            /* [hidden] fp32: the residual stream in */
+  const void* ln1_weight;    /* [hidden] fp16 */
+  const void* ln1_bias;      /* [hidden] fp16 */
+  const void* ln2_weight;    /* [hidden] fp16 */
+  const void* ln2_bias;      /* [hidden] fp16 */
+  const void* qkv_weight;    /* [3 * hidden, hidden] fp16, rows [heads, 3, head_dim] */
+  const void* qkv_bias;      /* [3 * hidden] fp16 */
+  const void* dense_weight;  /* [hidden, hidden] fp16 */
+  const void* dense_bias;    /* [hidden] fp16 */
+  const void* fc_in_weight;  /* [ffn, hidden] fp16 */
+  const void* fc_in_bias;    /* [ffn] fp16 */
+  const void* fc_out_weight; /* [hidden, ffn] fp16 */
+  const void* fc_out_bias;   /* [hidden] fp16 */
+  void* k_cache;             /* [heads, max_seq, head_dim] fp16: position p written, 0..p read */
+  void* v_cache;             /* [heads, max_seq, head_dim] fp16 */
+  const int* position;       /* [1] int32: p */
+  float* attn;               /* [hidden] fp32 scratch: the heads' attention outputs, before dense */
+  float* mlp;                /* [ffn] fp32 scratch: GELU(fc_in) */
+  float* y;                  /* [hidden] fp32: the residual stream out; must not overlap x */
+} neoxfuse_fused_layer;
+
+/* Checks `shape` for the current device, sets the kernels' shared-memory limits there and fills
+ * `plan`. cluster_size 0 picks the largest cluster (<= 8) whose heads * cluster_size blocks fit the
+ * SMs in one wave; 1..8 forces one. NEOXFUSE_ERR_UNSUPPORTED for a shape the kernels do not
+ * handle or that does not fit the device's shared memory. */
+NEOXFUSE_API int neoxfuse_fused_decoder_plan(const neoxfuse_fused_shape* shape, int cluster_size, neoxfuse_fused_plan* plan);
+
+/* One decoder layer (two kernel launches on `stream`). use_pdl: launch with programmatic
+ * dependent launch, so each kernel starts while its predecessor drains (sm_90+). */
+NEOXFUSE_API int neoxfuse_fused_decoder_layer(const neoxfuse_fused_shape* shape, const neoxfuse_fused_layer* layer,
+                                              const neoxfuse_fused_plan* plan, int use_pdl, cudaStream_t stream);
+
+/* logits [vocab] fp32 = LN(x) @ embed_out.T: x [hidden] fp32, ln_weight / ln_bias [hidden] fp16,
+ * embed_out [vocab, hidden] fp16; hidden a multiple of 8, <= 8192. `blocks` blocks split the
+ * vocab rows (one per SM is right). Needs no plan. */
+NEOXFUSE_API int neoxfuse_fused_lm_head(const float* x, const void* ln_weight, const void* ln_bias, const void* embed_out,
+                                        float* logits, int hidden, int vocab, float eps, int blocks, int use_pdl,
+                                        cudaStream_t stream);
