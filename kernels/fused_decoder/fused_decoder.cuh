@@ -20,7 +20,8 @@
 //      split_range(head_dim, C, r) -> attn[h, :].
 //    - MLP in: the ffn rows of fc_in are split evenly over all blocks of the grid (GELU applied,
 //      -> mlp). Half of a block's rows run between the QKV and the gather, half after the merge,
-//      so the cluster barriers' waits overlap weight streaming.
+//      so the cluster barriers' waits overlap weight streaming; the first rows of the second
+//      half are prefetched into L2 before the attention, so DRAM streams through it too.
 // 2. out_proj_kernel — grid: clusters x C blocks. Cluster g owns rows split_range(hidden, clusters, g)
 //    of y; block r multiplies them by its slice of attn (dense) and of mlp (fc_out), then the
 //    partial dot products are summed over the cluster in rank order (ClusterReduce<Sum>) and
@@ -29,9 +30,12 @@
 //    split evenly over the blocks -> logits (fp32).
 //
 // Activations written by an earlier kernel (x, attn, mlp, position, the KV cache) are read with
-// ld.global.cg: with PDL a kernel is resident while its predecessor still writes, so they must
-// not go through the non-coherent or L1 paths. Every thread must reach every cluster barrier,
-// so no thread leaves a kernel early except all blocks of a cluster together.
+// coherent loads (ld.global.cg, which also keeps them out of L1), never ld.global.nc: with PDL a
+// kernel is resident while its predecessor still writes them, and only reads after
+// griddepcontrol.wait are ordered after those writes. (Cache operators are hints: they do not
+// change the memory model, so the block that writes K, V at p and then reads them after a
+// __syncthreads sees its own writes.) Every thread must reach every cluster barrier, so no
+// thread leaves a kernel early except all blocks of a cluster together.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -53,6 +57,9 @@ constexpr int kThreads = NEOXFUSE_FUSED_DECODER_THREADS;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kMaxHidden = NEOXFUSE_FUSED_DECODER_MAX_HIDDEN;
 constexpr int kLayerNormChunks = kMaxHidden / (kChunkElems * kThreads);  // 8-element chunks per thread
+// fc_in rows per warp asked into L2 before the attention, so DRAM keeps streaming while the
+// block computes on chip (about 3 us of a block's bandwidth share at short contexts).
+constexpr int kRowsPrefetchedOverAttention = 2;
 
 // Everything a layer's two kernels read and write (device pointers; see fused_decoder.h).
 struct LayerParams {
@@ -241,6 +248,10 @@ __global__ void __launch_bounds__(kThreads, 1) attn_mlp_in_kernel(const LayerPar
   cluster_arrive();  // this block's q, k, v rows are written
   for (; job < first_jobs; job += kWarps) mlp_row(fc_rows.begin + job - qkv_jobs);
   cluster_wait();
+  for (int i = 0; i < kRowsPrefetchedOverAttention; ++i) {
+    const int f = fc_split + warp + i * kWarps;
+    if (f < fc_rows.end) warp_prefetch_l2(p.fc_in_weight + static_cast<size_t>(f) * p.hidden, sizeof(__half) * p.hidden);
+  }
 
   ClusterGather<float>{}(qkv_own, qkv, kQkvRows);
   __syncthreads();
