@@ -1,0 +1,163 @@
+"""The `fused` engine backend: decode steps through the fused decoder kernels, replayed as one CUDA graph.
+
+A decode step of token t at position p = cache.length is
+
+    x      = embed_in[t]                                  (fp32 residual stream [hidden])
+    x      = fused layer l (x, K_l, V_l, p)   for l = 0 .. layers-1    (neoxfuse.ops.fused_decoder)
+    logits = LN_final(x) @ embed_out.T                    (fp32 [vocab])
+    p      = p + 1
+
+all on the GPU, with t and p in device memory, so the whole step is captured once as a CUDA
+graph and replayed for every later token (no per-kernel Python cost). The first step of a
+cache runs eagerly (it also warms up the kernels' plan), then the graph is captured.
+
+Prefill runs through neoxfuse.reference in fp16 on the GPU and fills the same fp16 KV cache
+[layers, heads, max_seq_len, head_dim] the kernels read, so a prompt costs what plain PyTorch
+costs and every decode step after it runs fused.
+
+The backend owns one KV storage: new_cache() hands it out afresh (length 0) each time, so the
+graph's cache pointers stay valid across generations; a cache from an earlier new_cache() is
+reused storage and must not be used after the next call. A cache made elsewhere (same sizes,
+dtype and device) also works: the graph is captured again for it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from neoxfuse import _lib
+from neoxfuse.configs import NeoXShape
+from neoxfuse.engine import Availability, Backend, register_backend
+from neoxfuse.errors import InvalidInputError, LibraryNotFoundError, NeoxfuseError
+from neoxfuse.ops import fused_decoder as ops
+from neoxfuse.reference import KVCache, ReferenceModel
+from neoxfuse.weights import ModelWeights
+
+
+@register_backend
+class FusedBackend(Backend):
+    """Decode through the fused decoder kernels, the whole step one CUDA graph; prefill in PyTorch."""
+
+    name = "fused"
+    summary = "fused cluster kernels, two launches per layer, one CUDA graph per step; fp16, sm_90+"
+
+    @classmethod
+    def available(cls, device: torch.device, dtype: torch.dtype, shape: NeoXShape | None = None) -> Availability:
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return Availability(False, "the fused kernels need a CUDA GPU")
+        if dtype != torch.float16:
+            return Availability(False, f"the fused kernels take fp16 weights, not {str(dtype).replace('torch.', '')}")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        major, minor = torch.cuda.get_device_capability(index)
+        if (major, minor) < ops.MIN_CAPABILITY:
+            return Availability(False, f"thread-block clusters need sm_90+ (H100, H200, RTX 5090); this GPU is sm_{major}{minor}")
+        try:
+            built = hasattr(_lib.library(), "neoxfuse_fused_decoder_layer")
+        except LibraryNotFoundError as err:
+            return Availability(False, str(err))
+        if not built:
+            return Availability(False, f"{_lib.library_path()} was built without the fused decoder; rebuild it")
+        if shape is not None and (reason := ops.unsupported_reason(shape)) is not None:
+            return Availability(False, reason)
+        return Availability(True, f"fused kernels on {torch.cuda.get_device_name(index)} (sm_{major}{minor})")
+
+    def __init__(self, weights: ModelWeights, max_seq_len: int, *, cluster_size: int | None = None, pdl: bool = True,
+                 use_graph: bool = True):
+        """weights: fp16 on one CUDA device. cluster_size: None for the plan's choice, 1..8 to force
+        one. pdl: programmatic dependent launch between kernels. use_graph: replay steps as a CUDA
+        graph (False: every step runs eagerly, for debugging and for comparing the two)."""
+        shape = weights.shape
+        ops.check_shape(shape)
+        device = weights.embed_in.device
+        if device.type != "cuda" or weights.embed_in.dtype != torch.float16:
+            raise InvalidInputError(f"FusedBackend needs fp16 weights on a CUDA device, got {weights.embed_in.dtype} on {device}")
+        self.weights = weights
+        self.shape = shape
+        self.reference = ReferenceModel(weights, max_seq_len=max_seq_len)
+        self.max_seq_len = self.reference.max_seq_len
+        self.plan = ops.plan(shape, device, cluster_size)
+        self.cluster_size = cluster_size
+        self.pdl = pdl
+        self.use_graph = use_graph
+
+        def buffer(size: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(size, dtype=dtype, device=device)
+
+        # The graph's inputs and outputs live at fixed addresses.
+        self._token = buffer(1, torch.long)  # [1] the token being decoded
+        self._position = buffer(1, torch.int32)  # [1] its position: cache.length on the device
+        self._residual = [buffer(shape.hidden, torch.float32) for _ in range(2)]  # 2 x [hidden], ping-pong
+        self._workspace = ops.Workspace.allocate(shape, device)
+        self._logits = buffer(shape.vocab, torch.float32)  # [vocab]
+        self._device_length: int | None = None  # what self._position holds, when known on the host
+        self._storage: KVCache | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_cache: tuple[int, int] | None = None  # (k, v) data pointers the graph was captured with
+
+    def new_cache(self) -> KVCache:
+        """An empty cache on the backend's one KV storage (see the module docstring)."""
+        if self._storage is None:
+            self._storage = self.reference.new_cache()
+        return KVCache(k=self._storage.k, v=self._storage.v, length=0)
+
+    def prefill(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The last token's logits [vocab] (fp32) after running `tokens` from cache.length in PyTorch."""
+        return self.reference.prefill(tokens, cache)[-1].float()
+
+    def decode_step(self, token: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [vocab] (fp32, a fresh tensor) of `token` at position cache.length; cache.length grows by 1.
+
+        SequenceTooLongError when the cache is full, InvalidInputError for a token id out of range
+        or a cache of other sizes; both before anything runs.
+        """
+        token_id = self._checked_token(token)
+        self.reference._check_cache(cache, 1)
+        self._token.fill_(token_id)
+        if self._device_length != cache.length:
+            self._position.fill_(cache.length)
+        self._device_length = None  # unknown until the step has run
+        key = (cache.k.data_ptr(), cache.v.data_ptr())
+        if self._graph is not None and self._graph_cache == key:
+            self._graph.replay()
+        else:
+            self._step(cache)
+            if self.use_graph:
+                self._capture(cache)
+        cache.length += 1
+        self._device_length = cache.length  # the step advanced the device position too
+        return self._logits.clone()
+
+    def _checked_token(self, token: int | torch.Tensor) -> int | torch.Tensor:
+        if isinstance(token, torch.Tensor):
+            if token.numel() != 1 or token.dtype.is_floating_point or token.dtype == torch.bool:
+                raise InvalidInputError(f"token must be one integer id, got a {token.dtype} tensor of shape {list(token.shape)}")
+            token = int(token)
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.shape.vocab:
+            raise InvalidInputError(f"token ids must be integers in 0..{self.shape.vocab - 1}, got {token!r}")
+        return token
+
+    def _step(self, cache: KVCache) -> None:
+        """One decode step on the current stream, reading self._token and self._position, writing
+        self._logits and advancing self._position: the work the graph holds."""
+        w = self.weights
+        x = self._residual[0]
+        x.copy_(w.embed_in.index_select(0, self._token)[0])  # [hidden] fp16 -> fp32
+        for index, layer in enumerate(w.layers):
+            y = self._residual[(index + 1) % 2]
+            ops.decoder_layer(x, layer, self.shape, cache.k[index], cache.v[index], self._position, out=y,
+                              workspace=self._workspace, cluster_size=self.cluster_size, pdl=self.pdl)
+            x = y
+        ops.lm_head(x, w.final_ln_weight, w.final_ln_bias, w.embed_out, self.shape.eps, out=self._logits, pdl=self.pdl)
+        self._position.add_(1)
+
+    def _capture(self, cache: KVCache) -> None:
+        """Captures _step for this cache (capturing runs nothing: the cache is not touched)."""
+        self._graph = None  # free the previous graph before capturing the next
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._step(cache)
+        except (RuntimeError, NeoxfuseError) as err:
+            raise NeoxfuseError(f"capturing the fused decode step as a CUDA graph failed: {err}; "
+                                "FusedBackend(..., use_graph=False) runs it eagerly") from err
+        self._graph, self._graph_cache = graph, (cache.k.data_ptr(), cache.v.data_ptr())

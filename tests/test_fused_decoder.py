@@ -1,0 +1,445 @@
+"""The fused decoder (kernels/fused_decoder, neoxfuse.ops.fused_decoder) and the `fused` backend.
+
+Oracle: neoxfuse.reference in fp32 on the same fp16 weights and the same fp16 cache contents.
+Relative errors are ||out - ref|| / ||ref||; the tolerances, and why:
+
+- MLP_TOL 1e-4 (GELU(fc_in) scratch): fp32 on both sides; only the summation order differs
+  (~1e-6 for rows of 2560..4096 products).
+- ATTN_TOL 2e-3 (attention output, y - x): the kernel rounds the current token's k and v to fp16
+  before attending over them (the cache is fp16), the oracle keeps them fp32: one fp16 rounding
+  of one attended row, at most 2^-11 = 4.9e-4 relative; 4x margin. Nothing else is rounded.
+- CACHE_TOL 1e-3 (the k, v written at position p): fp16 rounding of the oracle's fp32 k, v.
+- The layer is compared on y - x (what the layer adds), not y, so a small x cannot hide an error
+  in attention or MLP, and weights are scaled so that both terms are O(1) and softmax is peaked.
+"""
+
+import copy
+import dataclasses
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from neoxfuse import _lib
+from neoxfuse import reference as ref
+from neoxfuse.configs import NeoXShape, pythia_config, shape_of
+from neoxfuse.engine import Engine
+from neoxfuse.errors import InvalidInputError, KernelError, NoGPUError, SequenceTooLongError, UnsupportedModelError
+from neoxfuse.fused import FusedBackend
+from neoxfuse.ops import fused_decoder as fd
+from neoxfuse.weights import LayerWeights, from_hf, random_model
+
+MLP_TOL = 1e-4
+ATTN_TOL = 2e-3
+CACHE_TOL = 1e-3
+LOGITS_TOL = 1e-4  # lm_head: fp32 LayerNorm and dot products on both sides
+
+KERNELS = ("attn_mlp_in_kernelILi80E", "attn_mlp_in_kernelILi128E", "out_proj_kernel", "lm_head_kernel")
+PYTHIA_LAYERS = {  # one full-size layer of each head_dim the kernels are built for
+    "pythia-2.8b": NeoXShape(hidden=2560, layers=1, heads=32, head_dim=80, rotary_dims=20, ffn=10240, vocab=50304,
+                             max_positions=2048),
+    "pythia-6.9b": NeoXShape(hidden=4096, layers=1, heads=32, head_dim=128, rotary_dims=32, ffn=16384, vocab=50432,
+                             max_positions=2048),
+}  # fmt: skip
+ODD_LAYERS = {  # small and awkward: few heads, ffn not a multiple of 64, caches of odd length
+    "d80-h8": NeoXShape(hidden=640, layers=1, heads=8, head_dim=80, rotary_dims=20, ffn=1000, vocab=1001, max_positions=300),
+    "d128-h3": NeoXShape(hidden=384, layers=1, heads=3, head_dim=128, rotary_dims=32, ffn=1368, vocab=997, max_positions=77),
+}
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    return float((out.double() - want.double()).norm() / want.double().norm())
+
+
+def _random_layer(shape: NeoXShape, seed: int, device="cuda") -> LayerWeights:
+    """fp16 weights scaled so every projection's outputs are O(1) (scores O(2): a peaked softmax)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h, f = shape.hidden, shape.ffn
+
+    def normal(*size, std=1.0, mean=0.0):
+        return (torch.randn(*size, generator=g) * std + mean).to(device=device, dtype=torch.float16)
+
+    return LayerWeights(
+        ln1_weight=normal(h, std=0.1, mean=1.0), ln1_bias=normal(h, std=0.1),
+        ln2_weight=normal(h, std=0.1, mean=1.0), ln2_bias=normal(h, std=0.1),
+        qkv_weight=normal(3 * h, h, std=1.5 / math.sqrt(h)), qkv_bias=normal(3 * h, std=0.1),
+        dense_weight=normal(h, h, std=1 / math.sqrt(h)), dense_bias=normal(h, std=0.1),
+        fc_in_weight=normal(f, h, std=1 / math.sqrt(h)), fc_in_bias=normal(f, std=0.1),
+        fc_out_weight=normal(h, f, std=1 / math.sqrt(f)), fc_out_bias=normal(h, std=0.1),
+    )  # fmt: skip
+
+
+def _layer_inputs(shape: NeoXShape, position: int, seed: int):
+    """x [hidden] (fp32, off-centre), and fp16 caches [heads, max_seq, head_dim] holding random rows
+    before `position` and NaN from `position` on: the slot at `position` must be written by the
+    kernel, and a read past it would poison the output."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randn(shape.hidden, generator=g) * 2 + 0.5).cuda()
+    caches = []
+    for _ in range(2):
+        cache = torch.randn(shape.heads, shape.max_positions, shape.head_dim, generator=g).half()
+        cache[:, position:] = float("nan")
+        caches.append(cache.cuda())
+    return x, caches[0], caches[1]
+
+
+def _oracle(x, layer, shape, k_cache, v_cache, position):
+    """The fp32 oracle: y, the attention output (before dense), GELU(fc_in), and k, v at position."""
+    layer32 = layer.to(dtype=torch.float32)
+    k32, v32 = k_cache.float(), v_cache.float()
+    y = ref.decoder_layer(x[None], layer32, shape, k32, v32, position)[0]  # writes k32, v32 at position
+    qkv = ref.layer_norm(x, layer32.ln1_weight, layer32.ln1_bias, shape.eps) @ layer32.qkv_weight.T + layer32.qkv_bias
+    q = qkv.view(shape.heads, 3, shape.head_dim)[:, 0]  # [heads, head_dim]
+    cos, sin = ref.rotary_cos_sin(torch.tensor([position], device=x.device), shape.rotary_dims, shape.rotary_base)
+    q = ref.apply_rotary(q[None], cos, sin, shape.rotary_dims)[0]
+    attn = ref.attention(q[:, None], k32, v32, torch.tensor([position], device=x.device))  # [heads, 1, head_dim]
+    mlp = ref.gelu(ref.layer_norm(x, layer32.ln2_weight, layer32.ln2_bias, shape.eps) @ layer32.fc_in_weight.T
+                   + layer32.fc_in_bias)
+    return {"y": y, "attn": attn.reshape(-1), "mlp": mlp, "k": k32[:, position], "v": v32[:, position]}
+
+
+def _run_layer(x, layer, shape, k_cache, v_cache, position, **kwargs):
+    """The kernel's y and scratch, every output poisoned with NaN first."""
+    workspace = fd.Workspace.allocate(shape, "cuda")
+    for t in (workspace.attn, workspace.mlp):
+        t.fill_(float("nan"))
+    y = torch.full_like(x, float("nan"))
+    fd.decoder_layer(x, layer, shape, k_cache, v_cache, position, out=y, workspace=workspace, **kwargs)
+    torch.cuda.synchronize()
+    return {"y": y, "attn": workspace.attn, "mlp": workspace.mlp}
+
+
+def _check_against_oracle(x, layer, shape, position, k_cache, v_cache, **kwargs):
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    want = _oracle(x, layer, shape, k_cache, v_cache, position)
+    got = _run_layer(x, layer, shape, k_cache, v_cache, position, **kwargs)
+    for name in ("y", "attn", "mlp"):
+        assert torch.isfinite(got[name]).all(), f"{name} has unwritten or non-finite entries"
+    errors = {
+        "mlp": rel_err(got["mlp"], want["mlp"]),
+        "attn": rel_err(got["attn"], want["attn"]),
+        "y - x": rel_err(got["y"] - x, want["y"] - x),
+        "k": rel_err(k_cache[:, position].float(), want["k"]),
+        "v": rel_err(v_cache[:, position].float(), want["v"]),
+    }
+    print(f"position {position}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    assert errors["mlp"] < MLP_TOL, errors
+    assert errors["attn"] < ATTN_TOL, errors
+    assert errors["y - x"] < ATTN_TOL, errors
+    assert errors["k"] < CACHE_TOL and errors["v"] < CACHE_TOL, errors
+    others = torch.ones(shape.max_positions, dtype=torch.bool)
+    others[position] = False
+    for got_cache, before in [(k_cache, k_before), (v_cache, v_before)]:  # NaN == NaN for this check
+        assert torch.equal(got_cache[:, others].nan_to_num(7.0), before[:, others].nan_to_num(7.0)), "wrote another slot"
+
+
+# ------------------------------------------------------------------------------------------------
+# Without a GPU: build, shapes, argument checks.
+
+
+def _cuobjdump() -> str:
+    import nvidia
+
+    for root in nvidia.__path__:
+        for found in Path(root).glob("*/bin/cuobjdump"):
+            return str(found)
+    path = shutil.which("cuobjdump")
+    if path is None:
+        pytest.fail("cuobjdump not found: requirements.txt installs nvidia-cuda-cuobjdump")
+    return path
+
+
+def test_kernels_are_built_for_every_arch_without_spills():
+    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(_lib.library_path())], capture_output=True,
+                           text=True, check=True).stdout
+    arch = None
+    found = {}
+    lines = usage.splitlines()
+    for line, next_line in zip(lines, lines[1:] + [""]):
+        if line.startswith("arch = "):
+            arch = line.split("=")[1].strip()
+        kernel = next((k for k in KERNELS if k in line and "fused_decoder" in line), None)
+        if line.strip().startswith("Function") and kernel:
+            found[(arch, kernel)] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", next_line)}
+    for arch in ("sm_90a", "sm_120"):
+        for kernel in KERNELS:
+            assert (arch, kernel) in found, f"{kernel} missing for {arch}"
+            # No register spills: the only local memory is sincosf's 32-byte slow-path buffer.
+            assert found[(arch, kernel)]["STACK"] <= 32, (arch, kernel, found[(arch, kernel)])
+
+
+def test_supported_shapes():
+    for name in ("pythia-1.4b", "pythia-2.8b", "pythia-6.9b", "pythia-12b"):
+        assert fd.unsupported_reason(shape_of(pythia_config(name))) is None, name
+    assert "head_dim" in fd.unsupported_reason(shape_of(pythia_config("pythia-70m")))  # head_dim 64
+    assert "head_dim" in fd.unsupported_reason(shape_of(pythia_config("pythia-1b")))  # head_dim 256
+    assert "sequential" in fd.unsupported_reason(shape_of(pythia_config("pythia-2.8b", use_parallel_residual=False)))
+    with pytest.raises(UnsupportedModelError, match="head_dim"):
+        fd.check_shape(shape_of(pythia_config("pythia-70m")))
+
+
+def _cpu_call(shape=ODD_LAYERS["d80-h8"], position=3, **changes):
+    """A layer call on CPU tensors of the right sizes, with `changes` applied to the layer or the call."""
+    layer = _random_layer(shape, seed=0, device="cpu")
+    layer = dataclasses.replace(layer, **{k: v for k, v in changes.items() if hasattr(layer, k)})
+    args = {
+        "x": torch.randn(shape.hidden),
+        "k_cache": torch.zeros(shape.heads, shape.max_positions, shape.head_dim, dtype=torch.float16),
+        "v_cache": torch.zeros(shape.heads, shape.max_positions, shape.head_dim, dtype=torch.float16),
+        "position": position,
+        "shape": shape,
+    }
+    args.update({k: v for k, v in changes.items() if k in args or k in ("cluster_size",)})
+    fd.decoder_layer(args.pop("x"), layer, args.pop("shape"), args.pop("k_cache"), args.pop("v_cache"),
+                     args.pop("position"), **args)
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"x": torch.randn(640, dtype=torch.float64)}, InvalidInputError, "x must be float32"),
+    ({"x": torch.randn(641)}, InvalidInputError, "x must have shape"),
+    ({"qkv_weight": torch.zeros(3 * 640, 640)}, InvalidInputError, "qkv_weight must be float16"),
+    ({"fc_out_weight": torch.zeros(640, 999, dtype=torch.float16)}, InvalidInputError, "fc_out_weight must have shape"),
+    ({"k_cache": torch.zeros(8, 300, 80)}, InvalidInputError, "k_cache must be float16"),
+    ({"v_cache": torch.zeros(8, 299, 80, dtype=torch.float16)}, InvalidInputError, "v_cache must have shape"),
+    ({"position": 300}, SequenceTooLongError, "past the KV cache of 300"),
+    ({"position": -1}, InvalidInputError, "position must be >= 0"),
+    ({"position": 2.0}, InvalidInputError, "position must be an int"),
+    ({"position": torch.zeros(1, dtype=torch.int64)}, InvalidInputError, "position must be int32"),
+    ({"cluster_size": 9}, InvalidInputError, "cluster_size"),
+    ({"shape": dataclasses.replace(ODD_LAYERS["d80-h8"], heads=10, head_dim=64)}, UnsupportedModelError, "head_dim 64"),
+    ({"shape": dataclasses.replace(ODD_LAYERS["d80-h8"], parallel_residual=False)}, UnsupportedModelError, "sequential"),
+])  # fmt: skip
+def test_bad_layer_arguments_are_named_before_any_launch(changes, error, message):
+    with pytest.raises(error, match=message):
+        _cpu_call(**changes)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_layer_on_cpu_machine_says_no_gpu():
+    with pytest.raises(NoGPUError, match="need a CUDA GPU"):
+        _cpu_call()
+
+
+def test_c_abi_refuses_null_arguments_without_touching_a_device():
+    import ctypes
+
+    plan = _lib.function("neoxfuse_fused_decoder_plan", [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p])
+    with pytest.raises(KernelError, match="invalid argument"):
+        _lib.call(plan, None, 0, None)
+    layer = _lib.function("neoxfuse_fused_decoder_layer", [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p])
+    with pytest.raises(KernelError, match="invalid argument"):
+        _lib.call(layer, None, None, None, 1, None)
+
+
+def test_backend_availability_says_why_not():
+    assert not FusedBackend.available(torch.device("cpu"), torch.float16)
+    if torch.cuda.is_available():
+        assert "fp16" in FusedBackend.available(torch.device("cuda"), torch.float32).reason
+        shape = shape_of(pythia_config("pythia-70m"))
+        assert "head_dim" in FusedBackend.available(torch.device("cuda"), torch.float16, shape).reason
+
+
+def test_layer_benchmark_torch_peer_computes_the_layer():
+    # neoxfuse bench layer's torch_graph peer must compute what the kernel does (checked in fp32 on CPU).
+    from neoxfuse.bench.layer import torch_layer
+
+    shape, position = ODD_LAYERS["d128-h3"], 40
+    layer = _random_layer(shape, seed=8, device="cpu").to(dtype=torch.float32)
+    x = torch.randn(1, shape.hidden)
+    k_cache, v_cache = (torch.randn(shape.heads, shape.max_positions, shape.head_dim) for _ in range(2))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    cos, sin = ref.rotary_cos_sin(torch.tensor([position]), shape.rotary_dims, shape.rotary_base)
+    got = torch_layer(x, layer, shape, k_cache, v_cache, position, cos, sin)
+    want = ref.decoder_layer(x, layer, shape, k_ref, v_ref, position)
+    assert rel_err(got - x, want - x) < 1e-5
+    assert rel_err(k_cache[:, position], k_ref[:, position]) < 1e-5
+    assert rel_err(v_cache[:, position], v_ref[:, position]) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# One layer against the oracle (GPU).
+
+
+@pytest.fixture(scope="module", params=sorted(PYTHIA_LAYERS))
+def pythia_layer(request):
+    shape = PYTHIA_LAYERS[request.param]
+    return shape, _random_layer(shape, seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("position", [0, 1, 127, 1023, 2047])
+def test_pythia_layer_matches_fp32_oracle(pythia_layer, position):
+    shape, layer = pythia_layer
+    x, k_cache, v_cache = _layer_inputs(shape, position, seed=position)
+    _check_against_oracle(x, layer, shape, position, k_cache, v_cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cluster_size", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("name, position", [("d80-h8", 0), ("d80-h8", 5), ("d80-h8", 299), ("d128-h3", 3), ("d128-h3", 76)])
+def test_every_cluster_size_matches_fp32_oracle(name, position, cluster_size):
+    shape = ODD_LAYERS[name]
+    layer = _random_layer(shape, seed=cluster_size)
+    x, k_cache, v_cache = _layer_inputs(shape, position, seed=position)
+    _check_against_oracle(x, layer, shape, position, k_cache, v_cache, cluster_size=cluster_size)
+
+
+@pytest.mark.gpu
+def test_layer_is_bitwise_deterministic_with_and_without_pdl():
+    shape = PYTHIA_LAYERS["pythia-2.8b"]
+    layer = _random_layer(shape, seed=2)
+    x, k_cache, v_cache = _layer_inputs(shape, 1500, seed=3)
+    first = _run_layer(x, layer, shape, k_cache, v_cache, 1500)
+    first_k = k_cache.clone()
+    for pdl in (True, False, True):
+        again = _run_layer(x, layer, shape, k_cache, v_cache, 1500, pdl=pdl)
+        for name in first:
+            assert torch.equal(again[name], first[name]), name
+        assert torch.equal(k_cache.nan_to_num(7.0), first_k.nan_to_num(7.0))
+
+
+@pytest.mark.gpu
+def test_device_position_past_the_cache_gives_nan_and_writes_nothing():
+    shape = ODD_LAYERS["d80-h8"]
+    layer = _random_layer(shape, seed=4)
+    x, k_cache, v_cache = _layer_inputs(shape, 10, seed=5)
+    k_before = k_cache.clone()
+    position = torch.tensor([shape.max_positions], dtype=torch.int32, device="cuda")
+    got = _run_layer(x, layer, shape, k_cache, v_cache, position)
+    assert torch.isnan(got["y"]).all()
+    assert torch.equal(k_cache.nan_to_num(7.0), k_before.nan_to_num(7.0))
+
+
+@pytest.mark.gpu
+def test_plan_uses_one_wave_of_clusters():
+    for shape in PYTHIA_LAYERS.values():
+        plan = fd.plan(shape)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        print(shape.head_dim, plan)
+        assert plan.clusters == shape.heads
+        assert plan.clusters * plan.cluster_size <= sms
+        assert plan.max_active_clusters >= plan.clusters or plan.cluster_size == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden, vocab", [(2560, 50304), (4096, 1001), (640, 7)])
+def test_lm_head_matches_fp32_oracle(hidden, vocab):
+    x = torch.randn(hidden, device="cuda") * 3 + 1
+    weight = (1 + 0.1 * torch.randn(hidden, device="cuda")).half()
+    bias = (0.1 * torch.randn(hidden, device="cuda")).half()
+    embed_out = (torch.randn(vocab, hidden, device="cuda") / math.sqrt(hidden)).half()
+    logits = torch.full((vocab,), float("nan"), device="cuda")
+    fd.lm_head(x, weight, bias, embed_out, 1e-5, out=logits)
+    want = ref.layer_norm(x, weight.float(), bias.float(), 1e-5) @ embed_out.float().T
+    assert rel_err(logits, want) < LOGITS_TOL
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole model through the `fused` backend (GPU).
+
+
+@pytest.fixture(scope="module", params=["pythia-2.8b", "pythia-1.4b"])
+def hf_models(request):
+    """(fp16 HF model, fp32 HF model holding the same fp16-rounded weights), 2 layers, on the GPU."""
+    config = pythia_config(request.param, num_hidden_layers=2)
+    model16 = random_model(config, seed=0, dtype=torch.float32).half().cuda().eval()
+    model32 = copy.deepcopy(model16).float()
+    return model16, model32
+
+
+def _backend(model16, max_seq_len=2048, **kwargs) -> FusedBackend:
+    return FusedBackend(from_hf(model16), max_seq_len, **kwargs)
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_teacher_forced_logits_match_hf_over_64_steps(hf_models):
+    # The prompt's KV cache comes from the fp16 PyTorch prefill (HF-fp16-like error, ~1e-3) and
+    # every step reads an fp16 cache: both stay well under 1e-2; HF fp16's own error is printed.
+    model16, model32 = hf_models
+    tokens = torch.randint(0, model16.config.vocab_size, (80,), device="cuda")
+    prompt, teacher = tokens[:16], tokens[16:]
+    want = model32(tokens[None]).logits[0, 16:].float()  # [64, vocab]: after each teacher token
+    hf16 = model16(tokens[None]).logits[0, 16:].float()
+    backend = _backend(model16)
+    cache = backend.new_cache()
+    backend.prefill(prompt, cache)
+    got = torch.stack([backend.decode_step(int(t), cache) for t in teacher])  # [64, vocab]
+    err, hf16_err = rel_err(got, want), rel_err(hf16, want)
+    print(f"teacher-forced logits: fused {err:.2e}, HF fp16 {hf16_err:.2e} (vs HF fp32 on the same weights)")
+    assert cache.length == 80
+    assert err < 1e-2
+
+
+def _decisive(model16):
+    """A copy whose greedy choice is never close: embed_in is scaled so each token's embedding
+    dominates the residual stream, and embed_out row perm[t] is token t's unit embedding, so the
+    logit of perm[t] leads the others by ~sqrt(hidden) (50 for 2560) while fp16 noise is ~1e-2."""
+    model = copy.deepcopy(model16)
+    g = torch.Generator(device="cpu").manual_seed(7)
+    with torch.no_grad():
+        embed_in = model.get_input_embeddings().weight  # [vocab, hidden]
+        embed_in.mul_(250)
+        unit = embed_in.float() / embed_in.float().norm(dim=1, keepdim=True)
+        perm = torch.randperm(embed_in.shape[0], generator=g).cuda()
+        embed_out = model.get_output_embeddings().weight  # [vocab, hidden]
+        embed_out[perm] = unit.half()
+    return model
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_greedy_tokens_match_hf_fp16_for_128_tokens(hf_models):
+    model = _decisive(hf_models[0])
+    prompt = torch.randint(0, model.config.vocab_size, (8,), device="cuda")
+    hf_tokens, out = [], model(prompt[None], use_cache=True)
+    for _ in range(128):
+        hf_tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([[hf_tokens[-1]]], device="cuda"), past_key_values=out.past_key_values, use_cache=True)
+
+    engine = Engine(model, backend="fused", max_seq_len=256)
+    generation = engine.generate(prompt.tolist(), max_new_tokens=128)
+    assert generation.tokens == hf_tokens
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_graph_replay_equals_eager_and_runs_are_bitwise_identical(hf_models):
+    model16 = hf_models[0]
+    tokens = torch.randint(0, model16.config.vocab_size, (24,), device="cuda")
+    prefiller = _backend(model16, max_seq_len=64)
+    prefilled = prefiller.new_cache()
+    prefiller.prefill(tokens[:8], prefilled)  # once, shared: only the decode steps are under test
+
+    def run(**kwargs):
+        backend = _backend(model16, max_seq_len=64, **kwargs)
+        cache = backend.new_cache()
+        cache.k.copy_(prefilled.k)
+        cache.v.copy_(prefilled.v)
+        cache.length = 8
+        logits = torch.stack([backend.decode_step(int(t), cache) for t in tokens[8:]])
+        assert int(backend._position) == cache.length == 24  # the graph advanced the device position
+        return logits
+
+    graph = run()
+    assert torch.equal(graph, run()), "two runs differ"
+    assert torch.equal(graph, run(use_graph=False)), "graph replay differs from eager steps"
+    assert torch.equal(graph, run(pdl=False)), "PDL changes results"
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_decode_past_the_cache_and_bad_tokens_raise_before_running(hf_models):
+    backend = _backend(hf_models[0], max_seq_len=8)
+    cache = backend.new_cache()
+    backend.prefill(torch.arange(8, device="cuda"), cache)
+    with pytest.raises(SequenceTooLongError):
+        backend.decode_step(1, cache)
+    cache.length = 3
+    with pytest.raises(InvalidInputError, match="token ids"):
+        backend.decode_step(hf_models[0].config.vocab_size, cache)
+    assert cache.length == 3
