@@ -319,9 +319,11 @@ class GPTQLinear:
 
 
 def _round_up_to_fp16(x: torch.Tensor) -> torch.Tensor:
-    """The smallest fp16 values >= x (x fp32, positive)."""
+    """The smallest fp16 values >= x (x fp32, positive): round to nearest, then step up one ulp
+    where that fell below (the next positive fp16 has the next bit pattern)."""
     h = x.to(torch.float16)
-    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    up = (h.view(torch.int16) + 1).view(torch.float16)
+    return torch.where(h.float() < x, up, h)
 
 
 def quantize_rtn(

@@ -1,0 +1,327 @@
+"""`neoxfuse bench gptq-ln-qkv`: the fused LayerNorm + GPTQ int4 QKV kernel against its peers.
+
+For each shape (tokens x K x N, group size, ordered or act-order groups) every provider computes
+
+    out = LayerNorm(x) @ W + bias,   W[k, n] = scales[g(k), n] * (q[k, n] - z[g(k), n])
+
+  neoxfuse       the gptq_ln_qkv kernel (neoxfuse.ops.gptq_ln_qkv): one launch, int4 weights
+  torch_fp16     F.layer_norm + F.linear (cuBLAS) on the same weights dequantized once to fp16:
+                 what an unquantized fp16 model runs, 4x the weight bytes
+  torch_dequant  F.layer_norm, then W unpacked and dequantized to fp16 in PyTorch every call, then
+                 F.linear: a GPTQ layer without a kernel of its own
+A GPTQ kernel package found on the machine (auto_gptq, gptqmodel, vllm) is listed under `skipped`
+with why it is not run: their kernels take repacked (exllama/marlin) weights and no-LayerNorm
+inputs, and calling them is not wired up here.
+
+Each provider's calls are captured in one CUDA graph, one call per buffer set, the sets (weights
+and inputs, all distinct) rotating through more than twice the L2 cache, so no call finds its
+weights in L2 and no launch cost from Python is counted. A sample is one replay's time divided by
+its calls (CUDA events); --replays samples give the median and P50/P90/P95/P99.
+    bytes    = what the fused kernel must read and write: qweight K N / 2, scales 2 G N, qzeros G N / 2,
+               g_idx 4 K (act-order), x 2 T K, LayerNorm weight and bias 4 K, bias 2 N, out 2 T N
+    GBps     = bytes / median time (the same bytes for every provider: the function's floor);
+    pct_copy = GBps / the copy rate measured in this run
+    rel_err  = ||out - ref|| / ||ref||, ref the fp32 oracle on the same int4 weights
+
+Targets (issue 5, H100, 1 x 2560 x 7680, group 128): median <= 8 us, >= 2x torch_fp16, >= 60%
+of the copy rate. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from neoxfuse.bench.common import Timing, device_record, write_results
+from neoxfuse.checks import require_cuda
+from neoxfuse.device import copy_bandwidth, devices
+from neoxfuse.errors import InvalidInputError
+from neoxfuse.monitor import GpuMonitor
+from neoxfuse.ops.gptq_ln_qkv import MAX_TOKENS, gptq_ln_qkv_layer, reference
+from neoxfuse.progress import progress_bar
+from neoxfuse.quant.gptq import GPTQLinear, QuantConfig, quantize_rtn, unpack_int4_cols
+
+SUITE = "gptq-ln-qkv"
+RESULTS_SUITE = "gptq_ln_qkv"  # DESIGN.md §6
+HELP = "fused LayerNorm + GPTQ int4 QKV projection vs fp16 LayerNorm + cuBLAS and dequantize-then-matmul in torch"
+
+EPS = 1e-5
+PROVIDERS = ("neoxfuse", "torch_fp16", "torch_dequant")
+GPTQ_PACKAGES = ("auto_gptq", "gptqmodel", "vllm")
+
+TARGET = "1x2560x7680:g128"
+DEFAULT_SHAPES = (
+    TARGET,
+    "1x2560x7680:g128:act",
+    "1x2560x7680:g32",
+    "1x2560x7680:g-1",
+    "3x2560x7680:g128",
+    "8x2560x7680:g128",
+    "1x1024x3072:g128",
+    "1x4096x12288:g128",
+    "1x5120x15360:g128",
+)
+MAX_SETS = 256
+
+
+@dataclass(frozen=True)
+class Shape:
+    tokens: int
+    K: int
+    N: int
+    group_size: int
+    act_order: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        """'TxKxN:gGROUP[:act]', e.g. '1x2560x7680:g128' or '1x2560x7680:g-1:act'."""
+        parts = text.split(":")
+        try:
+            tokens, K, N = (int(v) for v in parts[0].lower().split("x"))
+            if len(parts) not in (2, 3) or not parts[1].startswith("g") or parts[2:] not in ([], ["act"]):
+                raise ValueError
+            group_size = int(parts[1][1:])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a shape is TxKxN:gGROUP[:act], e.g. {TARGET}; got {text!r}") from None
+        groups_ok = group_size == -1 or (group_size > 0 and group_size % 8 == 0 and K % group_size == 0)
+        if not (1 <= tokens <= MAX_TOKENS and K > 0 and K % 8 == 0 and N > 0 and N % 8 == 0 and groups_ok):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: tokens 1..{MAX_TOKENS}, K and N multiples of 8, group -1 or a multiple of 8 dividing K")
+        return cls(tokens, K, N, group_size, len(parts) == 3)
+
+    def __str__(self) -> str:
+        return f"{self.tokens}x{self.K}x{self.N}:g{self.group_size}" + (":act" if self.act_order else "")
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.group_size == -1 else self.K // self.group_size
+
+    @property
+    def bytes_moved(self) -> int:
+        """What the fused function must read and write (module doc)."""
+        T, K, N, G = self.tokens, self.K, self.N, self.groups
+        weights = K * N // 2 + 2 * G * N + G * N // 2 + (4 * K if self.act_order else 0) + 2 * N
+        return weights + 2 * T * K + 4 * K + 2 * T * N
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", dest="shapes", action="append", type=Shape.parse, metavar="TxKxN:gGROUP[:act]",
+                        help=f"a shape to measure, repeatable (default: {len(DEFAULT_SHAPES)} shapes, {TARGET} first)")
+    parser.add_argument("--providers", type=_providers_arg, default=list(PROVIDERS),
+                        help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all)")
+    parser.add_argument("--replays", type=int, default=200, help="timed graph replays per provider and shape (default 200)")
+    parser.add_argument("--out-dir", default="bench/results", help="where the JSON results go (default bench/results)")
+
+
+def _providers_arg(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or any(name not in PROVIDERS for name in names):
+        raise argparse.ArgumentTypeError(f"providers are {', '.join(PROVIDERS)}; got {text!r}")
+    return names
+
+
+def dequantize_fp16(layer: GPTQLinear) -> torch.Tensor:
+    """W^T [N, K] fp16 in plain PyTorch ops (the torch_dequant peer, every call):
+    W[k, n] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n])."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=layer.qweight.device)  # [8]
+    codes = (layer.qweight.unsqueeze(1) >> shifts[None, :, None]) & 0xF  # [K/8, 8, N]
+    codes = codes.reshape(-1, layer.out_features)  # [K, N]
+    g = layer.g_idx.long()
+    zeros = unpack_int4_cols(layer.qzeros).to(torch.int32) + layer.zero_offset  # [G, N]
+    return ((codes - zeros[g]).half() * layer.scales[g]).t()
+
+
+@dataclass
+class BufferSet:
+    x: torch.Tensor  # [T, K] fp16
+    ln_weight: torch.Tensor  # [K] fp16
+    ln_bias: torch.Tensor  # [K] fp16
+    layer: GPTQLinear
+    weight_fp16: torch.Tensor | None  # [N, K]: the dequantized weight, for torch_fp16
+
+
+def _buffer_sets(shape: Shape, count: int, with_fp16: bool, generator: torch.Generator) -> list[BufferSet]:
+    config = QuantConfig(group_size=shape.group_size, sym=False, desc_act=shape.act_order)
+    sets = []
+    for _ in range(count):
+        weight = torch.randn(shape.N, shape.K, device="cuda", generator=generator) * 0.02  # [N, K]
+        bias = torch.randn(shape.N, device="cuda", generator=generator) * 0.02
+        layer = quantize_rtn(weight, bias, config=config)
+        del weight
+        sets.append(BufferSet(
+            x=(torch.randn(shape.tokens, shape.K, device="cuda", generator=generator) + 0.5).half(),
+            ln_weight=(1 + 0.1 * torch.randn(shape.K, device="cuda", generator=generator)).half(),
+            ln_bias=(0.1 * torch.randn(shape.K, device="cuda", generator=generator)).half(),
+            layer=layer,
+            weight_fp16=layer.dequantize(torch.float16).t().contiguous() if with_fp16 else None,
+        ))
+    return sets
+
+
+Call = Callable[[BufferSet], torch.Tensor]
+
+
+def _calls(providers: list[str]) -> dict[str, Call]:
+    def layer_norm(s: BufferSet) -> torch.Tensor:
+        return F.layer_norm(s.x, (s.x.shape[1],), s.ln_weight, s.ln_bias, EPS)
+
+    calls = {
+        "neoxfuse": lambda s: gptq_ln_qkv_layer(s.x, s.ln_weight, s.ln_bias, s.layer, EPS),
+        "torch_fp16": lambda s: F.linear(layer_norm(s), s.weight_fp16, s.layer.bias),
+        "torch_dequant": lambda s: F.linear(layer_norm(s), dequantize_fp16(s.layer), s.layer.bias),
+    }
+    return {name: calls[name] for name in providers}
+
+
+def _gptq_packages() -> dict[str, str]:
+    """GPTQ kernel packages installed here, each with why it is not measured."""
+    return {
+        name: "installed; its GPTQ kernels take repacked (exllama/marlin) weights and are not wired into this benchmark"
+        for name in GPTQ_PACKAGES if importlib.util.find_spec(name) is not None
+    }
+
+
+def _set_count(shape: Shape, l2_bytes: int) -> int:
+    """Buffer sets so that one graph replay reads more than twice the L2 cache (at least 2)."""
+    return max(2, min(MAX_SETS, math.ceil(2 * l2_bytes / shape.bytes_moved)))
+
+
+def _time_in_graph(call: Call, sets: list[BufferSet], replays: int) -> Timing:
+    """Captures call(set) for every set in one CUDA graph and times `replays` replays of it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for s in sets:  # warm up: cuBLAS heuristics, allocator
+            call(s)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    outputs = []  # held until captured, so every call writes its own output memory
+    with torch.cuda.graph(graph):
+        for s in sets:
+            outputs.append(call(s))
+    for _ in range(3):
+        graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return Timing.from_samples([start.elapsed_time(end) * 1e3 / len(sets) for start, end in events])
+
+
+def _measure(shapes: list[Shape], providers: list[str], replays: int, copy_GBps: float, l2_bytes: int) -> list[dict]:
+    rows = []
+    generator = torch.Generator("cuda").manual_seed(0)
+    calls = _calls(providers)
+    with progress_bar(len(shapes), "bench gptq-ln-qkv", unit="shape") as bar:
+        for shape in shapes:
+            bar.set_postfix_str(str(shape))
+            sets = _buffer_sets(shape, _set_count(shape, l2_bytes), "torch_fp16" in providers, generator)
+            first = sets[0]
+            ref = reference(first.x, first.ln_weight, first.ln_bias, first.layer, EPS)
+            for provider, call in calls.items():
+                timing = _time_in_graph(call, sets, replays)
+                gbps = shape.bytes_moved / (timing.median_us * 1e-6) / 1e9
+                with torch.no_grad():
+                    out = call(first).float()
+                rows.append({
+                    "tokens": shape.tokens, "K": shape.K, "N": shape.N, "group_size": shape.group_size,
+                    "act_order": shape.act_order, "provider": provider,
+                    "median_us": timing.median_us, "p50_us": timing.p50_us, "p90_us": timing.p90_us,
+                    "p95_us": timing.p95_us, "p99_us": timing.p99_us,
+                    "GBps": gbps, "pct_copy": 100 * gbps / copy_GBps, "bytes": shape.bytes_moved,
+                    "buffer_sets": len(sets), "beyond_l2": len(sets) * shape.bytes_moved > 2 * l2_bytes,
+                    "rel_err": ((out - ref).norm() / ref.norm()).item(),
+                })
+            del sets, first, ref
+            torch.cuda.empty_cache()
+            bar.update(1)
+    for row in rows:
+        if row["provider"] == "neoxfuse":
+            for peer in rows:
+                if peer["provider"] != "neoxfuse" and _same_shape(peer, row):
+                    row[f"speedup_vs_{peer['provider']}"] = peer["median_us"] / row["median_us"]
+    return rows
+
+
+def _same_shape(a: dict, b: dict) -> bool:
+    return all(a[key] == b[key] for key in ("tokens", "K", "N", "group_size", "act_order"))
+
+
+def _targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, each with the measured value and whether it is met (None: not measured)."""
+    shape = Shape.parse(TARGET)
+    key = {"tokens": shape.tokens, "K": shape.K, "N": shape.N, "group_size": shape.group_size, "act_order": False}
+    row = next((r for r in rows if r["provider"] == "neoxfuse" and _same_shape(r, key)), None)
+
+    def target(name, value, threshold, at_most=False):
+        met = None if value is None else (value <= threshold if at_most else value >= threshold)
+        return {"target": name, "shape": TARGET, "value": value, "threshold": threshold, "at_most": at_most, "met": met}
+
+    return [
+        target("median us", row and row["median_us"], 8.0, at_most=True),
+        target("speedup vs torch_fp16", row and row.get("speedup_vs_torch_fp16"), 2.0),
+        target("% of copy bandwidth", row and row["pct_copy"], 60.0),
+    ]
+
+
+def run(args) -> int:
+    require_cuda()
+    if args.replays < 1:
+        raise InvalidInputError("--replays must be >= 1")
+    shapes = args.shapes or [Shape.parse(text) for text in DEFAULT_SHAPES]
+    copy = copy_bandwidth()
+    l2_bytes = devices()[torch.cuda.current_device()].l2_cache_bytes
+    with GpuMonitor(device_index=torch.cuda.current_device()) as monitor:
+        rows = _measure(shapes, args.providers, args.replays, copy.GBps, l2_bytes)
+    extra = {
+        "copy": copy.as_dict(),
+        "l2_bytes": l2_bytes,
+        "replays": args.replays,
+        "skipped": _gptq_packages(),
+        "targets": _targets(rows),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "nvml": monitor.summary(),
+    }
+    device = device_record(copy)
+    path = write_results(RESULTS_SUITE, rows, device=device, out_dir=args.out_dir, extra=extra)
+    print(_table(rows, extra, device))
+    print(f"wrote {path}")
+    return 0
+
+
+def _table(rows: list[dict], extra: dict, device: dict) -> str:
+    lines = [f"gptq-ln-qkv on {device['name']}: copy rate {device['copy_GBps']:.0f} GB/s measured in this run; "
+             f"times per call from CUDA-graph replays over buffers > 2x L2 ({extra['l2_bytes'] / 2**20:.0f} MiB)"]
+    header = (f"{'shape':<24} {'provider':<14} {'median us':>10} {'p90 us':>8} {'p99 us':>8} {'GB/s':>8} {'% copy':>7} "
+              f"{'rel err':>9} {'neoxfuse speedup':>16}")
+    lines += [header, "-" * len(header)]
+    by_shape: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        shape = Shape(row["tokens"], row["K"], row["N"], row["group_size"], row["act_order"])
+        by_shape.setdefault(str(shape), {})[row["provider"]] = row
+    for shape, providers in by_shape.items():
+        fused = providers.get("neoxfuse")
+        for provider, row in providers.items():
+            speedup = fused.get(f"speedup_vs_{provider}") if fused and provider != "neoxfuse" else None
+            lines.append(
+                f"{shape:<24} {provider:<14} {row['median_us']:>10.2f} {row['p90_us']:>8.2f} {row['p99_us']:>8.2f} "
+                f"{row['GBps']:>8.0f} {row['pct_copy']:>7.1f} {row['rel_err']:>9.2e} "
+                f"{'' if speedup is None else f'{speedup:.2f}':>16}"
+            )
+    lines += [f"not measured: {name}: {why}" for name, why in extra["skipped"].items()]
+    lines.append("targets (issue 5, H100):")
+    for t in extra["targets"]:
+        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
+        bound = "<=" if t["at_most"] else ">="
+        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+        lines.append(f"  {t['target']:<24} {t['shape']:<20} {value} ({bound} {t['threshold']}): {verdict}")
+    return "\n".join(lines)

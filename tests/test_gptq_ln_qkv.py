@@ -1,0 +1,407 @@
+"""kernels/gptq_ln_qkv through neoxfuse.ops.gptq_ln_qkv: LayerNorm + GPTQ int4 dequant + QKV projection.
+
+CPU: every bad input is a clear error (dtype and shape before device), the C launcher's own
+checks, the fake implementation, the q/k/v view, and the fp32 oracle against HF's own fused
+query_key_value (so the column order is HF's per-head order).
+GPU: the kernel against the fp32 oracle (LayerNorm, then the dequantized weight) for every format
+variant (group 32/64/128/per-channel, symmetric/asymmetric, v1/v2, act-order), every Pythia K/N
+plus an odd N, tokens 1/3/8; outputs poisoned first; CUDA graphs, determinism, bad g_idx.
+"""
+
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from neoxfuse import _lib, bench
+from neoxfuse.bench import gptq_ln_qkv as gptq_bench
+from neoxfuse.errors import InvalidInputError, NoGPUError
+from neoxfuse.ops.gptq_ln_qkv import MAX_TOKENS, gptq_ln_qkv, gptq_ln_qkv_layer, qkv_view, reference
+from neoxfuse.quant import (
+    GPTQLinear,
+    QuantConfig,
+    act_order_g_idx,
+    load_gptq_checkpoint,
+    ordered_g_idx,
+    pack_int4_cols,
+    pack_int4_rows,
+    quantize_gpt_neox,
+    quantize_rtn,
+    save_gptq_checkpoint,
+)
+from neoxfuse.quant.hf_gptq import GPTQLayerNormQKV, dequantized_gpt_neox, gptq_gpt_neox
+
+EPS = 1e-5
+# ||out - ref|| / ||ref|| against the fp32 oracle on the same int4 weights. The kernel rounds the
+# LayerNorm output to fp16 (as HF's fp16 LayerNorm does: <= 2^-11 relative per element) and out to
+# fp16; its fp32 sums add ~1e-6. Those two roundings, emulated in PyTorch over this file's shapes
+# and inputs, give at most 4.6e-4 (random codes make columns with a non-zero mean, which cancel
+# part of the signal). 2e-3 leaves a factor of 4; a wrong group, zero, nibble or column is O(1).
+REL_TOL = 2e-3
+
+PYTHIA_KN = [(512, 1536), (768, 2304), (1024, 3072), (2048, 6144), (2560, 7680), (4096, 12288), (5120, 15360)]
+ODD_KN = [(320, 984)]  # N = 3 * 328: the last block holds 24 of its 32 columns
+TOKENS = [1, 3, 8]
+GROUP_SIZES = [32, 64, 128, -1]
+
+
+def random_layer(K, N, *, group_size=128, sym=False, checkpoint_format="gptq", act_order=False, device="cpu", seed=0):
+    """A GPTQLinear of random int4 codes, fp16 scales, true zeros storable in the format (8 if sym),
+    a random act-order g_idx if asked, and a bias."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = 1 if group_size == -1 else K // group_size
+    offset = 1 if checkpoint_format == "gptq" else 0
+    zeros = torch.full((groups, N), 8) if sym else torch.randint(1, 16, (groups, N), generator=gen)
+    g_idx = act_order_g_idx(torch.randperm(K, generator=gen), group_size) if act_order else ordered_g_idx(K, group_size)
+    layer = GPTQLinear(
+        qweight=pack_int4_rows(torch.randint(0, 16, (K, N), generator=gen)),
+        qzeros=pack_int4_cols(zeros - offset),
+        scales=(torch.rand(groups, N, generator=gen) * 0.02 + 0.005).half(),
+        g_idx=g_idx,
+        bias=(torch.randn(N, generator=gen) * 0.1).half(),
+        group_size=group_size,
+        checkpoint_format=checkpoint_format,
+    )
+    return layer.to(device)
+
+
+def random_inputs(T, K, device="cpu", seed=1, mean=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, K, generator=gen) * 2 + mean).half()
+    ln_weight = (1 + 0.2 * torch.randn(K, generator=gen)).half()
+    ln_bias = (0.1 * torch.randn(K, generator=gen)).half()
+    return x.to(device), ln_weight.to(device), ln_bias.to(device)
+
+
+def _raw_args(inputs, layer, **change):
+    """gptq_ln_qkv's keyword arguments for inputs (x, ln_weight, ln_bias) and `layer`, with `change` applied."""
+    x, ln_weight, ln_bias = inputs
+    args = dict(x=x, ln_weight=ln_weight, ln_bias=ln_bias, qweight=layer.qweight, qzeros=layer.qzeros, scales=layer.scales,
+                g_idx=None if layer.ordered else layer.g_idx, bias=layer.bias, eps=EPS, group_size=layer.group_size,
+                zero_offset=layer.zero_offset)
+    args.update(change)
+    return args
+
+
+# ---- CPU: argument checks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(x=torch.zeros(9, 256, dtype=torch.float16)), "1..8 tokens"),
+        (dict(x=torch.zeros(1, 256)), "x must be float16"),
+        (dict(x=torch.zeros(256, dtype=torch.float16)), r"x must have shape \[\*, \*\]"),
+        (dict(x=torch.zeros(1, 252, dtype=torch.float16)), "multiple of 8"),
+        (dict(x=torch.zeros(1, 8192 + 8, dtype=torch.float16)), "beyond the kernel's limit"),
+        (dict(ln_weight=torch.zeros(128, dtype=torch.float16)), r"ln_weight must have shape \[256\]"),
+        (dict(ln_bias=torch.zeros(256)), "ln_bias must be float16"),
+        (dict(qweight=torch.zeros(32, 96, dtype=torch.int64)), "qweight must be int32"),
+        (dict(qweight=torch.zeros(16, 96, dtype=torch.int32)), r"qweight must have shape \[32, \*\]"),
+        (dict(qweight=torch.zeros(32, 92, dtype=torch.int32)), "N=92"),
+        (dict(scales=torch.zeros(2, 64, dtype=torch.float16)), r"scales must have shape \[\*, 96\]"),
+        (dict(scales=torch.zeros(2, 96)), "scales must be float16"),
+        (dict(qzeros=torch.zeros(2, 96, dtype=torch.int32)), r"qzeros must have shape \[2, 12\]"),
+        (dict(group_size=96), "not divisible by group_size=96"),
+        (dict(group_size=-1), "1 groups, got 2"),
+        (dict(g_idx=torch.zeros(128, dtype=torch.int32)), r"g_idx must have shape \[256\]"),
+        (dict(g_idx=torch.zeros(256, dtype=torch.int64)), "g_idx must be int32"),
+        (dict(bias=torch.zeros(48, dtype=torch.float16)), r"bias must have shape \[96\]"),
+        (dict(zero_offset=2), "zero_offset"),
+        (dict(eps=float("nan")), "eps"),
+    ],
+)
+def test_bad_arguments_are_clear_errors_before_any_device_check(change, message):
+    layer = random_layer(256, 96, group_size=128)
+    x, w, b = random_inputs(1, 256)
+    with pytest.raises(InvalidInputError, match=message):
+        gptq_ln_qkv(**_raw_args((x, w, b), layer, **change))
+
+
+def test_cpu_tensors_are_refused():
+    layer = random_layer(256, 96)
+    x, w, b = random_inputs(2, 256)
+    error = InvalidInputError if torch.cuda.is_available() else NoGPUError
+    with pytest.raises(error):
+        gptq_ln_qkv_layer(x, w, b, layer)
+
+
+def test_fake_implementation_gives_the_output_shape():
+    layer = random_layer(256, 96, act_order=True)
+    x, w, b = random_inputs(3, 256)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = gptq_ln_qkv(**_raw_args((x, w, b), layer))
+    assert list(out.shape) == [3, 96] and out.dtype == torch.float16
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(InvalidInputError, match="1..8 tokens"):
+        gptq_ln_qkv(**_raw_args((torch.zeros(9, 256, dtype=torch.float16), w, b), layer))
+
+
+def test_c_launcher_checks_its_own_arguments():
+    fn = _lib.function("neoxfuse_gptq_ln_qkv", [ctypes.c_void_p] * 9 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p])
+    p = 1 << 20  # an aligned fake address: every call below fails its checks before touching the device
+
+    def status(*, tokens=1, K=256, N=96, groups=2, group_size=128, zero_offset=1, eps=EPS, g_idx=None, x=p, out=p):
+        return fn(out, x, p, p, p, p, p, g_idx, None, tokens, K, N, groups, group_size, zero_offset, eps, None)
+
+    assert status(out=None) == 1
+    assert status(tokens=0) == 1 and status(tokens=9) == 3
+    assert status(K=252) == 1 and status(N=92) == 1 and status(K=8200, groups=1, group_size=8200) == 3
+    assert status(group_size=96) == 1 and status(groups=3) == 1 and status(group_size=12, groups=1) == 1
+    assert status(zero_offset=2) == 1 and status(eps=-1.0) == 1
+    assert status(x=p + 8) == 2 and status(g_idx=p + 4) == 2
+
+
+def test_qkv_view_splits_hf_per_head_order():
+    heads, head_dim, T = 4, 5, 2
+    out = torch.arange(T * heads * 3 * head_dim, dtype=torch.float32).view(T, 3 * heads * head_dim)
+    q, k, v = qkv_view(out, heads)
+    per_head = out.view(T, heads, 3, head_dim)
+    assert torch.equal(q, per_head[:, :, 0]) and torch.equal(k, per_head[:, :, 1]) and torch.equal(v, per_head[:, :, 2])
+    assert qkv_view(out, heads).data_ptr() == out.data_ptr()
+    with pytest.raises(InvalidInputError, match="3 \\* heads"):
+        qkv_view(out, 7)
+
+
+def test_reference_is_hf_layernorm_then_fused_qkv():
+    """The oracle on a quantized weight equals HF's input_layernorm + query_key_value with the
+    dequantized weight loaded: the kernel's output order is HF's."""
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128, vocab_size=64)
+    hf_layer = GPTNeoXForCausalLM(config).eval().gpt_neox.layers[0]
+    qkv = hf_layer.attention.query_key_value
+    layer = quantize_rtn(qkv.weight, qkv.bias, config=QuantConfig(group_size=32, sym=False))
+    with torch.no_grad():
+        qkv.weight.copy_(layer.dequantize().t())
+        qkv.bias.copy_(layer.bias.float())
+        hf_layer.input_layernorm.weight.copy_(hf_layer.input_layernorm.weight.half().float())
+        hf_layer.input_layernorm.bias.copy_(torch.randn(64).half().float())
+        x = torch.randn(3, 64).half()
+        expected = qkv(hf_layer.input_layernorm(x.float()))
+    ln = hf_layer.input_layernorm
+    got = reference(x, ln.weight.half(), ln.bias.half(), layer, ln.eps)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- CPU: the benchmark's pieces -------------------------------------------------------------------------
+
+
+def test_bench_suite_is_discovered_and_parses_shapes():
+    found, _ = bench.suites()
+    assert found["gptq-ln-qkv"] is gptq_bench
+    shape = gptq_bench.Shape.parse("1x2560x7680:g128")
+    assert (shape.tokens, shape.K, shape.N, shape.group_size, shape.act_order) == (1, 2560, 7680, 128, False)
+    assert str(gptq_bench.Shape.parse("3x2560x7680:g-1:act")) == "3x2560x7680:g-1:act"
+    # qweight + scales + qzeros + bias, x, LayerNorm weight and bias, out
+    assert shape.bytes_moved == 2560 * 7680 // 2 + 2 * 20 * 7680 + 20 * 7680 // 2 + 2 * 7680 + 2 * 2560 + 4 * 2560 + 2 * 7680
+    for bad in ["1x2560x7680", "9x2560x7680:g128", "1x2560x7680:g96", "1x2561x7680:g-1", "1x2560x7680:g128:x"]:
+        with pytest.raises(Exception, match="shape|tokens"):
+            gptq_bench.Shape.parse(bad)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_bench_torch_dequant_peer_is_the_format(act_order):
+    layer = random_layer(256, 48, group_size=64, act_order=act_order, checkpoint_format="gptq_v2")
+    assert torch.equal(gptq_bench.dequantize_fp16(layer), layer.dequantize(torch.float16).t())
+
+
+def test_bench_targets_read_the_target_row():
+    row = dict(tokens=1, K=2560, N=7680, group_size=128, act_order=False, provider="neoxfuse", median_us=6.0,
+               pct_copy=70.0, speedup_vs_torch_fp16=2.5)
+    met = {t["target"]: t["met"] for t in gptq_bench._targets([row])}
+    assert met == {"median us": True, "speedup vs torch_fp16": True, "% of copy bandwidth": True}
+    slow = {t["target"]: t["met"] for t in gptq_bench._targets([dict(row, median_us=9.0, pct_copy=50.0)])}
+    assert slow["median us"] is False and slow["% of copy bandwidth"] is False
+    assert all(t["met"] is None for t in gptq_bench._targets([]))
+
+
+# ---- GPU: against the fp32 oracle ---------------------------------------------------------------------------
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def run_poisoned(args: dict) -> torch.Tensor:
+    """The op's output, with the allocator's block it is likely to reuse filled with NaN first,
+    so an element the kernel does not write shows."""
+    T, N = args["x"].shape[0], args["qweight"].shape[1]
+    poison = torch.full((T, N), float("nan"), dtype=torch.float16, device="cuda")
+    del poison
+    out = gptq_ln_qkv(**args)
+    torch.cuda.synchronize()
+    return out
+
+
+def check_against_reference(T, K, N, **layer_args):
+    layer = random_layer(K, N, device="cuda", **layer_args)
+    x, w, b = random_inputs(T, K, "cuda", seed=T)
+    out = run_poisoned(_raw_args((x, w, b), layer))
+    assert out.shape == (T, N) and out.dtype == torch.float16
+    assert bool(torch.isfinite(out).all()), "an output element is NaN/inf (unwritten or wrong)"
+    ref = reference(x, w, b, layer, EPS)
+    assert rel_error(out, ref) < REL_TOL, rel_error(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_every_format_variant_on_pythia_2_8b_qkv(group_size, sym, checkpoint_format, act_order, T):
+    check_against_reference(T, 2560, 7680, group_size=group_size, sym=sym, checkpoint_format=checkpoint_format, act_order=act_order)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("K,N", PYTHIA_KN + ODD_KN)
+def test_every_pythia_size_and_an_odd_n(K, N, act_order, T):
+    check_against_reference(T, K, N, group_size=64 if K == 320 else 128, act_order=act_order, seed=K)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", range(1, MAX_TOKENS + 1))
+def test_every_token_count_and_a_large_mean(T):
+    layer = random_layer(768, 2304, device="cuda")
+    x, w, b = random_inputs(T, 768, "cuda", seed=T, mean=30.0)  # |mean| >> std: two-pass statistics
+    out = run_poisoned(_raw_args((x, w, b), layer))
+    assert rel_error(out, reference(x, w, b, layer, EPS)) < REL_TOL
+
+
+@pytest.mark.gpu
+def test_real_quantized_weights_and_no_bias():
+    torch.manual_seed(2)
+    weight = torch.randn(7680, 2560, device="cuda") * 0.02
+    layer = quantize_rtn(weight, None, config=QuantConfig(group_size=128, sym=False, desc_act=True))
+    x, w, b = random_inputs(1, 2560, "cuda")
+    out = gptq_ln_qkv_layer(x, w, b, layer)
+    assert rel_error(out, reference(x, w, b, layer, EPS)) < REL_TOL
+    # and the quantized layer is close to the fp32 one (4-bit RTN: ~0.1 relative)
+    exact = F.layer_norm(x.float(), (2560,), w.float(), b.float(), EPS) @ weight.t()
+    assert rel_error(out, exact) < 0.15
+
+
+@pytest.mark.gpu
+def test_deterministic_and_graph_capturable():
+    layer = random_layer(2560, 7680, device="cuda", act_order=False)
+    x, w, b = random_inputs(1, 2560, "cuda")
+    first = gptq_ln_qkv_layer(x, w, b, layer)
+    assert torch.equal(first, gptq_ln_qkv_layer(x, w, b, layer))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = gptq_ln_qkv_layer(x, w, b, layer)
+    x.copy_(random_inputs(1, 2560, "cuda", seed=9)[0])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, gptq_ln_qkv_layer(x, w, b, layer))
+    assert not torch.equal(captured, first)
+
+
+@pytest.mark.gpu
+def test_torch_compile_sees_the_op():
+    layer = random_layer(512, 1536, device="cuda")
+    x, w, b = random_inputs(2, 512, "cuda")
+    compiled = torch.compile(lambda x: gptq_ln_qkv_layer(x, w, b, layer).float() * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x), gptq_ln_qkv_layer(x, w, b, layer).float() * 2)
+
+
+@pytest.mark.gpu
+def test_out_of_range_g_idx_is_refused_by_the_layer_and_never_read_by_the_kernel():
+    layer = random_layer(256, 96, device="cuda", act_order=True)
+    bad = layer.g_idx.clone()
+    bad[5] = 7  # only 2 groups
+    with pytest.raises(InvalidInputError, match="g_idx must lie in 0..1"):
+        GPTQLinear(layer.qweight, layer.qzeros, layer.scales, bad, layer.bias, layer.group_size, layer.checkpoint_format)
+    x, w, b = random_inputs(1, 256, "cuda")
+    out = gptq_ln_qkv(**_raw_args((x, w, b), layer, g_idx=bad))
+    torch.cuda.synchronize()
+    assert bool(torch.isnan(out).all()), "every column sums over row 5, whose group is out of range"
+
+
+@pytest.mark.gpu
+def test_device_layout_errors():
+    layer = random_layer(256, 96, device="cuda")
+    x, w, b = random_inputs(2, 256, "cuda")
+    with pytest.raises(InvalidInputError, match="must be on a CUDA device"):
+        gptq_ln_qkv_layer(x, w.cpu(), b, layer)
+    with pytest.raises(InvalidInputError, match="contiguous"):
+        gptq_ln_qkv_layer(torch.zeros(256, 2, dtype=torch.float16, device="cuda").t(), w, b, layer)
+    with pytest.raises(InvalidInputError, match="16-byte boundary"):
+        gptq_ln_qkv_layer(torch.zeros(2 * 256 + 1, dtype=torch.float16, device="cuda")[1:].view(2, 256), w, b, layer)
+
+
+# ---- integration: an HF GPT-NeoX with its attention input path on the kernel ------------------------------
+
+
+def _gptq_checkpoint(tmp_path, *, hidden=64, heads=4, layers=2, parallel=True, quant=None):
+    torch.manual_seed(3)
+    config = GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                           intermediate_size=4 * hidden, vocab_size=256, max_position_embeddings=128,
+                           use_parallel_residual=parallel)
+    model = GPTNeoXForCausalLM(config).eval()
+    with torch.no_grad():  # LayerNorms away from the identity, so a skipped or doubled LN1 shows
+        for block in model.gpt_neox.layers:
+            block.input_layernorm.weight.normal_(1.0, 0.3)
+            block.input_layernorm.bias.normal_(0.0, 0.3)
+    quant = quant or QuantConfig(group_size=32, sym=False, desc_act=True, checkpoint_format="gptq")
+    save_gptq_checkpoint(quantize_gpt_neox(model, quant), tmp_path)
+    return load_gptq_checkpoint(tmp_path)
+
+
+def _teacher_forced_logits(model, tokens, prefill):
+    """Logits of a prefill of tokens[:prefill], then one decode step per remaining token (KV cache)."""
+    with torch.no_grad():
+        out = model(torch.tensor([tokens[:prefill]], device=model.device), use_cache=True)
+        logits, cache = [out.logits[0].float()], out.past_key_values
+        for token in tokens[prefill:]:
+            out = model(torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True)
+            logits.append(out.logits[0].float())
+            cache = out.past_key_values
+    return torch.cat(logits)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_patched_hf_model_matches_the_dequantized_model_on_cpu(tmp_path, parallel):
+    """On CPU the fused module runs the fp32 oracle: this checks the patch itself (LN1 moved into
+    query_key_value, the column order HF's attention reads) against the unpatched model."""
+    checkpoint = _gptq_checkpoint(tmp_path, parallel=parallel)
+    patched = gptq_gpt_neox(checkpoint, device="cpu").float()
+    for block in patched.gpt_neox.layers:
+        assert isinstance(block.input_layernorm, torch.nn.Identity)
+        assert isinstance(block.attention.query_key_value, GPTQLayerNormQKV)
+    plain = dequantized_gpt_neox(checkpoint, "cpu", torch.float16).float()  # the same fp16-rounded dense/MLP weights
+    tokens = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    got, want = _teacher_forced_logits(patched, tokens, 9), _teacher_forced_logits(plain, tokens, 9)
+    # The plain model holds the dequantized QKV weight rounded to fp16 (2^-11 relative per weight),
+    # the fused module the exact int4 values in fp32: ~1e-4 apart. A skipped or doubled LayerNorm,
+    # or a wrong column order, is O(1).
+    assert rel_error(got, want) < 1e-3
+
+
+def test_patch_needs_a_quantized_qkv(tmp_path):
+    checkpoint = _gptq_checkpoint(tmp_path, layers=1)
+    del checkpoint.linears["gpt_neox.layers.0.attention.query_key_value"]
+    with pytest.raises(InvalidInputError, match="query_key_value is not GPTQ-quantized"):
+        gptq_gpt_neox(checkpoint, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [QuantConfig(group_size=32, sym=False, desc_act=True, checkpoint_format="gptq"),
+                                   QuantConfig(group_size=128, sym=True, checkpoint_format="gptq_v2")])
+def test_patched_hf_model_runs_the_kernel_end_to_end(tmp_path, quant):
+    """A pythia-160m-shaped GPTQ model (hidden 768, 12 heads) in fp16 on the GPU: the patched model
+    (LN1 + int4 QKV on the kernel, 8 tokens per launch in the 11-token prefill) against the same
+    checkpoint dequantized to fp16 and run by HF unpatched, teacher-forced over prefill and decode."""
+    checkpoint = _gptq_checkpoint(tmp_path, hidden=768, heads=12, layers=3, quant=quant)
+    patched = gptq_gpt_neox(checkpoint, device="cuda")
+    plain = dequantized_gpt_neox(checkpoint, "cuda", torch.float16)
+    tokens = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+    got, want = _teacher_forced_logits(patched, tokens, 11), _teacher_forced_logits(plain, tokens, 11)
+    # both are fp16 models differing only in how LN1 + QKV round (fp32 sums on int4 in the kernel,
+    # fp16 LayerNorm output times fp16 weights in cuBLAS); 3 layers amplify that to ~1e-3.
+    assert rel_error(got, want) < 1e-2
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
