@@ -75,6 +75,17 @@ int launch(void (*kernel)(KernelArgs...), int blocks, int cluster_size, size_t s
   return check_cuda(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
+// Raises `kernel`'s dynamic shared-memory limit to all the device allows next to its static
+// shared memory, and returns that limit in *limit. Set once to the device's maximum rather than
+// to one plan's need, so plans of different cluster sizes stay valid side by side.
+int raise_dynamic_smem_limit(const void* kernel, int smem_optin, size_t* limit) {
+  cudaFuncAttributes attributes;
+  if (int status = check_cuda(cudaFuncGetAttributes(&attributes, kernel))) return status;
+  const int dynamic = smem_optin - static_cast<int>(attributes.sharedSizeBytes);
+  *limit = static_cast<size_t>(dynamic);
+  return check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic));
+}
+
 bool all_vec_aligned(std::initializer_list<const void*> pointers) {
   for (const void* p : pointers) {
     if (!is_vec_aligned(p)) return false;
@@ -113,19 +124,20 @@ NEOXFUSE_API int neoxfuse_fused_decoder_plan(const neoxfuse_fused_shape* shape, 
   return with_head_dim(shape->head_dim, [&](auto head_dim) {
     constexpr int kHeadDim = decltype(head_dim)::value;
     const auto attn_mlp_in = attn_mlp_in_kernel<kHeadDim>;
-    const size_t attn_mlp_in_smem = AttnMlpInLayout<kHeadDim>::bytes(shape->hidden);
-    if (attn_mlp_in_smem > static_cast<size_t>(smem_optin)) return static_cast<int>(NEOXFUSE_ERR_UNSUPPORTED);
-    // The limit is the device's, whatever this plan needs, so plans of other cluster sizes stay valid.
-    for (const void* kernel : {reinterpret_cast<const void*>(attn_mlp_in), reinterpret_cast<const void*>(out_proj_kernel)}) {
-      if (int status = check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin))) {
-        return status;
-      }
+    size_t attn_mlp_in_limit = 0, out_proj_limit = 0;
+    if (int status = raise_dynamic_smem_limit(reinterpret_cast<const void*>(attn_mlp_in), smem_optin, &attn_mlp_in_limit)) {
+      return status;
     }
+    if (int status = raise_dynamic_smem_limit(reinterpret_cast<const void*>(out_proj_kernel), smem_optin, &out_proj_limit)) {
+      return status;
+    }
+    const size_t attn_mlp_in_smem = AttnMlpInLayout<kHeadDim>::bytes(shape->hidden);
+    if (attn_mlp_in_smem > attn_mlp_in_limit) return static_cast<int>(NEOXFUSE_ERR_UNSUPPORTED);
 
     const bool forced = cluster_size > 0;
     for (int size = forced ? cluster_size : kMaxClusterSize; size >= 1; --size) {
       const size_t out_proj_smem = OutProjLayout::bytes(shape->hidden, shape->ffn, size, shape->heads);
-      if (out_proj_smem > static_cast<size_t>(smem_optin)) {
+      if (out_proj_smem > out_proj_limit) {
         if (forced) return static_cast<int>(NEOXFUSE_ERR_UNSUPPORTED);
         continue;
       }
