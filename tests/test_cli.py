@@ -100,7 +100,7 @@ def test_generate_from_a_checkpoint_and_sampling_options(tiny_checkpoint, capsys
         (["--model", "tiny", "--prompt", "hello"], "needs a tokenizer"),
         (["--model", "tiny", "--tokens", "1,2", "--max-new-tokens", "300"], "KV cache"),
         (["--model", "tiny", "--tokens", "1,600"], "token ids must be in"),
-        (["--model", "tiny", "--tokens", "1", "--backend", "nope"], "available backends: reference"),
+        (["--model", "tiny", "--tokens", "1", "--backend", "nope"], "available backends: fused, reference"),
         (["--model", "tiny", "--tokens", "1", "--top-p", "0"], "top_p"),
         (["--model", "tiny", "--tokens", "1", "--max-seq-len", "100000"], "max_seq_len"),
     ],

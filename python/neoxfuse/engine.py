@@ -348,3 +348,7 @@ class Engine:
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+# Backends defined in their own modules register themselves on import (they import Backend from here).
+import neoxfuse.fused  # noqa: E402,F401  the "fused" backend (kernels/fused_decoder)

@@ -111,7 +111,7 @@ class FusedBackend(Backend):
         or a cache of other sizes; both before anything runs.
         """
         token_id = self._checked_token(token)
-        self.reference._check_cache(cache, 1)
+        self.reference.check_cache(cache, 1)
         self._token.fill_(token_id)
         if self._device_length != cache.length:
             self._position.fill_(cache.length)

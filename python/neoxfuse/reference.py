@@ -175,7 +175,7 @@ class ReferenceModel:
         unchanged when an error is raised.
         """
         token_ids = self._checked_tokens(tokens)  # [T]
-        self._check_cache(cache, len(token_ids))
+        self.check_cache(cache, len(token_ids))
         w = self.weights
         x = w.embed_in[token_ids]  # [T, h]
         for index, layer in enumerate(w.layers):
@@ -201,7 +201,8 @@ class ReferenceModel:
             raise InvalidInputError(f"token ids must be in 0..{self.shape.vocab - 1}, got {bad[:8].tolist()}")
         return token_ids.to(device=self.weights.embed_in.device, dtype=torch.long)
 
-    def _check_cache(self, cache: KVCache, new_tokens: int) -> None:
+    def check_cache(self, cache: KVCache, new_tokens: int) -> None:
+        """InvalidInputError unless `cache` is this model's; SequenceTooLongError unless `new_tokens` more fit."""
         s, like = self.shape, self.weights.embed_in
         for name, tensor in [("k", cache.k), ("v", cache.v)]:
             sizes = tuple(tensor.shape[i] for i in (0, 1, 3)) if tensor.dim() == 4 else None
