@@ -1,4 +1,8 @@
-"""Shared test set-up: the `gpu` marker (skips with a reason where no CUDA GPU is usable), --wheel."""
+"""Shared test set-up: the `gpu` marker (skips with a reason where no CUDA GPU is usable), --wheel,
+and the `cuobjdump` fixture."""
+
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,3 +23,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def cuobjdump() -> str:
+    """cuobjdump from PyPI's nvidia-cuda-cuobjdump (requirements.txt), else the toolkit's."""
+    import nvidia
+
+    for root in nvidia.__path__:
+        for found in Path(root).glob("*/bin/cuobjdump"):
+            return str(found)
+    path = shutil.which("cuobjdump")
+    if path is None:
+        pytest.fail("cuobjdump not found: requirements.txt installs nvidia-cuda-cuobjdump")
+    return path

@@ -17,9 +17,7 @@ import copy
 import dataclasses
 import math
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -141,20 +139,8 @@ def _check_against_oracle(x, layer, shape, position, k_cache, v_cache, **kwargs)
 # Without a GPU: build, shapes, argument checks.
 
 
-def _cuobjdump() -> str:
-    import nvidia
-
-    for root in nvidia.__path__:
-        for found in Path(root).glob("*/bin/cuobjdump"):
-            return str(found)
-    path = shutil.which("cuobjdump")
-    if path is None:
-        pytest.fail("cuobjdump not found: requirements.txt installs nvidia-cuda-cuobjdump")
-    return path
-
-
-def test_kernels_are_built_for_every_arch_without_spills():
-    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(_lib.library_path())], capture_output=True,
+def test_kernels_are_built_for_every_arch_without_spills(cuobjdump):
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(_lib.library_path())], capture_output=True,
                            text=True, check=True).stdout
     arch = None
     found = {}

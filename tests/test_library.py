@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,28 +15,15 @@ from neoxfuse.errors import InvalidInputError, NoGPUError
 from neoxfuse.ops.copy import device_copy
 
 
-def _cuobjdump() -> str:
-    """cuobjdump from PyPI's nvidia-cuda-cuobjdump (requirements.txt), else the toolkit's."""
-    import nvidia
-
-    for root in nvidia.__path__:
-        for found in Path(root).glob("*/bin/cuobjdump"):
-            return str(found)
-    path = shutil.which("cuobjdump")
-    if path is None:
-        pytest.fail("cuobjdump not found: requirements.txt installs nvidia-cuda-cuobjdump")
-    return path
-
-
 def test_library_loads_and_describes_itself():
     info = _lib.build_info()
     assert f"abi={_lib.ABI_VERSION}" in info
     assert "archs=sm_90a,sm_120,compute_120" in info
 
 
-def test_library_holds_machine_code_for_every_target_arch():
+def test_library_holds_machine_code_for_every_target_arch(cuobjdump):
     listing = subprocess.run(
-        [_cuobjdump(), "--list-elf", "--list-ptx", str(_lib.library_path())], capture_output=True, text=True, check=True
+        [cuobjdump, "--list-elf", "--list-ptx", str(_lib.library_path())], capture_output=True, text=True, check=True
     ).stdout
     elf = [line for line in listing.splitlines() if line.startswith("ELF file")]
     ptx = [line for line in listing.splitlines() if line.startswith("PTX file")]
