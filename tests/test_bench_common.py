@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from neoxfuse.bench.common import Timing, device_record, percentile, time_cuda, write_results
+from neoxfuse.bench.common import Timing, device_record, percentile, time_cuda, time_graph, write_results
 from neoxfuse.errors import InvalidInputError, NoGPUError
 
 
@@ -90,6 +90,8 @@ def test_a_cpu_run_has_no_copy_rate():
 def test_cpu_machine_cuda_timing_says_why():
     with pytest.raises(NoGPUError):
         time_cuda(lambda: None)
+    with pytest.raises(NoGPUError):
+        time_graph(lambda i: None, 2)
 
 
 @pytest.mark.gpu
@@ -101,6 +103,15 @@ def test_time_cuda_measures_device_time():
     assert 1.6 < long.median_us / short.median_us < 2.4
     with pytest.raises(InvalidInputError):
         time_cuda(lambda: None, runs=0)
+
+
+@pytest.mark.gpu
+def test_time_graph_reports_time_per_captured_call():
+    # Four sleeps captured in one graph: each replay takes about four single sleeps, reported per call.
+    single = time_cuda(lambda: torch.cuda._sleep(200_000), warmup=2, runs=20)
+    per_call = time_graph(lambda i: torch.cuda._sleep(200_000), 4, runs=20)
+    assert per_call.runs == 20
+    assert 0.7 < per_call.median_us / single.median_us < 1.3
 
 
 @pytest.mark.gpu

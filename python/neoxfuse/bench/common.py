@@ -91,6 +91,30 @@ def time_cuda(fn: Callable[[], object], *, warmup: int = 10, runs: int = 100) ->
     return Timing.from_samples([start.elapsed_time(end) * 1e3 for start, end in events])
 
 
+def time_graph(step: Callable[[int], object], calls: int, *, runs: int = 100, warmup: int = 3) -> Timing:
+    """Per-call time of step(0), ..., step(calls-1) captured in one CUDA graph: replay time / calls.
+
+    Each step runs once outside the graph first, on a side stream (lazy inits, cuBLAS heuristics,
+    torch.compile), then all `calls` are captured in one graph whose replays time_cuda times. What a
+    step returns is held until capture ends, so every call writes its own output memory. Steps that
+    rotate through buffers larger than L2 keep the cache from flattering small ops.
+    """
+    require_cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(calls):
+            step(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    outputs = []
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            outputs.append(step(i))
+    per_replay = time_cuda(graph.replay, warmup=warmup, runs=runs)
+    return Timing(**{k: v / calls if k.endswith("_us") else v for k, v in per_replay.as_dict().items()})
+
+
 def device_record(copy: CopyBandwidth | None) -> dict:
     """The `device` entry of a results file: {name, sm, copy_GBps} of the current CUDA device and the
     copy bandwidth measured in this run. With `copy` None (a CPU run, no probe) sm and copy_GBps are None."""

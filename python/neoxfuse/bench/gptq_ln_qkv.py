@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from neoxfuse.bench.common import Timing, device_record, write_results
+from neoxfuse.bench.common import device_record, time_graph, write_results
 from neoxfuse.checks import require_cuda
 from neoxfuse.device import copy_bandwidth, devices
 from neoxfuse.errors import InvalidInputError
@@ -193,30 +193,6 @@ def _set_count(shape: Shape, l2_bytes: int) -> int:
     return max(2, min(MAX_SETS, math.ceil(2 * l2_bytes / shape.bytes_moved)))
 
 
-def _time_in_graph(call: Call, sets: list[BufferSet], replays: int) -> Timing:
-    """Captures call(set) for every set in one CUDA graph and times `replays` replays of it."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for s in sets:  # warm up: cuBLAS heuristics, allocator
-            call(s)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    outputs = []  # held until captured, so every call writes its own output memory
-    with torch.cuda.graph(graph):
-        for s in sets:
-            outputs.append(call(s))
-    for _ in range(3):
-        graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return Timing.from_samples([start.elapsed_time(end) * 1e3 / len(sets) for start, end in events])
-
-
 def _measure(shapes: list[Shape], providers: list[str], replays: int, copy_GBps: float, l2_bytes: int) -> list[dict]:
     rows = []
     generator = torch.Generator("cuda").manual_seed(0)
@@ -228,7 +204,7 @@ def _measure(shapes: list[Shape], providers: list[str], replays: int, copy_GBps:
             first = sets[0]
             ref = reference(first.x, first.ln_weight, first.ln_bias, first.layer, EPS)
             for provider, call in calls.items():
-                timing = _time_in_graph(call, sets, replays)
+                timing = time_graph(lambda i: call(sets[i]), len(sets), runs=replays)
                 gbps = shape.bytes_moved / (timing.median_us * 1e-6) / 1e9
                 with torch.no_grad():
                     out = call(first).float()

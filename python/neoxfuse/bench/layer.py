@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 import transformers
 
 from neoxfuse import reference as ref
-from neoxfuse.bench.common import Timing, device_record, time_cuda, write_results
+from neoxfuse.bench.common import Timing, device_record, time_cuda, time_graph, write_results
 from neoxfuse.checks import require_cuda
 from neoxfuse.configs import MODEL_NAMES, NeoXShape, pythia_config, shape_of
 from neoxfuse.device import copy_bandwidth, devices
@@ -144,20 +143,6 @@ def torch_layer(x: torch.Tensor, layer: LayerWeights, shape: NeoXShape, k_cache,
     return x + attn + mlp
 
 
-def _graph_timing(step: Callable[[int], None], calls: int, runs: int) -> Timing:
-    """Captures step(0), ..., step(calls-1) in one CUDA graph; per-call times of `runs` replays."""
-    for i in range(calls):  # warm-up outside the graph: plans, cuBLAS handles, lazy inits
-        step(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            step(i)
-    per_replay = time_cuda(graph.replay, warmup=3, runs=runs)
-    scale = 1.0 / calls
-    return Timing(**{k: v * scale if k.endswith("_us") else v for k, v in per_replay.as_dict().items()})
-
-
 def _measure(provider: str, shape: NeoXShape, copies: list[Copy], position: int, args) -> Timing:
     residual = [torch.randn(shape.hidden, device="cuda") for _ in range(2)]  # ping-pong, fp32
     if provider in ("fused", "fused_nopdl"):
@@ -170,7 +155,7 @@ def _measure(provider: str, shape: NeoXShape, copies: list[Copy], position: int,
                                         out=residual[(i + 1) % 2], workspace=workspace, cluster_size=args.cluster_size,
                                         pdl=provider == "fused")
 
-        return _graph_timing(fused_step, args.calls, args.runs)
+        return time_graph(fused_step, args.calls, runs=args.runs)
     residual16 = [r.half()[None] for r in residual]  # [1, hidden]
     cos, sin = (t.half() for t in ref.rotary_cos_sin(torch.tensor([position], device="cuda"), shape.rotary_dims,
                                                       shape.rotary_base))  # [1, rotary_dims]
@@ -181,7 +166,7 @@ def _measure(provider: str, shape: NeoXShape, copies: list[Copy], position: int,
             residual16[(i + 1) % 2].copy_(torch_layer(residual16[i % 2], c.layer, shape, c.k_cache, c.v_cache, position,
                                                       cos, sin))
 
-        return _graph_timing(torch_step, args.calls, args.runs)
+        return time_graph(torch_step, args.calls, runs=args.runs)
     calls = iter(range(10**9))
 
     def reference_step() -> None:

@@ -41,7 +41,7 @@ import torch
 import transformers
 
 from neoxfuse import hf
-from neoxfuse.bench.common import Timing, device_record, write_results
+from neoxfuse.bench.common import device_record, time_graph, write_results
 from neoxfuse.checks import require_cuda
 from neoxfuse.device import copy_bandwidth, devices
 from neoxfuse.errors import InvalidInputError
@@ -250,31 +250,6 @@ def _set_count(shape: Shape, l2_bytes: int) -> int:
     return max(2, min(MAX_SETS, math.ceil(2 * l2_bytes / shape.bytes_moved)))
 
 
-def _time_in_graph(call: Call, provider: str, sets: list[BufferSet], replays: int) -> Timing:
-    """Captures call(set) for every set in one CUDA graph and times `replays` replays of it."""
-    params = [s.params_for(provider) for s in sets]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for s, (ws, bs) in zip(sets, params):  # warm up: compile, JIT, allocator
-            call(s.x, s.residuals, ws, bs)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    outputs = []  # held until captured, so every call writes its own output memory
-    with torch.cuda.graph(graph):
-        for s, (ws, bs) in zip(sets, params):
-            outputs.append(call(s.x, s.residuals, ws, bs))
-    for _ in range(3):
-        graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return Timing.from_samples([start.elapsed_time(end) * 1e3 / len(sets) for start, end in events])
-
-
 def _relative_error(call: Call, provider: str, s: BufferSet, shape: Shape) -> float:
     """||y_1 - ref|| / ||ref|| for the provider's first LayerNorm output on buffer set s."""
     ws, bs = s.params_for(provider)
@@ -297,7 +272,8 @@ def _measure_shapes(shapes: list[Shape], providers: list[str], replays: int, cop
             sets = _buffer_sets(shape, _set_count(shape, l2_bytes), generator)
             for provider, call in calls.items():
                 try:
-                    timing = _time_in_graph(call, provider, sets, replays)
+                    params = [s.params_for(provider) for s in sets]  # (weights, biases) per buffer set
+                    timing = time_graph(lambda i: call(sets[i].x, sets[i].residuals, *params[i]), len(sets), runs=replays)
                 except Exception as err:  # a peer that cannot run here (FlashInfer without its JIT toolchain, say)
                     skipped[str(shape)][provider] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
                     continue
