@@ -66,6 +66,7 @@ def test_temperature_divides_the_logits(temperature):
 
 def test_temperature_sharpens_and_flattens():
     logits = torch.randn(500) * 2
+    logits[torch.randint(500, ())] = logits.max() + 1  # a clear argmax: at T=0.05 it leads by >= 20
 
     def entropy(temperature):
         p = probabilities(logits, SamplingParams(temperature=temperature)).double()
