@@ -26,12 +26,14 @@ class InvalidInputError(NeoxfuseError, ValueError):
     """A tensor or argument of the wrong dtype, shape, device, layout or range."""
 
 
+class CheckpointNotFoundError(InvalidInputError, FileNotFoundError):
+    """A checkpoint directory, its config.json, or its weight files are missing."""
+
+
 class SequenceTooLongError(InvalidInputError):
     """A position past the KV cache's capacity."""
 
 
-class CheckpointNotFoundError(NeoxfuseError, FileNotFoundError):
-    """A checkpoint directory, its config.json, or its weight files are missing."""
 
 
 class UnknownModelError(NeoxfuseError, ValueError):

@@ -187,6 +187,27 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
+def read_checkpoint_config(path: str | Path) -> dict:
+    """config.json of a local Hugging Face GPT-NeoX checkpoint directory, as a dict.
+
+    CheckpointNotFoundError: no such directory, or no config.json in it.
+    UnsupportedModelError: config.json's model_type is not gpt_neox.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointNotFoundError(f"checkpoint directory {directory} does not exist or is not a directory")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise CheckpointNotFoundError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    if model_type != "gpt_neox":
+        raise UnsupportedModelError(
+            f"{config_file} describes model_type {model_type!r}, not gpt_neox; neoxfuse runs gpt_neox only"
+        )
+    return config
+
+
 def load_checkpoint(path: str | Path) -> tuple[ModelWeights, object | None]:
     """(weights on CPU in the checkpoint's dtype, its tokenizer or None) from a local Hugging Face
     directory: config.json plus model.safetensors (sharded or not) or pytorch_model*.bin.
@@ -196,14 +217,7 @@ def load_checkpoint(path: str | Path) -> tuple[ModelWeights, object | None]:
     InvalidInputError: tensors missing or of the wrong shape for the config.
     """
     directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointNotFoundError(f"checkpoint directory {directory} does not exist or is not a directory")
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise CheckpointNotFoundError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type != "gpt_neox":
-        raise UnsupportedModelError(f"{config_file} describes model_type {model_type!r}; neoxfuse runs gpt_neox only")
+    read_checkpoint_config(directory)
     config = GPTNeoXConfig.from_pretrained(directory)
     shape = shape_of(config)
     weights = _assemble(shape, _read_tensors(_weight_files(directory)), str(directory), config.tie_word_embeddings)

@@ -39,10 +39,10 @@ from neoxfuse.bench.common import device_record, percentile, write_results
 from neoxfuse.configs import MODEL_NAMES, shape_of
 from neoxfuse.device import copy_bandwidth
 from neoxfuse.engine import BACKENDS, DTYPES, Engine, resolve_device, resolve_dtype
-from neoxfuse.errors import CheckpointNotFoundError, InvalidInputError, SequenceTooLongError, UnknownModelError
+from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnknownModelError
 from neoxfuse.monitor import GpuMonitor
 from neoxfuse.progress import progress_bar
-from neoxfuse.weights import random_model
+from neoxfuse.weights import random_model, read_checkpoint_config
 
 SUITE = "decode"
 HELP = "TPOT of batch-1 greedy decoding per backend vs the memory floor and HF peers, over generated lengths"
@@ -161,9 +161,8 @@ def _hf_model(source: str, dtype: torch.dtype, device: torch.device, seed: int):
     if source in MODEL_NAMES:
         model, description = random_model(source, seed=seed, dtype=dtype, attn_implementation="sdpa"), f"{source} (random-initialised)"
     elif Path(source).is_dir():
-        if not (Path(source) / "config.json").is_file():
-            raise CheckpointNotFoundError(f"{source} has no config.json: not a Hugging Face checkpoint directory")
-        shape_of(transformers.AutoConfig.from_pretrained(source))  # UnsupportedModelError for anything but GPT-NeoX
+        read_checkpoint_config(source)  # CheckpointNotFoundError / UnsupportedModelError
+        shape_of(transformers.AutoConfig.from_pretrained(source))  # sizes and options neoxfuse computes
         model = transformers.GPTNeoXForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
         description = str(source)
     else:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from neoxfuse.errors import InvalidInputError, UnsupportedModelError
 from neoxfuse.quant.gptq import GPTQLinear, QuantConfig, ordered_g_idx, quantize_rtn, read_quant_config
+from neoxfuse.weights import read_checkpoint_config
 
 # The linear layers of GPT-NeoX layer i, under gpt_neox.layers.{i}.
 LAYER_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
@@ -65,18 +66,12 @@ def load_gptq_checkpoint(directory: str | Path, device: str | torch.device = "cp
 
     Every NAME.qweight becomes a GPTQLinear (checked on construction; a missing g_idx means the
     ordered k // group_size). Raises UnsupportedModelError for a model that is not gpt_neox or a
-    quantization this package does not read, InvalidInputError for a missing directory, missing
-    or malformed tensors (naming the layer), or a layer linear that is neither quantized nor present.
+    quantization this package does not read, CheckpointNotFoundError (an InvalidInputError) for a
+    missing directory or config.json, InvalidInputError for missing or malformed tensors (naming
+    the layer), or a layer linear that is neither quantized nor present.
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise InvalidInputError(f"{directory} is not a directory")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise InvalidInputError(f"{directory} has no config.json")
-    config = json.loads(config_path.read_text())
-    if config.get("model_type") != "gpt_neox":
-        raise UnsupportedModelError(f"{directory} holds a {config.get('model_type')!r} model, not gpt_neox")
+    config = read_checkpoint_config(directory)
     quant = read_quant_config(directory)
     tensors = _read_tensors(directory, device)
 
