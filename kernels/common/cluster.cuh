@@ -15,6 +15,9 @@
 // Work split: the threads of the calling block stride over the indices; each index costs C
 // loads from distributed shared memory.
 //
+// `in` must start at the same shared-memory offset in every block: in@r is this block's address
+// of `in` mapped into block r (map_shared_rank), so a layout that depends on the rank breaks it.
+//
 // Synchronisation is the caller's, so it can overlap independent work with a barrier
 // (cluster_arrive() ... work ... cluster_wait()). The protocol, for every block of the cluster:
 //   1. write this block's `in`;

@@ -286,13 +286,21 @@ __global__ void __launch_bounds__(kThreads, 1) attn_mlp_in_kernel(const LayerPar
   cluster_wait();  // no block leaves while another may still read its shared memory
 }
 
-// Shared memory of out_proj_kernel, in floats; sized for rank 0, whose slices are the largest.
+// Shared memory of out_proj_kernel, in floats from the start of the dynamic allocation; slices are
+// sized for rank 0, whose slices are the largest. The offsets are the same in every block of a
+// cluster, whatever its rank's slice sizes: ClusterReduce reads `partial` at this block's offset in
+// the other blocks' shared memory.
 struct OutProjLayout {
+  __host__ __device__ static int attn_in(int, int) { return 0; }
+  __host__ __device__ static int mlp_in(int hidden, int ranks) {
+    return split_range(hidden / kChunkElems, ranks, 0).size() * kChunkElems;
+  }
+  __host__ __device__ static int partial(int hidden, int ffn, int ranks) {
+    return mlp_in(hidden, ranks) + split_range(ffn / kChunkElems, ranks, 0).size() * kChunkElems;
+  }
   __host__ __device__ static size_t bytes(int hidden, int ffn, int ranks, int clusters) {
-    const int attn_chunks = split_range(hidden / kChunkElems, ranks, 0).size();
-    const int mlp_chunks = split_range(ffn / kChunkElems, ranks, 0).size();
     const int rows = split_range(hidden, clusters, 0).size();
-    return sizeof(float) * static_cast<size_t>((attn_chunks + mlp_chunks) * kChunkElems + 2 * rows);
+    return sizeof(float) * static_cast<size_t>(partial(hidden, ffn, ranks) + 2 * rows);
   }
 };
 
@@ -304,10 +312,11 @@ __global__ void __launch_bounds__(kThreads, 1) out_proj_kernel(const LayerParams
   const IndexRange rows = split_range(p.hidden, clusters, cluster);                  // rows of y
   const IndexRange attn_chunks = split_range(p.hidden / kChunkElems, ranks, rank);   // this block's K slice of dense
   const IndexRange mlp_chunks = split_range(p.ffn / kChunkElems, ranks, rank);       // ... and of fc_out
-  float* attn_in = reinterpret_cast<float*>(shared4);                  // [attn_chunks * 8]
-  float* mlp_in = attn_in + attn_chunks.size() * kChunkElems;         // [mlp_chunks * 8]
-  float* partial = mlp_in + mlp_chunks.size() * kChunkElems;          // [rows] this block's share of each dot
-  float* total = partial + rows.size();                                // [rows]
+  float* shared = reinterpret_cast<float*>(shared4);
+  float* attn_in = shared + OutProjLayout::attn_in(p.hidden, ranks);           // [attn_chunks * 8]
+  float* mlp_in = shared + OutProjLayout::mlp_in(p.hidden, ranks);             // [mlp_chunks * 8]
+  float* partial = shared + OutProjLayout::partial(p.hidden, p.ffn, ranks);    // [rows] this block's share of each dot
+  float* total = partial + rows.size();                                        // [rows]
 
   // Row `row` of y: this block's piece of dense[row, :] . attn and of fc_out[row, :] . mlp.
   auto dense_segment = [&](int row) {
