@@ -206,11 +206,27 @@ def test_a_failing_gpu_test_fails_the_pipeline(tmp_path, checkout):
     pipeline = pipeline_for(tmp_path, "--tests", str(checkout))
     stage = pipeline.run_stage("tests", pipeline.tests)
     assert stage.status == "failed"
-    assert stage.details == {"tests": failing + passing, "failures": failing, "errors": 0, "skipped": 0}
-    assert "exit status 1" in stage.reason and "logs/tests.log" in stage.reason
-    assert "test_fails_0" in (pipeline.out / "logs" / "tests.log").read_text()
+    counts = {"tests": failing + passing, "failures": failing, "errors": 0, "skipped": 0}
+    assert stage.details == counts | {"files": {"test_stand_in.py": counts | {"status": 1}}}
+    assert "test_stand_in.py: exit status 1" in stage.reason and "logs/tests-test_stand_in.log" in stage.reason
+    assert "test_fails_0" in (pipeline.out / "logs" / "tests-test_stand_in.log").read_text()
     assert pipeline._finish() == 1
     assert json.loads((pipeline.out / "pipeline.json").read_text())["failed"] is True
+
+
+def test_each_test_file_runs_in_its_own_process(tmp_path, checkout):
+    """A file whose process dies (as after a kernel fault) fails alone; the next file still runs."""
+    write_gpu_tests(checkout, failing=0, passing=2)
+    (checkout / "tests" / "test_crash.py").write_text(
+        "import os, pytest\n\n@pytest.mark.gpu\ndef test_dies():\n    os._exit(3)\n"
+    )
+    pipeline = pipeline_for(tmp_path, "--tests", str(checkout))
+    stage = pipeline.run_stage("tests", pipeline.tests)
+    assert stage.status == "failed" and "test_crash.py: exit status 3" in stage.reason
+    assert stage.details["files"]["test_stand_in.py"]["status"] == 0
+    assert stage.details["tests"] == 2
+    only = pipeline_for(tmp_path, "--tests", str(checkout), "--test", "test_stand*.py")
+    assert only.run_stage("tests", only.tests).status == "passed"
 
 
 def test_passing_gpu_tests_pass_and_no_gpu_tests_skip(tmp_path, checkout):

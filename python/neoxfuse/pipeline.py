@@ -1,7 +1,8 @@
 """The GPU pipeline: one command tests, benchmarks and profiles the installed neoxfuse on a GPU.
 
-    python -m neoxfuse.pipeline --tests CHECKOUT [--out DIR] [--commit SHA] [--suite NAME]...
-                                [--suite-args 'NAME=ARGS']... [--skip STAGE]... [--timeout S]
+    python -m neoxfuse.pipeline --tests CHECKOUT [--out DIR] [--commit SHA] [--test GLOB]...
+                                [--suite NAME]... [--suite-args 'NAME=ARGS']... [--skip STAGE]...
+                                [--timeout S]
 
 ci/gpu_pipeline runs exactly this with CHECKOUT = the repository it sits in. It needs the
 installed package (the wheel) and a CUDA build of torch; no Bazel, no network. The stages run
@@ -11,7 +12,9 @@ status 1:
   environment      GPU, driver, CUDA, clocks and state (NVML), the library's build and archs,
                    torch, ncu -> DIR/environment.json. Fails if the library does not load or
                    holds no code for the GPU's arch.
-  tests            pytest -m gpu on CHECKOUT/tests against the installed package.
+  tests            pytest -m gpu on CHECKOUT/tests against the installed package, one process per
+                   test file (--test GLOB picks files), so that a kernel fault, which poisons the
+                   CUDA context of its process, fails only its own file.
   bench:<suite>    every suite module of neoxfuse.bench (SUITE, HELP, add_arguments, run), each
                    in its own process with --out-dir DIR/results (and its --suite-args), while a
                    GpuMonitor samples the GPU; each results file it writes gains "nvml" and
@@ -297,20 +300,34 @@ class Pipeline:
         return Outcome("passed", gpus, report)
 
     def tests(self) -> Outcome:
-        tests = self.checkout / "tests"
-        if not tests.is_dir():
-            return Outcome("failed", f"{tests} does not exist")
-        log, xml = self.logs / "tests.log", self.logs / "tests.xml"
-        command = [sys.executable, "-m", "pytest", str(tests), "-m", "gpu", "-q", "-rs"]
-        command += ["-p", "no:cacheprovider", f"--junitxml={xml}"]
-        status, timed_out = self._run_logged(command, log, cwd=self.checkout)
-        counts = _junit_counts(xml) if xml.exists() else {}
-        summary = ", ".join(f"{v} {k}" for k, v in counts.items())
-        if status == 0 and not timed_out:
-            return Outcome("passed", summary, counts)
-        if status == 5:  # pytest: no test collected
-            return Outcome("skipped", "no test carries the gpu marker", counts)
-        return Outcome("failed", f"{summary or 'no test report'}; {self._exit_reason(status, timed_out, log)}", counts)
+        folder = self.checkout / "tests"
+        if not folder.is_dir():
+            return Outcome("failed", f"{folder} does not exist")
+        files = sorted({path for glob in self.args.test or ["test_*.py"] for path in folder.glob(glob)})
+        if not files:
+            return Outcome("failed", f"no test file in {folder} matches {self.args.test}")
+        totals = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
+        per_file, failed = {}, []
+        for path in files:
+            log, xml = self.logs / f"tests-{path.stem}.log", self.logs / f"tests-{path.stem}.xml"
+            command = [sys.executable, "-m", "pytest", str(path), "-m", "gpu", "-q", "-rs"]
+            command += ["-p", "no:cacheprovider", f"--junitxml={xml}"]
+            status, timed_out = self._run_logged(command, log, cwd=self.checkout)
+            if status == 5 and not timed_out:  # pytest: no test collected, i.e. none carries the gpu marker
+                continue
+            counts = _junit_counts(xml) if xml.exists() else {}
+            per_file[path.name] = counts | {"status": status}
+            for key in totals:
+                totals[key] += counts.get(key, 0)
+            if status != 0 or timed_out:
+                failed.append(f"{path.name}: {self._exit_reason(status, timed_out, log)}")
+        if not per_file:
+            return Outcome("skipped", "no test carries the gpu marker", totals)
+        summary = ", ".join(f"{v} {k}" for k, v in totals.items())
+        details = totals | {"files": per_file}
+        if failed:
+            return Outcome("failed", f"{summary}; " + "; ".join(failed), details)
+        return Outcome("passed", summary, details)
 
     def bench_suite(self, suite: Suite) -> Outcome:
         log = self.logs / f"bench-{suite.module}.log"
@@ -514,6 +531,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--history", type=Path, help="earlier results for the dashboard (default: CHECKOUT/bench/results)"
+    )
+    parser.add_argument(
+        "--test", action="append", metavar="GLOB", help="test files of CHECKOUT/tests to run (repeatable; default test_*.py)"
     )
     parser.add_argument("--suite", action="append", help="run only this bench suite (repeatable; module or SUITE name)")
     parser.add_argument(
