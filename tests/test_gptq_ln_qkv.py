@@ -382,6 +382,19 @@ def test_patched_hf_model_matches_the_dequantized_model_on_cpu(tmp_path, paralle
     assert rel_error(got, want) < 1e-3
 
 
+def test_checkpoint_names_as_the_ecosystem_writes_them(tmp_path):
+    """Real GPT-NeoX checkpoints name the output embedding embed_out (transformers 5's module is
+    lm_head) and older ones hold the causal-mask and rotary buffers: both load as HF's loader does."""
+    checkpoint = _gptq_checkpoint(tmp_path, layers=1)
+    assert "embed_out.weight" in checkpoint.tensors and "lm_head.weight" not in checkpoint.tensors
+    checkpoint.tensors["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 128, 128, dtype=torch.bool)
+    checkpoint.tensors["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
+    checkpoint.tensors["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(8)
+    model = dequantized_gpt_neox(checkpoint, "cpu", torch.float32)
+    assert torch.equal(model.get_output_embeddings().weight, checkpoint.tensors["embed_out.weight"].float())
+    gptq_gpt_neox(checkpoint, device="cpu")
+
+
 def test_patch_needs_a_quantized_qkv(tmp_path):
     checkpoint = _gptq_checkpoint(tmp_path, layers=1)
     del checkpoint.linears["gpt_neox.layers.0.attention.query_key_value"]

@@ -124,7 +124,8 @@ def quantize_gpt_neox(model: torch.nn.Module, quant: QuantConfig) -> GPTQCheckpo
     if config.get("model_type") != "gpt_neox":
         raise UnsupportedModelError(f"quantize_gpt_neox needs a gpt_neox model, got {config.get('model_type')!r}")
     config["torch_dtype"] = "float16"
-    state = {name: t.detach() for name, t in model.state_dict().items()}
+    # transformers 5 names the output embedding's module lm_head; GPT-NeoX checkpoints call it embed_out
+    state = {"embed_out.weight" if name == "lm_head.weight" else name: t.detach() for name, t in model.state_dict().items()}
     linears = {}
     for layer in range(int(config["num_hidden_layers"])):
         for linear in LAYER_LINEARS:

@@ -23,6 +23,9 @@ from neoxfuse.quant.checkpoint import GPTQCheckpoint
 from neoxfuse.quant.gptq import GPTQLinear
 
 QKV = "attention.query_key_value"
+# Buffers older transformers saved in GPT-NeoX checkpoints (causal mask, rotary frequencies); HF's
+# own loader skips them too.
+_LEGACY_BUFFERS = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
 
 
 class GPTQLayerNormQKV(nn.Module):
@@ -65,13 +68,17 @@ def dequantized_gpt_neox(checkpoint: GPTQCheckpoint, device: str | torch.device 
     (W = scales * (q - z)): the reference a patched model is checked against."""
     with torch.device(device):
         model = GPTNeoXForCausalLM(_hf_config(checkpoint)).to(dtype).eval()
-    state = {name: t.to(device, dtype) if t.is_floating_point() else t.to(device) for name, t in checkpoint.tensors.items()}
+    state = {name: t.to(device, dtype) if t.is_floating_point() else t.to(device) for name, t in checkpoint.tensors.items()
+             if not name.endswith(_LEGACY_BUFFERS)}
     for name, linear in checkpoint.linears.items():
         state[f"{name}.weight"] = linear.dequantize(torch.float32).t().to(device, dtype)
         if linear.bias is not None:
             state[f"{name}.bias"] = linear.bias.to(device, dtype)
+    output = "lm_head.weight" if "lm_head.weight" in model.state_dict() else "embed_out.weight"  # transformers 5: lm_head
+    if "embed_out.weight" in state:
+        state[output] = state.pop("embed_out.weight")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [name for name in missing if name != "embed_out.weight" or not model.config.tie_word_embeddings]
+    missing = [name for name in missing if name != output or not model.config.tie_word_embeddings]
     if missing or unexpected:
         raise InvalidInputError(f"checkpoint does not match GPTNeoXForCausalLM: missing {missing}, unexpected {unexpected}")
     return model
