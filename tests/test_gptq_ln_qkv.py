@@ -207,6 +207,11 @@ def test_bench_torch_dequant_peer_is_the_format(act_order):
     assert torch.equal(gptq_bench.dequantize_fp16(layer), layer.dequantize(torch.float16).t())
 
 
+def test_bench_reports_every_gptq_package_as_skipped():
+    skipped = gptq_bench._gptq_packages()
+    assert set(skipped) == set(gptq_bench.GPTQ_PACKAGES) and all(skipped.values())
+
+
 def test_bench_targets_read_the_target_row():
     row = dict(tokens=1, K=2560, N=7680, group_size=128, act_order=False, provider="neoxfuse", median_us=6.0,
                pct_copy=70.0, speedup_vs_torch_fp16=2.5)

@@ -9,9 +9,9 @@ For each shape (tokens x K x N, group size, ordered or act-order groups) every p
                  what an unquantized fp16 model runs, 4x the weight bytes
   torch_dequant  F.layer_norm, then W unpacked and dequantized to fp16 in PyTorch every call, then
                  F.linear: a GPTQ layer without a kernel of its own
-A GPTQ kernel package found on the machine (auto_gptq, gptqmodel, vllm) is listed under `skipped`
-with why it is not run: their kernels take repacked (exllama/marlin) weights and no-LayerNorm
-inputs, and calling them is not wired up here.
+Every GPTQ kernel package (auto_gptq, gptqmodel, vllm) is listed under `skipped` with why it is not
+run: not installed, or installed but not wired up here (their kernels take repacked exllama/marlin
+weights and no-LayerNorm inputs).
 
 Each provider's calls are captured in one CUDA graph, one call per buffer set, the sets (weights
 and inputs, all distinct) rotating through more than twice the L2 cache, so no call finds its
@@ -181,10 +181,11 @@ def _calls(providers: list[str]) -> dict[str, Call]:
 
 
 def _gptq_packages() -> dict[str, str]:
-    """GPTQ kernel packages installed here, each with why it is not measured."""
+    """Every GPTQ kernel package, each with why it is not measured."""
     return {
         name: "installed; its GPTQ kernels take repacked (exllama/marlin) weights and are not wired into this benchmark"
-        for name in GPTQ_PACKAGES if importlib.util.find_spec(name) is not None
+        if importlib.util.find_spec(name) is not None else "not installed"
+        for name in GPTQ_PACKAGES
     }
 
 
