@@ -49,12 +49,12 @@ GROUP_SIZES = [32, 64, 128, -1]
 
 
 def random_layer(K, N, *, group_size=128, sym=False, checkpoint_format="gptq", act_order=False, device="cpu", seed=0):
-    """A GPTQLinear of random int4 codes, fp16 scales, true zeros storable in the format (8 if sym),
-    a random act-order g_idx if asked, and a bias."""
+    """A GPTQLinear of random int4 codes, fp16 scales, true zeros over all the format stores (v1 1..16,
+    v2 0..15; 8 if sym), a random act-order g_idx if asked, and a bias."""
     gen = torch.Generator().manual_seed(seed)
     groups = 1 if group_size == -1 else K // group_size
     offset = 1 if checkpoint_format == "gptq" else 0
-    zeros = torch.full((groups, N), 8) if sym else torch.randint(1, 16, (groups, N), generator=gen)
+    zeros = torch.full((groups, N), 8) if sym else torch.randint(offset, 16 + offset, (groups, N), generator=gen)
     g_idx = act_order_g_idx(torch.randperm(K, generator=gen), group_size) if act_order else ordered_g_idx(K, group_size)
     layer = GPTQLinear(
         qweight=pack_int4_rows(torch.randint(0, 16, (K, N), generator=gen)),
