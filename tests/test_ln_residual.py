@@ -546,6 +546,27 @@ def test_bench_shapes_parse_and_count_their_bytes():
             Shape.parse(bad)
 
 
+def test_bench_compiles_torch_for_every_shape(monkeypatch):
+    # More shapes than Dynamo's recompile limit (8): each must still get its own compiled graph,
+    # not fall back to eager under the torch_compile name.
+    from neoxfuse.bench.ln_residual import Shape, _calls
+
+    compiled_hidden = []
+
+    def backend(gm, example_inputs):
+        compiled_hidden.append(example_inputs[0].shape[-1])
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, backend=backend, **kwargs))
+    hiddens = list(range(1, 12))
+    for hidden in hiddens:
+        calls, _ = _calls(Shape.parse(f"2x{hidden}:fp32:add_layernorm"), ["torch_compile"])
+        x = torch.randn(2, hidden)
+        calls["torch_compile"](x, [x], [torch.ones(hidden)], [torch.zeros(hidden)])
+    assert compiled_hidden == hiddens
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_bench_on_a_machine_without_gpu_says_so_and_fails(capsys):
     from neoxfuse.cli import main

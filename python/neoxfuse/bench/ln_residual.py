@@ -201,6 +201,9 @@ def _calls(shape: Shape, providers: list[str]) -> tuple[dict[str, Call], dict[st
         elif provider == "torch_eager":
             calls[provider] = _torch_call(shape)
         elif provider == "torch_compile":
+            # Every shape compiles the same code object; past Dynamo's recompile limit (8) it would
+            # silently run eagerly, so each shape starts from an empty cache.
+            torch._dynamo.reset()
             calls[provider] = torch.compile(_torch_call(shape), dynamic=False)
         else:
             found = _flashinfer_call(shape)
