@@ -109,6 +109,8 @@ def _raw_args(inputs, layer, **change):
         (dict(group_size=-1), "1 groups, got 2"),
         (dict(g_idx=torch.zeros(128, dtype=torch.int32)), r"g_idx must have shape \[256\]"),
         (dict(g_idx=torch.zeros(256, dtype=torch.int64)), "g_idx must be int32"),
+        (dict(g_idx=torch.zeros(256, dtype=torch.int32), scales=torch.zeros(0, 96, dtype=torch.float16),
+              qzeros=torch.zeros(0, 12, dtype=torch.int32)), "at least one group"),
         (dict(bias=torch.zeros(48, dtype=torch.float16)), r"bias must have shape \[96\]"),
         (dict(zero_offset=2), "zero_offset"),
         (dict(eps=float("nan")), "eps"),

@@ -56,6 +56,8 @@ def _check_arguments(x, ln_weight, ln_bias, qweight, qzeros, scales, g_idx, bias
             raise InvalidInputError(f"scales must have K / group_size = {K // rows} groups, got {groups}")
     else:
         check_tensor("g_idx", g_idx, dtypes=[torch.int32], shape=[K], **layout)
+        if groups < 1:
+            raise InvalidInputError("scales must have at least one group, got 0")
     if bias is not None:
         check_tensor("bias", bias, dtypes=[torch.float16], shape=[N], **layout)
     if zero_offset not in ZERO_OFFSETS.values():
