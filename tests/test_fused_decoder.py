@@ -265,7 +265,7 @@ def test_pythia_layer_matches_fp32_oracle(pythia_layer, position):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cluster_size", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("cluster_size", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("name, position", [("d80-h8", 0), ("d80-h8", 5), ("d80-h8", 299), ("d128-h3", 3), ("d128-h3", 76)])
 def test_every_cluster_size_matches_fp32_oracle(name, position, cluster_size):
     shape = ODD_LAYERS[name]
@@ -286,6 +286,42 @@ def test_layer_is_bitwise_deterministic_with_and_without_pdl():
         for name in first:
             assert torch.equal(again[name], first[name]), name
         assert torch.equal(k_cache.nan_to_num(7.0), first_k.nan_to_num(7.0))
+
+
+@pytest.mark.gpu
+def test_layers_chained_with_pdl_in_a_graph_equal_layers_run_one_at_a_time():
+    # As the backend chains them: one workspace, ping-pong residuals, one CUDA graph. With PDL a
+    # layer's kernels start while the previous drain, so a read before griddepcontrol.wait (or a
+    # write into attn, mlp or a residual the previous kernel still reads) would change the result.
+    shape = PYTHIA_LAYERS["pythia-2.8b"]
+    layer, position, layers = _random_layer(shape, seed=6), 700, 6
+    x, k_cache, v_cache = _layer_inputs(shape, position, seed=7)
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(layers)]  # slot p: rewritten alike by every run
+    position_tensor = torch.tensor([position], dtype=torch.int32, device="cuda")
+    residual = [x.clone(), torch.full_like(x, float("nan"))]
+    workspace = fd.Workspace.allocate(shape, "cuda")
+
+    def layer_call(index: int, pdl: bool) -> None:
+        k, v = caches[index]
+        fd.decoder_layer(residual[index % 2], layer, shape, k, v, position_tensor, out=residual[(index + 1) % 2],
+                         workspace=workspace, pdl=pdl)
+
+    for index in range(layers):
+        layer_call(index, pdl=False)
+        torch.cuda.synchronize()
+    one_at_a_time = residual[layers % 2].clone()
+    assert torch.isfinite(one_at_a_time).all()
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for index in range(layers):
+            layer_call(index, pdl=True)
+    for _ in range(3):
+        residual[0].copy_(x)
+        residual[1].fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(residual[layers % 2], one_at_a_time)
 
 
 @pytest.mark.gpu
