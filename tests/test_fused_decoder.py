@@ -210,6 +210,23 @@ def test_layer_on_cpu_machine_says_no_gpu():
         _cpu_call()
 
 
+def test_fake_implementations_check_shapes_without_running():
+    # On the meta device the ops run their fake implementations: right sizes pass, wrong ones are named.
+    shape = ODD_LAYERS["d80-h8"]
+    layer = _random_layer(shape, seed=0, device="meta")
+    x = torch.empty(shape.hidden, device="meta")
+    k_cache, v_cache = (torch.empty(shape.heads, shape.max_positions, shape.head_dim, dtype=torch.float16, device="meta")
+                        for _ in range(2))
+    y = fd.decoder_layer(x, layer, shape, k_cache, v_cache, 5)
+    assert (y.shape, y.dtype, y.device.type) == (x.shape, torch.float32, "meta")
+    with pytest.raises(InvalidInputError, match="fc_in_bias must have shape"):
+        short_bias = torch.empty(shape.ffn - 1, dtype=torch.float16, device="meta")
+        fd.decoder_layer(x, dataclasses.replace(layer, fc_in_bias=short_bias), shape, k_cache, v_cache, 5)
+    embed_out = torch.empty(shape.vocab, shape.hidden, dtype=torch.float16, device="meta")
+    logits = fd.lm_head(x, layer.ln1_weight, layer.ln1_bias, embed_out)
+    assert (logits.shape, logits.dtype) == ((shape.vocab,), torch.float32)
+
+
 def test_c_abi_refuses_null_arguments_without_touching_a_device():
     import ctypes
 
