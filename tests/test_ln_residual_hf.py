@@ -34,6 +34,14 @@ def _tiny(parallel: bool, seed: int = 0, layers: int = 3) -> GPTNeoXForCausalLM:
     return random_model(pythia_config("tiny", use_parallel_residual=parallel, num_hidden_layers=layers), seed=seed)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every compiling test compiles the same HF forward code anew. Without a reset, the compiles of
+    earlier tests count towards Dynamo's recompile limit (8), and a later test would silently run
+    eagerly under the name of torch.compile."""
+    torch._dynamo.reset()
+
+
 @pytest.fixture
 def emulated_kernels(monkeypatch):
     """Runs every ln_residual op as the oracle computes it (on CPU); yields the list of calls,
