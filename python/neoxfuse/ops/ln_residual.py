@@ -279,28 +279,41 @@ def _(x, residuals, weights, biases, eps, write_sum):
 
 
 @torch.library.custom_op("neoxfuse::ln_residual_out", mutates_args=("outs", "h_out"))
-def ln_residual_out(
+def _ln_residual_out(
     x: torch.Tensor,
     residuals: list[torch.Tensor],
     weights: list[torch.Tensor],
     biases: list[torch.Tensor],
     eps: float,
     outs: list[torch.Tensor],
+    h_out: torch.Tensor | None,  # no default: torch 2.11 fails on a defaulted mutable argument left out
+) -> None:
+    _check_values(x, residuals, weights, biases, eps, outs, h_out)
+    _launch(x, residuals, weights, biases, eps, outs, h_out)
+
+
+@_ln_residual_out.register_fake
+def _(x, residuals, weights, biases, eps, outs, h_out):
+    _check_values(x, residuals, weights, biases, eps, outs, h_out)
+
+
+def ln_residual_out(
+    x: torch.Tensor,
+    residuals: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    eps: float,
+    outs: Sequence[torch.Tensor],
     h_out: torch.Tensor | None = None,
 ) -> None:
     """outs[k] = LN_k(h), and h_out = h if given, for h = x + sum(residuals) (formula in the module doc).
 
     x, residuals [..., hidden]; weights, biases: one or two [hidden]; outs (one per weight) and
     h_out shaped like x, with any evenly strided rows (views into one packed buffer, say), not
-    sharing memory with any other tensor of the call.
+    sharing memory with any other tensor of the call. The op neoxfuse::ln_residual_out.
     """
     _check_values(x, residuals, weights, biases, eps, outs, h_out)
-    _launch(x, residuals, weights, biases, eps, outs, h_out)
-
-
-@ln_residual_out.register_fake
-def _(x, residuals, weights, biases, eps, outs, h_out=None):
-    _check_values(x, residuals, weights, biases, eps, outs, h_out)
+    _ln_residual_out(x, list(residuals), list(weights), list(biases), eps, list(outs), h_out)
 
 
 def _run(x, residuals, weights, biases, eps, write_sum: bool) -> list[torch.Tensor]:
