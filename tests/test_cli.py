@@ -1,5 +1,6 @@
 """The `neoxfuse` command as a new user meets it on a CPU machine: useful output or one clear line, never a traceback."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -136,6 +137,20 @@ def test_bench_suites_are_discovered():
     assert "decode" in found and not broken
     for module in found.values():
         assert module.HELP and callable(module.add_arguments) and callable(module.run)
+
+
+def test_bench_decode_leaves_the_oracle_out_on_a_gpu_unless_asked():
+    from neoxfuse.bench import decode
+
+    model = random_model("tiny", seed=0)
+    default = argparse.Namespace(backends=None)
+    contenders, skipped = decode._contenders(default, model, torch.device("cuda"), torch.float16, 16)
+    assert "reference" not in {c.name for c in contenders} and "oracle" in skipped["reference"]
+    contenders, skipped = decode._contenders(default, model, torch.device("cpu"), torch.float32, 16)
+    assert "reference" in {c.name for c in contenders} and "reference" not in skipped
+    asked = argparse.Namespace(backends=["reference"])
+    contenders, skipped = decode._contenders(asked, model, torch.device("cpu"), torch.float32, 16)
+    assert [c.name for c in contenders] == ["reference"] and not skipped
 
 
 def test_bench_decode_on_a_cpu_writes_its_results(tmp_path, capsys):

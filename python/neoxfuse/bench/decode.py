@@ -4,7 +4,8 @@ against the memory floor and against Hugging Face peers, over generated lengths.
 Every contender greedily generates L tokens (each length of --lengths) after the same random
 one-token prompt, so the last decode step reads a KV cache of `context` = L positions:
 
-- each neoxfuse Engine backend that can run here (`reference` now, the fused kernels later);
+- each neoxfuse Engine backend that can run here (`fused` on a GPU; the `reference` oracle on a
+  GPU only when --backends names it, since it adds minutes and measures nothing of interest);
 - hf_eager: `model.generate` with HF's dynamic cache, no compilation;
 - hf_compile: `model.generate` with a static cache and torch.compile(mode="reduce-overhead")
   (CUDA graphs), HF's own recipe for fast decoding; CUDA only.
@@ -60,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=_lengths, help="generated lengths, comma-separated "
                         f"(default: {','.join(map(str, GPU_LENGTHS))} on a GPU, {','.join(map(str, CPU_LENGTHS))} on a CPU)")
     parser.add_argument("--backends", type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
-                        help="contenders, comma-separated (default: every Engine backend and HF peer that can run here)")
+                        help="contenders, comma-separated (default: every Engine backend and HF peer that can run here, "
+                        "the reference oracle only on a CPU)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on a GPU, fp32 on a CPU")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random model and the prompt (default 0)")
@@ -175,11 +177,14 @@ def _contenders(args, model, device, dtype, max_seq_len) -> tuple[list, dict[str
     """The contenders that run here, and {name: why not} for those that cannot."""
     shape = shape_of(model.config)
     known = [*sorted(BACKENDS), *HF_PEERS]
-    wanted = args.backends or known
+    wanted, skipped = args.backends or known, {}
+    if not args.backends and device.type == "cuda":  # the oracle would only add minutes of GPU time
+        wanted = [name for name in known if name != "reference"]
+        skipped["reference"] = "the oracle, not a speed contender on a GPU: ask for it with --backends"
     unknown = [name for name in wanted if name not in known]
     if unknown:
         raise InvalidInputError(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    contenders, skipped = [], {}
+    contenders = []
     for name in wanted:
         if name in BACKENDS:
             availability = BACKENDS[name].available(device, dtype, shape)
