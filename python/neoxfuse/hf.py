@@ -19,6 +19,10 @@ the model's layers, keyed by the identity of the hidden-state tensor the layer r
 layer (or the final LayerNorm) uses them only when called on that very tensor, and otherwise
 normalises its input itself, so calling layers one by one or out of order stays correct. This is
 ordinary Python state, which torch.compile traces (fullgraph) like the rest of the forward.
+Not supported: a forward hook that changes a layer's output in place (activation steering with
+`output.add_(v)`): the next layer would still use the LayerNorms of the unchanged output (a hook
+that returns a new tensor is fine), and models dispatched with accelerate hooks (`device_map`),
+whose per-module forwards replace the fused ones.
 
 The kernels run at inference: in eval mode with gradients off (torch.no_grad / inference_mode,
 as `generate` does). Otherwise the modules run HF's own forward, since the kernels have no backward.
