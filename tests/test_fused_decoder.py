@@ -35,6 +35,16 @@ MLP_TOL = 1e-4
 ATTN_TOL = 2e-3
 CACHE_TOL = 1e-3
 LOGITS_TOL = 1e-4  # lm_head: fp32 LayerNorm and dot products on both sides
+# Run again under compute-sanitizer by the GPU pipeline (conftest.py): clusters of 1, 3 and 4
+# blocks (uneven slices at 3) for both head sizes, a full Pythia-2.8B layer, a position past the
+# cache, the LM head with a vocabulary that is not a multiple of anything.
+SANITIZE = (
+    *(f"test_every_cluster_size_matches_fp32_oracle[d80-h8-299-{c}]" for c in (1, 3, 4)),
+    *(f"test_every_cluster_size_matches_fp32_oracle[d128-h3-76-{c}]" for c in (1, 3, 4)),
+    "test_pythia_layer_matches_fp32_oracle[pythia-2.8b-127]",
+    "test_device_position_past_the_cache_gives_nan_and_writes_nothing",
+    "test_lm_head_matches_fp32_oracle[640-7]",
+)
 
 KERNELS = ("attn_mlp_in_kernelILi80E", "attn_mlp_in_kernelILi128E", "out_proj_kernel", "lm_head_kernel")
 PYTHIA_LAYERS = {  # one full-size layer of each head_dim the kernels are built for

@@ -41,6 +41,13 @@ EPS = 1e-5
 # and inputs, give at most 4.6e-4 (random codes make columns with a non-zero mean, which cancel
 # part of the signal). 2e-3 leaves a factor of 4; a wrong group, zero, nibble or column is O(1).
 REL_TOL = 2e-3
+# Run again under compute-sanitizer by the GPU pipeline (conftest.py): ordered and act-order
+# paths, 1 and 8 tokens (8 takes the > 48 KB shared-memory path), the odd N's partial block.
+SANITIZE = (
+    "test_every_format_variant_on_pythia_2_8b_qkv[128-False-gptq-False-1]",
+    "test_every_format_variant_on_pythia_2_8b_qkv[32-True-gptq_v2-True-8]",
+    "test_every_pythia_size_and_an_odd_n[320-984-*-3]",
+)
 
 PYTHIA_KN = [(512, 1536), (768, 2304), (1024, 3072), (2048, 6144), (2560, 7680), (4096, 12288), (5120, 15360)]
 ODD_KN = [(320, 984)]  # N = 3 * 328: the last block holds 24 of its 32 columns

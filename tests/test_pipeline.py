@@ -3,6 +3,7 @@
 `ncu` stand-in that runs the program and prints a synthetic raw-CSV page)."""
 
 import csv
+import importlib
 import io
 import json
 import os
@@ -14,8 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import _name_matches
+
+from neoxfuse import pipeline as pipeline_module
 from neoxfuse import profile
-from neoxfuse.pipeline import Pipeline, Suite, arch_supported, parse_args
+from neoxfuse.pipeline import SANITIZER_TOOLS, Pipeline, Suite, arch_supported, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "tests" / "data" / "sample_results"
@@ -352,3 +356,80 @@ def test_help_describes_the_stages():
     assert done.returncode == 0
     for stage in ("environment", "tests", "bench:<suite>", "profile:<suite>", "dashboard"):
         assert stage in done.stdout
+
+
+FAKE_SANITIZER = '''#!{python}
+"""A stand-in for compute-sanitizer: runs the program after --error-exitcode N; with
+$FAKE_SANITIZER_MODE=errors reports an error and exits N, as the real one does."""
+import os, subprocess, sys
+
+argv = sys.argv[1:]
+assert argv[0] == "--tool" and argv[2] == "--error-exitcode", argv
+status = subprocess.call(argv[4:])
+if os.environ.get("FAKE_SANITIZER_MODE") == "errors":
+    print("========= Invalid __global__ read of size 16 bytes")
+    sys.exit(int(argv[3]))
+sys.exit(status)
+'''
+
+
+def write_sanitize_tests(checkout: Path) -> None:
+    write_gpu_tests(checkout, failing=0, passing=1)
+    (checkout / "tests" / "conftest.py").write_text(
+        "def pytest_configure(config):\n"
+        "    config.addinivalue_line('markers', 'gpu: needs a GPU')\n"
+        "    config.addinivalue_line('markers', 'sanitize: under compute-sanitizer')\n"
+    )
+    (checkout / "tests" / "test_small.py").write_text(
+        "import os, pytest\n\n"
+        "@pytest.mark.gpu\n@pytest.mark.sanitize\ndef test_small():\n"
+        "    assert os.environ['PYTORCH_NO_CUDA_MEMORY_CACHING'] == '1'  # every tensor its own allocation\n"
+    )
+
+
+@pytest.mark.parametrize("mode", ["clean", "errors"])
+def test_sanitize_stages_run_the_marked_gpu_tests_under_each_tool(tmp_path, checkout, monkeypatch, mode):
+    write_sanitize_tests(checkout)
+    sanitizer = tmp_path / "compute-sanitizer"
+    sanitizer.write_text(FAKE_SANITIZER.format(python=sys.executable))
+    sanitizer.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SANITIZER_MODE", mode)
+    pipeline = pipeline_for(tmp_path, "--tests", str(checkout))
+    pipeline._sanitize_all(set())
+    stages = {stage.name: stage for stage in pipeline.stages}
+    assert list(stages) == [f"sanitize:{tool}" for tool in SANITIZER_TOOLS]
+    for tool, stage in zip(SANITIZER_TOOLS, stages.values()):
+        assert stage.details["tests"] == 1 and stage.details["failures"] == 0  # test_small only
+        if mode == "clean":
+            assert stage.status == "passed" and f"{tool} reported no error" in stage.reason
+        else:
+            assert stage.status == "failed" and f"{tool} reported errors (see logs/sanitize-{tool}.log)" in stage.reason
+
+
+def test_sanitize_stage_is_skipped_with_its_reason(tmp_path, checkout, monkeypatch):
+    monkeypatch.setattr(pipeline_module, "find_sanitizer", lambda: None)
+    pipeline = pipeline_for(tmp_path, "--tests", str(checkout))
+    pipeline._sanitize_all(set())
+    pipeline._sanitize_all({"sanitize"})
+    assert [(s.name, s.status) for s in pipeline.stages] == [("sanitize", "skipped")] * 2
+    assert "compute-sanitizer not found" in pipeline.stages[0].reason
+    assert pipeline.stages[1].reason == "--skip sanitize"
+
+
+def test_every_sanitize_pattern_of_the_test_modules_names_a_gpu_test():
+    """A renamed test or parameter must not silently drop a case from the sanitizer stages."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu and sanitize", str(ROOT / "tests")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    selected = {line.split("::")[-1] for line in done.stdout.splitlines() if "::" in line}
+    modules = [path.stem for path in (ROOT / "tests").glob("test_*.py") if "\nSANITIZE = " in path.read_text()]
+    assert {"test_cluster", "test_fused_decoder", "test_gptq_ln_qkv", "test_ln_residual"} <= set(modules)
+    for stem in modules:
+        patterns = importlib.import_module(stem).SANITIZE
+        for pattern in patterns:
+            assert any(_name_matches(name, pattern) for name in selected), f"{stem}.SANITIZE: {pattern!r} names no GPU test"

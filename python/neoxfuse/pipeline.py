@@ -15,6 +15,10 @@ status 1:
   tests            pytest -m gpu on CHECKOUT/tests against the installed package, one process per
                    test file (--test GLOB picks files), so that a kernel fault, which poisons the
                    CUDA context of its process, fails only its own file.
+  sanitize:<tool>  the GPU tests marked `sanitize` (small cases of every kernel path, chosen by each
+                   test module's SANITIZE) under compute-sanitizer's memcheck, racecheck and
+                   synccheck, with PyTorch's caching allocator off so that every tensor is its own
+                   allocation and an access past its end is caught. Fails on any error reported.
   bench:<suite>    every suite module of neoxfuse.bench (SUITE, HELP, add_arguments, run), each
                    in its own process with --out-dir DIR/results (and its --suite-args), while a
                    GpuMonitor samples the GPU; each results file it writes gains "nvml" and
@@ -35,11 +39,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import importlib
 import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,7 +61,9 @@ import neoxfuse
 from neoxfuse import monitor, profile
 
 EXPECTED_SUITES = ("decode", "layer", "ln_residual", "gptq_ln_qkv")  # DESIGN.md §6
-STAGES = ("tests", "bench", "profile", "dashboard")  # the ones --skip can name
+STAGES = ("tests", "sanitize", "bench", "profile", "dashboard")  # the ones --skip can name
+SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck")
+SANITIZER_FOUND_ERRORS = 86  # compute-sanitizer's exit status when it reported errors (--error-exitcode)
 
 
 @dataclass
@@ -98,6 +106,15 @@ def _junit_counts(path: Path) -> dict:
     root = ElementTree.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
     return {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
+
+
+def find_sanitizer() -> str | None:
+    """compute-sanitizer on PATH, else the newest CUDA toolkit's; None if there is none."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    installed = sorted(glob.glob("/usr/local/cuda*/bin/compute-sanitizer") + glob.glob("/usr/local/cuda*/compute-sanitizer/compute-sanitizer"))
+    return installed[-1] if installed else None
 
 
 @dataclass(frozen=True)
@@ -193,10 +210,13 @@ class Pipeline:
         }
         (self.out / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    def _run_logged(self, command: list[str], log: Path, cwd: Path | None = None) -> tuple[int, bool]:
-        """Runs `command`, its output streamed to the console (indented) and into `log`.
-        Killed (with its process group) after --timeout seconds. Returns (exit status, timed out)."""
-        env = os.environ | {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"}
+    def _run_logged(
+        self, command: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> tuple[int, bool]:
+        """Runs `command` (with `env` added to the environment), its output streamed to the console
+        (indented) and into `log`. Killed (with its process group) after --timeout seconds.
+        Returns (exit status, timed out)."""
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"} | (env or {})
         if self.commit != "unknown":
             env["NEOXFUSE_COMMIT"] = self.commit  # what bench.common.write_results records
         timed_out = threading.Event()
@@ -329,6 +349,25 @@ class Pipeline:
             return Outcome("failed", f"{summary}; " + "; ".join(failed), details)
         return Outcome("passed", summary, details)
 
+    def sanitize(self, sanitizer: str, tool: str) -> Outcome:
+        log, xml = self.logs / f"sanitize-{tool}.log", self.logs / f"sanitize-{tool}.xml"
+        command = [sanitizer, "--tool", tool, "--error-exitcode", str(SANITIZER_FOUND_ERRORS)]
+        command += [sys.executable, "-m", "pytest", str(self.checkout / "tests"), "-m", "gpu and sanitize", "-q", "-rs"]
+        command += ["-p", "no:cacheprovider", f"--junitxml={xml}"]
+        status, timed_out = self._run_logged(
+            command, log, cwd=self.checkout, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+        )
+        counts = _junit_counts(xml) if xml.exists() else {}
+        summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+        if status == 0 and not timed_out:
+            return Outcome("passed", f"{summary}; {tool} reported no error", counts)
+        if status == 5 and not timed_out:
+            return Outcome("skipped", "no test carries the sanitize marker", counts)
+        if status == SANITIZER_FOUND_ERRORS and not timed_out:
+            where = log.relative_to(self.out)
+            return Outcome("failed", f"{summary}; {tool} reported errors (see {where})", counts)
+        return Outcome("failed", f"{summary or 'no test report'}; {self._exit_reason(status, timed_out, log)}", counts)
+
     def bench_suite(self, suite: Suite) -> Outcome:
         log = self.logs / f"bench-{suite.module}.log"
         before = set(self.results.glob("*.json"))
@@ -434,6 +473,7 @@ class Pipeline:
             self.skip("tests", self.gpu_missing)
         else:
             self.run_stage("tests", self.tests)
+        self._sanitize_all(skipped)
 
         benched = self._bench_all(skipped)
         self._profile_all(skipped, benched)
@@ -443,6 +483,22 @@ class Pipeline:
         else:
             self.run_stage("dashboard", self.dashboard)
         return self._finish()
+
+    def _sanitize_all(self, skipped: set[str]) -> None:
+        sanitizer = find_sanitizer()
+        if "sanitize" in skipped:
+            reason = "--skip sanitize"
+        elif self.checkout is None:
+            reason = "no checkout given (--tests CHECKOUT)"
+        elif self.gpu_missing:
+            reason = self.gpu_missing
+        elif sanitizer is None:
+            reason = "compute-sanitizer not found (not on PATH, not in /usr/local/cuda*)"
+        else:
+            for tool in SANITIZER_TOOLS:
+                self.run_stage(f"sanitize:{tool}", self.sanitize, sanitizer, tool)
+            return
+        self.skip("sanitize", reason)
 
     def _suite_args(self, suite: Suite) -> list[str]:
         """The arguments --suite-args gives this suite (by module or SUITE name)."""
