@@ -1,6 +1,7 @@
 """Shared test set-up: the `gpu` marker (skips with a reason where no CUDA GPU is usable), the
 `sanitize` marker (from each module's SANITIZE), --wheel, and the `cuobjdump` fixture."""
 
+import glob
 import re
 import shutil
 from pathlib import Path
@@ -42,13 +43,18 @@ def _name_matches(name: str, pattern: str) -> bool:
 
 @pytest.fixture(scope="session")
 def cuobjdump() -> str:
-    """cuobjdump from PyPI's nvidia-cuda-cuobjdump (requirements.txt), else the toolkit's."""
-    import nvidia
-
-    for root in nvidia.__path__:
+    """cuobjdump from PyPI's nvidia-cuda-cuobjdump (requirements.txt), else the toolkit's (on PATH
+    or in /usr/local/cuda, as on GPU machines that run the tests from the wheel)."""
+    try:
+        import nvidia
+    except ModuleNotFoundError:
+        roots = []
+    else:
+        roots = list(nvidia.__path__)
+    for root in roots:
         for found in Path(root).glob("*/bin/cuobjdump"):
             return str(found)
-    path = shutil.which("cuobjdump")
+    path = shutil.which("cuobjdump") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/cuobjdump"))), None)
     if path is None:
         pytest.fail("cuobjdump not found: requirements.txt installs nvidia-cuda-cuobjdump")
     return path
