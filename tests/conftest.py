@@ -1,13 +1,13 @@
 """Shared test set-up: the `gpu` marker (skips with a reason where no CUDA GPU is usable), the
 `sanitize` marker (from each module's SANITIZE), --wheel, and the `cuobjdump` fixture."""
 
-import glob
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+from neoxfuse.profile import find_program
 
 
 def pytest_addoption(parser):
@@ -54,7 +54,7 @@ def cuobjdump() -> str:
     for root in roots:
         for found in Path(root).glob("*/bin/cuobjdump"):
             return str(found)
-    path = shutil.which("cuobjdump") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/cuobjdump"))), None)
+    path = find_program("cuobjdump", "/usr/local/cuda*/bin/cuobjdump")
     if path is None:
         pytest.fail("cuobjdump not found: requirements.txt installs nvidia-cuda-cuobjdump")
     return path

@@ -39,13 +39,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import importlib
 import json
 import os
 import platform
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -110,11 +108,19 @@ def _junit_counts(path: Path) -> dict:
 
 def find_sanitizer() -> str | None:
     """compute-sanitizer on PATH, else the newest CUDA toolkit's; None if there is none."""
-    found = shutil.which("compute-sanitizer")
-    if found:
-        return found
-    installed = sorted(glob.glob("/usr/local/cuda*/bin/compute-sanitizer") + glob.glob("/usr/local/cuda*/compute-sanitizer/compute-sanitizer"))
-    return installed[-1] if installed else None
+    return profile.find_program(
+        "compute-sanitizer", "/usr/local/cuda*/bin/compute-sanitizer", "/usr/local/cuda*/compute-sanitizer/compute-sanitizer"
+    )
+
+
+def _pytest_command(target: Path, marker: str, xml: Path) -> list[str]:
+    """pytest on `target` (a test file or folder), the tests carrying `marker` only, JUnit XML into `xml`."""
+    return [sys.executable, "-m", "pytest", str(target), "-m", marker, "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}"]
+
+
+def _count_summary(counts: dict) -> str:
+    """'3 tests, 0 failures, ...' from _junit_counts."""
+    return ", ".join(f"{v} {k}" for k, v in counts.items())
 
 
 @dataclass(frozen=True)
@@ -330,9 +336,7 @@ class Pipeline:
         per_file, failed = {}, []
         for path in files:
             log, xml = self.logs / f"tests-{path.stem}.log", self.logs / f"tests-{path.stem}.xml"
-            command = [sys.executable, "-m", "pytest", str(path), "-m", "gpu", "-q", "-rs"]
-            command += ["-p", "no:cacheprovider", f"--junitxml={xml}"]
-            status, timed_out = self._run_logged(command, log, cwd=self.checkout)
+            status, timed_out = self._run_logged(_pytest_command(path, "gpu", xml), log, cwd=self.checkout)
             if status == 5 and not timed_out:  # pytest: no test collected, i.e. none carries the gpu marker
                 continue
             counts = _junit_counts(xml) if xml.exists() else {}
@@ -343,7 +347,7 @@ class Pipeline:
                 failed.append(f"{path.name}: {self._exit_reason(status, timed_out, log)}")
         if not per_file:
             return Outcome("skipped", "no test carries the gpu marker", totals)
-        summary = ", ".join(f"{v} {k}" for k, v in totals.items())
+        summary = _count_summary(totals)
         details = totals | {"files": per_file}
         if failed:
             return Outcome("failed", f"{summary}; " + "; ".join(failed), details)
@@ -352,13 +356,12 @@ class Pipeline:
     def sanitize(self, sanitizer: str, tool: str) -> Outcome:
         log, xml = self.logs / f"sanitize-{tool}.log", self.logs / f"sanitize-{tool}.xml"
         command = [sanitizer, "--tool", tool, "--error-exitcode", str(SANITIZER_FOUND_ERRORS)]
-        command += [sys.executable, "-m", "pytest", str(self.checkout / "tests"), "-m", "gpu and sanitize", "-q", "-rs"]
-        command += ["-p", "no:cacheprovider", f"--junitxml={xml}"]
+        command += _pytest_command(self.checkout / "tests", "gpu and sanitize", xml)
         status, timed_out = self._run_logged(
             command, log, cwd=self.checkout, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
         )
         counts = _junit_counts(xml) if xml.exists() else {}
-        summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+        summary = _count_summary(counts)
         if status == 0 and not timed_out:
             return Outcome("passed", f"{summary}; {tool} reported no error", counts)
         if status == 5 and not timed_out:

@@ -66,13 +66,19 @@ class ProfileError(RuntimeError):
     """ncu failed, or its report could not be read."""
 
 
-def find_ncu() -> str | None:
-    """ncu on PATH, else the newest /opt/nvidia/nsight-compute/*/ncu; None if neither exists."""
-    found = shutil.which("ncu")
+def find_program(name: str, *patterns: str) -> str | None:
+    """`name` on PATH, else the newest (by the version numbers in its path) file matching one of
+    the glob `patterns`; None if there is none."""
+    found = shutil.which(name)
     if found:
         return found
-    installed = sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"), key=_version_key)
+    installed = sorted((path for pattern in patterns for path in glob.glob(pattern)), key=_version_key)
     return installed[-1] if installed else None
+
+
+def find_ncu() -> str | None:
+    """ncu on PATH, else the newest /opt/nvidia/nsight-compute/*/ncu; None if neither exists."""
+    return find_program("ncu", "/opt/nvidia/nsight-compute/*/ncu")
 
 
 def _version_key(path: str) -> tuple[int, ...]:
