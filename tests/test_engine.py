@@ -6,7 +6,16 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import neoxfuse
-from neoxfuse.engine import BACKENDS, Availability, Backend, Engine, ReferenceBackend, backend_availability, register_backend
+from neoxfuse.engine import (
+    BACKENDS,
+    Availability,
+    Backend,
+    Engine,
+    ReferenceBackend,
+    StepClock,
+    backend_availability,
+    register_backend,
+)
 from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnknownModelError, UnsupportedModelError
 from neoxfuse.reference import ReferenceModel
 from neoxfuse.sampling import SamplingParams
@@ -108,6 +117,28 @@ def test_generation_stops_after_a_stop_token(engine):
     stop = full[5]
     first = full.index(stop)
     assert engine.generate([3, 4, 5], 16, stop_token_ids={stop}).tokens == full[: first + 1]
+
+
+@pytest.mark.parametrize("stop_at", [None, 2, 4, 6, 13])
+def test_greedy_chunks_change_nothing_and_stop_at_the_first_stop_token(engine, monkeypatch, stop_at):
+    # Greedy tokens are chosen on the device GREEDY_CHUNK at a time; with chunks of 4 a stop token
+    # may fall at a chunk's end (index 3), inside one or in a later chunk.
+    prompt = _random_prompt(engine.shape.vocab, 3)
+    full = engine.generate(prompt, 19).tokens
+    monkeypatch.setattr(neoxfuse.engine, "GREEDY_CHUNK", 4)
+    stops = set() if stop_at is None else {full[stop_at]}
+    want = full if stop_at is None else full[: full.index(full[stop_at]) + 1]
+    out = engine.generate(prompt, 19, stop_token_ids=stops)
+    assert out.tokens == want
+    assert len(out.decode_ms) == len(want) - 1
+
+
+def test_step_clock_marks_each_step():
+    clock = StepClock(torch.device("cpu"))
+    for _ in range(3):
+        clock.mark()
+    intervals = clock.intervals_ms()
+    assert len(intervals) == 3 and all(ms >= 0 for ms in intervals)
 
 
 def test_timings_are_reported(engine):

@@ -25,7 +25,7 @@ import torch
 from neoxfuse import _lib
 from neoxfuse import reference as ref
 from neoxfuse.configs import NeoXShape, pythia_config, shape_of
-from neoxfuse.engine import Engine
+from neoxfuse.engine import Engine, StepClock
 from neoxfuse.errors import InvalidInputError, KernelError, NoGPUError, SequenceTooLongError, UnsupportedModelError
 from neoxfuse.fused import FusedBackend
 from neoxfuse.ops import fused_decoder as fd
@@ -482,6 +482,33 @@ def test_graph_replay_equals_eager_and_runs_are_bitwise_identical(hf_models):
 
 @pytest.mark.gpu
 @torch.inference_mode()
+@pytest.mark.parametrize("use_graph", [True, False])
+def test_greedy_on_the_device_equals_greedy_through_decode_step(hf_models, use_graph):
+    # decode_greedy's graph chooses tokens into the device's token buffer; decode_step's returns
+    # logits for the host to choose from. Same kernels, same order: the same tokens, bitwise.
+    model16 = hf_models[0]
+    backend = _backend(model16, max_seq_len=64, use_graph=use_graph)
+    prompt = torch.randint(0, model16.config.vocab_size, (8,), device="cuda")
+    cache = backend.new_cache()
+    first = int(backend.prefill(prompt, cache).argmax())
+    want, token = [], first
+    for _ in range(21):
+        token = int(backend.decode_step(token, cache).argmax())
+        want.append(token)
+
+    cache = backend.new_cache()  # the same storage, from position 0 again
+    backend.prefill(prompt, cache)
+    clock = StepClock(torch.device("cuda"))
+    got = backend.decode_greedy(first, cache, 12, clock).tolist()
+    assert len(clock.intervals_ms()) == 12 and all(ms > 0 for ms in clock.intervals_ms())
+    got += backend.decode_greedy(got[-1], cache, 8, StepClock(torch.device("cuda"))).tolist()
+    assert got == want[:20]
+    assert cache.length == int(backend._position) == 28
+    assert int(backend.decode_step(got[-1], cache).argmax()) == want[20]  # logits steps go on from there
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
 def test_decode_past_the_cache_and_bad_tokens_raise_before_running(hf_models):
     backend = _backend(hf_models[0], max_seq_len=8)
     cache = backend.new_cache()
@@ -491,4 +518,6 @@ def test_decode_past_the_cache_and_bad_tokens_raise_before_running(hf_models):
     cache.length = 3
     with pytest.raises(InvalidInputError, match="token ids"):
         backend.decode_step(hf_models[0].config.vocab_size, cache)
+    with pytest.raises(SequenceTooLongError):
+        backend.decode_greedy(1, cache, 6, StepClock(torch.device("cuda")))
     assert cache.length == 3

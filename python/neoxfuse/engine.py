@@ -37,6 +37,8 @@ from neoxfuse.weights import ModelWeights, from_hf, load_checkpoint, random_mode
 
 ModelSource = Union[str, os.PathLike, torch.nn.Module, ModelWeights]
 
+GREEDY_CHUNK = 32  # greedy steps queued on the device between host waits (and stop-token checks)
+
 DTYPES = {
     "fp16": torch.float16,
     "float16": torch.float16,
@@ -49,6 +51,31 @@ DTYPES = {
 
 # ----------------------------------------------------------------------------------------------
 # Backends
+
+
+class StepClock:
+    """Marks the end of each decode step without making the host wait: a CUDA event recorded on the
+    current stream on a GPU, the host clock on a CPU. A mark is made when the clock is created."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between successive marks (waits for the last one on a GPU)."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [start.elapsed_time(end) for start, end in zip(self.marks, self.marks[1:])]
+        return [(end - start) * 1e3 for start, end in zip(self.marks, self.marks[1:])]
 
 
 @dataclass(frozen=True)
@@ -85,8 +112,25 @@ class Backend(ABC):
         """Runs tokens [T] (long, on the device) from position cache.length; the last token's logits [vocab]."""
 
     @abstractmethod
-    def decode_step(self, token: int, cache) -> torch.Tensor:
-        """Runs one token at position cache.length; its logits [vocab]. SequenceTooLongError when full."""
+    def decode_step(self, token: int | torch.Tensor, cache) -> torch.Tensor:
+        """Runs one token (an id, or a [1] long tensor) at position cache.length; its logits [vocab].
+        SequenceTooLongError when full."""
+
+    def decode_greedy(self, token: int, cache, steps: int, clock: StepClock) -> torch.Tensor:
+        """Greedy decoding of `steps` tokens after `token` (at position cache.length), without waiting
+        for the device: the chosen tokens [steps] (long, on the device), token i+1 = argmax of the
+        logits of token i. Calls clock.mark() after each step; cache.length grows by `steps`.
+
+        This default runs decode_step and an argmax on the device per step; a backend overrides it
+        to keep the whole loop on the device (the fused backend replays one CUDA graph per step).
+        """
+        chosen = []
+        current: int | torch.Tensor = token
+        for _ in range(steps):
+            current = self.decode_step(current, cache).argmax().reshape(1)  # [1]
+            chosen.append(current)
+            clock.mark()
+        return torch.cat(chosen)
 
 
 BACKENDS: dict[str, type[Backend]] = {}
@@ -219,6 +263,9 @@ class Generation:
 
     prefill_ms: the prompt's forward pass plus choosing the first new token (time to first token).
     decode_ms: one entry per later token: its decode step plus choosing it; tpot_ms is their mean.
+    Greedy tokens are chosen on the device, GREEDY_CHUNK steps between waits, each step timed from
+    the end of the one before (CUDA events on a GPU), so idle device time counts too; sampled
+    tokens are chosen on the host, each step timed by the host clock.
     """
 
     prompt_tokens: list[int]
@@ -336,14 +383,30 @@ class Engine:
         with progress_bar(max_new_tokens, "decoding", unit="tok", enabled=progress) as bar:
             bar.update(1)
             while len(result.tokens) < max_new_tokens and token not in stop_token_ids:
-                start = time.perf_counter()
-                token = next_token(self.backend.decode_step(token, cache), sampling, generator)
-                result.decode_ms.append((time.perf_counter() - start) * 1e3)
-                result.tokens.append(token)
-                bar.update(1)
+                if sampling.greedy:
+                    tokens, times = self._decode_greedy(token, cache, max_new_tokens - len(result.tokens), stop_token_ids)
+                else:
+                    start = time.perf_counter()
+                    tokens = [next_token(self.backend.decode_step(token, cache), sampling, generator)]
+                    times = [(time.perf_counter() - start) * 1e3]
+                token = tokens[-1]
+                result.tokens += tokens
+                result.decode_ms += times
+                bar.update(len(tokens))
         if self.tokenizer is not None:
             result.text = self.tokenizer.decode(result.tokens)
         return result
+
+    def _decode_greedy(self, token: int, cache, most: int, stop_token_ids: Collection[int]) -> tuple[list[int], list[float]]:
+        """Up to GREEDY_CHUNK greedy tokens after `token` (at most `most`, ending at the first stop
+        token) and each one's step time in ms, decoded on the device with one wait at the end."""
+        clock = StepClock(self.device)
+        steps = min(GREEDY_CHUNK, most)
+        tokens = self.backend.decode_greedy(token, cache, steps, clock).tolist()
+        times = clock.intervals_ms()
+        stops = [i for i, t in enumerate(tokens) if t in stop_token_ids]
+        kept = stops[0] + 1 if stops else steps  # the steps after a stop token ran for nothing
+        return tokens[:kept], times[:kept]
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -1,15 +1,19 @@
 """The `fused` engine backend: decode steps through the fused decoder kernels, replayed as one CUDA graph.
 
-A decode step of token t at position p = cache.length is
+A decode step at position p = cache.length is
 
-    x      = embed_in[t]                                  (fp32 residual stream [hidden])
+    x      = embed_in[tokens[p]]                          (fp32 residual stream [hidden])
     x      = fused layer l (x, K_l, V_l, p)   for l = 0 .. layers-1    (neoxfuse.ops.fused_decoder)
     logits = LN_final(x) @ embed_out.T                    (fp32 [vocab])
+    tokens[p + 1] = argmax(logits)                        (greedy steps only)
     p      = p + 1
 
-all on the GPU, with t and p in device memory, so the whole step is captured once as a CUDA
-graph and replayed for every later token (no per-kernel Python cost). The first step of a
-cache runs eagerly (it also warms up the kernels' plan), then the graph is captured.
+all on the GPU, with the tokens and p in device memory, so the whole step is captured once as a
+CUDA graph and replayed for every later token (no per-kernel Python cost). The first step of a
+cache runs eagerly (it also warms up the kernels' plan), then the graph is captured; greedy
+steps and logits steps are two graphs. decode_step writes tokens[p] from the host and returns
+the logits; decode_greedy replays the greedy graph `steps` times with no host work in between
+but the launches, so the GPU never waits for Python between tokens.
 
 Prefill runs through neoxfuse.reference in fp16 on the GPU and fills the same fp16 KV cache
 [layers, heads, max_seq_len, head_dim] the kernels read, so a prompt costs what plain PyTorch
@@ -27,7 +31,7 @@ import torch
 
 from neoxfuse import _lib
 from neoxfuse.configs import NeoXShape
-from neoxfuse.engine import Availability, Backend, register_backend
+from neoxfuse.engine import Availability, Backend, StepClock, register_backend
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError, NeoxfuseError
 from neoxfuse.ops import fused_decoder as ops
 from neoxfuse.reference import KVCache, ReferenceModel
@@ -84,15 +88,15 @@ class FusedBackend(Backend):
             return torch.zeros(size, dtype=dtype, device=device)
 
         # The graph's inputs and outputs live at fixed addresses.
-        self._token = buffer(1, torch.long)  # [1] the token being decoded
-        self._position = buffer(1, torch.int32)  # [1] its position: cache.length on the device
+        self._tokens = buffer(self.max_seq_len + 1, torch.long)  # [max_seq_len + 1] the token at each position
+        self._position = buffer(1, torch.int32)  # [1] the position being decoded: cache.length on the device
         self._residual = [buffer(shape.hidden, torch.float32) for _ in range(2)]  # 2 x [hidden], ping-pong
         self._workspace = ops.Workspace.allocate(shape, device)
         self._logits = buffer(shape.vocab, torch.float32)  # [vocab]
         self._device_length: int | None = None  # what self._position holds, when known on the host
         self._storage: KVCache | None = None
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._graph_cache: tuple[int, int] | None = None  # (k, v) data pointers the graph was captured with
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # greedy? -> the step's graph
+        self._graph_cache: tuple[int, int] | None = None  # (k, v) data pointers the graphs were captured with
 
     def new_cache(self) -> KVCache:
         """An empty cache on the backend's one KV storage (see the module docstring)."""
@@ -110,22 +114,50 @@ class FusedBackend(Backend):
         SequenceTooLongError when the cache is full, InvalidInputError for a token id out of range
         or a cache of other sizes; both before anything runs.
         """
+        self._start(token, cache, 1)
+        self._run(cache, greedy=False)
+        self._advance(cache, 1)
+        return self._logits.clone()
+
+    def decode_greedy(self, token: int | torch.Tensor, cache: KVCache, steps: int, clock: StepClock) -> torch.Tensor:
+        """Engine.decode_greedy on the device: `steps` replays of the greedy graph, each choosing the
+        next token into the device's token buffer; the chosen tokens [steps] (long, on the GPU).
+        The same errors as decode_step, before anything runs."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InvalidInputError(f"steps must be an integer >= 1, got {steps!r}")
+        start = self._start(token, cache, steps)
+        for _ in range(steps):
+            self._run(cache, greedy=True)
+            clock.mark()
+        self._advance(cache, steps)
+        return self._tokens[start + 1 : start + 1 + steps].clone()
+
+    def _start(self, token: int | torch.Tensor, cache: KVCache, steps: int) -> int:
+        """Checks a request of `steps` steps from `token`, puts token and position on the device; the position."""
         token_id = self._checked_token(token)
-        self.reference.check_cache(cache, 1)
-        self._token.fill_(token_id)
+        self.reference.check_cache(cache, steps)
+        self._tokens[cache.length].fill_(token_id)
         if self._device_length != cache.length:
             self._position.fill_(cache.length)
-        self._device_length = None  # unknown until the step has run
+        self._device_length = None  # unknown until the steps have run
+        return cache.length
+
+    def _advance(self, cache: KVCache, steps: int) -> None:
+        cache.length += steps
+        self._device_length = cache.length  # the steps advanced the device position too
+
+    def _run(self, cache: KVCache, greedy: bool) -> None:
+        """One step: a replay of its graph when one is captured for this cache, else eagerly (then captured)."""
         key = (cache.k.data_ptr(), cache.v.data_ptr())
-        if self._graph is not None and self._graph_cache == key:
-            self._graph.replay()
-        else:
-            self._step(cache)
-            if self.use_graph:
-                self._capture(cache)
-        cache.length += 1
-        self._device_length = cache.length  # the step advanced the device position too
-        return self._logits.clone()
+        if self._graph_cache != key:
+            self._graphs.clear()  # free the previous cache's graphs before capturing the next
+            self._graph_cache = key
+        if greedy in self._graphs:
+            self._graphs[greedy].replay()
+            return
+        self._step(cache, greedy)
+        if self.use_graph:
+            self._graphs[greedy] = self._capture(cache, greedy)
 
     def _checked_token(self, token: int | torch.Tensor) -> int | torch.Tensor:
         if isinstance(token, torch.Tensor):
@@ -136,12 +168,14 @@ class FusedBackend(Backend):
             raise InvalidInputError(f"token ids must be integers in 0..{self.shape.vocab - 1}, got {token!r}")
         return token
 
-    def _step(self, cache: KVCache) -> None:
-        """One decode step on the current stream, reading self._token and self._position, writing
-        self._logits and advancing self._position: the work the graph holds."""
+    def _step(self, cache: KVCache, greedy: bool) -> None:
+        """One decode step on the current stream, reading self._tokens at self._position, writing
+        self._logits (greedy: and the argmax token at the next position) and advancing
+        self._position: the work a graph holds."""
         w = self.weights
         x = self._residual[0]
-        x.copy_(w.embed_in.index_select(0, self._token)[0])  # [hidden] fp16 -> fp32
+        token = self._tokens.index_select(0, self._position)  # [1]
+        x.copy_(w.embed_in.index_select(0, token)[0])  # [hidden] fp16 -> fp32
         for index, layer in enumerate(w.layers):
             y = self._residual[(index + 1) % 2]
             ops.decoder_layer(x, layer, self.shape, cache.k[index], cache.v[index], self._position, out=y,
@@ -149,15 +183,16 @@ class FusedBackend(Backend):
             x = y
         ops.lm_head(x, w.final_ln_weight, w.final_ln_bias, w.embed_out, self.shape.eps, out=self._logits, pdl=self.pdl)
         self._position.add_(1)
+        if greedy:
+            self._tokens.index_put_((self._position,), self._logits.argmax().reshape(1))
 
-    def _capture(self, cache: KVCache) -> None:
-        """Captures _step for this cache (capturing runs nothing: the cache is not touched)."""
-        self._graph = None  # free the previous graph before capturing the next
+    def _capture(self, cache: KVCache, greedy: bool) -> torch.cuda.CUDAGraph:
+        """_step captured for this cache (capturing runs nothing: the cache is not touched)."""
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self._step(cache)
+                self._step(cache, greedy)
         except (RuntimeError, NeoxfuseError) as err:
             raise NeoxfuseError(f"capturing the fused decode step as a CUDA graph failed: {err}; "
                                 "FusedBackend(..., use_graph=False) runs it eagerly") from err
-        self._graph, self._graph_cache = graph, (cache.k.data_ptr(), cache.v.data_ptr())
+        return graph

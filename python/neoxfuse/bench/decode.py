@@ -11,8 +11,8 @@ one-token prompt, so the last decode step reads a KV cache of `context` = L posi
   (CUDA graphs), HF's own recipe for fast decoding; CUDA only.
 
 A row's tpot_ms is the mean time of the run's L-1 decode steps (token 1 comes from the
-prefill); HF steps are timed between CUDA events recorded in a logits processor, so the clock
-adds no host waits. Its floor is what those steps must read, at the copy rate this run
+prefill); every step is timed between CUDA events (neoxfuse.engine.StepClock; for HF recorded in
+a logits processor), so the clock adds no host waits. Its floor is what those steps must read, at the copy rate this run
 measured with neoxfuse.device.copy_bandwidth():
 
     floor_ms = mean over steps of (weight_bytes + keys_read * kv_bytes_per_token) / copy_GBps
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import transformers
 from neoxfuse.bench.common import device_record, percentile, write_results
 from neoxfuse.configs import MODEL_NAMES, shape_of
 from neoxfuse.device import copy_bandwidth
-from neoxfuse.engine import BACKENDS, DTYPES, Engine, resolve_device, resolve_dtype
+from neoxfuse.engine import BACKENDS, DTYPES, Engine, StepClock, resolve_device, resolve_dtype
 from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnknownModelError
 from neoxfuse.monitor import GpuMonitor
 from neoxfuse.progress import progress_bar
@@ -87,7 +86,8 @@ class Run:
 
 
 class EngineContender:
-    """A neoxfuse Engine backend, timed by Engine.generate (it waits for each token)."""
+    """A neoxfuse Engine backend, timed by Engine.generate (greedy tokens are chosen on the device,
+    each step timed between CUDA events)."""
 
     warm_up_each_length = False
 
@@ -100,34 +100,20 @@ class EngineContender:
         return Run(out.tokens, out.prefill_ms, out.decode_ms)
 
 
-class StepClock(transformers.LogitsProcessor):
-    """A logits processor that marks the end of each forward pass of model.generate: a CUDA event on
-    CUDA (recorded on the stream, so the host never waits), the host clock on CPU."""
+class StepMarker(transformers.LogitsProcessor):
+    """A logits processor that marks the end of each forward pass of model.generate on a
+    neoxfuse StepClock (CUDA events on a GPU: the host never waits)."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-
-    def _mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        self.device = device
+        self.clock: StepClock | None = None
 
     def start(self) -> None:
-        self.marks = [self._mark()]
+        self.clock = StepClock(self.device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.marks.append(self._mark())
+        self.clock.mark()
         return scores
-
-    def intervals_ms(self) -> list[float]:
-        """Milliseconds between consecutive marks: the prefill, then each decode step."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
 class HFContender:
@@ -138,7 +124,7 @@ class HFContender:
         self.name = name
         self.compiled = compiled
         self.warm_up_each_length = compiled  # the static cache is sized per length: compiled and captured per length
-        self.clock = StepClock(model.device)
+        self.marker = StepMarker(model.device)
 
     def generate(self, prompt: list[int], new_tokens: int) -> Run:
         ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)  # [1, P]
@@ -147,14 +133,14 @@ class HFContender:
         else:
             cache = {"disable_compile": True}
         config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, **cache)
-        self.clock.start()
+        self.marker.start()
         out = self.model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             generation_config=config,
-            logits_processor=transformers.LogitsProcessorList([self.clock]),
+            logits_processor=transformers.LogitsProcessorList([self.marker]),
         )
-        intervals = self.clock.intervals_ms()
+        intervals = self.marker.clock.intervals_ms()  # the prefill, then each decode step
         return Run(out[0, len(prompt) :].tolist(), intervals[0], intervals[1:])
 
 
