@@ -41,13 +41,19 @@ LOGITS_TOL = 1e-4  # lm_head: fp32 LayerNorm and dot products on both sides
 SANITIZE = (
     *(f"test_every_cluster_size_matches_fp32_oracle[d80-h8-299-{c}]" for c in (1, 3, 4)),
     *(f"test_every_cluster_size_matches_fp32_oracle[d128-h3-76-{c}]" for c in (1, 3, 4)),
+    *(f"test_every_cluster_size_matches_fp32_oracle[d64-h5-130-{c}]" for c in (1, 3)),
+    *(f"test_every_cluster_size_matches_fp32_oracle[d256-h3-149-{c}]" for c in (1, 3)),
     "test_pythia_layer_matches_fp32_oracle[pythia-2.8b-127]",
     "test_device_position_past_the_cache_gives_nan_and_writes_nothing",
     "test_lm_head_matches_fp32_oracle[640-7]",
 )
 
-KERNELS = ("attn_mlp_in_kernelILi80E", "attn_mlp_in_kernelILi128E", "out_proj_kernel", "lm_head_kernel")
+KERNELS = (*(f"attn_mlp_in_kernelILi{d}E" for d in fd.SUPPORTED_HEAD_DIMS), "out_proj_kernel", "lm_head_kernel")
 PYTHIA_LAYERS = {  # one full-size layer of each head_dim the kernels are built for
+    "pythia-410m": NeoXShape(hidden=1024, layers=1, heads=16, head_dim=64, rotary_dims=16, ffn=4096, vocab=50304,
+                             max_positions=2048),
+    "pythia-1b": NeoXShape(hidden=2048, layers=1, heads=8, head_dim=256, rotary_dims=64, ffn=8192, vocab=50304,
+                           max_positions=2048),
     "pythia-2.8b": NeoXShape(hidden=2560, layers=1, heads=32, head_dim=80, rotary_dims=20, ffn=10240, vocab=50304,
                              max_positions=2048),
     "pythia-6.9b": NeoXShape(hidden=4096, layers=1, heads=32, head_dim=128, rotary_dims=32, ffn=16384, vocab=50432,
@@ -56,6 +62,8 @@ PYTHIA_LAYERS = {  # one full-size layer of each head_dim the kernels are built 
 ODD_LAYERS = {  # small and awkward: few heads, ffn not a multiple of 64, caches of odd length
     "d80-h8": NeoXShape(hidden=640, layers=1, heads=8, head_dim=80, rotary_dims=20, ffn=1000, vocab=1001, max_positions=300),
     "d128-h3": NeoXShape(hidden=384, layers=1, heads=3, head_dim=128, rotary_dims=32, ffn=1368, vocab=997, max_positions=77),
+    "d64-h5": NeoXShape(hidden=320, layers=1, heads=5, head_dim=64, rotary_dims=16, ffn=1288, vocab=1003, max_positions=131),
+    "d256-h3": NeoXShape(hidden=768, layers=1, heads=3, head_dim=256, rotary_dims=64, ffn=2056, vocab=1009, max_positions=150),
 }
 
 
@@ -168,14 +176,13 @@ def test_kernels_are_built_for_every_arch_without_spills(cuobjdump):
             assert found[(arch, kernel)]["STACK"] <= 32, (arch, kernel, found[(arch, kernel)])
 
 
-def test_supported_shapes():
-    for name in ("pythia-1.4b", "pythia-2.8b", "pythia-6.9b", "pythia-12b"):
+def test_the_whole_pythia_suite_is_supported():
+    for name in ("pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b", "pythia-1.4b", "pythia-2.8b", "pythia-6.9b",
+                 "pythia-12b"):
         assert fd.unsupported_reason(shape_of(pythia_config(name))) is None, name
-    assert "head_dim" in fd.unsupported_reason(shape_of(pythia_config("pythia-70m")))  # head_dim 64
-    assert "head_dim" in fd.unsupported_reason(shape_of(pythia_config("pythia-1b")))  # head_dim 256
     assert "sequential" in fd.unsupported_reason(shape_of(pythia_config("pythia-2.8b", use_parallel_residual=False)))
-    with pytest.raises(UnsupportedModelError, match="head_dim"):
-        fd.check_shape(shape_of(pythia_config("pythia-70m")))
+    with pytest.raises(UnsupportedModelError, match="head_dim 96"):
+        fd.check_shape(shape_of(pythia_config("pythia-2.8b", hidden_size=3072)))  # 32 heads of 96
 
 
 def _cpu_call(shape=ODD_LAYERS["d80-h8"], position=3, **changes):
@@ -206,7 +213,7 @@ def _cpu_call(shape=ODD_LAYERS["d80-h8"], position=3, **changes):
     ({"position": 2.0}, InvalidInputError, "position must be an int"),
     ({"position": torch.zeros(1, dtype=torch.int64)}, InvalidInputError, "position must be int32"),
     ({"cluster_size": 9}, InvalidInputError, "cluster_size"),
-    ({"shape": dataclasses.replace(ODD_LAYERS["d80-h8"], heads=10, head_dim=64)}, UnsupportedModelError, "head_dim 64"),
+    ({"shape": dataclasses.replace(ODD_LAYERS["d80-h8"], heads=20, head_dim=32)}, UnsupportedModelError, "head_dim 32"),
     ({"shape": dataclasses.replace(ODD_LAYERS["d80-h8"], parallel_residual=False)}, UnsupportedModelError, "sequential"),
 ])  # fmt: skip
 def test_bad_layer_arguments_are_named_before_any_launch(changes, error, message):
@@ -293,7 +300,8 @@ def test_pythia_layer_matches_fp32_oracle(pythia_layer, position):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cluster_size", [1, 2, 3, 4, 5, 6, 7, 8])
-@pytest.mark.parametrize("name, position", [("d80-h8", 0), ("d80-h8", 5), ("d80-h8", 299), ("d128-h3", 3), ("d128-h3", 76)])
+@pytest.mark.parametrize("name, position", [("d80-h8", 0), ("d80-h8", 5), ("d80-h8", 299), ("d128-h3", 3), ("d128-h3", 76),
+                                            ("d64-h5", 130), ("d256-h3", 0), ("d256-h3", 149)])
 def test_every_cluster_size_matches_fp32_oracle(name, position, cluster_size):
     shape = ODD_LAYERS[name]
     layer = _random_layer(shape, seed=cluster_size)
@@ -391,7 +399,7 @@ def test_lm_head_matches_fp32_oracle(hidden, vocab):
 # The whole model through the `fused` backend (GPU).
 
 
-@pytest.fixture(scope="module", params=["pythia-2.8b", "pythia-1.4b"])
+@pytest.fixture(scope="module", params=["pythia-2.8b", "pythia-1.4b", "pythia-410m", "pythia-1b"])
 def hf_models(request):
     """(fp16 HF model, fp32 HF model holding the same fp16-rounded weights), 2 layers, on the GPU."""
     config = pythia_config(request.param, num_hidden_layers=2)

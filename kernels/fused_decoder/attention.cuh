@@ -8,12 +8,12 @@
 // and two partials merge as m = max(m1, m2), l = l1 e^(m1-m) + l2 e^(m2-m), o = o1 e^(m1-m) + o2 e^(m2-m);
 // the attention output is o / l once every range is merged. An empty range is (-inf, 0, 0).
 //
-// Work split inside a block: 16 lanes read one position's row (lane c takes dims 8c..8c+7, so
-// one warp instruction reads two whole rows, contiguous), and the block's threads form
-// kThreads / 16 position groups; group g takes positions begin + g, begin + g + groups, ...
-// Each lane issues the key and value loads of kPositionsPerLane positions at once (one DRAM
-// round trip per 128 positions for 256 threads), scores them with a 16-lane butterfly and keeps
-// an online softmax of its group in registers. The groups' partials are merged in group order
+// Work split inside a block: L lanes read one position's row, lane c taking dims 8c..8c+7 (L = 16
+// for head_dim <= 128, so one warp instruction reads two whole rows, contiguous; L = 32, a whole
+// warp, for head_dim 256), and the block's threads form kThreads / L position groups; group g
+// takes positions begin + g, begin + g + groups, ... Each lane issues the key and value loads of
+// kPositionsPerLane positions at once (one DRAM round trip per 128 positions for 256 threads and
+// L = 16), scores them with an L-lane butterfly and keeps an online softmax of its group in registers. The groups' partials are merged in group order
 // through shared memory at the end: no atomics, no barriers inside the loop.
 #pragma once
 
@@ -44,12 +44,12 @@ struct SoftmaxMerge {
 template <int kHeadDim, int kThreads>
 struct DecodeAttention {
   static constexpr int kRowChunks = kHeadDim / kChunkElems;  // 16-byte vectors per key or value row
-  static constexpr int kLanesPerPosition = 16;
+  static constexpr int kLanesPerPosition = kRowChunks <= 16 ? 16 : kWarpSize;
   static constexpr int kGroups = kThreads / kLanesPerPosition;
   static constexpr int kPositionsPerLane = 8;
   static constexpr int kGroupStride = kHeadDim + 2;            // scratch row: m, l, o[head_dim]
   static constexpr int kScratchFloats = kGroups * kGroupStride;
-  static_assert(kHeadDim % kChunkElems == 0 && kRowChunks <= kLanesPerPosition, "a row must fit 16 lanes");
+  static_assert(kHeadDim % kChunkElems == 0 && kRowChunks <= kLanesPerPosition, "a row must fit one warp");
   static_assert(kThreads % kWarpSize == 0, "whole warps");
 
   // Writes out[d] = the partial of positions [begin, end) for every d < kHeadDim (threads d, d +

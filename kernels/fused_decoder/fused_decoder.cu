@@ -24,7 +24,8 @@ int check_shape(const neoxfuse_fused_shape& s) {
       !(s.rotary_base > 0.0f)) {
     return NEOXFUSE_ERR_INVALID_ARGUMENT;
   }
-  const bool supported = (s.head_dim == 80 || s.head_dim == 128) && s.hidden == s.heads * s.head_dim &&
+  const bool supported = (s.head_dim == 64 || s.head_dim == 80 || s.head_dim == 128 || s.head_dim == 256) &&
+                         s.hidden == s.heads * s.head_dim &&
                          s.hidden % kChunkElems == 0 && s.hidden <= kMaxHidden && s.ffn % kChunkElems == 0 &&
                          s.rotary_dims % 2 == 0 && s.rotary_dims <= s.head_dim;
   return supported ? NEOXFUSE_OK : NEOXFUSE_ERR_UNSUPPORTED;
@@ -34,10 +35,14 @@ int check_shape(const neoxfuse_fused_shape& s) {
 template <typename F>
 int with_head_dim(int head_dim, F&& f) {
   switch (head_dim) {
+    case 64:
+      return f(std::integral_constant<int, 64>{});
     case 80:
       return f(std::integral_constant<int, 80>{});
     case 128:
       return f(std::integral_constant<int, 128>{});
+    case 256:
+      return f(std::integral_constant<int, 256>{});
     default:
       return NEOXFUSE_ERR_UNSUPPORTED;
   }
