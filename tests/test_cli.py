@@ -78,6 +78,7 @@ def test_generate_with_the_default_model_on_a_cpu():
     assert result.returncode == 0, result.stderr
     assert "random-initialised pythia-70m" in result.stderr and "CPU" in result.stderr
     assert "prompt (3 tokens): 1,2,3" in result.stdout
+    assert "backend reference (auto: reference; not fused: the fused kernels need a CUDA GPU)" in result.stdout
     generated = next(line for line in result.stdout.splitlines() if line.startswith("generated"))
     assert generated.startswith("generated (3 tokens): ") and len(generated.split(": ")[1].split(",")) == 3
     assert "TPOT" in result.stdout

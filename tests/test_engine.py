@@ -57,6 +57,11 @@ def test_cpu_defaults_to_fp32(engine):
     assert engine.max_seq_len == engine.shape.max_positions
 
 
+def test_auto_backend_takes_the_fastest_that_can_run_and_says_why(engine):
+    assert engine.backend_name == "reference" and isinstance(engine.backend, ReferenceBackend)
+    assert engine.backend_reason.startswith("auto: reference; not fused: the fused kernels need a CUDA GPU")
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_greedy_equals_the_reference_models_greedy(hf_model, engine, seed):
     prompt = _random_prompt(engine.shape.vocab, seed)
@@ -283,6 +288,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(hf_model):
 def test_gpu_defaults_and_fp32_tokens_match_the_cpu(hf_model):
     gpu = Engine(hf_model)
     assert gpu.device.type == "cuda" and gpu.dtype == torch.float16
+    assert gpu.backend_name == "reference" and "head_dim 16" in gpu.backend_reason  # the tiny shape: not fused
     out = gpu.generate([1, 2, 3], 16, SamplingParams(temperature=0.8, seed=1))
     assert len(out.tokens) == 16 and all(0 <= t < gpu.shape.vocab for t in out.tokens)
     # fp32 on the GPU (no TF32 by default) agrees with the CPU to ~1e-6: the same greedy tokens.

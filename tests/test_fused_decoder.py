@@ -458,7 +458,8 @@ def test_greedy_tokens_match_hf_fp16_for_128_tokens(hf_models):
         hf_tokens.append(int(out.logits[0, -1].argmax()))
         out = model(torch.tensor([[hf_tokens[-1]]], device="cuda"), past_key_values=out.past_key_values, use_cache=True)
 
-    engine = Engine(model, backend="fused", max_seq_len=256)
+    engine = Engine(model, max_seq_len=256)  # backend "auto": fused on an sm_90+ GPU in fp16
+    assert engine.backend_name == "fused", engine.backend_reason
     generation = engine.generate(prompt.tolist(), max_new_tokens=128)
     assert generation.tokens == hf_tokens
 

@@ -21,7 +21,7 @@ import neoxfuse
 from neoxfuse import _lib, bench
 from neoxfuse.configs import MODEL_NAMES
 from neoxfuse.device import devices
-from neoxfuse.engine import BACKENDS, DTYPES, Engine, backend_availability, resolve_device, resolve_dtype
+from neoxfuse.engine import AUTO, AUTO_ORDER, BACKENDS, DTYPES, Engine, backend_availability, resolve_device, resolve_dtype
 from neoxfuse.errors import NeoxfuseError
 from neoxfuse.sampling import SamplingParams
 
@@ -119,7 +119,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens of mass top-p (default 1: all)")
     parser.add_argument("--seed", type=int, help="seed for sampling (and for a random-initialised model's weights; default 0)")
-    parser.add_argument("--backend", default="reference", help=f"how the model is computed: {', '.join(sorted(BACKENDS))} (default reference)")
+    parser.add_argument("--backend", default=AUTO, help=f"how the model is computed: {', '.join(sorted(BACKENDS))}, or {AUTO} "
+                        f"(default): the first of {', '.join(AUTO_ORDER)} that can run here")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on a GPU, fp32 on a CPU")
     parser.add_argument("--max-seq-len", type=int, help="KV cache positions (default: the model's maximum)")
@@ -149,7 +150,7 @@ def _generate(args) -> int:
     out = engine.generate(prompt, args.max_new_tokens, sampling, stop_token_ids=() if eos is None else (eos,), progress=True)
 
     dtype_name = str(engine.dtype).replace("torch.", "")
-    print(f"model: {engine.description}; backend {args.backend}; {dtype_name} on {engine.device}")
+    print(f"model: {engine.description}; backend {engine.backend_name} ({engine.backend_reason}); {dtype_name} on {engine.device}")
     print(f"prompt ({_count(out.prompt_tokens, 'token')}): {','.join(map(str, out.prompt_tokens))}")
     print(f"generated ({_count(out.tokens, 'token')}): {','.join(map(str, out.tokens))}")
     if out.text is not None:

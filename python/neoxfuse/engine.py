@@ -142,12 +142,29 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
     return cls
 
 
+AUTO = "auto"
+AUTO_ORDER = ("fused", "reference")  # what backend="auto" tries, fastest first
+
+
 def backend_class(name: str) -> type[Backend]:
     """The registered backend called `name`; InvalidInputError listing the known ones otherwise."""
     try:
         return BACKENDS[name]
     except KeyError:
-        raise InvalidInputError(f"unknown backend {name!r}; available backends: {', '.join(sorted(BACKENDS))}") from None
+        raise InvalidInputError(f"unknown backend {name!r}; available backends: {', '.join(sorted(BACKENDS))} "
+                                f"(or {AUTO}: the fastest that can run)") from None
+
+
+def auto_backend(device: torch.device, dtype: torch.dtype, shape: NeoXShape) -> tuple[str, str]:
+    """(name, why) of the first backend of AUTO_ORDER that can run `shape` on `device` in `dtype`."""
+    passed_over = []
+    for name in AUTO_ORDER:
+        availability = BACKENDS[name].available(device, dtype, shape)
+        if availability:
+            why = "; ".join([f"auto: {name}", *passed_over])
+            return name, why
+        passed_over.append(f"not {name}: {availability.reason}")
+    raise InvalidInputError(f"no backend can run on {device}: " + "; ".join(passed_over))
 
 
 def backend_availability(device: torch.device, dtype: torch.dtype, shape: NeoXShape | None = None) -> dict[str, Availability]:
@@ -284,7 +301,9 @@ class Engine:
     """Batch-1 generation with one GPT-NeoX model on one device, computed by one backend.
 
     model: a Pythia name (random-initialised, from `seed`), a checkpoint directory, a
-    GPTNeoXForCausalLM or ModelWeights. backend: a name in BACKENDS. device: CUDA when there is a
+    GPTNeoXForCausalLM or ModelWeights. backend: a name in BACKENDS, or "auto" (the default): the
+    first of AUTO_ORDER that can run here (`fused` on an sm_90+ GPU in fp16, else `reference`);
+    `backend_name` and `backend_reason` say which and why. device: CUDA when there is a
     GPU, else CPU. dtype: fp16 on CUDA, fp32 on CPU. max_seq_len: the KV cache's capacity in
     positions (a generation fills prompt + new tokens - 1); the model's max_positions by default.
     """
@@ -293,7 +312,7 @@ class Engine:
         self,
         model: ModelSource,
         *,
-        backend: str = "reference",
+        backend: str = AUTO,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         max_seq_len: int | None = None,
@@ -302,11 +321,16 @@ class Engine:
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        backend_cls = backend_class(backend)
-        self._require_available(backend_cls, None)
+        if backend != AUTO:
+            self._require_available(backend_class(backend), None)
         loaded = load_model(model, dtype=self.dtype, seed=seed)
         self.shape: NeoXShape = loaded.weights.shape
-        self._require_available(backend_cls, self.shape)
+        if backend == AUTO:
+            backend, self.backend_reason = auto_backend(self.device, self.dtype, self.shape)
+        else:
+            self.backend_reason = self._require_available(backend_class(backend), self.shape)
+        self.backend_name = backend
+        backend_cls = backend_class(backend)
         if max_seq_len is not None and max_seq_len < 1:
             raise InvalidInputError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.max_seq_len = max_seq_len or self.shape.max_positions
@@ -316,11 +340,13 @@ class Engine:
         self.description = loaded.description
         self.random_init = loaded.random_init
 
-    def _require_available(self, backend_cls: type[Backend], shape: NeoXShape | None) -> None:
+    def _require_available(self, backend_cls: type[Backend], shape: NeoXShape | None) -> str:
+        """What the backend runs as; InvalidInputError saying why when it cannot run here."""
         availability = backend_cls.available(self.device, self.dtype, shape)
         if not availability:
             dtype_name = str(self.dtype).replace("torch.", "")
             raise InvalidInputError(f"backend {backend_cls.name!r} cannot run on {self.device} in {dtype_name}: {availability.reason}")
+        return availability.reason
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` with the checkpoint's tokenizer; InvalidInputError without one."""
