@@ -124,16 +124,17 @@ def test_generation_stops_after_a_stop_token(engine):
     assert engine.generate([3, 4, 5], 16, stop_token_ids={stop}).tokens == full[: first + 1]
 
 
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, seed=3)], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("stop_at", [None, 2, 4, 6, 13])
-def test_greedy_chunks_change_nothing_and_stop_at_the_first_stop_token(engine, monkeypatch, stop_at):
-    # Greedy tokens are chosen on the device GREEDY_CHUNK at a time; with chunks of 4 a stop token
-    # may fall at a chunk's end (index 3), inside one or in a later chunk.
+def test_decode_chunks_change_nothing_and_stop_at_the_first_stop_token(engine, monkeypatch, sampling, stop_at):
+    # Tokens are chosen on the device DECODE_CHUNK at a time; with chunks of 4 a stop token may
+    # fall at a chunk's end (index 3), inside one or in a later chunk.
     prompt = _random_prompt(engine.shape.vocab, 3)
-    full = engine.generate(prompt, 19).tokens
-    monkeypatch.setattr(neoxfuse.engine, "GREEDY_CHUNK", 4)
+    full = engine.generate(prompt, 19, sampling).tokens
+    monkeypatch.setattr(neoxfuse.engine, "DECODE_CHUNK", 4)
     stops = set() if stop_at is None else {full[stop_at]}
     want = full if stop_at is None else full[: full.index(full[stop_at]) + 1]
-    out = engine.generate(prompt, 19, stop_token_ids=stops)
+    out = engine.generate(prompt, 19, sampling, stop_token_ids=stops)
     assert out.tokens == want
     assert len(out.decode_ms) == len(want) - 1
 

@@ -29,6 +29,7 @@ from neoxfuse.engine import Engine, StepClock
 from neoxfuse.errors import InvalidInputError, KernelError, NoGPUError, SequenceTooLongError, UnsupportedModelError
 from neoxfuse.fused import FusedBackend
 from neoxfuse.ops import fused_decoder as fd
+from neoxfuse.sampling import SamplingParams, next_token
 from neoxfuse.weights import LayerWeights, from_hf, random_model
 
 MLP_TOL = 1e-4
@@ -492,30 +493,36 @@ def test_graph_replay_equals_eager_and_runs_are_bitwise_identical(hf_models):
 @pytest.mark.gpu
 @torch.inference_mode()
 @pytest.mark.parametrize("use_graph", [True, False])
-def test_greedy_on_the_device_equals_greedy_through_decode_step(hf_models, use_graph):
-    # decode_greedy's graph chooses tokens into the device's token buffer; decode_step's returns
-    # logits for the host to choose from. Same kernels, same order: the same tokens, bitwise.
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=5)], ids=["greedy", "sampled"])
+def test_tokens_chosen_on_the_device_equal_tokens_chosen_from_decode_steps(hf_models, use_graph, sampling):
+    # decode_tokens keeps each step's token on the device (greedy: written by the graph); decode_step
+    # returns logits for the host. Same kernels in the same order, the same draws from the same
+    # generator: the same tokens.
     model16 = hf_models[0]
     backend = _backend(model16, max_seq_len=64, use_graph=use_graph)
     prompt = torch.randint(0, model16.config.vocab_size, (8,), device="cuda")
     cache = backend.new_cache()
     first = int(backend.prefill(prompt, cache).argmax())
+    generator = sampling.generator("cuda")
     want, token = [], first
     for _ in range(21):
-        token = int(backend.decode_step(token, cache).argmax())
+        token = next_token(backend.decode_step(token, cache), sampling, generator)
         want.append(token)
 
     cache = backend.new_cache()  # the same storage, from position 0 again
     backend.prefill(prompt, cache)
+    generator = sampling.generator("cuda")
     clock = StepClock(torch.device("cuda"))
-    got = backend.decode_greedy(first, cache, 12, clock).tolist()
+    got = backend.decode_tokens(first, cache, 12, sampling, generator, clock).tolist()
     assert len(clock.intervals_ms()) == 12 and all(ms > 0 for ms in clock.intervals_ms())
-    got += backend.decode_greedy(got[-1], cache, 8, StepClock(torch.device("cuda"))).tolist()
+    got += backend.decode_tokens(got[-1], cache, 8, sampling, generator, StepClock(torch.device("cuda"))).tolist()
     assert got == want[:20]
     assert cache.length == int(backend._position) == 28
-    assert int(backend.decode_step(got[-1], cache).argmax()) == want[20]  # logits steps go on from there
+    assert next_token(backend.decode_step(got[-1], cache), sampling, generator) == want[20]  # decode_step goes on from there
 
 
+@pytest.mark.gpu
+@torch.inference_mode()
 @pytest.mark.gpu
 @torch.inference_mode()
 def test_decode_past_the_cache_and_bad_tokens_raise_before_running(hf_models):
@@ -528,5 +535,5 @@ def test_decode_past_the_cache_and_bad_tokens_raise_before_running(hf_models):
     with pytest.raises(InvalidInputError, match="token ids"):
         backend.decode_step(hf_models[0].config.vocab_size, cache)
     with pytest.raises(SequenceTooLongError):
-        backend.decode_greedy(1, cache, 6, StepClock(torch.device("cuda")))
+        backend.decode_tokens(1, cache, 6, SamplingParams(), None, StepClock(torch.device("cuda")))
     assert cache.length == 3

@@ -32,12 +32,12 @@ from neoxfuse.configs import MODEL_NAMES, NeoXShape
 from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnknownModelError, UnsupportedModelError
 from neoxfuse.progress import progress_bar
 from neoxfuse.reference import ReferenceModel
-from neoxfuse.sampling import SamplingParams, next_token
+from neoxfuse.sampling import SamplingParams, choose, next_token
 from neoxfuse.weights import ModelWeights, from_hf, load_checkpoint, random_model
 
 ModelSource = Union[str, os.PathLike, torch.nn.Module, ModelWeights]
 
-GREEDY_CHUNK = 32  # greedy steps queued on the device between host waits (and stop-token checks)
+DECODE_CHUNK = 32  # decode steps queued on the device between host waits (and stop-token checks)
 
 DTYPES = {
     "fp16": torch.float16,
@@ -116,18 +116,20 @@ class Backend(ABC):
         """Runs one token (an id, or a [1] long tensor) at position cache.length; its logits [vocab].
         SequenceTooLongError when full."""
 
-    def decode_greedy(self, token: int, cache, steps: int, clock: StepClock) -> torch.Tensor:
-        """Greedy decoding of `steps` tokens after `token` (at position cache.length), without waiting
-        for the device: the chosen tokens [steps] (long, on the device), token i+1 = argmax of the
-        logits of token i. Calls clock.mark() after each step; cache.length grows by `steps`.
+    def decode_tokens(self, token: int, cache, steps: int, sampling: SamplingParams, generator: torch.Generator | None,
+                      clock: StepClock) -> torch.Tensor:
+        """Decodes `steps` tokens after `token` (at position cache.length) without waiting for the
+        device: token i+1 = neoxfuse.sampling.choose(logits of token i, sampling, generator). The
+        chosen tokens [steps] (long, on the device); clock.mark() after each step; cache.length
+        grows by `steps`.
 
-        This default runs decode_step and an argmax on the device per step; a backend overrides it
-        to keep the whole loop on the device (the fused backend replays one CUDA graph per step).
+        This default runs decode_step and choose per step; a backend overrides it to keep more
+        of the loop on the device (the fused backend replays a CUDA graph per step).
         """
         chosen = []
         current: int | torch.Tensor = token
         for _ in range(steps):
-            current = self.decode_step(current, cache).argmax().reshape(1)  # [1]
+            current = choose(self.decode_step(current, cache), sampling, generator)  # [1]
             chosen.append(current)
             clock.mark()
         return torch.cat(chosen)
@@ -280,9 +282,8 @@ class Generation:
 
     prefill_ms: the prompt's forward pass plus choosing the first new token (time to first token).
     decode_ms: one entry per later token: its decode step plus choosing it; tpot_ms is their mean.
-    Greedy tokens are chosen on the device, GREEDY_CHUNK steps between waits, each step timed from
-    the end of the one before (CUDA events on a GPU), so idle device time counts too; sampled
-    tokens are chosen on the host, each step timed by the host clock.
+    Tokens are chosen on the device, DECODE_CHUNK steps between waits, each step timed from the
+    end of the one before (CUDA events on a GPU), so idle device time counts too.
     """
 
     prompt_tokens: list[int]
@@ -409,12 +410,8 @@ class Engine:
         with progress_bar(max_new_tokens, "decoding", unit="tok", enabled=progress) as bar:
             bar.update(1)
             while len(result.tokens) < max_new_tokens and token not in stop_token_ids:
-                if sampling.greedy:
-                    tokens, times = self._decode_greedy(token, cache, max_new_tokens - len(result.tokens), stop_token_ids)
-                else:
-                    start = time.perf_counter()
-                    tokens = [next_token(self.backend.decode_step(token, cache), sampling, generator)]
-                    times = [(time.perf_counter() - start) * 1e3]
+                steps = min(DECODE_CHUNK, max_new_tokens - len(result.tokens))
+                tokens, times = self._decode_chunk(token, cache, steps, sampling, generator, stop_token_ids)
                 token = tokens[-1]
                 result.tokens += tokens
                 result.decode_ms += times
@@ -423,12 +420,12 @@ class Engine:
             result.text = self.tokenizer.decode(result.tokens)
         return result
 
-    def _decode_greedy(self, token: int, cache, most: int, stop_token_ids: Collection[int]) -> tuple[list[int], list[float]]:
-        """Up to GREEDY_CHUNK greedy tokens after `token` (at most `most`, ending at the first stop
-        token) and each one's step time in ms, decoded on the device with one wait at the end."""
+    def _decode_chunk(self, token: int, cache, steps: int, sampling: SamplingParams, generator: torch.Generator | None,
+                      stop_token_ids: Collection[int]) -> tuple[list[int], list[float]]:
+        """`steps` tokens after `token` up to the first stop token, and each one's step time in ms,
+        decoded on the device with one wait at the end."""
         clock = StepClock(self.device)
-        steps = min(GREEDY_CHUNK, most)
-        tokens = self.backend.decode_greedy(token, cache, steps, clock).tolist()
+        tokens = self.backend.decode_tokens(token, cache, steps, sampling, generator, clock).tolist()
         times = clock.intervals_ms()
         stops = [i for i, t in enumerate(tokens) if t in stop_token_ids]
         kept = stops[0] + 1 if stops else steps  # the steps after a stop token ran for nothing

@@ -12,8 +12,9 @@ all on the GPU, with the tokens and p in device memory, so the whole step is cap
 CUDA graph and replayed for every later token (no per-kernel Python cost). The first step of a
 cache runs eagerly (it also warms up the kernels' plan), then the graph is captured; greedy
 steps and logits steps are two graphs. decode_step writes tokens[p] from the host and returns
-the logits; decode_greedy replays the greedy graph `steps` times with no host work in between
-but the launches, so the GPU never waits for Python between tokens.
+the logits; decode_tokens replays a graph `steps` times with nothing between replays but the
+launches (greedy) or the sampling ops writing tokens[p + 1] (sampled), and no host wait, so the
+GPU does not idle waiting for Python between tokens.
 
 Prefill runs through neoxfuse.reference in fp16 on the GPU and fills the same fp16 KV cache
 [layers, heads, max_seq_len, head_dim] the kernels read, so a prompt costs what plain PyTorch
@@ -35,6 +36,7 @@ from neoxfuse.engine import Availability, Backend, StepClock, register_backend
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError, NeoxfuseError
 from neoxfuse.ops import fused_decoder as ops
 from neoxfuse.reference import KVCache, ReferenceModel
+from neoxfuse.sampling import SamplingParams, choose
 from neoxfuse.weights import ModelWeights
 
 
@@ -119,15 +121,19 @@ class FusedBackend(Backend):
         self._advance(cache, 1)
         return self._logits.clone()
 
-    def decode_greedy(self, token: int | torch.Tensor, cache: KVCache, steps: int, clock: StepClock) -> torch.Tensor:
-        """Engine.decode_greedy on the device: `steps` replays of the greedy graph, each choosing the
-        next token into the device's token buffer; the chosen tokens [steps] (long, on the GPU).
+    def decode_tokens(self, token: int | torch.Tensor, cache: KVCache, steps: int, sampling: SamplingParams,
+                      generator: torch.Generator | None, clock: StepClock) -> torch.Tensor:
+        """Backend.decode_tokens on the device: `steps` graph replays, each step's token written into
+        the device's token buffer for the next (greedy: by the graph itself; sampled: by
+        neoxfuse.sampling.choose after the logits graph); the chosen tokens [steps] (long, on the GPU).
         The same errors as decode_step, before anything runs."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidInputError(f"steps must be an integer >= 1, got {steps!r}")
         start = self._start(token, cache, steps)
-        for _ in range(steps):
-            self._run(cache, greedy=True)
+        for step in range(steps):
+            self._run(cache, greedy=sampling.greedy)
+            if not sampling.greedy:
+                self._tokens[start + step + 1 : start + step + 2].copy_(choose(self._logits, sampling, generator))
             clock.mark()
         self._advance(cache, steps)
         return self._tokens[start + 1 : start + 1 + steps].clone()

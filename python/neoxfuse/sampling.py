@@ -86,11 +86,17 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs / probs.sum()
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """The next token id: argmax(logits) when greedy, else one draw from `probabilities(logits, params)`.
+def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token id as a [1] long tensor on the logits' device, without waiting for the device:
+    argmax(logits) when greedy, else one draw from `probabilities(logits, params)`.
 
     logits: [vocab]; generator: from `params.generator(logits.device)`, on the logits' device.
     """
     if params.greedy:
-        return int(torch.argmax(logits))
-    return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))
+        return torch.argmax(logits).reshape(1)
+    return torch.multinomial(probabilities(logits, params), 1, generator=generator)
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """choose(logits, params, generator) as a Python int (waits for the device)."""
+    return int(choose(logits, params, generator))
