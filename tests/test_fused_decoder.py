@@ -22,6 +22,8 @@ import subprocess
 import pytest
 import torch
 
+import neoxfuse.fused
+
 from neoxfuse import _lib
 from neoxfuse import reference as ref
 from neoxfuse.configs import NeoXShape, pythia_config, shape_of
@@ -260,8 +262,78 @@ def test_backend_availability_says_why_not():
     assert not FusedBackend.available(torch.device("cpu"), torch.float16)
     if torch.cuda.is_available():
         assert "fp16" in FusedBackend.available(torch.device("cuda"), torch.float32).reason
-        shape = shape_of(pythia_config("pythia-70m"))
-        assert "head_dim" in FusedBackend.available(torch.device("cuda"), torch.float16, shape).reason
+        shape = shape_of(pythia_config("pythia-2.8b", hidden_size=3072))  # 32 heads of 96
+        assert "head_dim 96" in FusedBackend.available(torch.device("cuda"), torch.float16, shape).reason
+
+
+class _OracleKernels:
+    """neoxfuse.ops.fused_decoder as FusedBackend uses it, computed by the fp32 oracle on the CPU,
+    so the backend's own logic (token buffer, device position, caches, steps) runs without a GPU."""
+
+    Workspace = fd.Workspace
+    check_weights = staticmethod(lambda weights: fd.check_shape(weights.shape))
+    plan = staticmethod(lambda shape, device, cluster_size: None)
+
+    @staticmethod
+    def decoder_layer(x, layer, shape, k_cache, v_cache, position, *, out, workspace, cluster_size, pdl):
+        p = int(position)  # the kernel reads the int32 [1] position on the device
+        k32, v32 = k_cache.float(), v_cache.float()
+        out.copy_(ref.decoder_layer(x[None], layer.to(dtype=torch.float32), shape, k32, v32, p)[0])
+        k_cache[:, p], v_cache[:, p] = k32[:, p].half(), v32[:, p].half()
+
+    @staticmethod
+    def lm_head(x, ln_weight, ln_bias, embed_out, eps, *, out, pdl):
+        out.copy_(ref.layer_norm(x, ln_weight.float(), ln_bias.float(), eps) @ embed_out.float().T)
+
+
+@pytest.fixture
+def oracle_backend(monkeypatch):
+    """A 2-layer FusedBackend (head_dim 64, fp16 weights) on the CPU over _OracleKernels, no graphs,
+    and the fp32 ReferenceModel of the same weights."""
+    monkeypatch.setattr(neoxfuse.fused, "ops", _OracleKernels)
+    config = pythia_config("tiny", hidden_size=128, num_attention_heads=2, intermediate_size=256, vocab_size=300,
+                           max_position_embeddings=64)
+    weights = from_hf(random_model(config, seed=5)).to(dtype=torch.float16)
+    return FusedBackend(weights, 40, use_graph=False), ref.ReferenceModel(weights.to(dtype=torch.float32), max_seq_len=40)
+
+
+def test_backend_on_oracle_kernels_gives_the_oracles_logits(oracle_backend):
+    backend, oracle = oracle_backend
+    tokens = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # the second generation reuses the backend's KV storage from position 0
+        cache, want_cache = backend.new_cache(), oracle.new_cache()
+        backend.prefill(tokens[:5], cache)
+        oracle.prefill(tokens[:5], want_cache)
+        got = torch.stack([backend.decode_step(int(t), cache) for t in tokens[5:]])  # [15, vocab]
+        want = torch.stack([oracle.decode_step(int(t), want_cache) for t in tokens[5:]])
+        assert cache.length == int(backend._position) == 20
+        assert rel_err(got, want) < 1e-2  # fp16 prefill and KV cache against fp32
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, top_k=40, seed=2)], ids=["greedy", "sampled"])
+def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(oracle_backend, sampling):
+    backend = oracle_backend[0]
+    prompt = torch.tensor([3, 1, 4, 1, 5])
+    cache = backend.new_cache()
+    first = int(backend.prefill(prompt, cache).argmax())
+    generator, want, token = sampling.generator("cpu"), [], first
+    for _ in range(13):
+        token = next_token(backend.decode_step(token, cache), sampling, generator)
+        want.append(token)
+
+    cache = backend.new_cache()
+    backend.prefill(prompt, cache)
+    generator = sampling.generator("cpu")
+    got = backend.decode_tokens(first, cache, 5, sampling, generator, StepClock(torch.device("cpu"))).tolist()
+    got += backend.decode_tokens(got[-1], cache, 7, sampling, generator, StepClock(torch.device("cpu"))).tolist()
+    assert got == want[:12]
+    assert cache.length == int(backend._position) == 17
+    assert next_token(backend.decode_step(got[-1], cache), sampling, generator) == want[12]
+    with pytest.raises(SequenceTooLongError):
+        backend.decode_tokens(got[-1], cache, 23, sampling, generator, StepClock(torch.device("cpu")))
+    with pytest.raises(InvalidInputError, match="steps"):
+        backend.decode_tokens(got[-1], cache, 0, sampling, generator, StepClock(torch.device("cpu")))
+    assert cache.length == 18
 
 
 def test_layer_benchmark_torch_peer_computes_the_layer():

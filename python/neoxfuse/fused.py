@@ -72,11 +72,9 @@ class FusedBackend(Backend):
         """weights: fp16 on one CUDA device. cluster_size: None for the plan's choice, 1..8 to force
         one. pdl: programmatic dependent launch between kernels. use_graph: replay steps as a CUDA
         graph (False: every step runs eagerly, for debugging and for comparing the two)."""
+        ops.check_weights(weights)
         shape = weights.shape
-        ops.check_shape(shape)
         device = weights.embed_in.device
-        if device.type != "cuda" or weights.embed_in.dtype != torch.float16:
-            raise InvalidInputError(f"FusedBackend needs fp16 weights on a CUDA device, got {weights.embed_in.dtype} on {device}")
         self.weights = weights
         self.shape = shape
         self.reference = ReferenceModel(weights, max_seq_len=max_seq_len)

@@ -38,7 +38,7 @@ from neoxfuse import _lib
 from neoxfuse.checks import check_same_device, check_tensor, require_cuda
 from neoxfuse.configs import NeoXShape
 from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnsupportedModelError
-from neoxfuse.weights import LayerWeights
+from neoxfuse.weights import LayerWeights, ModelWeights
 
 SUPPORTED_HEAD_DIMS = (64, 80, 128, 256)  # kernels/fused_decoder/fused_decoder.cu: with_head_dim
 MAX_HIDDEN = 8192  # fused_decoder.h: NEOXFUSE_FUSED_DECODER_MAX_HIDDEN
@@ -129,6 +129,15 @@ def check_shape(shape: NeoXShape) -> None:
     reason = unsupported_reason(shape)
     if reason is not None:
         raise UnsupportedModelError(reason)
+
+
+def check_weights(weights: ModelWeights) -> None:
+    """UnsupportedModelError unless the kernels run the model's shape; InvalidInputError unless its
+    weights are fp16 on a CUDA device."""
+    check_shape(weights.shape)
+    embed_in = weights.embed_in
+    if embed_in.device.type != "cuda" or embed_in.dtype != torch.float16:
+        raise InvalidInputError(f"the fused kernels need fp16 weights on a CUDA device, got {embed_in.dtype} on {embed_in.device}")
 
 
 def _c_shape(shape: NeoXShape, max_seq: int) -> _Shape:
