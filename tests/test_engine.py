@@ -1,5 +1,7 @@
 """neoxfuse.Engine: model sources, greedy and sampled generation, the KV cache limit, the backend registry."""
 
+import json
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -17,6 +19,8 @@ from neoxfuse.engine import (
     register_backend,
 )
 from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnknownModelError, UnsupportedModelError
+from neoxfuse.quant import QuantConfig, quantize_gpt_neox, save_gptq_checkpoint
+from neoxfuse.quant.hf_gptq import dequantized_gpt_neox
 from neoxfuse.reference import ReferenceModel
 from neoxfuse.sampling import SamplingParams
 from neoxfuse.weights import from_hf, random_model
@@ -98,6 +102,24 @@ def _word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<|endoftext|>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def test_a_gptq_checkpoint_runs_dequantized(hf_model, tmp_path):
+    checkpoint = quantize_gpt_neox(hf_model, QuantConfig(group_size=32, sym=False))
+    save_gptq_checkpoint(checkpoint, tmp_path)
+    engine = Engine(tmp_path, device="cpu")
+    assert engine.description == f"{tmp_path} (GPTQ int4, group size 32, dequantized to float32)"
+    dequantized = Engine(dequantized_gpt_neox(checkpoint, "cpu", torch.float32), device="cpu")
+    assert engine.generate([1, 2, 3], 12).tokens == dequantized.generate([1, 2, 3], 12).tokens
+
+
+def test_a_quantization_other_than_gptq_is_refused(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="'awq' is not GPTQ"):
+        Engine(tmp_path, device="cpu")
 
 
 def test_text_prompts_use_the_checkpoints_tokenizer(hf_model, tmp_path):

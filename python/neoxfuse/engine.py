@@ -1,7 +1,8 @@
 """The decode engine: batch-1 generation with GPT-NeoX through one interface over swappable backends.
 
     engine = Engine("pythia-70m")                   # a Pythia name: random-initialised model of that shape
-    engine = Engine("/ckpt/pythia-2.8b")            # a local HF checkpoint directory (its tokenizer too)
+    engine = Engine("/ckpt/pythia-2.8b")            # a local HF checkpoint directory (its tokenizer too;
+                                                    # GPTQ int4 ones are dequantized at load)
     engine = Engine(hf_model) / Engine(weights)     # an in-memory GPTNeoXForCausalLM or ModelWeights
     out = engine.generate([1, 2, 3], max_new_tokens=32, sampling=SamplingParams(temperature=0.8, seed=1))
     out.tokens, out.prefill_ms, out.tpot_ms
@@ -31,9 +32,11 @@ import torch
 from neoxfuse.configs import MODEL_NAMES, NeoXShape
 from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnknownModelError, UnsupportedModelError
 from neoxfuse.progress import progress_bar
+from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpoint
+from neoxfuse.quant.hf_gptq import dequantized_gpt_neox
 from neoxfuse.reference import ReferenceModel
 from neoxfuse.sampling import SamplingParams, choose, next_token
-from neoxfuse.weights import ModelWeights, from_hf, load_checkpoint, random_model
+from neoxfuse.weights import ModelWeights, from_hf, load_checkpoint, load_tokenizer, random_model
 
 ModelSource = Union[str, os.PathLike, torch.nn.Module, ModelWeights]
 
@@ -214,8 +217,8 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed:
     """Weights (on CPU or where they already are) and tokenizer from any model source.
 
     A Pythia name (configs.MODEL_NAMES) gives a random-initialised model of that shape, made in
-    `dtype` from `seed`; a directory is read as an HF checkpoint; an in-memory
-    GPTNeoXForCausalLM or ModelWeights is used as it is (no copy).
+    `dtype` from `seed`; a directory is read as an HF checkpoint (a GPTQ one dequantized to
+    `dtype`); an in-memory GPTNeoXForCausalLM or ModelWeights is used as it is (no copy).
     """
     if isinstance(source, ModelWeights):
         return LoadedModel(source, None, "in-memory ModelWeights", random_init=False)
@@ -228,6 +231,8 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed:
         raise InvalidInputError(f"a model is a Pythia name, a checkpoint directory, a GPTNeoXForCausalLM or ModelWeights; got {type(source).__name__}")
     path = Path(source)
     if path.is_dir():
+        if is_quantized_checkpoint(path):
+            return _load_gptq_checkpoint(path, dtype)
         weights, tokenizer = load_checkpoint(path)
         return LoadedModel(weights, tokenizer, str(path), random_init=False)
     if str(source) in MODEL_NAMES:
@@ -238,6 +243,16 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed:
     raise UnknownModelError(
         f"{str(source)!r} is neither a known model name ({', '.join(MODEL_NAMES)}) nor a checkpoint directory"
     )
+
+
+def _load_gptq_checkpoint(path: Path, dtype: torch.dtype) -> LoadedModel:
+    """A GPTQ checkpoint directory, every quantized linear dequantized to `dtype` (W = scales * (q - z)):
+    the engine's backends run dense weights. UnsupportedModelError for a quantization that is not GPTQ."""
+    checkpoint = load_gptq_checkpoint(path)
+    weights = from_hf(dequantized_gpt_neox(checkpoint, "cpu", dtype))
+    quant, dtype_name = checkpoint.quant, str(dtype).replace("torch.", "")
+    description = f"{path} (GPTQ int{quant.bits}, group size {quant.group_size}, dequantized to {dtype_name})"
+    return LoadedModel(weights, load_tokenizer(path), description, random_init=False)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

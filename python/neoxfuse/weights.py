@@ -221,9 +221,14 @@ def load_checkpoint(path: str | Path) -> tuple[ModelWeights, object | None]:
     config = GPTNeoXConfig.from_pretrained(directory)
     shape = shape_of(config)
     weights = _assemble(shape, _read_tensors(_weight_files(directory)), str(directory), config.tie_word_embeddings)
+    return weights, load_tokenizer(directory)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a checkpoint directory (transformers' AutoTokenizer), or None when it has no tokenizer files."""
+    directory = Path(path)
     has_tokenizer = any((directory / name).is_file() for name in _TOKENIZER_FILES)
-    tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
-    return weights, tokenizer
+    return AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
 
 
 def random_model(

@@ -7,6 +7,7 @@ neoxfuse.quant.checkpoint loads and writes GPTQ GPT-NeoX checkpoint directories.
 from neoxfuse.quant.checkpoint import (
     LAYER_LINEARS,
     GPTQCheckpoint,
+    is_quantized_checkpoint,
     layer_linear_name,
     load_gptq_checkpoint,
     quantize_gpt_neox,
@@ -28,6 +29,7 @@ from neoxfuse.quant.gptq import (
 __all__ = [
     "LAYER_LINEARS",
     "GPTQCheckpoint",
+    "is_quantized_checkpoint",
     "GPTQLinear",
     "QuantConfig",
     "act_order_g_idx",

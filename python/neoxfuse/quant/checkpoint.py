@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neoxfuse.errors import InvalidInputError, UnsupportedModelError
-from neoxfuse.quant.gptq import GPTQLinear, QuantConfig, ordered_g_idx, quantize_rtn, read_quant_config
+from neoxfuse.quant.gptq import QUANT_CONFIG_FILES, GPTQLinear, QuantConfig, ordered_g_idx, quantize_rtn, read_quant_config
 from neoxfuse.weights import read_checkpoint_config
 
 # The linear layers of GPT-NeoX layer i, under gpt_neox.layers.{i}.
@@ -59,6 +59,16 @@ def _read_tensors(directory: Path, device: str | torch.device) -> dict[str, torc
     for path in files:
         tensors.update(load_file(str(path), device=str(device)))
     return tensors
+
+
+def is_quantized_checkpoint(directory: str | Path) -> bool:
+    """Whether a checkpoint directory says it is quantized: a quantize config file, or a
+    "quantization_config" in config.json (which read_quant_config then reads or refuses)."""
+    directory = Path(directory)
+    if any((directory / name).is_file() for name in QUANT_CONFIG_FILES):
+        return True
+    config = directory / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text())
 
 
 def load_gptq_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> GPTQCheckpoint:
