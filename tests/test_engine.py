@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import neoxfuse
+import neoxfuse.hf
 from neoxfuse.engine import (
     BACKENDS,
     Availability,
@@ -120,6 +121,27 @@ def test_a_quantization_other_than_gptq_is_refused(hf_model, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match="'awq' is not GPTQ"):
         Engine(tmp_path, device="cpu")
+
+
+def test_hf_generate_equals_model_generate(hf_model, monkeypatch):
+    ids = torch.tensor([_random_prompt(hf_model.config.vocab_size, 11)])
+    greedy = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 30, "do_sample": False}
+    eos = int(hf_model.generate(ids, eos_token_id=None, **greedy)[0, -9])
+    monkeypatch.setattr(hf_model.generation_config, "eos_token_id", eos)
+    want = hf_model.generate(ids, **greedy)  # stops at that eos
+    got = neoxfuse.hf.generate(hf_model, ids, max_new_tokens=30)
+    assert got.tolist() == want.tolist() and got.shape[1] < ids.shape[1] + 30
+    assert neoxfuse.hf._engine(hf_model, "auto") is neoxfuse.hf._engine(hf_model, "auto")  # built once per model
+
+
+def test_hf_generate_samples_with_the_generation_configs_options(hf_model, engine, monkeypatch):
+    monkeypatch.setattr(hf_model.generation_config, "top_k", 20)
+    ids = torch.tensor([[5, 6, 7]])
+    got = neoxfuse.hf.generate(hf_model, ids, max_new_tokens=12, do_sample=True, temperature=0.7, seed=9, eos_token_id=())
+    want = engine.generate([5, 6, 7], 12, SamplingParams(temperature=0.7, top_k=20, seed=9)).tokens
+    assert got[0, 3:].tolist() == want
+    with pytest.raises(InvalidInputError, match="batch 1"):
+        neoxfuse.hf.generate(hf_model, torch.zeros(2, 3, dtype=torch.long), max_new_tokens=4)
 
 
 def test_text_prompts_use_the_checkpoints_tokenizer(hf_model, tmp_path):

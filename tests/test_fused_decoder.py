@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import neoxfuse.fused
+import neoxfuse.hf
 
 from neoxfuse import _lib
 from neoxfuse import reference as ref
@@ -535,6 +536,8 @@ def test_greedy_tokens_match_hf_fp16_for_128_tokens(hf_models):
     assert engine.backend_name == "fused", engine.backend_reason
     generation = engine.generate(prompt.tolist(), max_new_tokens=128)
     assert generation.tokens == hf_tokens
+    assert neoxfuse.hf._engine(model, "auto").backend_name == "fused"
+    assert neoxfuse.hf.generate(model, prompt[None], max_new_tokens=128, eos_token_id=())[0, 8:].tolist() == hf_tokens
 
 
 @pytest.mark.gpu

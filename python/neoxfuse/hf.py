@@ -1,7 +1,13 @@
-"""Hugging Face integration: a GPTNeoXForCausalLM whose LayerNorms and residual adds run as
-neoxfuse's fused ln_residual kernels (neoxfuse.ops.ln_residual).
+"""Hugging Face integration for a GPTNeoXForCausalLM: decode it with the neoxfuse Engine, or run
+its LayerNorms and residual adds as neoxfuse's fused ln_residual kernels.
 
+    out = neoxfuse.hf.generate(model, input_ids, max_new_tokens=64)   # model.generate, batch 1
     model = neoxfuse.hf.fuse_layernorms(model)   # in place; unfuse_layernorms(model) undoes it
+
+`generate` decodes with an Engine built once per model on the model's own weights (no copy):
+the fused decoder kernels on an sm_90+ GPU in fp16, the PyTorch reference elsewhere.
+
+`fuse_layernorms` keeps HF's forward and changes only the LayerNorms and residual adds.
 
 Each layer ends with one kernel that writes its output and the normalised inputs of what comes
 next (the next layer's LayerNorms, or the final LayerNorm after the last layer):
@@ -11,8 +17,9 @@ next (the next layer's LayerNorms, or the final LayerNorm after the last layer):
                                  h' = mlp + a;          LN1'(h')                    one kernel
 
 and the first layer normalises the embeddings itself. A forward pass of L layers so runs L + 1
-(parallel) or 2L + 1 (sequential) kernels where HF runs 2L + 1 LayerNorms and 2L adds. The parameters, state_dict, hooks and `isinstance` checks stay as they are: only the
-classes of the layers and of the final LayerNorm change (to subclasses whose forward differs).
+(parallel) or 2L + 1 (sequential) kernels where HF runs 2L + 1 LayerNorms and 2L adds. The
+parameters, state_dict, hooks and `isinstance` checks stay as they are: only the classes of the
+layers and of the final LayerNorm change (to subclasses whose forward differs).
 
 The outputs a layer computed for its successor are handed over through a small object shared by
 the model's layers, keyed by the identity of the hidden-state tensor the layer returned: the next
@@ -31,12 +38,16 @@ as `generate` does). Otherwise the modules run HF's own forward, since the kerne
 from __future__ import annotations
 
 import inspect
+import weakref
+from collections.abc import Collection
 
 import torch
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXForCausalLM, GPTNeoXLayer, GPTNeoXModel
 
-from neoxfuse.errors import UnsupportedModelError
+from neoxfuse.engine import AUTO, Engine
+from neoxfuse.errors import InvalidInputError, UnsupportedModelError
 from neoxfuse.ops import ln_residual
+from neoxfuse.sampling import SamplingParams
 
 # The GPTNeoXLayer.forward this module re-implements (transformers 5.x); another signature means
 # another layer body, so fuse_layernorms refuses rather than guessing.
@@ -220,3 +231,64 @@ def unfuse_layernorms(model: torch.nn.Module) -> torch.nn.Module:
 def is_fused(model: torch.nn.Module) -> bool:
     """Whether fuse_layernorms has been applied to `model`."""
     return isinstance(_decoder(model).final_layer_norm, FusedFinalLayerNorm)
+
+
+# ----------------------------------------------------------------------------------------------
+# generate: model.generate for batch 1, through the neoxfuse Engine
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (backend asked for, Engine)
+
+
+def generate(
+    model: GPTNeoXForCausalLM,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Collection[int] | None = None,
+    seed: int | None = None,
+    backend: str = AUTO,
+) -> torch.Tensor:
+    """`model.generate(input_ids, ...)` for one sequence, decoded by a neoxfuse Engine.
+
+    input_ids [1, P] (long) -> [1, P + N] on the same device: the prompt, then N <= max_new_tokens
+    new tokens ending at the first of eos_token_id. Options left None come from
+    model.generation_config, as HF reads them: max_new_tokens (else max_length - P), greedy unless
+    do_sample, then temperature, top_k, top_p (seed: reproducible draws). The Engine (its KV cache and CUDA graphs) is built on the
+    first call for a model and kept while the model lives; `backend` as in Engine.
+    """
+    config = model.generation_config
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise InvalidInputError(f"input_ids must be one sequence [1, P]; got {shape} (neoxfuse decodes batch 1)")
+
+    def option(given, name: str, neutral=None):
+        """The argument if given, else the generation config's value, else the value that changes nothing."""
+        value = getattr(config, name, None) if given is None else given
+        return neutral if value is None else value
+
+    sampling = SamplingParams()  # greedy
+    if option(do_sample, "do_sample", False):
+        sampling = SamplingParams(temperature=option(temperature, "temperature", 1.0), top_k=option(top_k, "top_k", 0),
+                                  top_p=option(top_p, "top_p", 1.0), seed=seed)
+    eos = option(eos_token_id, "eos_token_id")
+    stops = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    new_tokens = option(max_new_tokens, "max_new_tokens")
+    if new_tokens is None:  # HF: max_length counts the prompt
+        new_tokens = config.max_length - input_ids.shape[1]
+    out = _engine(model, backend).generate(input_ids[0], new_tokens, sampling, stop_token_ids=stops)
+    new = torch.tensor(out.tokens, dtype=input_ids.dtype, device=input_ids.device)
+    return torch.cat([input_ids, new[None]], dim=1)
+
+
+def _engine(model: GPTNeoXForCausalLM, backend: str) -> Engine:
+    """The Engine of `model` for `backend`: on the model's device and dtype, sharing its weights."""
+    cached = _ENGINES.get(model)
+    if cached is None or cached[0] != backend:
+        parameter = next(model.parameters())
+        cached = (backend, Engine(model, backend=backend, device=parameter.device, dtype=parameter.dtype))
+        _ENGINES[model] = cached
+    return cached[1]
