@@ -163,7 +163,7 @@ class FusedBackend(Backend):
         if self.use_graph:
             self._graphs[greedy] = self._capture(cache, greedy)
 
-    def _checked_token(self, token: int | torch.Tensor) -> int | torch.Tensor:
+    def _checked_token(self, token: int | torch.Tensor) -> int:
         if isinstance(token, torch.Tensor):
             if token.numel() != 1 or token.dtype.is_floating_point or token.dtype == torch.bool:
                 raise InvalidInputError(f"token must be one integer id, got a {token.dtype} tensor of shape {list(token.shape)}")
