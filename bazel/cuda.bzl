@@ -80,6 +80,9 @@ def cuda_library(name, srcs, hdrs = [], deps = [], copts = [], visibility = None
       deps: other cuda_library / cc_library targets whose headers the sources include.
       copts: extra nvcc flags.
       visibility: as usual.
+
+    Also defines `<name>_sources`, the family's sources and headers as they are (for
+    tests/emulator, which runs the kernels on the CPU).
     """
     _cuda_objects(
         name = name + "_objects",
@@ -94,5 +97,10 @@ def cuda_library(name, srcs, hdrs = [], deps = [], copts = [], visibility = None
         hdrs = hdrs,
         deps = deps + ["@cuda//:cudart_static"],
         alwayslink = 1,
+        visibility = visibility,
+    )
+    native.filegroup(
+        name = name + "_sources",
+        srcs = srcs + hdrs,
         visibility = visibility,
     )

@@ -1,12 +1,18 @@
 """Shared test set-up: the `gpu` marker (skips with a reason where no CUDA GPU is usable), the
-`sanitize` marker (from each module's SANITIZE), --wheel, and the `cuobjdump` fixture."""
+`sanitize` marker (from each module's SANITIZE), --wheel, and the `cuobjdump` and `emulated`
+fixtures."""
 
+import contextlib
+import ctypes
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from neoxfuse import _lib
+from neoxfuse.errors import KernelError
 from neoxfuse.profile import find_program
 
 
@@ -58,3 +64,43 @@ def cuobjdump() -> str:
     if path is None:
         pytest.fail("cuobjdump not found: requirements.txt installs nvidia-cuda-cuobjdump")
     return path
+
+
+class EmulatedKernels:
+    """libneoxfuse.so's C ABI with the kernels run on the CPU (tests/emulator/neoxemu.h): the real
+    kernel code on CPU tensors' memory, every CUDA thread a fiber, clusters and barriers emulated."""
+
+    def __init__(self, path: str):
+        self.lib = ctypes.CDLL(path)
+        self.lib.neoxfuse_last_error.restype = ctypes.c_char_p
+
+    def call(self, name: str, argtypes: list, *args) -> None:
+        """Calls the C function `name`; KernelError with the emulator's message on a non-zero status."""
+        fn = getattr(self.lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        status = fn(*args)
+        if status != 0:
+            detail = self.lib.neoxfuse_last_error().decode()
+            raise KernelError(name, status, f"{_lib.STATUS_NAMES.get(status, status)}: {detail}")
+
+    @contextlib.contextmanager
+    def reverse_schedule(self):
+        """Runs each block's threads in reverse order inside the block: a read that no barrier
+        orders after its write then sees other data, so results differ from the forward order's."""
+        self.lib.neoxemu_set_schedule(1)
+        try:
+            yield
+        finally:
+            self.lib.neoxemu_set_schedule(0)
+
+
+@pytest.fixture(scope="session")
+def emulated() -> EmulatedKernels:
+    """The CPU-emulated library Bazel builds (//tests/emulator:libneoxfuse_emulated.so; found through
+    NEOXFUSE_EMULATED_LIB, else in bazel-bin)."""
+    path = os.environ.get("NEOXFUSE_EMULATED_LIB") or str(
+        Path(__file__).parents[1] / "bazel-bin/tests/emulator/libneoxfuse_emulated.so"
+    )
+    if not Path(path).is_file():
+        pytest.fail(f"{path} not found: build it with `./bazelw build //tests/emulator:libneoxfuse_emulated.so`")
+    return EmulatedKernels(path)

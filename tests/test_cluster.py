@@ -18,11 +18,11 @@ MAX_N = 4096  # cluster_test.cu: kTestMaxN
 SANITIZE = ("test_cluster_primitives_match_a_rank_order_fold_bitwise[80-*]",)
 
 
+_ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+
+
 def _cluster_test_fn():
-    return _lib.function(
-        "neoxfuse_cluster_test",
-        [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
-    )
+    return _lib.function("neoxfuse_cluster_test", _ARGTYPES)
 
 
 def _split_range(n: int, parts: int, part: int) -> range:
@@ -32,18 +32,18 @@ def _split_range(n: int, parts: int, part: int) -> range:
     return range(begin, begin + base + (1 if part < extra else 0))
 
 
-def _run(inputs: torch.Tensor):
-    """sum, max, gathered [C, n] and scattered [n] from the kernel, every output poisoned first."""
+def _run(inputs: torch.Tensor, emulated=None):
+    """sum, max, gathered [C, n] and scattered [n] from the kernel, every output poisoned first: on
+    the GPU, or on the CPU through the `emulated` library (conftest.py) when given one."""
     ranks, n = inputs.shape
     sum_out, max_out, gathered = (torch.full_like(inputs, float("nan")) for _ in range(3))
     scattered = torch.full((n,), float("nan"), device=inputs.device)
-    stream = torch.cuda.current_stream().cuda_stream
-    _lib.call(
-        _cluster_test_fn(),
-        inputs.data_ptr(), sum_out.data_ptr(), max_out.data_ptr(), gathered.data_ptr(), scattered.data_ptr(),
-        n, ranks, stream,
-    )
-    torch.cuda.synchronize()
+    pointers = (inputs.data_ptr(), sum_out.data_ptr(), max_out.data_ptr(), gathered.data_ptr(), scattered.data_ptr())
+    if emulated is not None:
+        emulated.call("neoxfuse_cluster_test", _ARGTYPES, *pointers, n, ranks, None)
+    else:
+        _lib.call(_cluster_test_fn(), *pointers, n, ranks, torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
     return sum_out, max_out, gathered, scattered
 
 
@@ -54,17 +54,17 @@ def _fold_in_rank_order(inputs: torch.Tensor, op) -> torch.Tensor:
     return acc
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("cluster_size", [1, 2, 3, 4, 5, 6, 7, 8])
-@pytest.mark.parametrize("n", [1, 3, 80, 1000, MAX_N])
-def test_cluster_primitives_match_a_rank_order_fold_bitwise(cluster_size, n):
-    # Spread magnitudes, so a sum in another order would round differently.
-    inputs = torch.randn(cluster_size, n, device="cuda") * torch.logspace(-3, 3, n, device="cuda")
-    sum_out, max_out, gathered, scattered = _run(inputs)
+def _inputs(cluster_size: int, n: int, device: str) -> torch.Tensor:
+    """[C, n] with spread magnitudes, so a sum in another order would round differently."""
+    return torch.randn(cluster_size, n, device=device) * torch.logspace(-3, 3, n, device=device)
 
+
+def _check_against_folds(inputs: torch.Tensor, outputs) -> None:
+    sum_out, max_out, gathered, scattered = outputs
+    cluster_size, n = inputs.shape
     want_sum = _fold_in_rank_order(inputs, torch.add)  # [n]
     want_max = _fold_in_rank_order(inputs, torch.maximum)
-    want_gather = torch.empty(n, device="cuda")
+    want_gather = torch.empty(n, device=inputs.device)
     for rank in range(cluster_size):
         part = _split_range(n, cluster_size, rank)
         want_gather[part.start : part.stop] = inputs[rank, part.start : part.stop]
@@ -74,6 +74,23 @@ def test_cluster_primitives_match_a_rank_order_fold_bitwise(cluster_size, n):
         assert torch.equal(max_out[rank], want_max), f"max, block {rank}"
         assert torch.equal(gathered[rank], want_gather), f"gather, block {rank}"
     assert torch.equal(scattered, want_sum), "reduce-scatter: each block reduces its own slice"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cluster_size", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("n", [1, 3, 80, 1000, MAX_N])
+def test_cluster_primitives_match_a_rank_order_fold_bitwise(cluster_size, n):
+    inputs = _inputs(cluster_size, n, "cuda")
+    _check_against_folds(inputs, _run(inputs))
+
+
+@pytest.mark.parametrize("cluster_size", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("n", [1, 3, 80, 1000, MAX_N])
+def test_emulated_cluster_primitives_match_a_rank_order_fold_bitwise(emulated, cluster_size, n):
+    inputs = _inputs(cluster_size, n, "cpu")
+    _check_against_folds(inputs, _run(inputs, emulated))
+    with emulated.reverse_schedule():
+        _check_against_folds(inputs, _run(inputs, emulated))
 
 
 @pytest.mark.gpu

@@ -11,10 +11,16 @@ Relative errors are ||out - ref|| / ||ref||; the tolerances, and why:
 - CACHE_TOL 1e-3 (the k, v written at position p): fp16 rounding of the oracle's fp32 k, v.
 - The layer is compared on y - x (what the layer adds), not y, so a small x cannot hide an error
   in attention or MLP, and weights are scaled so that both terms are O(1) and softmax is peaked.
+
+The `test_emulated_*` tests run the same kernel code on the CPU through the emulated library
+(tests/emulator, the `emulated` fixture of conftest.py) against the same oracle and tolerances:
+the kernels' indexing, barriers and cluster reductions are checked on machines without a GPU.
 """
 
 import copy
+import ctypes
 import dataclasses
+import functools
 import math
 import re
 import subprocess
@@ -93,17 +99,17 @@ def _random_layer(shape: NeoXShape, seed: int, device="cuda") -> LayerWeights:
     )  # fmt: skip
 
 
-def _layer_inputs(shape: NeoXShape, position: int, seed: int):
+def _layer_inputs(shape: NeoXShape, position: int, seed: int, device="cuda"):
     """x [hidden] (fp32, off-centre), and fp16 caches [heads, max_seq, head_dim] holding random rows
     before `position` and NaN from `position` on: the slot at `position` must be written by the
     kernel, and a read past it would poison the output."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    x = (torch.randn(shape.hidden, generator=g) * 2 + 0.5).cuda()
+    x = (torch.randn(shape.hidden, generator=g) * 2 + 0.5).to(device)
     caches = []
     for _ in range(2):
         cache = torch.randn(shape.heads, shape.max_positions, shape.head_dim, generator=g).half()
         cache[:, position:] = float("nan")
-        caches.append(cache.cuda())
+        caches.append(cache.to(device))
     return x, caches[0], caches[1]
 
 
@@ -133,10 +139,35 @@ def _run_layer(x, layer, shape, k_cache, v_cache, position, **kwargs):
     return {"y": y, "attn": workspace.attn, "mlp": workspace.mlp}
 
 
-def _check_against_oracle(x, layer, shape, position, k_cache, v_cache, **kwargs):
+def _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, workspace, cluster_size=0):
+    """The layer's C ABI on the emulated library (CPU tensors): plan, then launch; y written."""
+    plan = fd._Plan()
+    emulated.call("neoxfuse_fused_decoder_plan", [ctypes.POINTER(fd._Shape), ctypes.c_int, ctypes.POINTER(fd._Plan)],
+                  ctypes.byref(fd._c_shape(shape, 1)), cluster_size, ctypes.byref(plan))
+    if not isinstance(position, torch.Tensor):
+        position = torch.tensor([position], dtype=torch.int32)
+    tensors = [x, *(getattr(layer, name) for name in fd._LAYER_TENSORS[1:13]), k_cache, v_cache, position,
+               workspace.attn, workspace.mlp, y]
+    c_layer = fd._Layer(*(t.data_ptr() for t in tensors))
+    emulated.call("neoxfuse_fused_decoder_layer",
+                  [ctypes.POINTER(fd._Shape), ctypes.POINTER(fd._Layer), ctypes.POINTER(fd._Plan), ctypes.c_int, ctypes.c_void_p],
+                  ctypes.byref(fd._c_shape(shape, k_cache.shape[1])), ctypes.byref(c_layer), ctypes.byref(plan), 1, None)
+
+
+def _run_layer_emulated(emulated, x, layer, shape, k_cache, v_cache, position, cluster_size=0):
+    """_run_layer on the CPU through the emulated library."""
+    workspace = fd.Workspace.allocate(shape, "cpu")
+    for t in (workspace.attn, workspace.mlp):
+        t.fill_(float("nan"))
+    y = torch.full_like(x, float("nan"))
+    _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, workspace, cluster_size)
+    return {"y": y, "attn": workspace.attn, "mlp": workspace.mlp}
+
+
+def _check_against_oracle(x, layer, shape, position, k_cache, v_cache, run=_run_layer, **kwargs):
     k_before, v_before = k_cache.clone(), v_cache.clone()
     want = _oracle(x, layer, shape, k_cache, v_cache, position)
-    got = _run_layer(x, layer, shape, k_cache, v_cache, position, **kwargs)
+    got = run(x, layer, shape, k_cache, v_cache, position, **kwargs)
     for name in ("y", "attn", "mlp"):
         assert torch.isfinite(got[name]).all(), f"{name} has unwritten or non-finite entries"
     errors = {
@@ -381,6 +412,70 @@ def test_every_cluster_size_matches_fp32_oracle(name, position, cluster_size):
     layer = _random_layer(shape, seed=cluster_size)
     x, k_cache, v_cache = _layer_inputs(shape, position, seed=position)
     _check_against_oracle(x, layer, shape, position, k_cache, v_cache, cluster_size=cluster_size)
+
+
+CLUSTER_CASES = [("d80-h8", 0), ("d80-h8", 5), ("d80-h8", 299), ("d128-h3", 3), ("d128-h3", 76), ("d64-h5", 130),
+                 ("d256-h3", 0), ("d256-h3", 149)]
+
+
+@pytest.mark.parametrize("cluster_size", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("name, position", CLUSTER_CASES)
+def test_emulated_every_cluster_size_matches_fp32_oracle(emulated, name, position, cluster_size):
+    shape = ODD_LAYERS[name]
+    layer = _random_layer(shape, seed=cluster_size, device="cpu")
+    x, k_cache, v_cache = _layer_inputs(shape, position, seed=position, device="cpu")
+    _check_against_oracle(x, layer, shape, position, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated),
+                          cluster_size=cluster_size)
+
+
+@pytest.mark.parametrize("name, position, cluster_size", [("d80-h8", 299, 8), ("d128-h3", 40, 3), ("d256-h3", 149, 5)])
+def test_emulated_layer_is_the_same_whatever_order_threads_run_in(emulated, name, position, cluster_size):
+    # A read that no barrier orders after its write sees other data in the reverse order.
+    shape = ODD_LAYERS[name]
+    layer = _random_layer(shape, seed=6, device="cpu")
+    x, k_cache, v_cache = _layer_inputs(shape, position, seed=7, device="cpu")
+    forward = _run_layer_emulated(emulated, x, layer, shape, k_cache, v_cache, position, cluster_size)
+    forward_k = k_cache.clone()
+    with emulated.reverse_schedule():
+        reverse = _run_layer_emulated(emulated, x, layer, shape, k_cache, v_cache, position, cluster_size)
+    for name_ in forward:
+        assert torch.equal(reverse[name_], forward[name_]), name_
+    assert torch.equal(k_cache.nan_to_num(7.0), forward_k.nan_to_num(7.0))
+
+
+def test_emulated_position_past_the_cache_gives_nan_and_writes_nothing(emulated):
+    shape = ODD_LAYERS["d80-h8"]
+    layer = _random_layer(shape, seed=4, device="cpu")
+    x, k_cache, v_cache = _layer_inputs(shape, 10, seed=5, device="cpu")
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    for position in (shape.max_positions, -1):
+        got = _run_layer_emulated(emulated, x, layer, shape, k_cache, v_cache, torch.tensor([position], dtype=torch.int32))
+        assert torch.isnan(got["y"]).all()
+        assert torch.equal(k_cache.nan_to_num(7.0), k_before.nan_to_num(7.0))
+        assert torch.equal(v_cache.nan_to_num(7.0), v_before.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("heads, cluster_size", [(32, 4), (16, 8), (8, 8), (40, 3), (66, 2), (100, 1)])
+def test_emulated_plan_takes_the_largest_cluster_that_runs_in_one_wave(emulated, heads, cluster_size):
+    # The emulated device has 132 SMs, one block each: clusters of C run heads * C <= 132 blocks.
+    shape = dataclasses.replace(ODD_LAYERS["d64-h5"], heads=heads, hidden=64 * heads)
+    plan = fd._Plan()
+    emulated.call("neoxfuse_fused_decoder_plan", [ctypes.POINTER(fd._Shape), ctypes.c_int, ctypes.POINTER(fd._Plan)],
+                  ctypes.byref(fd._c_shape(shape, 1)), 0, ctypes.byref(plan))
+    assert (plan.cluster_size, plan.clusters) == (cluster_size, heads)
+
+
+@pytest.mark.parametrize("hidden, vocab", [(640, 7), (2560, 1001)])
+def test_emulated_lm_head_matches_fp32_oracle(emulated, hidden, vocab):
+    x = torch.randn(hidden) * 3 + 1
+    weight, bias = (1 + 0.1 * torch.randn(hidden)).half(), (0.1 * torch.randn(hidden)).half()
+    embed_out = (torch.randn(vocab, hidden) / math.sqrt(hidden)).half()
+    logits = torch.full((vocab,), float("nan"))
+    emulated.call("neoxfuse_fused_lm_head",
+                  [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
+                  *(t.data_ptr() for t in (x, weight, bias, embed_out, logits)), hidden, vocab, 1e-5, 132, 1, None)
+    want = ref.layer_norm(x, weight.float(), bias.float(), 1e-5) @ embed_out.float().T
+    assert rel_err(logits, want) < LOGITS_TOL
 
 
 @pytest.mark.gpu

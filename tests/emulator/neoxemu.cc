@@ -1,0 +1,98 @@
+// neoxemu.cc — the CUDA runtime C functions the launchers call, for the emulated device of
+// neoxemu.h (declarations: the real cuda_runtime_api.h).
+#include "tests/emulator/neoxemu.h"
+
+using neoxemu::set_error;
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t error = neoxemu::last_error;
+  neoxemu::last_error = cudaSuccess;
+  return error;
+}
+
+const char* cudaGetErrorName(cudaError_t error) { return error == cudaSuccess ? "cudaSuccess" : "cudaErrorEmulated"; }
+
+const char* cudaGetErrorString(cudaError_t error) {
+  return error == cudaSuccess ? "no error" : neoxemu::failure_message.c_str();
+}
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  if (device != 0) return set_error(cudaErrorInvalidDevice, "the emulator has device 0 only");
+  switch (attribute) {
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = 9;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = 0;
+      return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *value = neoxemu::kSms;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = neoxemu::kSharedOptin;
+      return cudaSuccess;
+    default:
+      return set_error(cudaErrorInvalidValue, "a device attribute the emulator does not model");
+  }
+}
+
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  if (device != 0) return set_error(cudaErrorInvalidDevice, "the emulator has device 0 only");
+  std::memset(prop, 0, sizeof(*prop));
+  std::snprintf(prop->name, sizeof(prop->name), "neoxfuse CPU emulator");
+  prop->major = 9;
+  prop->multiProcessorCount = neoxemu::kSms;
+  prop->sharedMemPerBlockOptin = neoxemu::kSharedOptin;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDriverGetVersion(int* version) {
+  *version = 13000;
+  return cudaSuccess;
+}
+
+cudaError_t cudaRuntimeGetVersion(int* version) {
+  *version = 13000;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void* kernel) {
+  std::memset(attributes, 0, sizeof(*attributes));
+  attributes->maxThreadsPerBlock = 1024;
+  attributes->maxDynamicSharedSizeBytes = neoxemu::dynamic_shared_limit(kernel);
+  return cudaSuccess;
+}
+
+cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attribute, int value) {
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    return set_error(cudaErrorInvalidValue, "a function attribute the emulator does not model");
+  }
+  if (value < 0 || value > neoxemu::kSharedOptin) {
+    return set_error(cudaErrorInvalidValue, "dynamic shared memory over the device's opt-in limit");
+  }
+  std::lock_guard<std::mutex> lock(neoxemu::attributes_mutex);
+  neoxemu::max_dynamic_shared[kernel] = value;
+  return cudaSuccess;
+}
+
+// One block per SM (the kernels' shared memory allows no more), so SMs / cluster size clusters.
+cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* kernel, const cudaLaunchConfig_t* config) {
+  const int size = neoxemu::cluster_size_of(*config);
+  if (size < 1 || size > neoxemu::kMaxClusterSize) return set_error(cudaErrorInvalidClusterSize, "cluster size 1..8");
+  const bool fits = config->dynamicSmemBytes <= static_cast<size_t>(neoxemu::dynamic_shared_limit(kernel));
+  *clusters = fits ? neoxemu::kSms / size : 0;
+  return cudaSuccess;
+}
+
+// For tests: the fiber order of every block from now on (0 forward, 1 reverse; see neoxemu.h).
+extern "C" __attribute__((visibility("default"))) void neoxemu_set_schedule(int order) { neoxemu::schedule = order; }
