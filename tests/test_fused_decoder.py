@@ -368,6 +368,56 @@ def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(
     assert cache.length == 18
 
 
+class _EmulatedKernels(_OracleKernels):
+    """neoxfuse.ops.fused_decoder as FusedBackend uses it, with the real kernels run on the CPU by
+    the emulated library: the backend and the kernels together, without a GPU."""
+
+    def __init__(self, emulated):
+        self.emulated = emulated
+
+    def decoder_layer(self, x, layer, shape, k_cache, v_cache, position, *, out, workspace, cluster_size, pdl):
+        _emulated_layer(self.emulated, x, layer, shape, k_cache, v_cache, position, out, workspace, cluster_size or 0)
+
+    def lm_head(self, x, ln_weight, ln_bias, embed_out, eps, *, out, pdl):
+        _emulated_lm_head(self.emulated, x, ln_weight, ln_bias, embed_out, eps, out)
+
+
+TINY = dict(hidden_size=128, num_attention_heads=2, intermediate_size=256, vocab_size=300, max_position_embeddings=64)
+
+
+@torch.inference_mode()
+def test_emulated_backend_gives_the_oracles_logits(monkeypatch, emulated):
+    monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
+    weights = from_hf(random_model(pythia_config("tiny", **TINY), seed=5)).to(dtype=torch.float16)
+    backend = FusedBackend(weights, 24, use_graph=False)
+    oracle = ref.ReferenceModel(weights.to(dtype=torch.float32), max_seq_len=24)
+    tokens = torch.randint(0, 300, (14,), generator=torch.Generator().manual_seed(0))
+    cache, want_cache = backend.new_cache(), oracle.new_cache()
+    backend.prefill(tokens[:4], cache)
+    oracle.prefill(tokens[:4], want_cache)
+    got = torch.stack([backend.decode_step(int(t), cache) for t in tokens[4:]])  # [10, vocab]
+    want = torch.stack([oracle.decode_step(int(t), want_cache) for t in tokens[4:]])
+    assert cache.length == int(backend._position) == 14
+    assert rel_err(got, want) < 1e-2  # fp16 prefill and KV cache against fp32
+
+
+@torch.inference_mode()
+def test_emulated_backend_greedy_tokens_match_hf_fp16(monkeypatch, emulated):
+    monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
+    model = _decisive(random_model(pythia_config("tiny", **TINY), seed=3).half().eval())
+    prompt = torch.tensor([5, 17, 250, 3])
+    hf_tokens, out = [], model(prompt[None], use_cache=True)
+    for _ in range(12):
+        hf_tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([[hf_tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+
+    backend = FusedBackend(from_hf(model), 32, use_graph=False)
+    cache = backend.new_cache()
+    first = int(backend.prefill(prompt, cache).argmax())  # prefill: neoxfuse.reference in fp16
+    got = backend.decode_tokens(first, cache, 11, SamplingParams(), None, StepClock(torch.device("cpu"))).tolist()
+    assert [first, *got] == hf_tokens
+
+
 def test_layer_benchmark_torch_peer_computes_the_layer():
     # neoxfuse bench layer's torch_graph peer must compute what the kernel does (checked in fp32 on CPU).
     from neoxfuse.bench.layer import torch_layer
@@ -471,11 +521,17 @@ def test_emulated_lm_head_matches_fp32_oracle(emulated, hidden, vocab):
     weight, bias = (1 + 0.1 * torch.randn(hidden)).half(), (0.1 * torch.randn(hidden)).half()
     embed_out = (torch.randn(vocab, hidden) / math.sqrt(hidden)).half()
     logits = torch.full((vocab,), float("nan"))
-    emulated.call("neoxfuse_fused_lm_head",
-                  [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
-                  *(t.data_ptr() for t in (x, weight, bias, embed_out, logits)), hidden, vocab, 1e-5, 132, 1, None)
+    _emulated_lm_head(emulated, x, weight, bias, embed_out, 1e-5, logits)
     want = ref.layer_norm(x, weight.float(), bias.float(), 1e-5) @ embed_out.float().T
     assert rel_err(logits, want) < LOGITS_TOL
+
+
+def _emulated_lm_head(emulated, x, ln_weight, ln_bias, embed_out, eps, logits):
+    """The LM head's C ABI on the emulated library (CPU tensors), 132 blocks as on the emulated device."""
+    emulated.call("neoxfuse_fused_lm_head",
+                  [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
+                  *(t.data_ptr() for t in (x, ln_weight, ln_bias, embed_out, logits)), x.shape[0], embed_out.shape[0], eps,
+                  132, 1, None)
 
 
 @pytest.mark.gpu
@@ -611,7 +667,7 @@ def _decisive(model16):
         embed_in = model.get_input_embeddings().weight  # [vocab, hidden]
         embed_in.mul_(250)
         unit = embed_in.float() / embed_in.float().norm(dim=1, keepdim=True)
-        perm = torch.randperm(embed_in.shape[0], generator=g).cuda()
+        perm = torch.randperm(embed_in.shape[0], generator=g).to(embed_in.device)
         embed_out = model.get_output_embeddings().weight  # [vocab, hidden]
         embed_out[perm] = unit.half()
     return model
@@ -691,8 +747,6 @@ def test_tokens_chosen_on_the_device_equal_tokens_chosen_from_decode_steps(hf_mo
     assert next_token(backend.decode_step(got[-1], cache), sampling, generator) == want[20]  # decode_step goes on from there
 
 
-@pytest.mark.gpu
-@torch.inference_mode()
 @pytest.mark.gpu
 @torch.inference_mode()
 def test_decode_past_the_cache_and_bad_tokens_raise_before_running(hf_models):

@@ -131,6 +131,17 @@ def test_layer_norm_matches_torch():
     torch.testing.assert_close(layer_norm(x, weight, bias, 1e-5), want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_layer_norm_of_a_large_residual_in_half_precision_is_computed_in_fp32(dtype):
+    # |x - mean| ~ 1000: its square overflows fp16. Statistics in fp32, the result rounded once.
+    x = (torch.randn(3, 256, dtype=torch.float64) * 1000 + 50).to(dtype)
+    weight, bias = (1 + 0.1 * torch.randn(256)).to(dtype), (0.1 * torch.randn(256)).to(dtype)
+    want = F.layer_norm(x.double(), (256,), weight.double(), bias.double(), eps=1e-5).to(dtype)
+    got = layer_norm(x, weight, bias, 1e-5)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=float(torch.finfo(dtype).eps) * 8)
+
+
 def test_gelu_is_exact_erf_form():
     x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
     torch.testing.assert_close(gelu(x), F.gelu(x, approximate="none"), rtol=1e-12, atol=1e-12)

@@ -38,10 +38,16 @@ from neoxfuse.weights import LayerWeights, ModelWeights
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """(x - mean(x)) / sqrt(var(x) + eps) * weight + bias over the last dim, with the biased variance."""
-    mean = x.mean(dim=-1, keepdim=True)
-    var = (x - mean).square().mean(dim=-1, keepdim=True)
-    return (x - mean) * torch.rsqrt(var + eps) * weight + bias
+    """(x - mean(x)) / sqrt(var(x) + eps) * weight + bias over the last dim, with the biased variance.
+
+    Computed in at least fp32 and returned in x's dtype, as torch's LayerNorm does for fp16/bf16:
+    in fp16, (x - mean)^2 overflows once |x - mean| > 256, which residual streams reach.
+    """
+    wide = torch.promote_types(x.dtype, torch.float32)
+    xw = x.to(wide)
+    mean = xw.mean(dim=-1, keepdim=True)
+    var = (xw - mean).square().mean(dim=-1, keepdim=True)
+    return ((xw - mean) * torch.rsqrt(var + eps) * weight.to(wide) + bias.to(wide)).to(x.dtype)
 
 
 def rotary_cos_sin(positions: torch.Tensor, rotary_dims: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:

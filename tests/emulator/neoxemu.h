@@ -81,7 +81,7 @@ constexpr int kMaxClusterSize = 8;
 constexpr int kSms = 132;
 constexpr int kSharedOptin = 227 * 1024;
 constexpr int kDefaultDynamicShared = 48 * 1024;
-constexpr size_t kFiberStack = 256 * 1024;
+constexpr size_t kFiberStack = 128 * 1024;
 constexpr auto kDeadlockTimeout = std::chrono::seconds(60);
 
 // Fiber order in a block's scheduler: 0 forward (thread 0 first), 1 reverse.
@@ -172,6 +172,27 @@ class Cluster {
   std::string message_;
 };
 
+// Fiber stacks, reused from block to block (fresh ones cost a page fault per touched page).
+class StackPool {
+ public:
+  std::unique_ptr<char[]> take() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.empty()) return std::unique_ptr<char[]>(new char[kFiberStack]);
+    std::unique_ptr<char[]> stack = std::move(free_.back());
+    free_.pop_back();
+    return stack;
+  }
+  void give(std::unique_ptr<char[]> stack) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(std::move(stack));
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<char[]>> free_;
+};
+inline StackPool stack_pool;
+
 // One block on its OS thread: the fibers of its threads and their scheduler.
 class Block {
  public:
@@ -180,6 +201,11 @@ class Block {
   Block(Cluster& cluster, int rank, int threads, std::function<void()> body)
       : cluster_(cluster), rank_(rank), body_(std::move(body)), fibers_(threads),
         warps_((threads + kWarpSize - 1) / kWarpSize) {}
+  ~Block() {
+    for (Fiber& fiber : fibers_) {
+      if (fiber.stack) stack_pool.give(std::move(fiber.stack));
+    }
+  }
 
   // Runs every thread to its end; throws LaunchFailure on a deadlock or a failed check.
   void run();
@@ -394,7 +420,7 @@ inline void Block::run() {
   const int threads = static_cast<int>(fibers_.size());
   for (int t = 0; t < threads; ++t) {
     Fiber& fiber = fibers_[t];
-    fiber.stack.reset(new char[kFiberStack]);
+    fiber.stack = stack_pool.take();
     getcontext(&fiber.context);
     fiber.context.uc_stack.ss_sp = fiber.stack.get();
     fiber.context.uc_stack.ss_size = kFiberStack;
@@ -467,20 +493,20 @@ inline cudaError_t run_grid(const void* kernel, unsigned blocks, dim3 block_dim,
   auto worker = [&] {
     for (unsigned c = next_cluster++; c < clusters; c = next_cluster++) {
       Cluster cluster(cluster_size, shared_bytes);
-      std::vector<std::thread> block_threads;
-      for (int r = 0; r < cluster_size; ++r) {
-        block_threads.emplace_back([&, r] {
-          blockIdx = uint3{c * cluster_size + r, 0, 0};
-          blockDim = block_dim;
-          gridDim = dim3(blocks);
-          Block block(cluster, r, threads, body);
-          try {
-            block.run();
-          } catch (const LaunchFailure& f) {
-            cluster.fail(f.message);
-          }
-        });
-      }
+      auto run_block = [&](int r) {
+        blockIdx = uint3{c * cluster_size + r, 0, 0};
+        blockDim = block_dim;
+        gridDim = dim3(blocks);
+        Block block(cluster, r, threads, body);
+        try {
+          block.run();
+        } catch (const LaunchFailure& f) {
+          cluster.fail(f.message);
+        }
+      };
+      std::vector<std::thread> block_threads;  // rank 0 runs on this worker
+      for (int r = 1; r < cluster_size; ++r) block_threads.emplace_back(run_block, r);
+      run_block(0);
       for (auto& t : block_threads) t.join();
       if (cluster.failed()) {
         std::lock_guard<std::mutex> lock(failure_mutex);
