@@ -17,16 +17,12 @@ CXX_FLAGS = [
     "-Wno-attributes",  # CUDA's headers annotate host functions with attributes g++ does not know
 ]
 
-def _kernel_path(f):
-    """kernels/<family>/<file> of a kernel source, wherever Bazel keeps it."""
-    return f.short_path[f.short_path.index("kernels/"):]
-
 def _cpu_emulated_library_impl(ctx):
     gen_dir = ctx.label.name + "_gen"
     include_root = "%s/%s" % (ctx.label.package, gen_dir)  # as the sources #include it, from the bin dir
     translated = []
     for src in ctx.files.srcs:
-        path = _kernel_path(src)
+        path = src.short_path  # from the repository root: kernels/<family>/<file>, tests/emulator/<file>
         if path.endswith(".cu"):
             path = path[:-len(".cu")] + ".cc"
         translated.append(ctx.actions.declare_file("%s/%s" % (gen_dir, path)))
@@ -72,7 +68,7 @@ def _cpu_emulated_library_impl(ctx):
 cpu_emulated_library = rule(
     implementation = _cpu_emulated_library_impl,
     attrs = {
-        "srcs": attr.label_list(allow_files = [".cu", ".cuh", ".h"], doc = "every kernel source and header"),
+        "srcs": attr.label_list(allow_files = [".cu", ".cuh", ".h"], doc = "every kernel source and header (and test kernels)"),
         "runtime_srcs": attr.label_list(allow_files = [".cc"]),
         "runtime_hdrs": attr.label_list(allow_files = [".h"]),
         "translator": attr.label(allow_single_file = [".py"]),

@@ -1,6 +1,8 @@
 """Turns kernel sources (.cu, .cuh, .h under kernels/) into C++ for the CPU emulator (neoxemu.h).
 
-    translate.py --out DIR FILE...     writes DIR/<FILE>, with .cu renamed .cc
+    translate.py --out DIR --include-root ROOT FILE...   writes DIR/<FILE>, with .cu renamed .cc
+
+FILE paths are relative to the repository root, as the sources #include each other.
 
 The rewrites, each the smallest that makes CUDA source plain C++ over neoxemu.h:
   #include "kernels/X"              -> #include "<DIR as included>/kernels/X"   (the translated copy)
@@ -54,9 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
     for path in args.files:
-        relative = Path(*path.parts[path.parts.index("kernels"):])
         is_source = path.suffix == ".cu"
-        target = args.out / (relative.with_suffix(".cc") if is_source else relative)
+        target = args.out / (path.with_suffix(".cc") if is_source else path)
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             target.write_text(translate(path.read_text(), args.include_root, is_source))

@@ -1,0 +1,52 @@
+// selftest.cu — kernels with the mistakes the emulator must catch, for tests/test_emulator.py.
+// Built into the emulated library only (tests/emulator/BUILD.bazel), never into libneoxfuse.so.
+//
+//   int neoxemu_selftest(int which, float* out /* [64] */):
+//     0 ordered:   out[t] = the value thread t+1 wrote to shared memory, after a barrier
+//     1 unordered: the same without the barrier (a race: the result depends on thread order)
+//     2 divergent: half of a warp waits in __syncthreads, the other half in a shuffle (deadlock)
+//     3 bad PTX:   an instruction the emulator does not know
+#include "kernels/common/status.cuh"
+
+namespace {
+
+constexpr int kThreads = 64;
+
+__global__ void neighbour_kernel(float* out, bool barrier) {
+  __shared__ float values[kThreads];
+  values[threadIdx.x] = static_cast<float>(threadIdx.x);
+  if (barrier) __syncthreads();
+  out[threadIdx.x] = values[(threadIdx.x + 1) % kThreads];
+}
+
+__global__ void divergent_kernel(float* out) {
+  float v = static_cast<float>(threadIdx.x);
+  if (threadIdx.x % 32 < 16) {
+    __syncthreads();
+  } else {
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  }
+  out[threadIdx.x] = v;
+}
+
+__global__ void bad_ptx_kernel(float* out) {
+  asm volatile("membar.gl;" ::: "memory");
+  out[threadIdx.x] = 0.0f;
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) int neoxemu_selftest(int which, float* out) {
+  switch (which) {
+    case 0:
+    case 1:
+      neighbour_kernel<<<1, kThreads>>>(out, which == 0);
+      break;
+    case 2:
+      divergent_kernel<<<1, kThreads>>>(out);
+      break;
+    default:
+      bad_ptx_kernel<<<1, kThreads>>>(out);
+  }
+  return NEOXFUSE_CHECK_LAUNCH();
+}

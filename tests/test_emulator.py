@@ -1,0 +1,50 @@
+"""The CPU emulator of the kernels (tests/emulator) catches the mistakes it claims to catch, on the
+kernels of tests/emulator/selftest.cu: without this, a kernel test passing on the emulator would
+say less than it seems to."""
+
+import ctypes
+
+import pytest
+import torch
+
+from neoxfuse.errors import KernelError
+
+ORDERED, UNORDERED, DIVERGENT, BAD_PTX = range(4)
+THREADS = 64  # selftest.cu: kThreads
+
+
+def _selftest(emulated, which: int) -> torch.Tensor:
+    out = torch.full((THREADS,), float("nan"))
+    emulated.call("neoxemu_selftest", [ctypes.c_int, ctypes.c_void_p], which, out.data_ptr())
+    return out
+
+
+def test_a_barrier_orders_shared_memory_whatever_the_thread_order(emulated):
+    want = torch.roll(torch.arange(THREADS, dtype=torch.float32), -1)  # thread t reads what t + 1 wrote
+    assert torch.equal(_selftest(emulated, ORDERED), want)
+    with emulated.reverse_schedule():
+        assert torch.equal(_selftest(emulated, ORDERED), want)
+
+
+def test_a_missing_barrier_shows_as_results_that_depend_on_thread_order(emulated):
+    forward = _selftest(emulated, UNORDERED)
+    with emulated.reverse_schedule():
+        reverse = _selftest(emulated, UNORDERED)
+    assert not torch.equal(forward.nan_to_num(-1.0), reverse.nan_to_num(-1.0))
+
+
+def test_a_divergent_barrier_fails_the_launch_and_names_the_deadlock(emulated):
+    states = r"32 thread\(s\) in a warp shuffle .*; 32 thread\(s\) in __syncthreads"
+    with pytest.raises(KernelError, match="deadlock in block 0; " + states):
+        _selftest(emulated, DIVERGENT)
+
+
+def test_unknown_ptx_fails_the_launch(emulated):
+    with pytest.raises(KernelError, match="does not know the PTX `membar.gl;`"):
+        _selftest(emulated, BAD_PTX)
+
+
+def test_the_emulator_runs_again_after_a_failed_launch(emulated):
+    with pytest.raises(KernelError):
+        _selftest(emulated, DIVERGENT)
+    test_a_barrier_orders_shared_memory_whatever_the_thread_order(emulated)
