@@ -6,9 +6,12 @@ query_key_value (so the column order is HF's per-head order).
 GPU: the kernel against the fp32 oracle (LayerNorm, then the dequantized weight) for every format
 variant (group 32/64/128/per-channel, symmetric/asymmetric, v1/v2, act-order), every Pythia K/N
 plus an odd N, tokens 1/3/8; outputs poisoned first; CUDA graphs, determinism, bad g_idx.
+Emulated (`test_emulated_*`): the same kernel code on the CPU through the emulated library (tests/emulator,
+the `emulated` fixture of conftest.py) against the same oracle and REL_TOL, on a grid sized for the
+emulator: every format variant on K 2560 with 96 columns, with and without bias, smaller Pythia sizes,
+the odd N and the largest K, Pythia-2.8B's full QKV for one token; the same bits whatever order a
+block's threads run in; bad g_idx; the C launcher's own checks.
 """
-
-import ctypes
 
 import pytest
 import torch
@@ -18,8 +21,16 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from neoxfuse import _lib, bench
 from neoxfuse.bench import gptq_ln_qkv as gptq_bench
-from neoxfuse.errors import InvalidInputError, NoGPUError
-from neoxfuse.ops.gptq_ln_qkv import MAX_TOKENS, gptq_ln_qkv, gptq_ln_qkv_layer, qkv_view, reference
+from neoxfuse.errors import InvalidInputError, KernelError, NoGPUError
+from neoxfuse.ops.gptq_ln_qkv import (
+    _ARGTYPES,
+    MAX_TOKENS,
+    _check_arguments,
+    gptq_ln_qkv,
+    gptq_ln_qkv_layer,
+    qkv_view,
+    reference,
+)
 from neoxfuse.quant import (
     GPTQLinear,
     QuantConfig,
@@ -53,11 +64,17 @@ PYTHIA_KN = [(512, 1536), (768, 2304), (1024, 3072), (2048, 6144), (2560, 7680),
 ODD_KN = [(320, 984)]  # N = 3 * 328: the last block holds 24 of its 32 columns
 TOKENS = [1, 3, 8]
 GROUP_SIZES = [32, 64, 128, -1]
+# The emulator runs every CUDA thread as a fiber, so its grid keeps most N small: 96 columns are 3
+# blocks, and K 2560 gives each thread 10 packed rows (the 4-deep load ring refills twice).
+EMULATED_N = 96
+# (K, N, T): Pythia-70m's and the odd N's every token count, Pythia-2.8B's full QKV and the kernel's largest K
+EMULATED_SIZES = [(K, N, T) for K, N in [(512, 1536), *ODD_KN] for T in TOKENS] + [(2560, 7680, 1), (8192, 96, 8)]
 
 
-def random_layer(K, N, *, group_size=128, sym=False, checkpoint_format="gptq", act_order=False, device="cpu", seed=0):
+def random_layer(K, N, *, group_size=128, sym=False, checkpoint_format="gptq", act_order=False, bias=True, device="cpu",
+                 seed=0):
     """A GPTQLinear of random int4 codes, fp16 scales, true zeros over all the format stores (v1 1..16,
-    v2 0..15; 8 if sym), a random act-order g_idx if asked, and a bias."""
+    v2 0..15; 8 if sym), a random act-order g_idx if asked, and a bias unless bias=False."""
     gen = torch.Generator().manual_seed(seed)
     groups = 1 if group_size == -1 else K // group_size
     offset = 1 if checkpoint_format == "gptq" else 0
@@ -68,7 +85,7 @@ def random_layer(K, N, *, group_size=128, sym=False, checkpoint_format="gptq", a
         qzeros=pack_int4_cols(zeros - offset),
         scales=(torch.rand(groups, N, generator=gen) * 0.02 + 0.005).half(),
         g_idx=g_idx,
-        bias=(torch.randn(N, generator=gen) * 0.1).half(),
+        bias=(torch.randn(N, generator=gen) * 0.1).half() if bias else None,
         group_size=group_size,
         checkpoint_format=checkpoint_format,
     )
@@ -91,6 +108,33 @@ def _raw_args(inputs, layer, **change):
                 zero_offset=layer.zero_offset)
     args.update(change)
     return args
+
+
+def _launcher_args(p, *, tokens=1, K=256, N=96, groups=2, group_size=128, zero_offset=1, eps=EPS, **offsets):
+    """neoxfuse_gptq_ln_qkv's arguments for a valid call (K 256, N 96, 2 groups, no g_idx or bias) with
+    every tensor at address p, changed as asked: a pointer named in `offsets` is p + that many bytes, or NULL."""
+    offsets = dict(out=0, x=0, ln_weight=0, ln_bias=0, qweight=0, qzeros=0, scales=0, g_idx=None, bias=None) | offsets
+    pointers = [None if o is None else p + o for o in offsets.values()]
+    return (*pointers, tokens, K, N, groups, group_size, zero_offset, eps, None)
+
+
+# The launcher's own checks: a change to _launcher_args' valid call, and the status it returns
+# (kernels/common/status.h: 1 invalid argument, 2 misaligned, 3 unsupported).
+LAUNCHER_ERRORS = [
+    (dict(out=None), 1),
+    (dict(tokens=0), 1),
+    (dict(tokens=9), 3),
+    (dict(K=252), 1),
+    (dict(N=92), 1),
+    (dict(K=8200, groups=1, group_size=8200), 3),
+    (dict(group_size=96), 1),
+    (dict(groups=3), 1),
+    (dict(group_size=12, groups=1), 1),
+    (dict(zero_offset=2), 1),
+    (dict(eps=-1.0), 1),
+    (dict(x=8), 2),
+    (dict(g_idx=4), 2),
+]
 
 
 # ---- CPU: argument checks ---------------------------------------------------------------------------------
@@ -149,18 +193,10 @@ def test_fake_implementation_gives_the_output_shape():
 
 
 def test_c_launcher_checks_its_own_arguments():
-    fn = _lib.function("neoxfuse_gptq_ln_qkv", [ctypes.c_void_p] * 9 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p])
+    fn = _lib.function("neoxfuse_gptq_ln_qkv", _ARGTYPES)
     p = 1 << 20  # an aligned fake address: every call below fails its checks before touching the device
-
-    def status(*, tokens=1, K=256, N=96, groups=2, group_size=128, zero_offset=1, eps=EPS, g_idx=None, x=p, out=p):
-        return fn(out, x, p, p, p, p, p, g_idx, None, tokens, K, N, groups, group_size, zero_offset, eps, None)
-
-    assert status(out=None) == 1
-    assert status(tokens=0) == 1 and status(tokens=9) == 3
-    assert status(K=252) == 1 and status(N=92) == 1 and status(K=8200, groups=1, group_size=8200) == 3
-    assert status(group_size=96) == 1 and status(groups=3) == 1 and status(group_size=12, groups=1) == 1
-    assert status(zero_offset=2) == 1 and status(eps=-1.0) == 1
-    assert status(x=p + 8) == 2 and status(g_idx=p + 4) == 2
+    for change, status in LAUNCHER_ERRORS:
+        assert fn(*_launcher_args(p, **change)) == status, change
 
 
 def test_qkv_view_splits_hf_per_head_order():
@@ -249,14 +285,45 @@ def run_poisoned(args: dict) -> torch.Tensor:
     return out
 
 
-def check_against_reference(T, K, N, **layer_args):
-    layer = random_layer(K, N, device="cuda", **layer_args)
-    x, w, b = random_inputs(T, K, "cuda", seed=T)
-    out = run_poisoned(_raw_args((x, w, b), layer))
+def run_emulated(emulated, args: dict) -> torch.Tensor:
+    """The op's C ABI on the CPU through the emulated library (conftest.py), for the op's keyword
+    arguments `args` on CPU tensors (checked as the op checks them), into an output filled with NaN."""
+    T, K, N, groups = _check_arguments(**args)
+    out = torch.full((T, N), float("nan"), dtype=torch.float16)  # [T, N]
+    names = ("x", "ln_weight", "ln_bias", "qweight", "qzeros", "scales", "g_idx", "bias")
+    pointers = [None if args[name] is None else args[name].data_ptr() for name in names]
+    group_size = K if args["group_size"] == -1 else args["group_size"]
+    emulated.call("neoxfuse_gptq_ln_qkv", _ARGTYPES, out.data_ptr(), *pointers, T, K, N, groups, group_size,
+                  args["zero_offset"], args["eps"], None)
+    return out
+
+
+def check_against_reference(T, K, N, emulated=None, mean=0.0, **layer_args):
+    """A random layer and T tokens of mean `mean` through the kernel, on the GPU or, given `emulated`
+    (conftest.py), on the CPU, against the fp32 oracle."""
+    device = "cuda" if emulated is None else "cpu"
+    layer = random_layer(K, N, device=device, **layer_args)
+    x, w, b = random_inputs(T, K, device, seed=T, mean=mean)
+    args = _raw_args((x, w, b), layer)
+    out = run_poisoned(args) if emulated is None else run_emulated(emulated, args)
     assert out.shape == (T, N) and out.dtype == torch.float16
     assert bool(torch.isfinite(out).all()), "an output element is NaN/inf (unwritten or wrong)"
     ref = reference(x, w, b, layer, EPS)
     assert rel_error(out, ref) < REL_TOL, rel_error(out, ref)
+
+
+def check_real_quantized_weights_and_no_bias(run, device):
+    """Pythia-2.8B's QKV weight, RTN-quantized (act-order, asymmetric, group 128, no bias), one token:
+    run(x, ln_weight, ln_bias, layer) against the oracle, and against the unquantized fp32 layer."""
+    torch.manual_seed(2)
+    weight = torch.randn(7680, 2560, device=device) * 0.02
+    layer = quantize_rtn(weight, None, config=QuantConfig(group_size=128, sym=False, desc_act=True))
+    x, w, b = random_inputs(1, 2560, device)
+    out = run(x, w, b, layer)
+    assert rel_error(out, reference(x, w, b, layer, EPS)) < REL_TOL
+    # and the quantized layer is close to the fp32 one (4-bit RTN: ~0.1 relative)
+    exact = F.layer_norm(x.float(), (2560,), w.float(), b.float(), EPS) @ weight.t()
+    assert rel_error(out, exact) < 0.15
 
 
 @pytest.mark.gpu
@@ -288,15 +355,7 @@ def test_every_token_count_and_a_large_mean(T):
 
 @pytest.mark.gpu
 def test_real_quantized_weights_and_no_bias():
-    torch.manual_seed(2)
-    weight = torch.randn(7680, 2560, device="cuda") * 0.02
-    layer = quantize_rtn(weight, None, config=QuantConfig(group_size=128, sym=False, desc_act=True))
-    x, w, b = random_inputs(1, 2560, "cuda")
-    out = gptq_ln_qkv_layer(x, w, b, layer)
-    assert rel_error(out, reference(x, w, b, layer, EPS)) < REL_TOL
-    # and the quantized layer is close to the fp32 one (4-bit RTN: ~0.1 relative)
-    exact = F.layer_norm(x.float(), (2560,), w.float(), b.float(), EPS) @ weight.t()
-    assert rel_error(out, exact) < 0.15
+    check_real_quantized_weights_and_no_bias(gptq_ln_qkv_layer, "cuda")
 
 
 @pytest.mark.gpu
@@ -346,6 +405,75 @@ def test_device_layout_errors():
         gptq_ln_qkv_layer(torch.zeros(256, 2, dtype=torch.float16, device="cuda").t(), w, b, layer)
     with pytest.raises(InvalidInputError, match="16-byte boundary"):
         gptq_ln_qkv_layer(torch.zeros(2 * 256 + 1, dtype=torch.float16, device="cuda")[1:].view(2, 256), w, b, layer)
+
+
+# ---- emulated: the kernel on the CPU (tests/emulator) against the fp32 oracle ----------------------------
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_emulated_every_format_variant_on_pythia_2_8b_k(emulated, group_size, sym, checkpoint_format, act_order, T):
+    """K 2560 as Pythia-2.8B's QKV, EMULATED_N columns; 8 tokens take the > 48 KB shared-memory path."""
+    check_against_reference(T, 2560, EMULATED_N, emulated, group_size=group_size, sym=sym,
+                            checkpoint_format=checkpoint_format, act_order=act_order)
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_emulated_without_bias(emulated, act_order, T):
+    check_against_reference(T, 2560, EMULATED_N, emulated, act_order=act_order, bias=False)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("K,N,T", EMULATED_SIZES)
+def test_emulated_pythia_sizes_an_odd_n_and_the_largest_k(emulated, K, N, T, act_order):
+    check_against_reference(T, K, N, emulated, group_size=64 if K == 320 else 128, act_order=act_order, seed=K)
+
+
+@pytest.mark.parametrize("T", range(1, MAX_TOKENS + 1))
+def test_emulated_every_token_count_and_a_large_mean(emulated, T):
+    check_against_reference(T, 768, EMULATED_N, emulated, mean=30.0)  # |mean| >> std: two-pass statistics
+
+
+def test_emulated_real_quantized_weights_and_no_bias(emulated):
+    check_real_quantized_weights_and_no_bias(
+        lambda x, w, b, layer: run_emulated(emulated, _raw_args((x, w, b), layer)), "cpu")
+
+
+@pytest.mark.parametrize("T,K,N,act_order", [(1, 2560, 96, False), (8, 2560, 96, True), (3, 320, 984, False)])
+def test_emulated_result_is_the_same_whatever_order_threads_run_in(emulated, T, K, N, act_order):
+    # A read that no barrier orders after its write sees other data in the reverse order.
+    layer = random_layer(K, N, group_size=64, act_order=act_order)
+    args = _raw_args(random_inputs(T, K, seed=T), layer)
+    forward = run_emulated(emulated, args)
+    with emulated.reverse_schedule():
+        reverse = run_emulated(emulated, args)
+    assert bool(torch.isfinite(forward).all()) and torch.equal(reverse, forward)
+
+
+def test_emulated_out_of_range_g_idx_is_never_read(emulated):
+    layer = random_layer(256, 96, act_order=True)
+    bad = layer.g_idx.clone()
+    bad[5], bad[200] = 7, -1  # only 2 groups
+    out = run_emulated(emulated, _raw_args(random_inputs(1, 256), layer, g_idx=bad))
+    assert bool(torch.isnan(out).all()), "every column sums over rows 5 and 200, whose groups are out of range"
+
+
+def test_emulated_c_launcher_takes_the_unchanged_call(emulated):
+    memory = torch.zeros(1 << 20, dtype=torch.uint8)  # every tensor of the call: zeros give out = 0
+    emulated.call("neoxfuse_gptq_ln_qkv", _ARGTYPES, *_launcher_args(memory.data_ptr()))
+    assert not memory.any()
+
+
+@pytest.mark.parametrize("change,status", LAUNCHER_ERRORS)
+def test_emulated_c_launcher_checks_its_own_arguments(emulated, change, status):
+    memory = torch.zeros(1 << 20, dtype=torch.uint8)  # room for every size in LAUNCHER_ERRORS, were a check missing
+    with pytest.raises(KernelError, match=_lib.STATUS_NAMES[status]) as error:
+        emulated.call("neoxfuse_gptq_ln_qkv", _ARGTYPES, *_launcher_args(memory.data_ptr(), **change))
+    assert error.value.status == status
 
 
 # ---- integration: an HF GPT-NeoX with its attention input path on the kernel ------------------------------

@@ -5,9 +5,13 @@ or scalar path, block size) for sizes, strides and offsets, the C launcher's own
 implementations under torch.compile, and the oracle's LayerNorm itself.
 GPU: the kernel against an fp64 oracle over dtype x hidden x tokens x variant x layout, outputs
 poisoned with NaN first; functional ops, CUDA graphs, torch.compile, the largest rows.
+The `test_emulated_*` tests run the same kernel code on the CPU through the emulated library
+(tests/emulator, the `emulated` fixture of conftest.py) against the same oracle and tolerances,
+plus every combination of residuals, LayerNorms and h the C ABI allows, and both thread orders.
 """
 
 import ctypes
+import itertools
 import math
 
 import pytest
@@ -31,6 +35,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PYTHIA_HIDDEN = [512, 768, 1024, 2048, 2560, 4096, 5120]
 ODD_HIDDEN = [111, 500, 2561]
 TOKENS = [1, 7, 128, 4096]
+LAYOUTS = ["contiguous", "strided", "offset"]
 EPS = 1e-5
 # Run again under compute-sanitizer by the GPU pipeline (conftest.py): both paths (scalar at 111,
 # 16-byte at 2560) of every variant with strided / offset rows, and the largest rows.
@@ -380,40 +385,74 @@ def test_torch_compile_traces_the_ops_in_one_graph():
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU: the kernel against the oracle.
+# GPU: the kernel against the oracle (the helpers also serve the emulated tests below).
 
 
-def _run_out(x, residuals, weights, biases, write_sum, layout):
+_RUN_ARGTYPES = [ctypes.POINTER(ln_residual._Args), ctypes.c_void_p]
+_PLAN_ARGTYPES = [ctypes.POINTER(ln_residual._Args), ctypes.POINTER(ln_residual._Launch)]
+
+
+def _run_out(x, residuals, weights, biases, write_sum, layout, emulated=None):
+    """NaN-poisoned outputs (_outputs) written by the kernel: on the GPU, or on the CPU through the
+    `emulated` library (conftest.py) when given one."""
     outs, h = _outputs(x, len(weights), write_sum, layout)
+    if emulated is not None:
+        ln_residual._check_values(x, residuals, weights, biases, EPS, outs, h)
+        args = ln_residual._args(x, residuals, weights, biases, EPS, outs, h)
+        emulated.call("neoxfuse_ln_residual", _RUN_ARGTYPES, ctypes.byref(args), None)
+        return outs, h
     ln_residual_out(x, residuals, weights, biases, EPS, outs, h)
     torch.cuda.synchronize()
     return outs, h
 
 
+def _plan(x, residuals, weights, biases, outs, emulated=None):
+    """launch_plan, or the emulated library's plan of the same call."""
+    if emulated is None:
+        return launch_plan(x, residuals, weights, biases, outs=outs)
+    launch = ln_residual._Launch()
+    args = ln_residual._args(x, residuals, weights, biases, EPS, outs, None)
+    emulated.call("neoxfuse_ln_residual_plan", _PLAN_ARGTYPES, ctypes.byref(args), ctypes.byref(launch))
+    return ln_residual.LaunchPlan(launch.vector_width, launch.chunks_per_thread, launch.threads)
+
+
+def _check_outputs(x, residuals, weights, biases, outs, h, layout):
+    """h (None: not written) bit for bit, each y within the dtype's tolerance of the oracle, every
+    element written, and the pads of strided outputs untouched."""
+    tokens, hidden = x.shape
+    h_ref, ys_ref = _reference(x, residuals, weights, biases, EPS)
+    if h is not None:
+        assert torch.equal(h, h_ref), "h must be the fp32 sum rounded once"
+    for y, y_ref in zip(outs, ys_ref):
+        assert not y.isnan().any(), "an output element was not written"
+        _assert_close(y, y_ref, x.dtype)
+    if layout == "strided":  # the pad between rows is never written
+        for out in [*outs, *([h] if h is not None else [])]:
+            padded = out.as_strided((tokens, hidden + 24), (hidden + 24, 1))
+            assert padded[:, hidden:].isnan().all()
+
+
+def _check_kernel(dtype, hidden, tokens, variant, layout, emulated=None):
+    """A case of test_kernel_matches_the_oracle: on the GPU, or on the CPU through `emulated`."""
+    n_residuals, n_norms, write_sum = VARIANTS[variant]
+    device = "cuda" if emulated is None else "cpu"
+    x, residuals, weights, biases = _inputs(tokens, hidden, n_residuals, n_norms, dtype, device, layout)
+    plan = _plan(x, residuals, weights, biases, _outputs(x, n_norms, write_sum, layout)[0], emulated)
+    vectorized = layout != "offset" and hidden % _vector_width(dtype) == 0
+    assert plan.vector_width == (_vector_width(dtype) if vectorized else 1)
+
+    outs, h = _run_out(x, residuals, weights, biases, write_sum, layout, emulated)
+    _check_outputs(x, residuals, weights, biases, outs, h, layout)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["contiguous", "strided", "offset"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("hidden", PYTHIA_HIDDEN + ODD_HIDDEN)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kernel_matches_the_oracle(dtype, hidden, tokens, variant, layout):
-    n_residuals, n_norms, write_sum = VARIANTS[variant]
-    x, residuals, weights, biases = _inputs(tokens, hidden, n_residuals, n_norms, dtype, "cuda", layout)
-    plan = launch_plan(x, residuals, weights, biases, outs=_outputs(x, n_norms, write_sum, layout)[0])
-    vectorized = layout != "offset" and hidden % _vector_width(dtype) == 0
-    assert plan.vector_width == (_vector_width(dtype) if vectorized else 1)
-
-    outs, h = _run_out(x, residuals, weights, biases, write_sum, layout)
-    h_ref, ys_ref = _reference(x, residuals, weights, biases, EPS)
-    if write_sum:
-        assert torch.equal(h, h_ref), "h must be the fp32 sum rounded once"
-    for y, y_ref in zip(outs, ys_ref):
-        assert not y.isnan().any(), "an output element was not written"
-        _assert_close(y, y_ref, dtype)
-    if layout == "strided":  # the pad between rows is never written
-        for out in [*outs, *([h] if write_sum else [])]:
-            padded = out.as_strided((tokens, hidden + 24), (hidden + 24, 1))
-            assert padded[:, hidden:].isnan().all()
+    _check_kernel(dtype, hidden, tokens, variant, layout)
 
 
 @pytest.mark.gpu
@@ -534,6 +573,91 @@ def test_runs_under_torch_compile_with_inductor():
     assert ln_residual.launch_count() == before + 1
     expected = block(x, attn, mlp, w1, b1, w2, b2)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Emulated: the kernel code on the CPU (tests/emulator) against the same oracle and tolerances.
+
+# The GPU test's variants and layouts, sized for 2 CPU cores: 1 and 7 rows of Pythia-70M (512),
+# -2.8B (2560) and the odd sizes; 1 row of Pythia-12B (5120: fp32 holds 4 chunks per thread and
+# loads the weights after the statistics); a few cases at 128 rows.
+EMULATED_CASES = [
+    *itertools.product(DTYPES, [512, 2560] + ODD_HIDDEN, [1, 7], VARIANTS, LAYOUTS),
+    *itertools.product(DTYPES, [5120], [1], VARIANTS, LAYOUTS),
+    (torch.float16, 2560, 128, "add_dual_layernorm", "strided"),
+    (torch.bfloat16, 2561, 128, "final", "contiguous"),
+    (torch.float32, 5120, 128, "add_layernorm", "offset"),
+]
+
+
+@pytest.mark.parametrize("dtype, hidden, tokens, variant, layout", EMULATED_CASES, ids=str)
+def test_emulated_kernel_matches_the_oracle(emulated, dtype, hidden, tokens, variant, layout):
+    _check_kernel(dtype, hidden, tokens, variant, layout, emulated)
+
+
+@pytest.mark.parametrize("write_sum", [False, True], ids=["no_h", "h"])
+@pytest.mark.parametrize("n_norms", [1, 2])
+@pytest.mark.parametrize("slots", [(), (0,), (1,), (0, 1)], ids=["no_residual", "r0", "r1", "r0+r1"])
+@pytest.mark.parametrize(
+    "dtype, hidden, layout",
+    [(torch.float16, 2560, "strided"), (torch.float32, 5120, "contiguous"), (torch.bfloat16, 111, "offset")],
+    ids=str,
+)
+def test_emulated_every_optional_input_and_output(emulated, dtype, hidden, layout, slots, n_norms, write_sum):
+    # Each residual slot, y[1] and h is optional in the C ABI; Python fills the residual slots in order.
+    x, residuals, weights, biases = _inputs(3, hidden, len(slots), n_norms, dtype, "cpu", layout)
+    outs, h = _outputs(x, n_norms, write_sum, layout)
+    args = ln_residual._args(x, residuals, weights, biases, EPS, outs, h)
+    if slots == (1,):
+        args.residual[1], args.residual_stride[1] = args.residual[0], args.residual_stride[0]
+        args.residual[0] = None
+    emulated.call("neoxfuse_ln_residual", _RUN_ARGTYPES, ctypes.byref(args), None)
+    _check_outputs(x, residuals, weights, biases, outs, h, layout)
+
+
+@pytest.mark.parametrize(
+    "dtype, hidden, tokens, variant, layout",
+    [
+        (torch.float16, 2560, 7, "add_dual_layernorm", "contiguous"),  # 16-byte chunks, 320 threads
+        (torch.float32, 5120, 7, "add_dual_layernorm", "strided"),  # 4 chunks per thread
+        (torch.bfloat16, 2561, 7, "final", "offset"),  # scalar path, 8 chunks per thread
+        (torch.float16, 500, 1, "add_layernorm", "strided"),  # scalar path, 512 threads
+        (torch.float32, 111, 7, "dual_layernorm", "contiguous"),  # scalar path, 15 of the last warp's lanes busy
+    ],
+    ids=str,
+)
+def test_emulated_results_are_the_same_whatever_order_threads_run_in(emulated, dtype, hidden, tokens, variant, layout):
+    # A read of the reductions' shared scratch that no barrier orders after its write sees other data.
+    n_residuals, n_norms, write_sum = VARIANTS[variant]
+    x, residuals, weights, biases = _inputs(tokens, hidden, n_residuals, n_norms, dtype, "cpu", layout)
+    forward_outs, forward_h = _run_out(x, residuals, weights, biases, write_sum, layout, emulated)
+    with emulated.reverse_schedule():
+        outs, h = _run_out(x, residuals, weights, biases, write_sum, layout, emulated)
+    _check_outputs(x, residuals, weights, biases, outs, h, layout)
+    for got, want in zip([*outs, h], [*forward_outs, forward_h]):
+        assert got is None or torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [MAX_HIDDEN, MAX_HIDDEN - 1, 8191])
+def test_emulated_largest_rows(emulated, dtype, hidden):
+    x, residuals, weights, biases = _inputs(3, hidden, 2, 2, dtype, "cpu")
+    outs, h = _run_out(x, residuals, weights, biases, True, "contiguous", emulated)
+    _check_outputs(x, residuals, weights, biases, outs, h, "contiguous")
+
+
+def test_emulated_constant_rows_normalise_to_the_bias(emulated):
+    # var = 0: y = (h - mean) * rsqrt(eps) * w + b = b exactly.
+    x = torch.full((4, 2560), 7.0, dtype=torch.float16)
+    w, b = torch.randn(2560).half(), torch.randn(2560).half()
+    (y,), _ = _run_out(x, [], [w], [b], False, "contiguous", emulated)
+    assert torch.equal(y, b.expand_as(y))
+
+
+def test_emulated_zero_rows_launch_nothing(emulated):
+    # As test_zero_tokens_launch_nothing: empty tensors, whose data pointers are null.
+    x, residuals, weights, biases = _inputs(0, 2560, 1, 2, torch.float16, "cpu")
+    _run_out(x, residuals, weights, biases, True, "contiguous", emulated)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,7 +212,8 @@ int element_bytes(int dtype) {
 int check_args(const neoxfuse_ln_residual_args& a) {
   if (element_bytes(a.dtype) == 0 || a.rows < 0 || a.hidden < 1) return NEOXFUSE_ERR_INVALID_ARGUMENT;
   if (!std::isfinite(a.eps) || a.eps < 0.0f) return NEOXFUSE_ERR_INVALID_ARGUMENT;
-  if (a.x == nullptr || a.y[0] == nullptr) return NEOXFUSE_ERR_INVALID_ARGUMENT;
+  // With no rows the pointers may be NULL: torch gives empty tensors no memory.
+  if (a.rows > 0 && (a.x == nullptr || a.y[0] == nullptr)) return NEOXFUSE_ERR_INVALID_ARGUMENT;
   for (int k = 0; k < 2; ++k) {
     if (a.y[k] != nullptr && (a.weight[k] == nullptr || a.bias[k] == nullptr)) return NEOXFUSE_ERR_INVALID_ARGUMENT;
   }

@@ -58,7 +58,7 @@ typedef struct {
 
 /* Runs the kernel on `stream`. NEOXFUSE_ERR_INVALID_ARGUMENT for a missing pointer, a bad dtype,
  * size, stride or eps; NEOXFUSE_ERR_UNSUPPORTED for hidden > NEOXFUSE_LN_RESIDUAL_MAX_HIDDEN or
- * rows >= 2^31. rows == 0 launches nothing. */
+ * rows >= 2^31. rows == 0 launches nothing (its pointers may be NULL). */
 NEOXFUSE_API int neoxfuse_ln_residual(const neoxfuse_ln_residual_args* args, cudaStream_t stream);
 
 /* The launch neoxfuse_ln_residual would make for `args` (checks them the same way); touches no
