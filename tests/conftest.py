@@ -83,6 +83,12 @@ class EmulatedKernels:
             detail = self.lib.neoxfuse_last_error().decode()
             raise KernelError(name, status, f"{_lib.STATUS_NAMES.get(status, status)}: {detail}")
 
+    def take_streamed_bytes(self) -> int:
+        """Bytes the kernels read with streaming loads (ld.global.cs: data read once, like weights)
+        since the last call."""
+        self.lib.neoxemu_take_streamed_bytes.restype = ctypes.c_uint64
+        return int(self.lib.neoxemu_take_streamed_bytes())
+
     @contextlib.contextmanager
     def reverse_schedule(self):
         """Runs each block's threads in reverse order inside the block: a read that no barrier

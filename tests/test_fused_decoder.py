@@ -478,6 +478,30 @@ def test_emulated_every_cluster_size_matches_fp32_oracle(emulated, name, positio
                           cluster_size=cluster_size)
 
 
+@pytest.mark.parametrize("position", [0, 1, 2047])
+@pytest.mark.parametrize("name", sorted(PYTHIA_LAYERS))
+def test_emulated_pythia_layer_matches_fp32_oracle(emulated, name, position):
+    # Full-size layers with the plan's cluster size on the emulated 132-SM device (4 blocks per head for 32 heads).
+    shape = PYTHIA_LAYERS[name]
+    layer = _random_layer(shape, seed=1, device="cpu")
+    x, k_cache, v_cache = _layer_inputs(shape, position, seed=position, device="cpu")
+    _check_against_oracle(x, layer, shape, position, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated))
+
+
+@pytest.mark.parametrize("cluster_size", [1, 3, 8])
+@pytest.mark.parametrize("name", sorted(ODD_LAYERS))
+def test_emulated_layer_streams_every_weight_byte_once(emulated, name, cluster_size):
+    # The memory floor assumes each weight byte crosses the memory bus once per token: the kernels'
+    # streaming loads (weights only) must add up to the layer's weight bytes exactly.
+    shape = ODD_LAYERS[name]
+    layer = _random_layer(shape, seed=2, device="cpu")
+    x, k_cache, v_cache = _layer_inputs(shape, 9, seed=3, device="cpu")
+    emulated.take_streamed_bytes()
+    _run_layer_emulated(emulated, x, layer, shape, k_cache, v_cache, 9, cluster_size)
+    h, f = shape.hidden, shape.ffn
+    assert emulated.take_streamed_bytes() == 2 * (3 * h * h + h * h + f * h + h * f)  # fp16 qkv, dense, fc_in, fc_out
+
+
 @pytest.mark.parametrize("name, position, cluster_size", [("d80-h8", 299, 8), ("d128-h3", 40, 3), ("d256-h3", 149, 5)])
 def test_emulated_layer_is_the_same_whatever_order_threads_run_in(emulated, name, position, cluster_size):
     # A read that no barrier orders after its write sees other data in the reverse order.
@@ -521,7 +545,9 @@ def test_emulated_lm_head_matches_fp32_oracle(emulated, hidden, vocab):
     weight, bias = (1 + 0.1 * torch.randn(hidden)).half(), (0.1 * torch.randn(hidden)).half()
     embed_out = (torch.randn(vocab, hidden) / math.sqrt(hidden)).half()
     logits = torch.full((vocab,), float("nan"))
+    emulated.take_streamed_bytes()
     _emulated_lm_head(emulated, x, weight, bias, embed_out, 1e-5, logits)
+    assert emulated.take_streamed_bytes() == 2 * vocab * hidden  # embed_out read once
     want = ref.layer_norm(x, weight.float(), bias.float(), 1e-5) @ embed_out.float().T
     assert rel_err(logits, want) < LOGITS_TOL
 

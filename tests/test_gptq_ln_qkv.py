@@ -454,6 +454,15 @@ def test_emulated_result_is_the_same_whatever_order_threads_run_in(emulated, T, 
     assert bool(torch.isfinite(forward).all()) and torch.equal(reverse, forward)
 
 
+@pytest.mark.parametrize("T,K,N,act_order", [(1, 2560, 7680, False), (8, 2560, 96, True), (3, 320, 984, False)])
+def test_emulated_every_packed_weight_is_read_once(emulated, T, K, N, act_order):
+    # The kernel's one streaming load is qweight's (read once per call): its bytes must add up to qweight's.
+    layer = random_layer(K, N, group_size=64 if K == 320 else 128, act_order=act_order)
+    emulated.take_streamed_bytes()
+    run_emulated(emulated, _raw_args(random_inputs(T, K), layer))
+    assert emulated.take_streamed_bytes() == layer.qweight.numel() * 4  # int32 [K/8, N]
+
+
 def test_emulated_out_of_range_g_idx_is_never_read(emulated):
     layer = random_layer(256, 96, act_order=True)
     bad = layer.g_idx.clone()

@@ -646,6 +646,17 @@ def test_emulated_largest_rows(emulated, dtype, hidden):
     _check_outputs(x, residuals, weights, biases, outs, h, "contiguous")
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_inputs_are_streamed_once(emulated, dtype, variant):
+    # On the 16-byte path x and the residuals are streaming loads, each element read once.
+    n_residuals, n_norms, write_sum = VARIANTS[variant]
+    x, residuals, weights, biases = _inputs(7, 2560, n_residuals, n_norms, dtype, "cpu", "strided")
+    emulated.take_streamed_bytes()
+    _run_out(x, residuals, weights, biases, write_sum, "strided", emulated)
+    assert emulated.take_streamed_bytes() == (1 + n_residuals) * 7 * 2560 * x.element_size()
+
+
 def test_emulated_constant_rows_normalise_to_the_bias(emulated):
     # var = 0: y = (h - mean) * rsqrt(eps) * w + b = b exactly.
     x = torch.full((4, 2560), 7.0, dtype=torch.float16)

@@ -96,3 +96,8 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* kernel, co
 
 // For tests: the fiber order of every block from now on (0 forward, 1 reverse; see neoxemu.h).
 extern "C" __attribute__((visibility("default"))) void neoxemu_set_schedule(int order) { neoxemu::schedule = order; }
+
+// For tests: the bytes streaming loads (__ldcs) read since the last call.
+extern "C" __attribute__((visibility("default"))) uint64_t neoxemu_take_streamed_bytes() {
+  return neoxemu::streamed_bytes.exchange(0);
+}

@@ -19,6 +19,7 @@
 // dynamic shared memory only, a dynamic shared-memory size within the kernel's limit (48 KiB
 // unless raised by cudaFuncSetAttribute, as on the GPU), cluster sizes 1..8 that divide the
 // grid, PTX it knows (prefetch and griddepcontrol are no-ops; anything else fails the launch).
+// It counts the bytes of streaming loads (__ldcs), the loads of data read once.
 // Fresh dynamic shared memory and that of a block that has exited are filled with 0xFF bytes
 // (NaN), so reading before writing or after the owner left shows up in the results.
 // A failed launch returns cudaErrorLaunchFailure; cudaGetErrorString says what happened.
@@ -86,6 +87,9 @@ constexpr auto kDeadlockTimeout = std::chrono::seconds(60);
 
 // Fiber order in a block's scheduler: 0 forward (thread 0 first), 1 reverse.
 inline std::atomic<int> schedule{0};
+
+// Bytes read by __ldcs since the last neoxemu_take_streamed_bytes() (neoxemu.cc).
+inline std::atomic<uint64_t> streamed_bytes{0};
 
 // The launch failure of this thread (the launching one) for cudaGetErrorString.
 inline thread_local std::string failure_message;
@@ -272,13 +276,17 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = neox
   return neoxemu::current_block->shuffle_xor(mask, value, lane_mask, width);
 }
 
-// Cache-operator loads and stores are plain accesses here.
+// Cache-operator loads and stores are plain accesses here. Streaming loads (ld.global.cs: data
+// read once, the weights) are counted, so a test can check each byte is read exactly once.
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 template <typename T>
 inline T __ldcg(const T* p) { return *p; }
 template <typename T>
-inline T __ldcs(const T* p) { return *p; }
+inline T __ldcs(const T* p) {
+  neoxemu::streamed_bytes += sizeof(T);
+  return *p;
+}
 template <typename T>
 inline void __stcs(T* p, T v) { *p = v; }
 
