@@ -91,8 +91,8 @@ class EmulatedKernels:
 
     @contextlib.contextmanager
     def reverse_schedule(self):
-        """Runs each block's threads in reverse order inside the block: a read that no barrier
-        orders after its write then sees other data, so results differ from the forward order's."""
+        """Runs each block's threads, and a launch's clusters, in reverse order: a read that no
+        barrier orders after its write then sees other data, so results differ from the forward order's."""
         self.lib.neoxemu_set_schedule(1)
         try:
             yield

@@ -11,8 +11,9 @@
 // (ucontext) on the block's OS thread: a fiber runs until it reaches a barrier — a warp shuffle
 // (all 32 lanes), __syncthreads (every thread of the block) or a cluster barrier wait — and the
 // block's scheduler resumes fibers whose barrier has completed. Fibers run in forward or reverse
-// thread order (set_schedule), so a read that is not ordered by a barrier sees different data
-// under the two orders and a test that compares both finds it.
+// thread order, clusters in forward or reverse order (neoxemu_set_schedule), so a read that is
+// not ordered by a barrier sees different data under the two orders and a test that compares
+// both finds it.
 //
 // What it checks on its way: barriers every thread must reach (a divergent barrier deadlocks
 // and fails the launch with the barrier named), shuffles over a full warp, map_shared_rank of
@@ -85,7 +86,7 @@ constexpr int kDefaultDynamicShared = 48 * 1024;
 constexpr size_t kFiberStack = 128 * 1024;
 constexpr auto kDeadlockTimeout = std::chrono::seconds(60);
 
-// Fiber order in a block's scheduler: 0 forward (thread 0 first), 1 reverse.
+// Order of the fibers in a block and of the clusters in a launch: 0 forward (thread 0 first), 1 reverse.
 inline std::atomic<int> schedule{0};
 
 // Bytes read by __ldcs since the last neoxemu_take_streamed_bytes() (neoxemu.cc).
@@ -498,8 +499,10 @@ inline cudaError_t run_grid(const void* kernel, unsigned blocks, dim3 block_dim,
   std::atomic<unsigned> next_cluster{0};
   std::mutex failure_mutex;
   std::string failure;
+  const bool reverse = schedule.load() != 0;  // clusters too: no order between them is promised
   auto worker = [&] {
-    for (unsigned c = next_cluster++; c < clusters; c = next_cluster++) {
+    for (unsigned n = next_cluster++; n < clusters; n = next_cluster++) {
+      const unsigned c = reverse ? clusters - 1 - n : n;
       Cluster cluster(cluster_size, shared_bytes);
       auto run_block = [&](int r) {
         blockIdx = uint3{c * cluster_size + r, 0, 0};
