@@ -329,17 +329,23 @@ def oracle_backend(monkeypatch):
     return FusedBackend(weights, 40, use_graph=False), ref.ReferenceModel(weights.to(dtype=torch.float32), max_seq_len=40)
 
 
+def _check_backend_logits(backend, oracle, tokens: torch.Tensor, prompt: int) -> None:
+    """Prefill tokens[:prompt], then decode the rest one step at a time: the backend's logits are
+    the oracle's, to the fp16 prefill and KV cache, and the device position follows."""
+    cache, want_cache = backend.new_cache(), oracle.new_cache()
+    backend.prefill(tokens[:prompt], cache)
+    oracle.prefill(tokens[:prompt], want_cache)
+    got = torch.stack([backend.decode_step(int(t), cache) for t in tokens[prompt:]])  # [steps, vocab]
+    want = torch.stack([oracle.decode_step(int(t), want_cache) for t in tokens[prompt:]])
+    assert cache.length == int(backend._position) == len(tokens)
+    assert rel_err(got, want) < 1e-2  # fp16 prefill and KV cache against fp32
+
+
 def test_backend_on_oracle_kernels_gives_the_oracles_logits(oracle_backend):
     backend, oracle = oracle_backend
     tokens = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(0))
     for _ in range(2):  # the second generation reuses the backend's KV storage from position 0
-        cache, want_cache = backend.new_cache(), oracle.new_cache()
-        backend.prefill(tokens[:5], cache)
-        oracle.prefill(tokens[:5], want_cache)
-        got = torch.stack([backend.decode_step(int(t), cache) for t in tokens[5:]])  # [15, vocab]
-        want = torch.stack([oracle.decode_step(int(t), want_cache) for t in tokens[5:]])
-        assert cache.length == int(backend._position) == 20
-        assert rel_err(got, want) < 1e-2  # fp16 prefill and KV cache against fp32
+        _check_backend_logits(backend, oracle, tokens, 5)
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, top_k=40, seed=2)], ids=["greedy", "sampled"])
@@ -392,13 +398,7 @@ def test_emulated_backend_gives_the_oracles_logits(monkeypatch, emulated):
     backend = FusedBackend(weights, 24, use_graph=False)
     oracle = ref.ReferenceModel(weights.to(dtype=torch.float32), max_seq_len=24)
     tokens = torch.randint(0, 300, (14,), generator=torch.Generator().manual_seed(0))
-    cache, want_cache = backend.new_cache(), oracle.new_cache()
-    backend.prefill(tokens[:4], cache)
-    oracle.prefill(tokens[:4], want_cache)
-    got = torch.stack([backend.decode_step(int(t), cache) for t in tokens[4:]])  # [10, vocab]
-    want = torch.stack([oracle.decode_step(int(t), want_cache) for t in tokens[4:]])
-    assert cache.length == int(backend._position) == 14
-    assert rel_err(got, want) < 1e-2  # fp16 prefill and KV cache against fp32
+    _check_backend_logits(backend, oracle, tokens, 4)
 
 
 @torch.inference_mode()
