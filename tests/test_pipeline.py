@@ -244,6 +244,18 @@ def test_passing_gpu_tests_pass_and_no_gpu_tests_skip(tmp_path, checkout):
     assert pipeline._finish() == 0
 
 
+def test_marker_narrows_the_gpu_tests(tmp_path, checkout):
+    write_gpu_tests(checkout, failing=1, passing=0)
+    with (checkout / "tests" / "test_stand_in.py").open("a") as f:
+        f.write("\n\n@pytest.mark.gpu\n@pytest.mark.quick\ndef test_quick():\n    pass\n")
+    pipeline = pipeline_for(tmp_path, "--tests", str(checkout), "--marker", "quick")
+    stage = pipeline.run_stage("tests", pipeline.tests)
+    assert stage.status == "passed" and stage.details["tests"] == 1  # test_fails_0 is not selected
+    pipeline = pipeline_for(tmp_path, "--tests", str(checkout), "--marker", "nothing_has_this")
+    stage = pipeline.run_stage("tests", pipeline.tests)
+    assert (stage.status, stage.reason) == ("skipped", "no test carries the gpu marker and --marker nothing_has_this")
+
+
 def test_bench_stage_runs_a_suite_and_adds_nvml_and_the_commit(tmp_path, fakes, capsys):
     rows = random.randint(1, 9)
     pipeline = pipeline_for(tmp_path, "--commit", "feedface", "--suite-args", f"fake=--rows {rows}")

@@ -1,8 +1,8 @@
 """The GPU pipeline: one command tests, benchmarks and profiles the installed neoxfuse on a GPU.
 
     python -m neoxfuse.pipeline --tests CHECKOUT [--out DIR] [--commit SHA] [--test GLOB]...
-                                [--suite NAME]... [--suite-args 'NAME=ARGS']... [--skip STAGE]...
-                                [--timeout S]
+                                [--marker EXPR] [--suite NAME]... [--suite-args 'NAME=ARGS']...
+                                [--skip STAGE]... [--timeout S]
 
 ci/gpu_pipeline runs exactly this with CHECKOUT = the repository it sits in. It needs the
 installed package (the wheel) and a CUDA build of torch; no Bazel, no network. The stages run
@@ -14,7 +14,9 @@ status 1:
                    holds no code for the GPU's arch.
   tests            pytest -m gpu on CHECKOUT/tests against the installed package, one process per
                    test file (--test GLOB picks files), so that a kernel fault, which poisons the
-                   CUDA context of its process, fails only its own file.
+                   CUDA context of its process, fails only its own file. --marker EXPR narrows
+                   the selection to `gpu and (EXPR)`: `--marker sanitize` runs the small case of
+                   every kernel path only, a quick pass when GPU time is short.
   sanitize:<tool>  the GPU tests marked `sanitize` (small cases of every kernel path, chosen by each
                    test module's SANITIZE) under compute-sanitizer's memcheck, racecheck and
                    synccheck, with PyTorch's caching allocator off so that every tensor is its own
@@ -336,8 +338,9 @@ class Pipeline:
         per_file, failed = {}, []
         for path in files:
             log, xml = self.logs / f"tests-{path.stem}.log", self.logs / f"tests-{path.stem}.xml"
-            status, timed_out = self._run_logged(_pytest_command(path, "gpu", xml), log, cwd=self.checkout)
-            if status == 5 and not timed_out:  # pytest: no test collected, i.e. none carries the gpu marker
+            marker = "gpu" if self.args.marker is None else f"gpu and ({self.args.marker})"
+            status, timed_out = self._run_logged(_pytest_command(path, marker, xml), log, cwd=self.checkout)
+            if status == 5 and not timed_out:  # pytest: no test collected, i.e. none carries the markers
                 continue
             counts = _junit_counts(xml) if xml.exists() else {}
             per_file[path.name] = counts | {"status": status}
@@ -346,7 +349,10 @@ class Pipeline:
             if status != 0 or timed_out:
                 failed.append(f"{path.name}: {self._exit_reason(status, timed_out, log)}")
         if not per_file:
-            return Outcome("skipped", "no test carries the gpu marker", totals)
+            reason = "no test carries the gpu marker"
+            if self.args.marker is not None:
+                reason += f" and --marker {self.args.marker}"
+            return Outcome("skipped", reason, totals)
         summary = _count_summary(totals)
         details = totals | {"files": per_file}
         if failed:
@@ -593,6 +599,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--test", action="append", metavar="GLOB", help="test files of CHECKOUT/tests to run (repeatable; default test_*.py)"
+    )
+    parser.add_argument(
+        "--marker", metavar="EXPR", help="run only the GPU tests that also match this pytest marker expression"
     )
     parser.add_argument("--suite", action="append", help="run only this bench suite (repeatable; module or SUITE name)")
     parser.add_argument(
