@@ -24,6 +24,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped with a reason on CPU-only machines")
     config.addinivalue_line(
         "markers",
+        "quick: a GPU test a short GPU loan runs first, with the sanitize cases (ci/gpu_pipeline --marker "
+        "'sanitize or quick'): the end-to-end checks against HF and the full-size layers",
+    )
+    config.addinivalue_line(
+        "markers",
         "sanitize: a small GPU case the GPU pipeline also runs under compute-sanitizer; given to the tests "
         "whose names match a pattern of their module's SANITIZE ('*' matches anything), e.g. 'test_x[float16-*]'",
     )

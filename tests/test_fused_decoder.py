@@ -446,6 +446,7 @@ def pythia_layer(request):
 
 
 @pytest.mark.gpu
+@pytest.mark.quick
 @pytest.mark.parametrize("position", [0, 1, 127, 1023, 2047])
 def test_pythia_layer_matches_fp32_oracle(pythia_layer, position):
     shape, layer = pythia_layer
@@ -561,6 +562,7 @@ def _emulated_lm_head(emulated, x, ln_weight, ln_bias, embed_out, eps, logits):
 
 
 @pytest.mark.gpu
+@pytest.mark.quick
 def test_layer_is_bitwise_deterministic_with_and_without_pdl():
     shape = PYTHIA_LAYERS["pythia-2.8b"]
     layer = _random_layer(shape, seed=2)
@@ -664,6 +666,7 @@ def _backend(model16, max_seq_len=2048, **kwargs) -> FusedBackend:
 
 
 @pytest.mark.gpu
+@pytest.mark.quick
 @torch.inference_mode()
 def test_teacher_forced_logits_match_hf_over_64_steps(hf_models):
     # The prompt's KV cache comes from the fp16 PyTorch prefill (HF-fp16-like error, ~1e-3) and
@@ -700,6 +703,7 @@ def _decisive(model16):
 
 
 @pytest.mark.gpu
+@pytest.mark.quick
 @torch.inference_mode()
 def test_greedy_tokens_match_hf_fp16_for_128_tokens(hf_models):
     model = _decisive(hf_models[0])
@@ -718,6 +722,7 @@ def test_greedy_tokens_match_hf_fp16_for_128_tokens(hf_models):
 
 
 @pytest.mark.gpu
+@pytest.mark.quick
 @torch.inference_mode()
 def test_graph_replay_equals_eager_and_runs_are_bitwise_identical(hf_models):
     model16 = hf_models[0]

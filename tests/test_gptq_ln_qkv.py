@@ -359,6 +359,7 @@ def test_real_quantized_weights_and_no_bias():
 
 
 @pytest.mark.gpu
+@pytest.mark.quick
 def test_deterministic_and_graph_capturable():
     layer = random_layer(2560, 7680, device="cuda", act_order=False)
     x, w, b = random_inputs(1, 2560, "cuda")
@@ -554,6 +555,7 @@ def test_patch_needs_a_quantized_qkv(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.quick
 @pytest.mark.parametrize("quant", [QuantConfig(group_size=32, sym=False, desc_act=True, checkpoint_format="gptq"),
                                    QuantConfig(group_size=128, sym=True, checkpoint_format="gptq_v2")])
 def test_patched_hf_model_runs_the_kernel_end_to_end(tmp_path, quant):

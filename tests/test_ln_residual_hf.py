@@ -207,6 +207,7 @@ def _relative_error(got, expected):
 
 
 @pytest.mark.gpu
+@pytest.mark.quick
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
 @pytest.mark.parametrize("mode", RESIDUAL_MODES)
 def test_fused_model_logits_match_hf_over_a_64_token_decode(mode, compiled):
@@ -228,6 +229,7 @@ def test_fused_model_logits_match_hf_over_a_64_token_decode(mode, compiled):
 
 
 @pytest.mark.gpu
+@pytest.mark.quick
 @pytest.mark.parametrize("mode", RESIDUAL_MODES)
 def test_profiler_sees_the_kernels_and_no_layernorm(mode):
     parallel = RESIDUAL_MODES[mode]
@@ -254,6 +256,7 @@ def _perplexity(model, tokens):
 
 
 @pytest.mark.gpu
+@pytest.mark.quick
 def test_perplexity_of_random_pythia_2p8b_matches_hf():
     model = random_model("pythia-2.8b", seed=8, dtype=torch.float16).to("cuda")
     tokens = torch.randint(0, model.config.vocab_size, (512,), generator=torch.Generator().manual_seed(9)).to("cuda")
