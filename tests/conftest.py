@@ -4,6 +4,7 @@ fixtures."""
 
 import contextlib
 import ctypes
+import mmap
 import os
 import re
 from pathlib import Path
@@ -71,11 +72,15 @@ def cuobjdump() -> str:
     return path
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
 class EmulatedKernels:
     """libneoxfuse.so's C ABI with the kernels run on the CPU (tests/emulator/neoxemu.h): the real
     kernel code on CPU tensors' memory, every CUDA thread a fiber, clusters and barriers emulated."""
 
     def __init__(self, path: str):
+        self.path = path
         self.lib = ctypes.CDLL(path)
         self.lib.neoxfuse_last_error.restype = ctypes.c_char_p
 
@@ -87,6 +92,27 @@ class EmulatedKernels:
         if status != 0:
             detail = self.lib.neoxfuse_last_error().decode()
             raise KernelError(name, status, f"{_lib.STATUS_NAMES.get(status, status)}: {detail}")
+
+    @staticmethod
+    def guarded(t: torch.Tensor) -> torch.Tensor:
+        """t (same shape, strides and values) in memory that ends less than 16 bytes before an
+        inaccessible page: a kernel that reads or writes past the end of t's storage faults. An
+        empty tensor is returned as it is (its data pointer stays NULL, as torch makes it)."""
+        elements = t.untyped_storage().nbytes() // t.element_size()
+        if elements == 0:
+            return t
+        nbytes = elements * t.element_size()
+        pages = max(1, -(-nbytes // mmap.PAGESIZE))
+        memory = mmap.mmap(-1, (pages + 1) * mmap.PAGESIZE)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+        if _LIBC.mprotect(ctypes.c_void_p(base + pages * mmap.PAGESIZE), mmap.PAGESIZE, 0) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect failed")
+        start = (pages * mmap.PAGESIZE - nbytes) // 16 * 16  # kernels need 16-byte aligned storage
+        storage = torch.frombuffer(memory, dtype=t.dtype, count=elements, offset=start)  # [elements]
+        storage.copy_(torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (elements,)))
+        out = storage.as_strided(t.shape, t.stride(), t.storage_offset())
+        out.guard = memory  # the mapping lives as long as the tensor
+        return out
 
     def take_streamed_bytes(self) -> int:
         """Bytes the kernels read with streaming loads (ld.global.cs: data read once, like weights)

@@ -3,13 +3,17 @@ kernels of tests/emulator/selftest.cu: without this, a kernel test passing on th
 say less than it seems to."""
 
 import ctypes
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from neoxfuse.errors import KernelError
 
-ORDERED, UNORDERED, DIVERGENT, BAD_PTX = range(4)
+ORDERED, UNORDERED, DIVERGENT, BAD_PTX, PAST_END = range(5)
 THREADS = 64  # selftest.cu: kThreads
 
 
@@ -48,3 +52,19 @@ def test_the_emulator_runs_again_after_a_failed_launch(emulated):
     with pytest.raises(KernelError):
         _selftest(emulated, DIVERGENT)
     test_a_barrier_orders_shared_memory_whatever_the_thread_order(emulated)
+
+
+def test_a_write_past_a_guarded_tensor_faults(emulated):
+    # In a child process: the fault kills it. The same call on an unguarded tensor of room enough runs.
+    child = f"""
+import ctypes, sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import EmulatedKernels
+emulated = EmulatedKernels({emulated.path!r})
+room = sys.argv[1] == "room"
+out = torch.zeros(THREADS + 16) if room else emulated.guarded(torch.zeros(THREADS))
+emulated.call("neoxemu_selftest", [ctypes.c_int, ctypes.c_void_p], {PAST_END}, out.data_ptr())
+""".replace("THREADS", str(THREADS))
+    for room, expected in (("room", 0), ("guarded", -signal.SIGSEGV)):
+        done = subprocess.run([sys.executable, "-c", child, room], capture_output=True, text=True, timeout=120)
+        assert done.returncode == expected, (room, done.stderr[-2000:])

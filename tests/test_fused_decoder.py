@@ -140,7 +140,9 @@ def _run_layer(x, layer, shape, k_cache, v_cache, position, **kwargs):
 
 
 def _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, workspace, cluster_size=0):
-    """The layer's C ABI on the emulated library (CPU tensors): plan, then launch; y written."""
+    """The layer's C ABI on the emulated library (CPU tensors): plan, then launch; the caches, the
+    workspace and y written. Every tensor is passed as a guarded copy (conftest.py), so an access
+    past the end of one faults; the written ones are copied back."""
     plan = fd._Plan()
     emulated.call("neoxfuse_fused_decoder_plan", [ctypes.POINTER(fd._Shape), ctypes.c_int, ctypes.POINTER(fd._Plan)],
                   ctypes.byref(fd._c_shape(shape, 1)), cluster_size, ctypes.byref(plan))
@@ -148,10 +150,13 @@ def _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, wo
         position = torch.tensor([position], dtype=torch.int32)
     tensors = [x, *(getattr(layer, name) for name in fd._LAYER_TENSORS[1:13]), k_cache, v_cache, position,
                workspace.attn, workspace.mlp, y]
-    c_layer = fd._Layer(*(t.data_ptr() for t in tensors))
+    guarded = [emulated.guarded(t) for t in tensors]
+    c_layer = fd._Layer(*(t.data_ptr() for t in guarded))
     emulated.call("neoxfuse_fused_decoder_layer",
                   [ctypes.POINTER(fd._Shape), ctypes.POINTER(fd._Layer), ctypes.POINTER(fd._Plan), ctypes.c_int, ctypes.c_void_p],
                   ctypes.byref(fd._c_shape(shape, k_cache.shape[1])), ctypes.byref(c_layer), ctypes.byref(plan), 1, None)
+    for t, written in list(zip(tensors, guarded))[-6:]:  # k_cache, v_cache, (position), attn, mlp, y
+        t.copy_(written)
 
 
 def _run_layer_emulated(emulated, x, layer, shape, k_cache, v_cache, position, cluster_size=0):
@@ -554,11 +559,13 @@ def test_emulated_lm_head_matches_fp32_oracle(emulated, hidden, vocab):
 
 
 def _emulated_lm_head(emulated, x, ln_weight, ln_bias, embed_out, eps, logits):
-    """The LM head's C ABI on the emulated library (CPU tensors), 132 blocks as on the emulated device."""
+    """The LM head's C ABI on the emulated library (CPU tensors, passed as guarded copies), 132
+    blocks as on the emulated device."""
+    guarded = [emulated.guarded(t) for t in (x, ln_weight, ln_bias, embed_out, logits)]
     emulated.call("neoxfuse_fused_lm_head",
                   [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
-                  *(t.data_ptr() for t in (x, ln_weight, ln_bias, embed_out, logits)), x.shape[0], embed_out.shape[0], eps,
-                  132, 1, None)
+                  *(t.data_ptr() for t in guarded), x.shape[0], embed_out.shape[0], eps, 132, 1, None)
+    logits.copy_(guarded[-1])
 
 
 @pytest.mark.gpu

@@ -287,11 +287,13 @@ def run_poisoned(args: dict) -> torch.Tensor:
 
 def run_emulated(emulated, args: dict) -> torch.Tensor:
     """The op's C ABI on the CPU through the emulated library (conftest.py), for the op's keyword
-    arguments `args` on CPU tensors (checked as the op checks them), into an output filled with NaN."""
+    arguments `args` on CPU tensors (checked as the op checks them, passed as guarded copies: an
+    access past the end of one faults), into an output filled with NaN."""
     T, K, N, groups = _check_arguments(**args)
-    out = torch.full((T, N), float("nan"), dtype=torch.float16)  # [T, N]
+    out = emulated.guarded(torch.full((T, N), float("nan"), dtype=torch.float16))  # [T, N]
     names = ("x", "ln_weight", "ln_bias", "qweight", "qzeros", "scales", "g_idx", "bias")
-    pointers = [None if args[name] is None else args[name].data_ptr() for name in names]
+    inputs = [None if args[name] is None else emulated.guarded(args[name]) for name in names]  # alive for the call
+    pointers = [None if t is None else t.data_ptr() for t in inputs]
     group_size = K if args["group_size"] == -1 else args["group_size"]
     emulated.call("neoxfuse_gptq_ln_qkv", _ARGTYPES, out.data_ptr(), *pointers, T, K, N, groups, group_size,
                   args["zero_offset"], args["eps"], None)

@@ -396,7 +396,12 @@ def _run_out(x, residuals, weights, biases, write_sum, layout, emulated=None):
     """NaN-poisoned outputs (_outputs) written by the kernel: on the GPU, or on the CPU through the
     `emulated` library (conftest.py) when given one."""
     outs, h = _outputs(x, len(weights), write_sum, layout)
-    if emulated is not None:
+    if emulated is not None:  # every tensor a guarded copy (conftest.py): an access past its end faults
+        x, residuals, weights, biases, outs = [
+            emulated.guarded(t) if isinstance(t, torch.Tensor) else [emulated.guarded(u) for u in t]
+            for t in (x, residuals, weights, biases, outs)
+        ]
+        h = None if h is None else emulated.guarded(h)
         ln_residual._check_values(x, residuals, weights, biases, EPS, outs, h)
         args = ln_residual._args(x, residuals, weights, biases, EPS, outs, h)
         emulated.call("neoxfuse_ln_residual", _RUN_ARGTYPES, ctypes.byref(args), None)

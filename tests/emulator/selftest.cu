@@ -6,6 +6,7 @@
 //     1 unordered: the same without the barrier (a race: the result depends on thread order)
 //     2 divergent: half of a warp waits in __syncthreads, the other half in a shuffle (deadlock)
 //     3 bad PTX:   an instruction the emulator does not know
+//     4 past end:  thread t writes out[t + 16], past the end of out
 #include "kernels/common/status.cuh"
 
 namespace {
@@ -34,6 +35,8 @@ __global__ void bad_ptx_kernel(float* out) {
   out[threadIdx.x] = 0.0f;
 }
 
+__global__ void past_end_kernel(float* out) { out[threadIdx.x + 16] = 0.0f; }
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) int neoxemu_selftest(int which, float* out) {
@@ -45,8 +48,11 @@ extern "C" __attribute__((visibility("default"))) int neoxemu_selftest(int which
     case 2:
       divergent_kernel<<<1, kThreads>>>(out);
       break;
-    default:
+    case 3:
       bad_ptx_kernel<<<1, kThreads>>>(out);
+      break;
+    default:
+      past_end_kernel<<<1, kThreads>>>(out);
   }
   return NEOXFUSE_CHECK_LAUNCH();
 }
