@@ -84,7 +84,7 @@ constexpr int kSms = 132;
 constexpr int kSharedOptin = 227 * 1024;
 constexpr int kDefaultDynamicShared = 48 * 1024;
 constexpr size_t kFiberStack = 128 * 1024;
-constexpr auto kDeadlockTimeout = std::chrono::seconds(60);
+constexpr auto kDeadlockTimeout = std::chrono::seconds(300);  // no cluster progress for this long: deadlock
 
 // Order of the fibers in a block and of the clusters in a launch: 0 forward (thread 0 first), 1 reverse.
 inline std::atomic<int> schedule{0};
