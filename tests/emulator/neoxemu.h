@@ -25,8 +25,11 @@
 // (NaN), so reading before writing or after the owner left shows up in the results.
 // A failed launch returns cudaErrorLaunchFailure; cudaGetErrorString says what happened.
 //
-// The emulated device is an sm_90 with 132 SMs and 227 KiB of shared memory per block. Math
-// functions are the C library's, so results agree with the GPU's to rounding, not bitwise.
+// The emulated device is an sm_90 with 132 SMs and 227 KiB of shared memory per block. Global
+// memory is the host's, unchecked (the tests pass tensors that end at an inaccessible page:
+// EmulatedKernels.guarded in tests/conftest.py). Launches run to completion in order, so
+// programmatic dependent launch overlaps nothing here. Math functions are the C library's, so
+// results agree with the GPU's to rounding, not bitwise.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -103,12 +106,12 @@ struct LaunchFailure {
 // One cluster of a launch: the blocks' dynamic shared memory and the cluster barrier.
 class Cluster {
  public:
-  Cluster(int blocks, size_t shared_bytes) : shared_(blocks), arrived_(blocks, 0), exited_(blocks, false) {
+  Cluster(int blocks, size_t shared_bytes)
+      : shared_(blocks), shared_bytes_(shared_bytes), arrived_(blocks, 0), exited_(blocks, false) {
     for (auto& memory : shared_) {
       memory.reset(static_cast<char*>(std::aligned_alloc(128, std::max<size_t>(128, (shared_bytes + 127) / 128 * 128))));
       std::memset(memory.get(), 0xFF, std::max<size_t>(shared_bytes, 1));
     }
-    shared_bytes_ = shared_bytes;
   }
 
   int size() const { return static_cast<int>(shared_.size()); }
