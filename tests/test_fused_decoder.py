@@ -494,6 +494,15 @@ def test_emulated_pythia_layer_matches_fp32_oracle(emulated, name, position):
     _check_against_oracle(x, layer, shape, position, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated))
 
 
+@pytest.mark.parametrize("rotary_dims", [0, 2, 64])
+def test_emulated_rotary_on_none_some_or_all_of_the_head(emulated, rotary_dims):
+    shape = dataclasses.replace(ODD_LAYERS["d64-h5"], rotary_dims=rotary_dims)
+    layer = _random_layer(shape, seed=rotary_dims, device="cpu")
+    x, k_cache, v_cache = _layer_inputs(shape, 100, seed=11, device="cpu")
+    _check_against_oracle(x, layer, shape, 100, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated),
+                          cluster_size=3)
+
+
 @pytest.mark.parametrize("cluster_size", [1, 3, 8])
 @pytest.mark.parametrize("name", sorted(ODD_LAYERS))
 def test_emulated_layer_streams_every_weight_byte_once(emulated, name, cluster_size):
