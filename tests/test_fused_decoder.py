@@ -407,6 +407,20 @@ def test_emulated_backend_gives_the_oracles_logits(monkeypatch, emulated):
 
 
 @torch.inference_mode()
+def test_emulated_backend_at_pythia_2_8b_size_gives_hf_fp32_logits(monkeypatch, emulated):
+    # Two full-size layers and the 50K-row LM head: the GPU's teacher-forced test, three steps long.
+    monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
+    model16 = random_model(pythia_config("pythia-2.8b", num_hidden_layers=2), seed=0).half().eval()
+    tokens = torch.randint(0, model16.config.vocab_size, (19,), generator=torch.Generator().manual_seed(0))
+    want = copy.deepcopy(model16).float()(tokens[None]).logits[0, 16:].float()  # [3, vocab]
+    backend = FusedBackend(from_hf(model16), 32, use_graph=False)
+    cache = backend.new_cache()
+    backend.prefill(tokens[:16], cache)
+    got = torch.stack([backend.decode_step(int(t), cache) for t in tokens[16:]])  # [3, vocab]
+    assert rel_err(got, want) < 1e-2  # as on the GPU: fp16 prefill and KV cache
+
+
+@torch.inference_mode()
 def test_emulated_backend_greedy_tokens_match_hf_fp16(monkeypatch, emulated):
     monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
     model = _decisive(random_model(pythia_config("tiny", **TINY), seed=3).half().eval())
