@@ -154,6 +154,21 @@ def test_bench_decode_leaves_the_oracle_out_on_a_gpu_unless_asked():
     assert [c.name for c in contenders] == ["reference"] and not skipped
 
 
+def test_bench_decode_takes_a_gptq_checkpoint_dequantized(tmp_path, capsys):
+    from neoxfuse.quant import QuantConfig, quantize_gpt_neox, save_gptq_checkpoint
+
+    checkpoint_dir, out_dir = tmp_path / "gptq", tmp_path / "results"
+    save_gptq_checkpoint(quantize_gpt_neox(random_model("tiny", seed=3), QuantConfig(group_size=32)), checkpoint_dir)
+    code = main(["bench", "decode", "--model", str(checkpoint_dir), "--device", "cpu", "--lengths", "4",
+                 "--out-dir", str(out_dir)])
+    assert code == 0, capsys.readouterr().err
+    [path] = out_dir.glob("decode-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {row["backend"] for row in rows} == {"reference", "hf_eager"}
+    assert all(row["model"] == f"{checkpoint_dir} (GPTQ int4, group size 32, dequantized to float32)" for row in rows)
+    assert all(row["match"] for row in rows)  # both run the same dequantized weights in fp32
+
+
 def test_bench_decode_on_a_cpu_writes_its_results(tmp_path, capsys):
     out_dir = tmp_path / "results"
     code = main(["bench", "decode", "--model", "tiny", "--device", "cpu", "--lengths", "4,9", "--out-dir", str(out_dir)])

@@ -33,7 +33,7 @@ from neoxfuse.configs import MODEL_NAMES, NeoXShape
 from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnknownModelError, UnsupportedModelError
 from neoxfuse.progress import progress_bar
 from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpoint
-from neoxfuse.quant.hf_gptq import dequantized_gpt_neox
+from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.reference import ReferenceModel
 from neoxfuse.sampling import SamplingParams, choose, next_token
 from neoxfuse.weights import ModelWeights, from_hf, load_checkpoint, load_tokenizer, random_model
@@ -250,9 +250,7 @@ def _load_gptq_checkpoint(path: Path, dtype: torch.dtype) -> LoadedModel:
     the engine's backends run dense weights. UnsupportedModelError for a quantization that is not GPTQ."""
     checkpoint = load_gptq_checkpoint(path)
     weights = from_hf(dequantized_gpt_neox(checkpoint, "cpu", dtype))
-    quant, dtype_name = checkpoint.quant, str(dtype).replace("torch.", "")
-    description = f"{path} (GPTQ int{quant.bits}, group size {quant.group_size}, dequantized to {dtype_name})"
-    return LoadedModel(weights, load_tokenizer(path), description, random_init=False)
+    return LoadedModel(weights, load_tokenizer(path), describe_dequantized(path, checkpoint, dtype), random_init=False)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

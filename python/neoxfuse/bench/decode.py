@@ -42,6 +42,8 @@ from neoxfuse.engine import BACKENDS, DTYPES, Engine, StepClock, resolve_device,
 from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnknownModelError
 from neoxfuse.monitor import GpuMonitor
 from neoxfuse.progress import progress_bar
+from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpoint
+from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.weights import random_model, read_checkpoint_config
 
 SUITE = "decode"
@@ -56,7 +58,7 @@ WARMUP_TOKENS = 8
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help=f"a model name ({', '.join(MODEL_NAMES)}; random-initialised) or an HF checkpoint "
-                        f"directory (default: {GPU_MODEL} on a GPU, {CPU_MODEL} on a CPU)")
+                        f"directory, GPTQ ones dequantized (default: {GPU_MODEL} on a GPU, {CPU_MODEL} on a CPU)")
     parser.add_argument("--lengths", type=_lengths, help="generated lengths, comma-separated "
                         f"(default: {','.join(map(str, GPU_LENGTHS))} on a GPU, {','.join(map(str, CPU_LENGTHS))} on a CPU)")
     parser.add_argument("--backends", type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
@@ -145,9 +147,13 @@ class HFContender:
 
 
 def _hf_model(source: str, dtype: torch.dtype, device: torch.device, seed: int):
-    """(GPTNeoXForCausalLM on `device`, its description): random of a named shape, or a checkpoint directory."""
+    """(GPTNeoXForCausalLM on `device`, its description): random of a named shape, or a checkpoint
+    directory (a GPTQ one dequantized to `dtype`: the kernels and the HF peers run dense weights)."""
     if source in MODEL_NAMES:
         model, description = random_model(source, seed=seed, dtype=dtype, attn_implementation="sdpa"), f"{source} (random-initialised)"
+    elif Path(source).is_dir() and is_quantized_checkpoint(source):  # every contender runs the dequantized weights
+        checkpoint = load_gptq_checkpoint(source)
+        model, description = dequantized_gpt_neox(checkpoint, "cpu", dtype), describe_dequantized(source, checkpoint, dtype)
     elif Path(source).is_dir():
         read_checkpoint_config(source)  # CheckpointNotFoundError / UnsupportedModelError
         shape_of(transformers.AutoConfig.from_pretrained(source))  # sizes and options neoxfuse computes

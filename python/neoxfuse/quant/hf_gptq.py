@@ -13,6 +13,8 @@ dequantized to fp16: this module puts the QKV path on its kernel, not the whole 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -82,6 +84,12 @@ def dequantized_gpt_neox(checkpoint: GPTQCheckpoint, device: str | torch.device 
     if missing or unexpected:
         raise InvalidInputError(f"checkpoint does not match GPTNeoXForCausalLM: missing {missing}, unexpected {unexpected}")
     return model
+
+
+def describe_dequantized(path: str | Path, checkpoint: GPTQCheckpoint, dtype: torch.dtype) -> str:
+    """How a run names a GPTQ checkpoint it dequantized, e.g. 'DIR (GPTQ int4, group size 128, dequantized to float16)'."""
+    quant = checkpoint.quant
+    return f"{path} (GPTQ int{quant.bits}, group size {quant.group_size}, dequantized to {str(dtype).replace('torch.', '')})"
 
 
 def gptq_gpt_neox(checkpoint: GPTQCheckpoint, device: str | torch.device = "cuda") -> GPTNeoXForCausalLM:
