@@ -13,7 +13,7 @@ import torch
 
 from neoxfuse.errors import KernelError
 
-ORDERED, UNORDERED, DIVERGENT, BAD_PTX, PAST_END = range(5)
+ORDERED, UNORDERED, DIVERGENT, BAD_PTX, PAST_END, PDL_EARLY, PDL = range(7)
 THREADS = 64  # selftest.cu: kThreads
 
 
@@ -46,6 +46,16 @@ def test_a_divergent_barrier_fails_the_launch_and_names_the_deadlock(emulated):
 def test_unknown_ptx_fails_the_launch(emulated):
     with pytest.raises(KernelError, match="does not know the PTX `membar.gl;`"):
         _selftest(emulated, BAD_PTX)
+
+
+def test_a_dependent_launch_reads_earlier_kernels_data_only_after_its_wait(emulated):
+    # With PDL a kernel starts while the previous one runs: a coherent load before
+    # griddepcontrol.wait could read data the previous kernel has not written yet.
+    with pytest.raises(KernelError, match="ld.global.cg .* before griddepcontrol.wait"):
+        _selftest(emulated, PDL_EARLY)
+    out = torch.arange(THREADS, dtype=torch.float32)
+    emulated.call("neoxemu_selftest", [ctypes.c_int, ctypes.c_void_p], PDL, out.data_ptr())
+    assert torch.equal(out, torch.arange(1, THREADS + 1, dtype=torch.float32))
 
 
 def test_the_emulator_runs_again_after_a_failed_launch(emulated):

@@ -19,7 +19,9 @@
 // and fails the launch with the barrier named), shuffles over a full warp, map_shared_rank of
 // dynamic shared memory only, a dynamic shared-memory size within the kernel's limit (48 KiB
 // unless raised by cudaFuncSetAttribute, as on the GPU), cluster sizes 1..8 that divide the
-// grid, PTX it knows (prefetch and griddepcontrol are no-ops; anything else fails the launch).
+// grid, PTX it knows (prefetch and griddepcontrol are no-ops; anything else fails the launch),
+// and in a programmatic dependent launch no coherent load (ld.global.cg: how the kernels read
+// what earlier kernels wrote) before the thread's griddepcontrol.wait.
 // It counts the bytes of streaming loads (__ldcs), the loads of data read once.
 // Fresh dynamic shared memory and that of a block that has exited are filled with 0xFF bytes
 // (NaN), so reading before writing or after the owner left shows up in the results.
@@ -28,7 +30,7 @@
 // The emulated device is an sm_90 with 132 SMs and 227 KiB of shared memory per block. Global
 // memory is the host's, unchecked (the tests pass tensors that end at an inaccessible page:
 // EmulatedKernels.guarded in tests/conftest.py). Launches run to completion in order, so
-// programmatic dependent launch overlaps nothing here. Math functions are the C library's, so
+// programmatic dependent launch overlaps nothing here (hence the check on coherent loads). Math functions are the C library's, so
 // results agree with the GPU's to rounding, not bitwise.
 #pragma once
 
@@ -201,14 +203,25 @@ class StackPool {
 };
 inline StackPool stack_pool;
 
+// How a launch runs: 1-D grid and blocks, clusters, and whether it is a programmatic dependent
+// launch (PDL: its threads may run before the previous kernel has finished, up to their
+// griddepcontrol.wait).
+struct Grid {
+  unsigned blocks = 1;
+  dim3 block_dim;
+  size_t shared_bytes = 0;
+  int cluster_size = 1;
+  bool pdl = false;
+};
+
 // One block on its OS thread: the fibers of its threads and their scheduler.
 class Block {
  public:
   enum class State { kReady, kShuffle, kSyncthreads, kClusterWait, kExited };
 
-  Block(Cluster& cluster, int rank, int threads, std::function<void()> body)
-      : cluster_(cluster), rank_(rank), body_(std::move(body)), fibers_(threads),
-        warps_((threads + kWarpSize - 1) / kWarpSize) {}
+  Block(Cluster& cluster, int rank, const Grid& grid, std::function<void()> body)
+      : cluster_(cluster), rank_(rank), pdl_(grid.pdl), body_(std::move(body)), fibers_(grid.block_dim.x),
+        warps_((grid.block_dim.x + kWarpSize - 1) / kWarpSize) {}
   ~Block() {
     for (Fiber& fiber : fibers_) {
       if (fiber.stack) stack_pool.give(std::move(fiber.stack));
@@ -224,6 +237,14 @@ class Block {
   void syncthreads() { block_until(State::kSyncthreads); }
   void cluster_arrive();
   void cluster_wait();
+  void wait_for_previous_grid() { fibers_[current_].waited_for_previous_grid = true; }
+  // A coherent load (the loads of what earlier kernels wrote) before this thread's
+  // griddepcontrol.wait in a PDL launch: on the GPU it may read the previous kernel's data unwritten.
+  void check_coherent_load() {
+    if (pdl_ && !fibers_[current_].waited_for_previous_grid) {
+      fail("ld.global.cg (data an earlier kernel writes) before griddepcontrol.wait in a programmatic dependent launch");
+    }
+  }
   void fail(const std::string& message) {
     cluster_.fail(message);
     block_until(State::kExited);  // never resumed
@@ -239,6 +260,7 @@ class Block {
     std::unique_ptr<char[]> stack;
     State state = State::kReady;
     unsigned arrivals = 0, waits = 0;  // cluster barrier phases arrived at / waited for
+    bool waited_for_previous_grid = false;
   };
   struct Warp {
     uint64_t slots[2][kWarpSize];
@@ -253,6 +275,7 @@ class Block {
 
   Cluster& cluster_;
   int rank_;
+  bool pdl_;
   std::function<void()> body_;
   std::vector<Fiber> fibers_;
   std::vector<Warp> warps_;
@@ -285,7 +308,10 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = neox
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 template <typename T>
-inline T __ldcg(const T* p) { return *p; }
+inline T __ldcg(const T* p) {
+  neoxemu::current_block->check_coherent_load();
+  return *p;
+}
 template <typename T>
 inline T __ldcs(const T* p) {
   neoxemu::streamed_bytes += sizeof(T);
@@ -306,7 +332,8 @@ namespace neoxemu {
 // The PTX of an `asm volatile` statement (operands dropped by translate.py).
 inline void ptx(const char* text) {
   const std::string instruction(text);
-  for (const char* no_op : {"prefetch.global.", "griddepcontrol."}) {
+  if (instruction.rfind("griddepcontrol.wait", 0) == 0) return current_block->wait_for_previous_grid();
+  for (const char* no_op : {"prefetch.global.", "griddepcontrol.launch_dependents"}) {
     if (instruction.rfind(no_op, 0) == 0) return;
   }
   current_block->fail("the emulator does not know the PTX `" + instruction + "`");
@@ -484,18 +511,17 @@ inline cudaError_t set_error(cudaError_t error, const std::string& message) {
   return error;
 }
 
-// Runs `body` (one thread's kernel call) for every thread of a grid of `blocks` blocks of
-// `threads` threads in clusters of `cluster_size`.
-inline cudaError_t run_grid(const void* kernel, unsigned blocks, dim3 block_dim, size_t shared_bytes, int cluster_size,
-                            const std::function<void()>& body) {
-  const int threads = static_cast<int>(block_dim.x);
-  if (block_dim.y != 1 || block_dim.z != 1 || threads < 1 || threads > 1024 || blocks < 1) {
+// Runs `body` (one thread's kernel call) for every thread of `grid`.
+inline cudaError_t run_grid(const void* kernel, const Grid& grid, const std::function<void()>& body) {
+  const unsigned blocks = grid.blocks;
+  const int threads = static_cast<int>(grid.block_dim.x), cluster_size = grid.cluster_size;
+  if (grid.block_dim.y != 1 || grid.block_dim.z != 1 || threads < 1 || threads > 1024 || blocks < 1) {
     return set_error(cudaErrorInvalidConfiguration, "the emulator runs 1-D blocks of 1..1024 threads, >= 1 block");
   }
   if (cluster_size < 1 || cluster_size > kMaxClusterSize || blocks % cluster_size != 0) {
     return set_error(cudaErrorInvalidClusterSize, "cluster size must be 1..8 and divide the grid");
   }
-  if (shared_bytes > static_cast<size_t>(dynamic_shared_limit(kernel))) {
+  if (grid.shared_bytes > static_cast<size_t>(dynamic_shared_limit(kernel))) {
     return set_error(cudaErrorInvalidValue, "dynamic shared memory over the kernel's limit (cudaFuncSetAttribute)");
   }
   const unsigned clusters = blocks / cluster_size;
@@ -506,12 +532,12 @@ inline cudaError_t run_grid(const void* kernel, unsigned blocks, dim3 block_dim,
   auto worker = [&] {
     for (unsigned n = next_cluster++; n < clusters; n = next_cluster++) {
       const unsigned c = reverse ? clusters - 1 - n : n;
-      Cluster cluster(cluster_size, shared_bytes);
+      Cluster cluster(cluster_size, grid.shared_bytes);
       auto run_block = [&](int r) {
         blockIdx = uint3{c * cluster_size + r, 0, 0};
-        blockDim = block_dim;
+        blockDim = grid.block_dim;
         gridDim = dim3(blocks);
-        Block block(cluster, r, threads, body);
+        Block block(cluster, r, grid, body);
         try {
           block.run();
         } catch (const LaunchFailure& f) {
@@ -538,13 +564,11 @@ inline cudaError_t run_grid(const void* kernel, unsigned blocks, dim3 block_dim,
 }
 
 template <typename... Params, typename... Args>
-inline cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, int cluster_size,
-                                 Args&&... args) {
-  if (grid.y != 1 || grid.z != 1) return set_error(cudaErrorInvalidConfiguration, "the emulator runs 1-D grids");
+inline cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid_dim, const Grid& grid, Args&&... args) {
+  if (grid_dim.y != 1 || grid_dim.z != 1) return set_error(cudaErrorInvalidConfiguration, "the emulator runs 1-D grids");
   // Like a CUDA launch: the arguments converted to the parameter types once, copied per thread.
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
-  return run_grid(reinterpret_cast<const void*>(kernel), grid.x, block, shared_bytes, cluster_size,
-                  [&params, kernel] { std::apply(kernel, params); });
+  return run_grid(reinterpret_cast<const void*>(kernel), grid, [&params, kernel] { std::apply(kernel, params); });
 }
 
 // kernel<<<grid, block, shared_bytes, stream>>>(args...)  ->  launch(kernel, grid, block, shared_bytes, stream)(args...)
@@ -555,7 +579,7 @@ struct Launch {
   size_t shared_bytes;
   template <typename... Args>
   void operator()(Args&&... args) const {
-    launch_kernel(kernel, grid, block, shared_bytes, 1, std::forward<Args>(args)...);
+    launch_kernel(kernel, grid, Grid{grid.x, block, shared_bytes}, std::forward<Args>(args)...);
   }
 };
 template <typename Kernel>
@@ -616,10 +640,19 @@ inline int cluster_size_of(const cudaLaunchConfig_t& config) {
   }
   return 1;
 }
+inline bool pdl_of(const cudaLaunchConfig_t& config) {
+  for (unsigned i = 0; i < config.numAttrs; ++i) {
+    if (config.attrs[i].id == cudaLaunchAttributeProgrammaticStreamSerialization) {
+      return config.attrs[i].val.programmaticStreamSerializationAllowed != 0;
+    }
+  }
+  return false;
+}
 }  // namespace neoxemu
 
 template <typename... Params, typename... Args>
 inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Params...), Args&&... args) {
-  return neoxemu::launch_kernel(kernel, config->gridDim, config->blockDim, config->dynamicSmemBytes,
-                                neoxemu::cluster_size_of(*config), std::forward<Args>(args)...);
+  const neoxemu::Grid grid{config->gridDim.x, config->blockDim, config->dynamicSmemBytes, neoxemu::cluster_size_of(*config),
+                           neoxemu::pdl_of(*config)};
+  return neoxemu::launch_kernel(kernel, config->gridDim, grid, std::forward<Args>(args)...);
 }

@@ -7,6 +7,8 @@
 //     2 divergent: half of a warp waits in __syncthreads, the other half in a shuffle (deadlock)
 //     3 bad PTX:   an instruction the emulator does not know
 //     4 past end:  thread t writes out[t + 16], past the end of out
+//     5 PDL early: a programmatic dependent launch reads out (ld.global.cg) before griddepcontrol.wait
+//     6 PDL:       the same after griddepcontrol.wait: out[t] += 1
 #include "kernels/common/status.cuh"
 
 namespace {
@@ -37,6 +39,25 @@ __global__ void bad_ptx_kernel(float* out) {
 
 __global__ void past_end_kernel(float* out) { out[threadIdx.x + 16] = 0.0f; }
 
+__global__ void pdl_kernel(float* out, bool wait_first) {
+  if (wait_first) asm volatile("griddepcontrol.wait;" ::: "memory");
+  const float previous = __ldcg(out + threadIdx.x);
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  out[threadIdx.x] = previous + 1.0f;
+}
+
+int launch_pdl(float* out, bool wait_first) {
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(1);
+  config.blockDim = dim3(kThreads);
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, pdl_kernel, out, wait_first);
+}
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) int neoxemu_selftest(int which, float* out) {
@@ -51,8 +72,11 @@ extern "C" __attribute__((visibility("default"))) int neoxemu_selftest(int which
     case 3:
       bad_ptx_kernel<<<1, kThreads>>>(out);
       break;
-    default:
+    case 4:
       past_end_kernel<<<1, kThreads>>>(out);
+      break;
+    default:
+      launch_pdl(out, which == 6);
   }
   return NEOXFUSE_CHECK_LAUNCH();
 }
