@@ -121,6 +121,20 @@ class EmulatedKernels:
         return int(self.lib.neoxemu_take_streamed_bytes())
 
     @contextlib.contextmanager
+    def watch(self, t: torch.Tensor):
+        """Counts the bytes the kernels read from t's memory (t contiguous) with cache-operator loads
+        (__ldg, __ldcg, __ldcs: how they read weights, activations and the KV cache) inside the
+        block; yields a list that holds the count afterwards."""
+        fn = self.lib.neoxemu_watch
+        fn.argtypes, fn.restype = [ctypes.c_size_t, ctypes.c_uint64], ctypes.c_uint64
+        count: list[int] = []
+        fn(t.data_ptr(), t.numel() * t.element_size())
+        try:
+            yield count
+        finally:
+            count.append(int(fn(0, 0)))
+
+    @contextlib.contextmanager
     def reverse_schedule(self):
         """Runs each block's threads, and a launch's clusters, in reverse order: a read that no
         barrier orders after its write then sees other data, so results differ from the forward order's."""

@@ -139,10 +139,11 @@ def _run_layer(x, layer, shape, k_cache, v_cache, position, **kwargs):
     return {"y": y, "attn": workspace.attn, "mlp": workspace.mlp}
 
 
-def _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, workspace, cluster_size=0):
+def _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, workspace, cluster_size=0, watch=None):
     """The layer's C ABI on the emulated library (CPU tensors): plan, then launch; the caches, the
     workspace and y written. Every tensor is passed as a guarded copy (conftest.py), so an access
-    past the end of one faults; the written ones are copied back."""
+    past the end of one faults; the written ones are copied back. watch: the name of a tensor
+    (fd._LAYER_TENSORS) whose bytes read by the kernels are counted and returned."""
     plan = fd._Plan()
     emulated.call("neoxfuse_fused_decoder_plan", [ctypes.POINTER(fd._Shape), ctypes.c_int, ctypes.POINTER(fd._Plan)],
                   ctypes.byref(fd._c_shape(shape, 1)), cluster_size, ctypes.byref(plan))
@@ -152,11 +153,16 @@ def _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, wo
                workspace.attn, workspace.mlp, y]
     guarded = [emulated.guarded(t) for t in tensors]
     c_layer = fd._Layer(*(t.data_ptr() for t in guarded))
-    emulated.call("neoxfuse_fused_decoder_layer",
-                  [ctypes.POINTER(fd._Shape), ctypes.POINTER(fd._Layer), ctypes.POINTER(fd._Plan), ctypes.c_int, ctypes.c_void_p],
-                  ctypes.byref(fd._c_shape(shape, k_cache.shape[1])), ctypes.byref(c_layer), ctypes.byref(plan), 1, None)
+    watched = guarded[fd._LAYER_TENSORS.index(watch)] if watch else torch.empty(0)
+    with emulated.watch(watched) as read:
+        emulated.call("neoxfuse_fused_decoder_layer",
+                      [ctypes.POINTER(fd._Shape), ctypes.POINTER(fd._Layer), ctypes.POINTER(fd._Plan), ctypes.c_int,
+                       ctypes.c_void_p],
+                      ctypes.byref(fd._c_shape(shape, k_cache.shape[1])), ctypes.byref(c_layer), ctypes.byref(plan), 1,
+                      None)
     for t, written in list(zip(tensors, guarded))[-6:]:  # k_cache, v_cache, (position), attn, mlp, y
         t.copy_(written)
+    return read[0] if watch else None
 
 
 def _run_layer_emulated(emulated, x, layer, shape, k_cache, v_cache, position, cluster_size=0):
@@ -506,6 +512,22 @@ def test_emulated_pythia_layer_matches_fp32_oracle(emulated, name, position):
     layer = _random_layer(shape, seed=1, device="cpu")
     x, k_cache, v_cache = _layer_inputs(shape, position, seed=position, device="cpu")
     _check_against_oracle(x, layer, shape, position, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated))
+
+
+@pytest.mark.parametrize("cluster_size", [1, 3, 8])
+@pytest.mark.parametrize("name, position", [("d80-h8", 0), ("d80-h8", 299), ("d256-h3", 149), ("d64-h5", 37)])
+def test_emulated_layer_reads_each_cached_key_and_value_once(emulated, name, position, cluster_size):
+    # Attention over positions 0..p splits them over the cluster's blocks: every key and value row
+    # up to p (the new one included) is read exactly once, none past it.
+    shape = ODD_LAYERS[name]
+    layer = _random_layer(shape, seed=4, device="cpu")
+    x, k_cache, v_cache = _layer_inputs(shape, position, seed=5, device="cpu")
+    workspace = fd.Workspace.allocate(shape, "cpu")
+    row_bytes = shape.head_dim * 2  # fp16
+    for cache in ("k_cache", "v_cache"):
+        read = _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, torch.empty_like(x), workspace,
+                               cluster_size, watch=cache)
+        assert read == shape.heads * (position + 1) * row_bytes, cache
 
 
 @pytest.mark.parametrize("rotary_dims", [0, 2, 64])

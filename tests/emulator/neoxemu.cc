@@ -101,3 +101,11 @@ extern "C" __attribute__((visibility("default"))) void neoxemu_set_schedule(int 
 extern "C" __attribute__((visibility("default"))) uint64_t neoxemu_take_streamed_bytes() {
   return neoxemu::streamed_bytes.exchange(0);
 }
+
+// For tests: count the bytes that cache-operator loads read inside [begin, begin + bytes) from
+// now on; returns the count of the previous watch.
+extern "C" __attribute__((visibility("default"))) uint64_t neoxemu_watch(uintptr_t begin, uint64_t bytes) {
+  neoxemu::watch_begin = begin;
+  neoxemu::watch_end = begin + bytes;
+  return neoxemu::watched_bytes.exchange(0);
+}

@@ -22,7 +22,8 @@
 // grid, PTX it knows (prefetch and griddepcontrol are no-ops; anything else fails the launch),
 // and in a programmatic dependent launch no coherent load (ld.global.cg: how the kernels read
 // what earlier kernels wrote) before the thread's griddepcontrol.wait.
-// It counts the bytes of streaming loads (__ldcs), the loads of data read once.
+// It counts the bytes of streaming loads (__ldcs), the loads of data read once, and of the
+// cache-operator loads inside a watched address range.
 // Fresh dynamic shared memory and that of a block that has exited are filled with 0xFF bytes
 // (NaN), so reading before writing or after the owner left shows up in the results.
 // A failed launch returns cudaErrorLaunchFailure; cudaGetErrorString says what happened.
@@ -96,6 +97,19 @@ inline std::atomic<int> schedule{0};
 
 // Bytes read by __ldcs since the last neoxemu_take_streamed_bytes() (neoxemu.cc).
 inline std::atomic<uint64_t> streamed_bytes{0};
+
+// Bytes that cache-operator loads (__ldg, __ldcg, __ldcs) read inside [watch_begin, watch_end)
+// since the last neoxemu_watch() (neoxemu.cc).
+inline std::atomic<uintptr_t> watch_begin{0}, watch_end{0};
+inline std::atomic<uint64_t> watched_bytes{0};
+
+template <typename T>
+inline void count_watched(const T* p) {
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  if (address >= watch_begin.load(std::memory_order_relaxed) && address < watch_end.load(std::memory_order_relaxed)) {
+    watched_bytes += sizeof(T);
+  }
+}
 
 // The launch failure of this thread (the launching one) for cudaGetErrorString.
 inline thread_local std::string failure_message;
@@ -306,15 +320,20 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = neox
 // Cache-operator loads and stores are plain accesses here. Streaming loads (ld.global.cs: data
 // read once, the weights) are counted, so a test can check each byte is read exactly once.
 template <typename T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p) {
+  neoxemu::count_watched(p);
+  return *p;
+}
 template <typename T>
 inline T __ldcg(const T* p) {
   neoxemu::current_block->check_coherent_load();
+  neoxemu::count_watched(p);
   return *p;
 }
 template <typename T>
 inline T __ldcs(const T* p) {
   neoxemu::streamed_bytes += sizeof(T);
+  neoxemu::count_watched(p);
   return *p;
 }
 template <typename T>
