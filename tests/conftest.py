@@ -123,8 +123,8 @@ class EmulatedKernels:
     @contextlib.contextmanager
     def watch(self, t: torch.Tensor):
         """Counts the bytes the kernels read from t's memory (t contiguous) with cache-operator loads
-        (__ldg, __ldcg, __ldcs: how they read weights, activations and the KV cache) inside the
-        block; yields a list that holds the count afterwards."""
+        (__ldg, __ldcg, __ldcs: how they read weights, activations and the KV cache) while the
+        `with` body runs; yields a list that holds the count afterwards."""
         fn = self.lib.neoxemu_watch
         fn.argtypes, fn.restype = [ctypes.c_size_t, ctypes.c_uint64], ctypes.c_uint64
         count: list[int] = []
