@@ -69,6 +69,8 @@ PYTHIA_LAYERS = {  # one full-size layer of each head_dim the kernels are built 
     "pythia-6.9b": NeoXShape(hidden=4096, layers=1, heads=32, head_dim=128, rotary_dims=32, ffn=16384, vocab=50432,
                              max_positions=2048),
 }  # fmt: skip
+CLUSTER_CASES = [("d80-h8", 0), ("d80-h8", 5), ("d80-h8", 299), ("d128-h3", 3), ("d128-h3", 76), ("d64-h5", 130),
+                 ("d256-h3", 0), ("d256-h3", 149)]  # (ODD_LAYERS name, position) run at every cluster size
 ODD_LAYERS = {  # small and awkward: few heads, ffn not a multiple of 64, caches of odd length
     "d80-h8": NeoXShape(hidden=640, layers=1, heads=8, head_dim=80, rotary_dims=20, ffn=1000, vocab=1001, max_positions=300),
     "d128-h3": NeoXShape(hidden=384, layers=1, heads=3, head_dim=128, rotary_dims=32, ffn=1368, vocab=997, max_positions=77),
@@ -139,14 +141,20 @@ def _run_layer(x, layer, shape, k_cache, v_cache, position, **kwargs):
     return {"y": y, "attn": workspace.attn, "mlp": workspace.mlp}
 
 
+def _emulated_plan(emulated, shape: NeoXShape, cluster_size: int = 0) -> fd._Plan:
+    """The plan's C ABI on the emulated library (a 132-SM sm_90); cluster_size 0: the plan's choice."""
+    plan = fd._Plan()
+    emulated.call("neoxfuse_fused_decoder_plan", [ctypes.POINTER(fd._Shape), ctypes.c_int, ctypes.POINTER(fd._Plan)],
+                  ctypes.byref(fd._c_shape(shape, 1)), cluster_size, ctypes.byref(plan))
+    return plan
+
+
 def _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, workspace, cluster_size=0, watch=None):
     """The layer's C ABI on the emulated library (CPU tensors): plan, then launch; the caches, the
     workspace and y written. Every tensor is passed as a guarded copy (conftest.py), so an access
     past the end of one faults; the written ones are copied back. watch: the name of a tensor
     (fd._LAYER_TENSORS) whose bytes read by the kernels are counted and returned."""
-    plan = fd._Plan()
-    emulated.call("neoxfuse_fused_decoder_plan", [ctypes.POINTER(fd._Shape), ctypes.c_int, ctypes.POINTER(fd._Plan)],
-                  ctypes.byref(fd._c_shape(shape, 1)), cluster_size, ctypes.byref(plan))
+    plan = _emulated_plan(emulated, shape, cluster_size)
     if not isinstance(position, torch.Tensor):
         position = torch.tensor([position], dtype=torch.int32)
     tensors = [x, *(getattr(layer, name) for name in fd._LAYER_TENSORS[1:13]), k_cache, v_cache, position,
@@ -481,17 +489,12 @@ def test_pythia_layer_matches_fp32_oracle(pythia_layer, position):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cluster_size", [1, 2, 3, 4, 5, 6, 7, 8])
-@pytest.mark.parametrize("name, position", [("d80-h8", 0), ("d80-h8", 5), ("d80-h8", 299), ("d128-h3", 3), ("d128-h3", 76),
-                                            ("d64-h5", 130), ("d256-h3", 0), ("d256-h3", 149)])
+@pytest.mark.parametrize("name, position", CLUSTER_CASES)
 def test_every_cluster_size_matches_fp32_oracle(name, position, cluster_size):
     shape = ODD_LAYERS[name]
     layer = _random_layer(shape, seed=cluster_size)
     x, k_cache, v_cache = _layer_inputs(shape, position, seed=position)
     _check_against_oracle(x, layer, shape, position, k_cache, v_cache, cluster_size=cluster_size)
-
-
-CLUSTER_CASES = [("d80-h8", 0), ("d80-h8", 5), ("d80-h8", 299), ("d128-h3", 3), ("d128-h3", 76), ("d64-h5", 130),
-                 ("d256-h3", 0), ("d256-h3", 149)]
 
 
 @pytest.mark.parametrize("cluster_size", [1, 2, 3, 4, 5, 6, 7, 8])
@@ -584,10 +587,18 @@ def test_emulated_position_past_the_cache_gives_nan_and_writes_nothing(emulated)
 def test_emulated_plan_takes_the_largest_cluster_that_runs_in_one_wave(emulated, heads, cluster_size):
     # The emulated device has 132 SMs, one block each: clusters of C run heads * C <= 132 blocks.
     shape = dataclasses.replace(ODD_LAYERS["d64-h5"], heads=heads, hidden=64 * heads)
-    plan = fd._Plan()
-    emulated.call("neoxfuse_fused_decoder_plan", [ctypes.POINTER(fd._Shape), ctypes.c_int, ctypes.POINTER(fd._Plan)],
-                  ctypes.byref(fd._c_shape(shape, 1)), 0, ctypes.byref(plan))
+    plan = _emulated_plan(emulated, shape)
     assert (plan.cluster_size, plan.clusters) == (cluster_size, heads)
+
+
+def _emulated_lm_head(emulated, x, ln_weight, ln_bias, embed_out, eps, logits):
+    """The LM head's C ABI on the emulated library (CPU tensors, passed as guarded copies), 132
+    blocks as on the emulated device."""
+    guarded = [emulated.guarded(t) for t in (x, ln_weight, ln_bias, embed_out, logits)]
+    emulated.call("neoxfuse_fused_lm_head",
+                  [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
+                  *(t.data_ptr() for t in guarded), x.shape[0], embed_out.shape[0], eps, 132, 1, None)
+    logits.copy_(guarded[-1])
 
 
 @pytest.mark.parametrize("hidden, vocab", [(640, 7), (2560, 1001)])
@@ -601,16 +612,6 @@ def test_emulated_lm_head_matches_fp32_oracle(emulated, hidden, vocab):
     assert emulated.take_streamed_bytes() == 2 * vocab * hidden  # embed_out read once
     want = ref.layer_norm(x, weight.float(), bias.float(), 1e-5) @ embed_out.float().T
     assert rel_err(logits, want) < LOGITS_TOL
-
-
-def _emulated_lm_head(emulated, x, ln_weight, ln_bias, embed_out, eps, logits):
-    """The LM head's C ABI on the emulated library (CPU tensors, passed as guarded copies), 132
-    blocks as on the emulated device."""
-    guarded = [emulated.guarded(t) for t in (x, ln_weight, ln_bias, embed_out, logits)]
-    emulated.call("neoxfuse_fused_lm_head",
-                  [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
-                  *(t.data_ptr() for t in guarded), x.shape[0], embed_out.shape[0], eps, 132, 1, None)
-    logits.copy_(guarded[-1])
 
 
 @pytest.mark.gpu
