@@ -8,6 +8,7 @@ import mmap
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -75,9 +76,21 @@ def cuobjdump() -> str:
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
+class EmulatedDevice(NamedTuple):
+    """What the emulator reports as its device."""
+
+    major: int  # compute capability
+    minor: int
+    sms: int
+    shared_optin: int  # shared memory one block may have, bytes
+
+
 class EmulatedKernels:
     """libneoxfuse.so's C ABI with the kernels run on the CPU (tests/emulator/neoxemu.h): the real
     kernel code on CPU tensors' memory, every CUDA thread a fiber, clusters and barriers emulated."""
+
+    H100 = EmulatedDevice(9, 0, 132, 227 * 1024)  # what it reports unless told otherwise
+    RTX_5090 = EmulatedDevice(12, 0, 170, 99 * 1024)
 
     def __init__(self, path: str):
         self.path = path
@@ -133,6 +146,16 @@ class EmulatedKernels:
             yield count
         finally:
             count.append(int(fn(0, 0)))
+
+    @contextlib.contextmanager
+    def device(self, device: EmulatedDevice):
+        """The emulator reports `device` while the `with` body runs, then the H100 again."""
+        self.lib.neoxemu_set_device.argtypes = [ctypes.c_int] * 4
+        self.lib.neoxemu_set_device(*device)
+        try:
+            yield
+        finally:
+            self.lib.neoxemu_set_device(*self.H100)
 
     @contextlib.contextmanager
     def reverse_schedule(self):

@@ -601,6 +601,24 @@ def _emulated_lm_head(emulated, x, ln_weight, ln_bias, embed_out, eps, logits):
     logits.copy_(guarded[-1])
 
 
+@pytest.mark.parametrize("name, cluster_size", [("pythia-410m", 8), ("pythia-1b", 8), ("pythia-2.8b", 5), ("pythia-6.9b", 5)])
+def test_emulated_plan_on_an_rtx_5090_runs_the_pythia_sizes_in_one_wave(emulated, name, cluster_size):
+    # sm_120: 170 SMs and 99 KiB of shared memory per block (an H100 has 227 KiB).
+    with emulated.device(emulated.RTX_5090):
+        plan = _emulated_plan(emulated, PYTHIA_LAYERS[name])
+    assert (plan.cluster_size, plan.clusters) == (cluster_size, PYTHIA_LAYERS[name].heads)
+    assert max(plan.attn_mlp_in_smem, plan.out_proj_smem) <= emulated.RTX_5090.shared_optin
+
+
+def test_emulated_pythia_2_8b_layer_on_an_rtx_5090(emulated):
+    # Clusters of 5 there (32 heads x 5 blocks on 170 SMs): slices of 48 QKV rows and 16 dims per block.
+    shape = PYTHIA_LAYERS["pythia-2.8b"]
+    layer = _random_layer(shape, seed=9, device="cpu")
+    x, k_cache, v_cache = _layer_inputs(shape, 700, seed=10, device="cpu")
+    with emulated.device(emulated.RTX_5090):
+        _check_against_oracle(x, layer, shape, 700, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated))
+
+
 @pytest.mark.parametrize("hidden, vocab", [(640, 7), (2560, 1001)])
 def test_emulated_lm_head_matches_fp32_oracle(emulated, hidden, vocab):
     x = torch.randn(hidden) * 3 + 1

@@ -466,6 +466,14 @@ def test_emulated_every_packed_weight_is_read_once(emulated, T, K, N, act_order)
     assert emulated.take_streamed_bytes() == layer.qweight.numel() * 4  # int32 [K/8, N]
 
 
+def test_emulated_rtx_5090_runs_what_its_shared_memory_holds_and_refuses_the_rest(emulated):
+    # sm_120 allows 99 KiB per block: 8 tokens of K 5120 (Pythia-12B) take 88 KiB, of K 8192 136 KiB.
+    with emulated.device(emulated.RTX_5090):
+        check_against_reference(8, 5120, EMULATED_N, emulated=emulated)
+        with pytest.raises(KernelError, match="unsupported"):
+            run_emulated(emulated, _raw_args(random_inputs(8, 8192), random_layer(8192, EMULATED_N)))
+
+
 def test_emulated_out_of_range_g_idx_is_never_read(emulated):
     layer = random_layer(256, 96, act_order=True)
     bad = layer.g_idx.clone()

@@ -30,16 +30,16 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int dev
   if (device != 0) return set_error(cudaErrorInvalidDevice, "the emulator has device 0 only");
   switch (attribute) {
     case cudaDevAttrComputeCapabilityMajor:
-      *value = 9;
+      *value = neoxemu::device.major;
       return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor:
-      *value = 0;
+      *value = neoxemu::device.minor;
       return cudaSuccess;
     case cudaDevAttrMultiProcessorCount:
-      *value = neoxemu::kSms;
+      *value = neoxemu::device.sms;
       return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
-      *value = neoxemu::kSharedOptin;
+      *value = neoxemu::device.shared_optin;
       return cudaSuccess;
     default:
       return set_error(cudaErrorInvalidValue, "a device attribute the emulator does not model");
@@ -50,9 +50,10 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   if (device != 0) return set_error(cudaErrorInvalidDevice, "the emulator has device 0 only");
   std::memset(prop, 0, sizeof(*prop));
   std::snprintf(prop->name, sizeof(prop->name), "neoxfuse CPU emulator");
-  prop->major = 9;
-  prop->multiProcessorCount = neoxemu::kSms;
-  prop->sharedMemPerBlockOptin = neoxemu::kSharedOptin;
+  prop->major = neoxemu::device.major;
+  prop->minor = neoxemu::device.minor;
+  prop->multiProcessorCount = neoxemu::device.sms;
+  prop->sharedMemPerBlockOptin = static_cast<size_t>(neoxemu::device.shared_optin);
   return cudaSuccess;
 }
 
@@ -77,7 +78,7 @@ cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attribute
   if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize) {
     return set_error(cudaErrorInvalidValue, "a function attribute the emulator does not model");
   }
-  if (value < 0 || value > neoxemu::kSharedOptin) {
+  if (value < 0 || value > neoxemu::device.shared_optin) {
     return set_error(cudaErrorInvalidValue, "dynamic shared memory over the device's opt-in limit");
   }
   std::lock_guard<std::mutex> lock(neoxemu::attributes_mutex);
@@ -90,7 +91,7 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* kernel, co
   const int size = neoxemu::cluster_size_of(*config);
   if (size < 1 || size > neoxemu::kMaxClusterSize) return set_error(cudaErrorInvalidClusterSize, "cluster size 1..8");
   const bool fits = config->dynamicSmemBytes <= static_cast<size_t>(neoxemu::dynamic_shared_limit(kernel));
-  *clusters = fits ? neoxemu::kSms / size : 0;
+  *clusters = fits ? neoxemu::device.sms / size : 0;
   return cudaSuccess;
 }
 
@@ -108,4 +109,9 @@ extern "C" __attribute__((visibility("default"))) uint64_t neoxemu_watch(uintptr
   neoxemu::watch_begin = begin;
   neoxemu::watch_end = begin + bytes;
   return neoxemu::watched_bytes.exchange(0);
+}
+
+// For tests: the device the emulator reports from now on (see neoxemu::Device).
+extern "C" __attribute__((visibility("default"))) void neoxemu_set_device(int major, int minor, int sms, int shared_optin) {
+  neoxemu::device = {major, minor, sms, shared_optin};
 }

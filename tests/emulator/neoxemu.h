@@ -28,7 +28,8 @@
 // (NaN), so reading before writing or after the owner left shows up in the results.
 // A failed launch returns cudaErrorLaunchFailure; cudaGetErrorString says what happened.
 //
-// The emulated device is an sm_90 with 132 SMs and 227 KiB of shared memory per block. Global
+// The emulated device is an sm_90 with 132 SMs and 227 KiB of shared memory per block (an H100;
+// neoxemu_set_device makes it another, e.g. an RTX 5090: sm_120, 170 SMs, 99 KiB). Global
 // memory is the host's, unchecked (the tests pass tensors that end at an inaccessible page:
 // EmulatedKernels.guarded in tests/conftest.py). Launches run to completion in order, so
 // programmatic dependent launch overlaps nothing here (hence the check on coherent loads). Math functions are the C library's, so
@@ -86,8 +87,13 @@ namespace neoxemu {
 
 constexpr int kWarpSize = 32;
 constexpr int kMaxClusterSize = 8;
-constexpr int kSms = 132;
-constexpr int kSharedOptin = 227 * 1024;
+// The emulated device (neoxemu_set_device): an H100's by default.
+struct Device {
+  int major = 9, minor = 0;
+  int sms = 132;
+  int shared_optin = 227 * 1024;  // dynamic + static shared memory one block may have
+};
+inline Device device;  // set between launches only
 constexpr int kDefaultDynamicShared = 48 * 1024;
 constexpr size_t kFiberStack = 128 * 1024;
 constexpr auto kDeadlockTimeout = std::chrono::seconds(300);  // no cluster progress for this long: deadlock
