@@ -24,7 +24,8 @@ int check_shape(const neoxfuse_fused_shape& s) {
       !(s.rotary_base > 0.0f)) {
     return NEOXFUSE_ERR_INVALID_ARGUMENT;
   }
-  const bool supported = (s.head_dim == 64 || s.head_dim == 80 || s.head_dim == 128 || s.head_dim == 256) &&
+  const bool supported = (s.head_dim == 64 || s.head_dim == 80 || s.head_dim == 96 || s.head_dim == 128 ||
+                          s.head_dim == 256) &&
                          s.hidden == s.heads * s.head_dim &&
                          s.hidden % kChunkElems == 0 && s.hidden <= kMaxHidden && s.ffn % kChunkElems == 0 &&
                          s.rotary_dims % 2 == 0 && s.rotary_dims <= s.head_dim;
@@ -39,6 +40,8 @@ int with_head_dim(int head_dim, F&& f) {
       return f(std::integral_constant<int, 64>{});
     case 80:
       return f(std::integral_constant<int, 80>{});
+    case 96:
+      return f(std::integral_constant<int, 96>{});
     case 128:
       return f(std::integral_constant<int, 128>{});
     case 256:

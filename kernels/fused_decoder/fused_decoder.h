@@ -32,7 +32,7 @@ typedef struct CUstream_st* cudaStream_t;
 #define NEOXFUSE_FUSED_DECODER_THREADS 256 /* threads per block of every kernel */
 #define NEOXFUSE_FUSED_DECODER_MAX_HIDDEN 8192
 
-/* The model's sizes. Supported: head_dim 64, 80, 128 or 256, hidden = heads * head_dim <= 8192, hidden and
+/* The model's sizes. Supported: head_dim 64, 80, 96, 128 or 256, hidden = heads * head_dim <= 8192, hidden and
  * ffn multiples of 8, rotary_dims even and <= head_dim (NEOXFUSE_ERR_UNSUPPORTED otherwise). */
 typedef struct {
   int hidden;

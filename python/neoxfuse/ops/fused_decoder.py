@@ -20,8 +20,8 @@ A Python int position is checked here (SequenceTooLongError past the cache).
 
 Ops (torch.library, namespace `neoxfuse`, with fake implementations): `fused_decoder_layer` and
 `fused_lm_head`, both writing into given tensors. Supported: GPT-NeoX with parallel residual,
-head_dim 64 (Pythia-70M, -160M, -410M), 80 (Pythia-2.8B), 128 (Pythia-1.4B, -6.9B, -12B) or 256
-(Pythia-1B): the whole Pythia suite; hidden <= 8192, on sm_90+ GPUs.
+head_dim 64 (Pythia-70M, -160M, -410M), 80 (Pythia-2.8B), 96 (GPT-NeoX-20B), 128 (Pythia-1.4B,
+-6.9B, -12B) or 256 (Pythia-1B): the whole Pythia suite and GPT-NeoX-20B; hidden <= 8192, on sm_90+ GPUs.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from neoxfuse.configs import NeoXShape
 from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnsupportedModelError
 from neoxfuse.weights import LayerWeights, ModelWeights
 
-SUPPORTED_HEAD_DIMS = (64, 80, 128, 256)  # kernels/fused_decoder/fused_decoder.cu: with_head_dim
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # kernels/fused_decoder/fused_decoder.cu: with_head_dim
 MAX_HIDDEN = 8192  # fused_decoder.h: NEOXFUSE_FUSED_DECODER_MAX_HIDDEN
 MAX_CLUSTER_SIZE = 8  # kernels/common/cluster.cuh: kMaxClusterSize
 MIN_CAPABILITY = (9, 0)  # thread-block clusters and griddepcontrol
