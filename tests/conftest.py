@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from neoxfuse import _lib
-from neoxfuse.errors import KernelError
 from neoxfuse.profile import find_program
 
 
@@ -101,10 +100,7 @@ class EmulatedKernels:
         """Calls the C function `name`; KernelError with the emulator's message on a non-zero status."""
         fn = getattr(self.lib, name)
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
-        status = fn(*args)
-        if status != 0:
-            detail = self.lib.neoxfuse_last_error().decode()
-            raise KernelError(name, status, f"{_lib.STATUS_NAMES.get(status, status)}: {detail}")
+        _lib.check_status(self.lib, name, fn(*args))
 
     @staticmethod
     def guarded(t: torch.Tensor) -> torch.Tensor:

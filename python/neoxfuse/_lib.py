@@ -67,11 +67,15 @@ def function(name: str, argtypes: list, restype=ctypes.c_int):
 
 def call(fn, *args) -> None:
     """Calls a status-returning library function; raises KernelError on a non-zero status."""
-    status = fn(*args)
+    check_status(library(), fn.__name__, fn(*args))
+
+
+def check_status(lib: ctypes.CDLL, function: str, status: int) -> None:
+    """KernelError (the status's name and `lib`'s last error message) unless `status` is 0."""
     if status != 0:
         message = STATUS_NAMES.get(status, f"status {status}")
-        detail = library().neoxfuse_last_error().decode()
-        raise KernelError(fn.__name__, status, f"{message}: {detail}" if detail else message)
+        detail = lib.neoxfuse_last_error().decode()
+        raise KernelError(function, status, f"{message}: {detail}" if detail else message)
 
 
 def build_info() -> str:
