@@ -336,9 +336,9 @@ class Pipeline:
             return Outcome("failed", f"no test file in {folder} matches {self.args.test}")
         totals = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
         per_file, failed = {}, []
+        marker = "gpu" if self.args.marker is None else f"gpu and ({self.args.marker})"
         for path in files:
             log, xml = self.logs / f"tests-{path.stem}.log", self.logs / f"tests-{path.stem}.xml"
-            marker = "gpu" if self.args.marker is None else f"gpu and ({self.args.marker})"
             status, timed_out = self._run_logged(_pytest_command(path, marker, xml), log, cwd=self.checkout)
             if status == 5 and not timed_out:  # pytest: no test collected, i.e. none carries the markers
                 continue
