@@ -130,9 +130,9 @@ class Cluster {
  public:
   Cluster(int blocks, size_t shared_bytes)
       : shared_(blocks), shared_bytes_(shared_bytes), arrived_(blocks, 0), exited_(blocks, false) {
-    for (auto& memory : shared_) {
-      memory.reset(static_cast<char*>(std::aligned_alloc(128, std::max<size_t>(128, (shared_bytes + 127) / 128 * 128))));
-      std::memset(memory.get(), 0xFF, std::max<size_t>(shared_bytes, 1));
+    for (int rank = 0; rank < blocks; ++rank) {
+      shared_[rank].reset(static_cast<char*>(std::aligned_alloc(128, std::max<size_t>(128, (shared_bytes + 127) / 128 * 128))));
+      poison(rank);
     }
   }
 
@@ -147,7 +147,7 @@ class Cluster {
     update_phase();
   }
   void block_exited(int rank) {
-    std::memset(shared_[rank].get(), 0xFF, std::max<size_t>(shared_bytes_, 1));
+    poison(rank);
     std::lock_guard<std::mutex> lock(mutex_);
     exited_[rank] = true;
     update_phase();
@@ -177,6 +177,9 @@ class Cluster {
   }
 
  private:
+  // Block `rank`'s shared memory reads as NaN (0xFF bytes) until written.
+  void poison(int rank) { std::memset(shared_[rank].get(), 0xFF, std::max<size_t>(shared_bytes_, 1)); }
+
   void update_phase() {
     unsigned phase = UINT32_MAX;
     for (int r = 0; r < size(); ++r) {
