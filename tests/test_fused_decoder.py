@@ -17,6 +17,7 @@ The `test_emulated_*` tests run the same kernel code on the CPU through the emul
 the kernels' indexing, barriers and cluster reductions are checked on machines without a GPU.
 """
 
+import contextlib
 import copy
 import ctypes
 import dataclasses
@@ -38,7 +39,7 @@ from neoxfuse.engine import Engine, StepClock
 from neoxfuse.errors import InvalidInputError, KernelError, NoGPUError, SequenceTooLongError, UnsupportedModelError
 from neoxfuse.fused import FusedBackend
 from neoxfuse.ops import fused_decoder as fd
-from neoxfuse.sampling import SamplingParams, next_token
+from neoxfuse.sampling import SamplingParams, exponential_race, next_token, probabilities
 from neoxfuse.weights import LayerWeights, from_hf, random_model
 
 MLP_TOL = 1e-4
@@ -57,9 +58,11 @@ SANITIZE = (
     "test_pythia_layer_matches_fp32_oracle[pythia-2.8b-127]",
     "test_device_position_past_the_cache_gives_nan_and_writes_nothing",
     "test_lm_head_matches_fp32_oracle[640-7]",
+    "test_draw_token_is_the_pytorch_race_on_the_gpu_and_the_cpu[1001]",
 )
 
-KERNELS = (*(f"attn_mlp_in_kernelILi{d}E" for d in fd.SUPPORTED_HEAD_DIMS), "out_proj_kernel", "lm_head_kernel")
+KERNELS = (*(f"attn_mlp_in_kernelILi{d}E" for d in fd.SUPPORTED_HEAD_DIMS), "out_proj_kernel", "lm_head_kernel",
+           "draw_token_kernel")
 FULL_SIZE_LAYERS = {  # one full-size layer of each head_dim the kernels are built for
     "pythia-410m": NeoXShape(hidden=1024, layers=1, heads=16, head_dim=64, rotary_dims=16, ffn=4096, vocab=50304,
                              max_positions=2048),
@@ -343,6 +346,10 @@ class _OracleKernels:
     def lm_head(x, ln_weight, ln_bias, embed_out, eps, *, out, pdl):
         out.copy_(ref.layer_norm(x, ln_weight.float(), ln_bias.float(), eps) @ embed_out.float().T)
 
+    @staticmethod
+    def draw_token(weights, rng, *, out):
+        return out.copy_(exponential_race(weights, rng))
+
 
 @pytest.fixture
 def oracle_backend(monkeypatch):
@@ -374,29 +381,36 @@ def test_backend_on_oracle_kernels_gives_the_oracles_logits(oracle_backend):
         _check_backend_logits(backend, oracle, tokens, 5)
 
 
+def _decode_step_tokens(backend, prompt, sampling, steps, device):
+    """On a new cache: prefill `prompt`, then `steps` decode_steps, each token chosen on the host
+    from the logits returned. (the prefill's argmax, the chosen tokens, the rng they were drawn with)"""
+    cache = backend.new_cache()
+    first = int(backend.prefill(prompt, cache).argmax())
+    rng, chosen, token = sampling.rng(device), [], first
+    for _ in range(steps):
+        token = next_token(backend.decode_step(token, cache), sampling, rng)
+        chosen.append(token)
+    return first, chosen, rng
+
+
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, top_k=40, seed=2)], ids=["greedy", "sampled"])
 def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(oracle_backend, sampling):
     backend = oracle_backend[0]
     prompt = torch.tensor([3, 1, 4, 1, 5])
-    cache = backend.new_cache()
-    first = int(backend.prefill(prompt, cache).argmax())
-    generator, want, token = sampling.generator("cpu"), [], first
-    for _ in range(13):
-        token = next_token(backend.decode_step(token, cache), sampling, generator)
-        want.append(token)
+    first, want, _ = _decode_step_tokens(backend, prompt, sampling, 13, "cpu")
 
     cache = backend.new_cache()
     backend.prefill(prompt, cache)
-    generator = sampling.generator("cpu")
-    got = backend.decode_tokens(first, cache, 5, sampling, generator, StepClock(torch.device("cpu"))).tolist()
-    got += backend.decode_tokens(got[-1], cache, 7, sampling, generator, StepClock(torch.device("cpu"))).tolist()
+    rng = sampling.rng("cpu")
+    got = backend.decode_tokens(first, cache, 5, sampling, rng, StepClock(torch.device("cpu"))).tolist()
+    got += backend.decode_tokens(got[-1], cache, 7, sampling, rng, StepClock(torch.device("cpu"))).tolist()
     assert got == want[:12]
     assert cache.length == int(backend._position) == 17
-    assert next_token(backend.decode_step(got[-1], cache), sampling, generator) == want[12]
+    assert next_token(backend.decode_step(got[-1], cache), sampling, rng) == want[12]
     with pytest.raises(SequenceTooLongError):
-        backend.decode_tokens(got[-1], cache, 23, sampling, generator, StepClock(torch.device("cpu")))
+        backend.decode_tokens(got[-1], cache, 23, sampling, rng, StepClock(torch.device("cpu")))
     with pytest.raises(InvalidInputError, match="steps"):
-        backend.decode_tokens(got[-1], cache, 0, sampling, generator, StepClock(torch.device("cpu")))
+        backend.decode_tokens(got[-1], cache, 0, sampling, rng, StepClock(torch.device("cpu")))
     assert cache.length == 18
 
 
@@ -412,6 +426,10 @@ class _EmulatedKernels(_OracleKernels):
 
     def lm_head(self, x, ln_weight, ln_bias, embed_out, eps, *, out, pdl):
         _emulated_lm_head(self.emulated, x, ln_weight, ln_bias, embed_out, eps, out)
+
+    def draw_token(self, weights, rng, *, out):
+        _emulated_draw_token(self.emulated, weights, rng, out)
+        return out
 
 
 TINY = dict(hidden_size=128, num_attention_heads=2, intermediate_size=256, vocab_size=300, max_position_embeddings=64)
@@ -456,6 +474,29 @@ def test_emulated_backend_greedy_tokens_match_hf_fp16(monkeypatch, emulated):
     first = int(backend.prefill(prompt, cache).argmax())  # prefill: neoxfuse.reference in fp16
     got = backend.decode_tokens(first, cache, 11, SamplingParams(), None, StepClock(torch.device("cpu"))).tolist()
     assert [first, *got] == hf_tokens
+
+
+@torch.inference_mode()
+def test_emulated_backend_draws_in_the_step_what_the_pytorch_race_draws_after_decode_steps(monkeypatch, emulated):
+    # The draw kernel inside the step (as the GPU's graph holds it) against decode_step's logits
+    # drawn from by the PyTorch race: the same seed gives the same tokens, and rng ends advanced
+    # by one per token either way.
+    monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
+    backend = FusedBackend(from_hf(random_model(pythia_config("tiny", **TINY), seed=4)).to(dtype=torch.float16), 32,
+                           use_graph=False)
+    sampling = SamplingParams(temperature=1.3, top_k=50, top_p=0.95, seed=2**40 + 9)
+    prompt = torch.tensor([9, 2, 6])
+    first, want, rng = _decode_step_tokens(backend, prompt, sampling, 10, "cpu")
+    assert rng.tolist() == [2**40 + 9, 10]
+
+    cache = backend.new_cache()
+    backend.prefill(prompt, cache)
+    rng = sampling.rng("cpu")
+    got = backend.decode_tokens(first, cache, 6, sampling, rng, StepClock(torch.device("cpu"))).tolist()
+    got += backend.decode_tokens(got[-1], cache, 4, sampling, rng, StepClock(torch.device("cpu"))).tolist()
+    assert got == want
+    assert rng.tolist() == [2**40 + 9, 10]
+    assert len(set(want)) > 3  # a real draw, not the argmax every step
 
 
 def test_layer_benchmark_torch_peer_computes_the_layer():
@@ -627,6 +668,81 @@ def test_emulated_pythia_2_8b_layer_on_an_rtx_5090(emulated):
         _check_against_oracle(x, layer, shape, 700, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated))
 
 
+def _call_draw_token(emulated, weights, rng, token):
+    emulated.call("neoxfuse_fused_draw_token", [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
+                  weights.data_ptr(), weights.numel(), rng.data_ptr(), token.data_ptr(), None)
+
+
+def _emulated_draw_token(emulated, weights, rng, token):
+    """The draw kernel's C ABI on the emulated library (CPU tensors, passed as guarded copies)."""
+    guarded = [emulated.guarded(t) for t in (weights, rng, token)]
+    _call_draw_token(emulated, *guarded)
+    rng.copy_(guarded[1])
+    token.copy_(guarded[2])
+
+
+def _sampling_weights(vocab: int, seed: int) -> torch.Tensor:
+    """Probabilities as sampled decoding makes them: softmax(z / 0.8) of random logits, top-p 0.9
+    (most entries zero), renormalised. [vocab] fp32."""
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * 3
+    return probabilities(logits, SamplingParams(temperature=0.8, top_p=0.9))
+
+
+@pytest.mark.parametrize("vocab", [1, 3, 4, 5, 1001, 50304, 50432])
+@pytest.mark.parametrize("seed, draw", [(0, 0), (7, 2**32 - 1), (2**63 - 1, 2**40 + 3)], ids=["zero", "draw-word-carry", "largest-seed"])
+def test_emulated_draw_token_is_the_pytorch_race(emulated, vocab, seed, draw):
+    # Three draws in a row: the kernel's token is exponential_race's, and each advances rng[1] by one.
+    weights = _sampling_weights(vocab, seed=vocab)
+    rng, want_rng = torch.tensor([seed, draw]), torch.tensor([seed, draw])
+    for step in range(3):
+        token = torch.full((1,), -1, dtype=torch.long)
+        _emulated_draw_token(emulated, weights, rng, token)
+        assert int(token) == int(exponential_race(weights, want_rng)), step
+        assert rng.tolist() == want_rng.tolist() == [seed, draw + step + 1]
+
+
+def test_emulated_draw_token_reads_each_weight_once_and_ignores_the_schedule(emulated):
+    weights = emulated.guarded(_sampling_weights(50304, seed=1))
+    tokens = []
+    for reverse in (False, True):
+        rng, token = emulated.guarded(torch.tensor([11, 5])), emulated.guarded(torch.zeros(1, dtype=torch.long))
+        with contextlib.ExitStack() as stack:
+            if reverse:
+                stack.enter_context(emulated.reverse_schedule())
+            count = stack.enter_context(emulated.watch(weights))
+            _call_draw_token(emulated, weights, rng, token)
+        assert count == [4 * 50304]
+        tokens.append(int(token))
+    assert tokens[0] == tokens[1] == int(exponential_race(weights, torch.tensor([11, 5])))
+
+
+def test_emulated_draw_token_never_picks_a_weight_that_is_not_positive(emulated):
+    weights = torch.tensor([0.0, -5.0, float("nan"), float("-inf"), 1e-30, 0.0, -0.0])  # only entry 4 may win
+    rng = torch.tensor([3, 0])
+    for _ in range(20):
+        token = torch.zeros(1, dtype=torch.long)
+        _emulated_draw_token(emulated, weights, rng, token)
+        assert int(token) == 4
+    token = torch.full((1,), -1, dtype=torch.long)
+    _emulated_draw_token(emulated, torch.zeros(9), rng, token)  # nothing can win: the lowest index
+    assert int(token) == 0
+
+
+@pytest.mark.parametrize("weights, rng, token, message", [
+    (torch.zeros(8, dtype=torch.float16), torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), "weights must be float32"),
+    (torch.zeros(2, 8), torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), "weights must have shape"),
+    (torch.zeros(0), torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), "at least one entry"),
+    (torch.zeros(8), torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.long), "rng must be int64"),
+    (torch.zeros(8), torch.zeros(3, dtype=torch.long), torch.zeros(1, dtype=torch.long), "rng must have shape"),
+    (torch.zeros(8), torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.int32), "token must be int64"),
+    (torch.zeros(8), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), "token must have shape"),
+    (torch.zeros(8), torch.zeros(2, dtype=torch.long, device="meta"), torch.zeros(1, dtype=torch.long), "one device"),
+])  # fmt: skip
+def test_bad_draw_arguments_are_named_before_any_launch(weights, rng, token, message):
+    with pytest.raises(InvalidInputError, match=message):
+        fd.draw_token(weights, rng, out=token)
+
+
 @pytest.mark.parametrize("hidden, vocab", [(640, 7), (2560, 1001)])
 def test_emulated_lm_head_matches_fp32_oracle(emulated, hidden, vocab):
     x = torch.randn(hidden) * 3 + 1
@@ -725,6 +841,23 @@ def test_lm_head_matches_fp32_oracle(hidden, vocab):
     fd.lm_head(x, weight, bias, embed_out, 1e-5, out=logits)
     want = ref.layer_norm(x, weight.float(), bias.float(), 1e-5) @ embed_out.float().T
     assert rel_err(logits, want) < LOGITS_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.quick
+@pytest.mark.parametrize("vocab", [50304, 1001])
+def test_draw_token_is_the_pytorch_race_on_the_gpu_and_the_cpu(vocab):
+    # One seed, one token on every device: the kernel, the PyTorch race on the GPU and on the CPU.
+    weights = _sampling_weights(vocab, seed=3).cuda()
+    for seed, draw in [(0, 0), (2**63 - 1, 2**32 + 5)]:
+        rng = torch.tensor([seed, draw], device="cuda")
+        token = torch.full((1,), -1, dtype=torch.long, device="cuda")
+        for step in range(4):
+            fd.draw_token(weights, rng, out=token)
+            want_gpu = exponential_race(weights, torch.tensor([seed, draw + step], device="cuda"))
+            want_cpu = exponential_race(weights.cpu(), torch.tensor([seed, draw + step]))
+            assert int(token) == int(want_gpu) == int(want_cpu), (seed, draw, step)
+        assert rng.tolist() == [seed, draw + 4]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -831,30 +964,24 @@ def test_graph_replay_equals_eager_and_runs_are_bitwise_identical(hf_models):
 @pytest.mark.parametrize("use_graph", [True, False])
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=5)], ids=["greedy", "sampled"])
 def test_tokens_chosen_on_the_device_equal_tokens_chosen_from_decode_steps(hf_models, use_graph, sampling):
-    # decode_tokens keeps each step's token on the device (greedy: written by the graph); decode_step
-    # returns logits for the host. Same kernels in the same order, the same draws from the same
-    # generator: the same tokens.
+    # decode_tokens keeps each step's token on the device (written by the step: the argmax, or the
+    # draw kernel); decode_step returns logits for the host. Same kernels in the same order, the same draws (the draw kernel
+    # inside the graph, or after decode_step) from the same seed: the same tokens.
     model16 = hf_models[0]
     backend = _backend(model16, max_seq_len=64, use_graph=use_graph)
     prompt = torch.randint(0, model16.config.vocab_size, (8,), device="cuda")
-    cache = backend.new_cache()
-    first = int(backend.prefill(prompt, cache).argmax())
-    generator = sampling.generator("cuda")
-    want, token = [], first
-    for _ in range(21):
-        token = next_token(backend.decode_step(token, cache), sampling, generator)
-        want.append(token)
+    first, want, _ = _decode_step_tokens(backend, prompt, sampling, 21, "cuda")
 
     cache = backend.new_cache()  # the same storage, from position 0 again
     backend.prefill(prompt, cache)
-    generator = sampling.generator("cuda")
+    rng = sampling.rng("cuda")
     clock = StepClock(torch.device("cuda"))
-    got = backend.decode_tokens(first, cache, 12, sampling, generator, clock).tolist()
+    got = backend.decode_tokens(first, cache, 12, sampling, rng, clock).tolist()
     assert len(clock.intervals_ms()) == 12 and all(ms > 0 for ms in clock.intervals_ms())
-    got += backend.decode_tokens(got[-1], cache, 8, sampling, generator, StepClock(torch.device("cuda"))).tolist()
+    got += backend.decode_tokens(got[-1], cache, 8, sampling, rng, StepClock(torch.device("cuda"))).tolist()
     assert got == want[:20]
     assert cache.length == int(backend._position) == 28
-    assert next_token(backend.decode_step(got[-1], cache), sampling, generator) == want[20]  # decode_step goes on from there
+    assert next_token(backend.decode_step(got[-1], cache), sampling, rng) == want[20]  # decode_step goes on from there
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
-"""neoxfuse.sampling: greedy, temperature, top-k, top-p against hand-computed distributions; seeding."""
+"""neoxfuse.sampling: greedy, temperature, top-k, top-p against hand-computed distributions; the
+exponential race and its Philox stream (Random123's known answers); seeding."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from neoxfuse.errors import InvalidInputError
-from neoxfuse.sampling import SamplingParams, next_token, probabilities
+from neoxfuse.sampling import SamplingParams, choose, exponential_race, next_token, philox4x32_10, probabilities
 
 
 def _shuffled_logits(probs: list[float], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +32,7 @@ def _shuffled_logits(probs: list[float], generator: torch.Generator) -> tuple[to
         {"top_p": -0.1},
         {"seed": -3},
         {"seed": "7"},
+        {"seed": 2**63},
     ],
 )
 def test_invalid_sampling_parameters_are_rejected(kwargs):
@@ -43,7 +45,7 @@ def test_greedy_is_argmax():
     for _ in range(20):
         logits = torch.randn(1000, generator=generator) * 3
         assert next_token(logits, SamplingParams()) == int(logits.argmax())
-    assert SamplingParams().generator("cpu") is None
+    assert SamplingParams().rng("cpu") is None
 
 
 def test_greedy_has_no_distribution():
@@ -120,19 +122,19 @@ def test_top_k_keeps_the_k_most_likely(top_k):
 def test_top_k_one_is_greedy():
     generator = torch.Generator().manual_seed(3)
     params = SamplingParams(temperature=1.5, top_k=1, seed=11)
-    draw = params.generator("cpu")
+    rng = params.rng("cpu")
     for _ in range(50):
         logits = torch.randn(200, generator=generator)
-        assert next_token(logits, params, draw) == int(logits.argmax())
+        assert next_token(logits, params, rng) == int(logits.argmax())
 
 
 def test_draws_follow_the_filtered_distribution():
     probs = [0.45, 0.3, 0.15, 0.1]
     logits, order = _shuffled_logits(probs, torch.Generator().manual_seed(8))
     params = SamplingParams(temperature=1.0, top_p=0.8, seed=4)  # keeps 0.45, 0.3, 0.15
-    draw = params.generator("cpu")
+    rng = params.rng("cpu")
     n = 4000
-    counts = torch.bincount(torch.tensor([next_token(logits, params, draw) for _ in range(n)]), minlength=4)
+    counts = torch.bincount(torch.tensor([next_token(logits, params, rng) for _ in range(n)]), minlength=4)
     assert counts[order[3]] == 0
     expected = torch.tensor([0.45, 0.3, 0.15]) / 0.9
     observed = counts[order[:3]].double() / n
@@ -142,9 +144,9 @@ def test_draws_follow_the_filtered_distribution():
 
 def _draws(seed, n=30):
     params = SamplingParams(temperature=1.0, seed=seed)
-    draw = params.generator("cpu")
+    rng = params.rng("cpu")
     logits = torch.randn(512, generator=torch.Generator().manual_seed(0)) * 0.5
-    return [next_token(logits, params, draw) for _ in range(n)]
+    return [next_token(logits, params, rng) for _ in range(n)]
 
 
 def test_seeded_draws_are_reproducible_and_seeds_differ():
@@ -152,9 +154,74 @@ def test_seeded_draws_are_reproducible_and_seeds_differ():
     assert _draws(123) != _draws(124)
 
 
-def test_unseeded_generators_differ():
+def test_unseeded_streams_differ():
     params = SamplingParams(temperature=1.0)
     logits = torch.zeros(1000)
-    first = [next_token(logits, params, params.generator("cpu")) for _ in range(5)]
-    second = [next_token(logits, params, params.generator("cpu")) for _ in range(5)]
+    first = [next_token(logits, params, params.rng("cpu")) for _ in range(5)]
+    second = [next_token(logits, params, params.rng("cpu")) for _ in range(5)]
     assert first != second
+
+
+@pytest.mark.parametrize("counter, key, want", [
+    # Random123's tests/kat_vectors, the three "philox4x32 10" lines: counter, key, result.
+    ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+    ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+    ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
+     [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+])  # fmt: skip
+def test_philox_gives_random123s_known_answers(counter, key, want):
+    got = philox4x32_10([torch.tensor([c]) for c in counter], [torch.tensor(k) for k in key])
+    assert [int(w) for w in got] == want
+
+
+def test_race_draws_follow_the_weights_over_many_entries():
+    # 5000 draws over 12 unnormalised weights, two of them zero: a chi-square test over the ten
+    # others (9 degrees of freedom, 99.9% quantile 27.9; every expected count is >= 50).
+    weights = torch.tensor([5.0, 0.0, 1.0, 3.0, 0.5, 2.0, 0.0, 4.0, 0.25, 1.5, 6.0, 0.75])
+    rng = torch.tensor([99, 0])
+    n = 5000
+    counts = torch.bincount(torch.cat([exponential_race(weights, rng) for _ in range(n)]), minlength=12).double()
+    assert rng.tolist() == [99, n]
+    assert counts[weights == 0].sum() == 0
+    expected = n * weights[weights > 0].double() / weights.sum()
+    chi_square = float(((counts[weights > 0] - expected) ** 2 / expected).sum())
+    assert chi_square < 27.9, (counts, expected)
+
+
+def test_race_uses_fresh_uniforms_at_each_draw_and_entry():
+    # Uniform weights: the winner is the entry of the smallest E_i, a uniform pick. Over 2000 draws
+    # of 1000 entries: no stuck counter (consecutive winners differ), no favoured index.
+    weights = torch.ones(1000)
+    rng = torch.tensor([5, 0])
+    winners = torch.cat([exponential_race(weights, rng) for _ in range(2000)])
+    counts = torch.bincount(winners, minlength=1000)
+    assert int(counts.max()) <= 12  # Binomial(2000, 1/1000): P(any of 1000 counts > 12) < 2e-4
+    assert abs(float(winners.double().mean()) - 499.5) < 30  # the mean index; its sd is 6.5
+    assert (winners[1:] != winners[:-1]).float().mean() > 0.99
+
+
+def test_race_does_not_read_the_host_and_leaves_the_seed():
+    # The draw counter advances in the tensor, by one per draw; the seed stays; nothing else is kept.
+    weights = torch.rand(333)
+    rng = torch.tensor([2**63 - 1, 2**32 - 1])
+    first = exponential_race(weights, rng)
+    assert rng.tolist() == [2**63 - 1, 2**32]
+    again = exponential_race(weights, torch.tensor([2**63 - 1, 2**32 - 1]))
+    assert int(first) == int(again)
+
+
+def test_sampled_choice_needs_the_random_state():
+    with pytest.raises(InvalidInputError, match="random state"):
+        choose(torch.randn(10), SamplingParams(temperature=1.0))
+
+
+@pytest.mark.parametrize("weights, rng, message", [
+    (torch.zeros(4, dtype=torch.float64), torch.zeros(2, dtype=torch.long), "weights must be float32"),
+    (torch.zeros(0), torch.zeros(2, dtype=torch.long), "at least one entry"),
+    (torch.zeros(4), torch.zeros(2), "rng must be int64"),
+    (torch.zeros(4), torch.zeros(1, dtype=torch.long), r"rng must have shape \[2\]"),
+])  # fmt: skip
+def test_race_names_bad_arguments(weights, rng, message):
+    with pytest.raises(InvalidInputError, match=message):
+        exponential_race(weights, rng)
+

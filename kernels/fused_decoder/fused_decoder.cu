@@ -252,3 +252,15 @@ NEOXFUSE_API int neoxfuse_fused_lm_head(const float* x, const void* ln_weight, c
   }
   return NEOXFUSE_CHECK_LAUNCH();
 }
+
+NEOXFUSE_API int neoxfuse_fused_draw_token(const float* weights, int vocab, int64_t* rng, int64_t* token,
+                                           cudaStream_t stream) {
+  using namespace neoxfuse;
+  using namespace neoxfuse::fused_decoder;
+  if (any_null({weights, rng, token}) || vocab < 1) return NEOXFUSE_ERR_INVALID_ARGUMENT;
+  if (int status = launch(draw_token_kernel, kDrawClusterSize, kDrawClusterSize, sizeof(unsigned long long),
+                          /*pdl=*/false, stream, weights, vocab, rng, token)) {
+    return status;
+  }
+  return NEOXFUSE_CHECK_LAUNCH();
+}

@@ -1,5 +1,5 @@
-/* fused_decoder.h — one GPT-NeoX (parallel residual) decoder layer for one token, and the final
- * LayerNorm + logits, as cluster kernels (kernels/fused_decoder/fused_decoder.cu).
+/* fused_decoder.h — one GPT-NeoX (parallel residual) decoder layer for one token, the final
+ * LayerNorm + logits, and a sampled token's draw, as cluster kernels (kernels/fused_decoder/fused_decoder.cu).
  *
  * For the token's residual stream x [hidden] (fp32) at position p, a layer computes
  *
@@ -24,6 +24,7 @@
 #pragma once
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "kernels/common/status.h"
 
@@ -94,3 +95,12 @@ NEOXFUSE_API int neoxfuse_fused_decoder_layer(const neoxfuse_fused_shape* shape,
 NEOXFUSE_API int neoxfuse_fused_lm_head(const float* x, const void* ln_weight, const void* ln_bias, const void* embed_out,
                                         float* logits, int hidden, int vocab, float eps, int blocks, int use_pdl,
                                         cudaStream_t stream);
+
+/* One token drawn from weights [vocab] (fp32, >= 0; the filtered probabilities of
+ * neoxfuse.sampling) by the exponential race: token = argmax_i w_i / E_i, E_i = -ln(u_i), with u_i
+ * from Philox4x32-10 keyed by rng[0] (the seed) at counter (i / 4, 0, rng[1]), word i % 4; ties go to
+ * the lowest index, weights <= 0 or NaN never win (all of them: token 0). Writes token[0] and
+ * advances rng[1] (the draws made) by one, both in device memory, so a CUDA graph replaying the
+ * launch draws afresh each time. rng: [2] int64 {seed, draws}. One cluster of 8 blocks; sm_90+. */
+NEOXFUSE_API int neoxfuse_fused_draw_token(const float* weights, int vocab, int64_t* rng, int64_t* token,
+                                           cudaStream_t stream);

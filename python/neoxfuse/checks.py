@@ -57,3 +57,13 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         raise InvalidInputError("tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+
+
+def check_draw(weights: object, rng: object) -> None:
+    """The arguments of a token draw (neoxfuse.sampling): weights [vocab] fp32 with vocab >= 1 and
+    rng [2] int64 on one device, both contiguous."""
+    check_tensor("weights", weights, dtypes=[torch.float32], shape=[None], cuda=False, aligned=False)
+    check_tensor("rng", rng, dtypes=[torch.int64], shape=[2], cuda=False, aligned=False)
+    check_same_device(weights=weights, rng=rng)
+    if weights.numel() == 0:
+        raise InvalidInputError("weights must hold at least one entry")

@@ -119,10 +119,10 @@ class Backend(ABC):
         """Runs one token (an id, or a [1] long tensor) at position cache.length; its logits [vocab].
         SequenceTooLongError when full."""
 
-    def decode_tokens(self, token: int, cache, steps: int, sampling: SamplingParams, generator: torch.Generator | None,
+    def decode_tokens(self, token: int, cache, steps: int, sampling: SamplingParams, rng: torch.Tensor | None,
                       clock: StepClock) -> torch.Tensor:
         """Decodes `steps` tokens after `token` (at position cache.length) without waiting for the
-        device: token i+1 = neoxfuse.sampling.choose(logits of token i, sampling, generator). The
+        device: token i+1 = neoxfuse.sampling.choose(logits of token i, sampling, rng). The
         chosen tokens [steps] (long, on the device); clock.mark() after each step; cache.length
         grows by `steps`.
 
@@ -132,7 +132,7 @@ class Backend(ABC):
         chosen = []
         current: int | torch.Tensor = token
         for _ in range(steps):
-            current = choose(self.decode_step(current, cache), sampling, generator)  # [1]
+            current = choose(self.decode_step(current, cache), sampling, rng)  # [1]
             chosen.append(current)
             clock.mark()
         return torch.cat(chosen)
@@ -412,19 +412,19 @@ class Engine:
                 f"the cache holds {self.max_seq_len}: ask for at most {max(self.max_seq_len - len(prompt_tokens) + 1, 0)} "
                 "new tokens or build the Engine with a larger max_seq_len"
             )
-        generator = sampling.generator(self.device)
+        rng = sampling.rng(self.device)  # [seed, draw] on the device
         cache = self.backend.new_cache()
         prompt_tensor = torch.tensor(prompt_tokens, dtype=torch.long, device=self.device)  # [T]
 
         self._synchronize()
         start = time.perf_counter()
-        token = next_token(self.backend.prefill(prompt_tensor, cache), sampling, generator)  # int(): waits for the GPU
+        token = next_token(self.backend.prefill(prompt_tensor, cache), sampling, rng)  # int(): waits for the GPU
         result = Generation(prompt_tokens, [token], prefill_ms=(time.perf_counter() - start) * 1e3)
         with progress_bar(max_new_tokens, "decoding", unit="tok", enabled=progress) as bar:
             bar.update(1)
             while len(result.tokens) < max_new_tokens and token not in stop_token_ids:
                 steps = min(DECODE_CHUNK, max_new_tokens - len(result.tokens))
-                tokens, times = self._decode_chunk(token, cache, steps, sampling, generator, stop_token_ids)
+                tokens, times = self._decode_chunk(token, cache, steps, sampling, rng, stop_token_ids)
                 token = tokens[-1]
                 result.tokens += tokens
                 result.decode_ms += times
@@ -433,12 +433,12 @@ class Engine:
             result.text = self.tokenizer.decode(result.tokens)
         return result
 
-    def _decode_chunk(self, token: int, cache, steps: int, sampling: SamplingParams, generator: torch.Generator | None,
+    def _decode_chunk(self, token: int, cache, steps: int, sampling: SamplingParams, rng: torch.Tensor | None,
                       stop_token_ids: Collection[int]) -> tuple[list[int], list[float]]:
         """`steps` tokens after `token` up to the first stop token, and each one's step time in ms,
         decoded on the device with one wait at the end."""
         clock = StepClock(self.device)
-        tokens = self.backend.decode_tokens(token, cache, steps, sampling, generator, clock).tolist()
+        tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock).tolist()
         times = clock.intervals_ms()
         stops = [i for i, t in enumerate(tokens) if t in stop_token_ids]
         kept = stops[0] + 1 if stops else steps  # the steps after a stop token ran for nothing

@@ -5,16 +5,18 @@ A decode step at position p = cache.length is
     x      = embed_in[tokens[p]]                          (fp32 residual stream [hidden])
     x      = fused layer l (x, K_l, V_l, p)   for l = 0 .. layers-1    (neoxfuse.ops.fused_decoder)
     logits = LN_final(x) @ embed_out.T                    (fp32 [vocab])
-    tokens[p + 1] = argmax(logits)                        (greedy steps only)
     p      = p + 1
+    tokens[p] = argmax(logits)                            (greedy steps)
+    tokens[p] = draw(probabilities(logits), rng)          (sampled steps: neoxfuse.sampling)
 
-all on the GPU, with the tokens and p in device memory, so the whole step is captured once as a
-CUDA graph and replayed for every later token (no per-kernel Python cost). The first step of a
-cache runs eagerly (it also warms up the kernels' plan), then the graph is captured; greedy
-steps and logits steps are two graphs. decode_step writes tokens[p] from the host and returns
-the logits; decode_tokens replays a graph `steps` times with nothing between replays but the
-launches (greedy) or the sampling ops writing tokens[p + 1] (sampled), and no host wait, so the
-GPU does not idle waiting for Python between tokens.
+all on the GPU, with the tokens, p and the sampler's random state rng = [seed, draw] in device
+memory (the draw kernel advances rng), so the whole step, token choice included, is captured once
+as a CUDA graph and replayed for every later token (no per-kernel Python cost). The first step
+of a cache runs eagerly (it also warms up the kernels' plan), then the graph is captured: one
+graph for logits-only steps, one for greedy steps and one per sampling rule (temperature, top-k,
+top-p) used. decode_step writes tokens[p] from the host and returns the logits; decode_tokens
+replays a graph `steps` times with nothing between replays and no host wait, so the GPU does not
+idle waiting for Python between tokens.
 
 Prefill runs through neoxfuse.reference in fp16 on the GPU and fills the same fp16 KV cache
 [layers, heads, max_seq_len, head_dim] the kernels read, so a prompt costs what plain PyTorch
@@ -28,6 +30,8 @@ dtype and device) also works: the graph is captured again for it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from neoxfuse import _lib
@@ -36,7 +40,7 @@ from neoxfuse.engine import Availability, Backend, StepClock, register_backend
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError, NeoxfuseError
 from neoxfuse.ops import fused_decoder as ops
 from neoxfuse.reference import KVCache, ReferenceModel
-from neoxfuse.sampling import SamplingParams, choose
+from neoxfuse.sampling import SamplingParams, probabilities
 from neoxfuse.weights import ModelWeights
 
 
@@ -93,9 +97,11 @@ class FusedBackend(Backend):
         self._residual = [buffer(shape.hidden, torch.float32) for _ in range(2)]  # 2 x [hidden], ping-pong
         self._workspace = ops.Workspace.allocate(shape, device)
         self._logits = buffer(shape.vocab, torch.float32)  # [vocab]
+        self._rng = buffer(2, torch.long)  # [2] the sampler's [seed, draw]
+        self._drawn = buffer(1, torch.long)  # [1] a sampled step's token
         self._device_length: int | None = None  # what self._position holds, when known on the host
         self._storage: KVCache | None = None
-        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # greedy? -> the step's graph
+        self._graphs: dict[SamplingParams | None, torch.cuda.CUDAGraph] = {}  # selection rule -> the step's graph
         self._graph_cache: tuple[int, int] | None = None  # (k, v) data pointers the graphs were captured with
 
     def new_cache(self) -> KVCache:
@@ -115,24 +121,29 @@ class FusedBackend(Backend):
         or a cache of other sizes; both before anything runs.
         """
         self._start(token, cache, 1)
-        self._run(cache, greedy=False)
+        self._run(cache, None)
         self._advance(cache, 1)
         return self._logits.clone()
 
     def decode_tokens(self, token: int | torch.Tensor, cache: KVCache, steps: int, sampling: SamplingParams,
-                      generator: torch.Generator | None, clock: StepClock) -> torch.Tensor:
-        """Backend.decode_tokens on the device: `steps` graph replays, each step's token written into
-        the device's token buffer for the next (greedy: by the graph itself; sampled: by
-        neoxfuse.sampling.choose after the logits graph); the chosen tokens [steps] (long, on the GPU).
-        The same errors as decode_step, before anything runs."""
+                      rng: torch.Tensor | None, clock: StepClock) -> torch.Tensor:
+        """Backend.decode_tokens on the device: `steps` graph replays, each writing its chosen token
+        into the device's token buffer for the next; the chosen tokens [steps] (long, on the GPU).
+        Sampled steps draw with the backend's copy of rng, copied back to rng afterwards (advanced
+        by `steps`). The same errors as decode_step, before anything runs."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidInputError(f"steps must be an integer >= 1, got {steps!r}")
+        if not sampling.greedy and rng is None:
+            raise InvalidInputError("sampled decoding needs the random state from sampling.rng(device)")
         start = self._start(token, cache, steps)
-        for step in range(steps):
-            self._run(cache, greedy=sampling.greedy)
-            if not sampling.greedy:
-                self._tokens[start + step + 1 : start + step + 2].copy_(choose(self._logits, sampling, generator))
+        selection = _selection_rule(sampling)
+        if not sampling.greedy:
+            self._rng.copy_(rng)
+        for _ in range(steps):
+            self._run(cache, selection)
             clock.mark()
+        if not sampling.greedy:
+            rng.copy_(self._rng)
         self._advance(cache, steps)
         return self._tokens[start + 1 : start + 1 + steps].clone()
 
@@ -150,18 +161,19 @@ class FusedBackend(Backend):
         cache.length += steps
         self._device_length = cache.length  # the steps advanced the device position too
 
-    def _run(self, cache: KVCache, greedy: bool) -> None:
-        """One step: a replay of its graph when one is captured for this cache, else eagerly (then captured)."""
+    def _run(self, cache: KVCache, selection: SamplingParams | None) -> None:
+        """One step choosing its token by `selection` (None: logits only): a replay of its graph when
+        one is captured for this cache, else eagerly (then captured)."""
         key = (cache.k.data_ptr(), cache.v.data_ptr())
         if self._graph_cache != key:
             self._graphs.clear()  # free the previous cache's graphs before capturing the next
             self._graph_cache = key
-        if greedy in self._graphs:
-            self._graphs[greedy].replay()
+        if selection in self._graphs:
+            self._graphs[selection].replay()
             return
-        self._step(cache, greedy)
+        self._step(cache, selection)
         if self.use_graph:
-            self._graphs[greedy] = self._capture(cache, greedy)
+            self._graphs[selection] = self._capture(cache, selection)
 
     def _checked_token(self, token: int | torch.Tensor) -> int:
         if isinstance(token, torch.Tensor):
@@ -172,10 +184,10 @@ class FusedBackend(Backend):
             raise InvalidInputError(f"token ids must be integers in 0..{self.shape.vocab - 1}, got {token!r}")
         return token
 
-    def _step(self, cache: KVCache, greedy: bool) -> None:
+    def _step(self, cache: KVCache, selection: SamplingParams | None) -> None:
         """One decode step on the current stream, reading self._tokens at self._position, writing
-        self._logits (greedy: and the argmax token at the next position) and advancing
-        self._position: the work a graph holds."""
+        self._logits, advancing self._position and, unless `selection` is None, writing the chosen
+        token at the new position (sampled: drawn with self._rng, which advances): the work a graph holds."""
         w = self.weights
         x = self._residual[0]
         token = self._tokens.index_select(0, self._position)  # [1]
@@ -187,16 +199,27 @@ class FusedBackend(Backend):
             x = y
         ops.lm_head(x, w.final_ln_weight, w.final_ln_bias, w.embed_out, self.shape.eps, out=self._logits, pdl=self.pdl)
         self._position.add_(1)
-        if greedy:
-            self._tokens.index_put_((self._position,), self._logits.argmax().reshape(1))
+        if selection is None:
+            return
+        if selection.greedy:
+            chosen = self._logits.argmax().reshape(1)  # [1]
+        else:
+            chosen = ops.draw_token(probabilities(self._logits, selection), self._rng, out=self._drawn)  # [1]
+        self._tokens.index_put_((self._position,), chosen)
 
-    def _capture(self, cache: KVCache, greedy: bool) -> torch.cuda.CUDAGraph:
-        """_step captured for this cache (capturing runs nothing: the cache is not touched)."""
+    def _capture(self, cache: KVCache, selection: SamplingParams | None) -> torch.cuda.CUDAGraph:
+        """_step captured for this cache (capturing runs nothing: neither the cache nor rng is touched)."""
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self._step(cache, greedy)
+                self._step(cache, selection)
         except (RuntimeError, NeoxfuseError) as err:
             raise NeoxfuseError(f"capturing the fused decode step as a CUDA graph failed: {err}; "
                                 "FusedBackend(..., use_graph=False) runs it eagerly") from err
         return graph
+
+
+def _selection_rule(sampling: SamplingParams) -> SamplingParams:
+    """What a step's graph depends on: the sampling rule without its seed (the seed lives in rng);
+    every greedy rule is the same."""
+    return SamplingParams() if sampling.greedy else dataclasses.replace(sampling, seed=None)

@@ -8,19 +8,32 @@ Given logits z [vocab] (computed in fp32 whatever the model's dtype):
   - top-p (nucleus) keeps the smallest set of most likely tokens whose mass reaches top_p:
     sort p descending, keep token j while the mass of the tokens before it is < top_p
     (so the most likely token is always kept; top_p = 1: all),
-  - the kept p are renormalised to sum 1 and one token is drawn with a torch.Generator.
+  - the kept p are renormalised to sum 1, and one token is drawn by an exponential race:
 
-A seeded generator makes sampled generation reproducible: the same seed, logits and device
-give the same tokens.
+        next = argmax_i p_i / E_i,   E_i = -ln(u_i),   u_i uniform in (0, 1), independent
+
+    The E_i are independent Exp(1) draws, so P(next = i) = p_i (the token with the smallest
+    E_i / p_i, an Exp(p_i) arrival time, wins); ties go to the lowest index.
+
+The u_i come from Philox4x32-10, a counter-based generator: u_i = (2 (w >> 9) + 1) / 2^24 with w
+word i % 4 of Philox(counter = (i // 4, 0, draw), key = seed), and E_i = -ln(u_i) in fp64 rounded
+to fp32. The random state is a tensor rng = [seed, draw] (int64) on the logits' device that every
+draw advances by one, in device memory: a CUDA graph that replays a draw draws afresh, and the same
+seed and logits give the same tokens on every device and backend, whether the race runs as the
+fused kernel (neoxfuse.ops.fused_decoder.draw_token, on a GPU) or as PyTorch ops (anywhere).
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
 
-from neoxfuse.errors import InvalidInputError
+from neoxfuse import _lib
+from neoxfuse.checks import check_draw
+from neoxfuse.errors import InvalidInputError, LibraryNotFoundError
+from neoxfuse.ops import fused_decoder
 
 
 @dataclass(frozen=True)
@@ -30,7 +43,7 @@ class SamplingParams:
     temperature: 0 for greedy, else > 0 (logits are divided by it before the softmax).
     top_k: keep the k most likely tokens; 0 keeps all.
     top_p: keep the smallest most-likely set with mass >= top_p, in (0, 1]; 1 keeps all.
-    seed: seeds the generator that draws tokens; None draws from a random seed.
+    seed: keys the Philox stream tokens are drawn from, in 0 .. 2^63 - 1; None draws a random seed.
     """
 
     temperature: float = 0.0
@@ -45,23 +58,21 @@ class SamplingParams:
             raise InvalidInputError(f"top_k must be an integer >= 0 (0 keeps every token), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise InvalidInputError(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise InvalidInputError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise InvalidInputError(f"seed must be an integer in 0 .. 2^63 - 1, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generator(self, device: torch.device | str) -> torch.Generator | None:
-        """The generator that draws tokens on `device` (None for greedy decoding, which draws nothing)."""
+    def rng(self, device: torch.device | str) -> torch.Tensor | None:
+        """The random state tokens are drawn with on `device`: [seed, 0] (int64 [2]); None for greedy
+        decoding, which draws nothing."""
         if self.greedy:
             return None
-        generator = torch.Generator(device=device)
-        if self.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(self.seed)
-        return generator
+        seed = secrets.randbits(63) if self.seed is None else self.seed
+        return torch.tensor([seed, 0], dtype=torch.long, device=device)
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -86,17 +97,87 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs / probs.sum()
 
 
-def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The next token id as a [1] long tensor on the logits' device, without waiting for the device:
-    argmax(logits) when greedy, else one draw from `probabilities(logits, params)`.
+_PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_INCREMENTS = (0x9E3779B9, 0xBB67AE85)
+_LOW32 = 0xFFFFFFFF
 
-    logits: [vocab]; generator: from `params.generator(logits.device)`, on the logits' device.
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The high and low 32-bit words of a * b for a constant a < 2^32 and b (int64, in [0, 2^32)),
+    without int64 overflow: a * b = 2^16 q + (a * b_low mod 2^16), q = a * b_high + (a * b_low >> 16) < 2^49."""
+    low_product = a * (b & 0xFFFF)  # < 2^48
+    q = a * (b >> 16) + (low_product >> 16)
+    return q >> 16, ((q & 0xFFFF) << 16) | (low_product & 0xFFFF)
+
+
+def philox4x32_10(counter: list, key: list) -> list[torch.Tensor]:
+    """Philox4x32-10 (kernels/common/philox.cuh) on int64 tensors holding 32-bit words.
+
+    counter: 4 words, key: 2 words (tensors or ints that broadcast together). Returns the 4 output words.
+    """
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for round_ in range(10):
+        if round_:
+            k0 = (k0 + _PHILOX_KEY_INCREMENTS[0]) & _LOW32
+            k1 = (k1 + _PHILOX_KEY_INCREMENTS[1]) & _LOW32
+        hi0, lo0 = _mul_hi_lo(_PHILOX_MULTIPLIERS[0], c0)
+        hi1, lo1 = _mul_hi_lo(_PHILOX_MULTIPLIERS[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return [c0, c1, c2, c3]
+
+
+def exponential_race(weights: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
+    """The exponential race (module docstring) in PyTorch ops: argmax_i w_i / E_i as a [1] long
+    tensor; rng[1] += 1. No host synchronisation, so a CUDA graph can capture it.
+
+    weights: [vocab] fp32 (>= 0; a weight <= 0 or NaN never wins); rng: [2] int64, same device.
+    """
+    check_draw(weights, rng)
+    vocab = weights.numel()
+    groups = torch.arange((vocab + 3) // 4, dtype=torch.long, device=weights.device)  # [groups]
+    seed, draw = rng[0], rng[1]
+    words = philox4x32_10([groups, 0, draw & _LOW32, draw >> 32], [seed & _LOW32, seed >> 32])
+    word = torch.stack(words, dim=1).reshape(-1)[:vocab]  # [vocab]: word i % 4 of group i // 4
+    u = ((word >> 9) * 2 + 1).double() * 2.0**-24  # [vocab] in (0, 1), exact
+    exponential = (-torch.log(u)).float()  # [vocab] Exp(1)
+    keys = torch.where(weights > 0, weights / exponential, torch.zeros_like(weights))  # [vocab]
+    rng[1:].add_(1)
+    return torch.argmax(keys).reshape(1)  # the first of equal maxima
+
+
+def draw(weights: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
+    """One token drawn with probability proportional to weights [vocab] (fp32, >= 0) by the
+    exponential race, as a [1] long tensor on their device, without waiting for the device; rng[1] += 1.
+
+    On a GPU with the fused decoder built, the race is one kernel (neoxfuse.ops.fused_decoder.draw_token);
+    elsewhere exponential_race. Both give the same token for the same weights and rng.
+    """
+    if weights.is_cuda and _draw_kernel_built():
+        return fused_decoder.draw_token(weights, rng)
+    return exponential_race(weights, rng)
+
+
+def _draw_kernel_built() -> bool:
+    try:
+        return hasattr(_lib.library(), "neoxfuse_fused_draw_token")
+    except LibraryNotFoundError:
+        return False
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token id as a [1] long tensor on the logits' device, without waiting for the device:
+    argmax(logits) when greedy, else draw(probabilities(logits, params), rng).
+
+    logits: [vocab]; rng: from `params.rng(logits.device)` (advanced by one when sampled).
     """
     if params.greedy:
         return torch.argmax(logits).reshape(1)
-    return torch.multinomial(probabilities(logits, params), 1, generator=generator)
+    if rng is None:
+        raise InvalidInputError("sampled decoding needs the random state from params.rng(device)")
+    return draw(probabilities(logits, params), rng)
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """choose(logits, params, generator) as a Python int (waits for the device)."""
-    return int(choose(logits, params, generator))
+def next_token(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None) -> int:
+    """choose(logits, params, rng) as a Python int (waits for the device)."""
+    return int(choose(logits, params, rng))

@@ -353,6 +353,11 @@ inline float __uint_as_float(unsigned bits) {
   std::memcpy(&value, &bits, sizeof(value));
   return value;
 }
+inline unsigned __float_as_uint(float value) {
+  unsigned bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 
 namespace neoxemu {

@@ -9,8 +9,9 @@ For the residual stream x [hidden] (fp32) of the token at position p, `decoder_l
     a       = softmax(q . K[:, 0..p] / sqrt(head_dim)) V[:, 0..p]          per head
     y       = x + (a @ W_dense.T + b_dense) + (GELU(LN2(x) @ W_in.T + b_in) @ W_out.T + b_out)
 
-(LN with bias, one set of statistics for LN1 and LN2; exact erf GELU), and `lm_head` computes
-logits = LN_final(x) @ embed_out.T. Weights are fp16 in Hugging Face's layout, used as they are;
+(LN with bias, one set of statistics for LN1 and LN2; exact erf GELU), `lm_head` computes
+logits = LN_final(x) @ embed_out.T, and `draw_token` draws a sampled token from the filtered
+probabilities (neoxfuse.sampling's exponential race) with its random state in device memory. Weights are fp16 in Hugging Face's layout, used as they are;
 all arithmetic is fp32; x, y, the logits and the scratch buffers are fp32. Results are bitwise
 reproducible (fixed reduction orders, no float atomics).
 
@@ -18,8 +19,8 @@ The position may be a device tensor (int32 [1]), so a CUDA graph can replay a st
 position advances; a device position outside the cache makes y NaN and writes no cache slot.
 A Python int position is checked here (SequenceTooLongError past the cache).
 
-Ops (torch.library, namespace `neoxfuse`, with fake implementations): `fused_decoder_layer` and
-`fused_lm_head`, both writing into given tensors. Supported: GPT-NeoX with parallel residual,
+Ops (torch.library, namespace `neoxfuse`, with fake implementations): `fused_decoder_layer`,
+`fused_lm_head` and `fused_draw_token`, all writing into given tensors. Supported: GPT-NeoX with parallel residual,
 head_dim 64 (Pythia-70M, -160M, -410M), 80 (Pythia-2.8B), 96 (GPT-NeoX-20B), 128 (Pythia-1.4B,
 -6.9B, -12B) or 256 (Pythia-1B): the whole Pythia suite and GPT-NeoX-20B; hidden <= 8192, on sm_90+ GPUs.
 """
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from neoxfuse import _lib
-from neoxfuse.checks import check_same_device, check_tensor, require_cuda
+from neoxfuse.checks import check_draw, check_same_device, check_tensor, require_cuda
 from neoxfuse.configs import NeoXShape
 from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnsupportedModelError
 from neoxfuse.weights import LayerWeights, ModelWeights
@@ -423,3 +424,43 @@ def lm_head(
         out = torch.empty(embed_out.shape[0], dtype=torch.float32, device=x.device)
     fused_lm_head(x, ln_weight, ln_bias, embed_out, out, eps, pdl)
     return out
+
+
+@torch.library.custom_op("neoxfuse::fused_draw_token", mutates_args=("rng", "token"))
+def fused_draw_token(weights: torch.Tensor, rng: torch.Tensor, token: torch.Tensor) -> None:
+    """token [1] (int64) = argmax_i w_i / E_i, E_i = -ln(u_i) (neoxfuse.sampling: the exponential
+    race over Philox draws keyed by rng[0] at draw rng[1]); rng[1] += 1, on the device.
+
+    weights [vocab] fp32 (>= 0), rng [2] int64, token [1] int64: one CUDA device. One cluster of
+    8 blocks; the same token as neoxfuse.sampling.exponential_race.
+    """
+    check_draw(weights, rng)
+    check_tensor("token", token, dtypes=[torch.int64], shape=[1], cuda=False, aligned=False)
+    tensors = {"weights": weights, "rng": rng, "token": token}
+    check_same_device(**tensors)
+    for name, t in tensors.items():
+        check_tensor(name, t, aligned=False)
+    _device_index(weights.device)
+    if _overlap(rng, token):
+        raise InvalidInputError("token shares memory with rng")
+    fn = _lib.function("neoxfuse_fused_draw_token", [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                                     ctypes.c_void_p])
+    with torch.cuda.device(weights.device):
+        _lib.call(fn, weights.data_ptr(), weights.numel(), rng.data_ptr(), token.data_ptr(),
+                  torch.cuda.current_stream().cuda_stream)
+
+
+@fused_draw_token.register_fake
+def _(weights, rng, token):
+    check_draw(weights, rng)
+    check_tensor("token", token, dtypes=[torch.int64], shape=[1], cuda=False, aligned=False)
+
+
+def draw_token(weights: torch.Tensor, rng: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One token [1] (int64) drawn from weights [vocab] by the exponential race (see fused_draw_token);
+    `out` receives it if given. rng[1] advances by one."""
+    if out is None and isinstance(weights, torch.Tensor):
+        out = torch.empty(1, dtype=torch.long, device=weights.device)
+    fused_draw_token(weights, rng, out)
+    return out
+
