@@ -43,6 +43,7 @@ from neoxfuse.quant import (
     quantize_rtn,
     save_gptq_checkpoint,
 )
+from neoxfuse.quant import hf_gptq
 from neoxfuse.quant.hf_gptq import GPTQLayerNormQKV, dequantized_gpt_neox, gptq_gpt_neox
 
 EPS = 1e-5
@@ -564,19 +565,49 @@ def test_patch_needs_a_quantized_qkv(tmp_path):
         gptq_gpt_neox(checkpoint, device="cpu")
 
 
+END_TO_END_QUANTS = [QuantConfig(group_size=32, sym=False, desc_act=True, checkpoint_format="gptq"),
+                     QuantConfig(group_size=128, sym=True, checkpoint_format="gptq_v2")]
+
+
+def _end_to_end_logits(checkpoint, device):
+    """The checkpoint as the patched fp16 model and dequantized to fp16 for HF unpatched, teacher
+    forced over an 11-token prefill and 5 decode steps: (patched logits, plain logits), fp32."""
+    patched = gptq_gpt_neox(checkpoint, device=device)
+    plain = dequantized_gpt_neox(checkpoint, device, torch.float16)
+    tokens = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+    return _teacher_forced_logits(patched, tokens, 11), _teacher_forced_logits(plain, tokens, 11)
+
+
+def test_emulated_patched_hf_model_runs_the_kernel_end_to_end(tmp_path, monkeypatch, emulated):
+    """The GPU test below on the CPU, two layers of its act-order checkpoint (the kernel's g_idx
+    path; every format variant runs at kernel level above): the patched module hands its fp16
+    tokens to the real kernel code on the emulator, 8 tokens per launch (the 11-token prefill:
+    8 + 3, then one per step)."""
+    launches = []
+
+    def emulated_layer(x, ln_weight, ln_bias, layer, eps):
+        launches.append(x.shape[0])
+        return run_emulated(emulated, {
+            "x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "qweight": layer.qweight, "qzeros": layer.qzeros,
+            "scales": layer.scales, "g_idx": None if layer.ordered else layer.g_idx, "bias": layer.bias, "eps": eps,
+            "group_size": layer.group_size, "zero_offset": layer.zero_offset,
+        })  # fmt: skip
+
+    monkeypatch.setattr(hf_gptq, "_kernel_takes", lambda x: x.dtype == torch.float16)
+    monkeypatch.setattr(hf_gptq, "gptq_ln_qkv_layer", emulated_layer)
+    checkpoint = _gptq_checkpoint(tmp_path, hidden=768, heads=12, layers=2, quant=END_TO_END_QUANTS[0])
+    got, want = _end_to_end_logits(checkpoint, "cpu")
+    assert launches == [8, 3] * 2 + [1] * 10  # per layer: the prefill in two launches, then 5 steps
+    assert rel_error(got, want) < 1e-2
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
 @pytest.mark.gpu
 @pytest.mark.quick
-@pytest.mark.parametrize("quant", [QuantConfig(group_size=32, sym=False, desc_act=True, checkpoint_format="gptq"),
-                                   QuantConfig(group_size=128, sym=True, checkpoint_format="gptq_v2")])
+@pytest.mark.parametrize("quant", END_TO_END_QUANTS)
 def test_patched_hf_model_runs_the_kernel_end_to_end(tmp_path, quant):
-    """A pythia-160m-shaped GPTQ model (hidden 768, 12 heads) in fp16 on the GPU: the patched model
-    (LN1 + int4 QKV on the kernel, 8 tokens per launch in the 11-token prefill) against the same
-    checkpoint dequantized to fp16 and run by HF unpatched, teacher-forced over prefill and decode."""
-    checkpoint = _gptq_checkpoint(tmp_path, hidden=768, heads=12, layers=3, quant=quant)
-    patched = gptq_gpt_neox(checkpoint, device="cuda")
-    plain = dequantized_gpt_neox(checkpoint, "cuda", torch.float16)
-    tokens = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(1)).tolist()
-    got, want = _teacher_forced_logits(patched, tokens, 11), _teacher_forced_logits(plain, tokens, 11)
+    """The patched model on the GPU (LN1 + int4 QKV on the kernel) against HF unpatched."""
+    got, want = _end_to_end_logits(_gptq_checkpoint(tmp_path, hidden=768, heads=12, layers=3, quant=quant), "cuda")
     # both are fp16 models differing only in how LN1 + QKV round (fp32 sums on int4 in the kernel,
     # fp16 LayerNorm output times fp16 weights in cuBLAS); 3 layers amplify that to ~1e-3.
     assert rel_error(got, want) < 1e-2

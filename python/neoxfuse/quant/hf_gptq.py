@@ -49,7 +49,7 @@ class GPTQLayerNormQKV(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [tokens, hidden]
-        if x.is_cuda and x.dtype == torch.float16:
+        if _kernel_takes(x):
             x = x.contiguous()
             chunks = [gptq_ln_qkv_layer(x[i:i + MAX_TOKENS], self.ln_weight, self.ln_bias, self.layer, self.eps)
                       for i in range(0, x.shape[0], MAX_TOKENS)]
@@ -57,6 +57,11 @@ class GPTQLayerNormQKV(nn.Module):
         else:
             out = reference(x, self.ln_weight, self.ln_bias, self.layer, self.eps).to(x.dtype)
         return out.view(*hidden_states.shape[:-1], -1)
+
+
+def _kernel_takes(x: torch.Tensor) -> bool:
+    """Whether GPTQLayerNormQKV runs x [tokens, hidden] on the kernel: CUDA fp16; else the oracle."""
+    return x.is_cuda and x.dtype == torch.float16
 
 
 def _hf_config(checkpoint: GPTQCheckpoint) -> GPTNeoXConfig:
