@@ -144,12 +144,13 @@ def test_bench_decode_leaves_the_oracle_out_on_a_gpu_unless_asked():
     from neoxfuse.bench import decode
 
     model = random_model("tiny", seed=0)
-    default = argparse.Namespace(backends=None)
+    greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+    default = argparse.Namespace(backends=None, **greedy)
     contenders, skipped = decode._contenders(default, model, torch.device("cuda"), torch.float16, 16)
     assert "reference" not in {c.name for c in contenders} and "oracle" in skipped["reference"]
     contenders, skipped = decode._contenders(default, model, torch.device("cpu"), torch.float32, 16)
     assert "reference" in {c.name for c in contenders} and "reference" not in skipped
-    asked = argparse.Namespace(backends=["reference"])
+    asked = argparse.Namespace(backends=["reference"], **greedy)
     contenders, skipped = decode._contenders(asked, model, torch.device("cpu"), torch.float32, 16)
     assert [c.name for c in contenders] == ["reference"] and not skipped
 
@@ -190,6 +191,23 @@ def test_bench_decode_on_a_cpu_writes_its_results(tmp_path, capsys):
     assert all(row["match"] for row in record["rows"])
 
 
+def test_bench_decode_samples_when_asked(tmp_path, capsys):
+    out_dir = tmp_path / "results"
+    code = main(["bench", "decode", "--model", "tiny", "--device", "cpu", "--lengths", "6", "--temperature", "0.8",
+                 "--top-p", "0.9", "--seed", "3", "--out-dir", str(out_dir)])
+    assert code == 0, capsys.readouterr().err
+    assert "sampled temperature 0.8, top_k 0, top_p 0.9, seed 3" in capsys.readouterr().out
+    [path] = out_dir.glob("decode_sampled-*.json")
+    record = json.loads(path.read_text())
+    assert record["suite"] == "decode_sampled"
+    sampling = {"temperature": 0.8, "top_k": 0, "top_p": 0.9, "seed": 3}
+    assert record["sampling"] == sampling
+    assert {row["backend"] for row in record["rows"]} == {"reference", "hf_eager"}
+    for row in record["rows"]:
+        assert row["sampling"] == sampling and row["match"] is None and row["matched_tokens"] is None
+        assert row["tpot_ms"] > 0
+
+
 def test_bench_decode_mistakes_are_one_line_errors(tmp_path, capsys):
     base = ["bench", "decode", "--model", "tiny", "--device", "cpu", "--out-dir", str(tmp_path)]
     assert main([*base, "--lengths", "4", "--backends", "reference,fused9"]) == 1
@@ -197,4 +215,6 @@ def test_bench_decode_mistakes_are_one_line_errors(tmp_path, capsys):
     assert main([*base, "--lengths", "512"]) == 1
     assert "KV cache positions" in _one_line_error(capsys.readouterr().err)
     assert main([*base, "--lengths", "1"]) == 2
+    assert main([*base, "--lengths", "4", "--top-p", "0.5"]) == 1
+    assert "--temperature > 0" in _one_line_error(capsys.readouterr().err)
     assert not list(tmp_path.iterdir())

@@ -80,7 +80,7 @@ def test_bar_and_range_plots_draw_a_mark_per_value():
 
 
 def random_results(folder: Path, rng: random.Random) -> dict[str, dict]:
-    """One random results file per known suite (two decode runs) and one of an unknown suite."""
+    """One random results file per known suite (two decode runs, one sampled) and one of an unknown suite."""
     device = {"name": "RANDOM-GPU (test)", "sm": "90", "copy_GBps": rng.uniform(2000, 4000)}
     files = {}
 
@@ -97,6 +97,10 @@ def random_results(folder: Path, rng: random.Random) -> dict[str, dict]:
             for c in (128, 1024, 4096)
         ]
         write(f"decode-{commit}.json", "decode", commit, rows)
+    sampled = [{"model": "pythia-2.8b", "backend": b, "context": c, "tpot_ms": rng.uniform(2, 9), "floor_ms": 1.8,
+                "sampling": {"temperature": 0.8, "top_k": 0, "top_p": 0.9, "seed": 0}, "match": None}
+               for b in ("fused", "hf_eager") for c in (128, 1024)]  # fmt: skip
+    write("decode-sampled.json", "decode_sampled", "bbbbbbb2", sampled)
     write(
         "ln.json",
         "ln_residual",
@@ -132,12 +136,14 @@ def test_page_draws_every_section_from_random_results(tmp_path):
     runs, problems = load_results([tmp_path])
     assert len(runs) == len(files) and len(problems) == 2
     html = render(runs, problems)
-    for section in ("floor", "suite-decode", "suite-ln-residual", "suite-brand-new-suite", "nvml", "ncu", "sources"):
+    for section in ("floor", "suite-decode", "suite-decode-sampled", "suite-ln-residual", "suite-brand-new-suite", "nvml",
+                    "ncu", "sources"):
         assert f'id="{section}"' in html
     assert 'id="floor-over-commits"' in html and 'id="nvml-sm-clock"' in html and 'id="ncu-brand-new-suite' in html
     assert html.count('<svg class="plot"') == int(html.split('data-plots="')[1].split('"')[0])
     # ln_residual: one plot per (hidden, dtype, variant) facet; decode: one per model
     assert html.count('id="ln-residual-random-gpu-test-') == 2 and html.count('id="decode-random-gpu-test-') == 1
+    assert html.count('id="decode-sampled-random-gpu-test-') == 1
     assert "broken.json: not readable JSON" in html and "other.json: not a results file" in html
     assert "throttled: hw_thermal_slowdown" in html
     assert "Suite <code>brand_new_suite</code> has no plot layout" in html

@@ -1,8 +1,11 @@
-"""`neoxfuse bench decode`: time per output token (TPOT) of batch-1 greedy decoding, per backend,
-against the memory floor and against Hugging Face peers, over generated lengths.
+"""`neoxfuse bench decode`: time per output token (TPOT) of batch-1 decoding, per backend, against
+the memory floor and against Hugging Face peers, over generated lengths.
 
-Every contender greedily generates L tokens (each length of --lengths) after the same random
-one-token prompt, so the last decode step reads a KV cache of `context` = L positions:
+Every contender generates L tokens (each length of --lengths) after the same random one-token
+prompt, so the last decode step reads a KV cache of `context` = L positions. Greedily by default;
+with --temperature > 0 (and --top-k, --top-p) every contender samples instead (the Engine
+backends with neoxfuse.sampling, seeded by --seed; HF with its own sampler), which times what
+choosing a token costs on top of the step (the fused backend draws inside its CUDA graph):
 
 - each neoxfuse Engine backend that can run here (`fused` on a GPU; the `reference` oracle on a
   GPU only when --backends names it, since it adds minutes and measures nothing of interest);
@@ -21,7 +24,9 @@ measured with neoxfuse.device.copy_bandwidth():
 (decode step i reads the i + 1 keys of positions 0..i). On a CPU there is no copy probe:
 floor fields are null and the default model is the tiny shape. `match` says whether the run's
 tokens equal the baseline's (hf_eager when it ran); `matched_tokens` how many agree before the
-first difference (fp16 runs of different kernels may part at a near tie).
+first difference (fp16 runs of different kernels may part at a near tie). Sampled runs draw from
+different generators, so their rows have null `match` and `matched_tokens`; every row says how
+it chose tokens in `sampling`, and their results file is suite `decode_sampled`.
 """
 
 from __future__ import annotations
@@ -44,10 +49,12 @@ from neoxfuse.monitor import GpuMonitor
 from neoxfuse.progress import progress_bar
 from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpoint
 from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
+from neoxfuse.sampling import SamplingParams
 from neoxfuse.weights import random_model, read_checkpoint_config
 
 SUITE = "decode"
-HELP = "TPOT of batch-1 greedy decoding per backend vs the memory floor and HF peers, over generated lengths"
+SAMPLED_SUITE = "decode_sampled"  # the results of sampled runs (--temperature > 0)
+HELP = "TPOT of batch-1 decoding (greedy or sampled) per backend vs the memory floor and HF peers, over generated lengths"
 
 GPU_MODEL, CPU_MODEL = "pythia-2.8b", "tiny"
 GPU_LENGTHS, CPU_LENGTHS = (16, 64, 256, 1024, 2048), (16, 64)
@@ -66,7 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the reference oracle only on a CPU)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on a GPU, fp32 on a CPU")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the random model and the prompt (default 0)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: every contender samples")
+    parser.add_argument("--top-k", type=int, default=0, help="sampled runs: keep the k most likely tokens (default 0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sampled runs: keep the most likely tokens of mass top-p (default 1: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random model, the prompt and the draws (default 0)")
     parser.add_argument("--out-dir", default="bench/results", help="where the JSON results go (default bench/results)")
 
 
@@ -88,17 +98,18 @@ class Run:
 
 
 class EngineContender:
-    """A neoxfuse Engine backend, timed by Engine.generate (greedy tokens are chosen on the device,
-    each step timed between CUDA events)."""
+    """A neoxfuse Engine backend, timed by Engine.generate (tokens are chosen on the device, each
+    step timed between CUDA events)."""
 
     warm_up_each_length = False
 
-    def __init__(self, engine: Engine, name: str):
+    def __init__(self, engine: Engine, name: str, sampling: SamplingParams):
         self.engine = engine
         self.name = name
+        self.sampling = sampling
 
     def generate(self, prompt: list[int], new_tokens: int) -> Run:
-        out = self.engine.generate(prompt, new_tokens)
+        out = self.engine.generate(prompt, new_tokens, self.sampling)
         return Run(out.tokens, out.prefill_ms, out.decode_ms)
 
 
@@ -119,12 +130,14 @@ class StepMarker(transformers.LogitsProcessor):
 
 
 class HFContender:
-    """`model.generate`, greedy: eager with a dynamic cache, or static cache + torch.compile."""
+    """`model.generate`: eager with a dynamic cache, or static cache + torch.compile; greedy, or
+    sampled with HF's own temperature / top-k / top-p."""
 
-    def __init__(self, model, name: str, compiled: bool):
+    def __init__(self, model, name: str, compiled: bool, sampling: SamplingParams):
         self.model = model
         self.name = name
         self.compiled = compiled
+        self.sampling = sampling
         self.warm_up_each_length = compiled  # the static cache is sized per length: compiled and captured per length
         self.marker = StepMarker(model.device)
 
@@ -134,7 +147,12 @@ class HFContender:
             cache = {"cache_implementation": "static", "compile_config": transformers.CompileConfig(mode="reduce-overhead")}
         else:
             cache = {"disable_compile": True}
-        config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, **cache)
+        if self.sampling.greedy:
+            choice = {"do_sample": False}
+        else:
+            choice = {"do_sample": True, "temperature": self.sampling.temperature, "top_k": self.sampling.top_k,
+                      "top_p": self.sampling.top_p}
+        config = transformers.GenerationConfig(max_new_tokens=new_tokens, **choice, **cache)
         self.marker.start()
         out = self.model.generate(
             ids,
@@ -165,6 +183,13 @@ def _hf_model(source: str, dtype: torch.dtype, device: torch.device, seed: int):
     return model.to(device).eval(), description
 
 
+def _sampling(args) -> SamplingParams:
+    """How every contender chooses tokens: greedy unless --temperature > 0 (InvalidInputError for bad values)."""
+    if args.temperature == 0 and (args.top_k or args.top_p != 1.0):
+        raise InvalidInputError("--top-k and --top-p apply to sampled runs: give --temperature > 0 too")
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
 def _contenders(args, model, device, dtype, max_seq_len) -> tuple[list, dict[str, str]]:
     """The contenders that run here, and {name: why not} for those that cannot."""
     shape = shape_of(model.config)
@@ -176,7 +201,7 @@ def _contenders(args, model, device, dtype, max_seq_len) -> tuple[list, dict[str
     unknown = [name for name in wanted if name not in known]
     if unknown:
         raise InvalidInputError(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    contenders = []
+    contenders, sampling = [], _sampling(args)
     for name in wanted:
         if name in BACKENDS:
             availability = BACKENDS[name].available(device, dtype, shape)
@@ -184,11 +209,11 @@ def _contenders(args, model, device, dtype, max_seq_len) -> tuple[list, dict[str
                 skipped[name] = availability.reason
                 continue
             engine = Engine(model, backend=name, device=device, dtype=dtype, max_seq_len=max_seq_len)
-            contenders.append(EngineContender(engine, name))
+            contenders.append(EngineContender(engine, name, sampling))
         elif name == "hf_compile" and device.type != "cuda":
             skipped[name] = "reduce-overhead mode replays CUDA graphs: needs a GPU"
         else:
-            contenders.append(HFContender(model, name, compiled=name == "hf_compile"))
+            contenders.append(HFContender(model, name, compiled=name == "hf_compile", sampling=sampling))
     if not contenders:
         raise InvalidInputError("no contender can run here: " + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
     return contenders, skipped
@@ -230,11 +255,13 @@ def run(args) -> int:
     dtype_bytes = torch.finfo(dtype).bits // 8
     names = [contender.name for contender in contenders]
     floor = {"weight_bytes": shape.weight_bytes(dtype_bytes), "kv_bytes_per_token": shape.kv_bytes_per_token(dtype_bytes)}
-    rows = _rows(runs, names, lengths, description, floor, copy.GBps if copy else None)
+    sampling = contenders[0].sampling
+    rows = _rows(runs, names, lengths, description, floor, copy.GBps if copy else None, sampling)
     extra = {
         "model": description,
         "dtype": str(dtype).replace("torch.", ""),
         "lengths": lengths,
+        "sampling": _sampling_record(sampling),
         "baseline": BASELINE if BASELINE in names else names[0],
         "skipped": skipped,
         "floor": floor,
@@ -243,7 +270,8 @@ def run(args) -> int:
         "nvml": nvml,
     }
     device_entry = device_record(copy)
-    path = write_results(SUITE, rows, device=device_entry, out_dir=args.out_dir, extra=extra)
+    suite = SUITE if sampling.greedy else SAMPLED_SUITE  # the dashboard keeps the two apart
+    path = write_results(suite, rows, device=device_entry, out_dir=args.out_dir, extra=extra)
     print(_table(rows, description, extra, device_entry))
     print(f"wrote {path}")
     return 0
@@ -265,8 +293,16 @@ def _measure(contenders: list, prompt: list[int], lengths: list[int]) -> dict[tu
     return runs
 
 
-def _rows(runs, names: list[str], lengths: list[int], description: str, floor: dict, copy_GBps: float | None) -> list[dict]:
-    """One results row per (length, contender): TPOT, its floor, the speedup over the best HF peer, the token match."""
+def _sampling_record(sampling: SamplingParams) -> str | dict:
+    if sampling.greedy:
+        return "greedy"
+    return {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": sampling.seed}
+
+
+def _rows(runs, names: list[str], lengths: list[int], description: str, floor: dict, copy_GBps: float | None,
+          sampling: SamplingParams) -> list[dict]:
+    """One results row per (length, contender): TPOT, its floor, the speedup over the best HF peer, the
+    token match (greedy runs)."""
     baseline = BASELINE if BASELINE in names else names[0]
     rows = []
     for length in lengths:
@@ -291,8 +327,9 @@ def _rows(runs, names: list[str], lengths: list[int], description: str, floor: d
                 "floor_ms": floor_ms,
                 "pct_of_floor": None if floor_ms is None else 100 * floor_ms / tpot,
                 "speedup_vs_best_peer": min(peer_tpots) / tpot if peer_tpots else None,
-                "match": result.tokens == expected,
-                "matched_tokens": _common_prefix(result.tokens, expected),
+                "sampling": _sampling_record(sampling),
+                "match": result.tokens == expected if sampling.greedy else None,
+                "matched_tokens": _common_prefix(result.tokens, expected) if sampling.greedy else None,
             })
     return rows
 
@@ -302,7 +339,9 @@ def _table(rows: list[dict], description: str, extra: dict, device: dict) -> str
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     floor = extra["floor"]
-    lines = [f"decode: {description}, {extra['dtype']} on {device['name']}"]
+    choice = extra["sampling"] if extra["sampling"] == "greedy" else "sampled " + ", ".join(
+        f"{key} {value}" for key, value in extra["sampling"].items())
+    lines = [f"decode: {description}, {extra['dtype']} on {device['name']}, {choice}"]
     if device["copy_GBps"] is None:
         lines.append("floor: n/a (no copy probe on a CPU; floor fields are null)")
     else:
@@ -311,11 +350,11 @@ def _table(rows: list[dict], description: str, extra: dict, device: dict) -> str
     header = f"{'context':>7}  {'backend':<12} {'TPOT ms':>9} {'p90 ms':>9} {'floor ms':>9} {'% floor':>8} {'vs best peer':>12}  match"
     lines += [header, "-" * len(header)]
     for row in rows:
-        match = f"{'yes' if row['match'] else 'no'} ({row['matched_tokens']}/{row['generated']})"
+        match = "n/a" if row["match"] is None else f"{'yes' if row['match'] else 'no'} ({row['matched_tokens']}/{row['generated']})"
         lines.append(
             f"{row['context']:>7}  {row['backend']:<12} {number(row['tpot_ms'], 3):>9} {number(row['tpot_p90_ms'], 3):>9} "
             f"{number(row['floor_ms'], 3):>9} {number(row['pct_of_floor'], 1):>8} {number(row['speedup_vs_best_peer']):>12}  {match}"
         )
-    lines.append(f"match: tokens equal to {extra['baseline']}'s; vs best peer: fastest HF peer's TPOT / this TPOT")
+    lines.append(f"match: tokens equal to {extra['baseline']}'s (greedy runs); vs best peer: fastest HF peer's TPOT / this TPOT")
     lines += [f"skipped {name}: {why}" for name, why in extra["skipped"].items()]
     return "\n".join(lines)

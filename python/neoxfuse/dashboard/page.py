@@ -2,7 +2,8 @@
 
 Sections, in order:
   decode      TPOT vs context length, one line per backend, the memory floor dashed
-              (latest run per device, one plot per model), and its table
+              (latest run per device, one plot per model), and its table; sampled runs
+              (suite decode_sampled) likewise in their own section
   floor       % of the memory floor reached by neoxfuse's own kernels over commits: per run,
               the median over its rows of floor_time / measured_time (decode: floor_ms /
               tpot_ms, layer: floor_us / median_us) or GBps / the run's copy GBps (kernel
@@ -62,6 +63,11 @@ VIEWS = {
     "decode": SuiteView(
         "Decode: time per output token vs context length", x="context", y="tpot_ms", series="backend",
         facets=("model",), x_label="context length (tokens)", y_label="TPOT (ms)", floor="floor_ms",
+    ),
+    "decode_sampled": SuiteView(
+        "Decode, sampled (bench decode --temperature): time per output token vs context length", x="context",
+        y="tpot_ms", series="backend", facets=("model",), x_label="context length (tokens)", y_label="TPOT (ms)",
+        floor="floor_ms",
     ),
     "layer": SuiteView(
         "One decoder layer", x="seq_len", y="median_us", series="provider", facets=("model", "layer"),
