@@ -91,6 +91,7 @@ def test_generate_from_a_checkpoint_and_sampling_options(tiny_checkpoint, capsys
     first = capsys.readouterr().out
     assert main(sampled) == 0
     assert capsys.readouterr().out.splitlines()[2] == first.splitlines()[2]  # the generated tokens, reproduced
+    assert "seed 4 (--seed 4 draws these tokens again)" in first
     assert main(args) == 0
     assert "random-initialised" not in capsys.readouterr().err
 

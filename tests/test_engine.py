@@ -209,6 +209,16 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(engine):
     assert sample(5) != sample(6)
 
 
+def test_an_unseeded_sample_reports_the_seed_that_redraws_it(engine):
+    prompt = [9, 8, 7]
+    first = engine.generate(prompt, 12, SamplingParams(temperature=1.2))
+    assert isinstance(first.seed, int) and 0 <= first.seed < 2**63
+    again = engine.generate(prompt, 12, SamplingParams(temperature=1.2, seed=first.seed))
+    assert again.tokens == first.tokens and again.seed == first.seed
+    assert engine.generate(prompt, 12, SamplingParams(temperature=1.2)).seed != first.seed
+    assert engine.generate(prompt, 4).seed is None  # greedy draws nothing
+
+
 def test_top_k_one_sampling_equals_greedy(engine):
     prompt = [40, 41]
     sampled = engine.generate(prompt, 20, SamplingParams(temperature=0.7, top_k=1, seed=3)).tokens

@@ -153,6 +153,9 @@ def _generate(args) -> int:
     print(f"model: {engine.description}; backend {engine.backend_name} ({engine.backend_reason}); {dtype_name} on {engine.device}")
     print(f"prompt ({_count(out.prompt_tokens, 'token')}): {','.join(map(str, out.prompt_tokens))}")
     print(f"generated ({_count(out.tokens, 'token')}): {','.join(map(str, out.tokens))}")
+    if out.seed is not None:
+        print(f"sampled: temperature {sampling.temperature}, top-k {sampling.top_k}, top-p {sampling.top_p}, "
+              f"seed {out.seed} (--seed {out.seed} draws these tokens again)")
     if out.text is not None:
         print(f"text: {args.prompt if args.prompt is not None else engine.tokenizer.decode(out.prompt_tokens)}{out.text}")
     timing = f"prefill {out.prefill_ms:.2f} ms"

@@ -304,6 +304,7 @@ class Generation:
     prefill_ms: float
     decode_ms: list[float] = field(default_factory=list)
     text: str | None = None  # the new tokens decoded, when the engine has a tokenizer
+    seed: int | None = None  # the seed sampled tokens were drawn with (None: greedy); pass it to redraw them
 
     @property
     def tpot_ms(self) -> float | None:
@@ -412,6 +413,7 @@ class Engine:
                 f"the cache holds {self.max_seq_len}: ask for at most {max(self.max_seq_len - len(prompt_tokens) + 1, 0)} "
                 "new tokens or build the Engine with a larger max_seq_len"
             )
+        sampling = sampling.seeded()  # an unseeded request gets its seed here, reported in the result
         rng = sampling.rng(self.device)  # [seed, draw] on the device
         cache = self.backend.new_cache()
         prompt_tensor = torch.tensor(prompt_tokens, dtype=torch.long, device=self.device)  # [T]
@@ -419,7 +421,7 @@ class Engine:
         self._synchronize()
         start = time.perf_counter()
         token = next_token(self.backend.prefill(prompt_tensor, cache), sampling, rng)  # int(): waits for the GPU
-        result = Generation(prompt_tokens, [token], prefill_ms=(time.perf_counter() - start) * 1e3)
+        result = Generation(prompt_tokens, [token], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed)
         with progress_bar(max_new_tokens, "decoding", unit="tok", enabled=progress) as bar:
             bar.update(1)
             while len(result.tokens) < max_new_tokens and token not in stop_token_ids:

@@ -25,6 +25,7 @@ fused kernel (neoxfuse.ops.fused_decoder.draw_token, on a GPU) or as PyTorch ops
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass
 
@@ -66,13 +67,18 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def seeded(self) -> SamplingParams:
+        """These parameters with a concrete seed: their own, else a fresh random one (greedy: as they are)."""
+        if self.greedy or self.seed is not None:
+            return self
+        return dataclasses.replace(self, seed=secrets.randbits(63))
+
     def rng(self, device: torch.device | str) -> torch.Tensor | None:
-        """The random state tokens are drawn with on `device`: [seed, 0] (int64 [2]); None for greedy
-        decoding, which draws nothing."""
+        """The random state tokens are drawn with on `device`: [seed, 0] (int64 [2]; a random seed
+        when none is set, see seeded()); None for greedy decoding, which draws nothing."""
         if self.greedy:
             return None
-        seed = secrets.randbits(63) if self.seed is None else self.seed
-        return torch.tensor([seed, 0], dtype=torch.long, device=device)
+        return torch.tensor([self.seeded().seed, 0], dtype=torch.long, device=device)
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
