@@ -18,9 +18,11 @@ Given logits z [vocab] (computed in fp32 whatever the model's dtype):
 The u_i come from Philox4x32-10, a counter-based generator: u_i = (2 (w >> 9) + 1) / 2^24 with w
 word i % 4 of Philox(counter = (i // 4, 0, draw), key = seed), and E_i = -ln(u_i) in fp64 rounded
 to fp32. The random state is a tensor rng = [seed, draw] (int64) on the logits' device that every
-draw advances by one, in device memory: a CUDA graph that replays a draw draws afresh, and the same
-seed and logits give the same tokens on every device and backend, whether the race runs as the
-fused kernel (neoxfuse.ops.fused_decoder.draw_token, on a GPU) or as PyTorch ops (anywhere).
+draw advances by one, in device memory: a CUDA graph that replays a draw draws afresh. The same
+probabilities and seed give the same token on every device, whether the race runs as the fused
+kernel (neoxfuse.ops.fused_decoder.draw_token, on a GPU) or as PyTorch ops (anywhere); the same
+logits do too, except where two devices' softmax roundings (last-bit differences) decide a near
+tie. The same seed and device give the same tokens every run.
 """
 
 from __future__ import annotations
