@@ -701,6 +701,23 @@ def test_emulated_draw_token_is_the_pytorch_race(emulated, vocab, seed, draw):
         assert rng.tolist() == want_rng.tolist() == [seed, draw + step + 1]
 
 
+@pytest.mark.parametrize("spread", ["equal", "geometric"])
+def test_emulated_draw_token_follows_the_exact_race_over_many_draws(emulated, spread):
+    # Each thread keeps its leader exact with fp64 logarithms for records and near ties only; 40
+    # draws of 4099 weights (equal ones: every key is 1 / E_i; a geometric spread) against the
+    # PyTorch race, which computes every key in fp64.
+    index = torch.arange(4099, dtype=torch.float32)
+    weights = torch.ones(4099) if spread == "equal" else torch.exp(-index / 300)
+    rng, want_rng = torch.tensor([21, 0]), torch.tensor([21, 0])
+    got, want = [], []
+    for _ in range(40):
+        token = torch.zeros(1, dtype=torch.long)
+        _emulated_draw_token(emulated, weights, rng, token)
+        got.append(int(token))
+        want.append(int(exponential_race(weights, want_rng)))
+    assert got == want and len(set(got)) > 30
+
+
 def test_emulated_draw_token_reads_each_weight_once_and_ignores_the_schedule(emulated):
     weights = emulated.guarded(_sampling_weights(50304, seed=1))
     tokens = []
