@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from neoxfuse import sampling
 from neoxfuse.errors import InvalidInputError
 from neoxfuse.sampling import SamplingParams, choose, exponential_race, next_token, philox4x32_10, probabilities
 
@@ -225,3 +226,11 @@ def test_race_names_bad_arguments(weights, rng, message):
     with pytest.raises(InvalidInputError, match=message):
         exponential_race(weights, rng)
 
+
+
+@pytest.mark.parametrize("device, capability, kernel", [("cpu", None, False), ("cuda", (8, 0), False), ("cuda", (9, 0), True),
+                                                        ("cuda", (12, 0), True)])
+def test_the_draw_kernel_runs_on_gpus_with_clusters_only(monkeypatch, device, capability, kernel):
+    # An A100 (sm_80) draws with the PyTorch race: the kernel needs thread-block clusters.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert sampling._draw_kernel_runs(torch.device(device)) is kernel

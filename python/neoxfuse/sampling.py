@@ -158,15 +158,19 @@ def draw(weights: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
     """One token drawn with probability proportional to weights [vocab] (fp32, >= 0) by the
     exponential race, as a [1] long tensor on their device, without waiting for the device; rng[1] += 1.
 
-    On a GPU with the fused decoder built, the race is one kernel (neoxfuse.ops.fused_decoder.draw_token);
-    elsewhere exponential_race. Both give the same token for the same weights and rng.
+    On an sm_90+ GPU with the fused decoder built, the race is one kernel
+    (neoxfuse.ops.fused_decoder.draw_token); elsewhere exponential_race. Both give the same token
+    for the same weights and rng.
     """
-    if weights.is_cuda and _draw_kernel_built():
+    if _draw_kernel_runs(weights.device):
         return fused_decoder.draw_token(weights, rng)
     return exponential_race(weights, rng)
 
 
-def _draw_kernel_built() -> bool:
+def _draw_kernel_runs(device: torch.device) -> bool:
+    """Whether the draw kernel runs on `device`: a CUDA device with thread-block clusters, and the library built with it."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < fused_decoder.MIN_CAPABILITY:
+        return False
     try:
         return hasattr(_lib.library(), "neoxfuse_fused_draw_token")
     except LibraryNotFoundError:
