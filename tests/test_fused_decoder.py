@@ -414,6 +414,33 @@ def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(
     assert cache.length == 18
 
 
+def test_backend_keeps_a_graph_per_selection_rule_and_the_last_sampling_ones(oracle_backend, monkeypatch):
+    # Graphs stood in for by replays of the eager step: one for logits, one for greedy steps and
+    # the last 4 (MAX_SAMPLING_GRAPHS) sampling rules captured (the seed is not part of a rule).
+    backend = oracle_backend[0]
+
+    class StepGraph:
+        def __init__(self, cache, selection):
+            self.replay = lambda: backend._step(cache, selection)
+
+    monkeypatch.setattr(backend, "use_graph", True)
+    monkeypatch.setattr(backend, "_capture", StepGraph)
+    monkeypatch.setattr(neoxfuse.fused, "MAX_SAMPLING_GRAPHS", 4)
+    cache = backend.new_cache()
+    backend.prefill(torch.tensor([3, 1, 4]), cache)
+    backend.decode_step(5, cache)
+    backend.decode_tokens(6, cache, 2, SamplingParams(), None, StepClock(torch.device("cpu")))
+    temperatures = [0.5, 0.6, 0.7, 0.8, 0.9, 0.6, 0.5]  # 0.9 drops 0.5; 0.6 replays; 0.5 drops 0.6
+    for t in temperatures:
+        sampling = SamplingParams(temperature=t, seed=int(t * 10))
+        backend.decode_tokens(7, cache, 2, sampling, sampling.rng("cpu"), StepClock(torch.device("cpu")))
+    sampled = [rule.temperature for rule in backend._graphs if rule is not None and not rule.greedy]
+    assert sampled == [0.7, 0.8, 0.9, 0.5]
+    assert None in backend._graphs and SamplingParams() in backend._graphs
+    assert all(rule is None or rule.seed is None for rule in backend._graphs)
+    assert cache.length == 3 + 1 + 2 + 2 * len(temperatures)
+
+
 class _EmulatedKernels(_OracleKernels):
     """neoxfuse.ops.fused_decoder as FusedBackend uses it, with the real kernels run on the CPU by
     the emulated library: the backend and the kernels together, without a GPU."""

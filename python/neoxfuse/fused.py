@@ -14,7 +14,7 @@ memory (the draw kernel advances rng), so the whole step, token choice included,
 as a CUDA graph and replayed for every later token (no per-kernel Python cost). The first step
 of a cache runs eagerly (it also warms up the kernels' plan), then the graph is captured: one
 graph for logits-only steps, one for greedy steps and one per sampling rule (temperature, top-k,
-top-p) used. decode_step writes tokens[p] from the host and returns the logits; decode_tokens
+top-p) used, the last MAX_SAMPLING_GRAPHS of them kept. decode_step writes tokens[p] from the host and returns the logits; decode_tokens
 replays a graph `steps` times with nothing between replays and no host wait, so the GPU does not
 idle waiting for Python between tokens.
 
@@ -42,6 +42,9 @@ from neoxfuse.ops import fused_decoder as ops
 from neoxfuse.reference import KVCache, ReferenceModel
 from neoxfuse.sampling import SamplingParams, probabilities
 from neoxfuse.weights import ModelWeights
+
+
+MAX_SAMPLING_GRAPHS = 4  # step graphs kept for sampling rules; capturing a fifth drops the oldest
 
 
 @register_backend
@@ -173,6 +176,10 @@ class FusedBackend(Backend):
             return
         self._step(cache, selection)
         if self.use_graph:
+            if selection is not None and not selection.greedy:
+                sampled = [rule for rule in self._graphs if rule is not None and not rule.greedy]
+                for rule in sampled[: max(0, len(sampled) - MAX_SAMPLING_GRAPHS + 1)]:
+                    del self._graphs[rule]  # the oldest: a graph holds its own memory
             self._graphs[selection] = self._capture(cache, selection)
 
     def _checked_token(self, token: int | torch.Tensor) -> int:
