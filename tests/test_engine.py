@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 import neoxfuse
 import neoxfuse.hf
@@ -142,6 +143,46 @@ def test_hf_generate_samples_with_the_generation_configs_options(hf_model, engin
     assert got[0, 3:].tolist() == want
     with pytest.raises(InvalidInputError, match="batch 1"):
         neoxfuse.hf.generate(hf_model, torch.zeros(2, 3, dtype=torch.long), max_new_tokens=4)
+
+
+def test_new_tokens_stream_in_order_and_stop_at_the_stop_token(engine):
+    batches = []
+    out = engine.generate([3, 4], 70, on_tokens=batches.append)
+    assert [len(b) for b in batches] == [1, 32, 32, 5]  # the first token, then chunks of DECODE_CHUNK steps
+    assert [t for b in batches for t in b] == out.tokens
+    stop = out.tokens[40]
+    batches.clear()
+    stopped = engine.generate([3, 4], 70, stop_token_ids=(stop,), on_tokens=batches.append)
+    assert [t for b in batches for t in b] == stopped.tokens and stopped.tokens[-1] == stop
+
+
+def test_hf_generate_feeds_a_streamer_as_model_generate_does(hf_model, capsys):
+    # HF's TextStreamer prints the same text for model.generate and neoxfuse.hf.generate, and a
+    # recording streamer sees the prompt, then the new tokens, then end().
+    tokenizer = _word_tokenizer(hf_model.config.vocab_size)
+    ids = torch.tensor([[7, 8, 9]])
+    greedy = {"max_new_tokens": 40, "do_sample": False, "eos_token_id": None}
+    want = hf_model.generate(ids, attention_mask=torch.ones_like(ids), streamer=TextStreamer(tokenizer, skip_prompt=True), **greedy)
+    printed_by_hf = capsys.readouterr().out
+    got = neoxfuse.hf.generate(hf_model, ids, streamer=TextStreamer(tokenizer, skip_prompt=True), eos_token_id=(),
+                               max_new_tokens=40)
+    assert got.tolist() == want.tolist()
+    assert capsys.readouterr().out == printed_by_hf and printed_by_hf.strip()
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = [], 0
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended += 1
+
+    recorder = Recorder()
+    neoxfuse.hf.generate(hf_model, ids, streamer=recorder, eos_token_id=(), max_new_tokens=40)
+    assert recorder.puts[0] == ids.tolist() and recorder.ended == 1
+    assert [t for put in recorder.puts[1:] for t in put[0]] == got[0, 3:].tolist()
 
 
 def test_text_prompts_use_the_checkpoints_tokenizer(hf_model, tmp_path):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Union
@@ -395,10 +395,13 @@ class Engine:
         *,
         stop_token_ids: Collection[int] = (),
         progress: bool = False,
+        on_tokens: Callable[[list[int]], None] | None = None,
     ) -> Generation:
         """Generates up to `max_new_tokens` tokens after `prompt` (text or token ids).
 
         Greedy unless `sampling` says otherwise; stops early after a token in `stop_token_ids`.
+        on_tokens, if given, streams the new tokens: it is called with each batch as soon as the host
+        has it (the first token, then each chunk of up to DECODE_CHUNK decode steps), in order.
         SequenceTooLongError, before any work, when the prompt and the new tokens but the last (which is
         never fed back) need more than max_seq_len KV cache positions.
         """
@@ -422,6 +425,8 @@ class Engine:
         start = time.perf_counter()
         token = next_token(self.backend.prefill(prompt_tensor, cache), sampling, rng)  # int(): waits for the GPU
         result = Generation(prompt_tokens, [token], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed)
+        if on_tokens is not None:
+            on_tokens([token])
         with progress_bar(max_new_tokens, "decoding", unit="tok", enabled=progress) as bar:
             bar.update(1)
             while len(result.tokens) < max_new_tokens and token not in stop_token_ids:
@@ -431,6 +436,8 @@ class Engine:
                 result.tokens += tokens
                 result.decode_ms += times
                 bar.update(len(tokens))
+                if on_tokens is not None:
+                    on_tokens(tokens)
         if self.tokenizer is not None:
             result.text = self.tokenizer.decode(result.tokens)
         return result

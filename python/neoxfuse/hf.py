@@ -42,6 +42,7 @@ import weakref
 from collections.abc import Collection
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXForCausalLM, GPTNeoXLayer, GPTNeoXModel
 
 from neoxfuse.engine import AUTO, Engine
@@ -250,6 +251,7 @@ def generate(
     top_p: float | None = None,
     eos_token_id: int | Collection[int] | None = None,
     seed: int | None = None,
+    streamer: BaseStreamer | None = None,
     backend: str = AUTO,
 ) -> torch.Tensor:
     """`model.generate(input_ids, ...)` for one sequence, decoded by a neoxfuse Engine.
@@ -257,8 +259,10 @@ def generate(
     input_ids [1, P] (long) -> [1, P + N] on the same device: the prompt, then N <= max_new_tokens
     new tokens ending at the first of eos_token_id. Options left None come from
     model.generation_config, as HF reads them: max_new_tokens (else max_length - P), greedy unless
-    do_sample, then temperature, top_k, top_p (seed: reproducible draws). The Engine (its KV cache and CUDA graphs) is built on the
-    first call for a model and kept while the model lives; `backend` as in Engine.
+    do_sample, then temperature, top_k, top_p (seed: reproducible draws). A streamer (HF's
+    TextStreamer, say) gets what model.generate gives it: put(prompt), put(new tokens) as they
+    arrive (in batches of up to 32 here, not one by one), end(). The Engine (its KV cache and CUDA
+    graphs) is built on the first call for a model and kept while the model lives; `backend` as in Engine.
     """
     config = model.generation_config
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -279,7 +283,15 @@ def generate(
     new_tokens = option(max_new_tokens, "max_new_tokens")
     if new_tokens is None:  # HF: max_length counts the prompt
         new_tokens = config.max_length - input_ids.shape[1]
-    out = _engine(model, backend).generate(input_ids[0], new_tokens, sampling, stop_token_ids=stops)
+    def stream(tokens: list[int]) -> None:
+        streamer.put(torch.tensor([tokens], dtype=input_ids.dtype))  # [1, n], on the CPU as HF puts them
+
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    out = _engine(model, backend).generate(input_ids[0], new_tokens, sampling, stop_token_ids=stops,
+                                           on_tokens=stream if streamer is not None else None)
+    if streamer is not None:
+        streamer.end()
     new = torch.tensor(out.tokens, dtype=input_ids.dtype, device=input_ids.device)
     return torch.cat([input_ids, new[None]], dim=1)
 
