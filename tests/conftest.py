@@ -1,6 +1,6 @@
 """Shared test set-up: the `gpu` marker (skips with a reason where no CUDA GPU is usable), the
-`sanitize` marker (from each module's SANITIZE), --wheel, and the `cuobjdump` and `emulated`
-fixtures."""
+`sanitize` marker (from each module's SANITIZE), --wheel, and the `cuobjdump`, `emulated` and
+`word_tokenizer` fixtures."""
 
 import contextlib
 import ctypes
@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from neoxfuse import _lib
 from neoxfuse.profile import find_program
@@ -51,6 +53,20 @@ def pytest_collection_modifyitems(config, items):
 def _name_matches(name: str, pattern: str) -> bool:
     """Whether a test's name matches a pattern in which '*' stands for any text (brackets are literal)."""
     return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), name) is not None
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """word_tokenizer(vocab_size): a whitespace word tokenizer with one word per model token, built
+    offline: "<|endoftext|>" (id 0, also EOS), "hello", "world", then "w3", "w4", ..."""
+
+    def build(vocab_size: int) -> PreTrainedTokenizerFast:
+        words = ["<|endoftext|>", "hello", "world", *(f"w{i}" for i in range(3, vocab_size))]
+        tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<|endoftext|>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+    return build
 
 
 @pytest.fixture(scope="session")

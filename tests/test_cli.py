@@ -96,6 +96,20 @@ def test_generate_from_a_checkpoint_and_sampling_options(tiny_checkpoint, capsys
     assert "random-initialised" not in capsys.readouterr().err
 
 
+def test_generate_streams_ids_or_text(tiny_checkpoint, tmp_path, capsys, word_tokenizer):
+    args = ["generate", "--tokens", "5,6", "--max-new-tokens", "40", "--device", "cpu", "--stream"]
+    assert main([*args, "--model", str(tiny_checkpoint)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == lines[3].split(": ")[1]  # the streamed ids, then the summary's "generated (40 tokens): ..."
+    tokenizer_dir = tmp_path / "with-tokenizer"
+    model = random_model("tiny", seed=3)
+    model.save_pretrained(tokenizer_dir)
+    word_tokenizer(model.config.vocab_size).save_pretrained(tokenizer_dir)
+    assert main([*args, "--model", str(tokenizer_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("text: ") and lines[-2].endswith(lines[0])  # the streamed text is the summary's
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TextStreamer
+from transformers import LlamaConfig, LlamaForCausalLM, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 import neoxfuse
@@ -98,14 +97,6 @@ def test_every_model_source_gives_the_same_model(tmp_path):
     assert Engine("tiny", seed=1, device="cpu").generate(prompt, 12).tokens != expected
 
 
-def _word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A whitespace word tokenizer with one word per model token (built offline)."""
-    words = ["<|endoftext|>", "hello", "world", *(f"w{i}" for i in range(3, vocab_size))]
-    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<|endoftext|>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-
-
 def test_a_gptq_checkpoint_runs_dequantized(hf_model, tmp_path):
     checkpoint = quantize_gpt_neox(hf_model, QuantConfig(group_size=32, sym=False))
     save_gptq_checkpoint(checkpoint, tmp_path)
@@ -156,10 +147,10 @@ def test_new_tokens_stream_in_order_and_stop_at_the_stop_token(engine):
     assert [t for b in batches for t in b] == stopped.tokens and stopped.tokens[-1] == stop
 
 
-def test_hf_generate_feeds_a_streamer_as_model_generate_does(hf_model, capsys):
+def test_hf_generate_feeds_a_streamer_as_model_generate_does(hf_model, capsys, word_tokenizer):
     # HF's TextStreamer prints the same text for model.generate and neoxfuse.hf.generate, and a
     # recording streamer sees the prompt, then the new tokens, then end().
-    tokenizer = _word_tokenizer(hf_model.config.vocab_size)
+    tokenizer = word_tokenizer(hf_model.config.vocab_size)
     ids = torch.tensor([[7, 8, 9]])
     greedy = {"max_new_tokens": 40, "do_sample": False, "eos_token_id": None}
     want = hf_model.generate(ids, attention_mask=torch.ones_like(ids), streamer=TextStreamer(tokenizer, skip_prompt=True), **greedy)
@@ -185,9 +176,9 @@ def test_hf_generate_feeds_a_streamer_as_model_generate_does(hf_model, capsys):
     assert [t for put in recorder.puts[1:] for t in put[0]] == got[0, 3:].tolist()
 
 
-def test_text_prompts_use_the_checkpoints_tokenizer(hf_model, tmp_path):
+def test_text_prompts_use_the_checkpoints_tokenizer(hf_model, tmp_path, word_tokenizer):
     hf_model.save_pretrained(tmp_path)
-    tokenizer = _word_tokenizer(hf_model.config.vocab_size)
+    tokenizer = word_tokenizer(hf_model.config.vocab_size)
     tokenizer.save_pretrained(tmp_path)
     engine = Engine(tmp_path, device="cpu")
     assert engine.tokenizer is not None

@@ -124,6 +124,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on a GPU, fp32 on a CPU")
     parser.add_argument("--max-seq-len", type=int, help="KV cache positions (default: the model's maximum)")
+    parser.add_argument("--stream", action="store_true", help="print the new text (token ids without a tokenizer) as it "
+                        "is generated, instead of a progress bar")
 
 
 def _generate(args) -> int:
@@ -147,7 +149,11 @@ def _generate(args) -> int:
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed or 0)
     prompt = args.tokens if args.prompt is None else engine.encode(args.prompt)
     eos = getattr(engine.tokenizer, "eos_token_id", None)
-    out = engine.generate(prompt, args.max_new_tokens, sampling, stop_token_ids=() if eos is None else (eos,), progress=True)
+    stream = _Stream(engine.tokenizer) if args.stream else None
+    out = engine.generate(prompt, args.max_new_tokens, sampling, stop_token_ids=() if eos is None else (eos,),
+                          progress=stream is None, on_tokens=stream)
+    if stream is not None:
+        print(flush=True)  # ends the streamed line
 
     dtype_name = str(engine.dtype).replace("torch.", "")
     print(f"model: {engine.description}; backend {engine.backend_name} ({engine.backend_reason}); {dtype_name} on {engine.device}")
@@ -163,6 +169,28 @@ def _generate(args) -> int:
         timing += f"; {_count(out.decode_ms, 'decode step')}, TPOT {out.tpot_ms:.3f} ms ({1e3 / out.tpot_ms:.1f} tokens/s)"
     print(timing)
     return 0
+
+
+class _Stream:
+    """Prints new tokens as Engine.generate hands them over: the text they add when there is a
+    tokenizer (all tokens so far decoded, past what is printed, as HF's TextStreamer does; held
+    back while it ends inside a character), else their ids, comma-separated."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.printed = ""
+
+    def __call__(self, tokens: list[int]) -> None:
+        if self.tokenizer is None:
+            print(("," if self.tokens else "") + ",".join(map(str, tokens)), end="", flush=True)
+            self.tokens += tokens
+            return
+        self.tokens += tokens
+        text = self.tokenizer.decode(self.tokens)
+        if not text.endswith("\ufffd"):  # else a character is still incomplete: wait for more tokens
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
 
 
 def _count(items, noun: str) -> str:
