@@ -414,6 +414,15 @@ def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(
     assert cache.length == 18
 
 
+def test_backend_sampled_steps_need_the_random_state_before_running(oracle_backend):
+    backend = oracle_backend[0]
+    cache = backend.new_cache()
+    backend.prefill(torch.tensor([3, 1, 4]), cache)
+    with pytest.raises(InvalidInputError, match="random state"):
+        backend.decode_tokens(5, cache, 2, SamplingParams(temperature=1.0), None, StepClock(torch.device("cpu")))
+    assert cache.length == 3 and int(backend._position) == 0  # nothing ran, nothing was put on the device
+
+
 def test_backend_keeps_a_graph_per_selection_rule_and_the_last_sampling_ones(oracle_backend, monkeypatch):
     # Graphs stood in for by replays of the eager step: one for logits, one for greedy steps and
     # the last 4 (MAX_SAMPLING_GRAPHS) sampling rules captured (the seed is not part of a rule).

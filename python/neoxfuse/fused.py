@@ -40,7 +40,7 @@ from neoxfuse.engine import Availability, Backend, StepClock, register_backend
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError, NeoxfuseError
 from neoxfuse.ops import fused_decoder as ops
 from neoxfuse.reference import KVCache, ReferenceModel
-from neoxfuse.sampling import SamplingParams, probabilities
+from neoxfuse.sampling import SamplingParams, check_rng, probabilities
 from neoxfuse.weights import ModelWeights
 
 
@@ -136,8 +136,7 @@ class FusedBackend(Backend):
         by `steps`). The same errors as decode_step, before anything runs."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidInputError(f"steps must be an integer >= 1, got {steps!r}")
-        if not sampling.greedy and rng is None:
-            raise InvalidInputError("sampled decoding needs the random state from sampling.rng(device)")
+        check_rng(sampling, rng)
         start = self._start(token, cache, steps)
         selection = _selection_rule(sampling)
         if not sampling.greedy:

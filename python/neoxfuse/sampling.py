@@ -177,6 +177,12 @@ def _draw_kernel_runs(device: torch.device) -> bool:
         return False
 
 
+def check_rng(params: SamplingParams, rng: torch.Tensor | None) -> None:
+    """InvalidInputError when sampled decoding is asked for without its random state."""
+    if not params.greedy and rng is None:
+        raise InvalidInputError("sampled decoding needs the random state from params.rng(device)")
+
+
 def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None) -> torch.Tensor:
     """The next token id as a [1] long tensor on the logits' device, without waiting for the device:
     argmax(logits) when greedy, else draw(probabilities(logits, params), rng).
@@ -185,8 +191,7 @@ def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | Non
     """
     if params.greedy:
         return torch.argmax(logits).reshape(1)
-    if rng is None:
-        raise InvalidInputError("sampled decoding needs the random state from params.rng(device)")
+    check_rng(params, rng)
     return draw(probabilities(logits, params), rng)
 
 

@@ -11,17 +11,18 @@ For the residual stream x [hidden] (fp32) of the token at position p, `decoder_l
 
 (LN with bias, one set of statistics for LN1 and LN2; exact erf GELU), `lm_head` computes
 logits = LN_final(x) @ embed_out.T, and `draw_token` draws a sampled token from the filtered
-probabilities (neoxfuse.sampling's exponential race) with its random state in device memory. Weights are fp16 in Hugging Face's layout, used as they are;
-all arithmetic is fp32; x, y, the logits and the scratch buffers are fp32. Results are bitwise
-reproducible (fixed reduction orders, no float atomics).
+probabilities (neoxfuse.sampling's exponential race) with its random state in device memory.
+Weights are fp16 in Hugging Face's layout, used as they are; all arithmetic is fp32; x, y, the
+logits and the scratch buffers are fp32. Results are bitwise reproducible (fixed reduction
+orders, no float atomics).
 
 The position may be a device tensor (int32 [1]), so a CUDA graph can replay a step while the
 position advances; a device position outside the cache makes y NaN and writes no cache slot.
 A Python int position is checked here (SequenceTooLongError past the cache).
 
 Ops (torch.library, namespace `neoxfuse`, with fake implementations): `fused_decoder_layer`,
-`fused_lm_head` and `fused_draw_token`, all writing into given tensors. Supported: GPT-NeoX with parallel residual,
-head_dim 64 (Pythia-70M, -160M, -410M), 80 (Pythia-2.8B), 96 (GPT-NeoX-20B), 128 (Pythia-1.4B,
+`fused_lm_head` and `fused_draw_token`, all writing into given tensors. Supported: GPT-NeoX with
+parallel residual, head_dim 64 (Pythia-70M, -160M, -410M), 80 (Pythia-2.8B), 96 (GPT-NeoX-20B), 128 (Pythia-1.4B,
 -6.9B, -12B) or 256 (Pythia-1B): the whole Pythia suite and GPT-NeoX-20B; hidden <= 8192, on sm_90+ GPUs.
 """
 
@@ -426,6 +427,11 @@ def lm_head(
     return out
 
 
+def _check_draw_values(weights, rng, token) -> None:
+    check_draw(weights, rng)
+    check_tensor("token", token, dtypes=[torch.int64], shape=[1], cuda=False, aligned=False)
+
+
 @torch.library.custom_op("neoxfuse::fused_draw_token", mutates_args=("rng", "token"))
 def fused_draw_token(weights: torch.Tensor, rng: torch.Tensor, token: torch.Tensor) -> None:
     """token [1] (int64) = argmax_i w_i / E_i, E_i = -ln(u_i) (neoxfuse.sampling: the exponential
@@ -434,8 +440,7 @@ def fused_draw_token(weights: torch.Tensor, rng: torch.Tensor, token: torch.Tens
     weights [vocab] fp32 (>= 0), rng [2] int64, token [1] int64: one CUDA device. One cluster of
     8 blocks; the same token as neoxfuse.sampling.exponential_race.
     """
-    check_draw(weights, rng)
-    check_tensor("token", token, dtypes=[torch.int64], shape=[1], cuda=False, aligned=False)
+    _check_draw_values(weights, rng, token)
     tensors = {"weights": weights, "rng": rng, "token": token}
     check_same_device(**tensors)
     for name, t in tensors.items():
@@ -452,8 +457,7 @@ def fused_draw_token(weights: torch.Tensor, rng: torch.Tensor, token: torch.Tens
 
 @fused_draw_token.register_fake
 def _(weights, rng, token):
-    check_draw(weights, rng)
-    check_tensor("token", token, dtypes=[torch.int64], shape=[1], cuda=False, aligned=False)
+    _check_draw_values(weights, rng, token)
 
 
 def draw_token(weights: torch.Tensor, rng: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
