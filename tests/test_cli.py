@@ -13,6 +13,7 @@ import torch
 import neoxfuse
 from neoxfuse import bench
 from neoxfuse.cli import library_code_for, main
+from neoxfuse.sampling import SamplingParams
 from neoxfuse.weights import random_model
 
 ARCHS = ["sm_90a", "sm_120", "compute_120"]  # bazel/cuda.bzl
@@ -158,15 +159,14 @@ def test_bench_suites_are_discovered():
 def test_bench_decode_leaves_the_oracle_out_on_a_gpu_unless_asked():
     from neoxfuse.bench import decode
 
-    model = random_model("tiny", seed=0)
-    greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
-    default = argparse.Namespace(backends=None, **greedy)
-    contenders, skipped = decode._contenders(default, model, torch.device("cuda"), torch.float16, 16)
+    model, greedy = random_model("tiny", seed=0), SamplingParams()
+    default = argparse.Namespace(backends=None)
+    contenders, skipped = decode._contenders(default, model, torch.device("cuda"), torch.float16, 16, greedy)
     assert "reference" not in {c.name for c in contenders} and "oracle" in skipped["reference"]
-    contenders, skipped = decode._contenders(default, model, torch.device("cpu"), torch.float32, 16)
+    contenders, skipped = decode._contenders(default, model, torch.device("cpu"), torch.float32, 16, greedy)
     assert "reference" in {c.name for c in contenders} and "reference" not in skipped
-    asked = argparse.Namespace(backends=["reference"], **greedy)
-    contenders, skipped = decode._contenders(asked, model, torch.device("cpu"), torch.float32, 16)
+    asked = argparse.Namespace(backends=["reference"])
+    contenders, skipped = decode._contenders(asked, model, torch.device("cpu"), torch.float32, 16, greedy)
     assert [c.name for c in contenders] == ["reference"] and not skipped
 
 

@@ -190,8 +190,8 @@ def _sampling(args) -> SamplingParams:
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
-def _contenders(args, model, device, dtype, max_seq_len) -> tuple[list, dict[str, str]]:
-    """The contenders that run here, and {name: why not} for those that cannot."""
+def _contenders(args, model, device, dtype, max_seq_len, sampling: SamplingParams) -> tuple[list, dict[str, str]]:
+    """The contenders that run here, each choosing tokens by `sampling`, and {name: why not} for those that cannot."""
     shape = shape_of(model.config)
     known = [*sorted(BACKENDS), *HF_PEERS]
     wanted, skipped = args.backends or known, {}
@@ -201,7 +201,7 @@ def _contenders(args, model, device, dtype, max_seq_len) -> tuple[list, dict[str
     unknown = [name for name in wanted if name not in known]
     if unknown:
         raise InvalidInputError(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    contenders, sampling = [], _sampling(args)
+    contenders = []
     for name in wanted:
         if name in BACKENDS:
             availability = BACKENDS[name].available(device, dtype, shape)
@@ -227,6 +227,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     on_gpu = device.type == "cuda"
+    sampling = _sampling(args)  # bad values fail here, before a model is loaded
     model_source = args.model or (GPU_MODEL if on_gpu else CPU_MODEL)
     lengths = args.lengths or list(GPU_LENGTHS if on_gpu else CPU_LENGTHS)
     if not args.model and not on_gpu:
@@ -241,7 +242,7 @@ def run(args) -> int:
     if max_seq_len > shape.max_positions:
         raise SequenceTooLongError(f"length {max_seq_len} needs {max_seq_len} KV cache positions; "
                                    f"{description} has {shape.max_positions}: choose shorter --lengths")
-    contenders, skipped = _contenders(args, model, device, dtype, max_seq_len)
+    contenders, skipped = _contenders(args, model, device, dtype, max_seq_len, sampling)
     prompt = torch.randint(0, shape.vocab, (1,), generator=torch.Generator().manual_seed(args.seed)).tolist()
 
     if on_gpu:
@@ -255,7 +256,6 @@ def run(args) -> int:
     dtype_bytes = torch.finfo(dtype).bits // 8
     names = [contender.name for contender in contenders]
     floor = {"weight_bytes": shape.weight_bytes(dtype_bytes), "kv_bytes_per_token": shape.kv_bytes_per_token(dtype_bytes)}
-    sampling = contenders[0].sampling
     rows = _rows(runs, names, lengths, description, floor, copy.GBps if copy else None, sampling)
     extra = {
         "model": description,
