@@ -182,11 +182,11 @@ class _Stream:
         self.printed = ""
 
     def __call__(self, tokens: list[int]) -> None:
-        if self.tokenizer is None:
-            print(("," if self.tokens else "") + ",".join(map(str, tokens)), end="", flush=True)
-            self.tokens += tokens
-            return
+        separator = "," if self.tokens else ""
         self.tokens += tokens
+        if self.tokenizer is None:
+            print(separator + ",".join(map(str, tokens)), end="", flush=True)
+            return
         text = self.tokenizer.decode(self.tokens)
         if not text.endswith("\ufffd"):  # else a character is still incomplete: wait for more tokens
             print(text[len(self.printed):], end="", flush=True)

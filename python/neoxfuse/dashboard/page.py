@@ -24,7 +24,7 @@ import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from html import escape
 from pathlib import Path
 
@@ -59,16 +59,13 @@ class SuiteView:
         return y / copy if self.copy_ceiling and copy else None
 
 
+_DECODE = SuiteView(
+    "Decode: time per output token vs context length", x="context", y="tpot_ms", series="backend",
+    facets=("model",), x_label="context length (tokens)", y_label="TPOT (ms)", floor="floor_ms",
+)
 VIEWS = {
-    "decode": SuiteView(
-        "Decode: time per output token vs context length", x="context", y="tpot_ms", series="backend",
-        facets=("model",), x_label="context length (tokens)", y_label="TPOT (ms)", floor="floor_ms",
-    ),
-    "decode_sampled": SuiteView(
-        "Decode, sampled (bench decode --temperature): time per output token vs context length", x="context",
-        y="tpot_ms", series="backend", facets=("model",), x_label="context length (tokens)", y_label="TPOT (ms)",
-        floor="floor_ms",
-    ),
+    "decode": _DECODE,
+    "decode_sampled": replace(_DECODE, title="Decode, sampled (bench decode --temperature): time per output token vs context length"),
     "layer": SuiteView(
         "One decoder layer", x="seq_len", y="median_us", series="provider", facets=("model", "layer"),
         x_label="sequence length (tokens)", y_label="median (µs)", floor="floor_us",
