@@ -306,6 +306,11 @@ def test_fake_implementations_check_shapes_without_running():
     embed_out = torch.empty(shape.vocab, shape.hidden, dtype=torch.float16, device="meta")
     logits = fd.lm_head(x, layer.ln1_weight, layer.ln1_bias, embed_out)
     assert (logits.shape, logits.dtype) == ((shape.vocab,), torch.float32)
+    rng = torch.empty(2, dtype=torch.long, device="meta")
+    token = fd.draw_token(logits, rng)
+    assert (token.shape, token.dtype, token.device.type) == ((1,), torch.long, "meta")
+    with pytest.raises(InvalidInputError, match="rng must be int64"):
+        fd.draw_token(logits, rng.int())
 
 
 def test_c_abi_refuses_null_arguments_without_touching_a_device():
