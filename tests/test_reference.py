@@ -103,6 +103,18 @@ def test_chunked_prefill_equals_whole_prefill():
     assert relative_error(torch.cat(pieces), whole) < 1e-5
 
 
+@torch.no_grad()
+def test_prefill_of_the_last_logits_only_fills_the_same_cache():
+    reference = ReferenceModel(from_hf(random_model("tiny", seed=2)), max_seq_len=40)
+    tokens = torch.randint(0, 512, (23,))
+    whole_cache, last_cache = reference.new_cache(), reference.new_cache()
+    whole = reference.prefill(tokens, whole_cache)  # [23, vocab]
+    last = reference.prefill(tokens, last_cache, last_only=True)  # [1, vocab]
+    assert last.shape == (1, whole.shape[1]) and last_cache.length == whole_cache.length == 23
+    assert torch.equal(last_cache.k, whole_cache.k) and torch.equal(last_cache.v, whole_cache.v)
+    assert relative_error(last[0], whole[-1]) < 1e-6  # one row of the same matmul (a different shape may round apart)
+
+
 # Same weights, the reference in another dtype against fp32, over a 20-token prefill (tiny).
 DTYPE_RTOL = {
     torch.float64: 1e-6,  # fp32's own rounding (~3e-7 measured)

@@ -195,7 +195,7 @@ class ReferenceBackend(Backend):
         return self.model.new_cache()
 
     def prefill(self, tokens, cache):
-        return self.model.prefill(tokens, cache)[-1]
+        return self.model.prefill(tokens, cache, last_only=True)[0]
 
     def decode_step(self, token, cache):
         return self.model.decode_step(token, cache)

@@ -20,7 +20,7 @@ idle waiting for Python between tokens.
 
 Prefill runs through neoxfuse.reference in fp16 on the GPU and fills the same fp16 KV cache
 [layers, heads, max_seq_len, head_dim] the kernels read, so a prompt costs what plain PyTorch
-costs and every decode step after it runs fused.
+costs (the LM head for its last token only) and every decode step after it runs fused.
 
 The backend owns one KV storage: new_cache() hands it out afresh (length 0) each time, so the
 graph's cache pointers stay valid across generations; a cache from an earlier new_cache() is
@@ -115,7 +115,7 @@ class FusedBackend(Backend):
 
     def prefill(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The last token's logits [vocab] (fp32) after running `tokens` from cache.length in PyTorch."""
-        return self.reference.prefill(tokens, cache)[-1].float()
+        return self.reference.prefill(tokens, cache, last_only=True)[0].float()
 
     def decode_step(self, token: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [vocab] (fp32, a fresh tensor) of `token` at position cache.length; cache.length grows by 1.

@@ -173,8 +173,9 @@ class ReferenceModel:
         return KVCache(k=like.new_zeros(size), v=like.new_zeros(size))
 
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor | Sequence[int], cache: KVCache) -> torch.Tensor:
-        """Logits [T, vocab] of T tokens appended at cache.length; cache.length grows by T.
+    def prefill(self, tokens: torch.Tensor | Sequence[int], cache: KVCache, *, last_only: bool = False) -> torch.Tensor:
+        """Logits [T, vocab] of T tokens appended at cache.length; cache.length grows by T. last_only:
+        the last token's logits only ([1, vocab]; all that generation reads), the LM head skipped for the rest.
 
         SequenceTooLongError if they do not fit the cache; InvalidInputError for ids outside
         0..vocab-1, non-integer or empty tokens, or a cache of another model. The cache is
@@ -187,7 +188,9 @@ class ReferenceModel:
         for index, layer in enumerate(w.layers):
             x = decoder_layer(x, layer, self.shape, cache.k[index], cache.v[index], cache.length)
         cache.length += len(token_ids)
-        return layer_norm(x, w.final_ln_weight, w.final_ln_bias, self.shape.eps) @ w.embed_out.T  # [T, vocab]
+        if last_only:
+            x = x[-1:]  # [1, h]
+        return layer_norm(x, w.final_ln_weight, w.final_ln_bias, self.shape.eps) @ w.embed_out.T  # [T or 1, vocab]
 
     def decode_step(self, token: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [vocab] of one token appended at cache.length (prefill of a single token)."""
