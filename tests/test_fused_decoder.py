@@ -133,7 +133,7 @@ def _oracle(x, layer, shape, k_cache, v_cache, position):
     q = qkv.view(shape.heads, 3, shape.head_dim)[:, 0]  # [heads, head_dim]
     cos, sin = ref.rotary_cos_sin(torch.tensor([position], device=x.device), shape.rotary_dims, shape.rotary_base)
     q = ref.apply_rotary(q[None], cos, sin, shape.rotary_dims)[0]
-    attn = ref.attention(q[:, None], k32, v32, torch.tensor([position], device=x.device))  # [heads, 1, head_dim]
+    attn = ref.attention(q[:, None], k32, v32, position)  # [heads, 1, head_dim]
     mlp = ref.gelu(ref.layer_norm(x, layer32.ln2_weight, layer32.ln2_bias, shape.eps) @ layer32.fc_in_weight.T
                    + layer32.fc_in_bias)
     return {"y": y, "attn": attn.reshape(-1), "mlp": mlp, "k": k32[:, position], "v": v32[:, position]}

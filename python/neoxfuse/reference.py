@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from neoxfuse.configs import NeoXShape
 from neoxfuse.errors import InvalidInputError, SequenceTooLongError
@@ -81,20 +83,18 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
-def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
     """Causal attention of each head's queries over its cached keys and values.
 
-    q [heads, T, d]: queries at absolute `positions` [T]; k_cache, v_cache [heads, S, d] with keys
-    0 .. max(positions) written (slots past that are never read). Query t sees keys j <= positions[t]:
+    q [heads, T, d]: queries at positions start .. start+T-1; k_cache, v_cache [heads, S, d] with keys
+    0 .. start+T-1 written (slots past that are never read). Query t sees keys j <= start + t:
         out[:, t] = sum_j softmax_j(q[:, t] . k[:, j] / sqrt(d)) v[:, j]
-    Returns [heads, T, d].
+    Returns [heads, T, d]. PyTorch's fused attention with the bottom-right causal mask (HF's sdpa
+    attention): a long prompt's [heads, T, S] scores are never written to memory on a GPU.
     """
-    seen = int(positions.max()) + 1
+    tokens, seen = q.shape[1], start + q.shape[1]
     keys, values = k_cache[:, :seen], v_cache[:, :seen]  # [heads, seen, d]
-    scores = q @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])  # [heads, T, seen]
-    visible = torch.arange(seen, device=q.device)[None, :] <= positions[:, None]  # [T, seen]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ values  # [heads, T, d]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(tokens, seen))  # [heads, T, d]
 
 
 def mlp(x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
@@ -130,7 +130,7 @@ def decoder_layer(
 
     k_cache[:, start_pos : start_pos + tokens] = k.transpose(0, 1)  # [heads, T, head_dim]
     v_cache[:, start_pos : start_pos + tokens] = v.transpose(0, 1)
-    heads_out = attention(q.transpose(0, 1), k_cache, v_cache, positions)  # [heads, T, head_dim]
+    heads_out = attention(q.transpose(0, 1), k_cache, v_cache, start_pos)  # [heads, T, head_dim]
     attn = heads_out.transpose(0, 1).reshape(tokens, shape.hidden) @ layer.dense_weight.T + layer.dense_bias  # [T, h]
 
     if shape.parallel_residual:
