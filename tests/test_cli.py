@@ -93,6 +93,15 @@ def test_generate_from_a_checkpoint_and_sampling_options(tiny_checkpoint, capsys
     assert main(sampled) == 0
     assert capsys.readouterr().out.splitlines()[2] == first.splitlines()[2]  # the generated tokens, reproduced
     assert "seed 4 (--seed 4 draws these tokens again)" in first
+    assert main([*args, "--temperature", "0.9"]) == 0  # unseeded, a checkpoint's weights: its seed redraws the tokens
+    out = capsys.readouterr().out
+    seed = int(out.split("seed ")[1].split(" ")[0])
+    assert f"(--seed {seed} draws these tokens again)" in out
+    assert main([*args, "--temperature", "0.9", "--seed", str(seed)]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == out.splitlines()[2]
+    random_init = ["generate", "--model", "tiny", "--tokens", "5,6", "--max-new-tokens", "3", "--device", "cpu", "--temperature", "0.9"]
+    assert main(random_init) == 0  # unseeded, random weights from seed 0: --seed N would change the weights too
+    assert "draws these tokens again" not in capsys.readouterr().out
     assert main(args) == 0
     assert "random-initialised" not in capsys.readouterr().err
 

@@ -160,8 +160,11 @@ def _generate(args) -> int:
     print(f"prompt ({_count(out.prompt_tokens, 'token')}): {','.join(map(str, out.prompt_tokens))}")
     print(f"generated ({_count(out.tokens, 'token')}): {','.join(map(str, out.tokens))}")
     if out.seed is not None:
+        # --seed also seeds a random-initialised model's weights: it redraws these tokens only where
+        # it was given, or where the weights come from a checkpoint.
+        redraw = f" (--seed {out.seed} draws these tokens again)" if args.seed is not None or not engine.random_init else ""
         print(f"sampled: temperature {sampling.temperature}, top-k {sampling.top_k}, top-p {sampling.top_p}, "
-              f"seed {out.seed} (--seed {out.seed} draws these tokens again)")
+              f"seed {out.seed}{redraw}")
     if out.text is not None:
         print(f"text: {args.prompt if args.prompt is not None else engine.tokenizer.decode(out.prompt_tokens)}{out.text}")
     timing = f"prefill {out.prefill_ms:.2f} ms"
