@@ -139,6 +139,20 @@ class EmulatedKernels:
         out.guard = memory  # the mapping lives as long as the tensor
         return out
 
+    def call_sample_token(self, logits, rng, token, temperature: float, top_k: int = 0, top_p: float = 1.0) -> None:
+        """neoxfuse_fused_sample_token on CPU tensors as they are: logits [vocab] fp32, rng [2] and
+        token [1] int64 (both written)."""
+        self.call("neoxfuse_fused_sample_token", [ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_float,
+                                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
+                  logits.data_ptr(), logits.numel(), temperature, top_k, top_p, rng.data_ptr(), token.data_ptr(), None)
+
+    def sample_token(self, logits, rng, token, temperature: float, top_k: int = 0, top_p: float = 1.0) -> None:
+        """call_sample_token on guarded copies of the tensors; rng and token receive the results."""
+        guarded = [self.guarded(t) for t in (logits, rng, token)]
+        self.call_sample_token(*guarded, temperature, top_k, top_p)
+        rng.copy_(guarded[1])
+        token.copy_(guarded[2])
+
     def take_streamed_bytes(self) -> int:
         """Bytes the kernels read with streaming loads (ld.global.cs: data read once, like weights)
         since the last call."""

@@ -17,7 +17,6 @@ The `test_emulated_*` tests run the same kernel code on the CPU through the emul
 the kernels' indexing, barriers and cluster reductions are checked on machines without a GPU.
 """
 
-import contextlib
 import copy
 import ctypes
 import dataclasses
@@ -58,11 +57,10 @@ SANITIZE = (
     "test_pythia_layer_matches_fp32_oracle[pythia-2.8b-127]",
     "test_device_position_past_the_cache_gives_nan_and_writes_nothing",
     "test_lm_head_matches_fp32_oracle[640-7]",
-    "test_draw_token_is_the_pytorch_race_on_the_gpu_and_the_cpu[1001]",
 )
 
 KERNELS = (*(f"attn_mlp_in_kernelILi{d}E" for d in fd.SUPPORTED_HEAD_DIMS), "out_proj_kernel", "lm_head_kernel",
-           "draw_token_kernel")
+           "sample_token_kernel")
 FULL_SIZE_LAYERS = {  # one full-size layer of each head_dim the kernels are built for
     "pythia-410m": NeoXShape(hidden=1024, layers=1, heads=16, head_dim=64, rotary_dims=16, ffn=4096, vocab=50304,
                              max_positions=2048),
@@ -307,10 +305,10 @@ def test_fake_implementations_check_shapes_without_running():
     logits = fd.lm_head(x, layer.ln1_weight, layer.ln1_bias, embed_out)
     assert (logits.shape, logits.dtype) == ((shape.vocab,), torch.float32)
     rng = torch.empty(2, dtype=torch.long, device="meta")
-    token = fd.draw_token(logits, rng)
+    token = fd.sample_token(logits, rng, 0.8, 50, 0.9)
     assert (token.shape, token.dtype, token.device.type) == ((1,), torch.long, "meta")
     with pytest.raises(InvalidInputError, match="rng must be int64"):
-        fd.draw_token(logits, rng.int())
+        fd.sample_token(logits, rng.int(), 0.8)
 
 
 def test_c_abi_refuses_null_arguments_without_touching_a_device():
@@ -351,9 +349,11 @@ class _OracleKernels:
     def lm_head(x, ln_weight, ln_bias, embed_out, eps, *, out, pdl):
         out.copy_(ref.layer_norm(x, ln_weight.float(), ln_bias.float(), eps) @ embed_out.float().T)
 
+    MAX_SAMPLE_VOCAB = fd.MAX_SAMPLE_VOCAB
+
     @staticmethod
-    def draw_token(weights, rng, *, out):
-        return out.copy_(exponential_race(weights, rng))
+    def sample_token(logits, rng, temperature, top_k, top_p, *, out):
+        return out.copy_(exponential_race(probabilities(logits, SamplingParams(temperature, top_k, top_p)), rng))
 
 
 @pytest.fixture
@@ -468,8 +468,8 @@ class _EmulatedKernels(_OracleKernels):
     def lm_head(self, x, ln_weight, ln_bias, embed_out, eps, *, out, pdl):
         _emulated_lm_head(self.emulated, x, ln_weight, ln_bias, embed_out, eps, out)
 
-    def draw_token(self, weights, rng, *, out):
-        _emulated_draw_token(self.emulated, weights, rng, out)
+    def sample_token(self, logits, rng, temperature, top_k, top_p, *, out):
+        self.emulated.sample_token(logits, rng, out, temperature, top_k, top_p)
         return out
 
 
@@ -519,9 +519,9 @@ def test_emulated_backend_greedy_tokens_match_hf_fp16(monkeypatch, emulated):
 
 @torch.inference_mode()
 def test_emulated_backend_draws_in_the_step_what_the_pytorch_race_draws_after_decode_steps(monkeypatch, emulated):
-    # The draw kernel inside the step (as the GPU's graph holds it) against decode_step's logits
-    # drawn from by the PyTorch race: the same seed gives the same tokens, and rng ends advanced
-    # by one per token either way.
+    # The sampling kernel inside the step (as the GPU's graph holds it) against decode_step's
+    # logits sampled from with PyTorch ops: the same seed gives the same tokens, and rng ends
+    # advanced by one per token either way.
     monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
     backend = FusedBackend(from_hf(random_model(pythia_config("tiny", **TINY), seed=4)).to(dtype=torch.float16), 32,
                            use_graph=False)
@@ -709,98 +709,6 @@ def test_emulated_pythia_2_8b_layer_on_an_rtx_5090(emulated):
         _check_against_oracle(x, layer, shape, 700, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated))
 
 
-def _call_draw_token(emulated, weights, rng, token):
-    emulated.call("neoxfuse_fused_draw_token", [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
-                  weights.data_ptr(), weights.numel(), rng.data_ptr(), token.data_ptr(), None)
-
-
-def _emulated_draw_token(emulated, weights, rng, token):
-    """The draw kernel's C ABI on the emulated library (CPU tensors, passed as guarded copies)."""
-    guarded = [emulated.guarded(t) for t in (weights, rng, token)]
-    _call_draw_token(emulated, *guarded)
-    rng.copy_(guarded[1])
-    token.copy_(guarded[2])
-
-
-def _sampling_weights(vocab: int, seed: int) -> torch.Tensor:
-    """Probabilities as sampled decoding makes them: softmax(z / 0.8) of random logits, top-p 0.9
-    (most entries zero), renormalised. [vocab] fp32."""
-    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * 3
-    return probabilities(logits, SamplingParams(temperature=0.8, top_p=0.9))
-
-
-@pytest.mark.parametrize("vocab", [1, 3, 4, 5, 1001, 50304, 50432])
-@pytest.mark.parametrize("seed, draw", [(0, 0), (7, 2**32 - 1), (2**63 - 1, 2**40 + 3)], ids=["zero", "draw-word-carry", "largest-seed"])
-def test_emulated_draw_token_is_the_pytorch_race(emulated, vocab, seed, draw):
-    # Three draws in a row: the kernel's token is exponential_race's, and each advances rng[1] by one.
-    weights = _sampling_weights(vocab, seed=vocab)
-    rng, want_rng = torch.tensor([seed, draw]), torch.tensor([seed, draw])
-    for step in range(3):
-        token = torch.full((1,), -1, dtype=torch.long)
-        _emulated_draw_token(emulated, weights, rng, token)
-        assert int(token) == int(exponential_race(weights, want_rng)), step
-        assert rng.tolist() == want_rng.tolist() == [seed, draw + step + 1]
-
-
-@pytest.mark.parametrize("spread", ["equal", "geometric"])
-def test_emulated_draw_token_follows_the_exact_race_over_many_draws(emulated, spread):
-    # Each thread keeps its leader exact with fp64 logarithms for records and near ties only; 40
-    # draws of 4099 weights (equal ones: every key is 1 / E_i; a geometric spread) against the
-    # PyTorch race, which computes every key in fp64.
-    index = torch.arange(4099, dtype=torch.float32)
-    weights = torch.ones(4099) if spread == "equal" else torch.exp(-index / 300)
-    rng, want_rng = torch.tensor([21, 0]), torch.tensor([21, 0])
-    got, want = [], []
-    for _ in range(40):
-        token = torch.zeros(1, dtype=torch.long)
-        _emulated_draw_token(emulated, weights, rng, token)
-        got.append(int(token))
-        want.append(int(exponential_race(weights, want_rng)))
-    assert got == want and len(set(got)) > 30
-
-
-def test_emulated_draw_token_reads_each_weight_once_and_ignores_the_schedule(emulated):
-    weights = emulated.guarded(_sampling_weights(50304, seed=1))
-    tokens = []
-    for reverse in (False, True):
-        rng, token = emulated.guarded(torch.tensor([11, 5])), emulated.guarded(torch.zeros(1, dtype=torch.long))
-        with contextlib.ExitStack() as stack:
-            if reverse:
-                stack.enter_context(emulated.reverse_schedule())
-            count = stack.enter_context(emulated.watch(weights))
-            _call_draw_token(emulated, weights, rng, token)
-        assert count == [4 * 50304]
-        tokens.append(int(token))
-    assert tokens[0] == tokens[1] == int(exponential_race(weights, torch.tensor([11, 5])))
-
-
-def test_emulated_draw_token_never_picks_a_weight_that_is_not_positive(emulated):
-    weights = torch.tensor([0.0, -5.0, float("nan"), float("-inf"), 1e-30, 0.0, -0.0])  # only entry 4 may win
-    rng = torch.tensor([3, 0])
-    for _ in range(20):
-        token = torch.zeros(1, dtype=torch.long)
-        _emulated_draw_token(emulated, weights, rng, token)
-        assert int(token) == 4
-    token = torch.full((1,), -1, dtype=torch.long)
-    _emulated_draw_token(emulated, torch.zeros(9), rng, token)  # nothing can win: the lowest index
-    assert int(token) == 0
-
-
-@pytest.mark.parametrize("weights, rng, token, message", [
-    (torch.zeros(8, dtype=torch.float16), torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), "weights must be float32"),
-    (torch.zeros(2, 8), torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), "weights must have shape"),
-    (torch.zeros(0), torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), "at least one entry"),
-    (torch.zeros(8), torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.long), "rng must be int64"),
-    (torch.zeros(8), torch.zeros(3, dtype=torch.long), torch.zeros(1, dtype=torch.long), "rng must have shape"),
-    (torch.zeros(8), torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.int32), "token must be int64"),
-    (torch.zeros(8), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), "token must have shape"),
-    (torch.zeros(8), torch.zeros(2, dtype=torch.long, device="meta"), torch.zeros(1, dtype=torch.long), "one device"),
-])  # fmt: skip
-def test_bad_draw_arguments_are_named_before_any_launch(weights, rng, token, message):
-    with pytest.raises(InvalidInputError, match=message):
-        fd.draw_token(weights, rng, out=token)
-
-
 @pytest.mark.parametrize("hidden, vocab", [(640, 7), (2560, 1001)])
 def test_emulated_lm_head_matches_fp32_oracle(emulated, hidden, vocab):
     x = torch.randn(hidden) * 3 + 1
@@ -899,23 +807,6 @@ def test_lm_head_matches_fp32_oracle(hidden, vocab):
     fd.lm_head(x, weight, bias, embed_out, 1e-5, out=logits)
     want = ref.layer_norm(x, weight.float(), bias.float(), 1e-5) @ embed_out.float().T
     assert rel_err(logits, want) < LOGITS_TOL
-
-
-@pytest.mark.gpu
-@pytest.mark.quick
-@pytest.mark.parametrize("vocab", [50304, 1001])
-def test_draw_token_is_the_pytorch_race_on_the_gpu_and_the_cpu(vocab):
-    # One seed, one token on every device: the kernel, the PyTorch race on the GPU and on the CPU.
-    weights = _sampling_weights(vocab, seed=3).cuda()
-    for seed, draw in [(0, 0), (2**63 - 1, 2**32 + 5)]:
-        rng = torch.tensor([seed, draw], device="cuda")
-        token = torch.full((1,), -1, dtype=torch.long, device="cuda")
-        for step in range(4):
-            fd.draw_token(weights, rng, out=token)
-            want_gpu = exponential_race(weights, torch.tensor([seed, draw + step], device="cuda"))
-            want_cpu = exponential_race(weights.cpu(), torch.tensor([seed, draw + step]))
-            assert int(token) == int(want_gpu) == int(want_cpu), (seed, draw, step)
-        assert rng.tolist() == [seed, draw + 4]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1023,8 +914,8 @@ def test_graph_replay_equals_eager_and_runs_are_bitwise_identical(hf_models):
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=5)], ids=["greedy", "sampled"])
 def test_tokens_chosen_on_the_device_equal_tokens_chosen_from_decode_steps(hf_models, use_graph, sampling):
     # decode_tokens keeps each step's token on the device (written by the step: the argmax, or the
-    # draw kernel); decode_step returns logits for the host. Same kernels in the same order, the same draws (the draw kernel
-    # inside the graph, or after decode_step) from the same seed: the same tokens.
+    # sampling kernel); decode_step returns logits for the host. Same kernels in the same order, the
+    # same draws (the sampling kernel inside the graph, or after decode_step) from the same seed: the same tokens.
     model16 = hf_models[0]
     backend = _backend(model16, max_seq_len=64, use_graph=use_graph)
     prompt = torch.randint(0, model16.config.vocab_size, (8,), device="cuda")

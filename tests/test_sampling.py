@@ -100,6 +100,18 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass(top_p, kept):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("top_p, kept", [(0.55, 5), (0.45, 2), (0.65, 5), (0.85, 7)])
+def test_top_p_keeps_every_token_tied_with_the_least_likely_kept(top_p, kept):
+    # p = 0.3, 0.2, then three tied at 0.1 (mass above them 0.5), two tied at 0.1 - 1/64 (mass above
+    # 0.8), the rest: with top_p 0.55 the first 0.1 a sort puts out reaches the mass, and the other
+    # two stay too; with 0.85 both of the next tie.
+    probs = [0.3, 0.2, 0.1, 0.1, 0.1, 0.1 - 2**-6, 0.1 - 2**-6]
+    probs.append(1 - sum(probs))
+    logits, order = _shuffled_logits(probs, torch.Generator().manual_seed(kept))
+    got = probabilities(logits, SamplingParams(temperature=1.0, top_p=top_p))
+    assert set(torch.nonzero(got).flatten().tolist()) == set(order[:kept].tolist())
+
+
 def test_top_k_then_top_p_work_on_the_renormalised_distribution():
     probs = [0.4, 0.3, 0.2, 0.06, 0.04]
     logits, order = _shuffled_logits(probs, torch.Generator().manual_seed(5))
@@ -228,9 +240,13 @@ def test_race_names_bad_arguments(weights, rng, message):
 
 
 
-@pytest.mark.parametrize("device, capability, kernel", [("cpu", None, False), ("cuda", (8, 0), False), ("cuda", (9, 0), True),
-                                                        ("cuda", (12, 0), True)])
-def test_the_draw_kernel_runs_on_gpus_with_clusters_only(monkeypatch, device, capability, kernel):
-    # An A100 (sm_80) draws with the PyTorch race: the kernel needs thread-block clusters.
+@pytest.mark.parametrize("device, capability, vocab, kernel", [
+    ("cpu", None, 50304, False), ("cuda", (8, 0), 50304, False), ("cuda", (9, 0), 50304, True),
+    ("cuda", (12, 0), 50304, True), ("cuda", (9, 0), 65536, True), ("cuda", (9, 0), 65537, False),
+])  # fmt: skip
+def test_the_sampling_kernel_runs_on_gpus_with_clusters_and_vocabularies_it_holds(monkeypatch, device, capability,
+                                                                                   vocab, kernel):
+    # An A100 (sm_80) samples with PyTorch ops: the kernel needs thread-block clusters; so does a
+    # vocabulary over the 65536 entries the kernel's registers hold.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert sampling._draw_kernel_runs(torch.device(device)) is kernel
+    assert sampling._sample_kernel_runs(torch.device(device), vocab) is kernel

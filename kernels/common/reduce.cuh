@@ -9,6 +9,8 @@
 // n+1 separates the reads of call n from the writes of call n+2 into the same row.
 #pragma once
 
+#include <cmath>  // INFINITY
+
 namespace neoxfuse {
 
 constexpr int kWarpSize = 32;
@@ -17,6 +19,11 @@ constexpr int kMaxWarpsPerBlock = 1024 / kWarpSize;
 struct SumOp {
   static constexpr float kIdentity = 0.0f;
   __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+
+struct MaxOp {
+  static constexpr float kIdentity = -INFINITY;
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 
 template <typename Op>

@@ -14,6 +14,7 @@
 #include "kernels/common/vec.cuh"
 #include "kernels/fused_decoder/fused_decoder.cuh"
 #include "kernels/fused_decoder/fused_decoder.h"
+#include "kernels/fused_decoder/sample.cuh"
 
 namespace neoxfuse {
 namespace fused_decoder {
@@ -253,13 +254,17 @@ NEOXFUSE_API int neoxfuse_fused_lm_head(const float* x, const void* ln_weight, c
   return NEOXFUSE_CHECK_LAUNCH();
 }
 
-NEOXFUSE_API int neoxfuse_fused_draw_token(const float* weights, int vocab, int64_t* rng, int64_t* token,
-                                           cudaStream_t stream) {
+NEOXFUSE_API int neoxfuse_fused_sample_token(const float* logits, int vocab, float temperature, int top_k, float top_p,
+                                             int64_t* rng, int64_t* token, cudaStream_t stream) {
   using namespace neoxfuse;
   using namespace neoxfuse::fused_decoder;
-  if (any_null({weights, rng, token}) || vocab < 1) return NEOXFUSE_ERR_INVALID_ARGUMENT;
-  if (int status = launch(draw_token_kernel, kDrawClusterSize, kDrawClusterSize, sizeof(unsigned long long),
-                          /*pdl=*/false, stream, weights, vocab, rng, token)) {
+  if (any_null({logits, rng, token}) || vocab < 1 || !(temperature > 0.0f && std::isfinite(temperature)) || top_k < 0 ||
+      !(top_p > 0.0f && top_p <= 1.0f)) {
+    return NEOXFUSE_ERR_INVALID_ARGUMENT;
+  }
+  if (vocab > NEOXFUSE_FUSED_SAMPLE_MAX_VOCAB) return NEOXFUSE_ERR_UNSUPPORTED;
+  if (int status = launch(sample_token_kernel, kSampleClusterSize, kSampleClusterSize, sizeof(SampleShared),
+                          /*pdl=*/false, stream, logits, vocab, temperature, top_k, top_p, rng, token)) {
     return status;
   }
   return NEOXFUSE_CHECK_LAUNCH();

@@ -28,15 +28,8 @@
 //    y = x + b_dense + b_out + sum.
 // 3. lm_head_kernel — plain blocks: LN_final(x) in every block, then the vocab rows of embed_out
 //    split evenly over the blocks -> logits (fp32).
-// 4. draw_token_kernel — one cluster of kDrawClusterSize blocks draws a sampled token from the
-//    (filtered) probabilities by the exponential race of neoxfuse.sampling: token = argmax_i
-//    w_i / E_i, E_i = -ln(u_i), u_i from Philox4x32-10 keyed by the seed at counter
-//    (i / 4, 0, draw), word i % 4. The vocab's groups of 4 entries (one Philox call each) are
-//    split evenly over the blocks; each thread keeps its best entry (RaceLeader: fp64 logarithms
-//    only where they can change it), then warp and block maxima of the packed (key, index)
-//    entries; block 0 takes the maximum of the blocks' winners over DSMEM, writes the token and
-//    advances the draw counter in device memory (so a CUDA graph replay draws afresh). Tiny work
-//    (~50K entries): eight SMs keep it a few microseconds, one cluster keeps the merge on chip.
+// 4. sample_token_kernel (sample.cuh) — one cluster turns the logits into a sampled token:
+//    temperature, top-k and top-p by radix select on chip, then the exponential race.
 //
 // Activations written by an earlier kernel (x, attn, mlp, position, the KV cache) are read with
 // coherent loads (ld.global.cg, which also keeps them out of L1), never ld.global.nc: with PDL a
@@ -54,7 +47,6 @@
 
 #include "kernels/common/cluster.cuh"
 #include "kernels/common/layernorm.cuh"
-#include "kernels/common/philox.cuh"
 #include "kernels/common/reduce.cuh"
 #include "kernels/fused_decoder/attention.cuh"
 #include "kernels/fused_decoder/fused_decoder.h"
@@ -70,7 +62,6 @@ constexpr int kLayerNormChunks = kMaxHidden / (kChunkElems * kThreads);  // 8-el
 // fc_in rows per warp asked into L2 before the attention, so DRAM keeps streaming while the
 // block computes on chip (about 3 us of a block's bandwidth share at short contexts).
 constexpr int kRowsPrefetchedOverAttention = 2;
-constexpr int kDrawClusterSize = 8;  // blocks of draw_token_kernel
 
 // Everything a layer's two kernels read and write (device pointers; see fused_decoder.h).
 struct LayerParams {
@@ -388,78 +379,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float dot = warp_dot({row_of(embed_out, rows.begin + j, hidden), xn, hidden / kChunkElems});
     if (lane == 0) logits[rows.begin + j] = dot;
   }
-}
-
-// u = (2 (word >> 9) + 1) / 2^24 in (0, 1), exact in fp32, from one 32-bit Philox word.
-__device__ __forceinline__ float race_uniform(std::uint32_t random_word) {
-  return static_cast<float>((random_word >> 9) * 2u + 1u) * 0x1p-24f;
-}
-
-// The exponential race's entry for vocab entry i: its key w_i / E_i in the high word (>= 0, so its
-// float bits order as the floats do) and ~i in the low word, so the largest entry has the largest
-// key and, among equal keys, the lowest index. E = -ln(u) is computed in fp64 and rounded to fp32
-// so that PyTorch's ln on any device gives the same E (neoxfuse.sampling.exponential_race). A
-// weight <= 0 or NaN has key 0 (no logarithm) and can never win against a positive one.
-__device__ __forceinline__ unsigned long long race_entry(float weight, float u, int i) {
-  const float key = weight > 0.0f ? weight / static_cast<float>(-log(static_cast<double>(u))) : 0.0f;
-  return static_cast<unsigned long long>(__float_as_uint(key)) << 32 | (0xFFFFFFFFu - static_cast<std::uint32_t>(i));
-}
-
-__device__ __forceinline__ unsigned long long max_entry(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
-
-// A thread's best race entry so far, exact, with fp64 logarithms only where they can change it.
-// An entry's fp32 key w / -logf(u) is within 2^-20 of its exact key (logf: <= 1 ulp; the exact E
-// rounds fp64 to fp32; one division each), so one below (1 - 2^-16) x the leader's exact key is
-// certainly below it and is skipped: only running records and near ties of a thread's entries,
-// about ln(n) of n, take the fp64 path (fp64 is 1/64 rate on an RTX 5090). The leader is the same
-// entry race_entry would give every entry.
-struct RaceLeader {
-  static constexpr float kMargin = 1.0f - 0x1p-16f;
-  unsigned long long entry = 0;  // packed (exact key, ~index)
-  float key = 0.0f;              // entry's key
-
-  __device__ __forceinline__ void offer(float weight, std::uint32_t random_word, int i) {
-    const float u = race_uniform(random_word);
-    if (weight > 0.0f && weight / -logf(u) < key * kMargin) return;
-    entry = max_entry(entry, race_entry(weight, u, i));
-    key = __uint_as_float(static_cast<std::uint32_t>(entry >> 32));
-  }
-};
-
-__global__ void __launch_bounds__(kThreads, 1)
-    draw_token_kernel(const float* weights, int vocab, std::int64_t* rng, std::int64_t* token) {
-  extern __shared__ float4 shared4[];
-  auto* block_winner = reinterpret_cast<unsigned long long*>(shared4);  // [1], read by block 0
-  __shared__ unsigned long long warp_winner[kWarps];
-  const int warp = static_cast<int>(threadIdx.x) / kWarpSize, lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const auto seed = static_cast<std::uint64_t>(__ldcg(rng)), draw = static_cast<std::uint64_t>(__ldcg(rng + 1));
-  const IndexRange groups = split_range((vocab + 3) / 4, cluster_size(), cluster_rank());
-
-  RaceLeader leader;
-  for (int g = groups.begin + static_cast<int>(threadIdx.x); g < groups.end; g += kThreads) {
-    const PhiloxWords counter = {{static_cast<std::uint32_t>(g), 0u, static_cast<std::uint32_t>(draw),
-                                  static_cast<std::uint32_t>(draw >> 32)}};
-    const PhiloxWords random = philox4x32_10(counter, static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32));
-    for (int j = 0; j < 4 && 4 * g + j < vocab; ++j) leader.offer(__ldcg(weights + 4 * g + j), random.word[j], 4 * g + j);
-  }
-  unsigned long long winner = leader.entry;
-#pragma unroll
-  for (int lane_mask = kWarpSize / 2; lane_mask > 0; lane_mask /= 2) {
-    winner = max_entry(winner, __shfl_xor_sync(0xffffffffu, winner, lane_mask));
-  }
-  if (lane == 0) warp_winner[warp] = winner;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < kWarps; ++w) winner = max_entry(winner, warp_winner[w]);
-    *block_winner = winner;
-  }
-  cluster_sync();  // every block's winner is written; every block has read the draw counter
-  if (cluster_rank() == 0 && threadIdx.x == 0) {
-    for (int r = 0; r < cluster_size(); ++r) winner = max_entry(winner, *cluster_peer(block_winner, r));
-    *token = static_cast<std::int64_t>(0xFFFFFFFFu - static_cast<std::uint32_t>(winner));
-    rng[1] = static_cast<std::int64_t>(draw + 1);
-  }
-  cluster_sync();  // block 0 is done reading the others' shared memory
 }
 
 }  // namespace fused_decoder

@@ -1,5 +1,5 @@
 /* fused_decoder.h — one GPT-NeoX (parallel residual) decoder layer for one token, the final
- * LayerNorm + logits, and a sampled token's draw, as cluster kernels (kernels/fused_decoder/fused_decoder.cu).
+ * LayerNorm + logits, and a sampled token, as cluster kernels (kernels/fused_decoder/fused_decoder.cu).
  *
  * For the token's residual stream x [hidden] (fp32) at position p, a layer computes
  *
@@ -32,6 +32,7 @@ typedef struct CUstream_st* cudaStream_t;
 
 #define NEOXFUSE_FUSED_DECODER_THREADS 256 /* threads per block of every kernel */
 #define NEOXFUSE_FUSED_DECODER_MAX_HIDDEN 8192
+#define NEOXFUSE_FUSED_SAMPLE_MAX_VOCAB 65536 /* the largest vocabulary neoxfuse_fused_sample_token takes */
 
 /* The model's sizes. Supported: head_dim 64, 80, 96, 128 or 256, hidden = heads * head_dim <= 8192, hidden and
  * ffn multiples of 8, rotary_dims even and <= head_dim (NEOXFUSE_ERR_UNSUPPORTED otherwise). */
@@ -96,11 +97,14 @@ NEOXFUSE_API int neoxfuse_fused_lm_head(const float* x, const void* ln_weight, c
                                         float* logits, int hidden, int vocab, float eps, int blocks, int use_pdl,
                                         cudaStream_t stream);
 
-/* One token drawn from weights [vocab] (fp32, >= 0; the filtered probabilities of
- * neoxfuse.sampling) by the exponential race: token = argmax_i w_i / E_i, E_i = -ln(u_i), with u_i
- * from Philox4x32-10 keyed by rng[0] (the seed) at counter (i / 4, 0, rng[1]), word i % 4; ties go to
- * the lowest index, weights <= 0 or NaN never win (all of them: token 0). Writes token[0] and
- * advances rng[1] (the draws made) by one, both in device memory, so a CUDA graph replaying the
- * launch draws afresh each time. rng: [2] int64 {seed, draws}. One cluster of 8 blocks; sm_90+. */
-NEOXFUSE_API int neoxfuse_fused_draw_token(const float* weights, int vocab, int64_t* rng, int64_t* token,
-                                           cudaStream_t stream);
+/* A sampled token from logits [vocab] (fp32), as neoxfuse.sampling.choose draws it: softmax(z / T)
+ * filtered by top-k (top_k = 0: off; ties with the k-th are kept) and top-p (top_p = 1: off; the
+ * smallest most likely set whose mass reaches top_p of the top-k set's, ties kept), then the
+ * exponential race: token = argmax_i w_i / E_i, E_i = -ln(u_i), with u_i from Philox4x32-10 keyed by
+ * rng[0] (the seed) at counter (i / 4, 0, rng[1]), word i % 4; ties go to the lowest index. Writes
+ * token[0] and advances rng[1] (the draws made) by one, both in device memory, so a CUDA graph
+ * replaying the launch draws afresh each time. rng: [2] int64 {seed, draws}. temperature > 0 and
+ * finite, top_k >= 0, 0 < top_p <= 1 (NEOXFUSE_ERR_INVALID_ARGUMENT otherwise); vocab at most
+ * NEOXFUSE_FUSED_SAMPLE_MAX_VOCAB (NEOXFUSE_ERR_UNSUPPORTED). One cluster of 8 blocks; sm_90+. */
+NEOXFUSE_API int neoxfuse_fused_sample_token(const float* logits, int vocab, float temperature, int top_k, float top_p,
+                                             int64_t* rng, int64_t* token, cudaStream_t stream);

@@ -59,11 +59,22 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise InvalidInputError("tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
 
 
-def check_draw(weights: object, rng: object) -> None:
-    """The arguments of a token draw (neoxfuse.sampling): weights [vocab] fp32 with vocab >= 1 and
-    rng [2] int64 on one device, both contiguous."""
-    check_tensor("weights", weights, dtypes=[torch.float32], shape=[None], cuda=False, aligned=False)
+def check_draw(values: object, rng: object, name: str = "weights") -> None:
+    """The arguments of a token draw (neoxfuse.sampling): `name` (the weights, or the logits they
+    come from) [vocab] fp32 with vocab >= 1 and rng [2] int64 on one device, both contiguous."""
+    check_tensor(name, values, dtypes=[torch.float32], shape=[None], cuda=False, aligned=False)
     check_tensor("rng", rng, dtypes=[torch.int64], shape=[2], cuda=False, aligned=False)
-    check_same_device(weights=weights, rng=rng)
-    if weights.numel() == 0:
-        raise InvalidInputError("weights must hold at least one entry")
+    check_same_device(**{name: values, "rng": rng})
+    if values.numel() == 0:
+        raise InvalidInputError(f"{name} must hold at least one entry")
+
+
+def check_sampling(temperature: object, top_k: object, top_p: object) -> None:
+    """A sampling rule's ranges (neoxfuse.sampling.SamplingParams): temperature >= 0 and finite
+    (0: greedy), top_k an integer >= 0 (0: off), top_p in (0, 1] (1: off)."""
+    if not (temperature >= 0 and temperature != float("inf")):
+        raise InvalidInputError(f"temperature must be >= 0 and finite (0 means greedy), got {temperature}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise InvalidInputError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise InvalidInputError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")

@@ -7,10 +7,10 @@ A decode step at position p = cache.length is
     logits = LN_final(x) @ embed_out.T                    (fp32 [vocab])
     p      = p + 1
     tokens[p] = argmax(logits)                            (greedy steps)
-    tokens[p] = draw(probabilities(logits), rng)          (sampled steps: neoxfuse.sampling)
+    tokens[p] = sample(logits, rule, rng)                 (sampled steps: neoxfuse.sampling's rule)
 
 all on the GPU, with the tokens, p and the sampler's random state rng = [seed, draw] in device
-memory (the draw kernel advances rng), so the whole step, token choice included, is captured once
+memory (the sampling kernel advances rng), so the whole step, token choice included, is captured once
 as a CUDA graph and replayed for every later token (no per-kernel Python cost). The first step
 of a cache runs eagerly (it also warms up the kernels' plan), then the graph is captured: one
 graph for logits-only steps, one for greedy steps and one per sampling rule (temperature, top-k,
@@ -40,7 +40,7 @@ from neoxfuse.engine import Availability, Backend, StepClock, register_backend
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError, NeoxfuseError
 from neoxfuse.ops import fused_decoder as ops
 from neoxfuse.reference import KVCache, ReferenceModel
-from neoxfuse.sampling import SamplingParams, check_rng, probabilities
+from neoxfuse.sampling import SamplingParams, check_rng, exponential_race, probabilities
 from neoxfuse.weights import ModelWeights
 
 
@@ -210,8 +210,16 @@ class FusedBackend(Backend):
         if selection.greedy:
             chosen = self._logits.argmax().reshape(1)  # [1]
         else:
-            chosen = ops.draw_token(probabilities(self._logits, selection), self._rng, out=self._drawn)  # [1]
+            chosen = self._sample(selection)  # [1]
         self._tokens.index_put_((self._position,), chosen)
+
+    def _sample(self, selection: SamplingParams) -> torch.Tensor:
+        """The token drawn from self._logits by the sampling rule, with self._rng: one kernel, or
+        PyTorch ops (neoxfuse.sampling) for a vocabulary over what the kernel holds. [1] long."""
+        if self.shape.vocab > ops.MAX_SAMPLE_VOCAB:
+            return exponential_race(probabilities(self._logits, selection), self._rng)
+        return ops.sample_token(self._logits, self._rng, selection.temperature, selection.top_k, selection.top_p,
+                                out=self._drawn)
 
     def _capture(self, cache: KVCache, selection: SamplingParams | None) -> torch.cuda.CUDAGraph:
         """_step captured for this cache (capturing runs nothing: neither the cache nor rng is touched)."""

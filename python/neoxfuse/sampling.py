@@ -5,9 +5,10 @@ Given logits z [vocab] (computed in fp32 whatever the model's dtype):
 - greedy (temperature 0): next = argmax_i z_i.
 - sampled: p_i = softmax(z / T)_i, then
   - top-k keeps the k tokens of largest p (k = 0: all; tokens tied with the k-th are kept too),
-  - top-p (nucleus) keeps the smallest set of most likely tokens whose mass reaches top_p:
-    sort p descending, keep token j while the mass of the tokens before it is < top_p
-    (so the most likely token is always kept; top_p = 1: all),
+  - top-p (nucleus) keeps the smallest set of most likely tokens whose mass reaches top_p of
+    what top-k kept: token i stays while the mass of the kept tokens more likely than it is
+    < top_p x their total (so the most likely token always stays, and so do all tokens tied with
+    the least likely one kept; top_p = 1: all),
   - the kept p are renormalised to sum 1, and one token is drawn by an exponential race:
 
         next = argmax_i p_i / E_i,   E_i = -ln(u_i),   u_i uniform in (0, 1), independent
@@ -18,11 +19,14 @@ Given logits z [vocab] (computed in fp32 whatever the model's dtype):
 The u_i come from Philox4x32-10, a counter-based generator: u_i = (2 (w >> 9) + 1) / 2^24 with w
 word i % 4 of Philox(counter = (i // 4, 0, draw), key = seed), and E_i = -ln(u_i) in fp64 rounded
 to fp32. The random state is a tensor rng = [seed, draw] (int64) on the logits' device that every
-draw advances by one, in device memory: a CUDA graph that replays a draw draws afresh. The same
-probabilities and seed give the same token on every device, whether the race runs as the fused
-kernel (neoxfuse.ops.fused_decoder.draw_token, on a GPU) or as PyTorch ops (anywhere); the same
-logits do too, except where two devices' softmax roundings (last-bit differences) decide a near
-tie. The same seed and device give the same tokens every run.
+draw advances by one, in device memory: a CUDA graph that replays a draw draws afresh.
+
+On an sm_90+ GPU with the fused decoder built, a sampled choice is one kernel
+(neoxfuse.ops.fused_decoder.sample_token: the softmax, the filters by radix select and the race);
+elsewhere it is PyTorch ops (probabilities, then exponential_race). The same probabilities and seed
+give the same race winner on every device, so the same logits and seed give the same token on
+every device and either way, except where the devices' roundings of exp and of the filters' masses
+decide a near tie. The same seed and device give the same tokens every run.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from neoxfuse import _lib
-from neoxfuse.checks import check_draw
+from neoxfuse.checks import check_draw, check_sampling
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError
 from neoxfuse.ops import fused_decoder
 
@@ -55,12 +59,7 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if not (self.temperature >= 0 and self.temperature != float("inf")):
-            raise InvalidInputError(f"temperature must be >= 0 and finite (0 means greedy), got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidInputError(f"top_k must be an integer >= 0 (0 keeps every token), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidInputError(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**63):
             raise InvalidInputError(f"seed must be an integer in 0 .. 2^63 - 1, got {self.seed!r}")
@@ -97,11 +96,11 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         kth_largest = torch.topk(probs, params.top_k).values[-1]
         probs = torch.where(probs >= kth_largest, probs, torch.zeros_like(probs))
     if params.top_p < 1:
-        sorted_probs, order = torch.sort(probs, descending=True)  # [vocab], [vocab]
+        sorted_probs = torch.sort(probs, descending=True).values  # [vocab]
         mass_before = torch.cumsum(sorted_probs, dim=0) - sorted_probs  # [vocab]
-        keep_sorted = mass_before < params.top_p * sorted_probs.sum()  # the first token is always kept
-        keep = torch.zeros_like(keep_sorted).scatter(0, order, keep_sorted)  # [vocab]
-        probs = torch.where(keep, probs, torch.zeros_like(probs))
+        kept = (mass_before < params.top_p * sorted_probs.sum()).sum(dim=0, keepdim=True)  # [1], >= 1
+        least_kept = sorted_probs.gather(0, kept - 1)  # [1]; tokens tied with it are kept too
+        probs = torch.where(probs >= least_kept, probs, torch.zeros_like(probs))
     return probs / probs.sum()
 
 
@@ -154,25 +153,15 @@ def exponential_race(weights: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
     return torch.argmax(keys).reshape(1)  # the first of equal maxima
 
 
-def draw(weights: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
-    """One token drawn with probability proportional to weights [vocab] (fp32, >= 0) by the
-    exponential race, as a [1] long tensor on their device, without waiting for the device; rng[1] += 1.
-
-    On an sm_90+ GPU with the fused decoder built, the race is one kernel
-    (neoxfuse.ops.fused_decoder.draw_token); elsewhere exponential_race. Both give the same token
-    for the same weights and rng.
-    """
-    if _draw_kernel_runs(weights.device):
-        return fused_decoder.draw_token(weights, rng)
-    return exponential_race(weights, rng)
-
-
-def _draw_kernel_runs(device: torch.device) -> bool:
-    """Whether the draw kernel runs on `device`: a CUDA device with thread-block clusters, and the library built with it."""
+def _sample_kernel_runs(device: torch.device, vocab: int) -> bool:
+    """Whether the sampling kernel draws from logits of `vocab` entries on `device`: a CUDA device
+    with thread-block clusters, the library built with the kernel, and a vocabulary it holds."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < fused_decoder.MIN_CAPABILITY:
         return False
+    if not 1 <= vocab <= fused_decoder.MAX_SAMPLE_VOCAB:
+        return False
     try:
-        return hasattr(_lib.library(), "neoxfuse_fused_draw_token")
+        return hasattr(_lib.library(), "neoxfuse_fused_sample_token")
     except LibraryNotFoundError:
         return False
 
@@ -185,14 +174,17 @@ def check_rng(params: SamplingParams, rng: torch.Tensor | None) -> None:
 
 def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None) -> torch.Tensor:
     """The next token id as a [1] long tensor on the logits' device, without waiting for the device:
-    argmax(logits) when greedy, else draw(probabilities(logits, params), rng).
+    argmax(logits) when greedy, else the exponential race over probabilities(logits, params)
+    (module docstring: one kernel on an sm_90+ GPU, PyTorch ops elsewhere).
 
     logits: [vocab]; rng: from `params.rng(logits.device)` (advanced by one when sampled).
     """
     if params.greedy:
         return torch.argmax(logits).reshape(1)
     check_rng(params, rng)
-    return draw(probabilities(logits, params), rng)
+    if logits.dim() == 1 and _sample_kernel_runs(logits.device, logits.numel()):
+        return fused_decoder.sample_token(logits.float().contiguous(), rng, params.temperature, params.top_k, params.top_p)
+    return exponential_race(probabilities(logits, params), rng)
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None) -> int:

@@ -255,8 +255,10 @@ class Block {
   void run();
 
   // Called by the running fiber (through the CUDA functions below).
-  template <typename T>
-  T shuffle_xor(unsigned mask, T value, int lane_mask, int width);
+  // A full-warp shuffle: every lane gets the value of lane source(lane); `what` names the
+  // intrinsic in a failure.
+  template <typename T, typename Source>
+  T shuffle(const char* what, unsigned mask, T value, int width, Source source);
   void syncthreads() { block_until(State::kSyncthreads); }
   void cluster_arrive();
   void cluster_wait();
@@ -323,7 +325,22 @@ inline void __syncthreads() { neoxemu::current_block->syncthreads(); }
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = neoxemu::kWarpSize) {
-  return neoxemu::current_block->shuffle_xor(mask, value, lane_mask, width);
+  if (lane_mask < 0 || lane_mask >= neoxemu::kWarpSize) neoxemu::current_block->fail("__shfl_xor_sync: lane mask out of range");
+  return neoxemu::current_block->shuffle("__shfl_xor_sync", mask, value, width, [lane_mask](int lane) { return lane ^ lane_mask; });
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = neoxemu::kWarpSize) {
+  return neoxemu::current_block->shuffle("__shfl_down_sync", mask, value, width, [delta](int lane) {
+    return lane + delta < static_cast<unsigned>(neoxemu::kWarpSize) ? lane + static_cast<int>(delta) : lane;
+  });
+}
+
+// Integer atomic adds (shared or global memory): the hardware atomic of the host, since the
+// blocks of a cluster run on different OS threads.
+template <typename T>
+inline T atomicAdd(T* address, T value) {
+  static_assert(std::is_integral<T>::value, "the emulator has integer atomics only");
+  return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
 }
 
 // Cache-operator loads and stores are plain accesses here. Streaming loads (ld.global.cs: data
@@ -393,11 +410,11 @@ inline void Block::block_until(State state) {
   swapcontext(&fiber.context, &scheduler_);
 }
 
-template <typename T>
-inline T Block::shuffle_xor(unsigned mask, T value, int lane_mask, int width) {
+template <typename T, typename Source>
+inline T Block::shuffle(const char* what, unsigned mask, T value, int width, Source source) {
   static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable<T>::value, "a register value");
-  if (mask != 0xffffffffu || width != kWarpSize || lane_mask < 0 || lane_mask >= kWarpSize) {
-    fail("__shfl_xor_sync: the emulator supports full-warp shuffles (mask 0xffffffff, width 32) only");
+  if (mask != 0xffffffffu || width != kWarpSize) {
+    fail(std::string(what) + ": the emulator supports full-warp shuffles (mask 0xffffffff, width 32) only");
   }
   const int lane = current_ % kWarpSize;
   Warp& warp = warps_[current_ / kWarpSize];
@@ -406,7 +423,7 @@ inline T Block::shuffle_xor(unsigned mask, T value, int lane_mask, int width) {
   std::memcpy(&warp.slots[parity][lane], &value, sizeof(T));
   block_until(State::kShuffle);
   T result;
-  std::memcpy(&result, &warp.slots[parity][lane ^ lane_mask], sizeof(T));
+  std::memcpy(&result, &warp.slots[parity][source(lane)], sizeof(T));
   return result;
 }
 

@@ -10,8 +10,9 @@ For the residual stream x [hidden] (fp32) of the token at position p, `decoder_l
     y       = x + (a @ W_dense.T + b_dense) + (GELU(LN2(x) @ W_in.T + b_in) @ W_out.T + b_out)
 
 (LN with bias, one set of statistics for LN1 and LN2; exact erf GELU), `lm_head` computes
-logits = LN_final(x) @ embed_out.T, and `draw_token` draws a sampled token from the filtered
-probabilities (neoxfuse.sampling's exponential race) with its random state in device memory.
+logits = LN_final(x) @ embed_out.T, and `sample_token` draws a sampled token from the logits
+(temperature, top-k, top-p and neoxfuse.sampling's exponential race in one launch) with its random
+state in device memory.
 Weights are fp16 in Hugging Face's layout, used as they are; all arithmetic is fp32; x, y, the
 logits and the scratch buffers are fp32. Results are bitwise reproducible (fixed reduction
 orders, no float atomics).
@@ -21,7 +22,7 @@ position advances; a device position outside the cache makes y NaN and writes no
 A Python int position is checked here (SequenceTooLongError past the cache).
 
 Ops (torch.library, namespace `neoxfuse`, with fake implementations): `fused_decoder_layer`,
-`fused_lm_head` and `fused_draw_token`, all writing into given tensors. Supported: GPT-NeoX with
+`fused_lm_head` and `fused_sample_token`, all writing into given tensors. Supported: GPT-NeoX with
 parallel residual, head_dim 64 (Pythia-70M, -160M, -410M), 80 (Pythia-2.8B), 96 (GPT-NeoX-20B), 128 (Pythia-1.4B,
 -6.9B, -12B) or 256 (Pythia-1B): the whole Pythia suite and GPT-NeoX-20B; hidden <= 8192, on sm_90+ GPUs.
 """
@@ -37,13 +38,14 @@ from dataclasses import dataclass
 import torch
 
 from neoxfuse import _lib
-from neoxfuse.checks import check_draw, check_same_device, check_tensor, require_cuda
+from neoxfuse.checks import check_draw, check_same_device, check_sampling, check_tensor, require_cuda
 from neoxfuse.configs import NeoXShape
 from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnsupportedModelError
 from neoxfuse.weights import LayerWeights, ModelWeights
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # kernels/fused_decoder/fused_decoder.cu: with_head_dim
 MAX_HIDDEN = 8192  # fused_decoder.h: NEOXFUSE_FUSED_DECODER_MAX_HIDDEN
+MAX_SAMPLE_VOCAB = 65536  # fused_decoder.h: NEOXFUSE_FUSED_SAMPLE_MAX_VOCAB
 MAX_CLUSTER_SIZE = 8  # kernels/common/cluster.cuh: kMaxClusterSize
 MIN_CAPABILITY = (9, 0)  # thread-block clusters and griddepcontrol
 
@@ -427,44 +429,53 @@ def lm_head(
     return out
 
 
-def _check_draw_values(weights, rng, token) -> None:
-    check_draw(weights, rng)
+def _check_sample_values(logits, rng, token, temperature, top_k, top_p) -> None:
+    check_draw(logits, rng, name="logits")
     check_tensor("token", token, dtypes=[torch.int64], shape=[1], cuda=False, aligned=False)
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        raise InvalidInputError("temperature 0 is greedy decoding, which draws nothing: take the argmax of the logits")
+    if logits.numel() > MAX_SAMPLE_VOCAB:
+        raise UnsupportedModelError(f"vocab {logits.numel()} is over {MAX_SAMPLE_VOCAB}, the most the sampling kernel holds "
+                                    "(neoxfuse.sampling.choose samples it with PyTorch ops)")
 
 
-@torch.library.custom_op("neoxfuse::fused_draw_token", mutates_args=("rng", "token"))
-def fused_draw_token(weights: torch.Tensor, rng: torch.Tensor, token: torch.Tensor) -> None:
-    """token [1] (int64) = argmax_i w_i / E_i, E_i = -ln(u_i) (neoxfuse.sampling: the exponential
-    race over Philox draws keyed by rng[0] at draw rng[1]); rng[1] += 1, on the device.
+@torch.library.custom_op("neoxfuse::fused_sample_token", mutates_args=("rng", "token"))
+def fused_sample_token(logits: torch.Tensor, rng: torch.Tensor, token: torch.Tensor, temperature: float, top_k: int,
+                       top_p: float) -> None:
+    """token [1] (int64) = a token drawn from softmax(logits / temperature), top-k and top-p
+    filtered, by the exponential race over Philox draws keyed by rng[0] at draw rng[1]
+    (neoxfuse.sampling.choose's rule); rng[1] += 1, on the device.
 
-    weights [vocab] fp32 (>= 0), rng [2] int64, token [1] int64: one CUDA device. One cluster of
-    8 blocks; the same token as neoxfuse.sampling.exponential_race.
+    logits [vocab] fp32 (vocab <= MAX_SAMPLE_VOCAB), rng [2] int64, token [1] int64: one CUDA
+    device. temperature > 0; top_k >= 0 (0: off); top_p in (0, 1] (1: off). One cluster of 8
+    blocks: the filters by radix select on chip (kernels/fused_decoder/sample.cuh).
     """
-    _check_draw_values(weights, rng, token)
-    tensors = {"weights": weights, "rng": rng, "token": token}
+    _check_sample_values(logits, rng, token, temperature, top_k, top_p)
+    tensors = {"logits": logits, "rng": rng, "token": token}
     check_same_device(**tensors)
     for name, t in tensors.items():
         check_tensor(name, t, aligned=False)
-    _device_index(weights.device)
+    _device_index(logits.device)
     if _overlap(rng, token):
         raise InvalidInputError("token shares memory with rng")
-    fn = _lib.function("neoxfuse_fused_draw_token", [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                                     ctypes.c_void_p])
-    with torch.cuda.device(weights.device):
-        _lib.call(fn, weights.data_ptr(), weights.numel(), rng.data_ptr(), token.data_ptr(),
+    fn = _lib.function("neoxfuse_fused_sample_token", [ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int,
+                                                       ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p])
+    with torch.cuda.device(logits.device):
+        _lib.call(fn, logits.data_ptr(), logits.numel(), temperature, top_k, top_p, rng.data_ptr(), token.data_ptr(),
                   torch.cuda.current_stream().cuda_stream)
 
 
-@fused_draw_token.register_fake
-def _(weights, rng, token):
-    _check_draw_values(weights, rng, token)
+@fused_sample_token.register_fake
+def _(logits, rng, token, temperature, top_k, top_p):
+    _check_sample_values(logits, rng, token, temperature, top_k, top_p)
 
 
-def draw_token(weights: torch.Tensor, rng: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One token [1] (int64) drawn from weights [vocab] by the exponential race (see fused_draw_token);
-    `out` receives it if given. rng[1] advances by one."""
-    if out is None and isinstance(weights, torch.Tensor):
-        out = torch.empty(1, dtype=torch.long, device=weights.device)
-    fused_draw_token(weights, rng, out)
+def sample_token(logits: torch.Tensor, rng: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, *,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """A sampled token [1] (int64) from logits [vocab] (see fused_sample_token); `out` receives it
+    if given. rng[1] advances by one."""
+    if out is None and isinstance(logits, torch.Tensor):
+        out = torch.empty(1, dtype=torch.long, device=logits.device)
+    fused_sample_token(logits, rng, out, temperature, top_k, top_p)
     return out
-
