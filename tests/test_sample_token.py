@@ -9,13 +9,16 @@ clear of one (_assert_clear_of_thresholds: the kept set is the same in fp64 with
 moved by 1e-5), so an equality that fails is the kernel's error, not the data's. The structured
 cases use exact ties, which every rounding keeps. The `test_emulated_*` tests run the kernel on
 the CPU (tests/emulator); the GPU test runs it on the device against PyTorch there and on the CPU.
+Last, the CPU checks of `neoxfuse bench sample`'s peers.
 """
 
+import argparse
 import contextlib
 
 import pytest
 import torch
 
+from neoxfuse.bench import sample as sample_bench
 from neoxfuse.errors import InvalidInputError, KernelError, UnsupportedModelError
 from neoxfuse.ops import fused_decoder as fd
 from neoxfuse.sampling import SamplingParams, exponential_race, probabilities
@@ -230,3 +233,26 @@ def test_sample_token_is_pytorchs_on_the_gpu_and_the_cpu(vocab):
                 want_cpu = _pytorch_token(logits, torch.tensor([seed, draw + step]), rule)
                 assert int(token) == want_gpu == want_cpu, (name, seed, draw, step)
             assert rng.tolist() == [seed, draw + 4]
+
+
+# ------------------------------------------------------------------------------------------------
+# neoxfuse bench sample (python/neoxfuse/bench/sample.py): its peers, checked on the CPU.
+
+
+@pytest.mark.parametrize("text", sample_bench.DEFAULT_RULES)
+def test_bench_peers_sample_from_the_distribution_the_kernel_samples_from(text):
+    # The hf_eager peer (transformers' warpers, softmax) keeps the tokens neoxfuse.sampling keeps
+    # and gives them the same probabilities, so the benchmark compares like with like.
+    rule = sample_bench.parse_rule(text)
+    logits = _random_logits(50304, seed=4)
+    _assert_clear_of_thresholds(logits, rule)
+    want = probabilities(logits, rule)
+    got = sample_bench.hf_probabilities(logits, rule)
+    assert torch.equal(got > 0, want > 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("text", ["0:0:1", "1:0", "1:-1:1", "1:0:0", "x:1:1"])
+def test_bench_rules_that_sample_nothing_or_do_not_parse_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="T:K:P|greedy"):
+        sample_bench.parse_rule(text)

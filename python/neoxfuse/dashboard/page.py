@@ -8,8 +8,8 @@ Sections, in order:
               the median over its rows of floor_time / measured_time (decode: floor_ms /
               tpot_ms, layer: floor_us / median_us) or GBps / the run's copy GBps (kernel
               suites); 100 % means the kernel runs at the speed of memory
-  suites      the other suites likewise: a plot per facet and the kernel table; a suite the
-              dashboard does not know gets its table
+  suites      the other suites likewise: a plot per facet and the kernel table (sample: the
+              time to draw a token, no floor); a suite the dashboard does not know gets its table
   nvml        clocks, power, temperature, throttle reasons and other processes per run;
               runs that throttled or shared the GPU are flagged at the top
   ncu         Nsight Compute summary per kernel (duration, DRAM % of peak, occupancy, ...)
@@ -73,6 +73,10 @@ VIEWS = {
     "ln_residual": SuiteView(
         "Residual add + LayerNorm", x="tokens", y="GBps", series="provider", facets=("hidden", "dtype", "variant"),
         x_label="tokens", y_label="GB/s", copy_ceiling=True,
+    ),
+    "sample": SuiteView(
+        "Sampling a token from the logits (temperature, top-k, top-p)", x="vocab", y="median_us", series="provider",
+        facets=("rule",), x_label="vocabulary (logits)", y_label="median (µs)",
     ),
     "gptq_ln_qkv": SuiteView(
         "LayerNorm + GPTQ int4 dequant + QKV", x="tokens", y="GBps", series="provider", facets=("K", "N", "group_size"),
