@@ -15,6 +15,8 @@
 // not ordered by a barrier sees different data under the two orders and a test that compares
 // both finds it.
 //
+// Integer atomicAdd is the host's atomic add (a cluster's blocks run on different OS threads);
+// __shfl_xor_sync and __shfl_down_sync are the shuffles it has.
 // What it checks on its way: barriers every thread must reach (a divergent barrier deadlocks
 // and fails the launch with the barrier named), shuffles over a full warp, map_shared_rank of
 // dynamic shared memory only, a dynamic shared-memory size within the kernel's limit (48 KiB
