@@ -75,6 +75,20 @@ def _assert_clear_of_thresholds(logits: torch.Tensor, rule: SamplingParams) -> N
             "pick another seed: top-p's budget nearly falls on a token"
 
 
+def _emulated_draws(emulated, logits: torch.Tensor, rule: SamplingParams, draws: int, seed: int, draw: int = 0) -> list[int]:
+    """`draws` tokens from the emulated kernel, one after another from rng = [seed, draw], each
+    asserted to be PyTorch's for the same random state, and rng to advance by one per draw."""
+    rng, want_rng = torch.tensor([seed, draw]), torch.tensor([seed, draw])
+    got = []
+    for step in range(draws):
+        token = torch.full((1,), -1, dtype=torch.long)
+        emulated.sample_token(logits, rng, token, rule.temperature, rule.top_k, rule.top_p)
+        got.append(int(token))
+        assert got[-1] == _pytorch_token(logits, want_rng, rule), step
+        assert rng.tolist() == want_rng.tolist() == [seed, draw + step + 1]
+    return got
+
+
 @pytest.mark.parametrize("rule", RULES.values(), ids=RULES.keys())
 @pytest.mark.parametrize("vocab", [1, 5, 1001, 50304, 65536])
 def test_emulated_sample_token_is_pytorchs(emulated, vocab, rule):
@@ -82,13 +96,7 @@ def test_emulated_sample_token_is_pytorchs(emulated, vocab, rule):
     # token is PyTorch's each time, and each draw advances rng[1] by one. 65536: every register slot.
     logits = _random_logits(vocab, seed=vocab)
     _assert_clear_of_thresholds(logits, rule)
-    seed, draw = 2**63 - 1, 2**32 - 2
-    rng, want_rng = torch.tensor([seed, draw]), torch.tensor([seed, draw])
-    for step in range(3):
-        token = torch.full((1,), -1, dtype=torch.long)
-        emulated.sample_token(logits, rng, token, rule.temperature, rule.top_k, rule.top_p)
-        assert int(token) == _pytorch_token(logits, want_rng, rule), step
-        assert rng.tolist() == want_rng.tolist() == [seed, draw + step + 1]
+    _emulated_draws(emulated, logits, rule, 3, seed=2**63 - 1, draw=2**32 - 2)
 
 
 @pytest.mark.parametrize("rule, kept", [
@@ -104,14 +112,7 @@ def test_emulated_sample_token_keeps_ties_and_draws_every_kept_token(emulated, r
     probs = torch.full((3001,), 0.05 / 2994)
     tokens = torch.randperm(3001, generator=torch.Generator().manual_seed(kept))[:7]
     probs[tokens] = torch.tensor([0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05])
-    logits = probs.log()
-    rng, want_rng = torch.tensor([17, 0]), torch.tensor([17, 0])
-    got = []
-    for _ in range(150):
-        token = torch.zeros(1, dtype=torch.long)
-        emulated.sample_token(logits, rng, token, rule.temperature, rule.top_k, rule.top_p)
-        got.append(int(token))
-        assert got[-1] == _pytorch_token(logits, want_rng, rule)
+    got = _emulated_draws(emulated, probs.log(), rule, 150, seed=17)
     assert set(got) == set(tokens[:kept].tolist())
 
 
@@ -120,14 +121,7 @@ def test_emulated_sample_token_keeps_ties_and_draws_every_kept_token(emulated, r
 def test_emulated_sample_token_with_every_logit_equal_keeps_them_all(emulated, rule):
     # 50304 ties: every one has no mass above it and is tied with the k-th, so each is kept, and
     # each block's histogram has a single full bin (every atomic add on one address).
-    logits = torch.zeros(50304)
-    rng, want_rng = torch.tensor([3, 0]), torch.tensor([3, 0])
-    got = []
-    for _ in range(5):
-        token = torch.zeros(1, dtype=torch.long)
-        emulated.sample_token(logits, rng, token, rule.temperature, rule.top_k, rule.top_p)
-        got.append(int(token))
-        assert got[-1] == _pytorch_token(logits, want_rng, rule)
+    got = _emulated_draws(emulated, torch.zeros(50304), rule, 5, seed=3)
     assert len(set(got)) == 5
 
 
@@ -137,11 +131,7 @@ def test_emulated_sample_token_at_a_low_temperature_keeps_what_does_not_underflo
     logits = _random_logits(50304, seed=8)
     rule = SamplingParams(temperature=0.03, top_k=200)
     assert 1 < int((probabilities(logits, rule) > 0).sum()) < 200
-    rng, want_rng = torch.tensor([8, 0]), torch.tensor([8, 0])
-    for _ in range(5):
-        token = torch.zeros(1, dtype=torch.long)
-        emulated.sample_token(logits, rng, token, rule.temperature, rule.top_k, rule.top_p)
-        assert int(token) == _pytorch_token(logits, want_rng, rule)
+    _emulated_draws(emulated, logits, rule, 5, seed=8)
 
 
 def test_emulated_sample_token_never_draws_what_is_not_a_number_or_minus_infinity(emulated):

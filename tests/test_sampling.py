@@ -249,4 +249,4 @@ def test_the_sampling_kernel_runs_on_gpus_with_clusters_and_vocabularies_it_hold
     # An A100 (sm_80) samples with PyTorch ops: the kernel needs thread-block clusters; so does a
     # vocabulary over the 65536 entries the kernel's registers hold.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert sampling._sample_kernel_runs(torch.device(device), vocab) is kernel
+    assert sampling.sample_kernel_runs(torch.device(device), vocab) is kernel

@@ -153,7 +153,7 @@ def exponential_race(weights: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
     return torch.argmax(keys).reshape(1)  # the first of equal maxima
 
 
-def _sample_kernel_runs(device: torch.device, vocab: int) -> bool:
+def sample_kernel_runs(device: torch.device, vocab: int) -> bool:
     """Whether the sampling kernel draws from logits of `vocab` entries on `device`: a CUDA device
     with thread-block clusters, the library built with the kernel, and a vocabulary it holds."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < fused_decoder.MIN_CAPABILITY:
@@ -182,7 +182,7 @@ def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | Non
     if params.greedy:
         return torch.argmax(logits).reshape(1)
     check_rng(params, rng)
-    if logits.dim() == 1 and _sample_kernel_runs(logits.device, logits.numel()):
+    if logits.dim() == 1 and sample_kernel_runs(logits.device, logits.numel()):
         return fused_decoder.sample_token(logits.float().contiguous(), rng, params.temperature, params.top_k, params.top_p)
     return exponential_race(probabilities(logits, params), rng)
 

@@ -153,7 +153,7 @@ def run(args) -> int:
         for vocab, rule in itertools.product(args.vocabs, rules):
             logits = (torch.randn(vocab, generator=generator) * 3).to(device)  # [vocab]
             providers = list(args.providers)
-            if "neoxfuse" in providers and not sampling._sample_kernel_runs(device, vocab):
+            if "neoxfuse" in providers and not sampling.sample_kernel_runs(device, vocab):
                 providers.remove("neoxfuse")
                 skipped[f"neoxfuse at vocab {vocab}"] = ("the sampling kernel needs an sm_90+ GPU, the library built "
                                                          f"with it and a vocabulary of at most {fused_decoder.MAX_SAMPLE_VOCAB}")
