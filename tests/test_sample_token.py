@@ -14,6 +14,7 @@ Last, the CPU checks of `neoxfuse bench sample`'s peers.
 
 import argparse
 import contextlib
+import math
 
 import pytest
 import torch
@@ -132,6 +133,19 @@ def test_emulated_sample_token_at_a_low_temperature_keeps_what_does_not_underflo
     rule = SamplingParams(temperature=0.03, top_k=200)
     assert 1 < int((probabilities(logits, rule) > 0).sum()) < 200
     _emulated_draws(emulated, logits, rule, 5, seed=8)
+
+
+def test_emulated_sample_token_rounds_the_masses_of_many_tiny_entries(emulated):
+    # e = 1 (A), 0.5 (B) and 65534 tiny entries of e x 2^30 = 3.9 (their mass: 2.4e-4). B's mass
+    # above is 1; top_p puts the budget 9e-6 above it when the tiny masses are summed as they are
+    # or rounded (4 each), but 1e-5 below it if they were truncated (3 each): B must be drawn.
+    logits = torch.full((65536,), math.log(3.9 / 2**30))
+    logits[[0, 40000]] = torch.tensor([0.0, math.log(0.5)])
+    exact_total = 1.5 + 65534 * 3.9 / 2**30
+    rule = SamplingParams(temperature=1.0, top_p=(1 - 1e-5) / (1.5 + 2.1e-4))
+    assert 1 < rule.top_p * exact_total < 1 + 1e-5 and rule.top_p * (1.5 + 65534 * 3 / 2**30) < 1
+    got = _emulated_draws(emulated, logits, rule, 20, seed=6)
+    assert set(got) == {0, 40000}
 
 
 def test_emulated_sample_token_never_draws_what_is_not_a_number_or_minus_infinity(emulated):

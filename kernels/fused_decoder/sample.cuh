@@ -19,7 +19,7 @@
 //    over 8-bit digits, most significant first. In a pass every block builds a histogram of the
 //    digit over its entries that are still candidates (at or above the threshold so far, the
 //    digits chosen so far in their higher bits), each bin holding a count and a mass
-//    (floor(e x 2^30)) packed into one 64-bit integer added with shared-memory atomics: integer
+//    (e x 2^30 rounded) packed into one 64-bit integer added with shared-memory atomics: integer
 //    sums, so the order of the adds changes nothing. A cluster barrier publishes the histograms;
 //    every block sums the C of them over DSMEM and one warp picks the digit, the same in every
 //    block. top-k counts down to the k-th largest; top-p walks the masses down to the last kept
@@ -89,12 +89,13 @@ struct RaceLeader {
 constexpr int kRadixBits = 8;
 constexpr int kRadixBins = 1 << kRadixBits;
 constexpr int kBinsPerLane = kRadixBins / kWarpSize;
-// A histogram bin: count << kCountShift | mass. Masses are floor(e x 2^30) <= 2^30, so a bin's
-// mass stays below 2^46 <= 2^kCountShift and its count (<= 65536) fits the 17 bits above.
+// A histogram bin: count << kCountShift | mass. Masses are e x 2^30 rounded to the nearest
+// integer (<= 2^30; rounding, not truncation, so 65536 tiny masses do not add up a bias), so a
+// bin's mass stays below 2^46 <= 2^kCountShift and its count (<= 65536) fits the 17 bits above.
 constexpr int kCountShift = 47;
 constexpr unsigned long long kMassMask = (1ull << kCountShift) - 1;
 
-__device__ __forceinline__ unsigned long long radix_mass(float e) { return static_cast<unsigned long long>(e * 0x1p30f); }
+__device__ __forceinline__ unsigned long long radix_mass(float e) { return __float2ull_rn(e * 0x1p30f); }
 
 struct SampleShared {                           // dynamic shared memory: the other blocks read it
   unsigned long long bins[2][kRadixBins];       // pass n's histogram in bins[n % 2]

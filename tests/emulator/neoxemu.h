@@ -378,6 +378,7 @@ inline unsigned __float_as_uint(float value) {
   return bits;
 }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+inline unsigned long long __float2ull_rn(float v) { return static_cast<unsigned long long>(std::nearbyint(v)); }  // ties to even
 
 namespace neoxemu {
 
