@@ -90,8 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def hf_warpers(rule: SamplingParams) -> list:
-    """transformers' logits warpers for the rule, in generate()'s order (temperature, top-k, top-p)."""
-    warpers = [TemperatureLogitsWarper(rule.temperature)]
+    """transformers' logits warpers for the rule, as generate() picks them: temperature (unless 1),
+    top-k (unless 0), top-p (unless 1), in that order."""
+    warpers = [TemperatureLogitsWarper(rule.temperature)] if rule.temperature != 1 else []
     if rule.top_k:
         warpers.append(TopKLogitsWarper(rule.top_k))
     if rule.top_p < 1:
