@@ -419,6 +419,27 @@ def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(
     assert cache.length == 18
 
 
+def test_backend_samples_a_vocabulary_over_the_kernels_with_pytorch_ops(monkeypatch):
+    # 65537 logits: more than the sampling kernel holds, so the step samples with neoxfuse.sampling's
+    # PyTorch ops (the kernel would refuse them) and draws what decode_step's logits give.
+    class Kernels(_OracleKernels):
+        @staticmethod
+        def sample_token(*args, **kwargs):
+            raise AssertionError("the sampling kernel was called for a vocabulary it does not hold")
+
+    monkeypatch.setattr(neoxfuse.fused, "ops", Kernels)
+    config = pythia_config("tiny", hidden_size=64, num_attention_heads=1, intermediate_size=128,
+                           vocab_size=fd.MAX_SAMPLE_VOCAB + 1, max_position_embeddings=32)
+    backend = FusedBackend(from_hf(random_model(config, seed=7)).to(dtype=torch.float16), 16, use_graph=False)
+    sampling = SamplingParams(temperature=2.0, top_k=1000, top_p=0.9, seed=4)
+    prompt = torch.tensor([3, 65536, 9])
+    first, want, _ = _decode_step_tokens(backend, prompt, sampling, 4, "cpu")
+    cache = backend.new_cache()
+    backend.prefill(prompt, cache)
+    got = backend.decode_tokens(first, cache, 4, sampling, sampling.rng("cpu"), StepClock(torch.device("cpu"))).tolist()
+    assert got == want and len(set(want)) > 1
+
+
 def test_backend_sampled_steps_need_the_random_state_before_running(oracle_backend):
     backend = oracle_backend[0]
     cache = backend.new_cache()
