@@ -108,7 +108,7 @@ struct RadixChoice {
   std::uint32_t digit;
   unsigned long long above;  // top-k: entries in higher bins; top-p: their mass
   unsigned count;            // entries in the chosen bin
-  bool none;                 // top-k: fewer candidates than k (every one is kept)
+  bool none;                 // no bin picked: top-k has fewer candidates than k, top-p none at all
 };
 
 // Steps 1-2 for one block: its entries' e, and the radix passes over them.
