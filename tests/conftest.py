@@ -1,12 +1,14 @@
 """Shared test set-up: the `gpu` marker (skips with a reason where no CUDA GPU is usable), the
 `sanitize` marker (from each module's SANITIZE), --wheel, and the `cuobjdump`, `emulated` and
-`word_tokenizer` fixtures."""
+`word_tokenizer` fixtures; every test's random data is seeded from its id, so a run is repeatable."""
 
 import contextlib
 import ctypes
 import mmap
 import os
+import random
 import re
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,6 +50,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _seed_from_test_id(request):
+    """Seeds torch's and Python's global generators from the test's id: the same data every run."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    random.seed(seed)
 
 
 def _name_matches(name: str, pattern: str) -> bool:

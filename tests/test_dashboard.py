@@ -24,11 +24,16 @@ def marks(svg: str) -> list[ElementTree.Element]:
     return [e for e in root.iter() if e.get("class") == "mark"]
 
 
-@pytest.mark.parametrize("trial", range(20))
-def test_nice_ticks_cover_the_range_in_round_steps(trial):
-    rng = random.Random()
-    lo = rng.uniform(-1e3, 1e3) * 10 ** rng.randint(-3, 3)
-    hi = lo + rng.uniform(1e-3, 1e4)
+def random_ranges(count):
+    rng = random.Random(3)
+    for _ in range(count):
+        lo = rng.uniform(-1e3, 1e3) * 10 ** rng.randint(-3, 3)
+        yield lo, lo + rng.uniform(1e-3, 1e4)
+
+
+# The first range once left its top uncovered: the last tick stopped at 2000.
+@pytest.mark.parametrize("lo,hi", [(-0.7856328697193113, 2000.1725576641777), *random_ranges(300)])
+def test_nice_ticks_cover_the_range_in_round_steps(lo, hi):
     ticks = nice_ticks(lo, hi)
     assert ticks[0] <= lo and ticks[-1] >= hi and 2 <= len(ticks) <= 12
     step = ticks[1] - ticks[0]
@@ -37,7 +42,7 @@ def test_nice_ticks_cover_the_range_in_round_steps(trial):
 
 
 def test_log2_ticks_are_powers_of_two_covering_the_range():
-    rng = random.Random()
+    rng = random.Random(1)
     lo, hi = rng.randint(1, 100), rng.randint(200, 1 << 20)
     ticks = log2_ticks(lo, hi)
     assert ticks[0] <= lo and ticks[-1] >= hi and len(ticks) <= 10
@@ -45,7 +50,7 @@ def test_log2_ticks_are_powers_of_two_covering_the_range():
 
 
 def test_line_plot_draws_one_mark_per_point_inside_the_frame():
-    rng = random.Random()
+    rng = random.Random(2)
     series = [
         Series(f"s{k}", [(2 ** rng.randint(0, 12), rng.uniform(0, 50), f"p{k}.{i}") for i in range(rng.randint(1, 8))])
         for k in range(rng.randint(1, 5))
@@ -70,7 +75,7 @@ def test_line_plot_puts_higher_values_higher():
 
 
 def test_bar_and_range_plots_draw_a_mark_per_value():
-    rng = random.Random()
+    rng = random.Random(3)
     categories = [f"kernel{i}" for i in range(rng.randint(1, 6))]
     values = [[rng.choice([None, rng.uniform(0, 100)]) for _ in categories] for _ in range(2)]
     svg = bar_plot("b", "t", categories, [(f"q{k}", v, [""] * len(v)) for k, v in enumerate(values)], x_label="%")
@@ -132,7 +137,7 @@ def random_results(folder: Path, rng: random.Random) -> dict[str, dict]:
 
 
 def test_page_draws_every_section_from_random_results(tmp_path):
-    rng = random.Random()
+    rng = random.Random(4)
     files = random_results(tmp_path, rng)
     (tmp_path / "broken.json").write_text("{ not json")
     (tmp_path / "other.json").write_text(json.dumps({"hello": "world"}))
@@ -154,7 +159,7 @@ def test_page_draws_every_section_from_random_results(tmp_path):
 
 
 def test_percent_of_floor_is_floor_over_time_and_bandwidth_over_copy():
-    rng = random.Random()
+    rng = random.Random(5)
     tpot, floor, gbps, copy = rng.uniform(2, 9), rng.uniform(1, 2), rng.uniform(100, 2000), rng.uniform(2000, 4000)
     assert VIEWS["decode"].floor_fraction({"tpot_ms": tpot, "floor_ms": floor}, {}) == pytest.approx(floor / tpot)
     assert VIEWS["ln_residual"].floor_fraction({"GBps": gbps}, {"copy_GBps": copy}) == pytest.approx(gbps / copy)

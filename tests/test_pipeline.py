@@ -204,7 +204,7 @@ def write_gpu_tests(checkout: Path, failing: int, passing: int) -> None:
 
 
 def test_a_failing_gpu_test_fails_the_pipeline(tmp_path, checkout):
-    rng = random.Random()
+    rng = random.Random(1)
     failing, passing = rng.randint(1, 3), rng.randint(1, 3)
     write_gpu_tests(checkout, failing, passing)
     pipeline = pipeline_for(tmp_path, "--tests", str(checkout))
@@ -286,7 +286,7 @@ def test_bench_stage_fails_a_suite_that_fails(tmp_path, fakes, monkeypatch, mode
 
 
 def test_profile_stage_summarises_kernels_into_the_suites_results(tmp_path, fakes):
-    rng = random.Random()
+    rng = random.Random(2)
     kernels = [
         f"void neoxfuse::(anonymous namespace)::k{i}<{rng.randint(1, 8)}>(const __half *, int)" for i in range(3)
     ]
@@ -327,7 +327,7 @@ def test_profile_stage_says_why_there_is_no_profile(tmp_path, fakes, monkeypatch
 
 
 def test_raw_csv_with_unknown_units_or_columns_is_an_error():
-    text, _ = synthetic_raw_csv(["neoxfuse::k"], random.Random())
+    text, _ = synthetic_raw_csv(["neoxfuse::k"], random.Random(3))
     with pytest.raises(profile.ProfileError, match="unexpected unit 'furlong'"):
         profile.summarize_raw_csv(text.replace('"nsecond"', '"furlong"'))
     with pytest.raises(profile.ProfileError, match="Kernel Name"):

@@ -34,13 +34,10 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     raw = (hi - lo) / count
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    first = math.floor(lo / step) * step
-    ticks = []
-    value = first
-    while value < hi + step * 0.999:
-        ticks.append(round(value, 12))
-        value += step
-    return ticks
+    first, last = math.floor(lo / step), math.ceil(hi / step)
+    first -= first * step > lo  # lo / step may round across an integer
+    last += last * step < hi
+    return [round(i * step, 12) for i in range(first, last + 1)]
 
 
 def log2_ticks(lo: float, hi: float) -> list[float]:
