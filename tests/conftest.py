@@ -1,6 +1,7 @@
 """Shared test set-up: the `gpu` marker (skips with a reason where no CUDA GPU is usable), the
 `sanitize` marker (from each module's SANITIZE), --wheel, and the `cuobjdump`, `emulated` and
-`word_tokenizer` fixtures; every test's random data is seeded from its id, so a run is repeatable."""
+`word_tokenizer` fixtures, and a fresh random seed per test that a failing test's report shows
+(`rng`; NEOXFUSE_TEST_SEED replays it)."""
 
 import contextlib
 import ctypes
@@ -8,7 +9,6 @@ import mmap
 import os
 import random
 import re
-import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,11 +53,28 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed_from_test_id(request):
-    """Seeds torch's and Python's global generators from the test's id: the same data every run."""
-    seed = zlib.crc32(request.node.nodeid.encode())
+def test_seed(request) -> int:
+    """Fresh random data every run (DESIGN.md §5), yet reproducible: a new seed per test for torch's
+    and Python's generators (and `rng`), shown in a failing test's report; NEOXFUSE_TEST_SEED=N
+    replays it."""
+    seed = int(os.environ.get("NEOXFUSE_TEST_SEED") or random.SystemRandom().getrandbits(32))
+    request.node.test_seed = seed
     torch.manual_seed(seed)
     random.seed(seed)
+    return seed
+
+
+@pytest.fixture
+def rng(test_seed) -> random.Random:
+    """A random.Random of the test's own, from its seed."""
+    return random.Random(test_seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed and hasattr(item, "test_seed"):
+        report.sections.append(("random seed", f"NEOXFUSE_TEST_SEED={item.test_seed} replays this test's data"))
 
 
 def _name_matches(name: str, pattern: str) -> bool:

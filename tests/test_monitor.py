@@ -44,8 +44,7 @@ def test_reason_bits_match_nvml():
         assert getattr(pynvml, f"nvmlClocksEventReason{camel}") == bit, name
 
 
-def test_summary_has_min_median_max_of_each_quantity():
-    rng = random.Random(1)
+def test_summary_has_min_median_max_of_each_quantity(rng):
     samples = random_samples(rng.randint(3, 40), rng)
     summary = summarize(samples, device={"name": "test"}, interval_s=0.1)
     assert summary["available"] and summary["samples"] == len(samples)
@@ -57,8 +56,7 @@ def test_summary_has_min_median_max_of_each_quantity():
 
 
 @pytest.mark.parametrize("reason", THROTTLING)
-def test_thermal_and_power_reasons_flag_the_run_as_throttled(reason):
-    rng = random.Random(2)
+def test_thermal_and_power_reasons_flag_the_run_as_throttled(reason, rng):
     n = 20
     hit = rng.randrange(n)
     reasons = [BIT["gpu_idle"] if i != hit else BIT[reason] | BIT["gpu_idle"] for i in range(n)]
@@ -69,16 +67,14 @@ def test_thermal_and_power_reasons_flag_the_run_as_throttled(reason):
     assert summary["clock_event_reasons"]["gpu_idle"] == n
 
 
-def test_idle_application_clocks_and_sync_boost_are_not_throttling():
-    rng = random.Random(3)
+def test_idle_application_clocks_and_sync_boost_are_not_throttling(rng):
     reasons = [BIT[rng.choice(NOT_THROTTLING)] for _ in range(30)]
     summary = summarize(random_samples(30, rng, reasons=reasons))
     assert not summary["throttled"] and summary["throttle_reasons"] == []
     assert sum(summary["clock_event_reasons"].values()) == 30
 
 
-def test_another_process_on_the_gpu_flags_the_run_as_shared():
-    rng = random.Random(4)
+def test_another_process_on_the_gpu_flags_the_run_as_shared(rng):
     stranger = GpuProcess(pid=rng.randint(1000, 99999), name="python train.py", used_memory_mib=2048.0)
     others = [()] * 5 + [(stranger,)] * 3
     summary = summarize(random_samples(10, rng, others=others))
@@ -86,15 +82,13 @@ def test_another_process_on_the_gpu_flags_the_run_as_shared():
     assert summary["other_processes"] == [{"pid": stranger.pid, "name": "python train.py", "used_memory_mib": 2048.0}]
 
 
-def test_quantities_nvml_does_not_report_are_left_out():
-    rng = random.Random(5)
+def test_quantities_nvml_does_not_report_are_left_out(rng):
     samples = [replace(s, power_w=None) for s in random_samples(5, rng)]
     summary = summarize(samples)
     assert "power_w" not in summary and "sm_clock_mhz" in summary
 
 
-def test_annotate_flags_every_row_and_keeps_the_suites_own_summary():
-    rng = random.Random(6)
+def test_annotate_flags_every_row_and_keeps_the_suites_own_summary(rng):
     summary = summarize(random_samples(4, rng, reasons=[BIT["sw_power_cap"]]))
     suite_own = {"available": True, "samples": 17}
     result = {"suite": "x", "rows": [{"i": i} for i in range(rng.randint(1, 9))], "nvml": suite_own}
@@ -113,8 +107,8 @@ def test_annotate_without_nvml_sets_no_flags():
 class FakeSource:
     """Stands in for NVML: random readings, and remembers being closed."""
 
-    def __init__(self):
-        self.rng = random.Random(7)
+    def __init__(self, rng: random.Random):
+        self.rng = rng
         self.closed = False
 
     def device(self) -> dict:
@@ -127,8 +121,8 @@ class FakeSource:
         self.closed = True
 
 
-def test_monitor_samples_on_a_thread_until_the_block_ends():
-    source = FakeSource()
+def test_monitor_samples_on_a_thread_until_the_block_ends(rng):
+    source = FakeSource(rng)
     with GpuMonitor(interval_s=0.005, source=source) as gpu:
         while len(gpu.samples) < 5:
             time.sleep(0.002)

@@ -203,8 +203,7 @@ def write_gpu_tests(checkout: Path, failing: int, passing: int) -> None:
     (checkout / "tests" / "test_stand_in.py").write_text("\n\n".join(body) + "\n")
 
 
-def test_a_failing_gpu_test_fails_the_pipeline(tmp_path, checkout):
-    rng = random.Random(1)
+def test_a_failing_gpu_test_fails_the_pipeline(tmp_path, checkout, rng):
     failing, passing = rng.randint(1, 3), rng.randint(1, 3)
     write_gpu_tests(checkout, failing, passing)
     pipeline = pipeline_for(tmp_path, "--tests", str(checkout))
@@ -285,8 +284,7 @@ def test_bench_stage_fails_a_suite_that_fails(tmp_path, fakes, monkeypatch, mode
     assert pipeline._finish() == 1
 
 
-def test_profile_stage_summarises_kernels_into_the_suites_results(tmp_path, fakes):
-    rng = random.Random(2)
+def test_profile_stage_summarises_kernels_into_the_suites_results(tmp_path, fakes, rng):
     kernels = [
         f"void neoxfuse::(anonymous namespace)::k{i}<{rng.randint(1, 8)}>(const __half *, int)" for i in range(3)
     ]
@@ -326,8 +324,8 @@ def test_profile_stage_says_why_there_is_no_profile(tmp_path, fakes, monkeypatch
     assert ncu["kernels"] == [] and reason in ncu["reason"]
 
 
-def test_raw_csv_with_unknown_units_or_columns_is_an_error():
-    text, _ = synthetic_raw_csv(["neoxfuse::k"], random.Random(3))
+def test_raw_csv_with_unknown_units_or_columns_is_an_error(rng):
+    text, _ = synthetic_raw_csv(["neoxfuse::k"], rng)
     with pytest.raises(profile.ProfileError, match="unexpected unit 'furlong'"):
         profile.summarize_raw_csv(text.replace('"nsecond"', '"furlong"'))
     with pytest.raises(profile.ProfileError, match="Kernel Name"):
