@@ -135,6 +135,7 @@ LAUNCHER_ERRORS = [
     (dict(eps=-1.0), 1),
     (dict(x=8), 2),
     (dict(g_idx=4), 2),
+    (dict(groups=0, g_idx=0), 1),  # act-order with no group at all
 ]
 
 
@@ -478,7 +479,7 @@ def test_emulated_rtx_5090_runs_what_its_shared_memory_holds_and_refuses_the_res
 def test_emulated_out_of_range_g_idx_is_never_read(emulated):
     layer = random_layer(256, 96, act_order=True)
     bad = layer.g_idx.clone()
-    bad[5], bad[200] = 7, -1  # only 2 groups
+    bad[5], bad[77], bad[200] = 2, 7, -1  # only 2 groups: 2 is the first past the end
     out = run_emulated(emulated, _raw_args(random_inputs(1, 256), layer, g_idx=bad))
     assert bool(torch.isnan(out).all()), "every column sums over rows 5 and 200, whose groups are out of range"
 
