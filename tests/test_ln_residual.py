@@ -239,6 +239,21 @@ def test_plan_keeps_16_byte_chunks_for_aligned_strided_rows():
     assert launch_plan(x, residuals, weights, biases, outs=outs, h_out=h).vector_width == 8
 
 
+def test_plan_keeps_16_byte_chunks_for_one_row_whatever_its_stride():
+    # Decode: one row has no stride to speak of, so an odd one (a row of a wider buffer) keeps the
+    # 16-byte path, in the op and in the C plan, which sees the stride as given.
+    x, residuals, weights, biases = _inputs(1, 2560, 2, 2, torch.float16, "cpu")
+    x = _rows_in(1, 2560, 3, 0, torch.float16, "cpu").copy_(x)
+    outs, h = _outputs(x, 2, True, "contiguous")
+    assert x.stride(0) == 2563
+    assert launch_plan(x, residuals, weights, biases, outs=outs, h_out=h).vector_width == 8
+    plan = _lib.function("neoxfuse_ln_residual_plan", [ctypes.POINTER(ln_residual._Args), ctypes.POINTER(ln_residual._Launch)])
+    for rows, width in [(1, 8), (2, 1)]:
+        launch = ln_residual._Launch()
+        assert plan(ctypes.byref(_c_args(rows=rows, x_stride=67)), ctypes.byref(launch)) == 0
+        assert launch.vector_width == width
+
+
 @pytest.mark.parametrize(
     "case",
     ["odd hidden", "odd hidden 2561", "offset view", "odd row stride", "offset output", "offset weight"],
@@ -653,13 +668,14 @@ def test_emulated_largest_rows(emulated, dtype, hidden):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_emulated_inputs_are_streamed_once(emulated, dtype, variant):
-    # On the 16-byte path x and the residuals are streaming loads, each element read once.
+@pytest.mark.parametrize("hidden", [2560, 2568])  # 2568: the last warp holds chunks past the row's end
+def test_emulated_inputs_are_streamed_once(emulated, dtype, variant, hidden):
+    # On the 16-byte path x and the residuals are streaming loads, each element read once, none past the row.
     n_residuals, n_norms, write_sum = VARIANTS[variant]
-    x, residuals, weights, biases = _inputs(7, 2560, n_residuals, n_norms, dtype, "cpu", "strided")
+    x, residuals, weights, biases = _inputs(7, hidden, n_residuals, n_norms, dtype, "cpu", "strided")
     emulated.take_streamed_bytes()
     _run_out(x, residuals, weights, biases, write_sum, "strided", emulated)
-    assert emulated.take_streamed_bytes() == (1 + n_residuals) * 7 * 2560 * x.element_size()
+    assert emulated.take_streamed_bytes() == (1 + n_residuals) * 7 * hidden * x.element_size()
 
 
 def test_emulated_constant_rows_normalise_to_the_bias(emulated):
