@@ -156,12 +156,13 @@ def _emulated_plan(emulated, shape: NeoXShape, cluster_size: int = 0) -> fd._Pla
     return plan
 
 
-def _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, workspace, cluster_size=0, watch=None):
-    """The layer's C ABI on the emulated library (CPU tensors): plan, then launch; the caches, the
-    workspace and y written. Every tensor is passed as a guarded copy (conftest.py), so an access
-    past the end of one faults; the written ones are copied back. watch: the name of a tensor
+def _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, workspace, cluster_size=0, watch=None,
+                    plan=None):
+    """The layer's C ABI on the emulated library (CPU tensors): plan (unless given), then launch; the
+    caches, the workspace and y written. Every tensor is passed as a guarded copy (conftest.py), so an
+    access past the end of one faults; the written ones are copied back. watch: the name of a tensor
     (fd._LAYER_TENSORS) whose bytes read by the kernels are counted and returned."""
-    plan = _emulated_plan(emulated, shape, cluster_size)
+    plan = _emulated_plan(emulated, shape, cluster_size) if plan is None else plan
     if not isinstance(position, torch.Tensor):
         position = torch.tensor([position], dtype=torch.int32)
     tensors = [x, *(getattr(layer, name) for name in fd._LAYER_TENSORS[1:13]), k_cache, v_cache, position,
@@ -190,6 +191,14 @@ def _run_layer_emulated(emulated, x, layer, shape, k_cache, v_cache, position, c
     return {"y": y, "attn": workspace.attn, "mlp": workspace.mlp}
 
 
+def _within_half_fp16_ulp(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether fp16 `got` is fp32 `want` rounded to nearest: within half an fp16 ulp of it, plus
+    2e-5 of want's largest entry for the kernel's and the oracle's different fp32 sums."""
+    exponent = torch.floor(torch.log2(want.abs().clamp_min(2.0**-14)))  # fp16 subnormals share 2^-14's ulp
+    half_ulp = torch.exp2(exponent - 11)
+    return bool(((got.float() - want).abs() <= half_ulp + 2e-5 * want.abs().max()).all())
+
+
 def _check_against_oracle(x, layer, shape, position, k_cache, v_cache, run=_run_layer, **kwargs):
     k_before, v_before = k_cache.clone(), v_cache.clone()
     want = _oracle(x, layer, shape, k_cache, v_cache, position)
@@ -208,6 +217,8 @@ def _check_against_oracle(x, layer, shape, position, k_cache, v_cache, run=_run_
     assert errors["attn"] < ATTN_TOL, errors
     assert errors["y - x"] < ATTN_TOL, errors
     assert errors["k"] < CACHE_TOL and errors["v"] < CACHE_TOL, errors
+    for name, cache in (("k", k_cache), ("v", v_cache)):  # rounded to nearest, as HF's fp16 does
+        assert _within_half_fp16_ulp(cache[:, position], want[name]), f"{name} at the position is not {name} rounded to fp16"
     others = torch.ones(shape.max_positions, dtype=torch.bool)
     others[position] = False
     for got_cache, before in [(k_cache, k_before), (v_cache, v_before)]:  # NaN == NaN for this check
@@ -652,6 +663,24 @@ def test_emulated_rotary_on_none_some_or_all_of_the_head(emulated, rotary_dims):
                           cluster_size=3)
 
 
+def test_emulated_attention_when_every_score_is_far_below_zero(emulated):
+    # q = u and every key -u outside the rotary dims: every score is -|u|^2 / sqrt(head_dim), about
+    # -240, whose exp underflows unless the softmax subtracts the largest real score. A block's
+    # slots past its positions must count as no score at all, not as a score of 0.
+    shape, position = ODD_LAYERS["d80-h8"], 150
+    layer = _random_layer(shape, seed=8, device="cpu")
+    x, k_cache, v_cache = _layer_inputs(shape, position, seed=9, device="cpu")
+    u = torch.zeros(shape.head_dim, dtype=torch.float16)
+    u[shape.rotary_dims:] = 6.0
+    qkv_weight = layer.qkv_weight.view(shape.heads, 3, shape.head_dim, shape.hidden)
+    qkv_bias = layer.qkv_bias.view(shape.heads, 3, shape.head_dim)
+    qkv_weight[:, :2] = 0.0  # q and k are their biases
+    qkv_bias[:, 0], qkv_bias[:, 1] = u, -u
+    k_cache[:, :position] = -u
+    _check_against_oracle(x, layer, shape, position, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated),
+                          cluster_size=3)
+
+
 @pytest.mark.parametrize("cluster_size", [1, 3, 8])
 @pytest.mark.parametrize("name", sorted(ODD_LAYERS))
 def test_emulated_layer_streams_every_weight_byte_once(emulated, name, cluster_size):
@@ -691,6 +720,19 @@ def test_emulated_position_past_the_cache_gives_nan_and_writes_nothing(emulated)
         assert torch.isnan(got["y"]).all()
         assert torch.equal(k_cache.nan_to_num(7.0), k_before.nan_to_num(7.0))
         assert torch.equal(v_cache.nan_to_num(7.0), v_before.nan_to_num(7.0))
+
+
+def test_emulated_layer_refuses_a_plan_made_for_other_sizes(emulated):
+    shape = ODD_LAYERS["d64-h5"]
+    layer = _random_layer(shape, seed=1, device="cpu")
+    x, k_cache, v_cache = _layer_inputs(shape, 3, seed=2, device="cpu")
+    workspace = fd.Workspace.allocate(shape, "cpu")
+    other_heads = _emulated_plan(emulated, ODD_LAYERS["d80-h8"])  # 8 heads, not 5
+    too_large = _emulated_plan(emulated, shape)
+    too_large.cluster_size = 9
+    for plan in (other_heads, too_large):
+        with pytest.raises(KernelError, match="invalid argument"):
+            _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, 3, torch.empty_like(x), workspace, plan=plan)
 
 
 @pytest.mark.parametrize("heads, cluster_size", [(32, 4), (16, 8), (8, 8), (40, 3), (64, 2), (100, 1)])
