@@ -15,6 +15,7 @@ CXX_FLAGS = [
     "-fPIC",
     "-fvisibility=hidden",
     "-Wno-attributes",  # CUDA's headers annotate host functions with attributes g++ does not know
+    "-fsanitize=alignment",  # a misaligned typed access fails the launch, as on the GPU (neoxemu.h)
 ]
 
 def _cpu_emulated_library_impl(ctx):
@@ -56,7 +57,7 @@ def _cpu_emulated_library_impl(ctx):
     library = ctx.actions.declare_file(ctx.label.name)
     ctx.actions.run_shell(
         command = 'g++ "$@"',
-        arguments = ["-shared", "-o", library.path] + [o.path for o in objects] + ["-lpthread"],
+        arguments = ["-shared", "-fsanitize=alignment", "-o", library.path] + [o.path for o in objects] + ["-lpthread"],
         inputs = objects,
         outputs = [library],
         mnemonic = "EmulatorLink",

@@ -13,7 +13,7 @@ import torch
 
 from neoxfuse.errors import KernelError
 
-ORDERED, UNORDERED, DIVERGENT, BAD_PTX, PAST_END, PDL_EARLY, PDL = range(7)
+ORDERED, UNORDERED, DIVERGENT, BAD_PTX, PAST_END, PDL_EARLY, PDL, MISALIGNED = range(8)
 THREADS = 64  # selftest.cu: kThreads
 
 
@@ -78,3 +78,28 @@ emulated.call("neoxemu_selftest", [ctypes.c_int, ctypes.c_void_p], {PAST_END}, o
     for room, expected in (("room", 0), ("guarded", -signal.SIGSEGV)):
         done = subprocess.run([sys.executable, "-c", child, room], capture_output=True, text=True, timeout=120)
         assert done.returncode == expected, (room, done.stderr[-2000:])
+
+
+def test_a_misaligned_vector_access_fails_the_launch_and_every_later_one(emulated):
+    # As on the GPU, where cudaErrorMisalignedAddress is sticky: the context is lost. In a child
+    # process, so this one's emulator stays usable.
+    child = f"""
+import ctypes, sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import EmulatedKernels
+from neoxfuse.errors import KernelError
+emulated = EmulatedKernels({emulated.path!r})
+out = torch.zeros({THREADS})
+for which in ({ORDERED}, {MISALIGNED}, {ORDERED}):
+    try:
+        emulated.call("neoxemu_selftest", [ctypes.c_int, ctypes.c_void_p], which, out.data_ptr())
+        print(which, "ran")
+    except KernelError as error:
+        print(which, "failed:", error)
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, misaligned, after = done.stdout.splitlines()
+    assert before == f"{ORDERED} ran"
+    assert misaligned.startswith(f"{MISALIGNED} failed:") and "misaligned address" in misaligned, misaligned
+    assert after.startswith(f"{ORDERED} failed:") and "misaligned address" in after, after

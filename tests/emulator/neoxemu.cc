@@ -95,6 +95,19 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* kernel, co
   return cudaSuccess;
 }
 
+// UBSan's report hook: the library is built with -fsanitize=alignment (bazel/emulator.bzl), whose
+// runtime prints each report and then calls this, on the thread that made the access. UBSan
+// reports a source location once per process; the sticky failure makes that enough.
+extern "C" void __ubsan_get_current_report_data(const char** kind, const char** message, const char** file,
+                                                unsigned* line, unsigned* column, char** address);
+extern "C" __attribute__((visibility("default"))) void __ubsan_on_report() {
+  const char *kind = nullptr, *message = nullptr, *file = nullptr;
+  unsigned line = 0, column = 0;
+  char* address = nullptr;
+  __ubsan_get_current_report_data(&kind, &message, &file, &line, &column, &address);
+  neoxemu::misaligned_access(std::string(message) + " at " + file + ":" + std::to_string(line));
+}
+
 // For tests: the fiber order of every block from now on (0 forward, 1 reverse; see neoxemu.h).
 extern "C" __attribute__((visibility("default"))) void neoxemu_set_schedule(int order) { neoxemu::schedule = order; }
 

@@ -28,6 +28,12 @@
 // cache-operator loads inside a watched address range.
 // Fresh dynamic shared memory and that of a block that has exited are filled with 0xFF bytes
 // (NaN), so reading before writing or after the owner left shows up in the results.
+// A misaligned access (a uint4, float4, __half2, ... loaded or stored at an address its type's
+// alignment does not divide) fails the launch and every later one, as the GPU's sticky
+// cudaErrorMisalignedAddress does: the library is built with UBSan's alignment check
+// (bazel/emulator.bzl), whose report hook (neoxemu.cc) calls misaligned_access(). Where g++ made
+// the access an SSE instruction that needs the alignment itself, the process faults right after
+// UBSan's report ("runtime error: ... misaligned address", on stderr: pytest -s shows it).
 // A failed launch returns cudaErrorLaunchFailure; cudaGetErrorString says what happened.
 //
 // The emulated device is an sm_90 with 132 SMs and 227 KiB of shared memory per block (an H100;
@@ -110,6 +116,10 @@ inline std::atomic<uint64_t> streamed_bytes{0};
 // since the last neoxemu_watch() (neoxemu.cc).
 inline std::atomic<uintptr_t> watch_begin{0}, watch_end{0};
 inline std::atomic<uint64_t> watched_bytes{0};
+
+// The first misaligned access's report; once set, every launch fails (run_grid).
+inline std::mutex misaligned_mutex;
+inline std::string misaligned_report;
 
 template <typename T>
 inline void count_watched(const T* p) {
@@ -276,6 +286,9 @@ class Block {
     cluster_.fail(message);
     block_until(State::kExited);  // never resumed
   }
+  // A failure found where the fiber must not switch (inside UBSan's report, which holds a lock):
+  // the launch fails when the fiber next yields or ends.
+  void fail_at_next_switch(const std::string& message) { cluster_.fail(message); }
   char* shared() const { return cluster_.shared(rank_); }
   size_t shared_bytes() const { return cluster_.shared_bytes(); }
   const Cluster& cluster() const { return cluster_; }
@@ -564,8 +577,24 @@ inline cudaError_t set_error(cudaError_t error, const std::string& message) {
   return error;
 }
 
+// A misaligned access by the calling thread: this launch fails, and so does every later one.
+inline void misaligned_access(const std::string& report) {
+  {
+    std::lock_guard<std::mutex> lock(misaligned_mutex);
+    if (misaligned_report.empty()) misaligned_report = report;
+  }
+  if (current_block != nullptr) current_block->fail_at_next_switch("misaligned address: " + report);
+}
+
 // Runs `body` (one thread's kernel call) for every thread of `grid`.
 inline cudaError_t run_grid(const void* kernel, const Grid& grid, const std::function<void()>& body) {
+  {
+    std::lock_guard<std::mutex> lock(misaligned_mutex);
+    if (!misaligned_report.empty()) {
+      return set_error(cudaErrorLaunchFailure, "an earlier kernel failed (misaligned address: " + misaligned_report +
+                                                   "), which on the GPU loses the context");
+    }
+  }
   const unsigned blocks = grid.blocks;
   const int threads = static_cast<int>(grid.block_dim.x), cluster_size = grid.cluster_size;
   if (grid.block_dim.y != 1 || grid.block_dim.z != 1 || threads < 1 || threads > 1024 || blocks < 1) {

@@ -9,6 +9,7 @@
 //     4 past end:  thread t writes out[t + 16], past the end of out
 //     5 PDL early: a programmatic dependent launch reads out (ld.global.cg) before griddepcontrol.wait
 //     6 PDL:       the same after griddepcontrol.wait: out[t] += 1
+//     7 misaligned: thread 0 loads a float4 from out + 1 (4 bytes past a 16-byte boundary)
 #include "kernels/common/status.cuh"
 
 namespace {
@@ -46,6 +47,10 @@ __global__ void pdl_kernel(float* out, bool wait_first) {
   out[threadIdx.x] = previous + 1.0f;
 }
 
+__global__ void misaligned_kernel(float* out) {
+  if (threadIdx.x == 0) out[0] = reinterpret_cast<const float4*>(out + 1)->x;
+}
+
 int launch_pdl(float* out, bool wait_first) {
   cudaLaunchAttribute attribute;
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -75,8 +80,15 @@ extern "C" __attribute__((visibility("default"))) int neoxemu_selftest(int which
     case 4:
       past_end_kernel<<<1, kThreads>>>(out);
       break;
-    default:
+    case 5:
+    case 6:
       launch_pdl(out, which == 6);
+      break;
+    case 7:
+      misaligned_kernel<<<1, kThreads>>>(out);
+      break;
+    default:
+      return NEOXFUSE_ERR_INVALID_ARGUMENT;
   }
   return NEOXFUSE_CHECK_LAUNCH();
 }
