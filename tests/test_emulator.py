@@ -13,7 +13,7 @@ import torch
 
 from neoxfuse.errors import KernelError
 
-ORDERED, UNORDERED, DIVERGENT, BAD_PTX, PAST_END, PDL_EARLY, PDL, MISALIGNED = range(8)
+ORDERED, UNORDERED, DIVERGENT, BAD_PTX, PAST_END, PDL_EARLY, PDL, MISALIGNED, UNWRITTEN = range(9)
 THREADS = 64  # selftest.cu: kThreads
 
 
@@ -28,6 +28,11 @@ def test_a_barrier_orders_shared_memory_whatever_the_thread_order(emulated):
     assert torch.equal(_selftest(emulated, ORDERED), want)
     with emulated.reverse_schedule():
         assert torch.equal(_selftest(emulated, ORDERED), want)
+
+
+def test_static_shared_memory_no_thread_wrote_reads_as_nan(emulated):
+    # On the GPU it holds whatever was there; zeros here would hide a read of an unwritten slot in a sum.
+    assert _selftest(emulated, UNWRITTEN).isnan().all()
 
 
 def test_a_missing_barrier_shows_as_results_that_depend_on_thread_order(emulated):

@@ -26,8 +26,9 @@
 // what earlier kernels wrote) before the thread's griddepcontrol.wait.
 // It counts the bytes of streaming loads (__ldcs), the loads of data read once, and of the
 // cache-operator loads inside a watched address range.
-// Fresh dynamic shared memory and that of a block that has exited are filled with 0xFF bytes
-// (NaN), so reading before writing or after the owner left shows up in the results.
+// Fresh dynamic shared memory, each block's static __shared__ variables and the shared memory of
+// a block that has exited are filled with 0xFF bytes (NaN), so reading before writing or after
+// the owner left shows up in the results.
 // A misaligned access (a uint4, float4, __half2, ... loaded or stored at an address its type's
 // alignment does not divide) fails the launch and every later one, as the GPU's sticky
 // cudaErrorMisalignedAddress does: the library is built with UBSan's alignment check
@@ -64,6 +65,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -83,7 +85,6 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ thread_local  // one copy per block: each block is one OS thread
 
 #define __CUDACC_VER_MAJOR__ 13
 #define __CUDACC_VER_MINOR__ 0
@@ -289,6 +290,11 @@ class Block {
   // A failure found where the fiber must not switch (inside UBSan's report, which holds a lock):
   // the launch fails when the fiber next yields or ends.
   void fail_at_next_switch(const std::string& message) { cluster_.fail(message); }
+  // A static __shared__ variable (thread_local: one copy per OS thread, so per block) reached by
+  // one of this block's threads: filled with 0xFF bytes the first time, as the block starts with it.
+  void fresh_static_shared(void* variable, size_t bytes) {
+    if (fresh_statics_.insert(variable).second) std::memset(variable, 0xFF, bytes);
+  }
   char* shared() const { return cluster_.shared(rank_); }
   size_t shared_bytes() const { return cluster_.shared_bytes(); }
   const Cluster& cluster() const { return cluster_; }
@@ -322,6 +328,7 @@ class Block {
   ucontext_t scheduler_;
   int current_ = -1;
   unsigned reported_arrivals_ = 0;
+  std::set<void*> fresh_statics_;  // static __shared__ variables filled for this block
   unsigned seen_phase_ = 0;
 };
 
@@ -403,6 +410,12 @@ inline void ptx(const char* text) {
     if (instruction.rfind(no_op, 0) == 0) return;
   }
   current_block->fail("the emulator does not know the PTX `" + instruction + "`");
+}
+
+// A static __shared__ variable's declaration (translate.py): the block's copy starts as 0xFF bytes.
+template <typename T>
+inline void fresh_static_shared(T* variable, size_t bytes) {
+  current_block->fresh_static_shared(variable, bytes);
 }
 
 // This block's dynamic shared memory (`extern __shared__ T name[]`).

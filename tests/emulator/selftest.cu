@@ -10,6 +10,7 @@
 //     5 PDL early: a programmatic dependent launch reads out (ld.global.cg) before griddepcontrol.wait
 //     6 PDL:       the same after griddepcontrol.wait: out[t] += 1
 //     7 misaligned: thread 0 loads a float4 from out + 1 (4 bytes past a 16-byte boundary)
+//     8 unwritten: out[t] = a static __shared__ float no thread has written
 #include "kernels/common/status.cuh"
 
 namespace {
@@ -45,6 +46,11 @@ __global__ void pdl_kernel(float* out, bool wait_first) {
   const float previous = __ldcg(out + threadIdx.x);
   asm volatile("griddepcontrol.wait;" ::: "memory");
   out[threadIdx.x] = previous + 1.0f;
+}
+
+__global__ void unwritten_kernel(float* out) {
+  __shared__ float values[kThreads];
+  out[threadIdx.x] = values[threadIdx.x];
 }
 
 __global__ void misaligned_kernel(float* out) {
@@ -86,6 +92,9 @@ extern "C" __attribute__((visibility("default"))) int neoxemu_selftest(int which
       break;
     case 7:
       misaligned_kernel<<<1, kThreads>>>(out);
+      break;
+    case 8:
+      unwritten_kernel<<<1, kThreads>>>(out);
       break;
     default:
       return NEOXFUSE_ERR_INVALID_ARGUMENT;

@@ -8,6 +8,7 @@ The rewrites, each the smallest that makes CUDA source plain C++ over neoxemu.h:
   #include "kernels/X"              -> #include "<DIR as included>/kernels/X"   (the translated copy)
   #include <cooperative_groups.h>, <cuda_runtime.h>  -> neoxemu.h
   extern __shared__ [__align__(N)] T name[];  -> T* const name = ::neoxemu::dynamic_shared<T>();
+  __shared__ T name[dims];         -> thread_local T name[dims]; ::neoxemu::fresh_static_shared(&name, sizeof(name));
   asm volatile("ptx" : operands);  -> ::neoxemu::ptx("ptx");
   kernel<<<grid, block[, smem[, stream]]>>>(args)  -> ::neoxemu::launch(kernel, grid, block, ...)(args)
 and every .cu starts by including neoxemu.h. A construct not rewritten (another asm form, a
@@ -26,6 +27,7 @@ EMULATOR_HEADER = "tests/emulator/neoxemu.h"
 _KERNEL_INCLUDE = re.compile(r'#include "(kernels/[^"]+)"')
 _RUNTIME_INCLUDE = re.compile(r"#include <(cooperative_groups|cuda_runtime)\.h>")
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:]*(?:\s+[A-Za-z_]\w*)*?)\s+(\w+)\s*\[\s*\]\s*;")
+_STATIC_SHARED = re.compile(r"__shared__\s+([A-Za-z_][\w:]*(?:\s+[A-Za-z_]\w*)*?)\s+(\w+)((?:\s*\[[^\]]+\])*)\s*;")
 _ASM = re.compile(r'asm\s+volatile\s*\(\s*"([^"]*)"[^;]*\)\s*;')
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;<>]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 
@@ -34,10 +36,14 @@ def translate(text: str, include_root: str, is_source: bool) -> str:
     text = _KERNEL_INCLUDE.sub(lambda m: f'#include "{include_root}/{m.group(1)}"', text)
     text = _RUNTIME_INCLUDE.sub(f'#include "{EMULATOR_HEADER}"', text)
     text = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* const {m.group(2)} = ::neoxemu::dynamic_shared<{m.group(1)}>();", text)
+    text = _STATIC_SHARED.sub(
+        lambda m: f"thread_local {m.group(1)} {m.group(2)}{m.group(3)}; ::neoxemu::fresh_static_shared(&{m.group(2)}, sizeof({m.group(2)}));",
+        text,
+    )
     text = _ASM.sub(lambda m: f'::neoxemu::ptx("{m.group(1)}");', text)
     text = _LAUNCH.sub(lambda m: f"::neoxemu::launch({m.group(1)}, {m.group(2)})(", text)
     code = _without_comments(text)
-    for construct, pattern in (("asm", r"\basm\b"), ("<<<", "<<<"), ("extern __shared__", r"extern\s+__shared__")):
+    for construct, pattern in (("asm", r"\basm\b"), ("<<<", "<<<"), ("__shared__", r"__shared__")):
         if re.search(pattern, code):
             raise ValueError(f"`{construct}` left untranslated")
     if is_source:
