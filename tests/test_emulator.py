@@ -13,7 +13,7 @@ import torch
 
 from neoxfuse.errors import KernelError
 
-ORDERED, UNORDERED, DIVERGENT, BAD_PTX, PAST_END, PDL_EARLY, PDL, MISALIGNED, UNWRITTEN = range(9)
+ORDERED, UNORDERED, DIVERGENT, BAD_PTX, PAST_END, PDL_EARLY, PDL, MISALIGNED, UNWRITTEN, OVERWRITE = range(10)
 THREADS = 64  # selftest.cu: kThreads
 
 
@@ -40,6 +40,14 @@ def test_a_missing_barrier_shows_as_results_that_depend_on_thread_order(emulated
     with emulated.reverse_schedule():
         reverse = _selftest(emulated, UNORDERED)
     assert not torch.equal(forward.nan_to_num(-1.0), reverse.nan_to_num(-1.0))
+
+
+def test_an_overwrite_no_barrier_orders_after_the_reads_shows_as_results_that_depend_on_the_schedule(emulated):
+    forward = _selftest(emulated, OVERWRITE)
+    assert torch.equal(forward, torch.ones(THREADS))  # warps advance together: every read comes first
+    with emulated.reverse_schedule():
+        reverse = _selftest(emulated, OVERWRITE)
+    assert torch.equal(reverse, torch.ones(THREADS).index_fill(0, torch.arange(32), 2.0))  # the last warp ran ahead
 
 
 def test_a_divergent_barrier_fails_the_launch_and_names_the_deadlock(emulated):

@@ -10,10 +10,13 @@
 // memory need every block of a cluster alive). The CUDA threads of a block are fibers
 // (ucontext) on the block's OS thread: a fiber runs until it reaches a barrier — a warp shuffle
 // (all 32 lanes), __syncthreads (every thread of the block) or a cluster barrier wait — and the
-// block's scheduler resumes fibers whose barrier has completed. Fibers run in forward or reverse
-// thread order, clusters in forward or reverse order (neoxemu_set_schedule), so a read that is
-// not ordered by a barrier sees different data under the two orders and a test that compares
-// both finds it.
+// block's scheduler resumes fibers whose barrier has completed. Two schedules, as unlike as the
+// emulator can make them (neoxemu_set_schedule): forward runs threads and clusters in order,
+// every warp one step per round (warps advance together); reverse runs them in reverse order,
+// and each warp as far as it can before the next (through its shuffles, up to a barrier of the
+// block or cluster). A read that no barrier orders after its write, or a write that no barrier
+// orders after the reads of the old value, sees or clobbers other data under the two, and a test
+// that compares both finds it.
 //
 // Integer atomicAdd is the host's atomic add (a cluster's blocks run on different OS threads);
 // __shfl_xor_sync and __shfl_down_sync are the shuffles it has.
@@ -315,6 +318,9 @@ class Block {
 
   static void fiber_main();
   void block_until(State state);
+  void resume(int thread);   // runs the fiber until it blocks or exits
+  bool run_warp_ahead(int warp);  // the reverse schedule's round of one warp; true if it ran
+  bool release_shuffle(int warp);
   bool release_barriers();  // also records the cluster phase it saw in seen_phase_
   void report_arrivals();
   std::string describe_states() const;
@@ -482,24 +488,25 @@ inline void Block::report_arrivals() {
   }
 }
 
+// Readies the lanes of `warp` if all of them wait in a shuffle; true if so.
+inline bool Block::release_shuffle(int warp) {
+  const int begin = warp * kWarpSize, end = std::min(begin + kWarpSize, static_cast<int>(fibers_.size()));
+  bool any = false, all = true;
+  for (int t = begin; t < end; ++t) {
+    any |= fibers_[t].state == State::kShuffle;
+    all &= fibers_[t].state == State::kShuffle;
+  }
+  if (!(any && all)) return false;
+  if (end - begin < kWarpSize) throw LaunchFailure{"a shuffle in a warp of fewer than 32 threads"};
+  for (int t = begin; t < end; ++t) fibers_[t].state = State::kReady;
+  ++warps_[warp].generation;
+  return true;
+}
+
 // Readies the fibers whose barrier has completed; true if any.
 inline bool Block::release_barriers() {
   bool released = false;
-  const int threads = static_cast<int>(fibers_.size());
-  for (size_t w = 0; w < warps_.size(); ++w) {
-    const int begin = static_cast<int>(w) * kWarpSize, end = std::min(begin + kWarpSize, threads);
-    bool any = false, all = true;
-    for (int t = begin; t < end; ++t) {
-      any |= fibers_[t].state == State::kShuffle;
-      all &= fibers_[t].state == State::kShuffle;
-    }
-    if (any && all && end - begin < kWarpSize) throw LaunchFailure{"a shuffle in a warp of fewer than 32 threads"};
-    if (any && all) {
-      for (int t = begin; t < end; ++t) fibers_[t].state = State::kReady;
-      ++warps_[w].generation;
-      released = true;
-    }
-  }
+  for (size_t w = 0; w < warps_.size(); ++w) released |= release_shuffle(static_cast<int>(w));
   bool any = false, all = true;
   for (const Fiber& fiber : fibers_) {
     any |= fiber.state == State::kSyncthreads;
@@ -545,17 +552,17 @@ inline void Block::run() {
     fiber.context.uc_link = &scheduler_;
     makecontext(&fiber.context, &Block::fiber_main, 0);
   }
+  const bool reverse = schedule.load() != 0;
   for (;;) {
     bool ran = false;
-    for (int i = 0; i < threads; ++i) {
-      const int t = schedule.load() == 0 ? i : threads - 1 - i;
-      if (fibers_[t].state != State::kReady) continue;
-      current_ = t;
-      threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
-      swapcontext(&scheduler_, &fibers_[t].context);
-      ran = true;
-      if (cluster_.failed()) throw LaunchFailure{cluster_.message()};
-      if (fibers_[t].state == State::kExited) report_arrivals();
+    if (reverse) {
+      for (int w = static_cast<int>(warps_.size()) - 1; w >= 0; --w) ran |= run_warp_ahead(w);
+    } else {
+      for (int t = 0; t < threads; ++t) {
+        if (fibers_[t].state != State::kReady) continue;
+        resume(t);
+        ran = true;
+      }
     }
     if (std::all_of(fibers_.begin(), fibers_.end(), [](const Fiber& f) { return f.state == State::kExited; })) {
       cluster_.block_exited(rank_);
@@ -570,6 +577,29 @@ inline void Block::run() {
     }
     if (cluster_.failed()) throw LaunchFailure{cluster_.message()};
   }
+}
+
+inline void Block::resume(int thread) {
+  current_ = thread;
+  threadIdx = uint3{static_cast<unsigned>(thread), 0, 0};
+  swapcontext(&scheduler_, &fibers_[thread].context);
+  if (cluster_.failed()) throw LaunchFailure{cluster_.message()};
+  if (fibers_[thread].state == State::kExited) report_arrivals();
+}
+
+// The warp's ready lanes in reverse order, again after each of its shuffles, until every lane
+// waits at a barrier of the block or cluster, or has exited.
+inline bool Block::run_warp_ahead(int warp) {
+  const int begin = warp * kWarpSize, end = std::min(begin + kWarpSize, static_cast<int>(fibers_.size()));
+  bool ran = false;
+  do {
+    for (int t = end - 1; t >= begin; --t) {
+      if (fibers_[t].state != State::kReady) continue;
+      resume(t);
+      ran = true;
+    }
+  } while (release_shuffle(warp));
+  return ran;
 }
 
 // ---- launches ----------------------------------------------------------------------------------

@@ -11,6 +11,8 @@
 //     6 PDL:       the same after griddepcontrol.wait: out[t] += 1
 //     7 misaligned: thread 0 loads a float4 from out + 1 (4 bytes past a 16-byte boundary)
 //     8 unwritten: out[t] = a static __shared__ float no thread has written
+//     9 overwrite: every thread reads a shared value; after a shuffle, the last thread overwrites it
+//                  with no barrier in between (a race: the first warp may not have read it yet)
 #include "kernels/common/status.cuh"
 
 namespace {
@@ -51,6 +53,16 @@ __global__ void pdl_kernel(float* out, bool wait_first) {
 __global__ void unwritten_kernel(float* out) {
   __shared__ float values[kThreads];
   out[threadIdx.x] = values[threadIdx.x];
+}
+
+__global__ void overwrite_kernel(float* out) {
+  __shared__ float value;
+  if (threadIdx.x == kThreads - 1) value = 1.0f;
+  __syncthreads();
+  const float seen = value;
+  __shfl_xor_sync(0xffffffffu, 0.0f, 1);
+  if (threadIdx.x == kThreads - 1) value = 2.0f;
+  out[threadIdx.x] = seen;
 }
 
 __global__ void misaligned_kernel(float* out) {
@@ -95,6 +107,9 @@ extern "C" __attribute__((visibility("default"))) int neoxemu_selftest(int which
       break;
     case 8:
       unwritten_kernel<<<1, kThreads>>>(out);
+      break;
+    case 9:
+      overwrite_kernel<<<1, kThreads>>>(out);
       break;
     default:
       return NEOXFUSE_ERR_INVALID_ARGUMENT;
