@@ -77,19 +77,30 @@ def test_the_emulator_runs_again_after_a_failed_launch(emulated):
     test_a_barrier_orders_shared_memory_whatever_the_thread_order(emulated)
 
 
-def test_a_write_past_a_guarded_tensor_faults(emulated):
-    # In a child process: the fault kills it. The same call on an unguarded tensor of room enough runs.
-    child = f"""
+def _run_in_child(emulated, body: str, *args: str) -> subprocess.CompletedProcess:
+    """`body` in a fresh Python process that has `emulated` (this library), KernelError and
+    selftest(which, out): for what a fault or a sticky error would do to this process."""
+    preamble = f"""
 import ctypes, sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from conftest import EmulatedKernels
+from neoxfuse.errors import KernelError
 emulated = EmulatedKernels({emulated.path!r})
+def selftest(which, out):
+    emulated.call("neoxemu_selftest", [ctypes.c_int, ctypes.c_void_p], which, out.data_ptr())
+"""
+    return subprocess.run([sys.executable, "-c", preamble + body, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_write_past_a_guarded_tensor_faults(emulated):
+    # In a child process: the fault kills it. The same call on an unguarded tensor of room enough runs.
+    child = f"""
 room = sys.argv[1] == "room"
-out = torch.zeros(THREADS + 16) if room else emulated.guarded(torch.zeros(THREADS))
-emulated.call("neoxemu_selftest", [ctypes.c_int, ctypes.c_void_p], {PAST_END}, out.data_ptr())
-""".replace("THREADS", str(THREADS))
+out = torch.zeros({THREADS + 16}) if room else emulated.guarded(torch.zeros({THREADS}))
+selftest({PAST_END}, out)
+"""
     for room, expected in (("room", 0), ("guarded", -signal.SIGSEGV)):
-        done = subprocess.run([sys.executable, "-c", child, room], capture_output=True, text=True, timeout=120)
+        done = _run_in_child(emulated, child, room)
         assert done.returncode == expected, (room, done.stderr[-2000:])
 
 
@@ -97,20 +108,15 @@ def test_a_misaligned_vector_access_fails_the_launch_and_every_later_one(emulate
     # As on the GPU, where cudaErrorMisalignedAddress is sticky: the context is lost. In a child
     # process, so this one's emulator stays usable.
     child = f"""
-import ctypes, sys, torch
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from conftest import EmulatedKernels
-from neoxfuse.errors import KernelError
-emulated = EmulatedKernels({emulated.path!r})
 out = torch.zeros({THREADS})
 for which in ({ORDERED}, {MISALIGNED}, {ORDERED}):
     try:
-        emulated.call("neoxemu_selftest", [ctypes.c_int, ctypes.c_void_p], which, out.data_ptr())
+        selftest(which, out)
         print(which, "ran")
     except KernelError as error:
         print(which, "failed:", error)
 """
-    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    done = _run_in_child(emulated, child)
     assert done.returncode == 0, done.stderr[-2000:]
     before, misaligned, after = done.stdout.splitlines()
     assert before == f"{ORDERED} ran"
