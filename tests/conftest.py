@@ -125,6 +125,7 @@ class EmulatedDevice(NamedTuple):
     minor: int
     sms: int
     shared_optin: int  # shared memory one block may have, bytes
+    gpc_sms: tuple[int, ...] = ()  # SMs per GPC (a cluster runs within one); (): one pool of SMs
 
 
 class EmulatedKernels:
@@ -133,6 +134,9 @@ class EmulatedKernels:
 
     H100 = EmulatedDevice(9, 0, 132, 227 * 1024)  # what it reports unless told otherwise
     RTX_5090 = EmulatedDevice(12, 0, 170, 99 * 1024)
+    # An H100 SXM's 132 SMs in 8 GPCs of uneven size: this layout runs 15 clusters of 8 at once, as
+    # measured on H100 SXM (a GPC below 16 SMs), so 31 of 4 (the 32 heads of Pythia-2.8B do not fit).
+    H100_GPCS = EmulatedDevice(9, 0, 132, 227 * 1024, (18, 18, 18, 16, 16, 16, 16, 14))
 
     def __init__(self, path: str):
         self.path = path
@@ -203,12 +207,18 @@ class EmulatedKernels:
     @contextlib.contextmanager
     def device(self, device: EmulatedDevice):
         """The emulator reports `device` while the `with` body runs, then the H100 again."""
-        self.lib.neoxemu_set_device.argtypes = [ctypes.c_int] * 4
-        self.lib.neoxemu_set_device(*device)
+        self._set_device(device)
         try:
             yield
         finally:
-            self.lib.neoxemu_set_device(*self.H100)
+            self._set_device(self.H100)
+
+    def _set_device(self, device: EmulatedDevice) -> None:
+        fn = self.lib.neoxemu_set_device
+        fn.argtypes, fn.restype = [ctypes.c_int] * 4 + [ctypes.POINTER(ctypes.c_int), ctypes.c_int], ctypes.c_int
+        gpc_sms = (ctypes.c_int * max(1, len(device.gpc_sms)))(*device.gpc_sms)
+        if fn(*device[:4], gpc_sms, len(device.gpc_sms)) != 0:
+            raise ValueError(f"the emulator cannot model {device}")
 
     @contextlib.contextmanager
     def reverse_schedule(self):

@@ -181,13 +181,13 @@ def _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, wo
     return read[0] if watch else None
 
 
-def _run_layer_emulated(emulated, x, layer, shape, k_cache, v_cache, position, cluster_size=0):
-    """_run_layer on the CPU through the emulated library."""
+def _run_layer_emulated(emulated, x, layer, shape, k_cache, v_cache, position, cluster_size=0, plan=None):
+    """_run_layer on the CPU through the emulated library (with `plan` if given)."""
     workspace = fd.Workspace.allocate(shape, "cpu")
     for t in (workspace.attn, workspace.mlp):
         t.fill_(float("nan"))
     y = torch.full_like(x, float("nan"))
-    _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, workspace, cluster_size)
+    _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, workspace, cluster_size, plan=plan)
     return {"y": y, "attn": workspace.attn, "mlp": workspace.mlp}
 
 
@@ -572,6 +572,15 @@ def test_emulated_backend_draws_in_the_step_what_the_pytorch_race_draws_after_de
     assert len(set(want)) > 3  # a real draw, not the argmax every step
 
 
+def test_layer_benchmark_table_shows_both_kernels_grids():
+    from neoxfuse.bench.layer import _table
+
+    plan = fd.FusedPlan(attn_mlp_in=fd.FusedGrid(3, 42, 42, 52_000), out_proj=fd.FusedGrid(4, 31, 31, 17_000))
+    text = _table([], {"plan": dataclasses.asdict(plan), "bytes": 157e6, "skipped": {}}, {"name": "H100", "copy_GBps": 3e3},
+                  "pythia-2.8b")
+    assert "fused plan: 42 clusters x 3 blocks (attn_mlp_in), 31 clusters x 4 blocks (out_proj)" in text
+
+
 def test_layer_benchmark_torch_peer_computes_the_layer():
     # neoxfuse bench layer's torch_graph peer must compute what the kernel does (checked in fp32 on CPU).
     from neoxfuse.bench.layer import torch_layer
@@ -631,7 +640,7 @@ def test_emulated_every_cluster_size_matches_fp32_oracle(emulated, name, positio
 @pytest.mark.parametrize("position", [0, 2047])
 @pytest.mark.parametrize("name", sorted(FULL_SIZE_LAYERS))
 def test_emulated_pythia_layer_matches_fp32_oracle(emulated, name, position):
-    # Full-size layers with the plan's cluster size on the emulated 132-SM device (4 blocks per head for 32 heads).
+    # Full-size layers with the plan's grids on the emulated 132-SM device (for 32 heads: 33 clusters of 4 and 16 of 8).
     shape = FULL_SIZE_LAYERS[name]
     layer = _random_layer(shape, seed=1, device="cpu")
     x, k_cache, v_cache = _layer_inputs(shape, position, seed=position, device="cpu")
@@ -722,25 +731,39 @@ def test_emulated_position_past_the_cache_gives_nan_and_writes_nothing(emulated)
         assert torch.equal(v_cache.nan_to_num(7.0), v_before.nan_to_num(7.0))
 
 
-def test_emulated_layer_refuses_a_plan_made_for_other_sizes(emulated):
+@pytest.mark.parametrize("grid, field, change", [
+    ("attn_mlp_in", "clusters", lambda plan, shape: shape.heads - 1),  # a head without its cluster
+    ("attn_mlp_in", "clusters", lambda plan, shape: plan.attn_mlp_in.clusters + 1),  # head blocks' shares < their QKV rows
+    ("attn_mlp_in", "cluster_size", lambda plan, shape: 9),
+    ("out_proj", "cluster_size", lambda plan, shape: 9),
+    ("out_proj", "clusters", lambda plan, shape: 0),
+])  # fmt: skip
+def test_emulated_layer_refuses_a_plan_its_work_split_cannot_take(emulated, grid, field, change):
     shape = ODD_LAYERS["d64-h5"]
     layer = _random_layer(shape, seed=1, device="cpu")
     x, k_cache, v_cache = _layer_inputs(shape, 3, seed=2, device="cpu")
     workspace = fd.Workspace.allocate(shape, "cpu")
-    other_heads = _emulated_plan(emulated, ODD_LAYERS["d80-h8"])  # 8 heads, not 5
-    too_large = _emulated_plan(emulated, shape)
-    too_large.cluster_size = 9
-    for plan in (other_heads, too_large):
-        with pytest.raises(KernelError, match="invalid argument"):
-            _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, 3, torch.empty_like(x), workspace, plan=plan)
+    plan = _emulated_plan(emulated, shape, cluster_size=8)  # attn_mlp_in: 12 clusters, the most the shares allow
+    setattr(getattr(plan, grid), field, change(plan, shape))
+    with pytest.raises(KernelError, match="invalid argument"):
+        _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, 3, torch.empty_like(x), workspace, plan=plan)
 
 
-@pytest.mark.parametrize("heads, cluster_size", [(32, 4), (16, 8), (8, 8), (40, 3), (64, 2), (100, 1)])
-def test_emulated_plan_takes_the_largest_cluster_that_runs_in_one_wave(emulated, heads, cluster_size):
-    # The emulated device has 132 SMs, one block each: clusters of C run heads * C <= 132 blocks.
+def _grid(grid) -> tuple[int, int]:
+    return grid.cluster_size, grid.clusters
+
+
+@pytest.mark.parametrize("heads, attn_mlp_in", [(32, (4, 33)), (16, (8, 16)), (8, (8, 15)), (40, (3, 44)), (64, (2, 66)),
+                                                (100, (1, 106))])
+def test_emulated_plan_fills_one_wave_of_clusters(emulated, heads, attn_mlp_in):
+    # The emulated device has 132 SMs, one block each, and no GPCs: 132 // C clusters of C at once.
+    # attn_mlp_in takes a cluster per head and more for fc_in rows while the head blocks' shares
+    # hold their QKV rows (8 heads: no more than 15 clusters of 8); the size with the most blocks
+    # wins, but sizes within 1/16 of it go to the larger cluster: out_proj runs 16 clusters of 8
+    # (128 blocks) rather than 132 of 1.
     shape = dataclasses.replace(ODD_LAYERS["d64-h5"], heads=heads, hidden=64 * heads)
     plan = _emulated_plan(emulated, shape)
-    assert (plan.cluster_size, plan.clusters) == (cluster_size, heads)
+    assert (_grid(plan.attn_mlp_in), _grid(plan.out_proj)) == (attn_mlp_in, (8, 16))
 
 
 def _emulated_lm_head(emulated, x, ln_weight, ln_bias, embed_out, eps, logits):
@@ -753,14 +776,54 @@ def _emulated_lm_head(emulated, x, ln_weight, ln_bias, embed_out, eps, logits):
     logits.copy_(guarded[-1])
 
 
-@pytest.mark.parametrize("name, cluster_size", [("pythia-410m", 8), ("pythia-1b", 8), ("pythia-2.8b", 5), ("pythia-6.9b", 5),
-                                                ("gpt-neox-20b", 2)])
-def test_emulated_plan_on_an_rtx_5090_runs_the_pythia_sizes_in_one_wave(emulated, name, cluster_size):
+@pytest.mark.parametrize("name, attn_mlp_in", [("pythia-410m", (8, 21)), ("pythia-1b", (8, 18)), ("pythia-2.8b", (5, 34)),
+                                              ("pythia-6.9b", (5, 34)), ("gpt-neox-20b", (2, 85))])
+def test_emulated_plan_on_an_rtx_5090_runs_the_pythia_sizes_in_one_wave(emulated, name, attn_mlp_in):
     # sm_120: 170 SMs and 99 KiB of shared memory per block (an H100 has 227 KiB).
     with emulated.device(emulated.RTX_5090):
         plan = _emulated_plan(emulated, FULL_SIZE_LAYERS[name])
-    assert (plan.cluster_size, plan.clusters) == (cluster_size, FULL_SIZE_LAYERS[name].heads)
-    assert max(plan.attn_mlp_in_smem, plan.out_proj_smem) <= emulated.RTX_5090.shared_optin
+    assert (_grid(plan.attn_mlp_in), _grid(plan.out_proj)) == (attn_mlp_in, (8, 21))
+    assert max(plan.attn_mlp_in.smem, plan.out_proj.smem) <= emulated.RTX_5090.shared_optin
+
+
+@pytest.mark.parametrize("name, attn_mlp_in", [("pythia-410m", (4, 31)), ("pythia-1b", (8, 15)), ("pythia-2.8b", (3, 42)),
+                                              ("pythia-6.9b", (3, 42)), ("gpt-neox-20b", (2, 66))])
+def test_emulated_plan_fits_the_clusters_into_uneven_gpcs(emulated, name, attn_mlp_in):
+    # An H100 SXM whose GPCs hold 18, 18, 18, 16, 16, 16, 16 and 14 SMs runs only 31 clusters of 4
+    # at once: Pythia-2.8B's 32 heads take clusters of 3 instead, and 10 more clusters of 3 stream
+    # fc_in rows (126 blocks; heads x 3 alone would leave 36 SMs idle). out_proj has no head to
+    # follow: 31 clusters of 4 (124 blocks).
+    with emulated.device(emulated.H100_GPCS):
+        plan = _emulated_plan(emulated, FULL_SIZE_LAYERS[name])
+    assert (_grid(plan.attn_mlp_in), _grid(plan.out_proj)) == (attn_mlp_in, (4, 31))
+    assert plan.attn_mlp_in.max_active_clusters >= plan.attn_mlp_in.clusters
+
+
+def test_emulated_pythia_2_8b_layer_with_clusters_in_uneven_gpcs(emulated):
+    shape = FULL_SIZE_LAYERS["pythia-2.8b"]
+    layer = _random_layer(shape, seed=12, device="cpu")
+    x, k_cache, v_cache = _layer_inputs(shape, 1023, seed=13, device="cpu")
+    with emulated.device(emulated.H100_GPCS):
+        _check_against_oracle(x, layer, shape, 1023, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated))
+
+
+@pytest.mark.parametrize("fc_in_clusters", ["none", "one", "all that fit"])
+@pytest.mark.parametrize("name", ["d80-h8", "d256-h3"])
+def test_emulated_layer_with_more_or_fewer_fc_in_clusters(emulated, name, fc_in_clusters):
+    # The fc_in rows are split over the head blocks and the clusters past the heads by one formula
+    # whatever their number: from none (a plan made before the device had room) to the most the
+    # head blocks' shares allow.
+    shape = ODD_LAYERS[name]
+    layer = _random_layer(shape, seed=14, device="cpu")
+    x, k_cache, v_cache = _layer_inputs(shape, 70, seed=15, device="cpu")
+    plan = _emulated_plan(emulated, shape, cluster_size=3)
+    most = plan.attn_mlp_in.clusters
+    plan.attn_mlp_in.clusters = {"none": shape.heads, "one": shape.heads + 1, "all that fit": most}[fc_in_clusters]
+    assert most > shape.heads + 1
+    emulated.take_streamed_bytes()
+    _check_against_oracle(x, layer, shape, 70, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated), plan=plan)
+    h, f = shape.hidden, shape.ffn
+    assert emulated.take_streamed_bytes() == 2 * (3 * h * h + h * h + f * h + h * f)  # each weight byte once
 
 
 def test_emulated_pythia_2_8b_layer_on_an_rtx_5090(emulated):
@@ -854,9 +917,10 @@ def test_plan_uses_one_wave_of_clusters():
         plan = fd.plan(shape)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         print(shape.head_dim, plan)
-        assert plan.clusters == shape.heads
-        assert plan.clusters * plan.cluster_size <= sms
-        assert plan.max_active_clusters >= plan.clusters or plan.cluster_size == 1
+        assert plan.attn_mlp_in.clusters >= shape.heads
+        for grid in (plan.attn_mlp_in, plan.out_proj):
+            assert grid.blocks <= sms
+            assert grid.max_active_clusters >= grid.clusters or grid.cluster_size == 1
 
 
 @pytest.mark.gpu

@@ -1,10 +1,11 @@
 // fused_decoder.cu — the fused decoder's C ABI: argument checks, the launch plan, the launches.
 //
 // The kernels are in fused_decoder.cuh (what they compute and how work is split). Here: every
-// argument is checked before anything is launched; the plan picks the cluster size C (the
-// largest <= 8 whose heads * C blocks fit the SMs in one wave, all clusters co-resident);
-// launches go through cudaLaunchKernelEx with the cluster dimension and, when asked, the
-// programmatic-stream-serialization attribute (PDL).
+// argument is checked before anything is launched; the plan picks each layer kernel's grid (the
+// cluster size and count that keep the most SMs streaming weights in one wave of co-resident
+// clusters); launches go through cudaLaunchKernelEx with the cluster dimension and, when asked,
+// the programmatic-stream-serialization attribute (PDL).
+#include <algorithm>
 #include <cmath>
 #include <initializer_list>
 #include <type_traits>
@@ -95,6 +96,65 @@ int raise_dynamic_smem_limit(const void* kernel, int smem_optin, size_t* limit) 
   return check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic));
 }
 
+// Fills *grid for `kernel`: the cluster size (`forced`, else the one of 1..8 that keeps the most
+// blocks running in one wave; sizes within 1/16 of the most go to the larger cluster, which
+// splits a head's attention over more blocks) and clusters_for(size, wave) clusters, where wave is
+// the most clusters of that size the device runs at once with at most one block per SM.
+// clusters_for returns 0 where the size does not suit the kernel; smem_for(size, clusters) is the
+// dynamic shared memory per block (at most smem_limit), which may grow as clusters shrink.
+template <typename SmemFor, typename ClustersFor>
+int choose_grid(const void* kernel, int forced, int sms, size_t smem_limit, SmemFor smem_for, ClustersFor clusters_for,
+                neoxfuse_fused_grid* grid) {
+  neoxfuse_fused_grid best[kMaxClusterSize + 1] = {};
+  int most_blocks = 0;
+  for (int size = forced ? forced : 1; size <= (forced ? forced : kMaxClusterSize); ++size) {
+    // From a full wave down: the clusters that fit, given the shared memory that many need.
+    for (int clusters = clusters_for(size, sms / size); clusters > 0;) {
+      const size_t smem = smem_for(size, clusters);
+      if (smem > smem_limit) break;
+      cudaLaunchAttribute attrs[2];
+      const cudaLaunchConfig_t config = launch_config(size, smem, nullptr, attrs, size, /*pdl=*/false);
+      int active = 0;
+      if (const cudaError_t status = cudaOccupancyMaxActiveClusters(&active, kernel, &config); status != cudaSuccess) {
+        if (forced) return check_cuda(status);
+        (void)cudaGetLastError();  // this size cannot run here
+        break;
+      }
+      const int fitting = clusters_for(size, std::min(active, sms / size));
+      if (fitting >= clusters) {
+        best[size] = {size, clusters, active, static_cast<int>(smem)};
+        most_blocks = std::max(most_blocks, size * clusters);
+        break;
+      }
+      clusters = fitting;
+    }
+  }
+  for (int size = kMaxClusterSize; size >= 1; --size) {
+    if (best[size].clusters > 0 && 16 * size * best[size].clusters >= 15 * most_blocks) {
+      *grid = best[size];
+      return NEOXFUSE_OK;
+    }
+  }
+  return NEOXFUSE_ERR_UNSUPPORTED;
+}
+
+// Whether `plan` can run a layer of `shape` (a plan is made per shape; this refuses one made for
+// other sizes that the kernels' work split cannot take): cluster sizes 1..8, and at least one
+// attn_mlp_in cluster per head, with the head blocks' shares holding their QKV rows.
+bool valid_plan(const neoxfuse_fused_shape& shape, const neoxfuse_fused_plan& plan) {
+  constexpr int kMaxBlocks = 1 << 20;
+  for (const neoxfuse_fused_grid& grid : {plan.attn_mlp_in, plan.out_proj}) {
+    if (grid.cluster_size < 1 || grid.cluster_size > kMaxClusterSize || grid.clusters < 1 ||
+        grid.clusters > kMaxBlocks / grid.cluster_size) {
+      return false;
+    }
+  }
+  const neoxfuse_fused_grid& first = plan.attn_mlp_in;
+  return first.clusters >= shape.heads &&
+         fc_in_rows_for_heads(shape.hidden, shape.ffn, shape.heads * first.cluster_size,
+                              first.clusters * first.cluster_size) >= 0;
+}
+
 bool all_vec_aligned(std::initializer_list<const void*> pointers) {
   for (const void* p : pointers) {
     if (!is_vec_aligned(p)) return false;
@@ -132,44 +192,31 @@ NEOXFUSE_API int neoxfuse_fused_decoder_plan(const neoxfuse_fused_shape* shape, 
 
   return with_head_dim(shape->head_dim, [&](auto head_dim) {
     constexpr int kHeadDim = decltype(head_dim)::value;
-    const auto attn_mlp_in = attn_mlp_in_kernel<kHeadDim>;
+    const void* attn_mlp_in = reinterpret_cast<const void*>(attn_mlp_in_kernel<kHeadDim>);
+    const void* out_proj = reinterpret_cast<const void*>(out_proj_kernel);
     size_t attn_mlp_in_limit = 0, out_proj_limit = 0;
-    if (int status = raise_dynamic_smem_limit(reinterpret_cast<const void*>(attn_mlp_in), smem_optin, &attn_mlp_in_limit)) {
-      return status;
-    }
-    if (int status = raise_dynamic_smem_limit(reinterpret_cast<const void*>(out_proj_kernel), smem_optin, &out_proj_limit)) {
-      return status;
-    }
-    const size_t attn_mlp_in_smem = AttnMlpInLayout<kHeadDim>::bytes(shape->hidden);
-    if (attn_mlp_in_smem > attn_mlp_in_limit) return static_cast<int>(NEOXFUSE_ERR_UNSUPPORTED);
+    if (int status = raise_dynamic_smem_limit(attn_mlp_in, smem_optin, &attn_mlp_in_limit)) return status;
+    if (int status = raise_dynamic_smem_limit(out_proj, smem_optin, &out_proj_limit)) return status;
+    const int heads = shape->heads, hidden = shape->hidden, ffn = shape->ffn;
 
-    const bool forced = cluster_size > 0;
-    for (int size = forced ? cluster_size : kMaxClusterSize; size >= 1; --size) {
-      const size_t out_proj_smem = OutProjLayout::bytes(shape->hidden, shape->ffn, size, shape->heads);
-      if (out_proj_smem > out_proj_limit) {
-        if (forced) return static_cast<int>(NEOXFUSE_ERR_UNSUPPORTED);
-        continue;
-      }
-      cudaLaunchAttribute attrs[2];
-      const cudaLaunchConfig_t config =
-          launch_config(shape->heads * size, attn_mlp_in_smem, nullptr, attrs, size, /*pdl=*/false);
-      int active = 0;
-      const cudaError_t occupancy = cudaOccupancyMaxActiveClusters(&active, attn_mlp_in, &config);
-      if (occupancy != cudaSuccess) {
-        if (forced) return check_cuda(occupancy);
-        (void)cudaGetLastError();  // this size cannot run here; try a smaller one
-        continue;
-      }
-      const bool one_wave = shape->heads * size <= sms && active >= shape->heads;
-      if (!forced && size > 1 && !one_wave) continue;
-      plan->cluster_size = size;
-      plan->clusters = shape->heads;
-      plan->max_active_clusters = active;
-      plan->attn_mlp_in_smem = static_cast<int>(attn_mlp_in_smem);
-      plan->out_proj_smem = static_cast<int>(out_proj_smem);
-      return static_cast<int>(NEOXFUSE_OK);
+    // Every head needs its cluster; more clusters take fc_in rows while the wave has room for
+    // them and the head blocks' shares still cover their QKV rows. A size whose wave cannot hold
+    // a cluster per head runs them in more than one wave only when forced, or at size 1.
+    const auto attn_mlp_in_clusters = [&](int size, int wave) {
+      int clusters = wave;
+      while (clusters > heads && fc_in_rows_for_heads(hidden, ffn, heads * size, clusters * size) < 0) --clusters;
+      return clusters >= heads || cluster_size > 0 || size == 1 ? std::max(clusters, heads) : 0;
+    };
+    if (int status = choose_grid(attn_mlp_in, cluster_size, sms, attn_mlp_in_limit,
+                                 [&](int, int) { return AttnMlpInLayout<kHeadDim>::bytes(hidden); }, attn_mlp_in_clusters,
+                                 &plan->attn_mlp_in)) {
+      return status;
     }
-    return static_cast<int>(NEOXFUSE_ERR_UNSUPPORTED);
+    // Clusters split the rows of y: no more clusters than rows.
+    const auto out_proj_clusters = [&](int, int wave) { return std::min(wave, hidden); };
+    return choose_grid(out_proj, cluster_size, sms, out_proj_limit,
+                       [&](int size, int clusters) { return OutProjLayout::bytes(hidden, ffn, size, clusters); },
+                       out_proj_clusters, &plan->out_proj);
   });
 }
 
@@ -179,9 +226,7 @@ NEOXFUSE_API int neoxfuse_fused_decoder_layer(const neoxfuse_fused_shape* shape,
   using namespace neoxfuse::fused_decoder;
   if (shape == nullptr || layer == nullptr || plan == nullptr) return NEOXFUSE_ERR_INVALID_ARGUMENT;
   if (int status = check_shape(*shape)) return status;
-  if (plan->cluster_size < 1 || plan->cluster_size > kMaxClusterSize || plan->clusters != shape->heads) {
-    return NEOXFUSE_ERR_INVALID_ARGUMENT;
-  }
+  if (!valid_plan(*shape, *plan)) return NEOXFUSE_ERR_INVALID_ARGUMENT;
   const neoxfuse_fused_layer& t = *layer;
   const std::initializer_list<const void*> pointers = {
       t.x,        t.ln1_weight,   t.ln1_bias,     t.ln2_weight,    t.ln2_bias,    t.qkv_weight, t.qkv_bias,
@@ -221,16 +266,20 @@ NEOXFUSE_API int neoxfuse_fused_decoder_layer(const neoxfuse_fused_shape* shape,
       shape->rotary_base,
       1.0f / std::sqrt(static_cast<float>(shape->head_dim)),
   };
-  const int size = plan->cluster_size, blocks = shape->heads * size;
+  const neoxfuse_fused_grid &first = plan->attn_mlp_in, &second = plan->out_proj;
   const bool pdl = use_pdl != 0;
   return with_head_dim(shape->head_dim, [&](auto head_dim) {
     constexpr int kHeadDim = decltype(head_dim)::value;
     const size_t attn_mlp_in_smem = AttnMlpInLayout<kHeadDim>::bytes(shape->hidden);
-    const size_t out_proj_smem = OutProjLayout::bytes(shape->hidden, shape->ffn, size, shape->heads);
-    if (int status = launch(attn_mlp_in_kernel<kHeadDim>, blocks, size, attn_mlp_in_smem, pdl, stream, params)) {
+    const size_t out_proj_smem = OutProjLayout::bytes(shape->hidden, shape->ffn, second.cluster_size, second.clusters);
+    if (int status = launch(attn_mlp_in_kernel<kHeadDim>, first.clusters * first.cluster_size, first.cluster_size,
+                            attn_mlp_in_smem, pdl, stream, params)) {
       return status;
     }
-    if (int status = launch(out_proj_kernel, blocks, size, out_proj_smem, pdl, stream, params)) return status;
+    if (int status = launch(out_proj_kernel, second.clusters * second.cluster_size, second.cluster_size, out_proj_smem, pdl,
+                            stream, params)) {
+      return status;
+    }
     return NEOXFUSE_CHECK_LAUNCH();
   });
 }

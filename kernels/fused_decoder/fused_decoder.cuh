@@ -9,23 +9,27 @@
 // the cheapest deterministic grid barrier (no float atomics, no co-residency requirement), and
 // programmatic dependent launch (PDL) lets each kernel start streaming while the previous drains.
 //
-// 1. attn_mlp_in_kernel — grid: heads clusters x C blocks (C: the plan's cluster size, e.g. 4 for
-//    32 heads on a 132-SM H100).
-//    Cluster h owns head h. Every block computes LN1(x) and LN2(x) itself (x is 10 KiB).
+// 1. attn_mlp_in_kernel — grid: the plan's clusters x C blocks, at least one cluster per head
+//    (C: the plan's cluster size, e.g. 3 for 32 heads on a 132-SM H100 whose GPCs fit 42 clusters of 3).
+//    Cluster h < heads owns head h; every block computes LN2(x), a head's blocks LN1(x) too, from
+//    one set of statistics (x is 10 KiB).
 //    - QKV: the 3 * head_dim rows of head h are split across the C blocks; each warp takes whole
 //      rows (warp_dot). ClusterGather then gives every block the head's q, k, v.
 //    - rotary on q, k; the block whose position range holds p writes k, v into the cache at p.
 //    - attention over positions 0..p, split across the C blocks (flash-decoding); the softmax
 //      partials merge over DSMEM with ClusterReduce<SoftmaxMerge>, block r finishing dims
 //      split_range(head_dim, C, r) -> attn[h, :].
-//    - MLP in: the ffn rows of fc_in are split evenly over all blocks of the grid (GELU applied,
-//      -> mlp). Half of a block's rows run between the QKV and the gather, half after the merge,
-//      so the cluster barriers' waits overlap weight streaming; the first rows of the second
-//      half are prefetched into L2 before the attention, so DRAM streams through it too.
-// 2. out_proj_kernel — grid: clusters x C blocks. Cluster g owns rows split_range(hidden, clusters, g)
-//    of y; block r multiplies them by its slice of attn (dense) and of mlp (fc_out), then the
-//    partial dot products are summed over the cluster in rank order (ClusterReduce<Sum>) and
-//    y = x + b_dense + b_out + sum.
+//    - MLP in: the QKV rows and the fc_in rows (GELU applied, -> mlp) are all `hidden` long, and
+//      every block of the grid gets an even share of them (fc_in_rows): a head block's QKV rows
+//      count towards its share, and the clusters past the heads (the plan adds them where the
+//      GPU has SMs that head clusters cannot fill) compute fc_in rows only, with no cluster
+//      barrier. A head block runs half of its fc_in rows between the QKV and the gather and half
+//      after the merge, so the cluster barriers' waits overlap weight streaming; the first rows
+//      of the second half are prefetched into L2 before the attention, so DRAM streams through it too.
+// 2. out_proj_kernel — grid: the plan's clusters x C blocks (its own C and cluster count).
+//    Cluster g owns rows split_range(hidden, clusters, g) of y; block r multiplies them by its
+//    slice of attn (dense) and of mlp (fc_out), then the partial dot products are summed over the
+//    cluster in rank order (ClusterReduce<Sum>) and y = x + b_dense + b_out + sum.
 // 3. lm_head_kernel — plain blocks: LN_final(x) in every block, then the vocab rows of embed_out
 //    split evenly over the blocks -> logits (fp32).
 // 4. sample_token_kernel (sample.cuh) — one cluster turns the logits into a sampled token:
@@ -190,6 +194,21 @@ struct AttnMlpInLayout {
   }
 };
 
+// The fc_in rows block `block` of attn_mlp_in computes, of a grid of `blocks` whose first
+// `head_blocks` (heads x C) own the heads' QKV rows. The grid's jobs are 3 * hidden QKV rows and
+// ffn fc_in rows, all `hidden` long; block b's share is split_range(3 * hidden + ffn, blocks, b).
+// The head blocks' shares hold all QKV rows and fc_in rows [0, head_fc), split evenly over them;
+// each other block's share is all fc_in rows. The plan keeps head_fc >= 0 (fc_in_rows_for_heads).
+__host__ __device__ inline int fc_in_rows_for_heads(int hidden, int ffn, int head_blocks, int blocks) {
+  return split_range(3 * hidden + ffn, blocks, head_blocks).begin - 3 * hidden;
+}
+
+__host__ __device__ inline IndexRange fc_in_rows(int hidden, int ffn, int head_blocks, int blocks, int block) {
+  if (block < head_blocks) return split_range(fc_in_rows_for_heads(hidden, ffn, head_blocks, blocks), head_blocks, block);
+  const IndexRange share = split_range(3 * hidden + ffn, blocks, block);
+  return {share.begin - 3 * hidden, share.end - 3 * hidden};
+}
+
 template <int kHeadDim>
 __global__ void __launch_bounds__(kThreads, 1) attn_mlp_in_kernel(const LayerParams p) {
   using Layout = AttnMlpInLayout<kHeadDim>;
@@ -207,12 +226,13 @@ __global__ void __launch_bounds__(kThreads, 1) attn_mlp_in_kernel(const LayerPar
   __shared__ float reduce_scratch[2][kMaxWarpsPerBlock];
 
   const int rank = cluster_rank(), ranks = cluster_size();
-  const int head = static_cast<int>(blockIdx.x) / ranks;
+  const int head = static_cast<int>(blockIdx.x) / ranks;  // >= p.heads: a cluster of fc_in rows only
+  const bool owns_head = head < p.heads;                   // the same in every block of a cluster
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize, lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int chunks = p.hidden / kChunkElems;
-  const IndexRange qkv_rows = split_range(kQkvRows, ranks, rank);  // of this head's [3, head_dim]
-  const IndexRange fc_rows = split_range(p.ffn, gridDim.x, blockIdx.x);
-  const int fc_split = fc_rows.begin + fc_rows.size() / 2;  // rows [begin, split) before attention
+  const IndexRange qkv_rows = owns_head ? split_range(kQkvRows, ranks, rank) : IndexRange{0, 0};  // of the head's [3, head_dim]
+  const IndexRange fc_rows = fc_in_rows(p.hidden, p.ffn, p.heads * ranks, gridDim.x, blockIdx.x);
+  const int fc_split = fc_rows.begin + fc_rows.size() / 2;  // a head block's rows [begin, split) run before attention
   const int qkv_jobs = qkv_rows.size(), first_jobs = qkv_jobs + (fc_split - fc_rows.begin);
   const __half* head_qkv_weight = p.qkv_weight + static_cast<size_t>(head) * kQkvRows * p.hidden;  // [3, head_dim, hidden]
 
@@ -226,19 +246,24 @@ __global__ void __launch_bounds__(kThreads, 1) attn_mlp_in_kernel(const LayerPar
 
   const int position = __ldcg(p.position);
   if (position < 0 || position >= p.max_seq) {  // uniform over the grid: every block leaves here
-    const IndexRange dims = split_range(kHeadDim, ranks, rank);
+    const IndexRange dims = owns_head ? split_range(kHeadDim, ranks, rank) : IndexRange{0, 0};
     for (int d = dims.begin + threadIdx.x; d < dims.end; d += kThreads) p.attn[head * kHeadDim + d] = NAN;
     for (int f = fc_rows.begin + threadIdx.x; f < fc_rows.end; f += kThreads) p.mlp[f] = NAN;
     return;
   }
 
-  layer_norm_to_shared<2>(p.x, p.hidden, p.eps, {{p.ln1_weight, p.ln1_bias, xn1}, {p.ln2_weight, p.ln2_bias, xn2}},
-                          reduce_scratch);
-
   auto mlp_row = [&](int f) {
     const float dot = warp_dot({row_of(p.fc_in_weight, f, p.hidden), xn2, chunks});
     if (lane == 0) p.mlp[f] = gelu(dot + __half2float(p.fc_in_bias[f]));
   };
+  if (!owns_head) {  // the whole cluster leaves here, so it skips every cluster barrier together
+    layer_norm_to_shared<1>(p.x, p.hidden, p.eps, {{p.ln2_weight, p.ln2_bias, xn2}}, reduce_scratch);
+    for (int job = warp; job < fc_rows.size(); job += kWarps) mlp_row(fc_rows.begin + job);
+    return;
+  }
+
+  layer_norm_to_shared<2>(p.x, p.hidden, p.eps, {{p.ln1_weight, p.ln1_bias, xn1}, {p.ln2_weight, p.ln2_bias, xn2}},
+                          reduce_scratch);
 
   // Jobs of a warp: warp, warp + kWarps, ... over [QKV rows | first half of the fc_in rows].
   int job = warp;

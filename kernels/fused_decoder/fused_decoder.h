@@ -19,7 +19,7 @@
  * position advances. A position outside [0, max_seq) writes NaN to y and nothing to the cache.
  *
  * Call neoxfuse_fused_decoder_plan() once per device and shape before launching a layer: it
- * checks the shape, sets the kernels' shared-memory limits and picks the cluster size.
+ * checks the shape, sets the kernels' shared-memory limits and picks their grids (cluster size and count).
  */
 #pragma once
 
@@ -47,13 +47,18 @@ typedef struct {
   float rotary_base;
 } neoxfuse_fused_shape;
 
+/* How one layer kernel is launched: `clusters` clusters of `cluster_size` blocks. */
+typedef struct {
+  int cluster_size;        /* blocks per cluster (1..8) */
+  int clusters;            /* clusters in the launch */
+  int max_active_clusters; /* clusters of this size the device runs at once */
+  int smem;                /* dynamic shared memory per block, bytes */
+} neoxfuse_fused_grid;
+
 /* How the layer kernels run on the current device (filled by neoxfuse_fused_decoder_plan). */
 typedef struct {
-  int cluster_size;        /* blocks per cluster of both layer kernels (1..8) */
-  int clusters;            /* clusters per layer kernel: one per head */
-  int max_active_clusters; /* clusters of this size the device runs at once */
-  int attn_mlp_in_smem;    /* dynamic shared memory per block, bytes */
-  int out_proj_smem;
+  neoxfuse_fused_grid attn_mlp_in; /* clusters >= heads: cluster h < heads owns head h, the others compute fc_in rows only */
+  neoxfuse_fused_grid out_proj;    /* the clusters split the rows of y */
 } neoxfuse_fused_plan;
 
 /* One layer's tensors: device pointers, each 16-byte aligned and contiguous. fp16 = __half. */
@@ -80,9 +85,11 @@ typedef struct {
 } neoxfuse_fused_layer;
 
 /* Checks `shape` for the current device, sets the kernels' shared-memory limits there and fills
- * `plan`. cluster_size 0 picks the largest cluster (<= 8) whose heads * cluster_size blocks fit the
- * SMs in one wave; 1..8 forces one. NEOXFUSE_ERR_UNSUPPORTED for a shape the kernels do not
- * handle or that does not fit the device's shared memory. */
+ * `plan`. For each kernel, cluster_size 0 picks the size (<= 8) that keeps the most SMs busy in one
+ * wave of clusters (one block per SM; sizes within 1/16 of the most blocks go to the larger
+ * cluster) and as many clusters of it as run at once; 1..8 forces the size for both kernels.
+ * NEOXFUSE_ERR_UNSUPPORTED for a shape the kernels do not handle or that does not fit the
+ * device's shared memory. */
 NEOXFUSE_API int neoxfuse_fused_decoder_plan(const neoxfuse_fused_shape* shape, int cluster_size, neoxfuse_fused_plan* plan);
 
 /* One decoder layer (two kernel launches on `stream`). use_pdl: launch with programmatic

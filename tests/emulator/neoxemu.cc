@@ -86,12 +86,16 @@ cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attribute
   return cudaSuccess;
 }
 
-// One block per SM (the kernels' shared memory allows no more), so SMs / cluster size clusters.
+// One block per SM (the kernels' shared memory allows no more), and a cluster within one GPC:
+// SMs / cluster size clusters, or the sum of that over the GPCs where the device has them.
 cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* kernel, const cudaLaunchConfig_t* config) {
   const int size = neoxemu::cluster_size_of(*config);
   if (size < 1 || size > neoxemu::kMaxClusterSize) return set_error(cudaErrorInvalidClusterSize, "cluster size 1..8");
   const bool fits = config->dynamicSmemBytes <= static_cast<size_t>(neoxemu::dynamic_shared_limit(kernel));
-  *clusters = fits ? neoxemu::device.sms / size : 0;
+  const neoxemu::Device& device = neoxemu::device;
+  int count = device.gpcs == 0 ? device.sms / size : 0;
+  for (int g = 0; g < device.gpcs; ++g) count += device.gpc_sms[g] / size;
+  *clusters = fits ? count : 0;
   return cudaSuccess;
 }
 
@@ -124,7 +128,15 @@ extern "C" __attribute__((visibility("default"))) uint64_t neoxemu_watch(uintptr
   return neoxemu::watched_bytes.exchange(0);
 }
 
-// For tests: the device the emulator reports from now on (see neoxemu::Device).
-extern "C" __attribute__((visibility("default"))) void neoxemu_set_device(int major, int minor, int sms, int shared_optin) {
-  neoxemu::device = {major, minor, sms, shared_optin};
+// For tests: the device the emulator reports from now on (see neoxemu::Device); gpc_sms: [gpcs]
+// SMs per GPC (gpcs 0: none). Returns 0, or -1 for more GPCs than modelled or sizes not summing to sms.
+extern "C" __attribute__((visibility("default"))) int neoxemu_set_device(int major, int minor, int sms, int shared_optin,
+                                                                        const int* gpc_sms, int gpcs) {
+  if (gpcs < 0 || gpcs > neoxemu::Device::kMaxGpcs) return -1;
+  neoxemu::Device device{major, minor, sms, shared_optin, gpcs, {}};
+  int total = 0;
+  for (int g = 0; g < gpcs; ++g) total += device.gpc_sms[g] = gpc_sms[g];
+  if (gpcs > 0 && total != sms) return -1;
+  neoxemu::device = device;
+  return 0;
 }

@@ -41,7 +41,8 @@
 // A failed launch returns cudaErrorLaunchFailure; cudaGetErrorString says what happened.
 //
 // The emulated device is an sm_90 with 132 SMs and 227 KiB of shared memory per block (an H100;
-// neoxemu_set_device makes it another, e.g. an RTX 5090: sm_120, 170 SMs, 99 KiB). Global
+// neoxemu_set_device makes it another, e.g. an RTX 5090: sm_120, 170 SMs, 99 KiB, or one whose
+// SMs are grouped in GPCs of given sizes, which a cluster may not straddle). Global
 // memory is the host's, unchecked (the tests pass tensors that end at an inaccessible page:
 // EmulatedKernels.guarded in tests/conftest.py). Launches run to completion in order, so
 // programmatic dependent launch overlaps nothing here (hence the check on coherent loads). Math functions are the C library's, so
@@ -101,9 +102,12 @@ constexpr int kWarpSize = 32;
 constexpr int kMaxClusterSize = 8;
 // The emulated device (neoxemu_set_device): an H100's by default.
 struct Device {
+  static constexpr int kMaxGpcs = 16;
   int major = 9, minor = 0;
   int sms = 132;
   int shared_optin = 227 * 1024;  // dynamic + static shared memory one block may have
+  int gpcs = 0;                   // 0: the SMs form one pool; else a cluster runs within one GPC
+  int gpc_sms[kMaxGpcs] = {};     // [gpcs] SMs per GPC, summing to sms
 };
 inline Device device;  // set between launches only
 constexpr int kDefaultDynamicShared = 48 * 1024;

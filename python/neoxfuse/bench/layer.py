@@ -237,13 +237,18 @@ def run(args) -> int:
     return 0
 
 
+def _grid_text(grid: dict) -> str:
+    return f"{grid['clusters']} clusters x {grid['cluster_size']} blocks"
+
+
 def _table(rows: list[dict], extra: dict, device: dict, description: str) -> str:
     plan = extra["plan"]
     lines = [
         f"layer: {description}, layer {rows[0]['layer'] if rows else '?'}, seq_len {rows[0]['seq_len'] if rows else '?'} "
         f"on {device['name']}",
         f"floor = {extra['bytes'] / 1e6:.1f} MB / {device['copy_GBps']:.0f} GB/s copy rate measured in this run"
-        + (f"; fused plan: {plan['clusters']} clusters x {plan['cluster_size']} blocks" if plan else ""),
+        + (f"; fused plan: {_grid_text(plan['attn_mlp_in'])} (attn_mlp_in), {_grid_text(plan['out_proj'])} (out_proj)"
+           if plan else ""),
     ]
     header = f"{'provider':<16} {'median us':>10} {'p90 us':>8} {'p99 us':>8} {'floor us':>9} {'% floor':>8} {'GB/s':>7} {'x fused':>8} {'rel err':>9}"
     lines += [header, "-" * len(header)]

@@ -63,14 +63,17 @@ class _Shape(ctypes.Structure):  # fused_decoder.h: neoxfuse_fused_shape
     ]
 
 
-class _Plan(ctypes.Structure):  # neoxfuse_fused_plan
+class _Grid(ctypes.Structure):  # neoxfuse_fused_grid
     _fields_ = [
         ("cluster_size", ctypes.c_int),
         ("clusters", ctypes.c_int),
         ("max_active_clusters", ctypes.c_int),
-        ("attn_mlp_in_smem", ctypes.c_int),
-        ("out_proj_smem", ctypes.c_int),
+        ("smem", ctypes.c_int),
     ]
+
+
+class _Plan(ctypes.Structure):  # neoxfuse_fused_plan
+    _fields_ = [("attn_mlp_in", _Grid), ("out_proj", _Grid)]
 
 
 _LAYER_TENSORS = (
@@ -84,16 +87,29 @@ class _Layer(ctypes.Structure):  # neoxfuse_fused_layer: one device pointer per 
 
 
 @dataclass(frozen=True)
-class FusedPlan:
-    """How the layer kernels run on one device: `clusters` clusters (one per head) of
-    `cluster_size` blocks for each of the two kernels, and the dynamic shared memory per block of
-    each. `max_active_clusters`: how many such clusters the GPU runs at once."""
+class FusedGrid:
+    """How one layer kernel is launched: `clusters` clusters of `cluster_size` blocks, `smem` bytes
+    of dynamic shared memory per block. `max_active_clusters`: how many such clusters the GPU runs
+    at once."""
 
     cluster_size: int
     clusters: int
     max_active_clusters: int
-    attn_mlp_in_smem: int
-    out_proj_smem: int
+    smem: int
+
+    @property
+    def blocks(self) -> int:
+        return self.clusters * self.cluster_size
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    """How the layer kernels run on one device. attn_mlp_in: at least one cluster per head (cluster
+    h < heads owns head h; the others compute fc_in rows only). out_proj: its clusters split the
+    rows of y."""
+
+    attn_mlp_in: FusedGrid
+    out_proj: FusedGrid
 
 
 @dataclass
@@ -197,12 +213,19 @@ def _check_cluster_size(cluster_size: int | None) -> int:
 def plan(shape: NeoXShape, device: torch.device | str | None = None, cluster_size: int | None = None) -> FusedPlan:
     """How the kernels run `shape` on `device` (default: the current CUDA device).
 
-    cluster_size None lets the library pick the largest cluster (<= 8 blocks) whose heads *
-    cluster_size blocks all run at once; 1..8 forces one (for tests and benchmarks).
+    cluster_size None lets the library pick, for each kernel, the cluster size (<= 8 blocks) and
+    count that keep the most SMs busy in one wave; 1..8 forces the size of both (for tests and
+    benchmarks).
     """
     check_shape(shape)
-    c = _c_plan(shape, _device_index(device), _check_cluster_size(cluster_size))
-    return FusedPlan(**{name: getattr(c, name) for name, _ in _Plan._fields_})
+    return _plan_of(_c_plan(shape, _device_index(device), _check_cluster_size(cluster_size)))
+
+
+def _plan_of(c_plan: _Plan) -> FusedPlan:
+    """The FusedPlan a C plan holds."""
+    grids = {name: getattr(c_plan, name) for name, _ in _Plan._fields_}
+    return FusedPlan(**{name: FusedGrid(**{field: getattr(grid, field) for field, _ in _Grid._fields_})
+                        for name, grid in grids.items()})
 
 
 def _shape_of_call(x, heads, rotary_dims, eps, rotary_base, fc_in_weight, k_cache) -> NeoXShape:
