@@ -19,6 +19,7 @@ from conftest import _name_matches
 
 from neoxfuse import pipeline as pipeline_module
 from neoxfuse import profile
+from neoxfuse.errors import KernelError, UnsupportedModelError
 from neoxfuse.pipeline import SANITIZER_TOOLS, Pipeline, Suite, arch_supported, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -443,3 +444,60 @@ def test_every_sanitize_pattern_of_the_test_modules_names_a_gpu_test():
         patterns = importlib.import_module(stem).SANITIZE
         for pattern in patterns:
             assert any(_name_matches(name, pattern) for name in selected), f"{stem}.SANITIZE: {pattern!r} names no GPU test"
+
+
+def _fake_plans(monkeypatch, refused_size: int):
+    """fused_decoder.plan replaced by a stand-in for a 132-SM GPU with uneven GPCs; forcing
+    `refused_size` fails as the library refuses a size whose shared memory does not fit."""
+    from neoxfuse.ops import fused_decoder as fd
+
+    at_once = {1: 132, 2: 66, 3: 42, 4: 31, 5: 23, 6: 19, 7: 16, 8: 15}
+
+    def plan(shape, device=None, cluster_size=None):
+        if cluster_size == refused_size:
+            raise KernelError("neoxfuse_fused_decoder_plan", 2, "unsupported shape or dtype")
+        size = cluster_size or 3
+        return fd.FusedPlan(attn_mlp_in=fd.FusedGrid(size, max(32, at_once[size]), at_once[size], 52_000),
+                            out_proj=fd.FusedGrid(cluster_size or 4, 31, 31, 17_000))
+
+    monkeypatch.setattr(fd, "plan", plan)
+
+
+def test_environment_records_the_fused_plan_and_the_clusters_the_gpu_runs_at_once(monkeypatch):
+    _fake_plans(monkeypatch, refused_size=8)
+    report = pipeline_module.fused_plan_report()
+    assert report["plan"]["attn_mlp_in"] == {"cluster_size": 3, "clusters": 42, "max_active_clusters": 42, "smem": 52_000}
+    assert report["clusters_at_once"] == {1: 132, 2: 66, 3: 42, 4: 31, 5: 23, 6: 19, 7: 16, 8: None}
+    assert json.loads(json.dumps(report))["clusters_at_once"]["4"] == 31  # environment.json holds it
+    assert pipeline_module.fused_plan_text(report) == (
+        "fused plan (pythia-2.8b): attn_mlp_in 42 x 3, out_proj 31 x 4 (clusters x blocks); "
+        "clusters at once by size: 1:132 2:66 3:42 4:31 5:23 6:19 7:16 8:None"
+    )
+
+
+def test_environment_asks_a_child_process_for_the_fused_plan():
+    # The plan creates a CUDA context, which the pipeline's own process must not hold (the
+    # benchmarks' NVML monitors would flag it as another process on the GPU): a child makes it.
+    report = pipeline_module.fused_plan_in_child(timeout=120)
+    assert report["model"] == "pythia-2.8b"
+    if not torch.cuda.is_available():
+        assert report["unavailable"].startswith("neoxfuse kernels need a CUDA GPU")
+    elif torch.cuda.get_device_capability() >= (9, 0):
+        assert report["plan"]["attn_mlp_in"]["clusters"] >= 32  # a cluster per head at least
+        assert report["clusters_at_once"]["1"] == torch.cuda.get_device_properties(0).multi_processor_count
+    else:
+        assert "sm_90+" in report["unavailable"]
+
+
+def test_environment_says_why_there_is_no_fused_plan(monkeypatch):
+    from neoxfuse.ops import fused_decoder as fd
+
+    def plan(shape, device=None, cluster_size=None):
+        raise UnsupportedModelError("the fused kernels need thread-block clusters (sm_90+); cuda:0 is sm_80")
+
+    monkeypatch.setattr(fd, "plan", plan)
+    report = pipeline_module.fused_plan_report()
+    assert report == {"model": "pythia-2.8b",
+                      "unavailable": "the fused kernels need thread-block clusters (sm_90+); cuda:0 is sm_80"}
+    assert pipeline_module.fused_plan_text(report).endswith("none: the fused kernels need thread-block clusters (sm_90+); "
+                                                           "cuda:0 is sm_80")

@@ -10,8 +10,9 @@ in order; each ends passed, failed or skipped with its reason, and any failure m
 status 1:
 
   environment      GPU, driver, CUDA, clocks and state (NVML), the library's build and archs,
-                   torch, ncu -> DIR/environment.json. Fails if the library does not load or
-                   holds no code for the GPU's arch.
+                   torch, ncu, the fused decoder's plan for Pythia-2.8B and the clusters of each
+                   size the GPU runs at once -> DIR/environment.json. Fails if the library does
+                   not load or holds no code for the GPU's arch.
   tests            pytest -m gpu on CHECKOUT/tests against the installed package, one process per
                    test file (--test GLOB picks files), so that a kernel fault, which poisons the
                    CUDA context of its process, fails only its own file. --marker EXPR narrows
@@ -315,6 +316,7 @@ class Pipeline:
             self.gpu_missing = "no CUDA GPU that the neoxfuse library can use"
         else:
             self.gpu_missing = None
+            report["fused_plan"] = fused_plan_in_child(self.args.timeout)
         report["gpu_missing"] = self.gpu_missing
         (self.out / "environment.json").write_text(json.dumps(report, indent=2) + "\n")
         gpus = ", ".join(f"{d['name']} (sm_{d['sm']})" for d in report.get("devices", [])) or "no GPU"
@@ -323,6 +325,8 @@ class Pipeline:
         print(f"    NVML: driver {nvml['driver_version']}" if nvml.get("available") else f"    NVML: {nvml['reason']}")
         print(f"    library: {report['neoxfuse'].get('build_info', 'not loaded')}")
         print(f"    torch {torch.__version__} (CUDA {torch.version.cuda}); ncu: {ncu or 'not found'}", flush=True)
+        if "fused_plan" in report:
+            print(f"    {fused_plan_text(report['fused_plan'])}", flush=True)
         if problems:
             return Outcome("failed", "; ".join(problems), report)
         return Outcome("passed", gpus, report)
@@ -582,6 +586,50 @@ class Pipeline:
         return 1 if failed else 0
 
 
+FUSED_PLAN_MODEL = "pythia-2.8b"
+
+
+def fused_plan_report() -> dict:
+    """The fused decoder's launch plan for FUSED_PLAN_MODEL on the current GPU, and how many
+    attn_mlp_in clusters of each size 1..8 the GPU runs at once (its GPC layout shows there), or
+    why there is none."""
+    from neoxfuse.configs import pythia_config, shape_of
+    from neoxfuse.errors import NeoxfuseError
+    from neoxfuse.ops import fused_decoder
+
+    shape = shape_of(pythia_config(FUSED_PLAN_MODEL))
+    try:
+        return {
+            "model": FUSED_PLAN_MODEL,
+            "plan": asdict(fused_decoder.plan(shape)),
+            "clusters_at_once": fused_decoder.clusters_at_once(shape),
+        }
+    except NeoxfuseError as err:
+        return {"model": FUSED_PLAN_MODEL, "unavailable": str(err)}
+
+
+def fused_plan_in_child(timeout: float) -> dict:
+    """fused_plan_report() from a child process: making a plan creates a CUDA context, which the
+    pipeline's own process must not hold, or the benchmarks' monitors would see it on the GPU."""
+    command = [sys.executable, "-m", "neoxfuse.pipeline", "_fused_plan"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"model": FUSED_PLAN_MODEL, "unavailable": f"the plan's process was killed after {timeout} s"}
+    if done.returncode != 0:
+        return {"model": FUSED_PLAN_MODEL, "unavailable": f"the plan's process failed: {done.stderr.strip()[-1000:]}"}
+    return json.loads(done.stdout)
+
+
+def fused_plan_text(report: dict) -> str:
+    """One line of fused_plan_report()."""
+    if "unavailable" in report:
+        return f"fused plan ({report['model']}): none: {report['unavailable']}"
+    grids = ", ".join(f"{name} {grid['clusters']} x {grid['cluster_size']}" for name, grid in report["plan"].items())
+    at_once = " ".join(f"{size}:{count}" for size, count in report["clusters_at_once"].items())
+    return f"fused plan ({report['model']}): {grids} (clusters x blocks); clusters at once by size: {at_once}"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m neoxfuse.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -622,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_suite"]:
         return run_suite(argv[1:])
+    if argv[:1] == ["_fused_plan"]:
+        print(json.dumps(fused_plan_report()))
+        return 0
     return Pipeline(parse_args(argv)).run()
 
 

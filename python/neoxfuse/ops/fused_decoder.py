@@ -40,7 +40,7 @@ import torch
 from neoxfuse import _lib
 from neoxfuse.checks import check_draw, check_same_device, check_sampling, check_tensor, require_cuda
 from neoxfuse.configs import NeoXShape
-from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnsupportedModelError
+from neoxfuse.errors import InvalidInputError, KernelError, SequenceTooLongError, UnsupportedModelError
 from neoxfuse.weights import LayerWeights, ModelWeights
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # kernels/fused_decoder/fused_decoder.cu: with_head_dim
@@ -219,6 +219,20 @@ def plan(shape: NeoXShape, device: torch.device | str | None = None, cluster_siz
     """
     check_shape(shape)
     return _plan_of(_c_plan(shape, _device_index(device), _check_cluster_size(cluster_size)))
+
+
+def clusters_at_once(shape: NeoXShape, device: torch.device | str | None = None) -> dict[int, int | None]:
+    """For each cluster size 1..8: how many attn_mlp_in clusters of it `device` runs at once
+    (cudaOccupancyMaxActiveClusters). A cluster runs within one GPC, so these counts show the GPU's
+    GPC layout: 132 SMs make 33 clusters of 4 only if every GPC's SM count divides by 4. None where
+    a layer of `shape` cannot take that size."""
+    counts: dict[int, int | None] = {}
+    for size in range(1, MAX_CLUSTER_SIZE + 1):
+        try:
+            counts[size] = plan(shape, device, size).attn_mlp_in.max_active_clusters
+        except KernelError:
+            counts[size] = None
+    return counts
 
 
 def _plan_of(c_plan: _Plan) -> FusedPlan:
