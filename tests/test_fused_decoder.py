@@ -575,10 +575,10 @@ def test_emulated_backend_draws_in_the_step_what_the_pytorch_race_draws_after_de
 def test_layer_benchmark_table_shows_both_kernels_grids():
     from neoxfuse.bench.layer import _table
 
-    plan = fd.FusedPlan(attn_mlp_in=fd.FusedGrid(3, 42, 42, 52_000), out_proj=fd.FusedGrid(4, 31, 31, 17_000))
+    plan = fd.FusedPlan(attn_mlp_in=fd.FusedGrid(3, 42, 42, 52_000), out_proj=fd.FusedGrid(2, 66, 66, 26_000))
     text = _table([], {"plan": dataclasses.asdict(plan), "bytes": 157e6, "skipped": {}}, {"name": "H100", "copy_GBps": 3e3},
                   "pythia-2.8b")
-    assert "fused plan: 42 clusters x 3 blocks (attn_mlp_in), 31 clusters x 4 blocks (out_proj)" in text
+    assert "fused plan: 42 clusters x 3 blocks (attn_mlp_in), 66 clusters x 2 blocks (out_proj)" in text
 
 
 def test_layer_benchmark_torch_peer_computes_the_layer():
@@ -640,7 +640,7 @@ def test_emulated_every_cluster_size_matches_fp32_oracle(emulated, name, positio
 @pytest.mark.parametrize("position", [0, 2047])
 @pytest.mark.parametrize("name", sorted(FULL_SIZE_LAYERS))
 def test_emulated_pythia_layer_matches_fp32_oracle(emulated, name, position):
-    # Full-size layers with the plan's grids on the emulated 132-SM device (for 32 heads: 33 clusters of 4 and 16 of 8).
+    # Full-size layers with the plan's grids on the emulated 132-SM device (for 32 heads: 33 clusters of 4 and 22 of 6).
     shape = FULL_SIZE_LAYERS[name]
     layer = _random_layer(shape, seed=1, device="cpu")
     x, k_cache, v_cache = _layer_inputs(shape, position, seed=position, device="cpu")
@@ -758,12 +758,12 @@ def _grid(grid) -> tuple[int, int]:
 def test_emulated_plan_fills_one_wave_of_clusters(emulated, heads, attn_mlp_in):
     # The emulated device has 132 SMs, one block each, and no GPCs: 132 // C clusters of C at once.
     # attn_mlp_in takes a cluster per head and more for fc_in rows while the head blocks' shares
-    # hold their QKV rows (8 heads: no more than 15 clusters of 8); the size with the most blocks
-    # wins, but sizes within 1/16 of it go to the larger cluster: out_proj runs 16 clusters of 8
-    # (128 blocks) rather than 132 of 1.
+    # hold their QKV rows (8 heads: no more than 15 clusters of 8); sizes within 1/16 of the most
+    # blocks go to the larger cluster (16 heads: 16 x 8 = 128 blocks, not 33 x 4 = 132). out_proj
+    # takes the most blocks, ties to the larger cluster: 22 clusters of 6.
     shape = dataclasses.replace(ODD_LAYERS["d64-h5"], heads=heads, hidden=64 * heads)
     plan = _emulated_plan(emulated, shape)
-    assert (_grid(plan.attn_mlp_in), _grid(plan.out_proj)) == (attn_mlp_in, (8, 16))
+    assert (_grid(plan.attn_mlp_in), _grid(plan.out_proj)) == (attn_mlp_in, (6, 22))
 
 
 def _emulated_lm_head(emulated, x, ln_weight, ln_bias, embed_out, eps, logits):
@@ -782,7 +782,7 @@ def test_emulated_plan_on_an_rtx_5090_runs_the_pythia_sizes_in_one_wave(emulated
     # sm_120: 170 SMs and 99 KiB of shared memory per block (an H100 has 227 KiB).
     with emulated.device(emulated.RTX_5090):
         plan = _emulated_plan(emulated, FULL_SIZE_LAYERS[name])
-    assert (_grid(plan.attn_mlp_in), _grid(plan.out_proj)) == (attn_mlp_in, (8, 21))
+    assert (_grid(plan.attn_mlp_in), _grid(plan.out_proj)) == (attn_mlp_in, (5, 34))
     assert max(plan.attn_mlp_in.smem, plan.out_proj.smem) <= emulated.RTX_5090.shared_optin
 
 
@@ -792,10 +792,10 @@ def test_emulated_plan_fits_the_clusters_into_uneven_gpcs(emulated, name, attn_m
     # An H100 SXM whose GPCs hold 18, 18, 18, 16, 16, 16, 16 and 14 SMs runs only 31 clusters of 4
     # at once: Pythia-2.8B's 32 heads take clusters of 3 instead, and 10 more clusters of 3 stream
     # fc_in rows (126 blocks; heads x 3 alone would leave 36 SMs idle). out_proj has no head to
-    # follow: 31 clusters of 4 (124 blocks).
+    # follow: 66 clusters of 2 fill all 132 SMs.
     with emulated.device(emulated.H100_GPCS):
         plan = _emulated_plan(emulated, FULL_SIZE_LAYERS[name])
-    assert (_grid(plan.attn_mlp_in), _grid(plan.out_proj)) == (attn_mlp_in, (4, 31))
+    assert (_grid(plan.attn_mlp_in), _grid(plan.out_proj)) == (attn_mlp_in, (2, 66))
     assert plan.attn_mlp_in.max_active_clusters >= plan.attn_mlp_in.clusters
 
 

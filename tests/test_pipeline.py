@@ -458,7 +458,7 @@ def _fake_plans(monkeypatch, refused_size: int):
             raise KernelError("neoxfuse_fused_decoder_plan", 2, "unsupported shape or dtype")
         size = cluster_size or 3
         return fd.FusedPlan(attn_mlp_in=fd.FusedGrid(size, max(32, at_once[size]), at_once[size], 52_000),
-                            out_proj=fd.FusedGrid(cluster_size or 4, 31, 31, 17_000))
+                            out_proj=fd.FusedGrid(cluster_size or 2, 66, 66, 26_000))
 
     monkeypatch.setattr(fd, "plan", plan)
 
@@ -470,7 +470,7 @@ def test_environment_records_the_fused_plan_and_the_clusters_the_gpu_runs_at_onc
     assert report["clusters_at_once"] == {1: 132, 2: 66, 3: 42, 4: 31, 5: 23, 6: 19, 7: 16, 8: None}
     assert json.loads(json.dumps(report))["clusters_at_once"]["4"] == 31  # environment.json holds it
     assert pipeline_module.fused_plan_text(report) == (
-        "fused plan (pythia-2.8b): attn_mlp_in 42 x 3, out_proj 31 x 4 (clusters x blocks); "
+        "fused plan (pythia-2.8b): attn_mlp_in 42 x 3, out_proj 66 x 2 (clusters x blocks); "
         "clusters at once by size: 1:132 2:66 3:42 4:31 5:23 6:19 7:16 8:None"
     )
 

@@ -97,14 +97,14 @@ int raise_dynamic_smem_limit(const void* kernel, int smem_optin, size_t* limit) 
 }
 
 // Fills *grid for `kernel`: the cluster size (`forced`, else the one of 1..8 that keeps the most
-// blocks running in one wave; sizes within 1/16 of the most go to the larger cluster, which
-// splits a head's attention over more blocks) and clusters_for(size, wave) clusters, where wave is
-// the most clusters of that size the device runs at once with at most one block per SM.
-// clusters_for returns 0 where the size does not suit the kernel; smem_for(size, clusters) is the
-// dynamic shared memory per block (at most smem_limit), which may grow as clusters shrink.
+// blocks running in one wave; among sizes within slack/16 of the most blocks, the largest) and
+// clusters_for(size, wave) clusters, where wave is the most clusters of that size the device runs
+// at once with at most one block per SM. clusters_for returns 0 where the size does not suit the
+// kernel; smem_for(size, clusters) is the dynamic shared memory per block (at most smem_limit),
+// which may grow as clusters shrink.
 template <typename SmemFor, typename ClustersFor>
-int choose_grid(const void* kernel, int forced, int sms, size_t smem_limit, SmemFor smem_for, ClustersFor clusters_for,
-                neoxfuse_fused_grid* grid) {
+int choose_grid(const void* kernel, int forced, int slack, int sms, size_t smem_limit, SmemFor smem_for,
+                ClustersFor clusters_for, neoxfuse_fused_grid* grid) {
   neoxfuse_fused_grid best[kMaxClusterSize + 1] = {};
   int most_blocks = 0;
   for (int size = forced ? forced : 1; size <= (forced ? forced : kMaxClusterSize); ++size) {
@@ -130,7 +130,7 @@ int choose_grid(const void* kernel, int forced, int sms, size_t smem_limit, Smem
     }
   }
   for (int size = kMaxClusterSize; size >= 1; --size) {
-    if (best[size].clusters > 0 && 16 * size * best[size].clusters >= 15 * most_blocks) {
+    if (best[size].clusters > 0 && 16 * size * best[size].clusters >= (16 - slack) * most_blocks) {
       *grid = best[size];
       return NEOXFUSE_OK;
     }
@@ -201,20 +201,23 @@ NEOXFUSE_API int neoxfuse_fused_decoder_plan(const neoxfuse_fused_shape* shape, 
 
     // Every head needs its cluster; more clusters take fc_in rows while the wave has room for
     // them and the head blocks' shares still cover their QKV rows. A size whose wave cannot hold
-    // a cluster per head runs them in more than one wave only when forced, or at size 1.
+    // a cluster per head runs them in more than one wave only when forced, or at size 1. Sizes
+    // within 1/16 of the most blocks go to the larger cluster: it splits a head's attention over
+    // more blocks.
     const auto attn_mlp_in_clusters = [&](int size, int wave) {
       int clusters = wave;
       while (clusters > heads && fc_in_rows_for_heads(hidden, ffn, heads * size, clusters * size) < 0) --clusters;
       return clusters >= heads || cluster_size > 0 || size == 1 ? std::max(clusters, heads) : 0;
     };
-    if (int status = choose_grid(attn_mlp_in, cluster_size, sms, attn_mlp_in_limit,
+    if (int status = choose_grid(attn_mlp_in, cluster_size, /*slack=*/1, sms, attn_mlp_in_limit,
                                  [&](int, int) { return AttnMlpInLayout<kHeadDim>::bytes(hidden); }, attn_mlp_in_clusters,
                                  &plan->attn_mlp_in)) {
       return status;
     }
-    // Clusters split the rows of y: no more clusters than rows.
+    // Clusters split the rows of y (no more clusters than rows), and no size gains from more
+    // blocks per cluster: the most blocks win, ties to the larger cluster.
     const auto out_proj_clusters = [&](int, int wave) { return std::min(wave, hidden); };
-    return choose_grid(out_proj, cluster_size, sms, out_proj_limit,
+    return choose_grid(out_proj, cluster_size, /*slack=*/0, sms, out_proj_limit,
                        [&](int size, int clusters) { return OutProjLayout::bytes(hidden, ffn, size, clusters); },
                        out_proj_clusters, &plan->out_proj);
   });

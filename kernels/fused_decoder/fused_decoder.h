@@ -86,8 +86,9 @@ typedef struct {
 
 /* Checks `shape` for the current device, sets the kernels' shared-memory limits there and fills
  * `plan`. For each kernel, cluster_size 0 picks the size (<= 8) that keeps the most SMs busy in one
- * wave of clusters (one block per SM; sizes within 1/16 of the most blocks go to the larger
- * cluster) and as many clusters of it as run at once; 1..8 forces the size for both kernels.
+ * wave of clusters (one block per SM; ties to the larger cluster, and for attn_mlp_in sizes within
+ * 1/16 of the most blocks count as ties) and as many clusters of it as run at once; 1..8 forces
+ * the size for both kernels.
  * NEOXFUSE_ERR_UNSUPPORTED for a shape the kernels do not handle or that does not fit the
  * device's shared memory. */
 NEOXFUSE_API int neoxfuse_fused_decoder_plan(const neoxfuse_fused_shape* shape, int cluster_size, neoxfuse_fused_plan* plan);
