@@ -776,27 +776,26 @@ def _emulated_lm_head(emulated, x, ln_weight, ln_bias, embed_out, eps, logits):
     logits.copy_(guarded[-1])
 
 
-@pytest.mark.parametrize("name, attn_mlp_in", [("pythia-410m", (8, 21)), ("pythia-1b", (8, 18)), ("pythia-2.8b", (5, 34)),
-                                              ("pythia-6.9b", (5, 34)), ("gpt-neox-20b", (2, 85))])
-def test_emulated_plan_on_an_rtx_5090_runs_the_pythia_sizes_in_one_wave(emulated, name, attn_mlp_in):
-    # sm_120: 170 SMs and 99 KiB of shared memory per block (an H100 has 227 KiB).
-    with emulated.device(emulated.RTX_5090):
+@pytest.mark.parametrize("device, out_proj, name, attn_mlp_in", [
+    *(("RTX_5090", (5, 34), name, grid) for name, grid in [("pythia-410m", (8, 21)), ("pythia-1b", (8, 18)),
+                                                           ("pythia-2.8b", (5, 34)), ("pythia-6.9b", (5, 34)),
+                                                           ("gpt-neox-20b", (2, 85))]),
+    *(("H100_GPCS", (2, 66), name, grid) for name, grid in [("pythia-410m", (4, 31)), ("pythia-1b", (8, 15)),
+                                                            ("pythia-2.8b", (3, 42)), ("pythia-6.9b", (3, 42)),
+                                                            ("gpt-neox-20b", (2, 66))]),
+])  # fmt: skip
+def test_emulated_plan_runs_the_pythia_sizes_in_one_wave_on_other_devices(emulated, device, out_proj, name, attn_mlp_in):
+    # RTX_5090: sm_120, 170 SMs and 99 KiB of shared memory per block (an H100 has 227 KiB).
+    # H100_GPCS: an H100 SXM whose GPCs hold 18, 18, 18, 16, 16, 16, 16 and 14 SMs runs only 31
+    # clusters of 4 at once: Pythia-2.8B's 32 heads take clusters of 3 instead, and 10 more
+    # clusters of 3 stream fc_in rows (126 blocks; heads x 3 alone would leave 36 SMs idle).
+    # out_proj has no head to follow: 66 clusters of 2 fill all 132 SMs.
+    with emulated.device(getattr(emulated, device)):
         plan = _emulated_plan(emulated, FULL_SIZE_LAYERS[name])
-    assert (_grid(plan.attn_mlp_in), _grid(plan.out_proj)) == (attn_mlp_in, (5, 34))
-    assert max(plan.attn_mlp_in.smem, plan.out_proj.smem) <= emulated.RTX_5090.shared_optin
-
-
-@pytest.mark.parametrize("name, attn_mlp_in", [("pythia-410m", (4, 31)), ("pythia-1b", (8, 15)), ("pythia-2.8b", (3, 42)),
-                                              ("pythia-6.9b", (3, 42)), ("gpt-neox-20b", (2, 66))])
-def test_emulated_plan_fits_the_clusters_into_uneven_gpcs(emulated, name, attn_mlp_in):
-    # An H100 SXM whose GPCs hold 18, 18, 18, 16, 16, 16, 16 and 14 SMs runs only 31 clusters of 4
-    # at once: Pythia-2.8B's 32 heads take clusters of 3 instead, and 10 more clusters of 3 stream
-    # fc_in rows (126 blocks; heads x 3 alone would leave 36 SMs idle). out_proj has no head to
-    # follow: 66 clusters of 2 fill all 132 SMs.
-    with emulated.device(emulated.H100_GPCS):
-        plan = _emulated_plan(emulated, FULL_SIZE_LAYERS[name])
-    assert (_grid(plan.attn_mlp_in), _grid(plan.out_proj)) == (attn_mlp_in, (2, 66))
-    assert plan.attn_mlp_in.max_active_clusters >= plan.attn_mlp_in.clusters
+    assert (_grid(plan.attn_mlp_in), _grid(plan.out_proj)) == (attn_mlp_in, out_proj)
+    for grid in (plan.attn_mlp_in, plan.out_proj):
+        assert grid.max_active_clusters >= grid.clusters
+        assert grid.smem <= getattr(emulated, device).shared_optin
 
 
 def test_emulated_pythia_2_8b_layer_with_clusters_in_uneven_gpcs(emulated):
