@@ -191,6 +191,12 @@ def _run_layer_emulated(emulated, x, layer, shape, k_cache, v_cache, position, c
     return {"y": y, "attn": workspace.attn, "mlp": workspace.mlp}
 
 
+def _layer_weight_bytes(shape: NeoXShape) -> int:
+    """The bytes of a layer's fp16 matrices: qkv, dense, fc_in, fc_out."""
+    h, f = shape.hidden, shape.ffn
+    return 2 * (3 * h * h + h * h + f * h + h * f)
+
+
 def _within_half_fp16_ulp(got: torch.Tensor, want: torch.Tensor) -> bool:
     """Whether fp16 `got` is fp32 `want` rounded to nearest: within half an fp16 ulp of it, plus
     2e-5 of want's largest entry for the kernel's and the oracle's different fp32 sums."""
@@ -700,8 +706,7 @@ def test_emulated_layer_streams_every_weight_byte_once(emulated, name, cluster_s
     x, k_cache, v_cache = _layer_inputs(shape, 9, seed=3, device="cpu")
     emulated.take_streamed_bytes()
     _run_layer_emulated(emulated, x, layer, shape, k_cache, v_cache, 9, cluster_size)
-    h, f = shape.hidden, shape.ffn
-    assert emulated.take_streamed_bytes() == 2 * (3 * h * h + h * h + f * h + h * f)  # fp16 qkv, dense, fc_in, fc_out
+    assert emulated.take_streamed_bytes() == _layer_weight_bytes(shape)
 
 
 @pytest.mark.parametrize("name, position, cluster_size", [("d80-h8", 299, 8), ("d128-h3", 40, 3), ("d256-h3", 149, 5)])
@@ -798,14 +803,6 @@ def test_emulated_plan_runs_the_pythia_sizes_in_one_wave_on_other_devices(emulat
         assert grid.smem <= getattr(emulated, device).shared_optin
 
 
-def test_emulated_pythia_2_8b_layer_with_clusters_in_uneven_gpcs(emulated):
-    shape = FULL_SIZE_LAYERS["pythia-2.8b"]
-    layer = _random_layer(shape, seed=12, device="cpu")
-    x, k_cache, v_cache = _layer_inputs(shape, 1023, seed=13, device="cpu")
-    with emulated.device(emulated.H100_GPCS):
-        _check_against_oracle(x, layer, shape, 1023, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated))
-
-
 @pytest.mark.parametrize("fc_in_clusters", ["none", "one", "all that fit"])
 @pytest.mark.parametrize("name", ["d80-h8", "d256-h3"])
 def test_emulated_layer_with_more_or_fewer_fc_in_clusters(emulated, name, fc_in_clusters):
@@ -821,17 +818,20 @@ def test_emulated_layer_with_more_or_fewer_fc_in_clusters(emulated, name, fc_in_
     assert most > shape.heads + 1
     emulated.take_streamed_bytes()
     _check_against_oracle(x, layer, shape, 70, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated), plan=plan)
-    h, f = shape.hidden, shape.ffn
-    assert emulated.take_streamed_bytes() == 2 * (3 * h * h + h * h + f * h + h * f)  # each weight byte once
+    assert emulated.take_streamed_bytes() == _layer_weight_bytes(shape)  # each weight byte once
 
 
-def test_emulated_pythia_2_8b_layer_on_an_rtx_5090(emulated):
-    # Clusters of 5 there (32 heads x 5 blocks on 170 SMs): slices of 48 QKV rows and 16 dims per block.
+@pytest.mark.parametrize("device, position", [("RTX_5090", 700), ("H100_GPCS", 1023)])
+def test_emulated_pythia_2_8b_layer_on_other_devices(emulated, device, position):
+    # With those devices' plans: on the RTX 5090 34 clusters of 5 (slices of 48 QKV rows and 16
+    # dims per block, 2 clusters of fc_in rows only), on the uneven-GPC H100 42 clusters of 3 (10 of
+    # fc_in rows only) and out_proj's own 66 clusters of 2.
     shape = FULL_SIZE_LAYERS["pythia-2.8b"]
-    layer = _random_layer(shape, seed=9, device="cpu")
-    x, k_cache, v_cache = _layer_inputs(shape, 700, seed=10, device="cpu")
-    with emulated.device(emulated.RTX_5090):
-        _check_against_oracle(x, layer, shape, 700, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated))
+    layer = _random_layer(shape, seed=position, device="cpu")
+    x, k_cache, v_cache = _layer_inputs(shape, position, seed=position + 1, device="cpu")
+    with emulated.device(getattr(emulated, device)):
+        _check_against_oracle(x, layer, shape, position, k_cache, v_cache,
+                              functools.partial(_run_layer_emulated, emulated))
 
 
 @pytest.mark.parametrize("hidden, vocab", [(640, 7), (2560, 1001)])
