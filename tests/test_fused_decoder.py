@@ -1,14 +1,16 @@
 """The fused decoder (kernels/fused_decoder, neoxfuse.ops.fused_decoder) and the `fused` backend.
 
-Oracle: neoxfuse.reference in fp32 on the same fp16 weights and the same fp16 cache contents.
+Oracle: neoxfuse.reference in fp32 on the same fp16 (or bf16) weights and the same cache contents.
 Relative errors are ||out - ref|| / ||ref||; the tolerances, and why:
 
 - MLP_TOL 1e-4 (GELU(fc_in) scratch): fp32 on both sides; only the summation order differs
   (~1e-6 for rows of 2560..4096 products).
-- ATTN_TOL 2e-3 (attention output, y - x): the kernel rounds the current token's k and v to fp16
-  before attending over them (the cache is fp16), the oracle keeps them fp32: one fp16 rounding
-  of one attended row, at most 2^-11 = 4.9e-4 relative; 4x margin. Nothing else is rounded.
-- CACHE_TOL 1e-3 (the k, v written at position p): fp16 rounding of the oracle's fp32 k, v.
+- ATTN_TOL 2e-3 for fp16, 1.6e-2 for bf16 (attention output, y - x): the kernel rounds the current
+  token's k and v to the cache's dtype before attending over them, the oracle keeps them fp32: one
+  rounding of one attended row, at most 2^-11 = 4.9e-4 relative in fp16 and 2^-8 = 3.9e-3 in bf16
+  (8 significant bits against 11); 4x margin. Nothing else is rounded.
+- CACHE_TOL 1e-3 for fp16, 8e-3 for bf16 (the k, v written at position p): the rounding of the
+  oracle's fp32 k, v, at most 2^-12 and 2^-9 relative; and each entry must be the nearest one.
 - The layer is compared on y - x (what the layer adds), not y, so a small x cannot hide an error
   in attention or MLP, and weights are scaled so that both terms are O(1) and softmax is peaked.
 
@@ -42,12 +44,15 @@ from neoxfuse.sampling import SamplingParams, exponential_race, next_token, prob
 from neoxfuse.weights import LayerWeights, from_hf, random_model
 
 MLP_TOL = 1e-4
-ATTN_TOL = 2e-3
-CACHE_TOL = 1e-3
+ATTN_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+CACHE_TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 LOGITS_TOL = 1e-4  # lm_head: fp32 LayerNorm and dot products on both sides
+# A bf16 model's decode logits against fp32 on the same weights: the prefill runs in bf16 (PyTorch
+# ops) and the cache is bf16, 8 significant bits against fp16's 11, so 8x fp16's 1e-2.
+BF16_LOGITS_TOL = 8e-2
 # Run again under compute-sanitizer by the GPU pipeline (conftest.py): clusters of 1, 3 and 4
-# blocks (uneven slices at 3) for both head sizes, a full Pythia-2.8B layer, a position past the
-# cache, the LM head with a vocabulary that is not a multiple of anything.
+# blocks (uneven slices at 3) for every head size, bf16 at 3, a full Pythia-2.8B layer, a position
+# past the cache, the LM head (fp16 and bf16) with a vocabulary that is not a multiple of anything.
 SANITIZE = (
     *(f"test_every_cluster_size_matches_fp32_oracle[d80-h8-299-{c}]" for c in (1, 3, 4)),
     *(f"test_every_cluster_size_matches_fp32_oracle[d128-h3-76-{c}]" for c in (1, 3, 4)),
@@ -56,11 +61,15 @@ SANITIZE = (
     *(f"test_every_cluster_size_matches_fp32_oracle[d96-h6-96-{c}]" for c in (1, 3)),
     "test_pythia_layer_matches_fp32_oracle[pythia-2.8b-127]",
     "test_device_position_past_the_cache_gives_nan_and_writes_nothing",
-    "test_lm_head_matches_fp32_oracle[640-7]",
+    "test_bf16_layer_matches_fp32_oracle[d80-h8-299-3]",
+    "test_lm_head_matches_fp32_oracle[640-7-*]",
 )
 
-KERNELS = (*(f"attn_mlp_in_kernelILi{d}E" for d in fd.SUPPORTED_HEAD_DIMS), "out_proj_kernel", "lm_head_kernel",
-           "sample_token_kernel")
+KERNELS = (  # mangled names: each layer kernel for __half and for __nv_bfloat16
+    *(f"attn_mlp_in_kernelILi{d}E{t}" for d in fd.SUPPORTED_HEAD_DIMS for t in ("6__half", "13__nv_bfloat16")),
+    *(f"{k}I{t}" for k in ("out_proj_kernel", "lm_head_kernel") for t in ("6__half", "13__nv_bfloat16")),
+    "sample_token_kernel",
+)
 FULL_SIZE_LAYERS = {  # one full-size layer of each head_dim the kernels are built for
     "pythia-410m": NeoXShape(hidden=1024, layers=1, heads=16, head_dim=64, rotary_dims=16, ffn=4096, vocab=50304,
                              max_positions=2048),
@@ -75,6 +84,7 @@ FULL_SIZE_LAYERS = {  # one full-size layer of each head_dim the kernels are bui
 }  # fmt: skip
 GPT_NEOX_20B = pythia_config("pythia-2.8b", hidden_size=6144, num_attention_heads=64, intermediate_size=24576,
                              num_hidden_layers=44, vocab_size=50432, rotary_pct=0.25)  # EleutherAI/gpt-neox-20b's sizes
+BF16_CASES = [("d80-h8", 299), ("d128-h3", 76), ("d64-h5", 130), ("d256-h3", 149), ("d96-h6", 96)]  # at clusters of 1, 3, 8
 CLUSTER_CASES = [("d80-h8", 0), ("d80-h8", 5), ("d80-h8", 299), ("d128-h3", 3), ("d128-h3", 76), ("d64-h5", 130),
                  ("d256-h3", 0), ("d256-h3", 149), ("d96-h6", 96)]  # (ODD_LAYERS name, position) run at every cluster size
 ODD_LAYERS = {  # small and awkward: few heads, ffn not a multiple of 64, caches of odd length
@@ -90,13 +100,13 @@ def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
     return float((out.double() - want.double()).norm() / want.double().norm())
 
 
-def _random_layer(shape: NeoXShape, seed: int, device="cuda") -> LayerWeights:
-    """fp16 weights scaled so every projection's outputs are O(1) (scores O(2): a peaked softmax)."""
+def _random_layer(shape: NeoXShape, seed: int, device="cuda", dtype=torch.float16) -> LayerWeights:
+    """Weights of `dtype` scaled so every projection's outputs are O(1) (scores O(2): a peaked softmax)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     h, f = shape.hidden, shape.ffn
 
     def normal(*size, std=1.0, mean=0.0):
-        return (torch.randn(*size, generator=g) * std + mean).to(device=device, dtype=torch.float16)
+        return (torch.randn(*size, generator=g) * std + mean).to(device=device, dtype=dtype)
 
     return LayerWeights(
         ln1_weight=normal(h, std=0.1, mean=1.0), ln1_bias=normal(h, std=0.1),
@@ -108,15 +118,15 @@ def _random_layer(shape: NeoXShape, seed: int, device="cuda") -> LayerWeights:
     )  # fmt: skip
 
 
-def _layer_inputs(shape: NeoXShape, position: int, seed: int, device="cuda"):
-    """x [hidden] (fp32, off-centre), and fp16 caches [heads, max_seq, head_dim] holding random rows
-    before `position` and NaN from `position` on: the slot at `position` must be written by the
+def _layer_inputs(shape: NeoXShape, position: int, seed: int, device="cuda", dtype=torch.float16):
+    """x [hidden] (fp32, off-centre), and caches [heads, max_seq, head_dim] of `dtype` holding random
+    rows before `position` and NaN from `position` on: the slot at `position` must be written by the
     kernel, and a read past it would poison the output."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = (torch.randn(shape.hidden, generator=g) * 2 + 0.5).to(device)
     caches = []
     for _ in range(2):
-        cache = torch.randn(shape.heads, shape.max_positions, shape.head_dim, generator=g).half()
+        cache = torch.randn(shape.heads, shape.max_positions, shape.head_dim, generator=g).to(dtype)
         cache[:, position:] = float("nan")
         caches.append(cache.to(device))
     return x, caches[0], caches[1]
@@ -148,11 +158,11 @@ def _run_layer(x, layer, shape, k_cache, v_cache, position, **kwargs):
     return {"y": y, "attn": workspace.attn, "mlp": workspace.mlp}
 
 
-def _emulated_plan(emulated, shape: NeoXShape, cluster_size: int = 0) -> fd._Plan:
+def _emulated_plan(emulated, shape: NeoXShape, cluster_size: int = 0, dtype=torch.float16) -> fd._Plan:
     """The plan's C ABI on the emulated library (a 132-SM sm_90); cluster_size 0: the plan's choice."""
     plan = fd._Plan()
     emulated.call("neoxfuse_fused_decoder_plan", [ctypes.POINTER(fd._Shape), ctypes.c_int, ctypes.POINTER(fd._Plan)],
-                  ctypes.byref(fd._c_shape(shape, 1)), cluster_size, ctypes.byref(plan))
+                  ctypes.byref(fd._c_shape(shape, 1, dtype)), cluster_size, ctypes.byref(plan))
     return plan
 
 
@@ -162,7 +172,7 @@ def _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, wo
     caches, the workspace and y written. Every tensor is passed as a guarded copy (conftest.py), so an
     access past the end of one faults; the written ones are copied back. watch: the name of a tensor
     (fd._LAYER_TENSORS) whose bytes read by the kernels are counted and returned."""
-    plan = _emulated_plan(emulated, shape, cluster_size) if plan is None else plan
+    plan = _emulated_plan(emulated, shape, cluster_size, k_cache.dtype) if plan is None else plan
     if not isinstance(position, torch.Tensor):
         position = torch.tensor([position], dtype=torch.int32)
     tensors = [x, *(getattr(layer, name) for name in fd._LAYER_TENSORS[1:13]), k_cache, v_cache, position,
@@ -174,7 +184,8 @@ def _emulated_layer(emulated, x, layer, shape, k_cache, v_cache, position, y, wo
         emulated.call("neoxfuse_fused_decoder_layer",
                       [ctypes.POINTER(fd._Shape), ctypes.POINTER(fd._Layer), ctypes.POINTER(fd._Plan), ctypes.c_int,
                        ctypes.c_void_p],
-                      ctypes.byref(fd._c_shape(shape, k_cache.shape[1])), ctypes.byref(c_layer), ctypes.byref(plan), 1,
+                      ctypes.byref(fd._c_shape(shape, k_cache.shape[1], k_cache.dtype)), ctypes.byref(c_layer),
+                      ctypes.byref(plan), 1,
                       None)
     for t, written in list(zip(tensors, guarded))[-6:]:  # k_cache, v_cache, (position), attn, mlp, y
         t.copy_(written)
@@ -192,16 +203,18 @@ def _run_layer_emulated(emulated, x, layer, shape, k_cache, v_cache, position, c
 
 
 def _layer_weight_bytes(shape: NeoXShape) -> int:
-    """The bytes of a layer's fp16 matrices: qkv, dense, fc_in, fc_out."""
+    """The bytes of a layer's 16-bit matrices: qkv, dense, fc_in, fc_out."""
     h, f = shape.hidden, shape.ffn
     return 2 * (3 * h * h + h * h + f * h + h * f)
 
 
-def _within_half_fp16_ulp(got: torch.Tensor, want: torch.Tensor) -> bool:
-    """Whether fp16 `got` is fp32 `want` rounded to nearest: within half an fp16 ulp of it, plus
-    2e-5 of want's largest entry for the kernel's and the oracle's different fp32 sums."""
-    exponent = torch.floor(torch.log2(want.abs().clamp_min(2.0**-14)))  # fp16 subnormals share 2^-14's ulp
-    half_ulp = torch.exp2(exponent - 11)
+def _within_half_ulp(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether `got` (fp16 or bf16) is fp32 `want` rounded to nearest: within half an ulp of it in
+    got's dtype, plus 2e-5 of want's largest entry for the kernel's and the oracle's different fp32 sums."""
+    info = torch.finfo(got.dtype)
+    significand_bits = {torch.float16: 11, torch.bfloat16: 8}[got.dtype]
+    exponent = torch.floor(torch.log2(want.abs().clamp_min(info.tiny)))  # subnormals share the smallest normal's ulp
+    half_ulp = torch.exp2(exponent - significand_bits)
     return bool(((got.float() - want).abs() <= half_ulp + 2e-5 * want.abs().max()).all())
 
 
@@ -218,13 +231,13 @@ def _check_against_oracle(x, layer, shape, position, k_cache, v_cache, run=_run_
         "k": rel_err(k_cache[:, position].float(), want["k"]),
         "v": rel_err(v_cache[:, position].float(), want["v"]),
     }
-    print(f"position {position}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    print(f"position {position} ({k_cache.dtype}): " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     assert errors["mlp"] < MLP_TOL, errors
-    assert errors["attn"] < ATTN_TOL, errors
-    assert errors["y - x"] < ATTN_TOL, errors
-    assert errors["k"] < CACHE_TOL and errors["v"] < CACHE_TOL, errors
-    for name, cache in (("k", k_cache), ("v", v_cache)):  # rounded to nearest, as HF's fp16 does
-        assert _within_half_fp16_ulp(cache[:, position], want[name]), f"{name} at the position is not {name} rounded to fp16"
+    assert errors["attn"] < ATTN_TOL[k_cache.dtype], errors
+    assert errors["y - x"] < ATTN_TOL[k_cache.dtype], errors
+    assert errors["k"] < CACHE_TOL[k_cache.dtype] and errors["v"] < CACHE_TOL[k_cache.dtype], errors
+    for name, cache in (("k", k_cache), ("v", v_cache)):  # rounded to nearest, as HF's fp16 / bf16 does
+        assert _within_half_ulp(cache[:, position], want[name]), f"{name} at the position is not {name} rounded to nearest"
     others = torch.ones(shape.max_positions, dtype=torch.bool)
     others[position] = False
     for got_cache, before in [(k_cache, k_before), (v_cache, v_before)]:  # NaN == NaN for this check
@@ -286,6 +299,9 @@ def _cpu_call(shape=ODD_LAYERS["d80-h8"], position=3, **changes):
     ({"qkv_weight": torch.zeros(3 * 640, 640)}, InvalidInputError, "qkv_weight must be float16"),
     ({"fc_out_weight": torch.zeros(640, 999, dtype=torch.float16)}, InvalidInputError, "fc_out_weight must have shape"),
     ({"k_cache": torch.zeros(8, 300, 80)}, InvalidInputError, "k_cache must be float16"),
+    ({"k_cache": torch.zeros(8, 300, 80, dtype=torch.bfloat16)}, InvalidInputError, "k_cache must be float16, got bfloat16"),
+    ({"ln1_weight": torch.ones(640)}, InvalidInputError, "ln1_weight must be float16, bfloat16, got float32"),
+    ({"fc_in_bias": torch.zeros(1000, dtype=torch.bfloat16)}, InvalidInputError, "fc_in_bias must be float16, got bfloat16"),
     ({"v_cache": torch.zeros(8, 299, 80, dtype=torch.float16)}, InvalidInputError, "v_cache must have shape"),
     ({"position": 300}, SequenceTooLongError, "past the KV cache of 300"),
     ({"position": -1}, InvalidInputError, "position must be >= 0"),
@@ -321,6 +337,12 @@ def test_fake_implementations_check_shapes_without_running():
     embed_out = torch.empty(shape.vocab, shape.hidden, dtype=torch.float16, device="meta")
     logits = fd.lm_head(x, layer.ln1_weight, layer.ln1_bias, embed_out)
     assert (logits.shape, logits.dtype) == ((shape.vocab,), torch.float32)
+    bf16 = _random_layer(shape, seed=0, device="meta", dtype=torch.bfloat16)
+    y = fd.decoder_layer(x, bf16, shape, k_cache.bfloat16(), v_cache.bfloat16(), 5)
+    assert (y.shape, y.dtype) == (x.shape, torch.float32)
+    with pytest.raises(InvalidInputError, match="ln_weight must be float16, got bfloat16"):  # one dtype per call
+        fd.lm_head(x, bf16.ln1_weight, bf16.ln1_bias, embed_out)
+    assert fd.lm_head(x, bf16.ln1_weight, bf16.ln1_bias, embed_out.bfloat16()).dtype == torch.float32
     rng = torch.empty(2, dtype=torch.long, device="meta")
     token = fd.sample_token(logits, rng, 0.8, 50, 0.9)
     assert (token.shape, token.dtype, token.device.type) == ((1,), torch.long, "meta")
@@ -342,7 +364,9 @@ def test_c_abi_refuses_null_arguments_without_touching_a_device():
 def test_backend_availability_says_why_not():
     assert not FusedBackend.available(torch.device("cpu"), torch.float16)
     if torch.cuda.is_available():
-        assert "fp16" in FusedBackend.available(torch.device("cuda"), torch.float32).reason
+        assert "fp16 or bf16" in FusedBackend.available(torch.device("cuda"), torch.float32).reason
+        if torch.cuda.get_device_capability() >= fd.MIN_CAPABILITY:
+            assert FusedBackend.available(torch.device("cuda"), torch.bfloat16)
         shape = shape_of(pythia_config("pythia-2.8b", hidden_size=3584))  # 32 heads of 112
         assert "head_dim 112" in FusedBackend.available(torch.device("cuda"), torch.float16, shape).reason
 
@@ -353,14 +377,14 @@ class _OracleKernels:
 
     Workspace = fd.Workspace
     check_weights = staticmethod(lambda weights: fd.check_shape(weights.shape))
-    plan = staticmethod(lambda shape, device, cluster_size: None)
+    plan = staticmethod(lambda shape, device, cluster_size, dtype: None)
 
     @staticmethod
     def decoder_layer(x, layer, shape, k_cache, v_cache, position, *, out, workspace, cluster_size, pdl):
         p = int(position)  # the kernel reads the int32 [1] position on the device
         k32, v32 = k_cache.float(), v_cache.float()
         out.copy_(ref.decoder_layer(x[None], layer.to(dtype=torch.float32), shape, k32, v32, p)[0])
-        k_cache[:, p], v_cache[:, p] = k32[:, p].half(), v32[:, p].half()
+        k_cache[:, p], v_cache[:, p] = k32[:, p].to(k_cache.dtype), v32[:, p].to(v_cache.dtype)
 
     @staticmethod
     def lm_head(x, ln_weight, ln_bias, embed_out, eps, *, out, pdl):
@@ -384,16 +408,18 @@ def oracle_backend(monkeypatch):
     return FusedBackend(weights, 40, use_graph=False), ref.ReferenceModel(weights.to(dtype=torch.float32), max_seq_len=40)
 
 
-def _check_backend_logits(backend, oracle, tokens: torch.Tensor, prompt: int) -> None:
+def _check_backend_logits(backend, oracle, tokens: torch.Tensor, prompt: int, tol: float = 1e-2) -> None:
     """Prefill tokens[:prompt], then decode the rest one step at a time: the backend's logits are
-    the oracle's, to the fp16 prefill and KV cache, and the device position follows."""
+    the oracle's, to the 16-bit prefill and KV cache (tol), and the device position follows."""
     cache, want_cache = backend.new_cache(), oracle.new_cache()
     backend.prefill(tokens[:prompt], cache)
     oracle.prefill(tokens[:prompt], want_cache)
     got = torch.stack([backend.decode_step(int(t), cache) for t in tokens[prompt:]])  # [steps, vocab]
     want = torch.stack([oracle.decode_step(int(t), want_cache) for t in tokens[prompt:]])
     assert cache.length == int(backend._position) == len(tokens)
-    assert rel_err(got, want) < 1e-2  # fp16 prefill and KV cache against fp32
+    err = rel_err(got, want)
+    print(f"logits against the fp32 oracle: {err:.2e}")
+    assert err < tol
 
 
 def test_backend_on_oracle_kernels_gives_the_oracles_logits(oracle_backend):
@@ -515,13 +541,14 @@ TINY = dict(hidden_size=128, num_attention_heads=2, intermediate_size=256, vocab
 
 
 @torch.inference_mode()
-def test_emulated_backend_gives_the_oracles_logits(monkeypatch, emulated):
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 1e-2), (torch.bfloat16, BF16_LOGITS_TOL)], ids=["fp16", "bf16"])
+def test_emulated_backend_gives_the_oracles_logits(monkeypatch, emulated, dtype, tol):
     monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
-    weights = from_hf(random_model(pythia_config("tiny", **TINY), seed=5)).to(dtype=torch.float16)
+    weights = from_hf(random_model(pythia_config("tiny", **TINY), seed=5)).to(dtype=dtype)
     backend = FusedBackend(weights, 24, use_graph=False)
     oracle = ref.ReferenceModel(weights.to(dtype=torch.float32), max_seq_len=24)
     tokens = torch.randint(0, 300, (14,), generator=torch.Generator().manual_seed(0))
-    _check_backend_logits(backend, oracle, tokens, 4)
+    _check_backend_logits(backend, oracle, tokens, 4, tol)
 
 
 @torch.inference_mode()
@@ -539,9 +566,10 @@ def test_emulated_backend_at_pythia_2_8b_size_gives_hf_fp32_logits(monkeypatch, 
 
 
 @torch.inference_mode()
-def test_emulated_backend_greedy_tokens_match_hf_fp16(monkeypatch, emulated):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_emulated_backend_greedy_tokens_match_hf_in_the_same_dtype(monkeypatch, emulated, dtype):
     monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
-    model = _decisive(random_model(pythia_config("tiny", **TINY), seed=3).half().eval())
+    model = _decisive(random_model(pythia_config("tiny", **TINY), seed=3).to(dtype).eval())
     prompt = torch.tensor([5, 17, 250, 3])
     hf_tokens, out = [], model(prompt[None], use_cache=True)
     for _ in range(12):
@@ -550,7 +578,7 @@ def test_emulated_backend_greedy_tokens_match_hf_fp16(monkeypatch, emulated):
 
     backend = FusedBackend(from_hf(model), 32, use_graph=False)
     cache = backend.new_cache()
-    first = int(backend.prefill(prompt, cache).argmax())  # prefill: neoxfuse.reference in fp16
+    first = int(backend.prefill(prompt, cache).argmax())  # prefill: neoxfuse.reference in the model's dtype
     got = backend.decode_tokens(first, cache, 11, SamplingParams(), None, StepClock(torch.device("cpu"))).tolist()
     assert [first, *got] == hf_tokens
 
@@ -582,9 +610,12 @@ def test_layer_benchmark_table_shows_both_kernels_grids():
     from neoxfuse.bench.layer import _table
 
     plan = fd.FusedPlan(attn_mlp_in=fd.FusedGrid(3, 42, 42, 52_000), out_proj=fd.FusedGrid(2, 66, 66, 26_000))
-    text = _table([], {"plan": dataclasses.asdict(plan), "bytes": 157e6, "skipped": {}}, {"name": "H100", "copy_GBps": 3e3},
-                  "pythia-2.8b")
+    row = {"layer": 0, "seq_len": 512, "dtype": "bf16", "provider": "fused", "median_us": 60.0, "p90_us": 61.0,
+           "p99_us": 62.0, "floor_us": 55.0, "pct_of_floor": 91.7, "GBps": 2700.0, "speedup_of_fused": 1.0, "rel_err": 1e-4}
+    text = _table([row], {"plan": dataclasses.asdict(plan), "bytes": 157e6, "skipped": {}},
+                  {"name": "H100", "copy_GBps": 3e3}, "pythia-2.8b")
     assert "fused plan: 42 clusters x 3 blocks (attn_mlp_in), 66 clusters x 2 blocks (out_proj)" in text
+    assert "seq_len 512, bf16 on H100" in text
 
 
 def test_layer_benchmark_torch_peer_computes_the_layer():
@@ -641,6 +672,20 @@ def test_emulated_every_cluster_size_matches_fp32_oracle(emulated, name, positio
     x, k_cache, v_cache = _layer_inputs(shape, position, seed=position, device="cpu")
     _check_against_oracle(x, layer, shape, position, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated),
                           cluster_size=cluster_size)
+
+
+@pytest.mark.parametrize("cluster_size", [1, 3, 8])
+@pytest.mark.parametrize("name, position", BF16_CASES)
+def test_emulated_bf16_layer_matches_fp32_oracle_and_streams_each_weight_byte_once(emulated, name, position, cluster_size):
+    # bf16 weights and cache: the same kernels read them as bf16 (8 significant bits, fp32's
+    # exponent range) and round the new k, v to nearest bf16.
+    shape = ODD_LAYERS[name]
+    layer = _random_layer(shape, seed=cluster_size, device="cpu", dtype=torch.bfloat16)
+    x, k_cache, v_cache = _layer_inputs(shape, position, seed=position, device="cpu", dtype=torch.bfloat16)
+    emulated.take_streamed_bytes()
+    _check_against_oracle(x, layer, shape, position, k_cache, v_cache, functools.partial(_run_layer_emulated, emulated),
+                          cluster_size=cluster_size)
+    assert emulated.take_streamed_bytes() == _layer_weight_bytes(shape)
 
 
 @pytest.mark.parametrize("position", [0, 2047])
@@ -775,9 +820,9 @@ def _emulated_lm_head(emulated, x, ln_weight, ln_bias, embed_out, eps, logits):
     """The LM head's C ABI on the emulated library (CPU tensors, passed as guarded copies), 132
     blocks as on the emulated device."""
     guarded = [emulated.guarded(t) for t in (x, ln_weight, ln_bias, embed_out, logits)]
-    emulated.call("neoxfuse_fused_lm_head",
-                  [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
-                  *(t.data_ptr() for t in guarded), x.shape[0], embed_out.shape[0], eps, 132, 1, None)
+    emulated.call("neoxfuse_fused_lm_head", fd._LM_HEAD_ARGTYPES, *(t.data_ptr() for t in guarded[:4]),
+                  _lib.DTYPE_CODES[embed_out.dtype], guarded[4].data_ptr(), x.shape[0], embed_out.shape[0], eps, 132, 1,
+                  None)
     logits.copy_(guarded[-1])
 
 
@@ -821,24 +866,41 @@ def test_emulated_layer_with_more_or_fewer_fc_in_clusters(emulated, name, fc_in_
     assert emulated.take_streamed_bytes() == _layer_weight_bytes(shape)  # each weight byte once
 
 
-@pytest.mark.parametrize("device, position", [("RTX_5090", 700), ("H100_GPCS", 1023)])
-def test_emulated_pythia_2_8b_layer_on_other_devices(emulated, device, position):
+@pytest.mark.parametrize("device, position, dtype", [("RTX_5090", 700, torch.float16), ("H100_GPCS", 1023, torch.float16),
+                                                    ("H100_GPCS", 2047, torch.bfloat16)], ids=["RTX_5090", "H100_GPCS", "H100_GPCS-bf16"])
+def test_emulated_pythia_2_8b_layer_on_other_devices(emulated, device, position, dtype):
     # With those devices' plans: on the RTX 5090 34 clusters of 5 (slices of 48 QKV rows and 16
     # dims per block, 2 clusters of fc_in rows only), on the uneven-GPC H100 42 clusters of 3 (10 of
-    # fc_in rows only) and out_proj's own 66 clusters of 2.
+    # fc_in rows only) and out_proj's own 66 clusters of 2; there also with bf16 weights and cache.
     shape = FULL_SIZE_LAYERS["pythia-2.8b"]
-    layer = _random_layer(shape, seed=position, device="cpu")
-    x, k_cache, v_cache = _layer_inputs(shape, position, seed=position + 1, device="cpu")
+    layer = _random_layer(shape, seed=position, device="cpu", dtype=dtype)
+    x, k_cache, v_cache = _layer_inputs(shape, position, seed=position + 1, device="cpu", dtype=dtype)
     with emulated.device(getattr(emulated, device)):
         _check_against_oracle(x, layer, shape, position, k_cache, v_cache,
                               functools.partial(_run_layer_emulated, emulated))
 
 
+def test_emulated_c_abi_refuses_a_dtype_the_kernels_are_not_built_for(emulated):
+    shape = fd._c_shape(ODD_LAYERS["d80-h8"], 1, torch.float16)
+    shape.dtype = _lib.DTYPE_CODES[torch.float32]
+    with pytest.raises(KernelError, match="unsupported"):
+        emulated.call("neoxfuse_fused_decoder_plan", [ctypes.POINTER(fd._Shape), ctypes.c_int, ctypes.POINTER(fd._Plan)],
+                      ctypes.byref(shape), 0, ctypes.byref(fd._Plan()))
+    x, logits = torch.zeros(640), torch.zeros(7)
+    weights = [torch.zeros(640), torch.zeros(640), torch.zeros(7, 640)]  # fp32
+    with pytest.raises(KernelError, match="unsupported"):
+        emulated.call("neoxfuse_fused_lm_head", fd._LM_HEAD_ARGTYPES, x.data_ptr(), *(w.data_ptr() for w in weights),
+                      _lib.DTYPE_CODES[torch.float32], logits.data_ptr(), 640, 7, 1e-5, 132, 1, None)
+    with pytest.raises(InvalidInputError, match="float16 or bfloat16 weights, not float32"):
+        fd._c_shape(ODD_LAYERS["d80-h8"], 1, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("hidden, vocab", [(640, 7), (2560, 1001)])
-def test_emulated_lm_head_matches_fp32_oracle(emulated, hidden, vocab):
+def test_emulated_lm_head_matches_fp32_oracle(emulated, hidden, vocab, dtype):
     x = torch.randn(hidden) * 3 + 1
-    weight, bias = (1 + 0.1 * torch.randn(hidden)).half(), (0.1 * torch.randn(hidden)).half()
-    embed_out = (torch.randn(vocab, hidden) / math.sqrt(hidden)).half()
+    weight, bias = (1 + 0.1 * torch.randn(hidden)).to(dtype), (0.1 * torch.randn(hidden)).to(dtype)
+    embed_out = (torch.randn(vocab, hidden) / math.sqrt(hidden)).to(dtype)
     logits = torch.full((vocab,), float("nan"))
     emulated.take_streamed_bytes()
     _emulated_lm_head(emulated, x, weight, bias, embed_out, 1e-5, logits)
@@ -923,12 +985,13 @@ def test_plan_uses_one_wave_of_clusters():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("hidden, vocab", [(2560, 50304), (4096, 1001), (640, 7)])
-def test_lm_head_matches_fp32_oracle(hidden, vocab):
+def test_lm_head_matches_fp32_oracle(hidden, vocab, dtype):
     x = torch.randn(hidden, device="cuda") * 3 + 1
-    weight = (1 + 0.1 * torch.randn(hidden, device="cuda")).half()
-    bias = (0.1 * torch.randn(hidden, device="cuda")).half()
-    embed_out = (torch.randn(vocab, hidden, device="cuda") / math.sqrt(hidden)).half()
+    weight = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(dtype)
+    bias = (0.1 * torch.randn(hidden, device="cuda")).to(dtype)
+    embed_out = (torch.randn(vocab, hidden, device="cuda") / math.sqrt(hidden)).to(dtype)
     logits = torch.full((vocab,), float("nan"), device="cuda")
     fd.lm_head(x, weight, bias, embed_out, 1e-5, out=logits)
     want = ref.layer_norm(x, weight.float(), bias.float(), 1e-5) @ embed_out.float().T
@@ -985,7 +1048,7 @@ def _decisive(model16):
         unit = embed_in.float() / embed_in.float().norm(dim=1, keepdim=True)
         perm = torch.randperm(embed_in.shape[0], generator=g).to(embed_in.device)
         embed_out = model.get_output_embeddings().weight  # [vocab, hidden]
-        embed_out[perm] = unit.half()
+        embed_out[perm] = unit.to(embed_out.dtype)
     return model
 
 
@@ -1006,6 +1069,50 @@ def test_greedy_tokens_match_hf_fp16_for_128_tokens(hf_models):
     assert generation.tokens == hf_tokens
     assert neoxfuse.hf._engine(model, "auto").backend_name == "fused"
     assert neoxfuse.hf.generate(model, prompt[None], max_new_tokens=128, eos_token_id=())[0, 8:].tolist() == hf_tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cluster_size", [1, 3, 8])
+@pytest.mark.parametrize("name, position", BF16_CASES)
+def test_bf16_layer_matches_fp32_oracle(name, position, cluster_size):
+    shape = ODD_LAYERS[name]
+    layer = _random_layer(shape, seed=cluster_size, dtype=torch.bfloat16)
+    x, k_cache, v_cache = _layer_inputs(shape, position, seed=position, dtype=torch.bfloat16)
+    _check_against_oracle(x, layer, shape, position, k_cache, v_cache, cluster_size=cluster_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, position", [("pythia-2.8b", 0), ("pythia-2.8b", 2047), ("pythia-1b", 1023)])
+def test_bf16_pythia_layer_matches_fp32_oracle(name, position):
+    shape = FULL_SIZE_LAYERS[name]
+    layer = _random_layer(shape, seed=1, dtype=torch.bfloat16)
+    x, k_cache, v_cache = _layer_inputs(shape, position, seed=position, dtype=torch.bfloat16)
+    _check_against_oracle(x, layer, shape, position, k_cache, v_cache)
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_bf16_model_decodes_fused_to_hf_logits_and_hf_bf16_greedy_tokens():
+    # A bf16 HF model runs on the fused backend as it is (hf.generate keeps the model's dtype).
+    model16 = random_model(pythia_config("pythia-2.8b", num_hidden_layers=2), seed=0).to(torch.bfloat16).cuda().eval()
+    tokens = torch.randint(0, model16.config.vocab_size, (80,), device="cuda")
+    want = copy.deepcopy(model16).float()(tokens[None]).logits[0, 16:].float()  # [64, vocab]
+    hf16_err = rel_err(model16(tokens[None]).logits[0, 16:].float(), want)
+    backend = _backend(model16)
+    cache = backend.new_cache()
+    backend.prefill(tokens[:16], cache)
+    err = rel_err(torch.stack([backend.decode_step(int(t), cache) for t in tokens[16:]]), want)
+    print(f"teacher-forced logits: fused bf16 {err:.2e}, HF bf16 {hf16_err:.2e} (vs HF fp32 on the same weights)")
+    assert err < BF16_LOGITS_TOL
+
+    model = _decisive(model16)
+    prompt = tokens[:8]
+    hf_tokens, out = [], model(prompt[None], use_cache=True)
+    for _ in range(64):
+        hf_tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([[hf_tokens[-1]]], device="cuda"), past_key_values=out.past_key_values, use_cache=True)
+    assert neoxfuse.hf._engine(model, "auto").backend_name == "fused"
+    assert neoxfuse.hf.generate(model, prompt[None], max_new_tokens=64, eos_token_id=())[0, 8:].tolist() == hf_tokens
 
 
 @pytest.mark.gpu

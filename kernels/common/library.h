@@ -6,7 +6,7 @@
 #include "kernels/common/status.h"
 
 /* Bumped whenever an exported signature changes; Python refuses a library of another version. */
-#define NEOXFUSE_ABI_VERSION 1
+#define NEOXFUSE_ABI_VERSION 2
 
 typedef struct {
   char name[256];
@@ -20,7 +20,7 @@ typedef struct {
 
 NEOXFUSE_API int neoxfuse_abi_version(void);
 
-/* "abi=1 cuda=13.0 archs=sm_90a,sm_120,compute_120": what this library was built with. */
+/* "abi=2 cuda=13.0 archs=sm_90a,sm_120,compute_120": what this library was built with. */
 NEOXFUSE_API const char* neoxfuse_build_info(void);
 
 /* The message of the last NEOXFUSE_ERR_CUDA on this thread ("" if none). */

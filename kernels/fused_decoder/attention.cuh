@@ -17,10 +17,9 @@
 // through shared memory at the end: no atomics, no barriers inside the loop.
 #pragma once
 
-#include <cuda_fp16.h>
-
 #include <cstdint>
 
+#include "kernels/common/dtype.cuh"
 #include "kernels/fused_decoder/matvec.cuh"
 
 namespace neoxfuse {
@@ -41,7 +40,7 @@ struct SoftmaxMerge {
   }
 };
 
-template <int kHeadDim, int kThreads>
+template <int kHeadDim, int kThreads, typename T>
 struct DecodeAttention {
   static constexpr int kRowChunks = kHeadDim / kChunkElems;  // 16-byte vectors per key or value row
   static constexpr int kLanesPerPosition = kRowChunks <= 16 ? 16 : kWarpSize;
@@ -54,9 +53,9 @@ struct DecodeAttention {
 
   // Writes out[d] = the partial of positions [begin, end) for every d < kHeadDim (threads d, d +
   // blockDim.x, ... write them; no barrier after). q: shared [head_dim] fp32, already rotated.
-  // keys, values: this head's cache [max_seq, head_dim] fp16. scratch: shared [kScratchFloats].
+  // keys, values: this head's cache [max_seq, head_dim] of T. scratch: shared [kScratchFloats].
   // Every thread of the block calls it.
-  __device__ static void partial(const float* q, const __half* keys, const __half* values, int begin, int end,
+  __device__ static void partial(const float* q, const T* keys, const T* values, int begin, int end,
                                  float scale, SoftmaxPartial* out, float* scratch) {
     const int chunk = static_cast<int>(threadIdx.x) % kLanesPerPosition;
     const int group = static_cast<int>(threadIdx.x) / kLanesPerPosition;
@@ -86,7 +85,7 @@ struct DecodeAttention {
 #pragma unroll
       for (int u = 0; u < kPositionsPerLane; ++u) {
         const int t = tile + group + u * kGroups;
-        float d = reads && t < end ? dot_chunk(k[u], q_lo, q_hi, 0.0f) : 0.0f;
+        float d = reads && t < end ? dot_chunk<T>(k[u], q_lo, q_hi, 0.0f) : 0.0f;
 #pragma unroll
         for (int mask = kLanesPerPosition / 2; mask > 0; mask /= 2) d += __shfl_xor_sync(0xffffffffu, d, mask);
         s[u] = t < end ? d * scale : -INFINITY;
@@ -103,10 +102,10 @@ struct DecodeAttention {
         const float p = t < end ? expf(s[u] - m_new) : 0.0f;
         l += p;
         if (reads && t < end) {
-          const __half2* h = reinterpret_cast<const __half2*>(&v[u]);
+          const Pair<T>* pairs = reinterpret_cast<const Pair<T>*>(&v[u]);
 #pragma unroll
           for (int e = 0; e < kChunkElems / 2; ++e) {
-            const float2 v2 = __half22float2(h[e]);
+            const float2 v2 = to_float2(pairs[e]);
             acc[2 * e] = fmaf(p, v2.x, acc[2 * e]);
             acc[2 * e + 1] = fmaf(p, v2.y, acc[2 * e + 1]);
           }

@@ -28,29 +28,46 @@ int check_shape(const neoxfuse_fused_shape& s) {
   }
   const bool supported = (s.head_dim == 64 || s.head_dim == 80 || s.head_dim == 96 || s.head_dim == 128 ||
                           s.head_dim == 256) &&
+                         (s.dtype == NEOXFUSE_FP16 || s.dtype == NEOXFUSE_BF16) &&
                          s.hidden == s.heads * s.head_dim &&
                          s.hidden % kChunkElems == 0 && s.hidden <= kMaxHidden && s.ffn % kChunkElems == 0 &&
                          s.rotary_dims % 2 == 0 && s.rotary_dims <= s.head_dim;
   return supported ? NEOXFUSE_OK : NEOXFUSE_ERR_UNSUPPORTED;
 }
 
-// f(std::integral_constant<int, head_dim>) for the head dims the kernels are built for.
+// f(T{}) for the storage types the kernels are built for: __half, __nv_bfloat16.
 template <typename F>
-int with_head_dim(int head_dim, F&& f) {
-  switch (head_dim) {
-    case 64:
-      return f(std::integral_constant<int, 64>{});
-    case 80:
-      return f(std::integral_constant<int, 80>{});
-    case 96:
-      return f(std::integral_constant<int, 96>{});
-    case 128:
-      return f(std::integral_constant<int, 128>{});
-    case 256:
-      return f(std::integral_constant<int, 256>{});
+int with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case NEOXFUSE_FP16:
+      return f(__half{});
+    case NEOXFUSE_BF16:
+      return f(__nv_bfloat16{});
     default:
       return NEOXFUSE_ERR_UNSUPPORTED;
   }
+}
+
+// f(std::integral_constant<int, head_dim>{}, T{}) for the head dims and storage types the layer
+// kernels are built for.
+template <typename F>
+int with_layer_kernel_types(const neoxfuse_fused_shape& s, F&& f) {
+  return with_dtype(s.dtype, [&](auto type) {
+    switch (s.head_dim) {
+      case 64:
+        return f(std::integral_constant<int, 64>{}, type);
+      case 80:
+        return f(std::integral_constant<int, 80>{}, type);
+      case 96:
+        return f(std::integral_constant<int, 96>{}, type);
+      case 128:
+        return f(std::integral_constant<int, 128>{}, type);
+      case 256:
+        return f(std::integral_constant<int, 256>{}, type);
+      default:
+        return static_cast<int>(NEOXFUSE_ERR_UNSUPPORTED);
+    }
+  });
 }
 
 cudaLaunchConfig_t launch_config(int blocks, size_t smem, cudaStream_t stream, cudaLaunchAttribute* attrs, int cluster_size,
@@ -190,10 +207,11 @@ NEOXFUSE_API int neoxfuse_fused_decoder_plan(const neoxfuse_fused_shape* shape, 
     return status;
   }
 
-  return with_head_dim(shape->head_dim, [&](auto head_dim) {
+  return with_layer_kernel_types(*shape, [&](auto head_dim, auto type) {
     constexpr int kHeadDim = decltype(head_dim)::value;
-    const void* attn_mlp_in = reinterpret_cast<const void*>(attn_mlp_in_kernel<kHeadDim>);
-    const void* out_proj = reinterpret_cast<const void*>(out_proj_kernel);
+    using T = decltype(type);
+    const void* attn_mlp_in = reinterpret_cast<const void*>(attn_mlp_in_kernel<kHeadDim, T>);
+    const void* out_proj = reinterpret_cast<const void*>(out_proj_kernel<T>);
     size_t attn_mlp_in_limit = 0, out_proj_limit = 0;
     if (int status = raise_dynamic_smem_limit(attn_mlp_in, smem_optin, &attn_mlp_in_limit)) return status;
     if (int status = raise_dynamic_smem_limit(out_proj, smem_optin, &out_proj_limit)) return status;
@@ -210,7 +228,7 @@ NEOXFUSE_API int neoxfuse_fused_decoder_plan(const neoxfuse_fused_shape* shape, 
       return clusters >= heads || cluster_size > 0 || size == 1 ? std::max(clusters, heads) : 0;
     };
     if (int status = choose_grid(attn_mlp_in, cluster_size, /*slack=*/1, sms, attn_mlp_in_limit,
-                                 [&](int, int) { return AttnMlpInLayout<kHeadDim>::bytes(hidden); }, attn_mlp_in_clusters,
+                                 [&](int, int) { return AttnMlpInLayout<kHeadDim, T>::bytes(hidden); }, attn_mlp_in_clusters,
                                  &plan->attn_mlp_in)) {
       return status;
     }
@@ -240,47 +258,48 @@ NEOXFUSE_API int neoxfuse_fused_decoder_layer(const neoxfuse_fused_shape* shape,
   }
   if (!all_vec_aligned(pointers)) return NEOXFUSE_ERR_MISALIGNED;
 
-  const LayerParams params = {
-      t.x,
-      static_cast<const __half*>(t.ln1_weight),
-      static_cast<const __half*>(t.ln1_bias),
-      static_cast<const __half*>(t.ln2_weight),
-      static_cast<const __half*>(t.ln2_bias),
-      static_cast<const __half*>(t.qkv_weight),
-      static_cast<const __half*>(t.qkv_bias),
-      static_cast<const __half*>(t.dense_weight),
-      static_cast<const __half*>(t.dense_bias),
-      static_cast<const __half*>(t.fc_in_weight),
-      static_cast<const __half*>(t.fc_in_bias),
-      static_cast<const __half*>(t.fc_out_weight),
-      static_cast<const __half*>(t.fc_out_bias),
-      static_cast<__half*>(t.k_cache),
-      static_cast<__half*>(t.v_cache),
-      t.position,
-      t.attn,
-      t.mlp,
-      t.y,
-      shape->hidden,
-      shape->heads,
-      shape->ffn,
-      shape->max_seq,
-      shape->rotary_dims,
-      shape->eps,
-      shape->rotary_base,
-      1.0f / std::sqrt(static_cast<float>(shape->head_dim)),
-  };
   const neoxfuse_fused_grid &first = plan->attn_mlp_in, &second = plan->out_proj;
   const bool pdl = use_pdl != 0;
-  return with_head_dim(shape->head_dim, [&](auto head_dim) {
+  return with_layer_kernel_types(*shape, [&](auto head_dim, auto type) {
     constexpr int kHeadDim = decltype(head_dim)::value;
-    const size_t attn_mlp_in_smem = AttnMlpInLayout<kHeadDim>::bytes(shape->hidden);
+    using T = decltype(type);
+    const LayerParams<T> params = {
+        t.x,
+        static_cast<const T*>(t.ln1_weight),
+        static_cast<const T*>(t.ln1_bias),
+        static_cast<const T*>(t.ln2_weight),
+        static_cast<const T*>(t.ln2_bias),
+        static_cast<const T*>(t.qkv_weight),
+        static_cast<const T*>(t.qkv_bias),
+        static_cast<const T*>(t.dense_weight),
+        static_cast<const T*>(t.dense_bias),
+        static_cast<const T*>(t.fc_in_weight),
+        static_cast<const T*>(t.fc_in_bias),
+        static_cast<const T*>(t.fc_out_weight),
+        static_cast<const T*>(t.fc_out_bias),
+        static_cast<T*>(t.k_cache),
+        static_cast<T*>(t.v_cache),
+        t.position,
+        t.attn,
+        t.mlp,
+        t.y,
+        shape->hidden,
+        shape->heads,
+        shape->ffn,
+        shape->max_seq,
+        shape->rotary_dims,
+        shape->eps,
+        shape->rotary_base,
+        1.0f / std::sqrt(static_cast<float>(shape->head_dim)),
+    };
+    const size_t attn_mlp_in_smem = AttnMlpInLayout<kHeadDim, T>::bytes(shape->hidden);
     const size_t out_proj_smem = OutProjLayout::bytes(shape->hidden, shape->ffn, second.cluster_size, second.clusters);
-    if (int status = launch(attn_mlp_in_kernel<kHeadDim>, first.clusters * first.cluster_size, first.cluster_size,
+    if (int status = launch(attn_mlp_in_kernel<kHeadDim, T>, first.clusters * first.cluster_size, first.cluster_size,
                             attn_mlp_in_smem, pdl, stream, params)) {
       return status;
     }
-    if (int status = launch(out_proj_kernel, second.clusters * second.cluster_size, second.cluster_size, out_proj_smem, pdl,
-                            stream, params)) {
+    if (int status = launch(out_proj_kernel<T>, second.clusters * second.cluster_size, second.cluster_size, out_proj_smem,
+                            pdl, stream, params)) {
       return status;
     }
     return NEOXFUSE_CHECK_LAUNCH();
@@ -288,8 +307,8 @@ NEOXFUSE_API int neoxfuse_fused_decoder_layer(const neoxfuse_fused_shape* shape,
 }
 
 NEOXFUSE_API int neoxfuse_fused_lm_head(const float* x, const void* ln_weight, const void* ln_bias, const void* embed_out,
-                                        float* logits, int hidden, int vocab, float eps, int blocks, int use_pdl,
-                                        cudaStream_t stream) {
+                                        int dtype, float* logits, int hidden, int vocab, float eps, int blocks,
+                                        int use_pdl, cudaStream_t stream) {
   using namespace neoxfuse;
   using namespace neoxfuse::fused_decoder;
   if (any_null({x, ln_weight, ln_bias, embed_out, logits}) || hidden < 1 || vocab < 1 || !(eps > 0.0f) || blocks < 1) {
@@ -298,12 +317,15 @@ NEOXFUSE_API int neoxfuse_fused_lm_head(const float* x, const void* ln_weight, c
   if (hidden % kChunkElems != 0 || hidden > kMaxHidden) return NEOXFUSE_ERR_UNSUPPORTED;
   if (!all_vec_aligned({x, ln_weight, ln_bias, embed_out, logits})) return NEOXFUSE_ERR_MISALIGNED;
   const size_t smem = sizeof(float) * static_cast<size_t>(hidden);  // <= 32 KiB: no opt-in needed
-  if (int status = launch(lm_head_kernel, blocks, /*cluster_size=*/0, smem, use_pdl != 0, stream, x,
-                          static_cast<const __half*>(ln_weight), static_cast<const __half*>(ln_bias),
-                          static_cast<const __half*>(embed_out), logits, hidden, vocab, eps)) {
-    return status;
-  }
-  return NEOXFUSE_CHECK_LAUNCH();
+  return with_dtype(dtype, [&](auto type) {
+    using T = decltype(type);
+    if (int status = launch(lm_head_kernel<T>, blocks, /*cluster_size=*/0, smem, use_pdl != 0, stream, x,
+                            static_cast<const T*>(ln_weight), static_cast<const T*>(ln_bias),
+                            static_cast<const T*>(embed_out), logits, hidden, vocab, eps)) {
+      return status;
+    }
+    return NEOXFUSE_CHECK_LAUNCH();
+  });
 }
 
 NEOXFUSE_API int neoxfuse_fused_sample_token(const float* logits, int vocab, float temperature, int top_k, float top_p,

@@ -45,11 +45,11 @@
 #pragma once
 
 #include <cooperative_groups.h>
-#include <cuda_fp16.h>
 
 #include <cstdint>
 
 #include "kernels/common/cluster.cuh"
+#include "kernels/common/dtype.cuh"
 #include "kernels/common/layernorm.cuh"
 #include "kernels/common/reduce.cuh"
 #include "kernels/fused_decoder/attention.cuh"
@@ -67,23 +67,25 @@ constexpr int kLayerNormChunks = kMaxHidden / (kChunkElems * kThreads);  // 8-el
 // block computes on chip (about 3 us of a block's bandwidth share at short contexts).
 constexpr int kRowsPrefetchedOverAttention = 2;
 
-// Everything a layer's two kernels read and write (device pointers; see fused_decoder.h).
+// Everything a layer's two kernels read and write (device pointers; see fused_decoder.h). T: the
+// weights' and the KV cache's type, __half or __nv_bfloat16.
+template <typename T>
 struct LayerParams {
-  const float* x;            // [hidden]
-  const __half* ln1_weight;  // [hidden]
-  const __half* ln1_bias;
-  const __half* ln2_weight;
-  const __half* ln2_bias;
-  const __half* qkv_weight;  // [heads, 3, head_dim, hidden]
-  const __half* qkv_bias;    // [heads, 3, head_dim]
-  const __half* dense_weight;   // [hidden, hidden]
-  const __half* dense_bias;     // [hidden]
-  const __half* fc_in_weight;   // [ffn, hidden]
-  const __half* fc_in_bias;     // [ffn]
-  const __half* fc_out_weight;  // [hidden, ffn]
-  const __half* fc_out_bias;    // [hidden]
-  __half* k_cache;              // [heads, max_seq, head_dim]
-  __half* v_cache;              // [heads, max_seq, head_dim]
+  const float* x;          // [hidden]
+  const T* ln1_weight;     // [hidden]
+  const T* ln1_bias;
+  const T* ln2_weight;
+  const T* ln2_bias;
+  const T* qkv_weight;     // [heads, 3, head_dim, hidden]
+  const T* qkv_bias;       // [heads, 3, head_dim]
+  const T* dense_weight;   // [hidden, hidden]
+  const T* dense_bias;     // [hidden]
+  const T* fc_in_weight;   // [ffn, hidden]
+  const T* fc_in_bias;     // [ffn]
+  const T* fc_out_weight;  // [hidden, ffn]
+  const T* fc_out_bias;    // [hidden]
+  T* k_cache;              // [heads, max_seq, head_dim]
+  T* v_cache;              // [heads, max_seq, head_dim]
   const int* position;          // [1]
   float* attn;                  // [hidden] = [heads, head_dim]
   float* mlp;                   // [ffn]
@@ -96,24 +98,26 @@ struct LayerParams {
 __device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void wait_for_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
-__device__ __forceinline__ const uint4* row_of(const __half* matrix, int row, int cols) {
+template <typename T>
+__device__ __forceinline__ const uint4* row_of(const T* matrix, int row, int cols) {
   return reinterpret_cast<const uint4*>(matrix + static_cast<size_t>(row) * cols);
 }
 
 __device__ __forceinline__ float gelu(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
 
 // One LayerNorm output: out = LN(x) * weight + bias, written to shared memory.
+template <typename T>
 struct LayerNormOut {
-  const __half* weight;  // [hidden]
-  const __half* bias;    // [hidden]
-  float* out;            // [hidden] shared
+  const T* weight;  // [hidden]
+  const T* bias;    // [hidden]
+  float* out;       // [hidden] shared
 };
 
 // out_k = (x - mean) * rstd * weight_k + bias_k for each k < kOuts, from one set of statistics of
 // x [hidden] (fp32, global, written by an earlier kernel). Thread t holds chunks t, t + kThreads.
 // Ends with a barrier, so the outputs are ready for the whole block.
-template <int kOuts>
-__device__ void layer_norm_to_shared(const float* x, int hidden, float eps, const LayerNormOut (&outs)[kOuts],
+template <int kOuts, typename T>
+__device__ void layer_norm_to_shared(const float* x, int hidden, float eps, const LayerNormOut<T> (&outs)[kOuts],
                                      float (*reduce_scratch)[kMaxWarpsPerBlock]) {
   const int chunks = hidden / kChunkElems;
   auto chunk_of = [](int slot) { return static_cast<int>(threadIdx.x) + slot * kThreads; };
@@ -141,12 +145,12 @@ __device__ void layer_norm_to_shared(const float* x, int hidden, float eps, cons
       if (c >= chunks) continue;
       const uint4 w = reinterpret_cast<const uint4*>(outs[k].weight)[c];
       const uint4 b = reinterpret_cast<const uint4*>(outs[k].bias)[c];
-      const __half* wh = reinterpret_cast<const __half*>(&w);
-      const __half* bh = reinterpret_cast<const __half*>(&b);
+      const T* wt = reinterpret_cast<const T*>(&w);
+      const T* bt = reinterpret_cast<const T*>(&b);
       float result[kChunkElems];
 #pragma unroll
       for (int e = 0; e < kChunkElems; ++e) {
-        result[e] = layernorm_apply(values[slot * kChunkElems + e], stats, __half2float(wh[e]), __half2float(bh[e]));
+        result[e] = layernorm_apply(values[slot * kChunkElems + e], stats, to_float(wt[e]), to_float(bt[e]));
       }
       float4* dst = reinterpret_cast<float4*>(outs[k].out) + 2 * c;
       dst[0] = make_float4(result[0], result[1], result[2], result[3]);
@@ -176,9 +180,9 @@ __device__ void rotate_half_in_place(float* q, float* k, int rotary_dims, int po
 }
 
 // Shared memory of attn_mlp_in_kernel, in floats from the start of the dynamic allocation.
-template <int kHeadDim>
+template <int kHeadDim, typename T>
 struct AttnMlpInLayout {
-  using Attention = DecodeAttention<kHeadDim, kThreads>;
+  using Attention = DecodeAttention<kHeadDim, kThreads, T>;
   static constexpr int kQkvRows = 3 * kHeadDim;  // [3, head_dim]: this head's q, k, v
   static constexpr int kPartialFloats = kHeadDim * static_cast<int>(sizeof(SoftmaxPartial) / sizeof(float));
 
@@ -209,9 +213,9 @@ __host__ __device__ inline IndexRange fc_in_rows(int hidden, int ffn, int head_b
   return {share.begin - 3 * hidden, share.end - 3 * hidden};
 }
 
-template <int kHeadDim>
-__global__ void __launch_bounds__(kThreads, 1) attn_mlp_in_kernel(const LayerParams p) {
-  using Layout = AttnMlpInLayout<kHeadDim>;
+template <int kHeadDim, typename T>
+__global__ void __launch_bounds__(kThreads, 1) attn_mlp_in_kernel(const LayerParams<T> p) {
+  using Layout = AttnMlpInLayout<kHeadDim, T>;
   using Attention = typename Layout::Attention;
   constexpr int kQkvRows = Layout::kQkvRows;
   extern __shared__ float4 shared4[];
@@ -234,13 +238,13 @@ __global__ void __launch_bounds__(kThreads, 1) attn_mlp_in_kernel(const LayerPar
   const IndexRange fc_rows = fc_in_rows(p.hidden, p.ffn, p.heads * ranks, gridDim.x, blockIdx.x);
   const int fc_split = fc_rows.begin + fc_rows.size() / 2;  // a head block's rows [begin, split) run before attention
   const int qkv_jobs = qkv_rows.size(), first_jobs = qkv_jobs + (fc_split - fc_rows.begin);
-  const __half* head_qkv_weight = p.qkv_weight + static_cast<size_t>(head) * kQkvRows * p.hidden;  // [3, head_dim, hidden]
+  const T* head_qkv_weight = p.qkv_weight + static_cast<size_t>(head) * kQkvRows * p.hidden;  // [3, head_dim, hidden]
 
   allow_dependent_launch();
   if (warp < first_jobs) {
-    const __half* first_row = warp < qkv_jobs ? head_qkv_weight + static_cast<size_t>(qkv_rows.begin + warp) * p.hidden
+    const T* first_row = warp < qkv_jobs ? head_qkv_weight + static_cast<size_t>(qkv_rows.begin + warp) * p.hidden
                                               : p.fc_in_weight + static_cast<size_t>(fc_rows.begin + warp - qkv_jobs) * p.hidden;
-    warp_prefetch_l2(first_row, sizeof(__half) * p.hidden);
+    warp_prefetch_l2(first_row, sizeof(T) * p.hidden);
   }
   wait_for_previous_grid();
 
@@ -253,31 +257,31 @@ __global__ void __launch_bounds__(kThreads, 1) attn_mlp_in_kernel(const LayerPar
   }
 
   auto mlp_row = [&](int f) {
-    const float dot = warp_dot({row_of(p.fc_in_weight, f, p.hidden), xn2, chunks});
-    if (lane == 0) p.mlp[f] = gelu(dot + __half2float(p.fc_in_bias[f]));
+    const float dot = warp_dot<T>({row_of(p.fc_in_weight, f, p.hidden), xn2, chunks});
+    if (lane == 0) p.mlp[f] = gelu(dot + to_float(p.fc_in_bias[f]));
   };
   if (!owns_head) {  // the whole cluster leaves here, so it skips every cluster barrier together
-    layer_norm_to_shared<1>(p.x, p.hidden, p.eps, {{p.ln2_weight, p.ln2_bias, xn2}}, reduce_scratch);
+    layer_norm_to_shared<1, T>(p.x, p.hidden, p.eps, {{p.ln2_weight, p.ln2_bias, xn2}}, reduce_scratch);
     for (int job = warp; job < fc_rows.size(); job += kWarps) mlp_row(fc_rows.begin + job);
     return;
   }
 
-  layer_norm_to_shared<2>(p.x, p.hidden, p.eps, {{p.ln1_weight, p.ln1_bias, xn1}, {p.ln2_weight, p.ln2_bias, xn2}},
+  layer_norm_to_shared<2, T>(p.x, p.hidden, p.eps, {{p.ln1_weight, p.ln1_bias, xn1}, {p.ln2_weight, p.ln2_bias, xn2}},
                           reduce_scratch);
 
   // Jobs of a warp: warp, warp + kWarps, ... over [QKV rows | first half of the fc_in rows].
   int job = warp;
   for (; job < qkv_jobs; job += kWarps) {
     const int row = qkv_rows.begin + job;
-    const float dot = warp_dot({row_of(head_qkv_weight, row, p.hidden), xn1, chunks});
-    if (lane == 0) qkv_own[row] = dot + __half2float(p.qkv_bias[head * kQkvRows + row]);
+    const float dot = warp_dot<T>({row_of(head_qkv_weight, row, p.hidden), xn1, chunks});
+    if (lane == 0) qkv_own[row] = dot + to_float(p.qkv_bias[head * kQkvRows + row]);
   }
   cluster_arrive();  // this block's q, k, v rows are written
   for (; job < first_jobs; job += kWarps) mlp_row(fc_rows.begin + job - qkv_jobs);
   cluster_wait();
   for (int i = 0; i < kRowsPrefetchedOverAttention; ++i) {
     const int f = fc_split + warp + i * kWarps;
-    if (f < fc_rows.end) warp_prefetch_l2(p.fc_in_weight + static_cast<size_t>(f) * p.hidden, sizeof(__half) * p.hidden);
+    if (f < fc_rows.end) warp_prefetch_l2(p.fc_in_weight + static_cast<size_t>(f) * p.hidden, sizeof(T) * p.hidden);
   }
 
   ClusterGather<float>{}(qkv_own, qkv, kQkvRows);
@@ -292,8 +296,8 @@ __global__ void __launch_bounds__(kThreads, 1) attn_mlp_in_kernel(const LayerPar
   const IndexRange positions = split_range(position + 1, ranks, rank);
   if (positions.contains(position)) {  // the one block that reads position p writes it first
     for (int d = threadIdx.x; d < kHeadDim; d += kThreads) {
-      p.k_cache[head_cache + static_cast<size_t>(position) * kHeadDim + d] = __float2half_rn(k[d]);
-      p.v_cache[head_cache + static_cast<size_t>(position) * kHeadDim + d] = __float2half_rn(v[d]);
+      p.k_cache[head_cache + static_cast<size_t>(position) * kHeadDim + d] = from_float<T>(k[d]);
+      p.v_cache[head_cache + static_cast<size_t>(position) * kHeadDim + d] = from_float<T>(v[d]);
     }
   }
   __syncthreads();
@@ -331,7 +335,8 @@ struct OutProjLayout {
   }
 };
 
-__global__ void __launch_bounds__(kThreads, 1) out_proj_kernel(const LayerParams p) {
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) out_proj_kernel(const LayerParams<T> p) {
   extern __shared__ float4 shared4[];
   const int rank = cluster_rank(), ranks = cluster_size();
   const int cluster = static_cast<int>(blockIdx.x) / ranks, clusters = static_cast<int>(gridDim.x) / ranks;
@@ -369,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, 1) out_proj_kernel(const LayerParams
   __syncthreads();
 
   for (int j = warp; j < rows.size(); j += kWarps) {
-    const float dot = warp_dot(dense_segment(rows.begin + j), fc_out_segment(rows.begin + j));
+    const float dot = warp_dot<T>(dense_segment(rows.begin + j), fc_out_segment(rows.begin + j));
     if (lane == 0) partial[j] = dot;
   }
   cluster_sync();  // every block's partial dot products are written
@@ -380,15 +385,16 @@ __global__ void __launch_bounds__(kThreads, 1) out_proj_kernel(const LayerParams
   __syncthreads();
   for (int j = mine.begin + threadIdx.x; j < mine.end; j += kThreads) {
     const int row = rows.begin + j;
-    const float bias = __half2float(p.dense_bias[row]) + __half2float(p.fc_out_bias[row]);
+    const float bias = to_float(p.dense_bias[row]) + to_float(p.fc_out_bias[row]);
     p.y[row] = __ldcg(p.x + row) + bias + total[j];
   }
   cluster_wait();
 }
 
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-    lm_head_kernel(const float* x, const __half* ln_weight, const __half* ln_bias, const __half* embed_out,
-                   float* logits, int hidden, int vocab, float eps) {
+    lm_head_kernel(const float* x, const T* ln_weight, const T* ln_bias, const T* embed_out, float* logits, int hidden,
+                   int vocab, float eps) {
   extern __shared__ float4 shared4[];
   float* xn = reinterpret_cast<float*>(shared4);  // [hidden] LN_final(x)
   __shared__ float reduce_scratch[2][kMaxWarpsPerBlock];
@@ -396,12 +402,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const IndexRange rows = split_range(vocab, gridDim.x, blockIdx.x);
 
   allow_dependent_launch();
-  if (warp < rows.size()) warp_prefetch_l2(row_of(embed_out, rows.begin + warp, hidden), sizeof(__half) * hidden);
+  if (warp < rows.size()) warp_prefetch_l2(row_of(embed_out, rows.begin + warp, hidden), sizeof(T) * hidden);
   wait_for_previous_grid();
 
-  layer_norm_to_shared<1>(x, hidden, eps, {{ln_weight, ln_bias, xn}}, reduce_scratch);
+  layer_norm_to_shared<1, T>(x, hidden, eps, {{ln_weight, ln_bias, xn}}, reduce_scratch);
   for (int j = warp; j < rows.size(); j += kWarps) {
-    const float dot = warp_dot({row_of(embed_out, rows.begin + j, hidden), xn, hidden / kChunkElems});
+    const float dot = warp_dot<T>({row_of(embed_out, rows.begin + j, hidden), xn, hidden / kChunkElems});
     if (lane == 0) logits[rows.begin + j] = dot;
   }
 }

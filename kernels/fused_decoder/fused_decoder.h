@@ -5,15 +5,15 @@
  *
  *   q, k, v = split(LN1(x) @ W_qkv.T + b_qkv)       per head: [heads, 3, head_dim] (HF's layout)
  *   q, k    = RoPE(q, p), RoPE(k, p)                 NeoX rotate_half on the first rotary_dims
- *   K[h, p], V[h, p] = k, v                          written into the fp16 KV cache
+ *   K[h, p], V[h, p] = k, v                          written into the KV cache (rounded to nearest)
  *   a_h     = softmax(q_h . K[h, 0..p] / sqrt(head_dim)) V[h, 0..p]
  *   m       = GELU(LN2(x) @ W_in.T + b_in)           exact erf GELU
  *   y       = x + (a @ W_dense.T + b_dense) + (m @ W_out.T + b_out)
  *
  * with LN(x) = (x - mean) / sqrt(var + eps) * w + b from one set of statistics. Weights are
- * fp16 in Hugging Face's layout (no re-layout); everything is accumulated in fp32; the KV cache
- * is fp16 [heads, max_seq, head_dim] per layer. Results do not depend on timing: every
- * reduction has a fixed order and no float atomics are used.
+ * fp16 or bf16 (the shape's dtype) in Hugging Face's layout (no re-layout); everything is
+ * accumulated in fp32; the KV cache is [heads, max_seq, head_dim] per layer, of the weights' dtype.
+ * Results do not depend on timing: every reduction has a fixed order and no float atomics are used.
  *
  * The position is read from device memory, so a CUDA graph can replay a step while the
  * position advances. A position outside [0, max_seq) writes NaN to y and nothing to the cache.
@@ -26,6 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/common/dtype.h"
 #include "kernels/common/status.h"
 
 typedef struct CUstream_st* cudaStream_t;
@@ -34,8 +35,9 @@ typedef struct CUstream_st* cudaStream_t;
 #define NEOXFUSE_FUSED_DECODER_MAX_HIDDEN 8192
 #define NEOXFUSE_FUSED_SAMPLE_MAX_VOCAB 65536 /* the largest vocabulary neoxfuse_fused_sample_token takes */
 
-/* The model's sizes. Supported: head_dim 64, 80, 96, 128 or 256, hidden = heads * head_dim <= 8192, hidden and
- * ffn multiples of 8, rotary_dims even and <= head_dim (NEOXFUSE_ERR_UNSUPPORTED otherwise). */
+/* The model's sizes and dtype. Supported: head_dim 64, 80, 96, 128 or 256, hidden = heads * head_dim <= 8192,
+ * hidden and ffn multiples of 8, rotary_dims even and <= head_dim, dtype NEOXFUSE_FP16 or NEOXFUSE_BF16
+ * (NEOXFUSE_ERR_UNSUPPORTED otherwise). */
 typedef struct {
   int hidden;
   int heads;
@@ -45,6 +47,7 @@ typedef struct {
   int max_seq; /* positions the KV cache holds */
   float eps;
   float rotary_base;
+  int dtype; /* enum neoxfuse_dtype of every weight, bias and the KV cache */
 } neoxfuse_fused_shape;
 
 /* How one layer kernel is launched: `clusters` clusters of `cluster_size` blocks. */
@@ -61,23 +64,24 @@ typedef struct {
   neoxfuse_fused_grid out_proj;    /* the clusters split the rows of y */
 } neoxfuse_fused_plan;
 
-/* One layer's tensors: device pointers, each 16-byte aligned and contiguous. fp16 = __half. */
+/* One layer's tensors: device pointers, each 16-byte aligned and contiguous. T: the shape's dtype
+ * (__half or __nv_bfloat16). */
 typedef struct {
   const float* x;            /* [hidden] fp32: the residual stream in */
-  const void* ln1_weight;    /* [hidden] fp16 */
-  const void* ln1_bias;      /* [hidden] fp16 */
-  const void* ln2_weight;    /* [hidden] fp16 */
-  const void* ln2_bias;      /* [hidden] fp16 */
-  const void* qkv_weight;    /* [3 * hidden, hidden] fp16, rows [heads, 3, head_dim] */
-  const void* qkv_bias;      /* [3 * hidden] fp16 */
-  const void* dense_weight;  /* [hidden, hidden] fp16 */
-  const void* dense_bias;    /* [hidden] fp16 */
-  const void* fc_in_weight;  /* [ffn, hidden] fp16 */
-  const void* fc_in_bias;    /* [ffn] fp16 */
-  const void* fc_out_weight; /* [hidden, ffn] fp16 */
-  const void* fc_out_bias;   /* [hidden] fp16 */
-  void* k_cache;             /* [heads, max_seq, head_dim] fp16: position p written, 0..p read */
-  void* v_cache;             /* [heads, max_seq, head_dim] fp16 */
+  const void* ln1_weight;    /* [hidden] T */
+  const void* ln1_bias;      /* [hidden] T */
+  const void* ln2_weight;    /* [hidden] T */
+  const void* ln2_bias;      /* [hidden] T */
+  const void* qkv_weight;    /* [3 * hidden, hidden] T, rows [heads, 3, head_dim] */
+  const void* qkv_bias;      /* [3 * hidden] T */
+  const void* dense_weight;  /* [hidden, hidden] T */
+  const void* dense_bias;    /* [hidden] T */
+  const void* fc_in_weight;  /* [ffn, hidden] T */
+  const void* fc_in_bias;    /* [ffn] T */
+  const void* fc_out_weight; /* [hidden, ffn] T */
+  const void* fc_out_bias;   /* [hidden] T */
+  void* k_cache;             /* [heads, max_seq, head_dim] T: position p written, 0..p read */
+  void* v_cache;             /* [heads, max_seq, head_dim] T */
   const int* position;       /* [1] int32: p */
   float* attn;               /* [hidden] fp32 scratch: the heads' attention outputs, before dense */
   float* mlp;                /* [ffn] fp32 scratch: GELU(fc_in) */
@@ -98,12 +102,12 @@ NEOXFUSE_API int neoxfuse_fused_decoder_plan(const neoxfuse_fused_shape* shape, 
 NEOXFUSE_API int neoxfuse_fused_decoder_layer(const neoxfuse_fused_shape* shape, const neoxfuse_fused_layer* layer,
                                               const neoxfuse_fused_plan* plan, int use_pdl, cudaStream_t stream);
 
-/* logits [vocab] fp32 = LN(x) @ embed_out.T: x [hidden] fp32, ln_weight / ln_bias [hidden] fp16,
- * embed_out [vocab, hidden] fp16; hidden a multiple of 8, <= 8192. `blocks` blocks split the
- * vocab rows (one per SM is right). Needs no plan. */
+/* logits [vocab] fp32 = LN(x) @ embed_out.T: x [hidden] fp32, ln_weight / ln_bias [hidden] and
+ * embed_out [vocab, hidden] of `dtype` (NEOXFUSE_FP16 or NEOXFUSE_BF16); hidden a multiple of 8,
+ * <= 8192. `blocks` blocks split the vocab rows (one per SM is right). Needs no plan. */
 NEOXFUSE_API int neoxfuse_fused_lm_head(const float* x, const void* ln_weight, const void* ln_bias, const void* embed_out,
-                                        float* logits, int hidden, int vocab, float eps, int blocks, int use_pdl,
-                                        cudaStream_t stream);
+                                        int dtype, float* logits, int hidden, int vocab, float eps, int blocks,
+                                        int use_pdl, cudaStream_t stream);
 
 /* A sampled token from logits [vocab] (fp32), as neoxfuse.sampling.choose draws it: softmax(z / T)
  * filtered by top-k (top_k = 0: off; ties with the k-th are kept) and top-p (top_p = 1: off; the

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/common/dtype.cuh"
 #include "kernels/common/layernorm.cuh"
 #include "kernels/common/reduce.cuh"
 #include "kernels/common/status.cuh"
@@ -42,25 +43,6 @@ constexpr int kMaxThreads = 512;
 constexpr int kMaxValuesPerThread = 32;
 constexpr int kPrefetchBytesPerThread = 32;  // per weight/bias tensor
 static_assert(kMaxThreads * kMaxValuesPerThread == NEOXFUSE_LN_RESIDUAL_MAX_HIDDEN, "ln_residual.h states the limit");
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // V consecutive elements, moved as one access (a 16-byte vector when V * sizeof(T) == 16).
 template <typename T, int V>
@@ -199,10 +181,10 @@ __global__ void __launch_bounds__(kMaxThreads) ln_residual_kernel(const neoxfuse
 
 int element_bytes(int dtype) {
   switch (dtype) {
-    case NEOXFUSE_LN_RESIDUAL_FP32:
+    case NEOXFUSE_FP32:
       return 4;
-    case NEOXFUSE_LN_RESIDUAL_FP16:
-    case NEOXFUSE_LN_RESIDUAL_BF16:
+    case NEOXFUSE_FP16:
+    case NEOXFUSE_BF16:
       return 2;
     default:
       return 0;
@@ -293,9 +275,9 @@ NEOXFUSE_API int neoxfuse_ln_residual(const neoxfuse_ln_residual_args* args, cud
   if (int status = plan_launch(*args, &launch)) return status;
   if (args->rows == 0) return NEOXFUSE_OK;
   switch (args->dtype) {
-    case NEOXFUSE_LN_RESIDUAL_FP32:
+    case NEOXFUSE_FP32:
       return launch_dtype<float>(*args, launch, stream);
-    case NEOXFUSE_LN_RESIDUAL_FP16:
+    case NEOXFUSE_FP16:
       return launch_dtype<__half>(*args, launch, stream);
     default:
       return launch_dtype<__nv_bfloat16>(*args, launch, stream);

@@ -13,16 +13,10 @@
 
 #include <stdint.h>
 
+#include "kernels/common/dtype.h"
 #include "kernels/common/status.h"
 
 typedef struct CUstream_st* cudaStream_t;
-
-/* The one dtype of every tensor of a call (inputs, weights, biases, outputs). */
-enum neoxfuse_ln_residual_dtype {
-  NEOXFUSE_LN_RESIDUAL_FP32 = 0,
-  NEOXFUSE_LN_RESIDUAL_FP16 = 1,
-  NEOXFUSE_LN_RESIDUAL_BF16 = 2,
-};
 
 /* Rows longer than this are NEOXFUSE_ERR_UNSUPPORTED (the row is held in registers). */
 #define NEOXFUSE_LN_RESIDUAL_MAX_HIDDEN 16384
@@ -31,7 +25,7 @@ enum neoxfuse_ln_residual_dtype {
  * ignored when rows == 1), except weight/bias: [hidden], contiguous. Device pointers. Outputs
  * must not overlap inputs or each other; output strides are at least `hidden`. */
 typedef struct {
-  int dtype; /* enum neoxfuse_ln_residual_dtype */
+  int dtype; /* enum neoxfuse_dtype: of every tensor of the call (inputs, weights, biases, outputs) */
   float eps; /* finite, >= 0 */
   int64_t rows;
   int64_t hidden;

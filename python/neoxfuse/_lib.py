@@ -12,9 +12,13 @@ import functools
 import os
 from pathlib import Path
 
+import torch
+
 from neoxfuse.errors import KernelError, LibraryNotFoundError
 
-ABI_VERSION = 1  # kernels/common/library.h: NEOXFUSE_ABI_VERSION
+ABI_VERSION = 2  # kernels/common/library.h: NEOXFUSE_ABI_VERSION
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # kernels/common/dtype.h: enum neoxfuse_dtype
 
 # kernels/common/status.h
 STATUS_NAMES = {
@@ -79,5 +83,5 @@ def check_status(lib: ctypes.CDLL, function: str, status: int) -> None:
 
 
 def build_info() -> str:
-    """What the library was built with, e.g. 'abi=1 cuda=13.0 archs=sm_90a,sm_120,compute_120'."""
+    """What the library was built with, e.g. 'abi=2 cuda=13.0 archs=sm_90a,sm_120,compute_120'."""
     return library().neoxfuse_build_info().decode()

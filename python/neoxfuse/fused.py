@@ -18,9 +18,10 @@ top-p) used, the last MAX_SAMPLING_GRAPHS of them kept. decode_step writes token
 replays a graph `steps` times with nothing between replays and no host wait, so the GPU does not
 idle waiting for Python between tokens.
 
-Prefill runs through neoxfuse.reference in fp16 on the GPU and fills the same fp16 KV cache
-[layers, heads, max_seq_len, head_dim] the kernels read, so a prompt costs what plain PyTorch
-costs (the LM head for its last token only) and every decode step after it runs fused.
+Prefill runs through neoxfuse.reference in the weights' dtype (fp16 or bf16) on the GPU and fills
+the same KV cache [layers, heads, max_seq_len, head_dim] (of that dtype) the kernels read, so a
+prompt costs what plain PyTorch costs (the LM head for its last token only) and every decode step
+after it runs fused.
 
 The backend owns one KV storage: new_cache() hands it out afresh (length 0) each time, so the
 graph's cache pointers stay valid across generations; a cache from an earlier new_cache() is
@@ -52,14 +53,14 @@ class FusedBackend(Backend):
     """Decode through the fused decoder kernels, the whole step one CUDA graph; prefill in PyTorch."""
 
     name = "fused"
-    summary = "fused cluster kernels, two launches per layer, one CUDA graph per step; fp16, sm_90+"
+    summary = "fused cluster kernels, two launches per layer, one CUDA graph per step; fp16 or bf16, sm_90+"
 
     @classmethod
     def available(cls, device: torch.device, dtype: torch.dtype, shape: NeoXShape | None = None) -> Availability:
         if device.type != "cuda" or not torch.cuda.is_available():
             return Availability(False, "the fused kernels need a CUDA GPU")
-        if dtype != torch.float16:
-            return Availability(False, f"the fused kernels take fp16 weights, not {str(dtype).replace('torch.', '')}")
+        if dtype not in ops.WEIGHT_DTYPES:
+            return Availability(False, f"the fused kernels take fp16 or bf16 weights, not {str(dtype).replace('torch.', '')}")
         index = torch.cuda.current_device() if device.index is None else device.index
         major, minor = torch.cuda.get_device_capability(index)
         if (major, minor) < ops.MIN_CAPABILITY:
@@ -76,7 +77,7 @@ class FusedBackend(Backend):
 
     def __init__(self, weights: ModelWeights, max_seq_len: int, *, cluster_size: int | None = None, pdl: bool = True,
                  use_graph: bool = True):
-        """weights: fp16 on one CUDA device. cluster_size: None for the plan's choice, 1..8 to force
+        """weights: fp16 or bf16 on one CUDA device. cluster_size: None for the plan's choice, 1..8 to force
         one. pdl: programmatic dependent launch between kernels. use_graph: replay steps as a CUDA
         graph (False: every step runs eagerly, for debugging and for comparing the two)."""
         ops.check_weights(weights)
@@ -86,7 +87,7 @@ class FusedBackend(Backend):
         self.shape = shape
         self.reference = ReferenceModel(weights, max_seq_len=max_seq_len)
         self.max_seq_len = self.reference.max_seq_len
-        self.plan = ops.plan(shape, device, cluster_size)
+        self.plan = ops.plan(shape, device, cluster_size, weights.embed_in.dtype)
         self.cluster_size = cluster_size
         self.pdl = pdl
         self.use_graph = use_graph
@@ -197,7 +198,7 @@ class FusedBackend(Backend):
         w = self.weights
         x = self._residual[0]
         token = self._tokens.index_select(0, self._position)  # [1]
-        x.copy_(w.embed_in.index_select(0, token)[0])  # [hidden] fp16 -> fp32
+        x.copy_(w.embed_in.index_select(0, token)[0])  # [hidden] fp16/bf16 -> fp32
         for index, layer in enumerate(w.layers):
             y = self._residual[(index + 1) % 2]
             ops.decoder_layer(x, layer, self.shape, cache.k[index], cache.v[index], self._position, out=y,

@@ -1,13 +1,15 @@
 """`neoxfuse bench layer`: one GPT-NeoX decoder layer for one token, fused kernels against PyTorch.
 
-    neoxfuse bench layer --layer N --seq-len L --runs R [--model pythia-2.8b | DIR]
+    neoxfuse bench layer --layer N --seq-len L --runs R [--model pythia-2.8b | DIR] [--dtype fp16 | bf16]
 
 Every provider computes layer N for one token at position L-1 (so it attends over L keys):
 
   fused            neoxfuse.ops.fused_decoder.decoder_layer: two cluster launches, with PDL
   fused_nopdl      the same without programmatic dependent launch
-  torch_graph      the same math in PyTorch fp16 ops (cuBLAS GEMVs, SDPA), captured in a CUDA graph
-  reference_eager  neoxfuse.reference.decoder_layer in fp16, eager: the reference ops as they run
+  torch_graph      the same math in PyTorch ops (cuBLAS GEMVs, SDPA) in --dtype, captured in a CUDA graph
+  reference_eager  neoxfuse.reference.decoder_layer in --dtype, eager: the reference ops as they run
+
+Weights and KV cache are --dtype (fp16 by default, or bf16) for every provider.
 
 The fused and torch_graph calls are captured `--calls` at a time in one CUDA graph, chained as in
 a model (each call's output is the next call's input) and rotating through copies of the layer
@@ -15,7 +17,7 @@ and its KV cache that together exceed twice the L2 cache, so no call finds its w
 and no host launch cost is counted; a sample is one replay's time divided by its calls (CUDA
 events). reference_eager is timed per call (its attention reads the position on the host).
 
-    bytes    = the layer's weights and biases + L keys and values of this layer (fp16)
+    bytes    = the layer's weights and biases + L keys and values of this layer (2 bytes each)
     floor_us = bytes / the copy rate neoxfuse.device.copy_bandwidth() measured in this run
     rel_err  = ||(y - x) - (y_ref - x)|| / ||y_ref - x|| of one call against the fp32 oracle
 
@@ -39,6 +41,7 @@ from neoxfuse.bench.common import Timing, device_record, time_cuda, time_graph, 
 from neoxfuse.checks import require_cuda
 from neoxfuse.configs import MODEL_NAMES, NeoXShape, pythia_config, shape_of
 from neoxfuse.device import copy_bandwidth, devices
+from neoxfuse.engine import DTYPES
 from neoxfuse.errors import InvalidInputError, UnknownModelError
 from neoxfuse.monitor import GpuMonitor
 from neoxfuse.ops import fused_decoder
@@ -57,22 +60,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=100, help="timed samples per provider (default 100)")
     parser.add_argument("--calls", type=int, default=16, help="layer calls per CUDA graph replay (default 16)")
     parser.add_argument("--cluster-size", type=int, help="force the fused kernels' cluster size (1..8)")
+    parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="weights and KV cache (default fp16)")
     parser.add_argument("--providers", type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
                         default=list(PROVIDERS), help=f"comma-separated subset of {','.join(PROVIDERS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="bench/results", help="where the JSON results go (default bench/results)")
 
 
-def _load_layer(source: str, index: int, seed: int) -> tuple[NeoXShape, LayerWeights, str]:
-    """(shape, fp16 CUDA weights of layer `index`, description)."""
+def _load_layer(source: str, index: int, seed: int, dtype: torch.dtype) -> tuple[NeoXShape, LayerWeights, str]:
+    """(shape, CUDA weights of layer `index` in `dtype`, description)."""
     if source in MODEL_NAMES:
         shape = shape_of(pythia_config(source))
         _check_index(index, shape)
-        return shape, _random_layer(shape, seed), f"{source} (random layer)"
+        return shape, _random_layer(shape, seed, dtype), f"{source} (random layer)"
     if Path(source).is_dir():
         weights, _ = load_checkpoint(source)
         _check_index(index, weights.shape)
-        return weights.shape, weights.layers[index].to(device="cuda", dtype=torch.float16), str(source)
+        return weights.shape, weights.layers[index].to(device="cuda", dtype=dtype), str(source)
     raise UnknownModelError(f"{source!r} is neither a known model name ({', '.join(MODEL_NAMES)}) nor a checkpoint directory")
 
 
@@ -81,13 +85,13 @@ def _check_index(index: int, shape: NeoXShape) -> None:
         raise InvalidInputError(f"--layer must be in 0..{shape.layers - 1}, got {index}")
 
 
-def _random_layer(shape: NeoXShape, seed: int) -> LayerWeights:
-    """HF's initialisation (normal, std 0.02; LayerNorm 1 and 0; zero biases made small-random) in fp16."""
+def _random_layer(shape: NeoXShape, seed: int, dtype: torch.dtype) -> LayerWeights:
+    """HF's initialisation (normal, std 0.02; LayerNorm 1 and 0; zero biases made small-random) in `dtype`."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     h, f = shape.hidden, shape.ffn
 
     def normal(*size, std=0.02, mean=0.0):
-        return (torch.randn(*size, generator=g, device="cuda") * std + mean).half()
+        return (torch.randn(*size, generator=g, device="cuda") * std + mean).to(dtype)
 
     return LayerWeights(
         ln1_weight=normal(h, mean=1.0), ln1_bias=normal(h), ln2_weight=normal(h, mean=1.0), ln2_bias=normal(h),
@@ -102,7 +106,7 @@ def _layer_bytes(layer: LayerWeights) -> int:
 
 @dataclasses.dataclass
 class Copy:
-    """One copy of the layer and its cache [heads, L, head_dim], positions 0..L-2 filled."""
+    """One copy of the layer and its cache [heads, L, head_dim] (the layer's dtype), positions 0..L-2 filled."""
 
     layer: LayerWeights
     k_cache: torch.Tensor
@@ -117,14 +121,14 @@ def _copies(shape: NeoXShape, layer: LayerWeights, seq_len: int, l2_bytes: int, 
     for i in range(max(1, math.ceil(2 * l2_bytes / one))):
         weights = layer if i == 0 else dataclasses.replace(layer, **{f.name: getattr(layer, f.name).clone()
                                                                     for f in dataclasses.fields(layer)})
-        k, v = (torch.randn(cache_size, generator=g, device="cuda").half() for _ in range(2))
+        k, v = (torch.randn(cache_size, generator=g, device="cuda").to(layer.qkv_weight.dtype) for _ in range(2))
         copies.append(Copy(weights, k, v))
     return copies
 
 
 def torch_layer(x: torch.Tensor, layer: LayerWeights, shape: NeoXShape, k_cache, v_cache, position: int,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The layer in PyTorch fp16 ops with static shapes (capturable): x [1, hidden] -> y [1, hidden].
+    """The layer in PyTorch ops with static shapes (capturable), in x's dtype: x [1, hidden] -> y [1, hidden].
 
     cos, sin [1, rotary_dims] from neoxfuse.reference.rotary_cos_sin at `position`.
     """
@@ -156,8 +160,9 @@ def _measure(provider: str, shape: NeoXShape, copies: list[Copy], position: int,
                                         pdl=provider == "fused")
 
         return time_graph(fused_step, args.calls, runs=args.runs)
-    residual16 = [r.half()[None] for r in residual]  # [1, hidden]
-    cos, sin = (t.half() for t in ref.rotary_cos_sin(torch.tensor([position], device="cuda"), shape.rotary_dims,
+    dtype = copies[0].layer.qkv_weight.dtype
+    residual16 = [r.to(dtype)[None] for r in residual]  # [1, hidden]
+    cos, sin = (t.to(dtype) for t in ref.rotary_cos_sin(torch.tensor([position], device="cuda"), shape.rotary_dims,
                                                       shape.rotary_base))  # [1, rotary_dims]
     if provider == "torch_graph":
 
@@ -194,7 +199,8 @@ def run(args) -> int:
         raise InvalidInputError(f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(PROVIDERS)}")
     if args.runs < 1 or args.calls < 1:
         raise InvalidInputError("--runs and --calls must be >= 1")
-    shape, layer, description = _load_layer(args.model, args.layer, args.seed)
+    dtype = DTYPES[args.dtype]
+    shape, layer, description = _load_layer(args.model, args.layer, args.seed, dtype)
     if not 1 <= args.seq_len <= shape.max_positions:
         raise InvalidInputError(f"--seq-len must be in 1..{shape.max_positions}, got {args.seq_len}")
     position = args.seq_len - 1
@@ -205,7 +211,7 @@ def run(args) -> int:
     floor_us = moved / (copy.GBps * 1e9) * 1e6
 
     fused_ok = fused_decoder.unsupported_reason(shape)
-    plan = None if fused_ok is not None else fused_decoder.plan(shape, cluster_size=args.cluster_size)
+    plan = None if fused_ok is not None else fused_decoder.plan(shape, cluster_size=args.cluster_size, dtype=dtype)
     skipped, timings = {}, {}
     with GpuMonitor() as monitor:
         for provider in args.providers:
@@ -219,7 +225,7 @@ def run(args) -> int:
     rows = []
     for provider, timing in timings.items():
         rows.append({
-            "model": description, "layer": args.layer, "seq_len": args.seq_len, "provider": provider,
+            "model": description, "layer": args.layer, "seq_len": args.seq_len, "dtype": args.dtype, "provider": provider,
             "median_us": timing.median_us, "p90_us": timing.p90_us, "p99_us": timing.p99_us, "floor_us": floor_us,
             "pct_of_floor": 100 * floor_us / timing.median_us, "GBps": moved / timing.median_us / 1e3,
             "speedup_of_fused": None if fused_us is None else timing.median_us / fused_us,
@@ -244,8 +250,8 @@ def _grid_text(grid: dict) -> str:
 def _table(rows: list[dict], extra: dict, device: dict, description: str) -> str:
     plan = extra["plan"]
     lines = [
-        f"layer: {description}, layer {rows[0]['layer'] if rows else '?'}, seq_len {rows[0]['seq_len'] if rows else '?'} "
-        f"on {device['name']}",
+        f"layer: {description}, layer {rows[0]['layer'] if rows else '?'}, seq_len {rows[0]['seq_len'] if rows else '?'}, "
+        f"{rows[0]['dtype'] if rows else '?'} on {device['name']}",
         f"floor = {extra['bytes'] / 1e6:.1f} MB / {device['copy_GBps']:.0f} GB/s copy rate measured in this run"
         + (f"; fused plan: {_grid_text(plan['attn_mlp_in'])} (attn_mlp_in), {_grid_text(plan['out_proj'])} (out_proj)"
            if plan else ""),

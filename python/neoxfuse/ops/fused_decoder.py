@@ -5,7 +5,7 @@ For the residual stream x [hidden] (fp32) of the token at position p, `decoder_l
 
     q, k, v = split(LN1(x) @ W_qkv.T + b_qkv)         per head [heads, 3, head_dim] (HF's layout)
     q, k    = RoPE(q, p), RoPE(k, p)                   NeoX rotate_half on the first rotary_dims
-    K[:, p], V[:, p] = k, v                            into the fp16 KV cache [heads, max_seq, head_dim]
+    K[:, p], V[:, p] = k, v                            into the KV cache [heads, max_seq, head_dim]
     a       = softmax(q . K[:, 0..p] / sqrt(head_dim)) V[:, 0..p]          per head
     y       = x + (a @ W_dense.T + b_dense) + (GELU(LN2(x) @ W_in.T + b_in) @ W_out.T + b_out)
 
@@ -13,9 +13,10 @@ For the residual stream x [hidden] (fp32) of the token at position p, `decoder_l
 logits = LN_final(x) @ embed_out.T, and `sample_token` draws a sampled token from the logits
 (temperature, top-k, top-p and neoxfuse.sampling's exponential race in one launch) with its random
 state in device memory.
-Weights are fp16 in Hugging Face's layout, used as they are; all arithmetic is fp32; x, y, the
-logits and the scratch buffers are fp32. Results are bitwise reproducible (fixed reduction
-orders, no float atomics).
+Weights are fp16 or bf16 (WEIGHT_DTYPES; one dtype for every weight, bias and the KV cache of a
+call) in Hugging Face's layout, used as they are; k and v are rounded to nearest in that dtype
+when cached; all arithmetic is fp32; x, y, the logits and the scratch buffers are fp32. Results are
+bitwise reproducible (fixed reduction orders, no float atomics).
 
 The position may be a device tensor (int32 [1]), so a CUDA graph can replay a step while the
 position advances; a device position outside the cache makes y NaN and writes no cache slot.
@@ -43,7 +44,8 @@ from neoxfuse.configs import NeoXShape
 from neoxfuse.errors import InvalidInputError, KernelError, SequenceTooLongError, UnsupportedModelError
 from neoxfuse.weights import LayerWeights, ModelWeights
 
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # kernels/fused_decoder/fused_decoder.cu: with_head_dim
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # kernels/fused_decoder/fused_decoder.cu: with_layer_kernel_types
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16)  # ... and with_dtype
 MAX_HIDDEN = 8192  # fused_decoder.h: NEOXFUSE_FUSED_DECODER_MAX_HIDDEN
 MAX_SAMPLE_VOCAB = 65536  # fused_decoder.h: NEOXFUSE_FUSED_SAMPLE_MAX_VOCAB
 MAX_CLUSTER_SIZE = 8  # kernels/common/cluster.cuh: kMaxClusterSize
@@ -60,6 +62,7 @@ class _Shape(ctypes.Structure):  # fused_decoder.h: neoxfuse_fused_shape
         ("max_seq", ctypes.c_int),
         ("eps", ctypes.c_float),
         ("rotary_base", ctypes.c_float),
+        ("dtype", ctypes.c_int),
     ]
 
 
@@ -84,6 +87,11 @@ _LAYER_TENSORS = (
 
 class _Layer(ctypes.Structure):  # neoxfuse_fused_layer: one device pointer per tensor, in this order
     _fields_ = [(name, ctypes.c_void_p) for name in _LAYER_TENSORS]
+
+
+# neoxfuse_fused_lm_head(x, ln_weight, ln_bias, embed_out, dtype, logits, hidden, vocab, eps, blocks, use_pdl, stream)
+_LM_HEAD_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                                             ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 
 
 @dataclass(frozen=True)
@@ -153,32 +161,40 @@ def check_shape(shape: NeoXShape) -> None:
 
 def check_weights(weights: ModelWeights) -> None:
     """UnsupportedModelError unless the kernels run the model's shape; InvalidInputError unless its
-    weights are fp16 on a CUDA device."""
+    weights are fp16 or bf16 on a CUDA device."""
     check_shape(weights.shape)
     embed_in = weights.embed_in
-    if embed_in.device.type != "cuda" or embed_in.dtype != torch.float16:
-        raise InvalidInputError(f"the fused kernels need fp16 weights on a CUDA device, got {embed_in.dtype} on {embed_in.device}")
+    if embed_in.device.type != "cuda" or embed_in.dtype not in WEIGHT_DTYPES:
+        raise InvalidInputError(f"the fused kernels need fp16 or bf16 weights on a CUDA device, got {embed_in.dtype} on "
+                                f"{embed_in.device}")
 
 
-def _c_shape(shape: NeoXShape, max_seq: int) -> _Shape:
+def _c_dtype(dtype: torch.dtype) -> int:
+    if dtype not in WEIGHT_DTYPES:
+        raise InvalidInputError(f"the fused kernels take float16 or bfloat16 weights, not {str(dtype).removeprefix('torch.')}")
+    return _lib.DTYPE_CODES[dtype]
+
+
+def _c_shape(shape: NeoXShape, max_seq: int, dtype: torch.dtype) -> _Shape:
     return _Shape(shape.hidden, shape.heads, shape.head_dim, shape.rotary_dims, shape.ffn, max_seq, shape.eps,
-                  shape.rotary_base)
+                  shape.rotary_base, _c_dtype(dtype))
 
 
-def _c_plan(shape: NeoXShape, device_index: int, cluster_size: int) -> _Plan:
-    """The library's plan for `shape`'s layer sizes on CUDA device `device_index`, cluster_size 0
-    for the plan's choice. Made once per device and sizes: it also sets the kernels'
-    shared-memory limits on that device, so it must run there before the first launch."""
+def _c_plan(shape: NeoXShape, dtype: torch.dtype, device_index: int, cluster_size: int) -> _Plan:
+    """The library's plan for `shape`'s layer sizes and weights of `dtype` on CUDA device
+    `device_index`, cluster_size 0 for the plan's choice. Made once per device, sizes and dtype:
+    it also sets the kernels' shared-memory limits on that device, so it must run there before the
+    first launch."""
     sizes = dataclasses.replace(shape, layers=1, vocab=1, max_positions=1)  # what the plan depends on
-    return _c_plan_of_sizes(sizes, device_index, cluster_size)
+    return _c_plan_of_sizes(sizes, dtype, device_index, cluster_size)
 
 
 @functools.lru_cache(maxsize=None)
-def _c_plan_of_sizes(sizes: NeoXShape, device_index: int, cluster_size: int) -> _Plan:
+def _c_plan_of_sizes(sizes: NeoXShape, dtype: torch.dtype, device_index: int, cluster_size: int) -> _Plan:
     fn = _lib.function("neoxfuse_fused_decoder_plan", [ctypes.POINTER(_Shape), ctypes.c_int, ctypes.POINTER(_Plan)])
     result = _Plan()
     with torch.cuda.device(device_index):
-        _lib.call(fn, ctypes.byref(_c_shape(sizes, 1)), cluster_size, ctypes.byref(result))
+        _lib.call(fn, ctypes.byref(_c_shape(sizes, 1, dtype)), cluster_size, ctypes.byref(result))
     return result
 
 
@@ -210,15 +226,17 @@ def _check_cluster_size(cluster_size: int | None) -> int:
     return cluster_size
 
 
-def plan(shape: NeoXShape, device: torch.device | str | None = None, cluster_size: int | None = None) -> FusedPlan:
-    """How the kernels run `shape` on `device` (default: the current CUDA device).
+def plan(shape: NeoXShape, device: torch.device | str | None = None, cluster_size: int | None = None,
+         dtype: torch.dtype = torch.float16) -> FusedPlan:
+    """How the kernels run `shape` with weights of `dtype` on `device` (default: the current CUDA device).
 
     cluster_size None lets the library pick, for each kernel, the cluster size (<= 8 blocks) and
     count that keep the most SMs busy in one wave; 1..8 forces the size of both (for tests and
     benchmarks).
     """
     check_shape(shape)
-    return _plan_of(_c_plan(shape, _device_index(device), _check_cluster_size(cluster_size)))
+    _c_dtype(dtype)
+    return _plan_of(_c_plan(shape, dtype, _device_index(device), _check_cluster_size(cluster_size)))
 
 
 def clusters_at_once(shape: NeoXShape, device: torch.device | str | None = None) -> dict[int, int | None]:
@@ -257,8 +275,9 @@ def _shape_of_call(x, heads, rotary_dims, eps, rotary_base, fc_in_weight, k_cach
                      vocab=1, max_positions=max_seq, eps=float(eps), rotary_base=float(rotary_base))
 
 
-def _check_layer_values(tensors: dict[str, object], heads, rotary_dims, eps, rotary_base) -> NeoXShape:
-    """Types, dtypes and shapes of a layer call, and whether the kernels support its sizes.
+def _check_layer_values(tensors: dict[str, object], heads, rotary_dims, eps, rotary_base) -> tuple[NeoXShape, torch.dtype]:
+    """Types, dtypes and shapes of a layer call, and whether the kernels support its sizes; returns
+    the call's shape and its weights' dtype (ln1_weight's, which every weight and the caches share).
 
     Looks at no memory and no device, so it runs on CPU tensors and fake tensors alike: on a
     machine without a GPU, a wrong dtype or shape is named as such.
@@ -266,15 +285,14 @@ def _check_layer_values(tensors: dict[str, object], heads, rotary_dims, eps, rot
     x = check_tensor("x", tensors["x"], dtypes=[torch.float32], shape=[None], cuda=False, contiguous=False, aligned=False)
     shape = _shape_of_call(x, heads, rotary_dims, eps, rotary_base, tensors["fc_in_weight"], tensors["k_cache"])
     check_shape(shape)
+    w = check_tensor("ln1_weight", tensors["ln1_weight"], dtypes=WEIGHT_DTYPES, cuda=False, contiguous=False,
+                     aligned=False).dtype
     h, f, d = shape.hidden, shape.ffn, shape.head_dim
     expected = {
-        "ln1_weight": (torch.float16, [h]), "ln1_bias": (torch.float16, [h]),
-        "ln2_weight": (torch.float16, [h]), "ln2_bias": (torch.float16, [h]),
-        "qkv_weight": (torch.float16, [3 * h, h]), "qkv_bias": (torch.float16, [3 * h]),
-        "dense_weight": (torch.float16, [h, h]), "dense_bias": (torch.float16, [h]),
-        "fc_in_weight": (torch.float16, [None, h]), "fc_in_bias": (torch.float16, [f]),
-        "fc_out_weight": (torch.float16, [h, f]), "fc_out_bias": (torch.float16, [h]),
-        "k_cache": (torch.float16, [shape.heads, None, d]), "v_cache": (torch.float16, [shape.heads, shape.max_positions, d]),
+        "ln1_weight": (w, [h]), "ln1_bias": (w, [h]), "ln2_weight": (w, [h]), "ln2_bias": (w, [h]),
+        "qkv_weight": (w, [3 * h, h]), "qkv_bias": (w, [3 * h]), "dense_weight": (w, [h, h]), "dense_bias": (w, [h]),
+        "fc_in_weight": (w, [None, h]), "fc_in_bias": (w, [f]), "fc_out_weight": (w, [h, f]), "fc_out_bias": (w, [h]),
+        "k_cache": (w, [shape.heads, None, d]), "v_cache": (w, [shape.heads, shape.max_positions, d]),
         "position": (torch.int32, [1]),
         "attn": (torch.float32, [h]), "mlp": (torch.float32, [f]), "y": (torch.float32, [h]),
     }  # fmt: skip
@@ -282,7 +300,7 @@ def _check_layer_values(tensors: dict[str, object], heads, rotary_dims, eps, rot
         check_tensor(name, tensors[name], dtypes=[dtype], shape=dims, cuda=False, contiguous=False, aligned=False)
     if shape.max_positions < 1:
         raise InvalidInputError("k_cache must hold at least one position")
-    return shape
+    return shape, w
 
 
 def _check_layer_memory(tensors: dict[str, torch.Tensor]) -> None:
@@ -333,23 +351,23 @@ def fused_decoder_layer(
 ) -> None:
     """y = one GPT-NeoX layer of x at position `position` (module docstring), writing K, V at it.
 
-    x, y [hidden] fp32; weights fp16 in HF's layout; k_cache, v_cache [heads, max_seq, head_dim]
-    fp16; position int32 [1] on the device; attn [hidden], mlp [ffn] fp32 scratch. cluster_size
+    x, y [hidden] fp32; weights fp16 or bf16 in HF's layout; k_cache, v_cache [heads, max_seq,
+    head_dim] of the weights' dtype; position int32 [1] on the device; attn [hidden], mlp [ffn] fp32 scratch. cluster_size
     0: the plan's. pdl: launch with programmatic dependent launch.
     """
     tensors = dict(zip(_LAYER_TENSORS, (x, ln1_weight, ln1_bias, ln2_weight, ln2_bias, qkv_weight, qkv_bias, dense_weight,
                                         dense_bias, fc_in_weight, fc_in_bias, fc_out_weight, fc_out_bias, k_cache, v_cache,
                                         position, attn, mlp, y)))
-    shape = _check_layer_values(tensors, heads, rotary_dims, eps, rotary_base)
+    shape, dtype = _check_layer_values(tensors, heads, rotary_dims, eps, rotary_base)
     _check_layer_memory(tensors)
-    c_plan = _c_plan(shape, x.device.index, _check_cluster_size(cluster_size or None))
+    c_plan = _c_plan(shape, dtype, x.device.index, _check_cluster_size(cluster_size or None))
     layer = _Layer(*(t.data_ptr() for t in tensors.values()))
     fn = _lib.function(
         "neoxfuse_fused_decoder_layer",
         [ctypes.POINTER(_Shape), ctypes.POINTER(_Layer), ctypes.POINTER(_Plan), ctypes.c_int, ctypes.c_void_p],
     )
     with torch.cuda.device(x.device):
-        _lib.call(fn, ctypes.byref(_c_shape(shape, shape.max_positions)), ctypes.byref(layer), ctypes.byref(c_plan),
+        _lib.call(fn, ctypes.byref(_c_shape(shape, shape.max_positions, dtype)), ctypes.byref(layer), ctypes.byref(c_plan),
                   int(pdl), torch.cuda.current_stream().cuda_stream)
 
 
@@ -378,7 +396,7 @@ def decoder_layer(
 ) -> torch.Tensor:
     """y [hidden] fp32 = the layer `layer` of `shape` applied to x [hidden] (fp32) at `position`.
 
-    Writes the token's k, v into k_cache, v_cache [heads, max_seq, head_dim] (fp16) at `position`
+    Writes the token's k, v into k_cache, v_cache [heads, max_seq, head_dim] (the weights' dtype) at `position`
     and attends over positions 0..position. position: a Python int (SequenceTooLongError unless
     0 <= position < max_seq) or an int32 [1] device tensor (not read here). out: where y goes
     (fresh if None; never x). workspace: the scratch (allocated if None).
@@ -395,7 +413,7 @@ def decoder_layer(
         "x": x, **{name: getattr(layer, name) for name in _LAYER_TENSORS[1:13]}, "k_cache": k_cache, "v_cache": v_cache,
         "position": position_tensor, "attn": workspace.attn, "mlp": workspace.mlp, "y": out,
     }  # fmt: skip
-    call_shape = _check_layer_values(tensors, shape.heads, shape.rotary_dims, shape.eps, shape.rotary_base)
+    call_shape, _ = _check_layer_values(tensors, shape.heads, shape.rotary_dims, shape.eps, shape.rotary_base)
     if call_shape.ffn != shape.ffn:
         raise InvalidInputError(f"fc_in_weight has {call_shape.ffn} rows; shape says ffn {shape.ffn}")
     if position_is_int and not 0 <= position < call_shape.max_positions:
@@ -412,10 +430,10 @@ def _check_lm_head_values(x, ln_weight, ln_bias, embed_out, logits, eps) -> None
     hidden = x.shape[0]
     if hidden % 8 or not 8 <= hidden <= MAX_HIDDEN:
         raise UnsupportedModelError(f"hidden {hidden} must be a multiple of 8 in 8..{MAX_HIDDEN}")
-    for name, t in [("ln_weight", ln_weight), ("ln_bias", ln_bias)]:
-        check_tensor(name, t, dtypes=[torch.float16], shape=[hidden], cuda=False, contiguous=False, aligned=False)
-    embed_out = check_tensor("embed_out", embed_out, dtypes=[torch.float16], shape=[None, hidden], cuda=False,
+    embed_out = check_tensor("embed_out", embed_out, dtypes=WEIGHT_DTYPES, shape=[None, hidden], cuda=False,
                              contiguous=False, aligned=False)
+    for name, t in [("ln_weight", ln_weight), ("ln_bias", ln_bias)]:
+        check_tensor(name, t, dtypes=[embed_out.dtype], shape=[hidden], cuda=False, contiguous=False, aligned=False)
     check_tensor("logits", logits, dtypes=[torch.float32], shape=[embed_out.shape[0]], cuda=False, contiguous=False,
                  aligned=False)
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
@@ -429,8 +447,8 @@ def fused_lm_head(
 ) -> None:  # fmt: skip
     """logits [vocab] fp32 = LN(x) @ embed_out.T, LN(x) = (x - mean) / sqrt(var + eps) * ln_weight + ln_bias.
 
-    x [hidden] fp32; ln_weight, ln_bias [hidden] and embed_out [vocab, hidden] fp16. One block
-    per SM, each taking an even share of the vocab rows.
+    x [hidden] fp32; ln_weight, ln_bias [hidden] and embed_out [vocab, hidden] fp16 or bf16 (one
+    dtype). One block per SM, each taking an even share of the vocab rows.
     """
     _check_lm_head_values(x, ln_weight, ln_bias, embed_out, logits, eps)
     tensors = {"x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "embed_out": embed_out, "logits": logits}
@@ -441,13 +459,11 @@ def fused_lm_head(
     if _overlap(logits, x):
         raise InvalidInputError("logits shares memory with x")
     hidden, vocab = x.shape[0], embed_out.shape[0]
-    fn = _lib.function(
-        "neoxfuse_fused_lm_head",
-        [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
-    )
+    fn = _lib.function("neoxfuse_fused_lm_head", _LM_HEAD_ARGTYPES)
     with torch.cuda.device(x.device):
-        _lib.call(fn, *(t.data_ptr() for t in tensors.values()), hidden, vocab, eps, _multiprocessors(x.device.index),
-                  int(pdl), torch.cuda.current_stream().cuda_stream)
+        _lib.call(fn, x.data_ptr(), ln_weight.data_ptr(), ln_bias.data_ptr(), embed_out.data_ptr(), _c_dtype(embed_out.dtype),
+                  logits.data_ptr(), hidden, vocab, eps, _multiprocessors(x.device.index), int(pdl),
+                  torch.cuda.current_stream().cuda_stream)
 
 
 @fused_lm_head.register_fake

@@ -39,7 +39,6 @@ from neoxfuse.checks import check_same_device, require_cuda
 from neoxfuse.errors import InvalidInputError
 
 MAX_HIDDEN = 16384  # kernels/ln_residual/ln_residual.h: NEOXFUSE_LN_RESIDUAL_MAX_HIDDEN
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # enum neoxfuse_ln_residual_dtype
 
 
 class _Args(ctypes.Structure):  # kernels/ln_residual/ln_residual.h: neoxfuse_ln_residual_args
@@ -102,7 +101,7 @@ def _check_values(
     """
     if not isinstance(x, torch.Tensor):
         raise InvalidInputError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in DTYPE_CODES:
+    if x.dtype not in _lib.DTYPE_CODES:
         raise InvalidInputError(f"x must be float32, float16 or bfloat16, got {_dtype_name(x.dtype)}")
     if x.dim() < 1 or x.shape[-1] < 1:
         raise InvalidInputError(f"x must have shape [..., hidden] with hidden >= 1, got {list(x.shape)}")
@@ -207,7 +206,7 @@ def _args(x, residuals, weights, biases, eps, outs, h_out, *, fresh_outputs: boo
     if not fresh_outputs:
         _check_no_overlap(inputs, outputs, [*_named("weights", weights), *_named("biases", biases)], layouts, hidden * element, element)
 
-    args = _Args(dtype=DTYPE_CODES[x.dtype], eps=eps, rows=layouts["x"][0], hidden=hidden, x=x.data_ptr(), x_stride=layouts["x"][1])
+    args = _Args(dtype=_lib.DTYPE_CODES[x.dtype], eps=eps, rows=layouts["x"][0], hidden=hidden, x=x.data_ptr(), x_stride=layouts["x"][1])
     for i, r in enumerate(residuals):
         args.residual[i], args.residual_stride[i] = r.data_ptr(), layouts[f"residuals[{i}]"][1]
     if h_out is not None:
