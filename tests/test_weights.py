@@ -1,5 +1,6 @@
 """Weights: from an HF model in memory, from local checkpoints of every format, random models, bad input."""
 
+import copy
 import json
 from dataclasses import fields
 
@@ -9,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPTNeoXModel, PreTrainedTokenizerFast
 
 from neoxfuse.configs import pythia_config, shape_of
+from neoxfuse.engine import Engine
 from neoxfuse.errors import CheckpointNotFoundError, InvalidInputError, NeoxfuseError, UnsupportedModelError
 from neoxfuse.weights import (
     LayerWeights,
@@ -81,6 +83,33 @@ def test_weights_to_changes_dtype_of_every_tensor(model):
         assert torch.equal(tensor, named_tensors(weights)[name].half()), name
     same = weights.to()
     assert same.layers[0].qkv_weight.data_ptr() == weights.layers[0].qkv_weight.data_ptr()
+
+
+@pytest.mark.parametrize("source, near_limit, in_fp16", [(torch.float32, 65519.0, 65504.0), (torch.bfloat16, 65280.0, 65280.0)],
+                         ids=str)
+def test_weights_to_fp16_refuses_a_value_past_its_range(model, source, near_limit, in_fp16):
+    # fp16's largest finite value is 65504; fp32 and bf16 reach ~3e38. A weight that would become
+    # inf is named with the way out, not turned into inf logits.
+    weights = from_hf(copy.deepcopy(model)).to(dtype=source)  # the test writes into it
+    weights.layers[1].fc_out_weight[3, 5] = -7e4
+    with pytest.raises(InvalidInputError, match=r"layers\.1\.fc_out_weight holds 7(\.01\d)?e\+04, past float16's largest "
+                                                r"value 65504: .* run in bfloat16 or float32"):  # 70144 in bf16
+        weights.to(dtype=torch.float16)
+    assert weights.to(dtype=torch.bfloat16).layers[1].fc_out_weight[3, 5] == -70144  # bf16 holds it (rounded)
+    weights.embed_out[0, 0] = float("inf")  # already inf: narrowing does not make it so
+    weights.layers[1].fc_out_weight[3, 5] = near_limit  # the largest entry now: at fp16's edge, yet finite there
+    assert weights.to(dtype=torch.float16).layers[1].fc_out_weight[3, 5] == in_fp16
+    weights.final_ln_bias[2] = 2.0**17
+    with pytest.raises(InvalidInputError, match=r"final_ln_bias holds 1\.311e\+05"):
+        weights.to(dtype=torch.float16)
+
+
+def test_engine_refuses_fp16_for_weights_past_its_range(model):
+    weights = from_hf(copy.deepcopy(model))
+    weights.embed_in[7, 1] = 1e6
+    with pytest.raises(InvalidInputError, match=r"embed_in holds 1e\+06.*--dtype bf16 / fp32"):
+        Engine(weights, device="cpu", dtype="fp16")
+    assert Engine(weights, device="cpu", dtype="bf16").weights.embed_in[7, 1] == 1e6
 
 
 def test_safetensors_checkpoint_equals_from_hf(model, tmp_path):

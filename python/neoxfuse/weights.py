@@ -38,8 +38,26 @@ class LayerWeights:
     fc_out_weight: torch.Tensor  # [h, ffn]  dense_4h_to_h
     fc_out_bias: torch.Tensor  # [h]
 
-    def to(self, device=None, dtype=None) -> LayerWeights:
-        return replace(self, **{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)})
+    def to(self, device=None, dtype=None, *, name: str = "layer") -> LayerWeights:
+        """The weights on `device` in `dtype` (None: unchanged); InvalidInputError if one would overflow
+        `dtype` (see converted). name: how errors call this layer."""
+        return replace(self, **{f.name: converted(getattr(self, f.name), device, dtype, f"{name}.{f.name}")
+                                for f in fields(self)})
+
+
+def converted(t: torch.Tensor, device, dtype: torch.dtype | None, name: str) -> torch.Tensor:
+    """t.to(device, dtype), refusing a conversion that would turn a finite value into inf: a dtype
+    of narrower range, fp32 or bf16 weights past fp16's largest finite value, 65504, going to fp16
+    (every logit would be inf or NaN). InvalidInputError names the tensor and what to do instead."""
+    if dtype is not None and t.is_floating_point() and t.numel() and torch.finfo(dtype).max < torch.finfo(t.dtype).max:
+        largest = t.detach().abs().amax()  # exact in t's dtype, so it converts as t's largest entry does
+        if torch.isfinite(largest) and torch.isinf(largest.to(dtype)):
+            target = str(dtype).removeprefix("torch.")
+            raise InvalidInputError(
+                f"{name} holds {float(largest):.4g}, past {target}'s largest value {torch.finfo(dtype).max:.6g}: in "
+                f"{target} it would be inf; run in bfloat16 or float32 (--dtype bf16 / fp32)"
+            )
+    return t.to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -52,14 +70,15 @@ class ModelWeights:
     embed_out: torch.Tensor  # [vocab, h]  logits = final_ln(x) @ embed_out.T (no bias)
 
     def to(self, device=None, dtype=None) -> ModelWeights:
-        """The weights on `device` in `dtype` (None: unchanged); tensors already so are shared, not copied."""
+        """The weights on `device` in `dtype` (None: unchanged); tensors already so are shared, not
+        copied. InvalidInputError, naming the tensor, if one would overflow `dtype` (see converted)."""
         return ModelWeights(
             shape=self.shape,
-            embed_in=self.embed_in.to(device=device, dtype=dtype),
-            layers=[layer.to(device=device, dtype=dtype) for layer in self.layers],
-            final_ln_weight=self.final_ln_weight.to(device=device, dtype=dtype),
-            final_ln_bias=self.final_ln_bias.to(device=device, dtype=dtype),
-            embed_out=self.embed_out.to(device=device, dtype=dtype),
+            embed_in=converted(self.embed_in, device, dtype, "embed_in"),
+            layers=[layer.to(device, dtype, name=f"layers.{i}") for i, layer in enumerate(self.layers)],
+            final_ln_weight=converted(self.final_ln_weight, device, dtype, "final_ln_weight"),
+            final_ln_bias=converted(self.final_ln_bias, device, dtype, "final_ln_bias"),
+            embed_out=converted(self.embed_out, device, dtype, "embed_out"),
         )
 
 
