@@ -121,6 +121,9 @@ def random_results(folder: Path, rng: random.Random) -> dict[str, dict]:
         nvml={"available": True, "samples": 3, "duration_s": 0.2, "sm_clock_mhz": {"min": 1500, "median": 1900, "max": 1980},
               "throttled": True, "throttle_reasons": ["hw_thermal_slowdown"], "gpu_shared": False, "other_processes": []},
     )  # fmt: skip
+    write("layer.json", "layer", "bbbbbbb2",
+          [{"model": "pythia-2.8b", "layer": 0, "seq_len": n, "dtype": d, "provider": p, "median_us": rng.uniform(55, 90),
+            "floor_us": 52.0} for n in (1, 512, 2048) for d in ("fp16", "bf16") for p in ("fused", "torch_graph")])  # fmt: skip
     write("sample.json", "sample", "bbbbbbb2",
           [{"vocab": v, "rule": r, "provider": p, "median_us": rng.uniform(3, 80), "match": 1.0 if p == "neoxfuse" else None}
            for v in (8192, 50304) for r in ("T=1 k=0 p=1", "T=0.7 k=50 p=0.95") for p in ("neoxfuse", "torch_graph")])  # fmt: skip
@@ -145,7 +148,7 @@ def test_page_draws_every_section_from_random_results(tmp_path, rng):
     runs, problems = load_results([tmp_path])
     assert len(runs) == len(files) and len(problems) == 2
     html = render(runs, problems)
-    for section in ("floor", "suite-decode", "suite-decode-sampled", "suite-ln-residual", "suite-sample",
+    for section in ("floor", "suite-decode", "suite-decode-sampled", "suite-layer", "suite-ln-residual", "suite-sample",
                     "suite-brand-new-suite", "nvml", "ncu", "sources"):
         assert f'id="{section}"' in html
     assert 'id="floor-over-commits"' in html and 'id="nvml-sm-clock"' in html and 'id="ncu-brand-new-suite' in html
@@ -154,6 +157,7 @@ def test_page_draws_every_section_from_random_results(tmp_path, rng):
     assert html.count('id="ln-residual-random-gpu-test-') == 2 and html.count('id="decode-random-gpu-test-') == 1
     assert html.count('id="decode-sampled-random-gpu-test-') == 1
     assert html.count('id="sample-random-gpu-test-') == 2  # one plot per rule
+    assert html.count('id="layer-random-gpu-test-') == 2 and "model=pythia-2.8b, layer=0, dtype=bf16" in html  # per dtype
     assert "broken.json: not readable JSON" in html and "other.json: not a results file" in html
     assert "throttled: hw_thermal_slowdown" in html
     assert "Suite <code>brand_new_suite</code> has no plot layout" in html

@@ -67,7 +67,7 @@ VIEWS = {
     "decode": _DECODE,
     "decode_sampled": replace(_DECODE, title="Decode, sampled (bench decode --temperature): time per output token vs context length"),
     "layer": SuiteView(
-        "One decoder layer", x="seq_len", y="median_us", series="provider", facets=("model", "layer"),
+        "One decoder layer", x="seq_len", y="median_us", series="provider", facets=("model", "layer", "dtype"),
         x_label="sequence length (tokens)", y_label="median (µs)", floor="floor_us",
     ),
     "ln_residual": SuiteView(
