@@ -1,5 +1,6 @@
 """neoxfuse.Engine: model sources, greedy and sampled generation, the KV cache limit, the backend registry."""
 
+import copy
 import json
 
 import pytest
@@ -18,6 +19,7 @@ from neoxfuse.engine import (
     StepClock,
     backend_availability,
     register_backend,
+    resolve_dtype,
 )
 from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnknownModelError, UnsupportedModelError
 from neoxfuse.quant import QuantConfig, quantize_gpt_neox, save_gptq_checkpoint
@@ -53,6 +55,25 @@ def _reference_greedy(model: ReferenceModel, prompt: list[int], new_tokens: int)
 
 def test_engine_is_exported_lazily():
     assert neoxfuse.Engine is Engine
+
+
+@pytest.mark.parametrize("given, device, model_dtype, want", [
+    (None, "cpu", torch.bfloat16, torch.float32),
+    (None, "cuda", None, torch.float16),  # a Pythia name: made in the dtype chosen
+    (None, "cuda", torch.float32, torch.float16),
+    (None, "cuda", torch.float16, torch.float16),
+    (None, "cuda", torch.bfloat16, torch.bfloat16),  # a bf16 model keeps its range on the GPU
+    ("fp16", "cuda", torch.bfloat16, torch.float16),  # asked for: as asked
+    (torch.float32, "cuda", torch.bfloat16, torch.float32),
+])  # fmt: skip
+def test_the_default_dtype_follows_the_device_and_a_bf16_model(given, device, model_dtype, want):
+    assert resolve_dtype(given, torch.device(device), model_dtype) == want
+
+
+@pytest.mark.gpu
+def test_a_bf16_model_runs_in_bf16_on_the_gpu(hf_model):
+    engine = Engine(copy.deepcopy(hf_model).to(torch.bfloat16))
+    assert engine.dtype == torch.bfloat16 and engine.weights.embed_in.dtype == torch.bfloat16
 
 
 def test_cpu_defaults_to_fp32(engine):

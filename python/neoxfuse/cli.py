@@ -122,7 +122,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=AUTO, help=f"how the model is computed: {', '.join(sorted(BACKENDS))}, or {AUTO} "
                         f"(default): the first of {', '.join(AUTO_ORDER)} that can run here")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on a GPU, fp32 on a CPU")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on a GPU (bf16 for a bf16 checkpoint), fp32 on a CPU")
     parser.add_argument("--max-seq-len", type=int, help="KV cache positions (default: the model's maximum)")
     parser.add_argument("--stream", action="store_true", help="print the new text (token ids without a tokenizer) as it "
                         "is generated, instead of a progress bar")

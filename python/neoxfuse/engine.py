@@ -274,10 +274,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The compute dtype: fp16 on CUDA and fp32 on CPU unless given (as a torch.dtype or a DTYPES name)."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, model_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The compute dtype: `dtype` if given (a torch.dtype or a DTYPES name); else fp32 on CPU, and on
+    CUDA bf16 for a model whose weights are bf16 (trained so, its activations may outgrow fp16's
+    range), fp16 otherwise."""
     if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float16
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
@@ -319,7 +323,7 @@ class Engine:
     GPTNeoXForCausalLM or ModelWeights. backend: a name in BACKENDS, or "auto" (the default): the
     first of AUTO_ORDER that can run here (`fused` on an sm_90+ GPU in fp16 or bf16, else `reference`);
     `backend_name` and `backend_reason` say which and why. device: CUDA when there is a
-    GPU, else CPU. dtype: fp16 on CUDA, fp32 on CPU. max_seq_len: the KV cache's capacity in
+    GPU, else CPU. dtype: fp16 on CUDA (bf16 for a bf16 model), fp32 on CPU. max_seq_len: the KV cache's capacity in
     positions (a generation fills prompt + new tokens - 1); the model's max_positions by default.
     """
 
@@ -339,6 +343,8 @@ class Engine:
         if backend != AUTO:
             self._require_available(backend_class(backend), None)
         loaded = load_model(model, dtype=self.dtype, seed=seed)
+        if dtype is None:
+            self.dtype = resolve_dtype(None, self.device, loaded.weights.embed_in.dtype)
         self.shape: NeoXShape = loaded.weights.shape
         if backend == AUTO:
             backend, self.backend_reason = auto_backend(self.device, self.dtype, self.shape)
