@@ -4,8 +4,8 @@ the shards run disjoint sets of test cases that together are all of them."""
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from xml.etree import ElementTree
 
 import pytest
 
@@ -17,7 +17,7 @@ def _run(test_file: Path, tmp_path: Path, **env: str) -> tuple[int, set[str]]:
     xml = tmp_path / f"{'-'.join(env.values()) or 'all'}.xml"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TEST_") and k != "XML_OUTPUT_FILE"}
     status = subprocess.run([sys.executable, str(RUNNER), str(test_file)], cwd=tmp_path, capture_output=True,
-                            env=clean | env | {"XML_OUTPUT_FILE": str(xml)}, check=False).returncode
+                            env=clean | env | {"XML_OUTPUT_FILE": str(xml)}).returncode
     return status, {case.get("name") for case in ElementTree.parse(xml).getroot().iter("testcase")}
 
 
