@@ -1,12 +1,11 @@
 """`pytest_test`: one py_test per test file, run by pytest against the built library."""
 
-def pytest_test(name, src, deps = [], data = [], args = [], size = "medium", shard_count = None, tags = []):
+def pytest_test(name, src, deps = [], data = [], args = [], size = "medium", tags = []):
     """Runs pytest on `src` with NEOXFUSE_LIB pointing at the freshly built library (and
     NEOXFUSE_EMULATED_LIB at its CPU-emulated twin, tests/emulator).
 
     `args` reach the test as pytest options (declare them in conftest.py). Results are written as JUnit XML where Bazel expects them (bazel-testlogs/.../test.xml),
-    so .ci/run can count test cases, not only targets. `shard_count` N splits the test cases over N
-    processes that Bazel runs in parallel (tests/pytest_main.py).
+    so .ci/run can count test cases, not only targets.
     """
     native.py_test(
         name = name,
@@ -21,6 +20,5 @@ def pytest_test(name, src, deps = [], data = [], args = [], size = "medium", sha
         deps = deps + ["//python:package"],
         python_version = "PY3",
         size = size,
-        shard_count = shard_count,
         tags = tags,
     )

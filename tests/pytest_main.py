@@ -2,27 +2,13 @@
 
 Points NEOXFUSE_LIB at the library Bazel built and NEOXFUSE_EMULATED_LIB at its CPU-emulated
 twin (tests/emulator), writes JUnit XML where Bazel asks
-($XML_OUTPUT_FILE), and keeps pytest's cache out of the read-only runfiles tree. A target with
-`shard_count` N runs as N processes (Bazel's test sharding): shard i runs the test cases whose
-index in collection order is i modulo N.
+($XML_OUTPUT_FILE), and keeps pytest's cache out of the read-only runfiles tree.
 """
 
 import os
 import sys
 
 import pytest
-
-
-class Shard:
-    """Keeps the test cases of Bazel's shard TEST_SHARD_INDEX of TEST_TOTAL_SHARDS."""
-
-    def __init__(self, index: int, total: int):
-        self.index, self.total = index, total
-
-    def pytest_collection_modifyitems(self, config, items):
-        kept = [item for i, item in enumerate(items) if i % self.total == self.index]
-        config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % self.total != self.index])
-        items[:] = kept
 
 
 def main() -> int:
@@ -37,11 +23,7 @@ def main() -> int:
     args = ["-p", "no:cacheprovider", "-rs", "-q", *tests]
     if "XML_OUTPUT_FILE" in os.environ:
         args.append("--junitxml=" + os.environ["XML_OUTPUT_FILE"])
-    plugins = []
-    if "TEST_TOTAL_SHARDS" in os.environ:
-        open(os.environ["TEST_SHARD_STATUS_FILE"], "w").close()  # tells Bazel this runner shards
-        plugins.append(Shard(int(os.environ["TEST_SHARD_INDEX"]), int(os.environ["TEST_TOTAL_SHARDS"])))
-    return pytest.main(args, plugins=plugins)
+    return pytest.main(args)
 
 
 if __name__ == "__main__":
