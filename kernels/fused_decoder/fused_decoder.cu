@@ -21,20 +21,6 @@ namespace neoxfuse {
 namespace fused_decoder {
 namespace {
 
-int check_shape(const neoxfuse_fused_shape& s) {
-  if (s.heads < 1 || s.hidden < 1 || s.ffn < 1 || s.max_seq < 1 || s.rotary_dims < 0 || !(s.eps > 0.0f) ||
-      !(s.rotary_base > 0.0f)) {
-    return NEOXFUSE_ERR_INVALID_ARGUMENT;
-  }
-  const bool supported = (s.head_dim == 64 || s.head_dim == 80 || s.head_dim == 96 || s.head_dim == 128 ||
-                          s.head_dim == 256) &&
-                         (s.dtype == NEOXFUSE_FP16 || s.dtype == NEOXFUSE_BF16) &&
-                         s.hidden == s.heads * s.head_dim &&
-                         s.hidden % kChunkElems == 0 && s.hidden <= kMaxHidden && s.ffn % kChunkElems == 0 &&
-                         s.rotary_dims % 2 == 0 && s.rotary_dims <= s.head_dim;
-  return supported ? NEOXFUSE_OK : NEOXFUSE_ERR_UNSUPPORTED;
-}
-
 // f(T{}) for the storage types the kernels are built for: __half, __nv_bfloat16.
 template <typename F>
 int with_dtype(int dtype, F&& f) {
@@ -68,6 +54,18 @@ int with_layer_kernel_types(const neoxfuse_fused_shape& s, F&& f) {
         return static_cast<int>(NEOXFUSE_ERR_UNSUPPORTED);
     }
   });
+}
+
+int check_shape(const neoxfuse_fused_shape& s) {
+  if (s.heads < 1 || s.hidden < 1 || s.ffn < 1 || s.max_seq < 1 || s.rotary_dims < 0 || !(s.eps > 0.0f) ||
+      !(s.rotary_base > 0.0f)) {
+    return NEOXFUSE_ERR_INVALID_ARGUMENT;
+  }
+  const bool built = with_layer_kernel_types(s, [](auto, auto) { return static_cast<int>(NEOXFUSE_OK); }) == NEOXFUSE_OK;
+  const bool supported = built && s.hidden == s.heads * s.head_dim && s.hidden % kChunkElems == 0 &&
+                         s.hidden <= kMaxHidden && s.ffn % kChunkElems == 0 && s.rotary_dims % 2 == 0 &&
+                         s.rotary_dims <= s.head_dim;
+  return supported ? NEOXFUSE_OK : NEOXFUSE_ERR_UNSUPPORTED;
 }
 
 cudaLaunchConfig_t launch_config(int blocks, size_t smem, cudaStream_t stream, cudaLaunchAttribute* attrs, int cluster_size,
