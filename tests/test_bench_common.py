@@ -1,5 +1,7 @@
-"""neoxfuse.bench.common: percentiles, CUDA-event timing, the device record, the results file, NVML sampling."""
+"""neoxfuse.bench.common: percentiles, CUDA-event timing, the device record, the results file, NVML sampling,
+the targets and the kernel suites' shared rows and table."""
 
+import argparse
 import json
 import re
 
@@ -7,7 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from neoxfuse.bench.common import Timing, device_record, percentile, time_cuda, time_graph, write_results
+from neoxfuse.bench.common import (
+    Timing,
+    add_speedups,
+    bandwidth_fields,
+    buffer_set_count,
+    device_record,
+    kernel_table,
+    percentile,
+    providers_arg,
+    target,
+    target_lines,
+    time_cuda,
+    time_graph,
+    write_results,
+)
 from neoxfuse.errors import InvalidInputError, NoGPUError
 
 
@@ -120,3 +136,69 @@ def test_device_record_on_a_gpu():
 
     record = device_record(copy_bandwidth(nbytes=64 << 20, iterations=3))
     assert record["name"] and record["sm"].isdigit() and record["copy_GBps"] > 100
+
+
+# ---- the kernel suites' shared pieces (CPU) ------------------------------------------------------------------
+
+
+def _kernel_row(shape: str, provider: str, median_us: float, beyond_l2: bool = True) -> dict:
+    return {"shape": shape, "provider": provider, "median_us": median_us, "p90_us": median_us * 1.1,
+            "p99_us": median_us * 1.2, "GBps": 1000.0, "pct_copy": 33.3, "rel_err": 1e-4, "beyond_l2": beyond_l2}
+
+
+def test_bandwidth_fields_state_the_rate_and_whether_l2_could_flatter_it():
+    timing = Timing.from_samples([2.0, 2.0, 4.0])  # median 2 us
+    fields = bandwidth_fields(timing, bytes_moved=6_000_000, sets=10, copy_GBps=4000.0, l2_bytes=50 * 2**20)
+    assert fields["GBps"] == pytest.approx(3000.0) and fields["pct_copy"] == pytest.approx(75.0)
+    assert {"p50_us", "p90_us", "p95_us", "p99_us"} <= set(fields) and fields["median_us"] == 2.0
+    assert fields["buffer_sets"] == 10 and fields["bytes"] == 6_000_000
+    assert fields["beyond_l2"] is False  # 60 MB read per replay: less than twice the 52 MB L2
+    assert bandwidth_fields(timing, 6_000_000, 18, 4000.0, 50 * 2**20)["beyond_l2"] is True
+
+
+def test_buffer_set_count_reads_twice_the_l2_within_bounds():
+    assert buffer_set_count(10 * 2**20, 50 * 2**20, most=256) == 10
+    assert buffer_set_count(11 * 2**20, 50 * 2**20, most=256) == 10  # ceil(100 / 11)
+    assert buffer_set_count(1024, 50 * 2**20, most=256) == 256
+    assert buffer_set_count(500 * 2**20, 50 * 2**20, most=256) == 2
+
+
+def test_speedups_compare_neoxfuse_with_the_peers_of_its_own_shape():
+    rows = [_kernel_row("a", "neoxfuse", 2.0), _kernel_row("a", "torch", 6.0), _kernel_row("b", "torch", 1.0),
+            _kernel_row("b", "neoxfuse", 4.0)]
+    add_speedups(rows, lambda row: row["shape"])
+    assert rows[0]["speedup_vs_torch"] == pytest.approx(3.0)
+    assert rows[3]["speedup_vs_torch"] == pytest.approx(0.25)
+    assert not any(key.startswith("speedup") for key in rows[1]) and not any(key.startswith("speedup") for key in rows[2])
+
+
+def test_kernel_table_shows_each_peer_with_the_speedup_over_it():
+    rows = [_kernel_row("1x2560:fp16:final", "neoxfuse", 2.0), _kernel_row("1x2560:fp16:final", "torch", 5.0, beyond_l2=False),
+            _kernel_row("odd", "torch", 1.0)]
+    add_speedups(rows, lambda row: row["shape"])
+    header, rule, own, peer, lonely = kernel_table(rows, lambda row: row["shape"])
+    assert header.split()[:2] == ["shape", "provider"] and set(rule) == {"-"}
+    assert own.split()[:3] == ["1x2560:fp16:final", "neoxfuse", "2.00"] and own.rstrip().endswith("1.00e-04")
+    assert peer.split()[:3] == ["1x2560:fp16:final", "torch", "5.00"]
+    assert peer.split()[-6:] == ["1.00e-04", "2.50", "(buffers", "fit", "in", "L2)"]
+    assert lonely.split()[:3] == ["odd", "torch", "1.00"] and lonely.rstrip().endswith("1.00e-04")
+
+
+def test_targets_say_met_not_met_or_not_measured():
+    fast = target("median us", "s", 6.0, 8.0, at_most=True)
+    slow = target("median us", "s", 9.0, 8.0, at_most=True)
+    ratio = target("speedup", "s", 1.19, 1.2)
+    missing = target("speedup", "s", None, 1.2)
+    assert (fast["met"], slow["met"], ratio["met"], missing["met"]) == (True, False, False, None)
+    title, *lines = target_lines("targets (issue 0):", [fast, slow, ratio, missing])
+    assert title == "targets (issue 0):"
+    assert lines[0].endswith("6.00 (<= 8.0): met") and lines[1].endswith("9.00 (<= 8.0): NOT met")
+    assert lines[2].endswith("1.19 (>= 1.2): NOT met") and lines[3].endswith("n/a (>= 1.2): not measured")
+
+
+def test_providers_arg_takes_a_subset_and_names_the_choices():
+    parse = providers_arg(("neoxfuse", "torch"))
+    assert parse(" torch, neoxfuse ") == ["torch", "neoxfuse"]
+    for bad in ("", "cublas", "torch,cublas"):
+        with pytest.raises(argparse.ArgumentTypeError, match="providers are neoxfuse, torch"):
+            parse(bad)

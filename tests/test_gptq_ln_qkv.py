@@ -269,6 +269,24 @@ def test_bench_targets_read_the_target_row():
     assert all(t["met"] is None for t in gptq_bench._targets([]))
 
 
+def test_bench_table_gives_speedups_and_target_verdicts():
+    from neoxfuse.bench.common import add_speedups
+
+    def row(provider, median_us, act_order=False):
+        return {"tokens": 1, "K": 2560, "N": 7680, "group_size": 128, "act_order": act_order, "provider": provider,
+                "median_us": median_us, "p90_us": median_us, "p99_us": median_us, "GBps": 1.0, "pct_copy": 55.0,
+                "rel_err": 1e-3, "beyond_l2": True}
+
+    rows = [row("neoxfuse", 6.0), row("torch_fp16", 15.0), row("neoxfuse", 7.0, act_order=True), row("torch_fp16", 7.0, True)]
+    add_speedups(rows, gptq_bench._shape_of)
+    extra = {"l2_bytes": 50 * 2**20, "skipped": {"vllm": "not installed"}, "targets": gptq_bench._targets(rows)}
+    lines = gptq_bench._table(rows, extra, {"name": "Test GPU", "copy_GBps": 3000.0}).splitlines()
+    peers = {line.split()[0]: line.split()[-1] for line in lines if line.split()[1:2] == ["torch_fp16"]}
+    assert peers == {"1x2560x7680:g128": "2.50", "1x2560x7680:g128:act": "1.00"}
+    assert "not measured: vllm: not installed" in lines
+    assert [line.rsplit(": ", 1)[1] for line in lines if line.startswith("  ")] == ["met", "met", "NOT met"]
+
+
 # ---- GPU: against the fp32 oracle ---------------------------------------------------------------------------
 
 

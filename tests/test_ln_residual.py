@@ -730,6 +730,28 @@ def test_bench_compiles_torch_for_every_shape(monkeypatch):
     assert compiled_hidden == hiddens
 
 
+def test_bench_table_gives_speedups_skips_and_target_verdicts():
+    from neoxfuse.bench import ln_residual as suite
+    from neoxfuse.bench.common import add_speedups
+
+    def row(shape, provider, median_us, pct_copy=50.0):
+        parsed = suite.Shape.parse(shape)
+        return {"tokens": parsed.tokens, "hidden": parsed.hidden, "dtype": parsed.dtype, "variant": parsed.variant,
+                "provider": provider, "median_us": median_us, "p90_us": median_us, "p99_us": median_us, "GBps": 1.0,
+                "pct_copy": pct_copy, "rel_err": 1e-4, "beyond_l2": True}
+
+    rows = [row(suite.DECODE_TARGET, "neoxfuse", 2.0), row(suite.DECODE_TARGET, "torch_eager", 6.0),
+            row(suite.DECODE_TARGET, "torch_compile", 2.2), row(suite.PREFILL_TARGET, "neoxfuse", 100.0, pct_copy=90.0)]
+    add_speedups(rows, suite._shape_of)
+    extra = {"l2_bytes": 50 * 2**20, "skipped": {suite.DECODE_TARGET: {"flashinfer": "takes bf16 only"}},
+             "targets": suite._targets(rows), "decode_tpot": []}
+    lines = suite._table(rows, extra, {"name": "Test GPU", "copy_GBps": 3000.0}).splitlines()
+    assert any(line.split()[:2] == [suite.DECODE_TARGET, "torch_eager"] and line.split()[-1] == "3.00" for line in lines)
+    assert f"skipped flashinfer for {suite.DECODE_TARGET}: takes bf16 only" in lines
+    # decode 3x torch_eager, 1.1x torch_compile; prefill at 90% of the copy rate, no torch_compile row
+    assert [line.rsplit(": ", 1)[1] for line in lines if line.startswith("  ")] == ["met", "NOT met", "met", "not measured"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_bench_on_a_machine_without_gpu_says_so_and_fails(capsys):
     from neoxfuse.cli import main

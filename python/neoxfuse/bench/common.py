@@ -1,5 +1,8 @@
-"""What every benchmark suite shares: timing with percentiles, the device record and the
-results file of DESIGN.md §6. GPU monitoring (clocks, power, throttling) is neoxfuse.monitor's.
+"""What every benchmark suite shares: timing with percentiles, the device record, the results
+file of DESIGN.md §6 and the issues' targets; and what the kernel suites (gptq-ln-qkv,
+ln-residual: one function per shape, timed per provider) share: buffer sets beyond L2, bandwidth
+fields, speedups over the peers and their table. GPU monitoring (clocks, power, throttling) is
+neoxfuse.monitor's.
 
     timing = time_cuda(lambda: op(next_buffers()), warmup=10, runs=100)   # Timing in microseconds
     with GpuMonitor() as monitor: ...                                       # neoxfuse.monitor
@@ -8,7 +11,9 @@ results file of DESIGN.md §6. GPU monitoring (clocks, power, throttling) is neo
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -173,3 +178,94 @@ def write_results(
         path = out / f"{stem}-{attempt}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def providers_arg(known: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type for a comma-separated subset of `known`."""
+
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        if not names or any(name not in known for name in names):
+            raise argparse.ArgumentTypeError(f"providers are {', '.join(known)}; got {text!r}")
+        return names
+
+    return parse
+
+
+def target(name: str, shape: str, value: float | None, threshold: float, *, at_most: bool = False) -> dict:
+    """One of an issue's targets as measured: {target, shape, value, threshold, at_most, met}, where met is
+    value <= threshold (at_most) or value >= threshold, and None when value is None (not measured)."""
+    met = None if value is None else (value <= threshold if at_most else value >= threshold)
+    return {"target": name, "shape": shape, "value": value, "threshold": threshold, "at_most": at_most, "met": met}
+
+
+def target_lines(title: str, targets: list[dict]) -> list[str]:
+    """The targets as table lines under `title`: name, shape, value, bound and verdict."""
+    lines = [title]
+    for t in targets:
+        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
+        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+        lines.append(f"  {t['target']:<36} {t['shape']:<36} {value} ({'<=' if t['at_most'] else '>='} {t['threshold']}): {verdict}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel suites: every provider computes the same function per shape, its calls captured in one
+# CUDA graph that rotates through buffer sets larger than L2 (time_graph).
+
+OWN = "neoxfuse"  # the provider the peers are compared with
+
+
+def buffer_set_count(bytes_per_call: int, l2_bytes: int, most: int) -> int:
+    """Buffer sets so that one graph replay reads more than twice the L2 cache: ceil(2 L2 / bytes_per_call),
+    at least 2 and at most `most` (tiny calls may then fit in L2, which bandwidth_fields records)."""
+    return max(2, min(most, math.ceil(2 * l2_bytes / bytes_per_call)))
+
+
+def bandwidth_fields(timing: Timing, bytes_moved: int, sets: int, copy_GBps: float, l2_bytes: int) -> dict:
+    """A kernel row's timing: median and P50/P90/P95/P99 us, GBps = bytes_moved / median, pct_copy = GBps / the
+    copy rate, and whether the `sets` buffer sets together read more than twice the L2 (beyond_l2; if not,
+    L2 may flatter the time)."""
+    gbps = bytes_moved / (timing.median_us * 1e-6) / 1e9
+    return {
+        "median_us": timing.median_us,
+        "p50_us": timing.p50_us,
+        "p90_us": timing.p90_us,
+        "p95_us": timing.p95_us,
+        "p99_us": timing.p99_us,
+        "GBps": gbps,
+        "pct_copy": 100 * gbps / copy_GBps,
+        "bytes": bytes_moved,
+        "buffer_sets": sets,
+        "beyond_l2": sets * bytes_moved > 2 * l2_bytes,
+    }
+
+
+def add_speedups(rows: list[dict], shape_of: Callable[[dict], str]) -> None:
+    """To each neoxfuse row adds speedup_vs_<peer> = the peer's median / neoxfuse's, for every peer row of its shape."""
+    for row in rows:
+        if row["provider"] == OWN:
+            for peer in rows:
+                if peer["provider"] != OWN and shape_of(peer) == shape_of(row):
+                    row[f"speedup_vs_{peer['provider']}"] = peer["median_us"] / row["median_us"]
+
+
+def kernel_table(rows: list[dict], shape_of: Callable[[dict], str]) -> list[str]:
+    """A kernel suite's rows as table lines, grouped by shape; a peer's line shows how much faster neoxfuse is."""
+    width = max([len("shape"), *(len(shape_of(row)) for row in rows)])
+    header = (f"{'shape':<{width}} {'provider':<14} {'median us':>10} {'p90 us':>8} {'p99 us':>8} {'GB/s':>8} {'% copy':>7} "
+              f"{'rel err':>9} {'neoxfuse speedup':>16}")
+    lines = [header, "-" * len(header)]
+    by_shape: dict[str, list[dict]] = {}
+    for row in rows:
+        by_shape.setdefault(shape_of(row), []).append(row)
+    for shape, group in by_shape.items():
+        own = next((row for row in group if row["provider"] == OWN), None)
+        for row in group:
+            speedup = own.get(f"speedup_vs_{row['provider']}") if own and row is not own else None
+            lines.append((
+                f"{shape:<{width}} {row['provider']:<14} {row['median_us']:>10.2f} {row['p90_us']:>8.2f} {row['p99_us']:>8.2f} "
+                f"{row['GBps']:>8.0f} {row['pct_copy']:>7.1f} {row['rel_err']:>9.2e} {'' if speedup is None else f'{speedup:.2f}':>16}"
+                + ("" if row["beyond_l2"] else "  (buffers fit in L2)")
+            ).rstrip())
+    return lines

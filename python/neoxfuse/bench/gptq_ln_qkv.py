@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,7 +38,18 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from neoxfuse.bench.common import device_record, time_graph, write_results
+from neoxfuse.bench.common import (
+    add_speedups,
+    bandwidth_fields,
+    buffer_set_count,
+    device_record,
+    kernel_table,
+    providers_arg,
+    target,
+    target_lines,
+    time_graph,
+    write_results,
+)
 from neoxfuse.checks import require_cuda
 from neoxfuse.device import copy_bandwidth, devices
 from neoxfuse.errors import InvalidInputError
@@ -114,17 +124,10 @@ class Shape:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", dest="shapes", action="append", type=Shape.parse, metavar="TxKxN:gGROUP[:act]",
                         help=f"a shape to measure, repeatable (default: {len(DEFAULT_SHAPES)} shapes, {TARGET} first)")
-    parser.add_argument("--providers", type=_providers_arg, default=list(PROVIDERS),
+    parser.add_argument("--providers", type=providers_arg(PROVIDERS), default=list(PROVIDERS),
                         help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all)")
     parser.add_argument("--replays", type=int, default=200, help="timed graph replays per provider and shape (default 200)")
     parser.add_argument("--out-dir", default="bench/results", help="where the JSON results go (default bench/results)")
-
-
-def _providers_arg(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names or any(name not in PROVIDERS for name in names):
-        raise argparse.ArgumentTypeError(f"providers are {', '.join(PROVIDERS)}; got {text!r}")
-    return names
 
 
 def dequantize_fp16(layer: GPTQLinear) -> torch.Tensor:
@@ -189,11 +192,6 @@ def _gptq_packages() -> dict[str, str]:
     }
 
 
-def _set_count(shape: Shape, l2_bytes: int) -> int:
-    """Buffer sets so that one graph replay reads more than twice the L2 cache (at least 2)."""
-    return max(2, min(MAX_SETS, math.ceil(2 * l2_bytes / shape.bytes_moved)))
-
-
 def _measure(shapes: list[Shape], providers: list[str], replays: int, copy_GBps: float, l2_bytes: int) -> list[dict]:
     rows = []
     generator = torch.Generator("cuda").manual_seed(0)
@@ -201,52 +199,38 @@ def _measure(shapes: list[Shape], providers: list[str], replays: int, copy_GBps:
     with progress_bar(len(shapes), "bench gptq-ln-qkv", unit="shape") as bar:
         for shape in shapes:
             bar.set_postfix_str(str(shape))
-            sets = _buffer_sets(shape, _set_count(shape, l2_bytes), "torch_fp16" in providers, generator)
+            count = buffer_set_count(shape.bytes_moved, l2_bytes, MAX_SETS)
+            sets = _buffer_sets(shape, count, "torch_fp16" in providers, generator)
             first = sets[0]
             ref = reference(first.x, first.ln_weight, first.ln_bias, first.layer, EPS)
             for provider, call in calls.items():
                 timing = time_graph(lambda i: call(sets[i]), len(sets), runs=replays)
-                gbps = shape.bytes_moved / (timing.median_us * 1e-6) / 1e9
                 with torch.no_grad():
                     out = call(first).float()
                 rows.append({
                     "tokens": shape.tokens, "K": shape.K, "N": shape.N, "group_size": shape.group_size,
                     "act_order": shape.act_order, "provider": provider,
-                    "median_us": timing.median_us, "p50_us": timing.p50_us, "p90_us": timing.p90_us,
-                    "p95_us": timing.p95_us, "p99_us": timing.p99_us,
-                    "GBps": gbps, "pct_copy": 100 * gbps / copy_GBps, "bytes": shape.bytes_moved,
-                    "buffer_sets": len(sets), "beyond_l2": len(sets) * shape.bytes_moved > 2 * l2_bytes,
+                    **bandwidth_fields(timing, shape.bytes_moved, len(sets), copy_GBps, l2_bytes),
                     "rel_err": ((out - ref).norm() / ref.norm()).item(),
                 })
             del sets, first, ref
             torch.cuda.empty_cache()
             bar.update(1)
-    for row in rows:
-        if row["provider"] == "neoxfuse":
-            for peer in rows:
-                if peer["provider"] != "neoxfuse" and _same_shape(peer, row):
-                    row[f"speedup_vs_{peer['provider']}"] = peer["median_us"] / row["median_us"]
+    add_speedups(rows, _shape_of)
     return rows
 
 
-def _same_shape(a: dict, b: dict) -> bool:
-    return all(a[key] == b[key] for key in ("tokens", "K", "N", "group_size", "act_order"))
+def _shape_of(row: dict) -> str:
+    return str(Shape(row["tokens"], row["K"], row["N"], row["group_size"], row["act_order"]))
 
 
 def _targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, each with the measured value and whether it is met (None: not measured)."""
-    shape = Shape.parse(TARGET)
-    key = {"tokens": shape.tokens, "K": shape.K, "N": shape.N, "group_size": shape.group_size, "act_order": False}
-    row = next((r for r in rows if r["provider"] == "neoxfuse" and _same_shape(r, key)), None)
-
-    def target(name, value, threshold, at_most=False):
-        met = None if value is None else (value <= threshold if at_most else value >= threshold)
-        return {"target": name, "shape": TARGET, "value": value, "threshold": threshold, "at_most": at_most, "met": met}
-
+    row = next((r for r in rows if r["provider"] == "neoxfuse" and _shape_of(r) == TARGET), None)
     return [
-        target("median us", row and row["median_us"], 8.0, at_most=True),
-        target("speedup vs torch_fp16", row and row.get("speedup_vs_torch_fp16"), 2.0),
-        target("% of copy bandwidth", row and row["pct_copy"], 60.0),
+        target("median us", TARGET, row and row["median_us"], 8.0, at_most=True),
+        target("speedup vs torch_fp16", TARGET, row and row.get("speedup_vs_torch_fp16"), 2.0),
+        target("% of copy bandwidth", TARGET, row and row["pct_copy"], 60.0),
     ]
 
 
@@ -278,27 +262,7 @@ def run(args) -> int:
 def _table(rows: list[dict], extra: dict, device: dict) -> str:
     lines = [f"gptq-ln-qkv on {device['name']}: copy rate {device['copy_GBps']:.0f} GB/s measured in this run; "
              f"times per call from CUDA-graph replays over buffers > 2x L2 ({extra['l2_bytes'] / 2**20:.0f} MiB)"]
-    header = (f"{'shape':<24} {'provider':<14} {'median us':>10} {'p90 us':>8} {'p99 us':>8} {'GB/s':>8} {'% copy':>7} "
-              f"{'rel err':>9} {'neoxfuse speedup':>16}")
-    lines += [header, "-" * len(header)]
-    by_shape: dict[str, dict[str, dict]] = {}
-    for row in rows:
-        shape = Shape(row["tokens"], row["K"], row["N"], row["group_size"], row["act_order"])
-        by_shape.setdefault(str(shape), {})[row["provider"]] = row
-    for shape, providers in by_shape.items():
-        fused = providers.get("neoxfuse")
-        for provider, row in providers.items():
-            speedup = fused.get(f"speedup_vs_{provider}") if fused and provider != "neoxfuse" else None
-            lines.append(
-                f"{shape:<24} {provider:<14} {row['median_us']:>10.2f} {row['p90_us']:>8.2f} {row['p99_us']:>8.2f} "
-                f"{row['GBps']:>8.0f} {row['pct_copy']:>7.1f} {row['rel_err']:>9.2e} "
-                f"{'' if speedup is None else f'{speedup:.2f}':>16}"
-            )
+    lines += kernel_table(rows, _shape_of)
     lines += [f"not measured: {name}: {why}" for name, why in extra["skipped"].items()]
-    lines.append("targets (issue 5, H100):")
-    for t in extra["targets"]:
-        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
-        bound = "<=" if t["at_most"] else ">="
-        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
-        lines.append(f"  {t['target']:<24} {t['shape']:<20} {value} ({bound} {t['threshold']}): {verdict}")
+    lines += target_lines("targets (issue 5, H100):", extra["targets"])
     return "\n".join(lines)

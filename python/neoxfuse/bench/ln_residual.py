@@ -14,7 +14,7 @@ Kernel rows. For each shape (tokens x hidden, dtype, variant) every provider com
 Each provider's calls are captured in one CUDA graph, one call per buffer set, the sets rotating
 through more than twice the L2 cache (inputs, parameters and outputs all distinct), so no call
 finds its data in L2 and no host launch cost is counted; a sample is one replay's time divided
-by its calls (CUDA events), and --replays samples give the median, P90 and P99.
+by its calls (CUDA events), and --replays samples give the median and P50/P90/P95/P99.
     bytes   = element size x (rows x hidden x (1 + residuals + outputs) + 2 x LNs x hidden)
     GBps    = bytes / median time;   pct_copy = GBps / the copy rate measured in this run
     rel_err = ||y - ref|| / ||ref|| of the provider's first LayerNorm output (ref: fp64 oracle)
@@ -32,7 +32,6 @@ slower than torch_compile. Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,18 @@ import torch
 import transformers
 
 from neoxfuse import hf
-from neoxfuse.bench.common import device_record, time_graph, write_results
+from neoxfuse.bench.common import (
+    add_speedups,
+    bandwidth_fields,
+    buffer_set_count,
+    device_record,
+    kernel_table,
+    providers_arg,
+    target,
+    target_lines,
+    time_graph,
+    write_results,
+)
 from neoxfuse.checks import require_cuda
 from neoxfuse.device import copy_bandwidth, devices
 from neoxfuse.errors import InvalidInputError
@@ -134,21 +144,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", dest="shapes", action="append", type=Shape.parse, metavar="TxH:DTYPE:VARIANT",
                         help=f"a shape to measure, repeatable (default: {len(DEFAULT_SHAPES)} shapes, decode and prefill of "
                         f"Pythia-2.8B among them); variants: {', '.join(VARIANTS)}")
-    parser.add_argument("--providers", type=_providers_arg, default=list(PROVIDERS),
+    parser.add_argument("--providers", type=providers_arg(PROVIDERS), default=list(PROVIDERS),
                         help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all)")
     parser.add_argument("--replays", type=int, default=200, help="timed graph replays per provider and shape (default 200)")
     parser.add_argument("--e2e", choices=("none", "eager", "all"), default="all",
                         help="HF decode TPOT with and without fusion: none, eager only, or eager and torch.compile (default all)")
     parser.add_argument("--e2e-tokens", type=int, default=64, help="tokens generated per end-to-end run (default 64)")
     parser.add_argument("--out-dir", default="bench/results", help="where the JSON results go (default bench/results)")
-
-
-def _providers_arg(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in PROVIDERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"providers are {', '.join(PROVIDERS)}; got {text!r}")
-    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,11 +250,6 @@ def _buffer_sets(shape: Shape, count: int, generator: torch.Generator) -> list[B
     ]
 
 
-def _set_count(shape: Shape, l2_bytes: int) -> int:
-    """Buffer sets so that one graph replay touches more than twice the L2 cache (at least 2)."""
-    return max(2, min(MAX_SETS, math.ceil(2 * l2_bytes / shape.bytes_moved)))
-
-
 def _relative_error(call: Call, provider: str, s: BufferSet, shape: Shape) -> float:
     """||y_1 - ref|| / ||ref|| for the provider's first LayerNorm output on buffer set s."""
     ws, bs = s.params_for(provider)
@@ -272,7 +269,7 @@ def _measure_shapes(shapes: list[Shape], providers: list[str], replays: int, cop
         for shape in shapes:
             bar.set_postfix_str(str(shape))
             calls, skipped[str(shape)] = _calls(shape, providers)
-            sets = _buffer_sets(shape, _set_count(shape, l2_bytes), generator)
+            sets = _buffer_sets(shape, buffer_set_count(shape.bytes_moved, l2_bytes, MAX_SETS), generator)
             for provider, call in calls.items():
                 try:
                     params = [s.params_for(provider) for s in sets]  # (weights, biases) per buffer set
@@ -280,36 +277,24 @@ def _measure_shapes(shapes: list[Shape], providers: list[str], replays: int, cop
                 except Exception as err:  # a peer that cannot run here (FlashInfer without its JIT toolchain, say)
                     skipped[str(shape)][provider] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
                     continue
-                gbps = shape.bytes_moved / (timing.median_us * 1e-6) / 1e9
                 rows.append({
                     "tokens": shape.tokens,
                     "hidden": shape.hidden,
                     "dtype": shape.dtype,
                     "variant": shape.variant,
                     "provider": provider,
-                    "median_us": timing.median_us,
-                    "p90_us": timing.p90_us,
-                    "p99_us": timing.p99_us,
-                    "GBps": gbps,
-                    "pct_copy": 100 * gbps / copy_GBps,
-                    "bytes": shape.bytes_moved,
-                    "buffer_sets": len(sets),
-                    "beyond_l2": len(sets) * shape.bytes_moved > 2 * l2_bytes,
+                    **bandwidth_fields(timing, shape.bytes_moved, len(sets), copy_GBps, l2_bytes),
                     "rel_err": _relative_error(call, provider, sets[0], shape),
                 })
             del sets
             torch.cuda.empty_cache()
             bar.update(1)
-    for row in rows:  # speedups of neoxfuse over each peer of the same shape
-        if row["provider"] == "neoxfuse":
-            for peer in rows:
-                if peer["provider"] != "neoxfuse" and _same_shape(peer, row):
-                    row[f"speedup_vs_{peer['provider']}"] = peer["median_us"] / row["median_us"]
+    add_speedups(rows, _shape_of)
     return rows, {shape: why for shape, why in skipped.items() if why}
 
 
-def _same_shape(a: dict, b: dict) -> bool:
-    return all(a[key] == b[key] for key in ("tokens", "hidden", "dtype", "variant"))
+def _shape_of(row: dict) -> str:
+    return str(Shape(row["tokens"], row["hidden"], row["dtype"], row["variant"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,16 +343,10 @@ def _decode_tpot(e2e: str, tokens: int) -> list[dict]:
 def _targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, each with the measured ratio and whether it is met (None: not measured)."""
 
-    def find(shape: str, provider: str) -> dict | None:
-        parsed = Shape.parse(shape)
-        key = {"tokens": parsed.tokens, "hidden": parsed.hidden, "dtype": parsed.dtype, "variant": parsed.variant}
-        return next((r for r in rows if r["provider"] == provider and _same_shape(r, key)), None)
+    def find(shape: str) -> dict | None:
+        return next((r for r in rows if r["provider"] == "neoxfuse" and _shape_of(r) == shape), None)
 
-    def target(name, shape, value, threshold):
-        return {"target": name, "shape": shape, "value": value, "threshold": threshold,
-                "met": None if value is None else value >= threshold}
-
-    decode, prefill = find(DECODE_TARGET, "neoxfuse"), find(PREFILL_TARGET, "neoxfuse")
+    decode, prefill = find(DECODE_TARGET), find(PREFILL_TARGET)
     return [
         target("decode speedup vs torch_eager", DECODE_TARGET, decode and decode.get("speedup_vs_torch_eager"), 2.5),
         target("decode speedup vs torch_compile", DECODE_TARGET, decode and decode.get("speedup_vs_torch_compile"), 1.2),
@@ -404,32 +383,12 @@ def run(args) -> int:
 
 
 def _table(rows: list[dict], extra: dict, device: dict) -> str:
-    def number(value, digits=2):
-        return "n/a" if value is None else f"{value:.{digits}f}"
-
     lines = [f"ln-residual on {device['name']}: copy rate {device['copy_GBps']:.0f} GB/s measured in this run; "
              f"times per call from CUDA-graph replays over buffers > 2x L2 ({extra['l2_bytes'] / 2**20:.0f} MiB)"]
-    header = (f"{'shape':<36} {'provider':<14} {'median us':>10} {'p90 us':>8} {'p99 us':>8} {'GB/s':>8} {'% copy':>7} "
-              f"{'rel err':>9} {'neoxfuse speedup':>16}")
-    lines += [header, "-" * len(header)]
-    by_shape: dict[str, dict[str, dict]] = {}
-    for row in rows:
-        by_shape.setdefault(f"{row['tokens']}x{row['hidden']}:{row['dtype']}:{row['variant']}", {})[row["provider"]] = row
-    for shape, providers in by_shape.items():
-        fused = providers.get("neoxfuse")
-        for provider, row in providers.items():
-            speedup = fused.get(f"speedup_vs_{provider}") if fused and provider != "neoxfuse" else None
-            lines.append(
-                f"{shape:<36} {provider:<14} {row['median_us']:>10.2f} {row['p90_us']:>8.2f} {row['p99_us']:>8.2f} "
-                f"{row['GBps']:>8.0f} {row['pct_copy']:>7.1f} {row['rel_err']:>9.2e} {number(speedup):>16}"
-                + ("" if row["beyond_l2"] else "  (buffers fit in L2)")
-            )
+    lines += kernel_table(rows, _shape_of)
     for shape, why in extra["skipped"].items():
         lines += [f"skipped {provider} for {shape}: {reason}" for provider, reason in why.items()]
-    lines.append("targets (issue 3, H100):")
-    for t in extra["targets"]:
-        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
-        lines.append(f"  {t['target']:<36} {t['shape']:<36} {number(t['value'])} (>= {t['threshold']}): {verdict}")
+    lines += target_lines("targets (issue 3, H100):", extra["targets"])
     if extra["decode_tpot"]:
         lines.append("HF decode, random Pythia-2.8B fp16:")
         for row in extra["decode_tpot"]:

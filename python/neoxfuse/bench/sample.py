@@ -30,7 +30,7 @@ import transformers
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from neoxfuse import sampling
-from neoxfuse.bench.common import Timing, device_record, time_cuda, time_graph, write_results
+from neoxfuse.bench.common import Timing, device_record, providers_arg, time_cuda, time_graph, write_results
 from neoxfuse.checks import require_cuda
 from neoxfuse.device import copy_bandwidth
 from neoxfuse.errors import InvalidInputError
@@ -69,19 +69,12 @@ def _vocabs_arg(text: str) -> list[int]:
     return vocabs
 
 
-def _providers_arg(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names or any(name not in PROVIDERS for name in names):
-        raise argparse.ArgumentTypeError(f"providers are {', '.join(PROVIDERS)}; got {text!r}")
-    return names
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocabs", type=_vocabs_arg, default=list(DEFAULT_VOCABS),
                         help=f"comma-separated vocabulary sizes (default {','.join(map(str, DEFAULT_VOCABS))})")
     parser.add_argument("--rule", dest="rules", action="append", type=parse_rule, metavar="T:K:P",
                         help=f"a sampling rule, repeatable (default: {', '.join(DEFAULT_RULES)})")
-    parser.add_argument("--providers", type=_providers_arg, default=list(PROVIDERS),
+    parser.add_argument("--providers", type=providers_arg(PROVIDERS), default=list(PROVIDERS),
                         help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all)")
     parser.add_argument("--calls", type=int, default=32, help="calls per CUDA graph replay (default 32)")
     parser.add_argument("--runs", type=int, default=100, help="timed samples per provider and rule (default 100)")
