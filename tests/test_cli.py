@@ -200,9 +200,10 @@ def test_bench_decode_on_a_cpu_writes_its_results(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "hf_eager" in out and "skipped hf_compile" in out and "no copy probe" in out
+    assert "targets (issue 4): for greedy fp16 runs of a pythia-2.8b-shaped model; not this run" in out
     [path] = out_dir.glob("decode-*.json")
     record = json.loads(path.read_text())
-    assert record["suite"] == "decode" and record["commit"] and record["created"]
+    assert record["suite"] == "decode" and record["commit"] and record["created"] and record["targets"] == []
     assert record["device"]["copy_GBps"] is None and record["device"]["sm"] is None
     assert {(row["backend"], row["context"]) for row in record["rows"]} == {
         (backend, length) for backend in ("reference", "hf_eager") for length in (4, 9)
@@ -213,6 +214,27 @@ def test_bench_decode_on_a_cpu_writes_its_results(tmp_path, capsys):
         assert row["match"] is (row["matched_tokens"] == row["context"])
     # fp32 on a CPU: the reference and HF agree token for token.
     assert all(row["match"] for row in record["rows"])
+
+
+def test_bench_decode_targets_take_the_worst_context():
+    from neoxfuse.bench import decode
+
+    def row(backend, context, tpot_ms, floor_ms=2.0):
+        return {"backend": backend, "context": context, "tpot_ms": tpot_ms, "floor_ms": floor_ms}
+
+    rows = [row("fused", 16, 2.1), row("fused", 512, 2.2), row("fused", 2048, 2.6),  # 1.05, 1.10, 1.30 x floor
+            row("hf_compile", 16, 3.0), row("hf_compile", 512, 2.8), row("hf_compile", 2048, 4.0),  # 1.43x, 1.27x, 1.54x
+            row("hf_eager", 16, 20.0), row("hf_eager", 512, 21.0), row("hf_eager", 2048, 26.0)]  # >= 9.5x
+    verdicts = [(t["shape"], t["value"], t["met"]) for t in decode._targets(rows)]
+    assert verdicts == [
+        ("fused, context <= 512", pytest.approx(1.1), True),
+        ("fused, context 2048", pytest.approx(1.3), False),
+        ("fused, every context", pytest.approx(2.8 / 2.2), False),
+        ("fused, every context", pytest.approx(20 / 2.1), True),
+    ]
+    no_floor = [row(r["backend"], r["context"], r["tpot_ms"], floor_ms=None) for r in rows[:3]]
+    assert [t["met"] for t in decode._targets(no_floor)] == [None] * 4  # no floor, no peers
+    assert [t["met"] for t in decode._targets(rows[3:])] == [None] * 4  # no fused rows
 
 
 def test_bench_decode_samples_when_asked(tmp_path, capsys):

@@ -52,6 +52,9 @@ def run(args):
     rows = [{"tokens": 2**i, "provider": "neoxfuse", "median_us": random.uniform(1, 9)} for i in range(args.rows)]
     record = {"suite": "fake", "commit": os.environ.get("NEOXFUSE_COMMIT", "unknown"), "created": "2026-01-01T00:00:00+00:00",
               "device": {"name": "stand-in", "sm": None, "copy_GBps": None}, "rows": rows}
+    if mode == "targets":
+        record["targets"] = [{"target": name, "shape": "1x8", "met": met} for name, met in
+                             (("fast", True), ("faster", False), ("fastest", False), ("bold", None))]
     Path(args.out_dir, f"fake-{random.getrandbits(32):08x}.json").write_text(json.dumps(record))
     return 0
 '''
@@ -271,6 +274,14 @@ def test_bench_stage_runs_a_suite_and_adds_nvml_and_the_commit(tmp_path, fakes, 
         assert nvml["reason"].startswith("unavailable:") and "NVML unavailable" in stage.reason
     assert "fake suite running (ok)" in (pipeline.out / "logs" / "bench-fake_suite.log").read_text()
     assert "    fake suite running (ok)" in capsys.readouterr().out  # progress streams while it runs
+
+
+def test_bench_stage_counts_the_targets_the_suite_checked(tmp_path, fakes, monkeypatch):
+    monkeypatch.setenv("FAKE_SUITE_MODE", "targets")
+    pipeline = pipeline_for(tmp_path)
+    stage = pipeline.run_stage("bench:fake_suite", pipeline.bench_suite, FAKE)
+    assert stage.status == "passed", stage
+    assert "targets: 1 met, 2 NOT met (faster at 1x8; fastest at 1x8), 1 not measured" in stage.reason
 
 
 @pytest.mark.parametrize(

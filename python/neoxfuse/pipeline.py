@@ -25,8 +25,9 @@ status 1:
   bench:<suite>    every suite module of neoxfuse.bench (SUITE, HELP, add_arguments, run), each
                    in its own process with --out-dir DIR/results (and its --suite-args), while a
                    GpuMonitor samples the GPU; each results file it writes gains "nvml" and
-                   per-row throttled / gpu_shared (neoxfuse.monitor). Suites of DESIGN.md §6
-                   missing from this build are reported as skipped.
+                   per-row throttled / gpu_shared (neoxfuse.monitor); the stage's reason counts
+                   the issues' targets the suite checked (met, NOT met, not measured). Suites of
+                   DESIGN.md §6 missing from this build are reported as skipped.
   profile:<suite>  the suite again under Nsight Compute (neoxfuse.profile), with the suite's
                    optional PROFILE_ARGS (arguments for a short run that still launches each of
                    its kernels); the first launch of each neoxfuse kernel is profiled, the report
@@ -119,6 +120,17 @@ def find_sanitizer() -> str | None:
 def _pytest_command(target: Path, marker: str, xml: Path) -> list[str]:
     """pytest on `target` (a test file or folder), the tests carrying `marker` only, JUnit XML into `xml`."""
     return [sys.executable, "-m", "pytest", str(target), "-m", marker, "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}"]
+
+
+def target_verdicts(paths: list[Path]) -> str:
+    """'targets: 2 met, 1 NOT met (its name at its shape), 1 not measured' over the issues' targets that the
+    results files hold (neoxfuse.bench.common.target); '' when they hold none."""
+    targets = [t for path in paths for t in json.loads(path.read_text()).get("targets", [])]
+    if not targets:
+        return ""
+    missed = [f"{t['target']} at {t['shape']}" for t in targets if t["met"] is False]
+    met, unmeasured = sum(t["met"] is True for t in targets), sum(t["met"] is None for t in targets)
+    return f"targets: {met} met, {len(missed)} NOT met" + (f" ({'; '.join(missed)})" if missed else "") + f", {unmeasured} not measured"
 
 
 def _count_summary(counts: dict) -> str:
@@ -413,7 +425,8 @@ class Pipeline:
             flags.append("FLAGGED shared the GPU with " + ", ".join(str(p["pid"]) for p in nvml["other_processes"]))
         if not nvml.get("available"):
             flags.append("NVML " + nvml["reason"])
-        return Outcome("passed", "; ".join([f"{len(written)} results file(s)", *flags]), details)
+        verdicts = target_verdicts(written)
+        return Outcome("passed", "; ".join([f"{len(written)} results file(s)", *filter(None, [verdicts]), *flags]), details)
 
     def profile_suite(self, suite: Suite, ncu: str) -> Outcome:
         log = self.logs / f"profile-{suite.module}.log"

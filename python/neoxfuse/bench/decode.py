@@ -27,6 +27,10 @@ tokens equal the baseline's (hf_eager when it ran); `matched_tokens` how many ag
 first difference (fp16 runs of different kernels may part at a near tie). Sampled runs draw from
 different generators, so their rows have null `match` and `matched_tokens`; every row says how
 it chose tokens in `sampling`, and their results file is suite `decode_sampled`.
+
+Issue 4's targets (H100) are checked and printed for greedy fp16 runs of a Pythia-2.8B-shaped
+model: the fused TPOT at most 1.15x its floor at every context <= 512 and 1.25x at 2048, and at
+least 1.3x faster than hf_compile and 5x faster than hf_eager at every context measured.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from neoxfuse.bench.common import device_record, percentile, write_results
-from neoxfuse.configs import MODEL_NAMES, shape_of
+from neoxfuse.bench.common import device_record, percentile, target, target_lines, write_results
+from neoxfuse.configs import MODEL_NAMES, pythia_config, shape_of
 from neoxfuse.device import copy_bandwidth
 from neoxfuse.engine import BACKENDS, DTYPES, Engine, StepClock, resolve_device, resolve_dtype
 from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnknownModelError
@@ -61,6 +65,7 @@ GPU_LENGTHS, CPU_LENGTHS = (16, 64, 256, 1024, 2048), (16, 64)
 HF_PEERS = ("hf_eager", "hf_compile")
 BASELINE = "hf_eager"
 WARMUP_TOKENS = 8
+TARGET_MODEL = "pythia-2.8b"  # issue 4's targets are for greedy fp16 runs of this shape
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -257,6 +262,7 @@ def run(args) -> int:
     names = [contender.name for contender in contenders]
     floor = {"weight_bytes": shape.weight_bytes(dtype_bytes), "kv_bytes_per_token": shape.kv_bytes_per_token(dtype_bytes)}
     rows = _rows(runs, names, lengths, description, floor, copy.GBps if copy else None, sampling)
+    targets_apply = shape == shape_of(pythia_config(TARGET_MODEL)) and dtype == torch.float16 and sampling.greedy
     extra = {
         "model": description,
         "dtype": str(dtype).replace("torch.", ""),
@@ -268,6 +274,7 @@ def run(args) -> int:
         "copy": copy.as_dict() if copy else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "nvml": nvml,
+        "targets": _targets(rows) if targets_apply else [],
     }
     device_entry = device_record(copy)
     suite = SUITE if sampling.greedy else SAMPLED_SUITE  # the dashboard keeps the two apart
@@ -334,6 +341,32 @@ def _rows(runs, names: list[str], lengths: list[int], description: str, floor: d
     return rows
 
 
+def _targets(rows: list[dict]) -> list[dict]:
+    """Issue 4's targets on the fused rows, each with the worst value over the contexts it covers and whether
+    it is met (None: not measured, e.g. no fused row, no floor, no such peer)."""
+    fused = {row["context"]: row for row in rows if row["backend"] == "fused"}
+
+    def worst(values: list[float | None], pick) -> float | None:
+        measured = [value for value in values if value is not None]
+        return pick(measured) if measured else None
+
+    def floor_ratio(row: dict) -> float | None:
+        return None if row["floor_ms"] is None else row["tpot_ms"] / row["floor_ms"]
+
+    def speedup_over(peer: str) -> float | None:
+        return worst([row["tpot_ms"] / fused[row["context"]]["tpot_ms"] for row in rows
+                      if row["backend"] == peer and row["context"] in fused], min)
+
+    at_2048 = fused.get(2048)
+    return [
+        target("TPOT / floor", "fused, context <= 512", worst([floor_ratio(r) for c, r in fused.items() if c <= 512], max),
+               1.15, at_most=True),
+        target("TPOT / floor", "fused, context 2048", at_2048 and floor_ratio(at_2048), 1.25, at_most=True),
+        target("speedup vs hf_compile", "fused, every context", speedup_over("hf_compile"), 1.3),
+        target("speedup vs hf_eager", "fused, every context", speedup_over("hf_eager"), 5.0),
+    ]
+
+
 def _table(rows: list[dict], description: str, extra: dict, device: dict) -> str:
     def number(value, digits=2):
         return "n/a" if value is None else f"{value:.{digits}f}"
@@ -357,4 +390,8 @@ def _table(rows: list[dict], description: str, extra: dict, device: dict) -> str
         )
     lines.append(f"match: tokens equal to {extra['baseline']}'s (greedy runs); vs best peer: fastest HF peer's TPOT / this TPOT")
     lines += [f"skipped {name}: {why}" for name, why in extra["skipped"].items()]
+    if extra["targets"]:
+        lines += target_lines("targets (issue 4, H100):", extra["targets"])
+    else:
+        lines.append(f"targets (issue 4): for greedy fp16 runs of a {TARGET_MODEL}-shaped model; not this run")
     return "\n".join(lines)
