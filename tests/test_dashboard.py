@@ -120,6 +120,10 @@ def random_results(folder: Path, rng: random.Random) -> dict[str, dict]:
         ],
         nvml={"available": True, "samples": 3, "duration_s": 0.2, "sm_clock_mhz": {"min": 1500, "median": 1900, "max": 1980},
               "throttled": True, "throttle_reasons": ["hw_thermal_slowdown"], "gpu_shared": False, "other_processes": []},
+        targets=[{"target": "decode speedup", "shape": "1x2560", "value": 3.1, "threshold": 2.5, "at_most": False, "met": True},
+                 {"target": "median us", "shape": "1x2560", "value": 9.5, "threshold": 8.0, "at_most": True, "met": False},
+                 {"target": "prefill speedup", "shape": "16384x2560", "value": None, "threshold": 1.0, "at_most": False,
+                  "met": None}],
     )  # fmt: skip
     write("layer.json", "layer", "bbbbbbb2",
           [{"model": "pythia-2.8b", "layer": 0, "seq_len": n, "dtype": d, "provider": p, "median_us": rng.uniform(55, 90),
@@ -148,7 +152,7 @@ def test_page_draws_every_section_from_random_results(tmp_path, rng):
     runs, problems = load_results([tmp_path])
     assert len(runs) == len(files) and len(problems) == 2
     html = render(runs, problems)
-    for section in ("floor", "suite-decode", "suite-decode-sampled", "suite-layer", "suite-ln-residual", "suite-sample",
+    for section in ("targets", "floor", "suite-decode", "suite-decode-sampled", "suite-layer", "suite-ln-residual", "suite-sample",
                     "suite-brand-new-suite", "nvml", "ncu", "sources"):
         assert f'id="{section}"' in html
     assert 'id="floor-over-commits"' in html and 'id="nvml-sm-clock"' in html and 'id="ncu-brand-new-suite' in html
@@ -160,6 +164,10 @@ def test_page_draws_every_section_from_random_results(tmp_path, rng):
     assert html.count('id="layer-random-gpu-test-') == 2 and "model=pythia-2.8b, layer=0, dtype=bf16" in html  # per dtype
     assert "broken.json: not readable JSON" in html and "other.json: not a results file" in html
     assert "throttled: hw_thermal_slowdown" in html
+    targets = html.split('id="targets"')[1].split("</section>")[0]
+    assert targets.count("<tr class=flagged>") == 1 and "<td>NOT met</td>" in targets and "<td>&lt;= 8.0</td>" in targets
+    assert targets.count("<td>met</td>") == 1 and targets.count("<td>not measured</td>") == 1
+    assert "No run has checked" in render([run for run in runs if run.suite != "ln_residual"], [])
     assert "Suite <code>brand_new_suite</code> has no plot layout" in html
 
 

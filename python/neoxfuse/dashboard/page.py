@@ -248,6 +248,24 @@ def _suite_section(suite: str, runs: list[Run]) -> str:
     return "".join(parts)
 
 
+def _targets_section(runs: list[Run]) -> str:
+    """The issues' targets as the latest run of each suite on each device checked them (neoxfuse.bench.common.target);
+    a target not met is flagged."""
+    rows = []
+    for suite in dict.fromkeys(run.suite for run in runs):
+        for run in _latest_per_device([r for r in runs if r.suite == suite and r.data.get("targets")]):
+            rows += [
+                {"suite": suite, "device": run.device_name, "commit": run.commit, "target": t["target"], "shape": t["shape"],
+                 "value": t["value"], "bound": f"{'<=' if t.get('at_most') else '>='} {t['threshold']}",
+                 "verdict": "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")}
+                for t in run.data["targets"]
+            ]  # fmt: skip
+    heading = '<section id="targets"><h2>Targets</h2>'
+    if not rows:
+        return heading + '<p class="note">No run has checked the issues\' targets yet.</p></section>'
+    return heading + _table(_columns(rows), rows, lambda row: row["verdict"] == "NOT met") + "</section>"
+
+
 def _floor_history(runs: list[Run]) -> str:
     """% of the floor reached by the own kernels, one point per run, x = commits oldest first."""
     positions: dict[str, int] = {}
@@ -463,7 +481,7 @@ def render(runs: list[Run], problems: list[str], generated: str | None = None) -
     ]
     if not runs:
         body.append('<p class="note">No results yet: run the GPU pipeline (ci/gpu_pipeline) to make some.</p>')
-    body.append(_floor_history(runs))
+    body += [_targets_section(runs), _floor_history(runs)]
     body += [_suite_section(suite, by_suite[suite]) for suite in ordered]
     body += [_nvml_section(runs), _ncu_section(runs), _sources(runs)]
     html = "\n".join(body)
