@@ -382,11 +382,15 @@ def test_help_describes_the_stages():
 
 FAKE_SANITIZER = '''#!{python}
 """A stand-in for compute-sanitizer: runs the program after --error-exitcode N; with
-$FAKE_SANITIZER_MODE=errors reports an error and exits N, as the real one does."""
+$FAKE_SANITIZER_MODE=errors reports an error and exits N, as the real one does; with
+$FAKE_SANITIZER_MODE=unsupported refuses the device as it does on gVisor machines."""
 import os, subprocess, sys
 
 argv = sys.argv[1:]
 assert argv[0] == "--tool" and argv[2] == "--error-exitcode", argv
+if os.environ.get("FAKE_SANITIZER_MODE") == "unsupported":
+    print("========= Error: Device not supported")
+    sys.exit(1)
 status = subprocess.call(argv[4:])
 if os.environ.get("FAKE_SANITIZER_MODE") == "errors":
     print("========= Invalid __global__ read of size 16 bytes")
@@ -409,14 +413,18 @@ def write_sanitize_tests(checkout: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("mode", ["clean", "errors"])
-def test_sanitize_stages_run_the_marked_gpu_tests_under_each_tool(tmp_path, checkout, monkeypatch, mode):
-    write_sanitize_tests(checkout)
+def fake_sanitizer(tmp_path, monkeypatch, mode: str) -> None:
     sanitizer = tmp_path / "compute-sanitizer"
     sanitizer.write_text(FAKE_SANITIZER.format(python=sys.executable))
     sanitizer.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SANITIZER_MODE", mode)
+
+
+@pytest.mark.parametrize("mode", ["clean", "errors"])
+def test_sanitize_stages_run_the_marked_gpu_tests_under_each_tool(tmp_path, checkout, monkeypatch, mode):
+    write_sanitize_tests(checkout)
+    fake_sanitizer(tmp_path, monkeypatch, mode)
     pipeline = pipeline_for(tmp_path, "--tests", str(checkout))
     pipeline._sanitize_all(set())
     stages = {stage.name: stage for stage in pipeline.stages}
@@ -427,6 +435,18 @@ def test_sanitize_stages_run_the_marked_gpu_tests_under_each_tool(tmp_path, chec
             assert stage.status == "passed" and f"{tool} reported no error" in stage.reason
         else:
             assert stage.status == "failed" and f"{tool} reported errors (see logs/sanitize-{tool}.log)" in stage.reason
+
+
+def test_a_sanitizer_that_refuses_the_gpu_skips_every_tool_with_its_words(tmp_path, checkout, monkeypatch):
+    write_sanitize_tests(checkout)
+    fake_sanitizer(tmp_path, monkeypatch, "unsupported")
+    pipeline = pipeline_for(tmp_path, "--tests", str(checkout))
+    pipeline._sanitize_all(set())
+    assert [(s.name, s.status) for s in pipeline.stages] == [(f"sanitize:{tool}", "skipped") for tool in SANITIZER_TOOLS]
+    first, *later = pipeline.stages
+    assert "it says 'Device not supported' (see logs/sanitize-memcheck.log" in first.reason
+    assert all(stage.reason == f"{first.reason} (sanitize:memcheck)" for stage in later)
+    assert pipeline._finish() == 0
 
 
 def test_sanitize_stage_is_skipped_with_its_reason(tmp_path, checkout, monkeypatch):

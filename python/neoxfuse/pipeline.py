@@ -21,7 +21,8 @@ status 1:
   sanitize:<tool>  the GPU tests marked `sanitize` (small cases of every kernel path, chosen by each
                    test module's SANITIZE) under compute-sanitizer's memcheck, racecheck and
                    synccheck, with PyTorch's caching allocator off so that every tensor is its own
-                   allocation and an access past its end is caught. Fails on any error reported.
+                   allocation and an access past its end is caught. Fails on any error reported;
+                   skipped, with its words, where compute-sanitizer refuses the GPU (gVisor machines).
   bench:<suite>    every suite module of neoxfuse.bench (SUITE, HELP, add_arguments, run), each
                    in its own process with --out-dir DIR/results (and its --suite-args), while a
                    GpuMonitor samples the GPU; each results file it writes gains "nvml" and
@@ -66,6 +67,7 @@ EXPECTED_SUITES = ("decode", "layer", "ln_residual", "gptq_ln_qkv")  # DESIGN.md
 STAGES = ("tests", "sanitize", "bench", "profile", "dashboard")  # the ones --skip can name
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck")
 SANITIZER_FOUND_ERRORS = 86  # compute-sanitizer's exit status when it reported errors (--error-exitcode)
+SANITIZER_UNSUPPORTED = "Device not supported"  # what compute-sanitizer says where it cannot attach (gVisor machines)
 
 
 @dataclass
@@ -388,8 +390,11 @@ class Pipeline:
             return Outcome("passed", f"{summary}; {tool} reported no error", counts)
         if status == 5 and not timed_out:
             return Outcome("skipped", "no test carries the sanitize marker", counts)
+        where = log.relative_to(self.out)
+        if status != 0 and SANITIZER_UNSUPPORTED.lower() in log.read_text(errors="replace").lower():
+            return Outcome("skipped", f"compute-sanitizer cannot check this GPU here: it says {SANITIZER_UNSUPPORTED!r} "
+                           f"(see {where}; so it does on gVisor machines)", counts)
         if status == SANITIZER_FOUND_ERRORS and not timed_out:
-            where = log.relative_to(self.out)
             return Outcome("failed", f"{summary}; {tool} reported errors (see {where})", counts)
         return Outcome("failed", f"{summary or 'no test report'}; {self._exit_reason(status, timed_out, log)}", counts)
 
@@ -521,8 +526,12 @@ class Pipeline:
         elif sanitizer is None:
             reason = "compute-sanitizer not found (not on PATH, not in /usr/local/cuda*)"
         else:
-            for tool in SANITIZER_TOOLS:
-                self.run_stage(f"sanitize:{tool}", self.sanitize, sanitizer, tool)
+            for index, tool in enumerate(SANITIZER_TOOLS):
+                stage = self.run_stage(f"sanitize:{tool}", self.sanitize, sanitizer, tool)
+                if stage.status == "skipped" and SANITIZER_UNSUPPORTED in stage.reason:  # so would the other tools
+                    for later in SANITIZER_TOOLS[index + 1 :]:
+                        self.skip(f"sanitize:{later}", f"{stage.reason} (sanitize:{tool})")
+                    break
             return
         self.skip("sanitize", reason)
 
