@@ -53,8 +53,9 @@ def run(args):
     record = {"suite": "fake", "commit": os.environ.get("NEOXFUSE_COMMIT", "unknown"), "created": "2026-01-01T00:00:00+00:00",
               "device": {"name": "stand-in", "sm": None, "copy_GBps": None}, "rows": rows}
     if mode == "targets":
-        record["targets"] = [{"target": name, "shape": "1x8", "met": met} for name, met in
-                             (("fast", True), ("faster", False), ("fastest", False), ("bold", None))]
+        record["targets"] = [{"target": name, "shape": "1x8", "value": value, "threshold": 2.0, "at_most": False, "met": met}
+                             for name, value, met in (("fast", 3.0, True), ("faster", 1.0, False), ("fastest", 1.5, False),
+                                                      ("bold", None, None))]
     Path(args.out_dir, f"fake-{random.getrandbits(32):08x}.json").write_text(json.dumps(record))
     return 0
 '''
@@ -276,12 +277,18 @@ def test_bench_stage_runs_a_suite_and_adds_nvml_and_the_commit(tmp_path, fakes, 
     assert "    fake suite running (ok)" in capsys.readouterr().out  # progress streams while it runs
 
 
-def test_bench_stage_counts_the_targets_the_suite_checked(tmp_path, fakes, monkeypatch):
+def test_bench_stage_counts_the_targets_the_suite_checked_and_the_summary_lists_them(tmp_path, fakes, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_SUITE_MODE", "targets")
     pipeline = pipeline_for(tmp_path)
     stage = pipeline.run_stage("bench:fake_suite", pipeline.bench_suite, FAKE)
     assert stage.status == "passed", stage
     assert "targets: 1 met, 2 NOT met (faster at 1x8; fastest at 1x8), 1 not measured" in stage.reason
+    capsys.readouterr()
+    pipeline._finish()
+    [written] = pipeline.suite_results["fake_suite"]
+    summary = capsys.readouterr().out.split(f"targets checked by results/{written.name}:\n")[1].split("\n\n")[0].splitlines()
+    assert [line.split()[0] for line in summary] == ["fast", "faster", "fastest", "bold"]
+    assert [line.rsplit(": ", 1)[1] for line in summary] == ["met", "NOT met", "NOT met", "not measured"]
 
 
 @pytest.mark.parametrize(
