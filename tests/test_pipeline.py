@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -301,6 +302,27 @@ def test_bench_stage_fails_a_suite_that_fails(tmp_path, fakes, monkeypatch, mode
     stage = pipeline.run_stage("bench:fake_suite", pipeline.bench_suite, FAKE)
     assert stage.status == "failed" and reason in stage.reason, stage
     assert pipeline._finish() == 1
+
+
+def test_a_budget_kills_what_runs_at_its_end_and_skips_what_comes_after(tmp_path, fakes, checkout, monkeypatch):
+    monkeypatch.setenv("FAKE_SUITE_MODE", "hang")
+    write_gpu_tests(checkout, failing=0, passing=1)
+    pipeline = pipeline_for(tmp_path, "--budget", "2", "--tests", str(checkout))
+    start = time.monotonic()
+    hung = pipeline.run_stage("bench:fake_suite", pipeline.bench_suite, FAKE)
+    assert hung.status == "failed" and "the end of the --budget of 2 s" in hung.reason, hung
+    assert time.monotonic() - start < 30  # the suite sleeps 60 s
+    later = pipeline.run_stage("tests", pipeline.tests)
+    assert (later.status, later.reason) == ("skipped", "the --budget of 2 s was spent before it")
+    assert pipeline._finish() == 1
+
+
+def test_tests_left_when_the_budget_is_spent_are_not_run_and_fail_the_stage(tmp_path, checkout):
+    write_gpu_tests(checkout, failing=0, passing=2)
+    pipeline = pipeline_for(tmp_path, "--budget", "1000", "--tests", str(checkout))
+    pipeline.deadline = time.monotonic()  # spent just after the stage starts
+    stage = pipeline.tests()
+    assert stage.status == "failed" and "not run, the --budget of 1000 s was spent before it" in stage.reason
 
 
 def test_profile_stage_summarises_kernels_into_the_suites_results(tmp_path, fakes, rng):

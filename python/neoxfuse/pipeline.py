@@ -2,7 +2,7 @@
 
     python -m neoxfuse.pipeline --tests CHECKOUT [--out DIR] [--commit SHA] [--test GLOB]...
                                 [--marker EXPR] [--suite NAME]... [--suite-args 'NAME=ARGS']...
-                                [--skip STAGE]... [--timeout S]
+                                [--skip STAGE]... [--timeout S] [--budget S]
 
 ci/gpu_pipeline runs exactly this with CHECKOUT = the repository it sits in. It needs the
 installed package (the wheel) and a CUDA build of torch; no Bazel, no network. The stages run
@@ -35,6 +35,10 @@ status 1:
                    kept as DIR/profiles/<suite>.ncu-rep and its per-kernel summary added to the
                    suite's results files as "ncu".
   dashboard        DIR/dashboard/index.html from CHECKOUT/bench/results and DIR/results.
+
+With --budget S the whole run takes at most about S seconds (a short GPU loan): a stage not
+started by then is skipped with that reason, and a child process still running then is killed
+(its stage fails).
 
 DIR holds pipeline.json (every stage: status, reason, seconds, details), environment.json,
 results/ (copy these into bench/results/ to commit them), profiles/, logs/ and dashboard/.
@@ -186,6 +190,7 @@ class Pipeline:
         self.gpu_missing: str | None = "the environment stage did not finish"  # why GPU stages cannot run
         self.suite_results: dict[str, list[Path]] = {}  # suite -> results files its bench stage wrote
         self.started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        self.deadline = None if args.budget is None else time.monotonic() + args.budget  # time.monotonic() seconds
 
     def _checkout_commit(self) -> str:
         """`git rev-parse HEAD` in the checkout; "unknown" without one (or without git, or .git)."""
@@ -212,7 +217,10 @@ class Pipeline:
         return self._record(Stage(name, "skipped", reason))
 
     def run_stage(self, name: str, fn, *fn_args) -> Stage:
-        """Runs fn(*fn_args) -> Outcome as stage `name`; an exception fails the stage, not the run."""
+        """Runs fn(*fn_args) -> Outcome as stage `name`; an exception fails the stage, not the run.
+        Skipped once the --budget is spent."""
+        if spent := self._budget_spent():
+            return self.skip(name, spent)
         print(f"==> {name}", flush=True)
         start = time.monotonic()
         try:
@@ -233,15 +241,29 @@ class Pipeline:
         }
         (self.out / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
 
+    def _budget_spent(self) -> str | None:
+        """Why nothing more may start (the --budget is spent), or None."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return f"the --budget of {self.args.budget:g} s was spent before it"
+        return None
+
+    def _child_limit(self) -> tuple[float, str]:
+        """(seconds a child process started now may run, which limit that is): --timeout, or what is left of --budget."""
+        left = None if self.deadline is None else round(max(self.deadline - time.monotonic(), 0.0), 1)
+        if left is not None and left < self.args.timeout:
+            return left, f"the end of the --budget of {self.args.budget:g} s"
+        return self.args.timeout, f"the --timeout of {self.args.timeout:g} s"
+
     def _run_logged(
         self, command: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
-    ) -> tuple[int, bool]:
+    ) -> tuple[int, str | None]:
         """Runs `command` (with `env` added to the environment), its output streamed to the console
-        (indented) and into `log`. Killed (with its process group) after --timeout seconds.
-        Returns (exit status, timed out)."""
+        (indented) and into `log`. Killed (with its process group) at the _child_limit.
+        Returns (exit status, why it was killed or None)."""
         env = os.environ | {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"} | (env or {})
         if self.commit != "unknown":
             env["NEOXFUSE_COMMIT"] = self.commit  # what bench.common.write_results records
+        seconds, limit = self._child_limit()
         timed_out = threading.Event()
         with open(log, "w") as out:
             out.write("$ " + " ".join(command) + "\n")
@@ -259,7 +281,7 @@ class Pipeline:
                 timed_out.set()
                 os.killpg(child.pid, signal.SIGKILL)
 
-            timer = threading.Timer(self.args.timeout, kill)
+            timer = threading.Timer(seconds, kill)
             timer.start()
             try:
                 for line in child.stdout:
@@ -269,13 +291,11 @@ class Pipeline:
             finally:
                 timer.cancel()
             status = child.wait()
-        return status, timed_out.is_set()
+        return status, f"killed after {seconds} s, {limit}" if timed_out.is_set() else None
 
-    def _exit_reason(self, status: int, timed_out: bool, log: Path) -> str:
+    def _exit_reason(self, status: int, killed: str | None, log: Path) -> str:
         where = log.relative_to(self.out)
-        return (
-            f"killed after {self.args.timeout} s (see {where})" if timed_out else f"exit status {status} (see {where})"
-        )
+        return f"{killed} (see {where})" if killed else f"exit status {status} (see {where})"
 
     def _update_results(self, suite: str, change) -> None:
         """Applies change(result dict) to each results file the suite's bench stage wrote."""
@@ -330,7 +350,7 @@ class Pipeline:
             self.gpu_missing = "no CUDA GPU that the neoxfuse library can use"
         else:
             self.gpu_missing = None
-            report["fused_plan"] = fused_plan_in_child(self.args.timeout)
+            report["fused_plan"] = fused_plan_in_child(self._child_limit()[0])
         report["gpu_missing"] = self.gpu_missing
         (self.out / "environment.json").write_text(json.dumps(report, indent=2) + "\n")
         gpus = ", ".join(f"{d['name']} (sm_{d['sm']})" for d in report.get("devices", [])) or "no GPU"
@@ -356,17 +376,20 @@ class Pipeline:
         per_file, failed = {}, []
         marker = "gpu" if self.args.marker is None else f"gpu and ({self.args.marker})"
         for path in files:
+            if spent := self._budget_spent():
+                failed.append(f"{path.name}: not run, {spent}")
+                continue
             log, xml = self.logs / f"tests-{path.stem}.log", self.logs / f"tests-{path.stem}.xml"
-            status, timed_out = self._run_logged(_pytest_command(path, marker, xml), log, cwd=self.checkout)
-            if status == 5 and not timed_out:  # pytest: no test collected, i.e. none carries the markers
+            status, killed = self._run_logged(_pytest_command(path, marker, xml), log, cwd=self.checkout)
+            if status == 5 and not killed:  # pytest: no test collected, i.e. none carries the markers
                 continue
             counts = _junit_counts(xml) if xml.exists() else {}
             per_file[path.name] = counts | {"status": status}
             for key in totals:
                 totals[key] += counts.get(key, 0)
-            if status != 0 or timed_out:
-                failed.append(f"{path.name}: {self._exit_reason(status, timed_out, log)}")
-        if not per_file:
+            if status != 0 or killed:
+                failed.append(f"{path.name}: {self._exit_reason(status, killed, log)}")
+        if not per_file and not failed:
             reason = "no test carries the gpu marker"
             if self.args.marker is not None:
                 reason += f" and --marker {self.args.marker}"
@@ -381,28 +404,28 @@ class Pipeline:
         log, xml = self.logs / f"sanitize-{tool}.log", self.logs / f"sanitize-{tool}.xml"
         command = [sanitizer, "--tool", tool, "--error-exitcode", str(SANITIZER_FOUND_ERRORS)]
         command += _pytest_command(self.checkout / "tests", "gpu and sanitize", xml)
-        status, timed_out = self._run_logged(
+        status, killed = self._run_logged(
             command, log, cwd=self.checkout, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
         )
         counts = _junit_counts(xml) if xml.exists() else {}
         summary = _count_summary(counts)
-        if status == 0 and not timed_out:
+        if status == 0 and not killed:
             return Outcome("passed", f"{summary}; {tool} reported no error", counts)
-        if status == 5 and not timed_out:
+        if status == 5 and not killed:
             return Outcome("skipped", "no test carries the sanitize marker", counts)
         where = log.relative_to(self.out)
         if status != 0 and SANITIZER_UNSUPPORTED.lower() in log.read_text(errors="replace").lower():
             return Outcome("skipped", f"compute-sanitizer cannot check this GPU here: it says {SANITIZER_UNSUPPORTED!r} "
                            f"(see {where}; so it does on gVisor machines)", counts)
-        if status == SANITIZER_FOUND_ERRORS and not timed_out:
+        if status == SANITIZER_FOUND_ERRORS and not killed:
             return Outcome("failed", f"{summary}; {tool} reported errors (see {where})", counts)
-        return Outcome("failed", f"{summary or 'no test report'}; {self._exit_reason(status, timed_out, log)}", counts)
+        return Outcome("failed", f"{summary or 'no test report'}; {self._exit_reason(status, killed, log)}", counts)
 
     def bench_suite(self, suite: Suite) -> Outcome:
         log = self.logs / f"bench-{suite.module}.log"
         before = set(self.results.glob("*.json"))
         with monitor.GpuMonitor(interval_s=self.args.nvml_interval) as gpu:
-            status, timed_out = self._run_logged(
+            status, killed = self._run_logged(
                 [
                     sys.executable,
                     "-m",
@@ -419,8 +442,8 @@ class Pipeline:
         self.suite_results[suite.module] = written
         self._update_results(suite.module, lambda data: monitor.annotate(data, nvml))
         details = {"results": [str(p.relative_to(self.out)) for p in written], "nvml": nvml}
-        if status != 0 or timed_out:
-            return Outcome("failed", self._exit_reason(status, timed_out, log), details)
+        if status != 0 or killed:
+            return Outcome("failed", self._exit_reason(status, killed, log), details)
         if not written:
             return Outcome("failed", f"the suite wrote no results file into {self.results}", details)
         flags = []
@@ -443,7 +466,7 @@ class Pipeline:
             prefix=f"profile-{suite.module}-", dir=self.out
         ) as scratch:  # timings under ncu are discarded
             program = [sys.executable, "-m", "neoxfuse.pipeline", "_suite", suite.path, scratch, *extra]
-            status, timed_out = self._run_logged(
+            status, killed = self._run_logged(
                 profile.profile_command(ncu, str(report.with_suffix("")), program), log
             )
         output = log.read_text()
@@ -451,10 +474,10 @@ class Pipeline:
             return self._attach_ncu(
                 suite, Outcome("skipped", f"ncu cannot read the GPU's performance counters here: {blocked}")
             )
-        if status != 0 or timed_out:
+        if status != 0 or killed:
             errors = [line for line in output.splitlines() if line.startswith("==ERROR==")]
             return self._attach_ncu(
-                suite, Outcome("failed", "; ".join(errors[:3] + [self._exit_reason(status, timed_out, log)]))
+                suite, Outcome("failed", "; ".join(errors[:3] + [self._exit_reason(status, killed, log)]))
             )
         if not report.exists():
             return self._attach_ncu(
@@ -689,6 +712,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip", action="append", choices=STAGES, help="leave out a stage (repeatable)")
     parser.add_argument(
         "--timeout", type=float, default=3600, help="seconds any one child process may run (default 3600)"
+    )
+    parser.add_argument(
+        "--budget", type=float, help="seconds the whole run may take: later stages are skipped, a running child is killed"
     )
     parser.add_argument("--nvml-interval", type=float, default=0.1, help="seconds between NVML samples (default 0.1)")
     return parser.parse_args(argv)
