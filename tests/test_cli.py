@@ -237,6 +237,21 @@ def test_bench_decode_targets_take_the_worst_context():
     assert [t["met"] for t in decode._targets(rows[3:])] == [None] * 4  # no fused rows
 
 
+def test_bench_decode_checks_the_targets_on_greedy_fp16_runs_of_the_target_shape(tmp_path, capsys, monkeypatch):
+    from neoxfuse.bench import decode
+
+    monkeypatch.setattr(decode, "TARGET_MODEL", "tiny")  # stands in for pythia-2.8b, which a CPU cannot run
+    base = ["bench", "decode", "--model", "tiny", "--device", "cpu", "--lengths", "4", "--out-dir", str(tmp_path)]
+    assert main([*base, "--dtype", "fp16"]) == 0, capsys.readouterr().err
+    assert "targets (issue 4, H100):" in capsys.readouterr().out
+    assert main([*base, "--dtype", "fp32"]) == 0, capsys.readouterr().err
+    assert "targets (issue 4): for greedy fp16 runs of a tiny-shaped model; not this run" in capsys.readouterr().out
+    fp16, fp32 = sorted(tmp_path.glob("decode-*.json"), key=lambda path: json.loads(path.read_text())["dtype"])
+    targets = json.loads(fp16.read_text())["targets"]
+    assert len(targets) == 4 and all(t["met"] is None for t in targets)  # no fused row on a CPU: not measured
+    assert json.loads(fp32.read_text())["targets"] == []
+
+
 def test_bench_decode_samples_when_asked(tmp_path, capsys):
     out_dir = tmp_path / "results"
     code = main(["bench", "decode", "--model", "tiny", "--device", "cpu", "--lengths", "6", "--temperature", "0.8",

@@ -214,6 +214,8 @@ def test_dashboard_of_the_samples_loads_in_chromium_without_errors_and_shows_its
     assert report.title == "neoxfuse dashboard"
     ids = {plot["id"] for plot in report.plots}
     assert {"floor-over-commits", "nvml-sm-clock", "ncu-ln-residual-synthetic-gpu-sample"} <= ids
+    targets = page.read_text().split('id="targets"')[1].split("</section>")[0]
+    assert targets.count("<tr class=flagged>") == 2  # decode-sample-2.json: 2 of its 4 targets not met
     assert any(i.startswith("decode-") for i in ids) and any(i.startswith("gptq-ln-qkv-") for i in ids)
     assert len(report.plots) == report.declared_plots >= 8
     assert all(plot["marks"] > 0 for plot in report.plots)
