@@ -18,12 +18,11 @@ from neoxfuse.bench.common import (
     kernel_table,
     percentile,
     providers_arg,
-    target,
-    target_lines,
     time_cuda,
     time_graph,
     write_results,
 )
+from neoxfuse.bench.targets import target, target_lines
 from neoxfuse.errors import InvalidInputError, NoGPUError
 
 

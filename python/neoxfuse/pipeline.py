@@ -66,6 +66,7 @@ from pathlib import Path
 
 import neoxfuse
 from neoxfuse import monitor, profile
+from neoxfuse.bench.targets import target_lines, verdict
 
 EXPECTED_SUITES = ("decode", "layer", "ln_residual", "gptq_ln_qkv")  # DESIGN.md §6
 STAGES = ("tests", "sanitize", "bench", "profile", "dashboard")  # the ones --skip can name
@@ -130,13 +131,14 @@ def _pytest_command(target: Path, marker: str, xml: Path) -> list[str]:
 
 def target_verdicts(paths: list[Path]) -> str:
     """'targets: 2 met, 1 NOT met (its name at its shape), 1 not measured' over the issues' targets that the
-    results files hold (neoxfuse.bench.common.target); '' when they hold none."""
+    results files hold (neoxfuse.bench.targets); '' when they hold none."""
     targets = [t for path in paths for t in json.loads(path.read_text()).get("targets", [])]
     if not targets:
         return ""
-    missed = [f"{t['target']} at {t['shape']}" for t in targets if t["met"] is False]
-    met, unmeasured = sum(t["met"] is True for t in targets), sum(t["met"] is None for t in targets)
-    return f"targets: {met} met, {len(missed)} NOT met" + (f" ({'; '.join(missed)})" if missed else "") + f", {unmeasured} not measured"
+    verdicts = [verdict(t) for t in targets]
+    missed = [f"{t['target']} at {t['shape']}" for t, v in zip(targets, verdicts, strict=True) if v == "NOT met"]
+    return (f"targets: {verdicts.count('met')} met, {len(missed)} NOT met" + (f" ({'; '.join(missed)})" if missed else "")
+            + f", {verdicts.count('not measured')} not measured")
 
 
 def _count_summary(counts: dict) -> str:
@@ -622,8 +624,6 @@ class Pipeline:
                 reason = stage.reason
 
     def _finish(self) -> int:
-        from neoxfuse.bench.common import target_lines
-
         print("\nstage                      status   seconds  reason")
         for s in self.stages:
             print(f"{s.name:<26} {s.status:<8} {s.seconds:>7.1f}  {s.reason}")

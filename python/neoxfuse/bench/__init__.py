@@ -8,7 +8,8 @@ A suite module defines
     def run(args) -> int          # runs it, prints a table, writes a results file; the exit code
 
 `suites()` finds every such module here with pkgutil, so adding a suite needs no CLI edit.
-common.py holds what the suites share (timing, the device record, write_results).
+common.py holds what the suites share (timing, the device record, write_results), targets.py the issues'
+targets they check.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def suites() -> tuple[dict[str, ModuleType], dict[str, str]]:
     found: dict[str, ModuleType] = {}
     broken: dict[str, str] = {}
     for info in pkgutil.iter_modules(__path__):
-        if info.name == "common":
+        if info.name in ("common", "targets"):
             continue
         try:
             module = importlib.import_module(f"{__name__}.{info.name}")

@@ -1,5 +1,5 @@
-"""What every benchmark suite shares: timing with percentiles, the device record, the results
-file of DESIGN.md §6 and the issues' targets; and what the kernel suites (gptq-ln-qkv,
+"""What every benchmark suite shares: timing with percentiles, the device record and the results
+file of DESIGN.md §6 (the issues' targets: bench/targets.py); and what the kernel suites (gptq-ln-qkv,
 ln-residual: one function per shape, timed per provider) share: buffer sets beyond L2, bandwidth
 fields, speedups over the peers and their table. GPU monitoring (clocks, power, throttling) is
 neoxfuse.monitor's.
@@ -190,23 +190,6 @@ def providers_arg(known: Sequence[str]) -> Callable[[str], list[str]]:
         return names
 
     return parse
-
-
-def target(name: str, shape: str, value: float | None, threshold: float, *, at_most: bool = False) -> dict:
-    """One of an issue's targets as measured: {target, shape, value, threshold, at_most, met}, where met is
-    value <= threshold (at_most) or value >= threshold, and None when value is None (not measured)."""
-    met = None if value is None else (value <= threshold if at_most else value >= threshold)
-    return {"target": name, "shape": shape, "value": value, "threshold": threshold, "at_most": at_most, "met": met}
-
-
-def target_lines(title: str, targets: list[dict]) -> list[str]:
-    """The targets as table lines under `title`: name, shape, value, bound and verdict."""
-    lines = [title]
-    for t in targets:
-        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
-        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
-        lines.append(f"  {t['target']:<36} {t['shape']:<36} {value} ({'<=' if t['at_most'] else '>='} {t['threshold']}): {verdict}")
-    return lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from neoxfuse.bench.common import device_record, percentile, target, target_lines, write_results
+from neoxfuse.bench.common import device_record, percentile, write_results
+from neoxfuse.bench.targets import target, target_lines
 from neoxfuse.configs import MODEL_NAMES, pythia_config, shape_of
 from neoxfuse.device import copy_bandwidth
 from neoxfuse.engine import BACKENDS, DTYPES, Engine, StepClock, resolve_device, resolve_dtype

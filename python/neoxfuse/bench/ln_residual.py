@@ -47,11 +47,10 @@ from neoxfuse.bench.common import (
     device_record,
     kernel_table,
     providers_arg,
-    target,
-    target_lines,
     time_graph,
     write_results,
 )
+from neoxfuse.bench.targets import target, target_lines
 from neoxfuse.checks import require_cuda
 from neoxfuse.device import copy_bandwidth, devices
 from neoxfuse.errors import InvalidInputError

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from html import escape
 from pathlib import Path
 
+from neoxfuse.bench.targets import bound, verdict
 from neoxfuse.dashboard.svg import Series, bar_plot, line_plot, range_plot
 
 OWN_PROVIDERS = frozenset({"fused", "neoxfuse"})  # the project's own backend / provider names
@@ -249,15 +250,14 @@ def _suite_section(suite: str, runs: list[Run]) -> str:
 
 
 def _targets_section(runs: list[Run]) -> str:
-    """The issues' targets as the latest run of each suite on each device checked them (neoxfuse.bench.common.target);
+    """The issues' targets as the latest run of each suite on each device checked them (neoxfuse.bench.targets);
     a target not met is flagged."""
     rows = []
     for suite in dict.fromkeys(run.suite for run in runs):
         for run in _latest_per_device([r for r in runs if r.suite == suite and r.data.get("targets")]):
             rows += [
                 {"suite": suite, "device": run.device_name, "commit": run.commit, "target": t["target"], "shape": t["shape"],
-                 "value": t["value"], "bound": f"{'<=' if t.get('at_most') else '>='} {t['threshold']}",
-                 "verdict": "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")}
+                 "value": t["value"], "bound": bound(t), "verdict": verdict(t)}
                 for t in run.data["targets"]
             ]  # fmt: skip
     heading = '<section id="targets"><h2>Targets</h2>'
