@@ -81,6 +81,16 @@ def test_runs_in_the_same_second_get_their_own_files(tmp_path):
     assert len(paths) == 3 and all(path.is_file() for path in paths)
 
 
+def test_a_run_that_saves_as_it_goes_rewrites_its_own_file(tmp_path):
+    first = write_results("decode", [{"context": 16}], device=_device(), out_dir=tmp_path, extra={"complete": False})
+    other = write_results("decode", [], device=_device(), out_dir=tmp_path)
+    again = write_results("decode", [{"context": 16}, {"context": 64}], device=_device(), out_dir=tmp_path,
+                          extra={"complete": True}, path=first)
+    assert again == first and sorted(tmp_path.iterdir()) == sorted([first, other])
+    record = json.loads(first.read_text())
+    assert record["complete"] is True and [row["context"] for row in record["rows"]] == [16, 64]
+
+
 @pytest.mark.parametrize(
     "suite, rows, device, extra, message",
     [

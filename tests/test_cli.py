@@ -204,6 +204,7 @@ def test_bench_decode_on_a_cpu_writes_its_results(tmp_path, capsys):
     [path] = out_dir.glob("decode-*.json")
     record = json.loads(path.read_text())
     assert record["suite"] == "decode" and record["commit"] and record["created"] and record["targets"] == []
+    assert record["complete"] is True
     assert record["device"]["copy_GBps"] is None and record["device"]["sm"] is None
     assert {(row["backend"], row["context"]) for row in record["rows"]} == {
         (backend, length) for backend in ("reference", "hf_eager") for length in (4, 9)
@@ -250,6 +251,27 @@ def test_bench_decode_checks_the_targets_on_greedy_fp16_runs_of_the_target_shape
     targets = json.loads(fp16.read_text())["targets"]
     assert len(targets) == 4 and all(t["met"] is None for t in targets)  # no fused row on a CPU: not measured
     assert json.loads(fp32.read_text())["targets"] == []
+
+
+def test_bench_decode_stopped_part_way_keeps_the_runs_it_finished(tmp_path, capsys, monkeypatch):
+    from neoxfuse.bench import decode
+
+    generate = decode.HFContender.generate
+
+    def stopped_at_the_second_length(self, prompt, new_tokens):
+        if new_tokens == 9:
+            raise KeyboardInterrupt  # as a pipeline's --budget or a user stops it
+        return generate(self, prompt, new_tokens)
+
+    monkeypatch.setattr(decode.HFContender, "generate", stopped_at_the_second_length)
+    code = main(["bench", "decode", "--model", "tiny", "--device", "cpu", "--lengths", "4,9", "--out-dir", str(tmp_path)])
+    assert code == 130
+    [path] = tmp_path.glob("decode-*.json")
+    record = json.loads(path.read_text())
+    assert record["complete"] is False
+    # reference ran both lengths, hf_eager (the baseline) only the first: matches only where it ran
+    assert [(row["backend"], row["context"], row["match"]) for row in record["rows"]] == [
+        ("reference", 4, True), ("hf_eager", 4, True), ("reference", 9, None)]
 
 
 def test_bench_decode_samples_when_asked(tmp_path, capsys):

@@ -142,11 +142,19 @@ def git_commit() -> str:
 
 
 def write_results(
-    suite: str, rows: list[dict], *, device: dict, out_dir: str | os.PathLike = "bench/results", extra: dict | None = None
+    suite: str,
+    rows: list[dict],
+    *,
+    device: dict,
+    out_dir: str | os.PathLike = "bench/results",
+    extra: dict | None = None,
+    path: Path | None = None,
 ) -> Path:
     """Writes one run as JSON (DESIGN.md §6): {suite, commit, created, device {name, sm, copy_GBps}, rows, **extra}.
 
-    The file is out_dir/<suite>-<UTC time>-<device>.json; returns its path.
+    The file is out_dir/<suite>-<UTC time>-<device>.json; returns its path. `path`: a path this function
+    returned earlier for the same run, rewritten with what the run has measured since (a suite that saves
+    as it goes keeps its finished part when it is stopped).
     """
     if not suite or not isinstance(suite, str):
         raise InvalidInputError(f"suite must be a non-empty string, got {suite!r}")
@@ -167,6 +175,9 @@ def write_results(
         **(extra or {}),
         "rows": rows,
     }
+    if path is not None:
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        return path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device_slug = re.sub(r"[^a-z0-9]+", "-", str(device["name"]).lower()).strip("-")

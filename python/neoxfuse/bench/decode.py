@@ -26,7 +26,9 @@ floor fields are null and the default model is the tiny shape. `match` says whet
 tokens equal the baseline's (hf_eager when it ran); `matched_tokens` how many agree before the
 first difference (fp16 runs of different kernels may part at a near tie). Sampled runs draw from
 different generators, so their rows have null `match` and `matched_tokens`; every row says how
-it chose tokens in `sampling`, and their results file is suite `decode_sampled`.
+it chose tokens in `sampling`, and their results file is suite `decode_sampled`. The file is
+rewritten after each run with the rows measured so far, "complete" false until the last: a suite
+stopped part-way (the pipeline's --budget, say) keeps what it measured.
 
 Issue 4's targets (H100) are checked and printed for greedy fp16 runs of a Pythia-2.8B-shaped
 model: the fused TPOT at most 1.15x its floor at every context <= 512 and 1.25x at 2048, and at
@@ -36,8 +38,10 @@ least 1.3x faster than hf_compile and 5x faster than hf_eager at every context m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,18 +255,9 @@ def run(args) -> int:
     contenders, skipped = _contenders(args, model, device, dtype, max_seq_len, sampling)
     prompt = torch.randint(0, shape.vocab, (1,), generator=torch.Generator().manual_seed(args.seed)).tolist()
 
-    if on_gpu:
-        with GpuMonitor() as sampler:
-            runs = _measure(contenders, prompt, lengths)
-        nvml = sampler.summary()
-    else:
-        runs = _measure(contenders, prompt, lengths)
-        nvml = {"available": False, "reason": "a CPU run has no GPU to sample"}
-
     dtype_bytes = torch.finfo(dtype).bits // 8
     names = [contender.name for contender in contenders]
     floor = {"weight_bytes": shape.weight_bytes(dtype_bytes), "kv_bytes_per_token": shape.kv_bytes_per_token(dtype_bytes)}
-    rows = _rows(runs, names, lengths, description, floor, copy.GBps if copy else None, sampling)
     targets_apply = shape == shape_of(pythia_config(TARGET_MODEL)) and dtype == torch.float16 and sampling.greedy
     extra = {
         "model": description,
@@ -274,19 +269,36 @@ def run(args) -> int:
         "floor": floor,
         "copy": copy.as_dict() if copy else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "nvml": nvml,
-        "targets": _targets(rows) if targets_apply else [],
     }
     device_entry = device_record(copy)
     suite = SUITE if sampling.greedy else SAMPLED_SUITE  # the dashboard keeps the two apart
-    path = write_results(suite, rows, device=device_entry, out_dir=args.out_dir, extra=extra)
-    print(_table(rows, description, extra, device_entry))
+    monitor = GpuMonitor() if on_gpu else None
+    path = None
+
+    def save(runs: dict[tuple[str, int], Run], complete: bool) -> tuple[list[dict], dict]:
+        """Writes the rows of the runs done so far (the same file each time); returns them and the record's extra."""
+        nonlocal path
+        rows = _rows(runs, names, lengths, description, floor, copy.GBps if copy else None, sampling)
+        record = extra | {
+            "complete": complete,
+            "nvml": monitor.summary() if monitor else {"available": False, "reason": "a CPU run has no GPU to sample"},
+            "targets": _targets(rows) if targets_apply else [],
+        }
+        path = write_results(suite, rows, device=device_entry, out_dir=args.out_dir, extra=record, path=path)
+        return rows, record
+
+    with monitor or contextlib.nullcontext():
+        runs = _measure(contenders, prompt, lengths, lambda done: save(done, complete=False))
+    rows, record = save(runs, complete=True)
+    print(_table(rows, description, record, device_entry))
     print(f"wrote {path}")
     return 0
 
 
-def _measure(contenders: list, prompt: list[int], lengths: list[int]) -> dict[tuple[str, int], Run]:
-    """{(contender, length): its timed run}, each after a warm-up (per length where shapes are compiled per length)."""
+def _measure(contenders: list, prompt: list[int], lengths: list[int],
+             on_run: Callable[[dict[tuple[str, int], Run]], object]) -> dict[tuple[str, int], Run]:
+    """{(contender, length): its timed run}, each after a warm-up (per length where shapes are compiled per length);
+    on_run(the runs so far) after each."""
     runs = {}
     with progress_bar(len(contenders) * len(lengths), "bench decode", unit="run") as bar:
         for contender in contenders:
@@ -297,6 +309,7 @@ def _measure(contenders: list, prompt: list[int], lengths: list[int]) -> dict[tu
                 elif index == 0:
                     contender.generate(prompt, min(WARMUP_TOKENS, length))
                 runs[contender.name, length] = contender.generate(prompt, length)
+                on_run(runs)
                 bar.update(1)
     return runs
 
@@ -309,18 +322,22 @@ def _sampling_record(sampling: SamplingParams) -> str | dict:
 
 def _rows(runs, names: list[str], lengths: list[int], description: str, floor: dict, copy_GBps: float | None,
           sampling: SamplingParams) -> list[dict]:
-    """One results row per (length, contender): TPOT, its floor, the speedup over the best HF peer, the
-    token match (greedy runs)."""
+    """One results row per (length, contender) that has run: TPOT, its floor, the speedup over the best HF peer
+    that has run at that length, the token match with the baseline (greedy runs; None before the baseline has run)."""
     baseline = BASELINE if BASELINE in names else names[0]
     rows = []
     for length in lengths:
-        peer_tpots = [statistics.fmean(runs[name, length].decode_ms) for name in names if name in HF_PEERS]
+        peer_tpots = [statistics.fmean(runs[name, length].decode_ms) for name in names
+                      if name in HF_PEERS and (name, length) in runs]
         mean_keys = (length + 2) / 2  # decode steps 1..L-1 read 2..L keys
         floor_ms = None
         if copy_GBps is not None:
             floor_ms = (floor["weight_bytes"] + mean_keys * floor["kv_bytes_per_token"]) / (copy_GBps * 1e9) * 1e3
         for name in names:
-            result, expected = runs[name, length], runs[baseline, length].tokens
+            if (name, length) not in runs:
+                continue
+            result, expected = runs[name, length], runs.get((baseline, length))
+            compared = sampling.greedy and expected is not None
             tpot = statistics.fmean(result.decode_ms)
             rows.append({
                 "model": description,
@@ -336,8 +353,8 @@ def _rows(runs, names: list[str], lengths: list[int], description: str, floor: d
                 "pct_of_floor": None if floor_ms is None else 100 * floor_ms / tpot,
                 "speedup_vs_best_peer": min(peer_tpots) / tpot if peer_tpots else None,
                 "sampling": _sampling_record(sampling),
-                "match": result.tokens == expected if sampling.greedy else None,
-                "matched_tokens": _common_prefix(result.tokens, expected) if sampling.greedy else None,
+                "match": result.tokens == expected.tokens if compared else None,
+                "matched_tokens": _common_prefix(result.tokens, expected.tokens) if compared else None,
             })
     return rows
 
