@@ -103,7 +103,7 @@ def random_results(folder: Path, rng: random.Random) -> dict[str, dict]:
             for b in ("fused", "hf_eager")
             for c in (128, 1024, 4096)
         ]
-        write(f"decode-{commit}.json", "decode", commit, rows)
+        write(f"decode-{commit}.json", "decode", commit, rows, complete=commit == "bbbbbbb2")
     sampled = [{"model": "pythia-2.8b", "backend": b, "context": c, "tpot_ms": rng.uniform(2, 9), "floor_ms": 1.8,
                 "sampling": {"temperature": 0.8, "top_k": 0, "top_p": 0.9, "seed": 0}, "match": None}
                for b in ("fused", "hf_eager") for c in (128, 1024)]  # fmt: skip
@@ -164,6 +164,7 @@ def test_page_draws_every_section_from_random_results(tmp_path, rng):
     assert html.count('id="layer-random-gpu-test-') == 2 and "model=pythia-2.8b, layer=0, dtype=bf16" in html  # per dtype
     assert "broken.json: not readable JSON" in html and "other.json: not a results file" in html
     assert "throttled: hw_thermal_slowdown" in html
+    assert html.count("was stopped part-way") == 1 and "aaaaaaa1" in html.split("was stopped part-way")[0].rsplit("<li>", 1)[1]
     targets = html.split('id="targets"')[1].split("</section>")[0]
     assert targets.count("<tr class=flagged>") == 1 and "<td>NOT met</td>" in targets and "<td>&lt;= 8.0</td>" in targets
     assert targets.count("<td>met</td>") == 1 and targets.count("<td>not measured</td>") == 1

@@ -425,6 +425,8 @@ def _warnings(runs: list[Run], problems: list[str]) -> str:
             )
         if nvml.get("gpu_shared"):
             items.append(f"{escape(run.label)} on {escape(run.device_name)} shared the GPU with other processes")
+        if run.data.get("complete") is False:
+            items.append(f"{escape(run.label)} on {escape(run.device_name)} was stopped part-way: its rows are the runs it finished")
     synthetic = [run for run in runs if run.data.get("synthetic")]
     banner = (
         f'<p class="synthetic">{len(synthetic)} of these files are SYNTHETIC samples (for testing the page), not measurements.</p>'
