@@ -752,6 +752,41 @@ def test_bench_table_gives_speedups_skips_and_target_verdicts():
     assert [line.rsplit(": ", 1)[1] for line in lines if line.startswith("  ")] == ["met", "NOT met", "met", "not measured"]
 
 
+def test_bench_stopped_in_its_end_to_end_part_keeps_the_kernel_rows(tmp_path, monkeypatch):
+    # The suite's GPU parts stand in: the copy probe, the device, the kernel rows and the HF decode runs.
+    import json
+    import types
+
+    from neoxfuse.bench import ln_residual as suite
+    from neoxfuse.cli import main
+
+    copy = types.SimpleNamespace(GBps=3000.0, as_dict=lambda: {"GBps": 3000.0})
+    kernel_rows = [{"tokens": 1, "hidden": 2560, "dtype": "fp16", "variant": "add_dual_layernorm", "provider": "neoxfuse"}]
+    monkeypatch.setattr(suite, "require_cuda", lambda: None)
+    monkeypatch.setattr(suite, "copy_bandwidth", lambda: copy)
+    monkeypatch.setattr(suite, "devices", lambda: [types.SimpleNamespace(l2_cache_bytes=50 * 2**20)])
+    monkeypatch.setattr(suite.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(suite, "device_record", lambda _: {"name": "stand-in", "sm": "90", "copy_GBps": 3000.0})
+    monkeypatch.setattr(suite, "_measure_shapes", lambda *args: (kernel_rows, {}))
+    monkeypatch.setattr(suite, "_table", lambda *args: "")
+
+    def stopped(e2e, tokens):
+        raise KeyboardInterrupt  # as a pipeline's --budget or a user stops it
+
+    monkeypatch.setattr(suite, "_decode_tpot", stopped)
+    assert main(["bench", "ln-residual", "--out-dir", str(tmp_path / "stopped")]) == 130
+    [path] = (tmp_path / "stopped").glob("ln_residual-*.json")
+    record = json.loads(path.read_text())
+    assert record["complete"] is False and record["rows"] == kernel_rows and record["decode_tpot"] == []
+    assert len(record["targets"]) == 4
+
+    monkeypatch.setattr(suite, "_decode_tpot", lambda e2e, tokens: [{"backend": "hf_eager"}])
+    assert main(["bench", "ln-residual", "--out-dir", str(tmp_path / "done")]) == 0
+    [path] = (tmp_path / "done").glob("ln_residual-*.json")
+    record = json.loads(path.read_text())
+    assert record["complete"] is True and record["decode_tpot"] == [{"backend": "hf_eager"}]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_bench_on_a_machine_without_gpu_says_so_and_fails(capsys):
     from neoxfuse.cli import main

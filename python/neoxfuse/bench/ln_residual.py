@@ -22,7 +22,9 @@ by its calls (CUDA events), and --replays samples give the median and P50/P90/P9
 End-to-end (--e2e): a random-initialised Pythia-2.8B in fp16 decoding greedily with HF's
 `generate`, plain and after neoxfuse.hf.fuse_layernorms: eager (dynamic cache) and, with
 --e2e all, static cache + torch.compile(mode="reduce-overhead"), timed per step as
-`neoxfuse bench decode` times them. Reported under `decode_tpot` in the results file.
+`neoxfuse bench decode` times them. Reported under `decode_tpot` in the results file, which is
+first written with the kernel rows alone ("complete": false), so a run stopped during this part
+keeps them.
 
 The issue's targets (H100) are checked and printed: decode 1 x 2560 fp16 dual LN >= 2.5x
 torch_eager and >= 1.2x torch_compile; prefill 16384 x 2560 >= 85% of the copy rate and not
@@ -361,21 +363,25 @@ def run(args) -> int:
     shapes = args.shapes or [Shape.parse(text) for text in DEFAULT_SHAPES]
     copy = copy_bandwidth()
     l2_bytes = devices()[torch.cuda.current_device()].l2_cache_bytes
+    device = device_record(copy)
     with GpuMonitor() as sampler:
         rows, skipped = _measure_shapes(shapes, args.providers, args.replays, copy.GBps, l2_bytes)
-        decode_tpot = _decode_tpot(args.e2e, args.e2e_tokens) if args.e2e != "none" else []
-    extra = {
-        "copy": copy.as_dict(),
-        "l2_bytes": l2_bytes,
-        "replays": args.replays,
-        "skipped": skipped,
-        "targets": _targets(rows),
-        "decode_tpot": decode_tpot,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "nvml": sampler.summary(),
-    }
-    device = device_record(copy)
-    path = write_results(RESULTS_SUITE, rows, device=device, out_dir=args.out_dir, extra=extra)
+        extra = {
+            "copy": copy.as_dict(),
+            "l2_bytes": l2_bytes,
+            "replays": args.replays,
+            "skipped": skipped,
+            "targets": _targets(rows),
+            "decode_tpot": [],
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
+        path = None
+        if args.e2e != "none":  # the kernel rows first, kept if the end-to-end part is stopped
+            partial = extra | {"complete": False, "nvml": sampler.summary()}
+            path = write_results(RESULTS_SUITE, rows, device=device, out_dir=args.out_dir, extra=partial)
+            extra["decode_tpot"] = _decode_tpot(args.e2e, args.e2e_tokens)
+    extra |= {"complete": True, "nvml": sampler.summary()}
+    path = write_results(RESULTS_SUITE, rows, device=device, out_dir=args.out_dir, extra=extra, path=path)
     print(_table(rows, extra, device))
     print(f"wrote {path}")
     return 0
