@@ -628,9 +628,10 @@ class Pipeline:
         for s in self.stages:
             print(f"{s.name:<26} {s.status:<8} {s.seconds:>7.1f}  {s.reason}")
         for path in (path for written in self.suite_results.values() for path in written):
-            targets = json.loads(path.read_text()).get("targets")
-            if targets:
-                print("\n" + "\n".join(target_lines(f"targets checked by {path.relative_to(self.out)}:", targets)))
+            data = json.loads(path.read_text())
+            if data.get("targets"):
+                partial = " (stopped part-way: from the runs it finished)" if data.get("complete") is False else ""
+                print("\n" + "\n".join(target_lines(f"targets checked by {path.relative_to(self.out)}{partial}:", data["targets"])))
         failed = [s.name for s in self.stages if s.status == "failed"]
         print(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'no stage failed'}; everything is in {self.out}")
         self.write_report()
