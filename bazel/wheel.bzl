@@ -34,7 +34,7 @@ py_wheel = rule(
     attrs = {
         "distribution": attr.string(mandatory = True),
         "version": attr.string(mandatory = True),
-        "platform": attr.string(default = "linux_x86_64"),
+        "platform": attr.string(mandatory = True, doc = "platform tag, e.g. manylinux_2_34_x86_64"),
         "summary": attr.string(),
         "package": attr.string(mandatory = True, doc = "import name; native libraries go to <package>/lib/"),
         "strip_prefix": attr.string(mandatory = True, doc = "path prefix removed from srcs"),

@@ -1,8 +1,11 @@
-"""The wheel: it holds the package and the library, its RECORD is right, and it installs and runs."""
+"""The wheel: it holds the package and the library, its RECORD is right, its platform tag is what the
+library needs of the system, and it installs and runs."""
 
 import base64
 import hashlib
 import os
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,7 +24,8 @@ def wheel(request) -> Path:
 
 def test_wheel_name_follows_pep427(wheel):
     name, version, python, abi, platform = wheel.name[: -len(".whl")].split("-")
-    assert (name, python, abi, platform) == ("neoxfuse", "py3", "none", "linux_x86_64")
+    assert (name, python, abi) == ("neoxfuse", "py3", "none")
+    assert re.fullmatch(r"manylinux_\d+_\d+_x86_64", platform), platform
     import neoxfuse
 
     assert version == neoxfuse.__version__
@@ -47,6 +51,48 @@ def test_wheel_record_matches_contents(wheel):
         data = zf.read(name)
         want = "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
         assert (digest, int(size)) == (want, len(data)), name
+
+
+# What a manylinux_2_Y wheel may need of the system besides glibc 2.Y (PEP 600): the libraries every
+# such system has, and the newest symbol versions of GCC 11's libstdc++ and libgcc_s, as on
+# manylinux_2_34's baseline, AlmaLinux 9.
+SYSTEM_LIBRARIES = {"libc.so.6", "libm.so.6", "libdl.so.2", "librt.so.1", "libpthread.so.0", "ld-linux-x86-64.so.2",
+                    "libstdc++.so.6", "libgcc_s.so.1"}
+NEWEST_GCC_11 = {"GLIBCXX": (3, 4, 29), "CXXABI": (1, 3, 13), "GCC": (7, 0, 0)}
+
+
+def dynamic_needs(library: Path) -> tuple[set[str], list[tuple[str, str]]]:
+    """The shared libraries `library` names (DT_NEEDED) and the (library, symbol version) pairs it needs, by readelf."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.fail("readelf not found: binutils, which the build's toolchain brings, has it")
+    dynamic = subprocess.run([readelf, "-d", "-W", str(library)], capture_output=True, text=True, check=True).stdout
+    needed = set(re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic))
+    versions, current = [], None
+    for line in subprocess.run([readelf, "-V", "-W", str(library)], capture_output=True, text=True, check=True).stdout.splitlines():
+        if m := re.search(r"File: (\S+)", line):
+            current = m[1]
+        elif current and (m := re.search(r"Name: (\S+)", line)):
+            versions.append((current, m[1]))
+    return needed, versions
+
+
+def test_library_needs_no_more_of_the_system_than_the_wheel_tag_says(wheel, tmp_path):
+    platform = wheel.name[: -len(".whl")].split("-")[4]
+    glibc = re.fullmatch(r"manylinux_(\d+)_(\d+)_x86_64", platform)
+    assert glibc, f"{platform} is not a manylinux tag"
+    newest = {"GLIBC": (int(glibc[1]), int(glibc[2])), **NEWEST_GCC_11}
+    library = tmp_path / "libneoxfuse.so"
+    library.write_bytes(zipfile.ZipFile(wheel).read("neoxfuse/lib/libneoxfuse.so"))
+    needed, versions = dynamic_needs(library)
+    assert needed <= SYSTEM_LIBRARIES, f"not on every {platform} system: {sorted(needed - SYSTEM_LIBRARIES)}"
+    assert any(name.startswith("GLIBC_") for _, name in versions), "readelf listed no glibc symbol versions"
+    too_new = []
+    for file, name in versions:
+        prefix, _, number = name.rpartition("_")
+        if prefix not in newest or not re.fullmatch(r"[\d.]+", number) or tuple(map(int, number.split("."))) > newest[prefix]:
+            too_new.append(f"{file}: {name}")
+    assert not too_new, f"newer than {platform} promises: {too_new}"
 
 
 def test_installed_wheel_finds_its_own_library(wheel, tmp_path):
