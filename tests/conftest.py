@@ -1,6 +1,6 @@
 """Shared test set-up: the `gpu` marker (skips with a reason where no CUDA GPU is usable), the
-`sanitize` marker (from each module's SANITIZE), --wheel, and the `cuobjdump`, `emulated` and
-`word_tokenizer` fixtures, and a fresh random seed per test that a failing test's report shows
+`sanitize` marker (from each module's SANITIZE), --wheel, and the `cuobjdump`, `emulated`,
+`pretend_gpu` and `word_tokenizer` fixtures, and a fresh random seed per test that a failing test's report shows
 (`rng`; NEOXFUSE_TEST_SEED replays it)."""
 
 import contextlib
@@ -68,6 +68,23 @@ def test_seed(request) -> int:
 def rng(test_seed) -> random.Random:
     """A random.Random of the test's own, from its seed."""
     return random.Random(test_seed)
+
+
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """pretend_gpu(capability, name): torch reports one CUDA GPU, cuda:0, of that compute capability,
+    so code that decides by the GPU can be checked on any machine (nothing may launch on it). The
+    library's per-device answers (_lib.missing_code) are forgotten before and after."""
+
+    def pretend(capability: tuple[int, int], name: str = "a pretended GPU") -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        _lib.missing_code.cache_clear()
+
+    yield pretend
+    _lib.missing_code.cache_clear()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -21,7 +21,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from neoxfuse import _lib, bench
 from neoxfuse.bench import gptq_ln_qkv as gptq_bench
-from neoxfuse.errors import InvalidInputError, KernelError, NoGPUError
+from neoxfuse.errors import InvalidInputError, KernelError, NoGPUError, UnsupportedDeviceError
 from neoxfuse.ops.gptq_ln_qkv import (
     _ARGTYPES,
     MAX_TOKENS,
@@ -373,6 +373,14 @@ def test_every_token_count_and_a_large_mean(T):
     x, w, b = random_inputs(T, 768, "cuda", seed=T, mean=30.0)  # |mean| >> std: two-pass statistics
     out = run_poisoned(_raw_args((x, w, b), layer))
     assert rel_error(out, reference(x, w, b, layer, EPS)) < REL_TOL
+
+
+@pytest.mark.gpu
+def test_a_gpu_without_code_in_the_library_is_refused_before_the_launch(monkeypatch):
+    monkeypatch.setattr(_lib, "missing_code", lambda index: f"no code for cuda:{index}, as pretended")
+    args = _raw_args(random_inputs(1, 768, "cuda"), random_layer(768, 2304, device="cuda"))
+    with pytest.raises(UnsupportedDeviceError, match="as pretended"):
+        gptq_ln_qkv(**args)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
-"""The shared library: it loads, describes itself, holds sm_90a and sm_120 code, copies exactly."""
+"""The shared library: it loads, describes itself, holds sm_90a and sm_120 code, says which GPUs run
+it (and a GPU it has no code for is refused by name), copies exactly."""
 
 import ctypes
 import os
@@ -9,10 +10,16 @@ import sys
 import pytest
 import torch
 
-from neoxfuse import _lib
+from neoxfuse import _lib, sampling
+from neoxfuse.checks import require_kernel_code
+from neoxfuse.configs import pythia_config, shape_of
 from neoxfuse.device import copy_bandwidth, devices
-from neoxfuse.errors import InvalidInputError, NoGPUError
+from neoxfuse.errors import InvalidInputError, NoGPUError, UnsupportedDeviceError
+from neoxfuse.fused import FusedBackend
+from neoxfuse.ops import fused_decoder
 from neoxfuse.ops.copy import device_copy
+
+ARCHS = ["sm_90a", "sm_120", "compute_120"]  # bazel/cuda.bzl's CUDA_GENCODE
 
 
 def test_library_loads_and_describes_itself():
@@ -32,6 +39,55 @@ def test_library_holds_machine_code_for_every_target_arch(cuobjdump):
     assert any(".sm_120.ptx" in line for line in ptx), listing
     # Every kernel object carries both machine codes, not only one of them.
     assert sum(".sm_90a.cubin" in line for line in elf) == sum(".sm_120.cubin" in line for line in elf)
+
+
+@pytest.mark.parametrize(
+    ("sm", "archs", "code"),
+    [
+        ("90", ARCHS, "sm_90a machine code"),  # H100, H200
+        ("120", ARCHS, "sm_120 machine code"),  # RTX 5090
+        ("121", ARCHS, "sm_120 machine code"),  # same major, later minor: the sm_120 cubin runs
+        ("130", ARCHS, "compute_120 PTX, JIT-compiled by the driver at first use"),  # newer: PTX
+        ("100", ARCHS, None),  # B200: sm_120 code does not run on 10.x, PTX 12.0 is too new, sm_90a is 9.0 only
+        ("89", ARCHS, None),
+        ("80", ARCHS, None),  # A100
+        ("86", ["sm_80"], "sm_80 machine code"),
+        ("100", ["compute_90a"], None),  # arch-specific PTX is not forward compatible
+        ("90", ["compute_90a"], "compute_90a PTX, JIT-compiled by the driver at first use"),
+        ("89", ["compute_80"], "compute_80 PTX, JIT-compiled by the driver at first use"),
+        ("103", ["sm_100f"], "sm_100f machine code"),  # family-specific: later minors of the family
+        ("110", ["sm_100f", "compute_100f"], None),
+        ("103", ["compute_100a"], None),
+    ],
+)
+def test_code_for_each_compute_capability(sm, archs, code):
+    assert _lib.code_for(sm, archs) == code
+
+
+def test_library_lists_the_archs_it_was_built_for():
+    assert _lib.archs() == ARCHS
+
+
+def test_a_gpu_the_library_has_no_code_for_is_refused_by_name(pretend_gpu):
+    pretend_gpu((10, 0), "NVIDIA B200")
+    reason = _lib.missing_code(0)
+    assert reason is not None and "cuda:0 (NVIDIA B200, sm_100)" in reason and "sm_90a, sm_120, compute_120" in reason
+    availability = FusedBackend.available(torch.device("cuda"), torch.float16)
+    assert not availability and availability.reason == reason  # so --backend auto takes the reference
+    assert not sampling.sample_kernel_runs(torch.device("cuda"), 50304)
+    with pytest.raises(UnsupportedDeviceError, match="NVIDIA B200, sm_100"):
+        require_kernel_code(torch.device("cuda", 0))
+    with pytest.raises(UnsupportedDeviceError, match="NVIDIA B200, sm_100"):
+        fused_decoder.plan(shape_of(pythia_config("pythia-2.8b")), "cuda")
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (12, 0), (12, 1)])
+def test_gpus_the_library_has_code_for_are_not_refused(pretend_gpu, capability):
+    pretend_gpu(capability)
+    assert _lib.missing_code(0) is None
+    require_kernel_code(torch.device("cuda", 0))
+    assert FusedBackend.available(torch.device("cuda"), torch.float16)
+    assert sampling.sample_kernel_runs(torch.device("cuda"), 50304)
 
 
 def test_library_exports_only_the_c_abi():

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from neoxfuse import _lib
-from neoxfuse.errors import InvalidInputError, KernelError, NoGPUError
+from neoxfuse.errors import InvalidInputError, KernelError, NoGPUError, UnsupportedDeviceError
 from neoxfuse.ops import ln_residual
 from neoxfuse.ops.ln_residual import (
     MAX_HIDDEN,
@@ -463,6 +463,14 @@ def _check_kernel(dtype, hidden, tokens, variant, layout, emulated=None):
 
     outs, h = _run_out(x, residuals, weights, biases, write_sum, layout, emulated)
     _check_outputs(x, residuals, weights, biases, outs, h, layout)
+
+
+@pytest.mark.gpu
+def test_a_gpu_without_code_in_the_library_is_refused_before_the_launch(monkeypatch):
+    monkeypatch.setattr(_lib, "missing_code", lambda index: f"no code for cuda:{index}, as pretended")
+    x, weight, bias = (torch.randn(2560, device="cuda", dtype=torch.float16) for _ in range(3))
+    with pytest.raises(UnsupportedDeviceError, match="as pretended"):
+        layernorm(x, weight, bias)
 
 
 @pytest.mark.gpu

@@ -21,7 +21,7 @@ from conftest import _name_matches
 from neoxfuse import pipeline as pipeline_module
 from neoxfuse import profile
 from neoxfuse.errors import KernelError, UnsupportedModelError
-from neoxfuse.pipeline import SANITIZER_TOOLS, Pipeline, Suite, arch_supported, parse_args
+from neoxfuse.pipeline import SANITIZER_TOOLS, Pipeline, Suite, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "tests" / "data" / "sample_results"
@@ -152,23 +152,6 @@ def pipeline_for(tmp_path, *args) -> Pipeline:
 
 
 FAKE = Suite(module="fake_suite", name="fake", path="fake_suite")
-
-
-@pytest.mark.parametrize(
-    ("sm", "archs", "supported"),
-    [
-        ("90", ["sm_90a", "sm_120", "compute_120"], True),  # H100 / H200: the arch-specific cubin
-        ("120", ["sm_90a", "sm_120", "compute_120"], True),
-        ("121", ["sm_90a", "sm_120", "compute_120"], True),  # PTX 12.0 JIT-compiles for 12.1
-        ("100", ["sm_90a", "sm_120", "compute_120"], False),  # sm_90a runs on sm_90 only
-        ("80", ["sm_90a", "sm_120", "compute_120"], False),  # A100: nothing old enough
-        ("100", ["compute_90a"], False),  # arch-specific PTX is not forward compatible
-        ("90", ["compute_90a"], True),
-        ("89", ["compute_80"], True),
-    ],
-)
-def test_arch_support(sm, archs, supported):
-    assert arch_supported(sm, archs) is supported
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks how the pipeline degrades on a machine without a GPU")

@@ -243,10 +243,13 @@ def test_race_names_bad_arguments(weights, rng, message):
 @pytest.mark.parametrize("device, capability, vocab, kernel", [
     ("cpu", None, 50304, False), ("cuda", (8, 0), 50304, False), ("cuda", (9, 0), 50304, True),
     ("cuda", (12, 0), 50304, True), ("cuda", (9, 0), 65536, True), ("cuda", (9, 0), 65537, False),
+    ("cuda", (10, 0), 50304, False),
 ])  # fmt: skip
-def test_the_sampling_kernel_runs_on_gpus_with_clusters_and_vocabularies_it_holds(monkeypatch, device, capability,
+def test_the_sampling_kernel_runs_on_gpus_with_clusters_and_vocabularies_it_holds(pretend_gpu, device, capability,
                                                                                    vocab, kernel):
     # An A100 (sm_80) samples with PyTorch ops: the kernel needs thread-block clusters; so does a
-    # vocabulary over the 65536 entries the kernel's registers hold.
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    # vocabulary over the 65536 entries the kernel's registers hold, and a B200 (sm_100), for
+    # which the library holds no code.
+    if capability is not None:
+        pretend_gpu(capability)
     assert sampling.sample_kernel_runs(torch.device(device), vocab) is kernel

@@ -85,3 +85,50 @@ def check_status(lib: ctypes.CDLL, function: str, status: int) -> None:
 def build_info() -> str:
     """What the library was built with, e.g. 'abi=2 cuda=13.0 archs=sm_90a,sm_120,compute_120'."""
     return library().neoxfuse_build_info().decode()
+
+
+def archs() -> list[str]:
+    """The GPU code the library holds, from build_info: e.g. ['sm_90a', 'sm_120', 'compute_120']."""
+    fields = dict(item.split("=", 1) for item in build_info().split() if "=" in item)
+    return [arch for arch in fields.get("archs", "").split(",") if arch]
+
+
+def code_for(sm: str, archs: list[str]) -> str | None:
+    """Which of `archs` a GPU of compute capability `sm` ("90" for 9.0, "121" for 12.1) runs, or None.
+
+    Machine code sm_XY (and the family-specific sm_XYf) runs on capability X.Z for Z >= Y, the
+    arch-specific sm_XYa on X.Y only. The driver compiles PTX compute_XY for any capability >= X.Y,
+    compute_XYf for X.Z with Z >= Y, compute_XYa for X.Y only.
+    """
+    major, minor = int(sm[:-1]), int(sm[-1])
+
+    def runs(number: str, machine_code: bool) -> bool:
+        digits = number.rstrip("af")
+        built_major, built_minor, suffix = int(digits[:-1]), int(digits[-1]), number[len(digits):]
+        if suffix == "a":
+            return (built_major, built_minor) == (major, minor)
+        if suffix == "f" or machine_code:
+            return built_major == major and built_minor <= minor
+        return (built_major, built_minor) <= (major, minor)
+
+    for arch in archs:
+        if arch.startswith("sm_") and runs(arch[len("sm_"):], machine_code=True):
+            return f"{arch} machine code"
+    for arch in archs:
+        if arch.startswith("compute_") and runs(arch[len("compute_"):], machine_code=False):
+            return f"{arch} PTX, JIT-compiled by the driver at first use"
+    return None
+
+
+@functools.cache
+def missing_code(device_index: int) -> str | None:
+    """Why the library's kernels cannot run on cuda:device_index (it holds no code that GPU runs), or None."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    held = archs()
+    if code_for(f"{major}{minor}", held) is not None:
+        return None
+    return (
+        f"libneoxfuse.so holds GPU code for {', '.join(held) or 'no arch'}, none of which runs on cuda:{device_index} "
+        f"({torch.cuda.get_device_name(device_index)}, sm_{major}{minor}); rebuild it with that arch in "
+        "CUDA_GENCODE (bazel/cuda.bzl)"
+    )

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from neoxfuse.errors import InvalidInputError, NoGPUError
+from neoxfuse import _lib
+from neoxfuse.errors import InvalidInputError, NoGPUError, UnsupportedDeviceError
 
 VEC_BYTES = 16  # kernels/common/vec.cuh: kVecBytes
 
@@ -16,6 +17,13 @@ def require_cuda() -> None:
     if not torch.cuda.is_available():
         build = "a CPU build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
         raise NoGPUError(f"neoxfuse kernels need a CUDA GPU; this machine has none usable ({build}).")
+
+
+def require_kernel_code(device: torch.device) -> None:
+    """UnsupportedDeviceError unless the library holds code that the CUDA device `device` runs."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if (reason := _lib.missing_code(index)) is not None:
+        raise UnsupportedDeviceError(reason)
 
 
 def check_tensor(

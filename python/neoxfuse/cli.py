@@ -209,25 +209,6 @@ def _cpu_shape_reason(model: str) -> str:
 # env
 
 
-def library_code_for(sm: str, archs: list[str]) -> str | None:
-    """Which code in the library a GPU of compute capability `sm` ("90", "120") runs, or None.
-
-    A cubin sm_XY runs on major X, minor >= Y; an arch-specific one (sm_90a) only on X.Y exactly.
-    PTX compute_XY is JIT-compiled by the driver on any capability >= X.Y.
-    """
-    capability = int(sm)
-    for arch in archs:
-        if arch.startswith("sm_"):
-            number = arch[3:]
-            built = int(number.rstrip("af"))
-            if (number.endswith("a") and built == capability) or (not number.endswith("a") and built // 10 == capability // 10 and built <= capability):
-                return f"{arch} machine code"
-    for arch in archs:
-        if arch.startswith("compute_") and int(arch[len("compute_"):]) <= capability:
-            return f"{arch} PTX, JIT-compiled by the driver at first use"
-    return None
-
-
 def _nvml_summary() -> tuple[str | None, list[tuple[str, str]], str | None]:
     """(driver version, [(name, sm)] of every GPU, why NVML could not tell) from nvidia-ml-py, if usable."""
     try:
@@ -256,7 +237,7 @@ def _env(args) -> int:
     library_gpus = None
     try:
         build = _lib.build_info()
-        archs = dict(item.split("=", 1) for item in build.split() if "=" in item).get("archs", "").split(",")
+        archs = _lib.archs()
         print(f"library: {_lib.library_path().resolve()}\n  build: {build}")
         library_gpus = devices()
     except NeoxfuseError as err:
@@ -287,7 +268,7 @@ def _env(args) -> int:
         print("GPUs: none" + (f" ({'; '.join(why)})" if why else ""))
     for index, (description, sm) in enumerate(gpus):
         if archs:
-            code = library_code_for(sm, archs) or f"NO code for sm_{sm} (the library holds {','.join(archs)}): its kernels cannot run here"
+            code = _lib.code_for(sm, archs) or f"NO code for sm_{sm} (the library holds {','.join(archs)}): its kernels cannot run here"
         else:
             code = "unknown (no library)"
         print(f"GPU {index}: {description}; compute capability {sm[:-1]}.{sm[-1]} -> {code}")

@@ -321,7 +321,7 @@ class Engine:
 
     model: a Pythia name (random-initialised, from `seed`), a checkpoint directory, a
     GPTNeoXForCausalLM or ModelWeights. backend: a name in BACKENDS, or "auto" (the default): the
-    first of AUTO_ORDER that can run here (`fused` on an sm_90+ GPU in fp16 or bf16, else `reference`);
+    first of AUTO_ORDER that can run here (`fused` on an sm_90 or sm_12x GPU in fp16 or bf16, else `reference`);
     `backend_name` and `backend_reason` say which and why. device: CUDA when there is a
     GPU, else CPU. dtype: fp16 on CUDA (bf16 for a bf16 model), fp32 on CPU. max_seq_len: the KV cache's capacity in
     positions (a generation fills prompt + new tokens - 1); the model's max_positions by default.

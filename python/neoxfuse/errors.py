@@ -13,6 +13,10 @@ class NoGPUError(NeoxfuseError, RuntimeError):
     """A CUDA device is needed and none is usable (no GPU, no driver, or a CPU build of torch)."""
 
 
+class UnsupportedDeviceError(NeoxfuseError, RuntimeError):
+    """A GPU the kernels cannot run on: the library holds no code for its arch, or it lacks what a kernel needs."""
+
+
 class KernelError(NeoxfuseError, RuntimeError):
     """A kernel call returned a non-zero status."""
 

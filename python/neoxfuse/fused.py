@@ -53,7 +53,7 @@ class FusedBackend(Backend):
     """Decode through the fused decoder kernels, the whole step one CUDA graph; prefill in PyTorch."""
 
     name = "fused"
-    summary = "fused cluster kernels, two launches per layer, one CUDA graph per step; fp16 or bf16, sm_90+"
+    summary = "fused cluster kernels, two launches per layer, one CUDA graph per step; fp16 or bf16, sm_90 / sm_12x"
 
     @classmethod
     def available(cls, device: torch.device, dtype: torch.dtype, shape: NeoXShape | None = None) -> Availability:
@@ -71,6 +71,8 @@ class FusedBackend(Backend):
             return Availability(False, str(err))
         if not built:
             return Availability(False, f"{_lib.library_path()} was built without the fused decoder; rebuild it")
+        if (missing := _lib.missing_code(index)) is not None:
+            return Availability(False, missing)
         if shape is not None and (reason := ops.unsupported_reason(shape)) is not None:
             return Availability(False, reason)
         return Availability(True, f"fused kernels on {torch.cuda.get_device_name(index)} (sm_{major}{minor})")

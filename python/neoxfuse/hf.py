@@ -5,7 +5,7 @@ its LayerNorms and residual adds as neoxfuse's fused ln_residual kernels.
     model = neoxfuse.hf.fuse_layernorms(model)   # in place; unfuse_layernorms(model) undoes it
 
 `generate` decodes with an Engine built once per model on the model's own weights (no copy):
-the fused decoder kernels on an sm_90+ GPU in fp16 or bf16, the PyTorch reference elsewhere.
+the fused decoder kernels on an sm_90 or sm_12x GPU in fp16 or bf16, the PyTorch reference elsewhere.
 
 `fuse_layernorms` keeps HF's forward and changes only the LayerNorms and residual adds.
 

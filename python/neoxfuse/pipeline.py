@@ -91,25 +91,6 @@ class Outcome:
     details: dict = field(default_factory=dict)
 
 
-def arch_supported(sm: str, archs: list[str]) -> bool:
-    """Whether a GPU of compute capability `sm` ("90") can run a library holding `archs`
-    (["sm_90a", "sm_120", "compute_120"]): machine code of its own arch (sm_XY, or the arch-
-    specific sm_XYa), or PTX the driver can compile for it (compute_N with N <= XY; an
-    arch-specific compute_Na only for N == XY)."""
-    for arch in archs:
-        kind, _, number = arch.partition("_")
-        specific = number.endswith(("a", "f"))
-        try:
-            n = int(number.rstrip("af"))
-        except ValueError:
-            continue
-        if kind == "sm" and n == int(sm):
-            return True
-        if kind == "compute" and (n == int(sm) if specific else n <= int(sm)):
-            return True
-    return False
-
-
 def _junit_counts(path: Path) -> dict:
     """tests / failures / errors / skipped summed over a JUnit XML file's test suites."""
     root = ElementTree.parse(path).getroot()
@@ -332,14 +313,14 @@ class Pipeline:
         problems = []
         try:
             info = _lib.build_info()
-            archs = info.split("archs=", 1)[1].split()[0].split(",") if "archs=" in info else []
+            archs = _lib.archs()
             found = devices()
             report["neoxfuse"] |= {"library": str(_lib.library_path()), "build_info": info, "archs": archs}
-            report["devices"] = [asdict(d) | {"arch_supported": arch_supported(d.sm, archs)} for d in found]
+            report["devices"] = [asdict(d) | {"code": _lib.code_for(d.sm, archs)} for d in found]
             problems += [
                 f"the library has no code for {d.name} (sm_{d.sm}; it holds {', '.join(archs)})"
                 for d in found
-                if not arch_supported(d.sm, archs)
+                if _lib.code_for(d.sm, archs) is None
             ]
         except NeoxfuseError as err:
             problems.append(f"the neoxfuse library is unusable: {err}")

@@ -21,7 +21,7 @@ word i % 4 of Philox(counter = (i // 4, 0, draw), key = seed), and E_i = -ln(u_i
 to fp32. The random state is a tensor rng = [seed, draw] (int64) on the logits' device that every
 draw advances by one, in device memory: a CUDA graph that replays a draw draws afresh.
 
-On an sm_90+ GPU with the fused decoder built, a sampled choice is one kernel
+On a GPU the fused decoder is built for (sm_90, sm_12x), a sampled choice is one kernel
 (neoxfuse.ops.fused_decoder.sample_token: the softmax, the filters by radix select and the race);
 elsewhere it is PyTorch ops (probabilities, then exponential_race). The same probabilities and seed
 give the same race winner on every device, so the same logits and seed give the same token on
@@ -155,15 +155,18 @@ def exponential_race(weights: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
 
 def sample_kernel_runs(device: torch.device, vocab: int) -> bool:
     """Whether the sampling kernel draws from logits of `vocab` entries on `device`: a CUDA device
-    with thread-block clusters, the library built with the kernel, and a vocabulary it holds."""
+    with thread-block clusters, the library built with the kernel and with code for the device, and
+    a vocabulary it holds."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < fused_decoder.MIN_CAPABILITY:
         return False
     if not 1 <= vocab <= fused_decoder.MAX_SAMPLE_VOCAB:
         return False
     try:
-        return hasattr(_lib.library(), "neoxfuse_fused_sample_token")
+        built = hasattr(_lib.library(), "neoxfuse_fused_sample_token")
     except LibraryNotFoundError:
         return False
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return built and _lib.missing_code(index) is None
 
 
 def check_rng(params: SamplingParams, rng: torch.Tensor | None) -> None:
@@ -175,7 +178,7 @@ def check_rng(params: SamplingParams, rng: torch.Tensor | None) -> None:
 def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None) -> torch.Tensor:
     """The next token id as a [1] long tensor on the logits' device, without waiting for the device:
     argmax(logits) when greedy, else the exponential race over probabilities(logits, params)
-    (module docstring: one kernel on an sm_90+ GPU, PyTorch ops elsewhere).
+    (module docstring: one kernel on an sm_90 or sm_12x GPU, PyTorch ops elsewhere).
 
     logits: [vocab]; rng: from `params.rng(logits.device)` (advanced by one when sampled).
     """

@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import torch
 
 from neoxfuse import _lib
-from neoxfuse.checks import check_draw, check_same_device, check_sampling, check_tensor, require_cuda
+from neoxfuse.checks import check_draw, check_same_device, check_sampling, check_tensor, require_cuda, require_kernel_code
 from neoxfuse.configs import NeoXShape
-from neoxfuse.errors import InvalidInputError, KernelError, SequenceTooLongError, UnsupportedModelError
+from neoxfuse.errors import InvalidInputError, KernelError, SequenceTooLongError, UnsupportedDeviceError, UnsupportedModelError
 from neoxfuse.weights import LayerWeights, ModelWeights
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)  # kernels/fused_decoder/fused_decoder.cu: with_layer_kernel_types
@@ -211,10 +211,11 @@ def _device_index(device: torch.device | str | None) -> int:
     index = torch.cuda.current_device() if device.index is None else device.index
     capability = torch.cuda.get_device_capability(index)
     if capability < MIN_CAPABILITY:
-        raise UnsupportedModelError(
+        raise UnsupportedDeviceError(
             f"the fused kernels need thread-block clusters (sm_90+: H100, H200, RTX 5090); cuda:{index} is "
             f"sm_{capability[0]}{capability[1]}"
         )
+    require_kernel_code(torch.device("cuda", index))
     return index
 
 

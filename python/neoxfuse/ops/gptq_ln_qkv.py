@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from neoxfuse import _lib
-from neoxfuse.checks import check_same_device, check_tensor
+from neoxfuse.checks import check_same_device, check_tensor, require_kernel_code
 from neoxfuse.errors import InvalidInputError
 from neoxfuse.quant.gptq import PACK, ZERO_OFFSETS, GPTQLinear
 
@@ -99,6 +99,7 @@ def gptq_ln_qkv(
     for name, t in tensors.items():
         check_tensor(name, t)
     check_same_device(**tensors)
+    require_kernel_code(x.device)
     out = torch.empty(T, N, dtype=torch.float16, device=x.device)
     fn = _lib.function("neoxfuse_gptq_ln_qkv", _ARGTYPES)
     with torch.cuda.device(x.device):

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from neoxfuse import _lib
-from neoxfuse.checks import check_same_device, require_cuda
+from neoxfuse.checks import check_same_device, require_cuda, require_kernel_code
 from neoxfuse.errors import InvalidInputError
 
 MAX_HIDDEN = 16384  # kernels/ln_residual/ln_residual.h: NEOXFUSE_LN_RESIDUAL_MAX_HIDDEN
@@ -139,12 +139,14 @@ def _named_outputs(outs: Sequence[torch.Tensor], h_out: torch.Tensor | None) -> 
 
 
 def _check_cuda(tensors: list[tuple[str, torch.Tensor]]) -> None:
-    """All tensors on one CUDA device: NoGPUError where there is none, else InvalidInputError."""
+    """All tensors on one CUDA device that the library has code for: NoGPUError where there is none,
+    UnsupportedDeviceError for a GPU without code, else InvalidInputError."""
     check_same_device(**dict(tensors))
     device = tensors[0][1].device
     if device.type != "cuda":
         require_cuda()
         raise InvalidInputError(f"the tensors must be on a CUDA device, got {device}")
+    require_kernel_code(device)
 
 
 def _rows(name: str, t: torch.Tensor, *, output: bool) -> tuple[int, int]:
