@@ -20,7 +20,9 @@ from conftest import _name_matches
 
 from neoxfuse import pipeline as pipeline_module
 from neoxfuse import profile
-from neoxfuse.errors import KernelError, UnsupportedModelError
+from neoxfuse import _lib
+from neoxfuse.device import DeviceInfo
+from neoxfuse.errors import KernelError, UnsupportedDeviceError
 from neoxfuse.pipeline import SANITIZER_TOOLS, Pipeline, Suite, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -527,18 +529,20 @@ def test_environment_asks_a_child_process_for_the_fused_plan():
     assert report["model"] == "pythia-2.8b"
     if not torch.cuda.is_available():
         assert report["unavailable"].startswith("neoxfuse kernels need a CUDA GPU")
-    elif torch.cuda.get_device_capability() >= (9, 0):
+    elif torch.cuda.get_device_capability() < (9, 0):
+        assert "sm_90+" in report["unavailable"]
+    elif _lib.missing_code(0) is not None:
+        assert report["unavailable"] == _lib.missing_code(0)
+    else:
         assert report["plan"]["attn_mlp_in"]["clusters"] >= 32  # a cluster per head at least
         assert report["clusters_at_once"]["1"] == torch.cuda.get_device_properties(0).multi_processor_count
-    else:
-        assert "sm_90+" in report["unavailable"]
 
 
 def test_environment_says_why_there_is_no_fused_plan(monkeypatch):
     from neoxfuse.ops import fused_decoder as fd
 
     def plan(shape, device=None, cluster_size=None):
-        raise UnsupportedModelError("the fused kernels need thread-block clusters (sm_90+); cuda:0 is sm_80")
+        raise UnsupportedDeviceError("the fused kernels need thread-block clusters (sm_90+); cuda:0 is sm_80")
 
     monkeypatch.setattr(fd, "plan", plan)
     report = pipeline_module.fused_plan_report()
@@ -546,3 +550,19 @@ def test_environment_says_why_there_is_no_fused_plan(monkeypatch):
                       "unavailable": "the fused kernels need thread-block clusters (sm_90+); cuda:0 is sm_80"}
     assert pipeline_module.fused_plan_text(report).endswith("none: the fused kernels need thread-block clusters (sm_90+); "
                                                            "cuda:0 is sm_80")
+
+
+@pytest.mark.parametrize(("name", "sm", "code"), [("NVIDIA H200", "90", "sm_90a machine code"), ("NVIDIA B200", "100", None)])
+def test_environment_fails_on_a_gpu_the_library_has_no_code_for(monkeypatch, tmp_path, name, sm, code):
+    from neoxfuse import device
+
+    gpu = DeviceInfo(0, name, sm, 132, 141 * 2**30, 60 * 2**20, "13.0", "13.0")
+    monkeypatch.setattr(device, "devices", lambda: [gpu])
+    monkeypatch.setattr(pipeline_module, "fused_plan_in_child", lambda timeout: {"model": "pythia-2.8b", "unavailable": "not asked"})
+    outcome = pipeline_for(tmp_path).environment()
+    assert outcome.details["devices"][0]["code"] == code
+    if code is None:
+        assert outcome.status == "failed"
+        assert outcome.reason == f"the library has no code for {name} (sm_{sm}; it holds sm_90a, sm_120, compute_120)"
+    else:
+        assert outcome.status == "passed"

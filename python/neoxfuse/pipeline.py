@@ -318,9 +318,9 @@ class Pipeline:
             report["neoxfuse"] |= {"library": str(_lib.library_path()), "build_info": info, "archs": archs}
             report["devices"] = [asdict(d) | {"code": _lib.code_for(d.sm, archs)} for d in found]
             problems += [
-                f"the library has no code for {d.name} (sm_{d.sm}; it holds {', '.join(archs)})"
-                for d in found
-                if _lib.code_for(d.sm, archs) is None
+                f"the library has no code for {d['name']} (sm_{d['sm']}; it holds {', '.join(archs)})"
+                for d in report["devices"]
+                if d["code"] is None
             ]
         except NeoxfuseError as err:
             problems.append(f"the neoxfuse library is unusable: {err}")
