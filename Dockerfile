@@ -23,7 +23,7 @@ COPY . .
 # The same set-up CI runs (Bazel, .venv from requirements.txt), then the wheel, installed.
 RUN ci/setup.sh \
  && ./bazelw build //python:wheel \
- && .venv/bin/python -m pip install --no-deps bazel-bin/python/neoxfuse-*.whl
+ && .venv/bin/python -m pip install --no-deps "$(ci/wheel_path)"
 
 ENV PYTHON=/neoxfuse/.venv/bin/python
 VOLUME /results

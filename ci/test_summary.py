@@ -1,7 +1,11 @@
 """Prints one line counting the test cases Bazel ran: 'tests: N passed, N failed, N skipped'.
 
 Bazel reports targets; each pytest target writes JUnit XML (tests/pytest_main.py), so the
-cases are summed from bazel-testlogs/**/test.xml. Exit status 1 if any case failed or errored.
+cases are summed from bazel-testlogs/<package>/<name>/test.xml of the test targets named on the
+command line (`bazel query 'tests(//...)'`). Only those: bazel-testlogs also keeps the logs of
+targets since removed. Exit status 1 if any case failed or errored, or a target left no log.
+
+Usage: test_summary.py TESTLOGS //package:target...
 """
 
 import sys
@@ -9,10 +13,19 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 
-def main(testlogs: str) -> int:
+def log_of(testlogs: Path, label: str) -> Path:
+    """//tests:test_cli -> TESTLOGS/tests/test_cli/test.xml"""
+    package, name = label.removeprefix("//").split(":")
+    return testlogs / package / name / "test.xml"
+
+
+def main(testlogs: str, labels: list[str]) -> int:
     passed = failed = skipped = 0
-    for xml in sorted(Path(testlogs).rglob("test.xml")):
-        for case in ET.parse(xml).getroot().iter("testcase"):
+    missing = [label for label in labels if not log_of(Path(testlogs), label).is_file()]
+    for label in labels:
+        if label in missing:
+            continue
+        for case in ET.parse(log_of(Path(testlogs), label)).getroot().iter("testcase"):
             if case.find("failure") is not None or case.find("error") is not None:
                 failed += 1
             elif case.find("skipped") is not None:
@@ -20,8 +33,12 @@ def main(testlogs: str) -> int:
             else:
                 passed += 1
     print(f"tests: {passed} passed, {failed} failed, {skipped} skipped")
-    return 1 if failed else 0
+    for label in missing:
+        print(f"test_summary: {label} left no {log_of(Path(testlogs), label)}", file=sys.stderr)
+    return 1 if failed or missing else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "bazel-testlogs"))
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    sys.exit(main(sys.argv[1], sys.argv[2:]))

@@ -3,7 +3,7 @@
 # `neoxfuse env` from it (no NEOXFUSE_LIB: the library must come from the wheel).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-wheel=$(ls "$root"/bazel-bin/python/neoxfuse-*.whl)
+wheel=$("$root/ci/wheel_path")
 fresh=$(mktemp -d)/venv
 trap 'rm -rf "$(dirname "$fresh")"' EXIT
 python3 -m venv "$fresh"
