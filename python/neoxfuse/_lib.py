@@ -46,7 +46,7 @@ def library() -> ctypes.CDLL:
         raise LibraryNotFoundError(
             f"libneoxfuse.so not found at {path}. Build it with `./bazelw build //kernels:libneoxfuse.so` "
             "and set NEOXFUSE_LIB to bazel-bin/kernels/libneoxfuse.so, or install the wheel "
-            "(`./bazelw build //python:wheel`, then `pip install bazel-bin/python/neoxfuse-*.whl`)."
+            "(`./bazelw build //python:wheel`, then `pip install \"$(ci/wheel_path)\"`)."
         )
     try:
         lib = ctypes.CDLL(str(path))
