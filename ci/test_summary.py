@@ -21,11 +21,13 @@ def log_of(testlogs: Path, label: str) -> Path:
 
 def main(testlogs: str, labels: list[str]) -> int:
     passed = failed = skipped = 0
-    missing = [label for label in labels if not log_of(Path(testlogs), label).is_file()]
+    missing = []  # one line per target without a log
     for label in labels:
-        if label in missing:
+        log = log_of(Path(testlogs), label)
+        if not log.is_file():
+            missing.append(f"test_summary: {label} left no {log}")
             continue
-        for case in ET.parse(log_of(Path(testlogs), label)).getroot().iter("testcase"):
+        for case in ET.parse(log).getroot().iter("testcase"):
             if case.find("failure") is not None or case.find("error") is not None:
                 failed += 1
             elif case.find("skipped") is not None:
@@ -33,8 +35,8 @@ def main(testlogs: str, labels: list[str]) -> int:
             else:
                 passed += 1
     print(f"tests: {passed} passed, {failed} failed, {skipped} skipped")
-    for label in missing:
-        print(f"test_summary: {label} left no {log_of(Path(testlogs), label)}", file=sys.stderr)
+    for line in missing:
+        print(line, file=sys.stderr)
     return 1 if failed or missing else 0
 
 
