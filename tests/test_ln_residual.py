@@ -760,28 +760,42 @@ def test_bench_table_gives_speedups_skips_and_target_verdicts():
     assert [line.rsplit(": ", 1)[1] for line in lines if line.startswith("  ")] == ["met", "NOT met", "met", "not measured"]
 
 
-def test_bench_stopped_in_its_end_to_end_part_keeps_the_kernel_rows(tmp_path, monkeypatch):
-    # The suite's GPU parts stand in: the copy probe, the device, the kernel rows and the HF decode runs.
-    import json
+def _stand_in_gpu_parts(monkeypatch, suite, measure_shape):
+    """The suite's GPU parts stand in: the copy probe, the device and each shape's rows (measure_shape)."""
     import types
 
-    from neoxfuse.bench import ln_residual as suite
-    from neoxfuse.cli import main
-
     copy = types.SimpleNamespace(GBps=3000.0, as_dict=lambda: {"GBps": 3000.0})
-    kernel_rows = [{"tokens": 1, "hidden": 2560, "dtype": "fp16", "variant": "add_dual_layernorm", "provider": "neoxfuse"}]
     monkeypatch.setattr(suite, "require_cuda", lambda: None)
     monkeypatch.setattr(suite, "copy_bandwidth", lambda: copy)
     monkeypatch.setattr(suite, "devices", lambda: [types.SimpleNamespace(l2_cache_bytes=50 * 2**20)])
     monkeypatch.setattr(suite.torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(suite, "device_record", lambda _: {"name": "stand-in", "sm": "90", "copy_GBps": 3000.0})
-    monkeypatch.setattr(suite, "_measure_shapes", lambda *args: (kernel_rows, {}))
+    monkeypatch.setattr(suite, "_measure_shape", measure_shape)
     monkeypatch.setattr(suite, "_table", lambda *args: "")
+
+
+def _stand_in_row(shape, provider: str, median_us: float) -> dict:
+    return {"tokens": shape.tokens, "hidden": shape.hidden, "dtype": shape.dtype, "variant": shape.variant,
+            "provider": provider, "median_us": median_us, "pct_copy": 90.0}
+
+
+def test_bench_stopped_in_its_end_to_end_part_keeps_the_kernel_rows(tmp_path, monkeypatch):
+    import json
+
+    from neoxfuse.bench import ln_residual as suite
+    from neoxfuse.cli import main
+
+    def measure_shape(shape, providers, replays, copy_GBps, l2_bytes, skipped):
+        skipped[str(shape)] = {}
+        return [_stand_in_row(shape, "neoxfuse", 2.0)]
+
+    _stand_in_gpu_parts(monkeypatch, suite, measure_shape)
 
     def stopped(e2e, tokens):
         raise KeyboardInterrupt  # as a pipeline's --budget or a user stops it
 
     monkeypatch.setattr(suite, "_decode_tpot", stopped)
+    kernel_rows = [_stand_in_row(suite.Shape.parse(text), "neoxfuse", 2.0) for text in suite.DEFAULT_SHAPES]
     assert main(["bench", "ln-residual", "--out-dir", str(tmp_path / "stopped")]) == 130
     [path] = (tmp_path / "stopped").glob("ln_residual-*.json")
     record = json.loads(path.read_text())
@@ -793,6 +807,32 @@ def test_bench_stopped_in_its_end_to_end_part_keeps_the_kernel_rows(tmp_path, mo
     [path] = (tmp_path / "done").glob("ln_residual-*.json")
     record = json.loads(path.read_text())
     assert record["complete"] is True and record["decode_tpot"] == [{"backend": "hf_eager"}]
+
+
+def test_bench_stopped_between_shapes_keeps_the_shapes_it_finished(tmp_path, monkeypatch):
+    import json
+
+    from neoxfuse.bench import ln_residual as suite
+    from neoxfuse.cli import main
+
+    decode, prefill = suite.Shape.parse(suite.DECODE_TARGET), suite.Shape.parse(suite.PREFILL_TARGET)
+
+    def measure_shape(shape, providers, replays, copy_GBps, l2_bytes, skipped):
+        if shape == prefill:
+            raise KeyboardInterrupt  # as a pipeline's --budget or a user stops it
+        skipped[str(shape)] = {"flashinfer": "takes bf16 only"}
+        return [_stand_in_row(shape, "neoxfuse", 2.0), _stand_in_row(shape, "torch_eager", 6.0)]
+
+    _stand_in_gpu_parts(monkeypatch, suite, measure_shape)
+    args = ["bench", "ln-residual", "--shape", str(decode), "--shape", str(prefill), "--e2e", "none"]
+    assert main([*args, "--out-dir", str(tmp_path)]) == 130
+    [path] = tmp_path.glob("ln_residual-*.json")
+    record = json.loads(path.read_text())
+    assert record["complete"] is False
+    assert [(row["provider"], row.get("speedup_vs_torch_eager")) for row in record["rows"]] == [("neoxfuse", 3.0),
+                                                                                                ("torch_eager", None)]
+    assert record["skipped"] == {str(decode): {"flashinfer": "takes bf16 only"}}
+    assert [t["met"] for t in record["targets"]] == [True, None, None, None]  # the decode shape's eager target only
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")

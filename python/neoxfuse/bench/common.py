@@ -1,12 +1,14 @@
 """What every benchmark suite shares: timing with percentiles, the device record and the results
-file of DESIGN.md §6 (the issues' targets: bench/targets.py); and what the kernel suites (gptq-ln-qkv,
-ln-residual: one function per shape, timed per provider) share: buffer sets beyond L2, bandwidth
-fields, speedups over the peers and their table. GPU monitoring (clocks, power, throttling) is
-neoxfuse.monitor's.
+file of DESIGN.md §6, written once or as the run goes (the issues' targets: bench/targets.py); and
+what the kernel suites (gptq-ln-qkv, ln-residual: one function per shape, timed per provider)
+share: the loop over shapes, buffer sets beyond L2, bandwidth fields, speedups over the peers and
+their table. GPU monitoring (clocks, power, throttling) is neoxfuse.monitor's.
 
     timing = time_cuda(lambda: op(next_buffers()), warmup=10, runs=100)   # Timing in microseconds
     with GpuMonitor() as monitor: ...                                       # neoxfuse.monitor
     write_results("decode", rows, device=device_record(copy_bandwidth()), extra={"nvml": monitor.summary()})
+    results = ResultsFile("decode", device, out_dir)      # or saved as the run goes:
+    results.save(rows_so_far, extra, complete=False)        # after each part, then complete=True at the end
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from neoxfuse.checks import require_cuda
 from neoxfuse.device import CopyBandwidth, devices
 from neoxfuse.errors import InvalidInputError
+from neoxfuse.progress import progress_bar
 
 DEVICE_FIELDS = ("name", "sm", "copy_GBps")
 
@@ -191,6 +195,21 @@ def write_results(
     return path
 
 
+class ResultsFile:
+    """One run's results file, saved as the run goes: save() after each finished part rewrites the file
+    with the rows measured so far ("complete": false), so a run stopped part-way (a pipeline's --budget, ^C)
+    keeps them; the last save, complete=True, leaves the whole run."""
+
+    def __init__(self, suite: str, device: dict, out_dir: str | os.PathLike):
+        self.suite, self.device, self.out_dir = suite, device, out_dir
+        self.path: Path | None = None
+
+    def save(self, rows: list[dict], extra: dict, *, complete: bool) -> Path:
+        self.path = write_results(self.suite, rows, device=self.device, out_dir=self.out_dir,
+                                  extra=extra | {"complete": complete}, path=self.path)
+        return self.path
+
+
 def providers_arg(known: Sequence[str]) -> Callable[[str], list[str]]:
     """An argparse type for a comma-separated subset of `known`."""
 
@@ -242,6 +261,21 @@ def add_speedups(rows: list[dict], shape_of: Callable[[dict], str]) -> None:
             for peer in rows:
                 if peer["provider"] != OWN and shape_of(peer) == shape_of(row):
                     row[f"speedup_vs_{peer['provider']}"] = peer["median_us"] / row["median_us"]
+
+
+def measure_shapes(suite: str, shapes: Sequence, measure: Callable[[Any], list[dict]], shape_of: Callable[[dict], str],
+                   on_shape: Callable[[list[dict]], object]) -> list[dict]:
+    """Every shape's rows, measure(shape), with the speedups over the peers (add_speedups); on_shape(the rows so
+    far) after each shape, so that a suite saves as it goes (ResultsFile)."""
+    rows: list[dict] = []
+    with progress_bar(len(shapes), f"bench {suite}", unit="shape") as bar:
+        for shape in shapes:
+            bar.set_postfix_str(str(shape))
+            rows += measure(shape)
+            add_speedups(rows, shape_of)
+            on_shape(rows)
+            bar.update(1)
+    return rows
 
 
 def kernel_table(rows: list[dict], shape_of: Callable[[dict], str]) -> list[str]:

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from neoxfuse.bench.common import device_record, percentile, write_results
+from neoxfuse.bench.common import ResultsFile, device_record, percentile
 from neoxfuse.bench.targets import target, target_lines
 from neoxfuse.configs import MODEL_NAMES, pythia_config, shape_of
 from neoxfuse.device import copy_bandwidth
@@ -273,25 +273,23 @@ def run(args) -> int:
     device_entry = device_record(copy)
     suite = SUITE if sampling.greedy else SAMPLED_SUITE  # the dashboard keeps the two apart
     monitor = GpuMonitor() if on_gpu else None
-    path = None
+    results = ResultsFile(suite, device_entry, args.out_dir)
 
     def save(runs: dict[tuple[str, int], Run], complete: bool) -> tuple[list[dict], dict]:
         """Writes the rows of the runs done so far (the same file each time); returns them and the record's extra."""
-        nonlocal path
         rows = _rows(runs, names, lengths, description, floor, copy.GBps if copy else None, sampling)
         record = extra | {
-            "complete": complete,
             "nvml": monitor.summary() if monitor else {"available": False, "reason": "a CPU run has no GPU to sample"},
             "targets": _targets(rows) if targets_apply else [],
         }
-        path = write_results(suite, rows, device=device_entry, out_dir=args.out_dir, extra=record, path=path)
+        results.save(rows, record, complete=complete)
         return rows, record
 
     with monitor or contextlib.nullcontext():
         runs = _measure(contenders, prompt, lengths, lambda done: save(done, complete=False))
     rows, record = save(runs, complete=True)
     print(_table(rows, description, record, device_entry))
-    print(f"wrote {path}")
+    print(f"wrote {results.path}")
     return 0
 
 

@@ -22,6 +22,8 @@ its calls (CUDA events); --replays samples give the median and P50/P90/P95/P99.
     GBps     = bytes / median time (the same bytes for every provider: the function's floor);
     pct_copy = GBps / the copy rate measured in this run
     rel_err  = ||out - ref|| / ||ref||, ref the fp32 oracle on the same int4 weights
+The results file is rewritten after each shape ("complete": false until the last), so a run stopped
+part-way keeps the shapes it finished.
 
 Targets (issue 5, H100, 1 x 2560 x 7680, group 128): median <= 8 us, >= 2x torch_fp16, >= 60%
 of the copy rate. Needs a CUDA GPU.
@@ -39,14 +41,14 @@ import torch.nn.functional as F
 import transformers
 
 from neoxfuse.bench.common import (
-    add_speedups,
+    ResultsFile,
     bandwidth_fields,
     buffer_set_count,
     device_record,
     kernel_table,
+    measure_shapes,
     providers_arg,
     time_graph,
-    write_results,
 )
 from neoxfuse.bench.targets import target, target_lines
 from neoxfuse.checks import require_cuda
@@ -54,7 +56,6 @@ from neoxfuse.device import copy_bandwidth, devices
 from neoxfuse.errors import InvalidInputError
 from neoxfuse.monitor import GpuMonitor
 from neoxfuse.ops.gptq_ln_qkv import MAX_TOKENS, gptq_ln_qkv_layer, reference
-from neoxfuse.progress import progress_bar
 from neoxfuse.quant.gptq import GPTQLinear, QuantConfig, quantize_rtn, unpack_int4_cols
 
 SUITE = "gptq-ln-qkv"
@@ -191,31 +192,26 @@ def _gptq_packages() -> dict[str, str]:
     }
 
 
-def _measure(shapes: list[Shape], providers: list[str], replays: int, copy_GBps: float, l2_bytes: int) -> list[dict]:
-    rows = []
+def _measure_shape(shape: Shape, calls: dict[str, Call], with_fp16: bool, replays: int, copy_GBps: float,
+                   l2_bytes: int) -> list[dict]:
+    """One row per provider: its calls timed over buffer sets beyond L2, its error against the fp32 reference."""
     generator = torch.Generator("cuda").manual_seed(0)
-    calls = _calls(providers)
-    with progress_bar(len(shapes), "bench gptq-ln-qkv", unit="shape") as bar:
-        for shape in shapes:
-            bar.set_postfix_str(str(shape))
-            count = buffer_set_count(shape.bytes_moved, l2_bytes, MAX_SETS)
-            sets = _buffer_sets(shape, count, "torch_fp16" in providers, generator)
-            first = sets[0]
-            ref = reference(first.x, first.ln_weight, first.ln_bias, first.layer, EPS)
-            for provider, call in calls.items():
-                timing = time_graph(lambda i: call(sets[i]), len(sets), runs=replays)
-                with torch.no_grad():
-                    out = call(first).float()
-                rows.append({
-                    "tokens": shape.tokens, "K": shape.K, "N": shape.N, "group_size": shape.group_size,
-                    "act_order": shape.act_order, "provider": provider,
-                    **bandwidth_fields(timing, shape.bytes_moved, len(sets), copy_GBps, l2_bytes),
-                    "rel_err": ((out - ref).norm() / ref.norm()).item(),
-                })
-            del sets, first, ref
-            torch.cuda.empty_cache()
-            bar.update(1)
-    add_speedups(rows, _shape_of)
+    sets = _buffer_sets(shape, buffer_set_count(shape.bytes_moved, l2_bytes, MAX_SETS), with_fp16, generator)
+    first = sets[0]
+    ref = reference(first.x, first.ln_weight, first.ln_bias, first.layer, EPS)
+    rows = []
+    for provider, call in calls.items():
+        timing = time_graph(lambda i: call(sets[i]), len(sets), runs=replays)
+        with torch.no_grad():
+            out = call(first).float()
+        rows.append({
+            "tokens": shape.tokens, "K": shape.K, "N": shape.N, "group_size": shape.group_size,
+            "act_order": shape.act_order, "provider": provider,
+            **bandwidth_fields(timing, shape.bytes_moved, len(sets), copy_GBps, l2_bytes),
+            "rel_err": ((out - ref).norm() / ref.norm()).item(),
+        })
+    del sets, first, ref
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -240,21 +236,27 @@ def run(args) -> int:
     shapes = args.shapes or [Shape.parse(text) for text in DEFAULT_SHAPES]
     copy = copy_bandwidth()
     l2_bytes = devices()[torch.cuda.current_device()].l2_cache_bytes
-    with GpuMonitor(device_index=torch.cuda.current_device()) as monitor:
-        rows = _measure(shapes, args.providers, args.replays, copy.GBps, l2_bytes)
+    device = device_record(copy)
+    results = ResultsFile(RESULTS_SUITE, device, args.out_dir)
     extra = {
         "copy": copy.as_dict(),
         "l2_bytes": l2_bytes,
         "replays": args.replays,
         "skipped": _gptq_packages(),
-        "targets": _targets(rows),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "nvml": monitor.summary(),
     }
-    device = device_record(copy)
-    path = write_results(RESULTS_SUITE, rows, device=device, out_dir=args.out_dir, extra=extra)
+    with GpuMonitor(device_index=torch.cuda.current_device()) as monitor:
+
+        def save(rows: list[dict], complete: bool) -> None:
+            extra.update(targets=_targets(rows), nvml=monitor.summary())
+            results.save(rows, extra, complete=complete)
+
+        calls, with_fp16 = _calls(args.providers), "torch_fp16" in args.providers
+        rows = measure_shapes(SUITE, shapes, lambda shape: _measure_shape(shape, calls, with_fp16, args.replays, copy.GBps, l2_bytes),
+                              _shape_of, lambda done: save(done, complete=False))
+    save(rows, complete=True)
     print(_table(rows, extra, device))
-    print(f"wrote {path}")
+    print(f"wrote {results.path}")
     return 0
 
 

@@ -22,9 +22,10 @@ by its calls (CUDA events), and --replays samples give the median and P50/P90/P9
 End-to-end (--e2e): a random-initialised Pythia-2.8B in fp16 decoding greedily with HF's
 `generate`, plain and after neoxfuse.hf.fuse_layernorms: eager (dynamic cache) and, with
 --e2e all, static cache + torch.compile(mode="reduce-overhead"), timed per step as
-`neoxfuse bench decode` times them. Reported under `decode_tpot` in the results file, which is
-first written with the kernel rows alone ("complete": false), so a run stopped during this part
-keeps them.
+`neoxfuse bench decode` times them. Reported under `decode_tpot` in the results file.
+
+The results file is rewritten after each shape with the rows measured so far ("complete": false
+until the end-to-end part is done too), so a run stopped part-way keeps the shapes it finished.
 
 The issue's targets (H100) are checked and printed: decode 1 x 2560 fp16 dual LN >= 2.5x
 torch_eager and >= 1.2x torch_compile; prefill 16384 x 2560 >= 85% of the copy rate and not
@@ -43,14 +44,14 @@ import transformers
 
 from neoxfuse import hf
 from neoxfuse.bench.common import (
-    add_speedups,
+    ResultsFile,
     bandwidth_fields,
     buffer_set_count,
     device_record,
     kernel_table,
+    measure_shapes,
     providers_arg,
     time_graph,
-    write_results,
 )
 from neoxfuse.bench.targets import target, target_lines
 from neoxfuse.checks import require_cuda
@@ -58,7 +59,6 @@ from neoxfuse.device import copy_bandwidth, devices
 from neoxfuse.errors import InvalidInputError
 from neoxfuse.monitor import GpuMonitor
 from neoxfuse.ops import ln_residual
-from neoxfuse.progress import progress_bar
 from neoxfuse.reference import layer_norm
 from neoxfuse.weights import random_model
 
@@ -81,14 +81,14 @@ VARIANTS = {
 
 DECODE_TARGET = "1x2560:fp16:add_dual_layernorm"
 PREFILL_TARGET = "16384x2560:fp16:add_dual_layernorm"
-DEFAULT_SHAPES = (
+DEFAULT_SHAPES = (  # the targets' shapes first: a run stopped part-way keeps them
     DECODE_TARGET,
+    PREFILL_TARGET,
     "1x2560:fp16:add_layernorm",
     "1x2560:fp16:final",
     "1x5120:fp16:add_dual_layernorm",
     "128x2560:fp16:add_dual_layernorm",
     "4096x2560:fp16:add_dual_layernorm",
-    PREFILL_TARGET,
     "16384x2560:fp16:layernorm",
     "16384x2560:bf16:add_dual_layernorm",
     "16384x2560:fp32:add_dual_layernorm",
@@ -144,7 +144,7 @@ class Shape:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", dest="shapes", action="append", type=Shape.parse, metavar="TxH:DTYPE:VARIANT",
                         help=f"a shape to measure, repeatable (default: {len(DEFAULT_SHAPES)} shapes, decode and prefill of "
-                        f"Pythia-2.8B among them); variants: {', '.join(VARIANTS)}")
+                        f"Pythia-2.8B first); variants: {', '.join(VARIANTS)}")
     parser.add_argument("--providers", type=providers_arg(PROVIDERS), default=list(PROVIDERS),
                         help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all)")
     parser.add_argument("--replays", type=int, default=200, help="timed graph replays per provider and shape (default 200)")
@@ -263,35 +263,34 @@ def _relative_error(call: Call, provider: str, s: BufferSet, shape: Shape) -> fl
     return ((y - ref).norm() / ref.norm()).item()
 
 
-def _measure_shapes(shapes: list[Shape], providers: list[str], replays: int, copy_GBps: float, l2_bytes: int) -> tuple[list[dict], dict]:
-    rows, skipped = [], {}
+def _measure_shape(shape: Shape, providers: list[str], replays: int, copy_GBps: float, l2_bytes: int,
+                   skipped: dict[str, dict[str, str]]) -> list[dict]:
+    """One row per provider that runs at this shape: its calls timed over buffer sets beyond L2, its error against
+    the fp64 oracle. skipped[str(shape)] = {provider: why it did not run} (empty when all did)."""
     generator = torch.Generator("cuda").manual_seed(0)
-    with progress_bar(len(shapes), "bench ln-residual", unit="shape") as bar:
-        for shape in shapes:
-            bar.set_postfix_str(str(shape))
-            calls, skipped[str(shape)] = _calls(shape, providers)
-            sets = _buffer_sets(shape, buffer_set_count(shape.bytes_moved, l2_bytes, MAX_SETS), generator)
-            for provider, call in calls.items():
-                try:
-                    params = [s.params_for(provider) for s in sets]  # (weights, biases) per buffer set
-                    timing = time_graph(lambda i: call(sets[i].x, sets[i].residuals, *params[i]), len(sets), runs=replays)
-                except Exception as err:  # a peer that cannot run here (FlashInfer without its JIT toolchain, say)
-                    skipped[str(shape)][provider] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-                    continue
-                rows.append({
-                    "tokens": shape.tokens,
-                    "hidden": shape.hidden,
-                    "dtype": shape.dtype,
-                    "variant": shape.variant,
-                    "provider": provider,
-                    **bandwidth_fields(timing, shape.bytes_moved, len(sets), copy_GBps, l2_bytes),
-                    "rel_err": _relative_error(call, provider, sets[0], shape),
-                })
-            del sets
-            torch.cuda.empty_cache()
-            bar.update(1)
-    add_speedups(rows, _shape_of)
-    return rows, {shape: why for shape, why in skipped.items() if why}
+    calls, why_not = _calls(shape, providers)
+    skipped[str(shape)] = why_not
+    sets = _buffer_sets(shape, buffer_set_count(shape.bytes_moved, l2_bytes, MAX_SETS), generator)
+    rows = []
+    for provider, call in calls.items():
+        try:
+            params = [s.params_for(provider) for s in sets]  # (weights, biases) per buffer set
+            timing = time_graph(lambda i: call(sets[i].x, sets[i].residuals, *params[i]), len(sets), runs=replays)
+        except Exception as err:  # a peer that cannot run here (FlashInfer without its JIT toolchain, say)
+            why_not[provider] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            continue
+        rows.append({
+            "tokens": shape.tokens,
+            "hidden": shape.hidden,
+            "dtype": shape.dtype,
+            "variant": shape.variant,
+            "provider": provider,
+            **bandwidth_fields(timing, shape.bytes_moved, len(sets), copy_GBps, l2_bytes),
+            "rel_err": _relative_error(call, provider, sets[0], shape),
+        })
+    del sets
+    torch.cuda.empty_cache()
+    return rows
 
 
 def _shape_of(row: dict) -> str:
@@ -364,26 +363,31 @@ def run(args) -> int:
     copy = copy_bandwidth()
     l2_bytes = devices()[torch.cuda.current_device()].l2_cache_bytes
     device = device_record(copy)
+    results = ResultsFile(RESULTS_SUITE, device, args.out_dir)
+    extra = {
+        "copy": copy.as_dict(),
+        "l2_bytes": l2_bytes,
+        "replays": args.replays,
+        "decode_tpot": [],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    skipped: dict[str, dict[str, str]] = {}  # {shape: {provider: why not}}
     with GpuMonitor() as sampler:
-        rows, skipped = _measure_shapes(shapes, args.providers, args.replays, copy.GBps, l2_bytes)
-        extra = {
-            "copy": copy.as_dict(),
-            "l2_bytes": l2_bytes,
-            "replays": args.replays,
-            "skipped": skipped,
-            "targets": _targets(rows),
-            "decode_tpot": [],
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        }
-        path = None
-        if args.e2e != "none":  # the kernel rows first, kept if the end-to-end part is stopped
-            partial = extra | {"complete": False, "nvml": sampler.summary()}
-            path = write_results(RESULTS_SUITE, rows, device=device, out_dir=args.out_dir, extra=partial)
+
+        def save(rows: list[dict], complete: bool) -> None:
+            extra.update(skipped={shape: why for shape, why in skipped.items() if why}, targets=_targets(rows),
+                         nvml=sampler.summary())
+            results.save(rows, extra, complete=complete)
+
+        # saved after each shape, so a run stopped part-way (the end-to-end part is the longest) keeps its kernel rows
+        rows = measure_shapes(SUITE, shapes, lambda shape: _measure_shape(shape, args.providers, args.replays, copy.GBps,
+                                                                          l2_bytes, skipped),
+                              _shape_of, lambda done: save(done, complete=False))
+        if args.e2e != "none":
             extra["decode_tpot"] = _decode_tpot(args.e2e, args.e2e_tokens)
-    extra |= {"complete": True, "nvml": sampler.summary()}
-    path = write_results(RESULTS_SUITE, rows, device=device, out_dir=args.out_dir, extra=extra, path=path)
+    save(rows, complete=True)
     print(_table(rows, extra, device))
-    print(f"wrote {path}")
+    print(f"wrote {results.path}")
     return 0
 
 
