@@ -4,6 +4,7 @@ the targets and the kernel suites' shared rows and table."""
 import argparse
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,6 +90,22 @@ def test_a_run_that_saves_as_it_goes_rewrites_its_own_file(tmp_path):
     assert again == first and sorted(tmp_path.iterdir()) == sorted([first, other])
     record = json.loads(first.read_text())
     assert record["complete"] is True and [row["context"] for row in record["rows"]] == [16, 64]
+
+
+def test_a_run_killed_while_rewriting_its_file_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
+    first = write_results("decode", [{"context": 16}], device=_device(), out_dir=tmp_path, extra={"complete": False})
+    write_text = Path.write_text
+
+    def killed_half_way(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt  # the write never finishes, as under SIGKILL
+
+    monkeypatch.setattr(Path, "write_text", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        write_results("decode", [{"context": 16}, {"context": 64}], device=_device(), out_dir=tmp_path, path=first)
+    monkeypatch.undo()
+    assert [path.name for path in tmp_path.glob("*.json")] == [first.name]
+    assert json.loads(first.read_text())["rows"] == [{"context": 16}]
 
 
 @pytest.mark.parametrize(

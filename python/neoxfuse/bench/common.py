@@ -180,7 +180,7 @@ def write_results(
         "rows": rows,
     }
     if path is not None:
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        _replace_file(path, json.dumps(record, indent=2) + "\n")
         return path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,8 +191,16 @@ def write_results(
     while path.exists():
         attempt += 1
         path = out / f"{stem}-{attempt}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    _replace_file(path, json.dumps(record, indent=2) + "\n")
     return path
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Writes `text` to path.partial, then renames that over `path`: a process killed while writing (a
+    pipeline's --budget sends SIGKILL) leaves the earlier file whole, never half of the new one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 class ResultsFile:
