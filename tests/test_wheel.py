@@ -53,6 +53,32 @@ def test_wheel_record_matches_contents(wheel):
         assert (digest, int(size)) == (want, len(data)), name
 
 
+# The distribution that provides each module the package imports from outside the standard library,
+# and the imports that are optional peers (a benchmark reports them as not run where they are missing).
+DISTRIBUTIONS = {"torch": "torch", "transformers": "transformers", "safetensors": "safetensors", "tqdm": "tqdm",
+                 "pynvml": "nvidia-ml-py"}
+OPTIONAL_IMPORTS = {"flashinfer"}  # bench ln-residual's FlashInfer peer
+
+
+def test_wheel_requires_what_its_modules_import(wheel):
+    import ast
+
+    zf = zipfile.ZipFile(wheel)
+    imported = set()
+    for name in (n for n in zf.namelist() if n.endswith(".py")):
+        for node in ast.walk(ast.parse(zf.read(name))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"neoxfuse"}
+    assert third_party - OPTIONAL_IMPORTS <= set(DISTRIBUTIONS), "a new import: name its distribution in DISTRIBUTIONS"
+    metadata = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    required = {re.split(r"[<>=!~ ;]", line.split(": ", 1)[1])[0] for line in metadata.splitlines()
+                if line.startswith("Requires-Dist: ")}
+    assert {DISTRIBUTIONS[module] for module in third_party - OPTIONAL_IMPORTS} == required
+
+
 # What a manylinux_2_Y wheel may need of the system besides glibc 2.Y (PEP 600): the libraries every
 # such system has, and the newest symbol versions of GCC 11's libstdc++ and libgcc_s, as on
 # manylinux_2_34's baseline, AlmaLinux 9.
