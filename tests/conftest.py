@@ -9,6 +9,7 @@ import mmap
 import os
 import random
 import re
+import types
 from pathlib import Path
 from typing import NamedTuple
 
@@ -85,6 +86,25 @@ def pretend_gpu(monkeypatch):
 
     yield pretend
     _lib.missing_code.cache_clear()
+
+
+@pytest.fixture
+def stand_in_kernel_suite(monkeypatch):
+    """stand_in_kernel_suite(suite, measure_shape): a kernel bench suite (gptq-ln-qkv, ln-residual) runs on any
+    machine: its GPU parts stand in (a 3000 GB/s copy probe, a 50 MiB L2 on cuda:0, the device record, no table)
+    and measure_shape(shape, ...) gives each shape's rows."""
+
+    def stand_in(suite, measure_shape) -> None:
+        copy = types.SimpleNamespace(GBps=3000.0, as_dict=lambda: {"GBps": 3000.0})
+        monkeypatch.setattr(suite, "require_cuda", lambda: None)
+        monkeypatch.setattr(suite, "copy_bandwidth", lambda: copy)
+        monkeypatch.setattr(suite, "devices", lambda: [types.SimpleNamespace(l2_cache_bytes=50 * 2**20)])
+        monkeypatch.setattr(suite.torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(suite, "device_record", lambda _: {"name": "stand-in", "sm": "90", "copy_GBps": 3000.0})
+        monkeypatch.setattr(suite, "_measure_shape", measure_shape)
+        monkeypatch.setattr(suite, "_table", lambda *args: "")
+
+    return stand_in
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -287,10 +287,8 @@ def test_bench_table_gives_speedups_and_target_verdicts():
     assert [line.rsplit(": ", 1)[1] for line in lines if line.startswith("  ")] == ["met", "met", "NOT met"]
 
 
-def test_bench_stopped_between_shapes_keeps_the_shapes_it_finished(tmp_path, monkeypatch):
-    # The suite's GPU parts stand in: the copy probe, the device and each shape's rows.
+def test_bench_stopped_between_shapes_keeps_the_shapes_it_finished(tmp_path, stand_in_kernel_suite):
     import json
-    import types
 
     from neoxfuse.cli import main
 
@@ -304,13 +302,7 @@ def test_bench_stopped_between_shapes_keeps_the_shapes_it_finished(tmp_path, mon
                  "act_order": shape.act_order, "provider": provider, "median_us": median_us, "pct_copy": 70.0}
                 for provider, median_us in (("neoxfuse", 6.0), ("torch_fp16", 15.0))]
 
-    copy = types.SimpleNamespace(GBps=3000.0, as_dict=lambda: {"GBps": 3000.0})
-    monkeypatch.setattr(gptq_bench, "require_cuda", lambda: None)
-    monkeypatch.setattr(gptq_bench, "copy_bandwidth", lambda: copy)
-    monkeypatch.setattr(gptq_bench, "devices", lambda: [types.SimpleNamespace(l2_cache_bytes=50 * 2**20)])
-    monkeypatch.setattr(gptq_bench.torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(gptq_bench, "device_record", lambda _: {"name": "stand-in", "sm": "90", "copy_GBps": 3000.0})
-    monkeypatch.setattr(gptq_bench, "_measure_shape", measure_shape)
+    stand_in_kernel_suite(gptq_bench, measure_shape)
     args = ["bench", "gptq-ln-qkv", "--shape", str(target), "--shape", str(act), "--providers", "neoxfuse,torch_fp16"]
     assert main([*args, "--out-dir", str(tmp_path)]) == 130
     [path] = tmp_path.glob("gptq_ln_qkv-*.json")

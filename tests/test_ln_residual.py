@@ -760,26 +760,12 @@ def test_bench_table_gives_speedups_skips_and_target_verdicts():
     assert [line.rsplit(": ", 1)[1] for line in lines if line.startswith("  ")] == ["met", "NOT met", "met", "not measured"]
 
 
-def _stand_in_gpu_parts(monkeypatch, suite, measure_shape):
-    """The suite's GPU parts stand in: the copy probe, the device and each shape's rows (measure_shape)."""
-    import types
-
-    copy = types.SimpleNamespace(GBps=3000.0, as_dict=lambda: {"GBps": 3000.0})
-    monkeypatch.setattr(suite, "require_cuda", lambda: None)
-    monkeypatch.setattr(suite, "copy_bandwidth", lambda: copy)
-    monkeypatch.setattr(suite, "devices", lambda: [types.SimpleNamespace(l2_cache_bytes=50 * 2**20)])
-    monkeypatch.setattr(suite.torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(suite, "device_record", lambda _: {"name": "stand-in", "sm": "90", "copy_GBps": 3000.0})
-    monkeypatch.setattr(suite, "_measure_shape", measure_shape)
-    monkeypatch.setattr(suite, "_table", lambda *args: "")
-
-
 def _stand_in_row(shape, provider: str, median_us: float) -> dict:
     return {"tokens": shape.tokens, "hidden": shape.hidden, "dtype": shape.dtype, "variant": shape.variant,
             "provider": provider, "median_us": median_us, "pct_copy": 90.0}
 
 
-def test_bench_stopped_in_its_end_to_end_part_keeps_the_kernel_rows(tmp_path, monkeypatch):
+def test_bench_stopped_in_its_end_to_end_part_keeps_the_kernel_rows(tmp_path, monkeypatch, stand_in_kernel_suite):
     import json
 
     from neoxfuse.bench import ln_residual as suite
@@ -789,7 +775,7 @@ def test_bench_stopped_in_its_end_to_end_part_keeps_the_kernel_rows(tmp_path, mo
         skipped[str(shape)] = {}
         return [_stand_in_row(shape, "neoxfuse", 2.0)]
 
-    _stand_in_gpu_parts(monkeypatch, suite, measure_shape)
+    stand_in_kernel_suite(suite, measure_shape)
 
     def stopped(e2e, tokens):
         raise KeyboardInterrupt  # as a pipeline's --budget or a user stops it
@@ -809,7 +795,7 @@ def test_bench_stopped_in_its_end_to_end_part_keeps_the_kernel_rows(tmp_path, mo
     assert record["complete"] is True and record["decode_tpot"] == [{"backend": "hf_eager"}]
 
 
-def test_bench_stopped_between_shapes_keeps_the_shapes_it_finished(tmp_path, monkeypatch):
+def test_bench_stopped_between_shapes_keeps_the_shapes_it_finished(tmp_path, stand_in_kernel_suite):
     import json
 
     from neoxfuse.bench import ln_residual as suite
@@ -823,7 +809,7 @@ def test_bench_stopped_between_shapes_keeps_the_shapes_it_finished(tmp_path, mon
         skipped[str(shape)] = {"flashinfer": "takes bf16 only"}
         return [_stand_in_row(shape, "neoxfuse", 2.0), _stand_in_row(shape, "torch_eager", 6.0)]
 
-    _stand_in_gpu_parts(monkeypatch, suite, measure_shape)
+    stand_in_kernel_suite(suite, measure_shape)
     args = ["bench", "ln-residual", "--shape", str(decode), "--shape", str(prefill), "--e2e", "none"]
     assert main([*args, "--out-dir", str(tmp_path)]) == 130
     [path] = tmp_path.glob("ln_residual-*.json")
