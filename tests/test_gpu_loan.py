@@ -91,6 +91,19 @@ def test_the_parts_run_in_order_until_their_ends_and_come_back_as_few_files(chec
     assert "failed parts: none" in (out / "loan.log").read_text()
 
 
+def test_the_kernel_part_measures_ln_residual_at_its_targets_shapes(checkout):
+    import shlex
+
+    from neoxfuse.bench import ln_residual
+
+    _, calls = loan(checkout, 400)
+    argv = next(call["argv"] for call in calls if any(arg.endswith("/3-kernels") for arg in call["argv"]))
+    given = dict(argv[i + 1].partition("=")[::2] for i, arg in enumerate(argv) if arg == "--suite-args")
+    words = shlex.split(given["ln_residual"])
+    assert {words[i + 1] for i, word in enumerate(words) if word == "--shape"} == {ln_residual.DECODE_TARGET,
+                                                                                     ln_residual.PREFILL_TARGET}
+
+
 def test_a_part_gets_what_is_left_of_its_time_and_is_skipped_with_too_little(checkout):
     done, calls = loan(checkout, 60, PART_SECONDS="2")
     assert done.returncode == 0, done.stdout + done.stderr
