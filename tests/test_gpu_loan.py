@@ -80,6 +80,8 @@ def test_the_parts_run_in_order_until_their_ends_and_come_back_as_few_files(chec
     assert done.returncode == 0, done.stdout + done.stderr
     runs = pipeline_runs(calls)
     assert list(runs) == PARTS
+    markers = [call["argv"][call["argv"].index("--marker") + 1] for call in calls if "--marker" in call["argv"]]
+    assert markers == ["sanitize or quick", "not (sanitize or quick)"]  # 1-quick's tests, then 4-rest's: all, once
     for part, end in zip(PARTS, (120, 300, 400, 400), strict=True):
         assert end - 2 <= runs[part] <= end, runs  # each took ~0 s: the time to its end is all its own
     out = checkout / "out"
