@@ -118,6 +118,13 @@ def test_every_model_source_gives_the_same_model(tmp_path):
     assert Engine("tiny", seed=1, device="cpu").generate(prompt, 12).tokens != expected
 
 
+@pytest.mark.gpu
+def test_a_model_by_name_is_drawn_on_the_gpu_it_runs_on():
+    engine = Engine("tiny", seed=0, backend="reference")
+    drawn_there = from_hf(random_model("tiny", seed=0, dtype=engine.dtype, device="cuda"))
+    assert engine.weights.embed_in.is_cuda and torch.equal(engine.weights.embed_in, drawn_there.embed_in)
+
+
 def test_a_gptq_checkpoint_runs_dequantized(hf_model, tmp_path):
     checkpoint = quantize_gpt_neox(hf_model, QuantConfig(group_size=32, sym=False))
     save_gptq_checkpoint(checkpoint, tmp_path)

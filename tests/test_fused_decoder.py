@@ -1006,7 +1006,7 @@ def test_lm_head_matches_fp32_oracle(hidden, vocab, dtype):
 def hf_models(request):
     """(fp16 HF model, fp32 HF model holding the same fp16-rounded weights), 2 layers, on the GPU."""
     config = pythia_config(request.param, num_hidden_layers=2)
-    model16 = random_model(config, seed=0, dtype=torch.float32).half().cuda().eval()
+    model16 = random_model(config, seed=0, dtype=torch.float16, device="cuda")
     model32 = copy.deepcopy(model16).float()
     return model16, model32
 
@@ -1094,7 +1094,7 @@ def test_bf16_pythia_layer_matches_fp32_oracle(name, position):
 @torch.inference_mode()
 def test_bf16_model_decodes_fused_to_hf_logits_and_hf_bf16_greedy_tokens():
     # A bf16 HF model runs on the fused backend as it is (hf.generate keeps the model's dtype).
-    model16 = random_model(pythia_config("pythia-2.8b", num_hidden_layers=2), seed=0).to(torch.bfloat16).cuda().eval()
+    model16 = random_model(pythia_config("pythia-2.8b", num_hidden_layers=2), seed=0, dtype=torch.bfloat16, device="cuda")
     tokens = torch.randint(0, model16.config.vocab_size, (80,), device="cuda")
     want = copy.deepcopy(model16).float()(tokens[None]).logits[0, 16:].float()  # [64, vocab]
     hf16_err = rel_err(model16(tokens[None]).logits[0, 16:].float(), want)

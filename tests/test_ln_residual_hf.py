@@ -279,7 +279,7 @@ def test_fused_model_logits_match_hf_over_a_64_token_decode(mode, compiled):
     parallel = RESIDUAL_MODES[mode]
     layers = 4
     config = pythia_config("pythia-2.8b", num_hidden_layers=layers, use_parallel_residual=parallel)
-    model = random_model(config, seed=6).to("cuda", torch.float16)
+    model = random_model(config, seed=6, dtype=torch.float16, device="cuda")
     prompt = torch.randint(0, config.vocab_size, (1, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(7))
     expected, tokens = _decode_logits(model, prompt, 64)
     hf.fuse_layernorms(model)
@@ -299,7 +299,8 @@ def test_fused_model_logits_match_hf_over_a_64_token_decode(mode, compiled):
 def test_profiler_sees_the_kernels_and_no_layernorm(mode):
     parallel = RESIDUAL_MODES[mode]
     layers = 3
-    model = random_model(pythia_config("pythia-410m", num_hidden_layers=layers, use_parallel_residual=parallel)).to("cuda", torch.float16)
+    config = pythia_config("pythia-410m", num_hidden_layers=layers, use_parallel_residual=parallel)
+    model = random_model(config, dtype=torch.float16, device="cuda")
     hf.fuse_layernorms(model)
     tokens = torch.randint(0, 50304, (1, 8), device="cuda")
     with torch.no_grad():
@@ -323,7 +324,7 @@ def _perplexity(model, tokens):
 @pytest.mark.gpu
 @pytest.mark.quick
 def test_perplexity_of_random_pythia_2p8b_matches_hf():
-    model = random_model("pythia-2.8b", seed=8, dtype=torch.float16).to("cuda")
+    model = random_model("pythia-2.8b", seed=8, dtype=torch.float16, device="cuda")
     tokens = torch.randint(0, model.config.vocab_size, (512,), generator=torch.Generator().manual_seed(9)).to("cuda")
     expected = _perplexity(model, tokens)
     hf.fuse_layernorms(model)

@@ -197,6 +197,30 @@ def test_random_model_is_reproducible_and_leaves_global_rng_alone():
     assert not torch.equal(other.layers[0].qkv_weight, first.layers[0].qkv_weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_random_model_in_any_dtype_is_the_fp32_draw_cast(dtype):
+    want = {name: t.to(dtype) for name, t in random_model("tiny", seed=7).state_dict().items()}
+    got = random_model("tiny", seed=7, dtype=dtype).state_dict()
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+
+
+@pytest.mark.gpu
+def test_random_model_is_drawn_on_the_gpu_it_is_asked_for():
+    model = random_model("tiny", seed=7, dtype=torch.float16, device="cuda")
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        assert tensor.device.type == "cuda", name
+    again = from_hf(random_model("tiny", seed=7, dtype=torch.float16, device="cuda"))
+    assert_same_weights(again, from_hf(model))
+    on_cpu = from_hf(random_model("tiny", seed=7, dtype=torch.float16))
+    # Same distributions, other numbers: CUDA's generator is not the CPU's.
+    assert not torch.equal(from_hf(model).embed_in.cpu(), on_cpu.embed_in)
+    assert 0.8 < from_hf(model).embed_in.float().std().item() < 1.2
+    fp32 = from_hf(random_model("tiny", seed=7, device="cuda"))
+    assert torch.equal(fp32.layers[0].qkv_weight.half(), from_hf(model).layers[0].qkv_weight)
+
+
 def test_random_model_exercises_every_parameter():
     model = random_model("tiny", dtype=torch.float64)
     assert not model.training

@@ -213,12 +213,14 @@ class LoadedModel:
     random_init: bool
 
 
-def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
-    """Weights (on CPU or where they already are) and tokenizer from any model source.
+def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """Weights and tokenizer from any model source.
 
-    A Pythia name (configs.MODEL_NAMES) gives a random-initialised model of that shape, made in
-    `dtype` from `seed`; a directory is read as an HF checkpoint (a GPTQ one dequantized to
-    `dtype`); an in-memory GPTNeoXForCausalLM or ModelWeights is used as it is (no copy).
+    A Pythia name (configs.MODEL_NAMES) gives a random-initialised model of that shape, drawn on
+    `device` in `dtype` from `seed` (weights.random_model); a directory is read as an HF checkpoint
+    onto the CPU (a GPTQ one dequantized to `dtype`); an in-memory GPTNeoXForCausalLM or
+    ModelWeights is used as it is, where it is (no copy).
     """
     if isinstance(source, ModelWeights):
         return LoadedModel(source, None, "in-memory ModelWeights", random_init=False)
@@ -236,7 +238,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed:
         weights, tokenizer = load_checkpoint(path)
         return LoadedModel(weights, tokenizer, str(path), random_init=False)
     if str(source) in MODEL_NAMES:
-        weights = from_hf(random_model(str(source), seed=seed, dtype=dtype))
+        weights = from_hf(random_model(str(source), seed=seed, dtype=dtype, device=device))
         return LoadedModel(weights, None, f"{source} (random-initialised)", random_init=True)
     if path.exists():
         raise UnsupportedModelError(f"{path} is a file; a checkpoint is a directory holding config.json and the weights")
@@ -319,7 +321,7 @@ class Generation:
 class Engine:
     """Batch-1 generation with one GPT-NeoX model on one device, computed by one backend.
 
-    model: a Pythia name (random-initialised, from `seed`), a checkpoint directory, a
+    model: a Pythia name (random-initialised from `seed`, drawn on `device`), a checkpoint directory, a
     GPTNeoXForCausalLM or ModelWeights. backend: a name in BACKENDS, or "auto" (the default): the
     first of AUTO_ORDER that can run here (`fused` on an sm_90 or sm_12x GPU in fp16 or bf16, else `reference`);
     `backend_name` and `backend_reason` say which and why. device: CUDA when there is a
@@ -342,7 +344,7 @@ class Engine:
         self.dtype = resolve_dtype(dtype, self.device)
         if backend != AUTO:
             self._require_available(backend_class(backend), None)
-        loaded = load_model(model, dtype=self.dtype, seed=seed)
+        loaded = load_model(model, dtype=self.dtype, seed=seed, device=self.device)
         if dtype is None:
             self.dtype = resolve_dtype(None, self.device, loaded.weights.embed_in.dtype)
         self.shape: NeoXShape = loaded.weights.shape

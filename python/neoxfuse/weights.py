@@ -255,26 +255,28 @@ def random_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "eager",
+    device: str | torch.device = "cpu",
 ) -> GPTNeoXForCausalLM:
-    """A random GPT-NeoX HF model (eval mode, CPU) of a named shape (MODEL_NAMES) or a given config.
+    """A random GPT-NeoX HF model (eval mode, on `device`) of a named shape (MODEL_NAMES) or a given config.
 
     Not HF's training init (std 0.02 everywhere, zero biases, unit LayerNorms): there attention is
     near uniform and biases are zero, so a wrong mask, rotary or bias barely moves the logits. Here
     every activation is of order 1 and every parameter counts:
       embed_in ~ N(0, 1); linear weights ~ N(0, 1/in_features); linear biases ~ N(0, 0.1^2);
       LayerNorm weight ~ N(1, 0.1^2), bias ~ N(0, 0.1^2).
-    Drawn in fp32, then cast to `dtype`, so one seed gives one model in every dtype; torch's global
-    RNG is left as it was.
+    Each parameter is drawn in fp32 on `device` from one generator seeded with `seed`, then cast to
+    `dtype`, so one seed gives one model in every dtype; torch's global RNG is left as it was. A
+    CUDA generator draws other numbers than the CPU's, so the same seed gives another model on a GPU.
+    Drawing where the model runs matters at full size: Pythia-2.8B takes ~20 s on two CPU cores, a
+    few GPU kernels per parameter on a GPU; no fp32 copy of the whole model is held on either.
     """
     config = pythia_config(name_or_config) if isinstance(name_or_config, str) else copy.deepcopy(name_or_config)
     shape_of(config)  # refuse what neoxfuse cannot compute before building it
     with _without_hf_init():  # HF's init would take most of the time, and every parameter is drawn below
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     model.tie_weights()  # skipped with the init; a no-op unless tie_word_embeddings
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        _draw_parameters(model)
-    return model.to(dtype).eval()
+    _draw_parameters(model, torch.Generator(device).manual_seed(seed), dtype)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _without_hf_init():
@@ -286,12 +288,15 @@ def _without_hf_init():
     return no_init_weights()
 
 
-def _draw_parameters(model: GPTNeoXForCausalLM) -> None:
-    """random_model's distributions; UnsupportedModelError if a parameter is left undrawn (uninitialised memory)."""
+def _draw_parameters(model: GPTNeoXForCausalLM, generator: torch.Generator, dtype: torch.dtype) -> None:
+    """random_model's distributions, each parameter replaced by its draw on the generator's device in
+    `dtype` (the model's own, never-touched fp32 storage is freed as it goes); UnsupportedModelError if a
+    parameter is left undrawn (uninitialised memory)."""
     drawn: set[int] = set()
 
-    def draw(parameter: torch.Tensor, mean: float, std: float) -> None:
-        parameter.normal_(mean, std)
+    def draw(parameter: torch.nn.Parameter, mean: float, std: float) -> None:
+        fp32 = torch.empty(parameter.shape, device=generator.device).normal_(mean, std, generator=generator)
+        parameter.data = fp32.to(dtype)
         drawn.add(id(parameter))
 
     for module in model.modules():

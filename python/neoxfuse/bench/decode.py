@@ -178,7 +178,8 @@ def _hf_model(source: str, dtype: torch.dtype, device: torch.device, seed: int):
     """(GPTNeoXForCausalLM on `device`, its description): random of a named shape, or a checkpoint
     directory (a GPTQ one dequantized to `dtype`: the kernels and the HF peers run dense weights)."""
     if source in MODEL_NAMES:
-        model, description = random_model(source, seed=seed, dtype=dtype, attn_implementation="sdpa"), f"{source} (random-initialised)"
+        model = random_model(source, seed=seed, dtype=dtype, attn_implementation="sdpa", device=device)
+        description = f"{source} (random-initialised)"
     elif Path(source).is_dir() and is_quantized_checkpoint(source):  # every contender runs the dequantized weights
         checkpoint = load_gptq_checkpoint(source)
         model, description = dequantized_gpt_neox(checkpoint, "cpu", dtype), describe_dequantized(source, checkpoint, dtype)

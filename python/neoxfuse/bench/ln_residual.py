@@ -305,7 +305,7 @@ def _decode_tpot(e2e: str, tokens: int) -> list[dict]:
     """TPOT of HF generate on a random Pythia-2.8B fp16, with and without fuse_layernorms."""
     from neoxfuse.bench.decode import HFContender  # the decode suite's timing of HF generate
 
-    model = random_model("pythia-2.8b", seed=0, dtype=torch.float16, attn_implementation="sdpa").to("cuda").eval()
+    model = random_model("pythia-2.8b", seed=0, dtype=torch.float16, attn_implementation="sdpa", device="cuda")
     model.generation_config.eos_token_id = None
     prompt = torch.randint(0, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(0)).tolist()
     modes = ["hf_eager"] + (["hf_compile"] if e2e == "all" else [])
