@@ -211,14 +211,14 @@ def test_random_model_is_drawn_on_the_gpu_it_is_asked_for():
     model = random_model("tiny", seed=7, dtype=torch.float16, device="cuda")
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         assert tensor.device.type == "cuda", name
-    again = from_hf(random_model("tiny", seed=7, dtype=torch.float16, device="cuda"))
-    assert_same_weights(again, from_hf(model))
+    drawn = from_hf(model)
+    assert_same_weights(from_hf(random_model("tiny", seed=7, dtype=torch.float16, device="cuda")), drawn)
     on_cpu = from_hf(random_model("tiny", seed=7, dtype=torch.float16))
     # Same distributions, other numbers: CUDA's generator is not the CPU's.
-    assert not torch.equal(from_hf(model).embed_in.cpu(), on_cpu.embed_in)
-    assert 0.8 < from_hf(model).embed_in.float().std().item() < 1.2
+    assert not torch.equal(drawn.embed_in.cpu(), on_cpu.embed_in)
+    assert 0.8 < drawn.embed_in.float().std().item() < 1.2
     fp32 = from_hf(random_model("tiny", seed=7, device="cuda"))
-    assert torch.equal(fp32.layers[0].qkv_weight.half(), from_hf(model).layers[0].qkv_weight)
+    assert torch.equal(fp32.layers[0].qkv_weight.half(), drawn.layers[0].qkv_weight)
 
 
 def test_random_model_exercises_every_parameter():
