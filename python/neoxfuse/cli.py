@@ -109,7 +109,8 @@ def _token_list(text: str) -> list[int]:
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help=f"a model name ({', '.join(MODEL_NAMES)}), which gives a random-initialised model "
-                        "of that shape, or a local Hugging Face checkpoint directory (default: a random-initialised "
+                        "of that shape, a local Hugging Face checkpoint directory, or a Hub repo id (EleutherAI/pythia-2.8b) "
+                        "already in the local Hugging Face cache: neoxfuse downloads nothing (default: a random-initialised "
                         f"{GPU_DEFAULT_MODEL} on a GPU, {CPU_DEFAULT_MODEL} on a CPU)")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs a checkpoint with a tokenizer)")
@@ -140,11 +141,11 @@ def _generate(args) -> int:
         print("neoxfuse: greedy decoding (--temperature 0): --top-k and --top-p have no effect", file=sys.stderr)
     model = args.model or (GPU_DEFAULT_MODEL if device.type == "cuda" else CPU_DEFAULT_MODEL)
     if args.model is None:
-        print(f"neoxfuse: no --model given: using a random-initialised {model} (its tokens mean nothing; pass --model DIR "
+        print(f"neoxfuse: no --model given: using a random-initialised {model} (its tokens mean nothing; pass --model DIR or a cached Hub id "
               "for a real checkpoint)" + (_cpu_shape_reason(model) if device.type == "cpu" else ""), file=sys.stderr)
     elif model in MODEL_NAMES:
         print(f"neoxfuse: {model} is random-initialised (neoxfuse downloads nothing; its tokens mean nothing); "
-              "pass --model DIR for a real checkpoint", file=sys.stderr)
+              "pass --model DIR or a cached Hub id (EleutherAI/pythia-2.8b) for a real checkpoint", file=sys.stderr)
 
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed or 0)
     prompt = args.tokens if args.prompt is None else engine.encode(args.prompt)

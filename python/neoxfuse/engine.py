@@ -3,6 +3,7 @@
     engine = Engine("pythia-70m")                   # a Pythia name: random-initialised model of that shape
     engine = Engine("/ckpt/pythia-2.8b")            # a local HF checkpoint directory (its tokenizer too;
                                                     # GPTQ int4 ones are dequantized at load)
+    engine = Engine("EleutherAI/pythia-2.8b")       # a Hub repo id already in the local Hugging Face cache
     engine = Engine(hf_model) / Engine(weights)     # an in-memory GPTNeoXForCausalLM or ModelWeights
     out = engine.generate([1, 2, 3], max_new_tokens=32, sampling=SamplingParams(temperature=0.8, seed=1))
     out.tokens, out.prefill_ms, out.tpot_ms
@@ -29,14 +30,14 @@ from typing import ClassVar, Union
 
 import torch
 
-from neoxfuse.configs import MODEL_NAMES, NeoXShape
-from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnknownModelError, UnsupportedModelError
+from neoxfuse.configs import NeoXShape
+from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnsupportedModelError
 from neoxfuse.progress import progress_bar
 from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpoint
 from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.reference import ReferenceModel
 from neoxfuse.sampling import SamplingParams, choose, next_token
-from neoxfuse.weights import ModelWeights, from_hf, load_checkpoint, load_tokenizer, random_model
+from neoxfuse.weights import ModelWeights, from_hf, load_checkpoint, load_tokenizer, model_source, random_model
 
 ModelSource = Union[str, os.PathLike, torch.nn.Module, ModelWeights]
 
@@ -218,8 +219,9 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed:
     """Weights and tokenizer from any model source.
 
     A Pythia name (configs.MODEL_NAMES) gives a random-initialised model of that shape, drawn on
-    `device` in `dtype` from `seed` (weights.random_model); a directory is read as an HF checkpoint
-    onto the CPU (a GPTQ one dequantized to `dtype`); an in-memory GPTNeoXForCausalLM or
+    `device` in `dtype` from `seed` (weights.random_model); a directory, or a Hub repo id in the local
+    Hugging Face cache (weights.model_source), is read as an HF checkpoint onto the CPU (a GPTQ one
+    dequantized to `dtype`); an in-memory GPTNeoXForCausalLM or
     ModelWeights is used as it is, where it is (no copy).
     """
     if isinstance(source, ModelWeights):
@@ -230,29 +232,29 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed:
             raise UnsupportedModelError(f"neoxfuse runs GPT-NeoX models; got {type(source).__name__} (model_type {model_type!r})")
         return LoadedModel(from_hf(source), None, f"in-memory {type(source).__name__}", random_init=False)
     if not isinstance(source, (str, os.PathLike)):
-        raise InvalidInputError(f"a model is a Pythia name, a checkpoint directory, a GPTNeoXForCausalLM or ModelWeights; got {type(source).__name__}")
-    path = Path(source)
-    if path.is_dir():
-        if is_quantized_checkpoint(path):
-            return _load_gptq_checkpoint(path, dtype)
-        weights, tokenizer = load_checkpoint(path)
-        return LoadedModel(weights, tokenizer, str(path), random_init=False)
-    if str(source) in MODEL_NAMES:
-        weights = from_hf(random_model(str(source), seed=seed, dtype=dtype, device=device))
-        return LoadedModel(weights, None, f"{source} (random-initialised)", random_init=True)
-    if path.exists():
-        raise UnsupportedModelError(f"{path} is a file; a checkpoint is a directory holding config.json and the weights")
-    raise UnknownModelError(
-        f"{str(source)!r} is neither a known model name ({', '.join(MODEL_NAMES)}) nor a checkpoint directory"
-    )
+        raise InvalidInputError(f"a model is a Pythia name, a checkpoint directory, a cached Hub repo id, a GPTNeoXForCausalLM or ModelWeights; got {type(source).__name__}")
+    resolved = model_source(source)
+    if isinstance(resolved, str):
+        weights = from_hf(random_model(resolved, seed=seed, dtype=dtype, device=device))
+        return LoadedModel(weights, None, f"{resolved} (random-initialised)", random_init=True)
+    description = _describe_directory(source, resolved)
+    if is_quantized_checkpoint(resolved):
+        return _load_gptq_checkpoint(resolved, dtype, description)
+    weights, tokenizer = load_checkpoint(resolved)
+    return LoadedModel(weights, tokenizer, description, random_init=False)
 
 
-def _load_gptq_checkpoint(path: Path, dtype: torch.dtype) -> LoadedModel:
+def _describe_directory(source: str | os.PathLike, directory: Path) -> str:
+    """The directory, and the Hub repo id it was found by ("EleutherAI/pythia-2.8b (/cache/.../snapshots/<sha>)")."""
+    return str(directory) if Path(source) == directory else f"{source} ({directory})"
+
+
+def _load_gptq_checkpoint(path: Path, dtype: torch.dtype, description: str) -> LoadedModel:
     """A GPTQ checkpoint directory, every quantized linear dequantized to `dtype` (W = scales * (q - z)):
     the engine's backends run dense weights. UnsupportedModelError for a quantization that is not GPTQ."""
     checkpoint = load_gptq_checkpoint(path)
     weights = from_hf(dequantized_gpt_neox(checkpoint, "cpu", dtype))
-    return LoadedModel(weights, load_tokenizer(path), describe_dequantized(path, checkpoint, dtype), random_init=False)
+    return LoadedModel(weights, load_tokenizer(path), describe_dequantized(description, checkpoint, dtype), random_init=False)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -321,8 +323,8 @@ class Generation:
 class Engine:
     """Batch-1 generation with one GPT-NeoX model on one device, computed by one backend.
 
-    model: a Pythia name (random-initialised from `seed`, drawn on `device`), a checkpoint directory, a
-    GPTNeoXForCausalLM or ModelWeights. backend: a name in BACKENDS, or "auto" (the default): the
+    model: a Pythia name (random-initialised from `seed`, drawn on `device`), a checkpoint directory or a
+    Hub repo id in the local Hugging Face cache, a GPTNeoXForCausalLM or ModelWeights. backend: a name in BACKENDS, or "auto" (the default): the
     first of AUTO_ORDER that can run here (`fused` on an sm_90 or sm_12x GPU in fp16 or bf16, else `reference`);
     `backend_name` and `backend_reason` say which and why. device: CUDA when there is a
     GPU, else CPU. dtype: fp16 on CUDA (bf16 for a bf16 model), fp32 on CPU. max_seq_len: the KV cache's capacity in

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from neoxfuse.configs import NeoXShape, pythia_config, shape_of
-from neoxfuse.errors import CheckpointNotFoundError, InvalidInputError, UnsupportedModelError
+from neoxfuse.configs import MODEL_NAMES, NeoXShape, pythia_config, shape_of
+from neoxfuse.errors import CheckpointNotFoundError, InvalidInputError, UnknownModelError, UnsupportedModelError
 
 
 @dataclass
@@ -201,6 +205,39 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
         else:
             tensors.update(torch.load(file, map_location="cpu", weights_only=True))
     return tensors
+
+
+def model_source(source: str | os.PathLike) -> str | Path:
+    """What a model string names, tried in this order:
+
+    1. a local checkpoint directory: returned as a Path;
+    2. a model name of configs.MODEL_NAMES: returned as the str (a random-initialised model of that shape);
+    3. a Hugging Face Hub repo id ("EleutherAI/pythia-2.8b") whose snapshot is in the local Hugging Face
+       cache (HF_HUB_CACHE, as `hf download` or transformers left it): that snapshot's directory, a Path.
+       neoxfuse downloads nothing.
+
+    UnsupportedModelError for a file; CheckpointNotFoundError for a cached snapshot the cache itself
+    knows to be incomplete; UnknownModelError for anything else.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if str(source) in MODEL_NAMES:
+        return str(source)
+    if path.exists():
+        raise UnsupportedModelError(f"{path} is a file; a checkpoint is a directory holding config.json and the weights")
+    known = f"a known model name ({', '.join(MODEL_NAMES)})"
+    try:
+        return Path(snapshot_download(str(source), local_files_only=True))
+    except HFValidationError:
+        raise UnknownModelError(f"{str(source)!r} is neither {known} nor a checkpoint directory") from None
+    except LocalEntryNotFoundError as error:
+        if getattr(error, "snapshot_path", None):  # an IncompleteSnapshotError: the cache lists files it lacks
+            raise CheckpointNotFoundError(f"{source}: {error}") from error
+        raise UnknownModelError(
+            f"{str(source)!r} is neither {known}, a checkpoint directory, nor a Hub repo id in the local Hugging Face "
+            f"cache {hub_constants.HF_HUB_CACHE}; neoxfuse downloads nothing: `hf download {source}` fetches it"
+        ) from None
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")

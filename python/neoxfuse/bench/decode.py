@@ -43,7 +43,6 @@ import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import transformers
@@ -53,13 +52,13 @@ from neoxfuse.bench.targets import target, target_lines
 from neoxfuse.configs import MODEL_NAMES, pythia_config, shape_of
 from neoxfuse.device import copy_bandwidth
 from neoxfuse.engine import BACKENDS, DTYPES, Engine, StepClock, resolve_device, resolve_dtype
-from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnknownModelError
+from neoxfuse.errors import InvalidInputError, SequenceTooLongError
 from neoxfuse.monitor import GpuMonitor
 from neoxfuse.progress import progress_bar
 from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpoint
 from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.sampling import SamplingParams
-from neoxfuse.weights import random_model, read_checkpoint_config
+from neoxfuse.weights import model_source, random_model, read_checkpoint_config
 
 SUITE = "decode"
 SAMPLED_SUITE = "decode_sampled"  # the results of sampled runs (--temperature > 0)
@@ -74,8 +73,8 @@ TARGET_MODEL = "pythia-2.8b"  # issue 4's targets are for greedy fp16 runs of th
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help=f"a model name ({', '.join(MODEL_NAMES)}; random-initialised) or an HF checkpoint "
-                        f"directory, GPTQ ones dequantized (default: {GPU_MODEL} on a GPU, {CPU_MODEL} on a CPU)")
+    parser.add_argument("--model", help=f"a model name ({', '.join(MODEL_NAMES)}; random-initialised), an HF checkpoint "
+                        f"directory or a Hub repo id in the local HF cache, GPTQ ones dequantized (default: {GPU_MODEL} on a GPU, {CPU_MODEL} on a CPU)")
     parser.add_argument("--lengths", type=_lengths, help="generated lengths, comma-separated "
                         f"(default: {','.join(map(str, GPU_LENGTHS))} on a GPU, {','.join(map(str, CPU_LENGTHS))} on a CPU)")
     parser.add_argument("--backends", type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
@@ -177,19 +176,18 @@ class HFContender:
 def _hf_model(source: str, dtype: torch.dtype, device: torch.device, seed: int):
     """(GPTNeoXForCausalLM on `device`, its description): random of a named shape, or a checkpoint
     directory (a GPTQ one dequantized to `dtype`: the kernels and the HF peers run dense weights)."""
-    if source in MODEL_NAMES:
-        model = random_model(source, seed=seed, dtype=dtype, attn_implementation="sdpa", device=device)
-        description = f"{source} (random-initialised)"
-    elif Path(source).is_dir() and is_quantized_checkpoint(source):  # every contender runs the dequantized weights
-        checkpoint = load_gptq_checkpoint(source)
-        model, description = dequantized_gpt_neox(checkpoint, "cpu", dtype), describe_dequantized(source, checkpoint, dtype)
-    elif Path(source).is_dir():
-        read_checkpoint_config(source)  # CheckpointNotFoundError / UnsupportedModelError
-        shape_of(transformers.AutoConfig.from_pretrained(source))  # sizes and options neoxfuse computes
-        model = transformers.GPTNeoXForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
-        description = str(source)
+    resolved = model_source(source)
+    if isinstance(resolved, str):
+        model = random_model(resolved, seed=seed, dtype=dtype, attn_implementation="sdpa", device=device)
+        description = f"{resolved} (random-initialised)"
+    elif is_quantized_checkpoint(resolved):  # every contender runs the dequantized weights
+        checkpoint = load_gptq_checkpoint(resolved)
+        model, description = dequantized_gpt_neox(checkpoint, "cpu", dtype), describe_dequantized(resolved, checkpoint, dtype)
     else:
-        raise UnknownModelError(f"{source!r} is neither a known model name ({', '.join(MODEL_NAMES)}) nor a checkpoint directory")
+        read_checkpoint_config(resolved)  # CheckpointNotFoundError / UnsupportedModelError
+        shape_of(transformers.AutoConfig.from_pretrained(resolved))  # sizes and options neoxfuse computes
+        model = transformers.GPTNeoXForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation="sdpa")
+        description = str(resolved)
     model.generation_config.eos_token_id = None  # every run generates exactly the tokens asked for
     return model.to(device).eval(), description
 

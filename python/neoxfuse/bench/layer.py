@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +41,10 @@ from neoxfuse.checks import require_cuda
 from neoxfuse.configs import MODEL_NAMES, NeoXShape, pythia_config, shape_of
 from neoxfuse.device import copy_bandwidth, devices
 from neoxfuse.engine import DTYPES
-from neoxfuse.errors import InvalidInputError, UnknownModelError
+from neoxfuse.errors import InvalidInputError
 from neoxfuse.monitor import GpuMonitor
 from neoxfuse.ops import fused_decoder
-from neoxfuse.weights import LayerWeights, load_checkpoint
+from neoxfuse.weights import LayerWeights, load_checkpoint, model_source
 
 SUITE = "layer"
 HELP = "one decoder layer for one token: fused kernels vs PyTorch (CUDA graph) and the reference ops, vs the floor"
@@ -54,7 +53,7 @@ PROVIDERS = ("fused", "fused_nopdl", "torch_graph", "reference_eager")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="pythia-2.8b",
-                        help=f"a model name ({', '.join(MODEL_NAMES)}; random weights) or an HF checkpoint directory")
+                        help=f"a model name ({', '.join(MODEL_NAMES)}; random weights), an HF checkpoint directory or a Hub repo id in the local HF cache")
     parser.add_argument("--layer", type=int, default=0, help="which layer (default 0)")
     parser.add_argument("--seq-len", type=int, default=1024, help="keys attended over: the token sits at position L-1")
     parser.add_argument("--runs", type=int, default=100, help="timed samples per provider (default 100)")
@@ -69,15 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_layer(source: str, index: int, seed: int, dtype: torch.dtype) -> tuple[NeoXShape, LayerWeights, str]:
     """(shape, CUDA weights of layer `index` in `dtype`, description)."""
-    if source in MODEL_NAMES:
-        shape = shape_of(pythia_config(source))
+    resolved = model_source(source)
+    if isinstance(resolved, str):
+        shape = shape_of(pythia_config(resolved))
         _check_index(index, shape)
-        return shape, _random_layer(shape, seed, dtype), f"{source} (random layer)"
-    if Path(source).is_dir():
-        weights, _ = load_checkpoint(source)
-        _check_index(index, weights.shape)
-        return weights.shape, weights.layers[index].to(device="cuda", dtype=dtype), str(source)
-    raise UnknownModelError(f"{source!r} is neither a known model name ({', '.join(MODEL_NAMES)}) nor a checkpoint directory")
+        return shape, _random_layer(shape, seed, dtype), f"{resolved} (random layer)"
+    weights, _ = load_checkpoint(resolved)
+    _check_index(index, weights.shape)
+    return weights.shape, weights.layers[index].to(device="cuda", dtype=dtype), str(resolved)
 
 
 def _check_index(index: int, shape: NeoXShape) -> None:
