@@ -1,10 +1,11 @@
 """Shared test set-up: the `gpu` marker (skips with a reason where no CUDA GPU is usable), the
-`sanitize` marker (from each module's SANITIZE), --wheel, and the `cuobjdump`, `emulated`,
+`sanitize` marker (from each module's SANITIZE), --wheel, and the `cuobjdump`, `emulated`, `hub_cache`,
 `pretend_gpu` and `word_tokenizer` fixtures, and a fresh random seed per test that a failing test's report shows
 (`rng`; NEOXFUSE_TEST_SEED replays it)."""
 
 import contextlib
 import ctypes
+import hashlib
 import mmap
 import os
 import random
@@ -15,6 +16,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from huggingface_hub import constants as hub_constants
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -117,6 +119,33 @@ def pytest_runtest_makereport(item, call):
 def _name_matches(name: str, pattern: str) -> bool:
     """Whether a test's name matches a pattern in which '*' stands for any text (brackets are literal)."""
     return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), name) is not None
+
+
+class HubCache:
+    """A Hugging Face Hub cache in a folder, laid out as huggingface_hub keeps one:
+    models--{org}--{name}/refs/{revision} names a commit, snapshots/{commit}/ holds its files."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def snapshot(self, repo_id: str, revision: str = "main") -> Path:
+        """The new, empty snapshot folder of `repo_id` at `revision` (its name is the commit)."""
+        commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+        storage = self.root / f"models--{repo_id.replace('/', '--')}"
+        (storage / "refs").mkdir(parents=True, exist_ok=True)
+        (storage / "refs" / revision).write_text(commit)
+        snapshot = storage / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> HubCache:
+    """An empty HubCache that huggingface_hub reads in place of HF_HUB_CACHE."""
+    root = tmp_path / "hub"
+    root.mkdir()
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(root))
+    return HubCache(root)
 
 
 @pytest.fixture(scope="session")

@@ -101,6 +101,19 @@ def test_generate_streams_ids_or_text(tiny_checkpoint, tmp_path, capsys, word_to
     assert lines[-2].startswith("text: ") and lines[-2].endswith(lines[0])  # the streamed text is the summary's
 
 
+def test_generate_from_a_hub_repo_id_in_the_local_cache(hub_cache, capsys, word_tokenizer):
+    model = random_model("tiny", seed=3)
+    snapshot = hub_cache.snapshot("EleutherAI/pythia-tiny", revision="step1000")
+    model.save_pretrained(snapshot)
+    word_tokenizer(model.config.vocab_size).save_pretrained(snapshot)
+    args = ["generate", "--model", "EleutherAI/pythia-tiny", "--prompt", "hello world", "--max-new-tokens", "3", "--device", "cpu"]
+    assert main([*args, "--revision", "step1000"]) == 0
+    captured = capsys.readouterr()
+    assert f"model: EleutherAI/pythia-tiny at step1000 ({snapshot}" in captured.out and "random-initialised" not in captured.err
+    assert main(args) == 1  # main is not cached
+    assert "hf download EleutherAI/pythia-tiny`" in _one_line_error(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPTNeoXModel, PreTrainedTokenizerFast
 
@@ -189,63 +188,64 @@ def test_tokenizer_is_loaded_when_the_checkpoint_has_one(model, tmp_path):
     assert tokenizer("the quick red fox")["input_ids"] == [1, 2, 0, 4]
 
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch) -> Path:
-    """An empty Hugging Face Hub cache that huggingface_hub reads in place of HF_HUB_CACHE."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
-def cached_snapshot(cache: Path, repo_id: str) -> Path:
-    """The (empty) snapshot folder of `repo_id`'s main revision, laid out as huggingface_hub's cache
-    holds it: models--{org}--{name}/refs/main names the commit, snapshots/{commit}/ holds the files."""
-    storage = cache / f"models--{repo_id.replace('/', '--')}"
-    (storage / "refs").mkdir(parents=True)
-    (storage / "refs" / "main").write_text(COMMIT)
-    snapshot = storage / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    return snapshot
-
-
 def test_a_hub_repo_id_is_read_from_the_local_hugging_face_cache(model, hub_cache):
-    snapshot = cached_snapshot(hub_cache, "EleutherAI/pythia-odd")
+    snapshot = hub_cache.snapshot("EleutherAI/pythia-odd")
     model.save_pretrained(snapshot)
     assert model_source("EleutherAI/pythia-odd").resolve() == snapshot.resolve()
     engine = Engine("EleutherAI/pythia-odd", device="cpu")
     assert_same_weights(engine.weights, from_hf(model))
-    assert engine.description.startswith("EleutherAI/pythia-odd (") and COMMIT in engine.description
+    assert engine.description.startswith("EleutherAI/pythia-odd (") and snapshot.name in engine.description
     assert not engine.random_init
 
 
+def test_a_revision_picks_its_own_cached_snapshot(model, hub_cache):
+    main = hub_cache.snapshot("EleutherAI/pythia-odd")
+    step = hub_cache.snapshot("EleutherAI/pythia-odd", revision="step1000")
+    early = copy.deepcopy(model)
+    with torch.no_grad():
+        early.get_output_embeddings().weight.mul_(-1)
+    model.save_pretrained(main)
+    early.save_pretrained(step)
+    assert model_source("EleutherAI/pythia-odd", revision="step1000").resolve() == step.resolve()
+    engine = Engine("EleutherAI/pythia-odd", device="cpu", revision="step1000")
+    assert_same_weights(engine.weights, from_hf(early))
+    assert engine.description.startswith("EleutherAI/pythia-odd at step1000 (")
+    with pytest.raises(UnknownModelError, match="at revision 'step7'.*hf download EleutherAI/pythia-odd --revision step7"):
+        model_source("EleutherAI/pythia-odd", revision="step7")
+
+
+@pytest.mark.parametrize("source", ["tiny", "directory", "in-memory"])
+def test_a_revision_applies_to_hub_repo_ids_only(model, tmp_path, source):
+    model.save_pretrained(tmp_path)
+    source = {"tiny": "tiny", "directory": tmp_path, "in-memory": model}[source]
+    with pytest.raises(InvalidInputError, match="'step1000'.* picks a version of a Hub repo id"):
+        Engine(source, device="cpu", revision="step1000")
+
+
 def test_a_directory_then_a_model_name_come_before_the_hub_cache(model, hub_cache, tmp_path, monkeypatch):
-    model.save_pretrained(cached_snapshot(hub_cache, "tiny"))
+    model.save_pretrained(hub_cache.snapshot("tiny"))
     assert model_source("tiny") == "tiny"  # the random-initialised shape, not the cached repo "tiny"
-    cached_snapshot(hub_cache, "EleutherAI/pythia-odd")
+    hub_cache.snapshot("EleutherAI/pythia-odd")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "EleutherAI" / "pythia-odd").mkdir(parents=True)
     assert model_source("EleutherAI/pythia-odd") == Path("EleutherAI/pythia-odd")
 
 
 def test_a_hub_repo_id_missing_from_the_cache_says_how_to_fetch_it(hub_cache):
-    with pytest.raises(UnknownModelError, match="local Hugging Face cache .*hf download EleutherAI/pythia-12b") as error:
+    with pytest.raises(UnknownModelError, match="local Hugging Face cache .*hf download EleutherAI/pythia-12b`") as error:
         model_source("EleutherAI/pythia-12b")
-    assert str(hub_cache) in str(error.value)
+    assert str(hub_cache.root) in str(error.value)
     with pytest.raises(UnknownModelError, match="nor a checkpoint directory$"):  # not a repo id: no Hub advice
         model_source("./nowhere/pythia")
 
 
 def test_an_incomplete_cached_snapshot_is_a_clear_error(model, hub_cache):
-    snapshot = cached_snapshot(hub_cache, "EleutherAI/pythia-odd")
+    snapshot = hub_cache.snapshot("EleutherAI/pythia-odd")
     model.config.save_pretrained(snapshot)  # the download stopped before the weights
     listing = {name: {"size": 1, "blob_id": "0" * 40} for name in ("config.json", "model.safetensors")}
     trees = snapshot.parents[1] / "trees"  # huggingface_hub's cached tree listing of the commit
     trees.mkdir()
-    (trees / f"{COMMIT}.json").write_text(json.dumps({"format_version": 1, "files": listing}))
+    (trees / f"{snapshot.name}.json").write_text(json.dumps({"format_version": 1, "files": listing}))
     with pytest.raises(CheckpointNotFoundError, match="incomplete.*model.safetensors"):
         model_source("EleutherAI/pythia-odd")
 

@@ -112,6 +112,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         "of that shape, a local Hugging Face checkpoint directory, or a Hub repo id (EleutherAI/pythia-2.8b) "
                         "already in the local Hugging Face cache: neoxfuse downloads nothing (default: a random-initialised "
                         f"{GPU_DEFAULT_MODEL} on a GPU, {CPU_DEFAULT_MODEL} on a CPU)")
+    parser.add_argument("--revision", help="with a Hub repo id: the branch, tag or commit of the cached snapshot (default main; "
+                        "Pythia's training checkpoints are step0 ... step143000)")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs a checkpoint with a tokenizer)")
     prompt.add_argument("--tokens", type=_token_list, help="prompt token ids, comma-separated: 1,2,3")
@@ -147,7 +149,8 @@ def _generate(args) -> int:
         print(f"neoxfuse: {model} is random-initialised (neoxfuse downloads nothing; its tokens mean nothing); "
               "pass --model DIR or a cached Hub id (EleutherAI/pythia-2.8b) for a real checkpoint", file=sys.stderr)
 
-    engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed or 0)
+    engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed or 0,
+                    revision=args.revision)
     prompt = args.tokens if args.prompt is None else engine.encode(args.prompt)
     eos = getattr(engine.tokenizer, "eos_token_id", None)
     stream = _Stream(engine.tokenizer) if args.stream else None

@@ -215,15 +215,17 @@ class LoadedModel:
 
 
 def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed: int = 0,
-               device: str | torch.device = "cpu") -> LoadedModel:
+               device: str | torch.device = "cpu", revision: str | None = None) -> LoadedModel:
     """Weights and tokenizer from any model source.
 
     A Pythia name (configs.MODEL_NAMES) gives a random-initialised model of that shape, drawn on
-    `device` in `dtype` from `seed` (weights.random_model); a directory, or a Hub repo id in the local
-    Hugging Face cache (weights.model_source), is read as an HF checkpoint onto the CPU (a GPTQ one
-    dequantized to `dtype`); an in-memory GPTNeoXForCausalLM or
-    ModelWeights is used as it is, where it is (no copy).
+    `device` in `dtype` from `seed` (weights.random_model); a directory, or a Hub repo id at `revision`
+    in the local Hugging Face cache (weights.model_source), is read as an HF checkpoint onto the CPU (a
+    GPTQ one dequantized to `dtype`); an in-memory GPTNeoXForCausalLM or ModelWeights is used as it is,
+    where it is (no copy).
     """
+    if revision is not None and not isinstance(source, (str, os.PathLike)):
+        raise InvalidInputError(f"a revision ({revision!r}) picks a version of a Hub repo id; got a {type(source).__name__}")
     if isinstance(source, ModelWeights):
         return LoadedModel(source, None, "in-memory ModelWeights", random_init=False)
     if isinstance(source, torch.nn.Module):
@@ -233,20 +235,17 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed:
         return LoadedModel(from_hf(source), None, f"in-memory {type(source).__name__}", random_init=False)
     if not isinstance(source, (str, os.PathLike)):
         raise InvalidInputError(f"a model is a Pythia name, a checkpoint directory, a cached Hub repo id, a GPTNeoXForCausalLM or ModelWeights; got {type(source).__name__}")
-    resolved = model_source(source)
+    resolved = model_source(source, revision)
     if isinstance(resolved, str):
         weights = from_hf(random_model(resolved, seed=seed, dtype=dtype, device=device))
         return LoadedModel(weights, None, f"{resolved} (random-initialised)", random_init=True)
-    description = _describe_directory(source, resolved)
+    description = str(resolved)
+    if Path(source) != resolved:  # a Hub repo id: its name, revision and cached snapshot
+        description = f"{source}{'' if revision is None else ' at ' + revision} ({resolved})"
     if is_quantized_checkpoint(resolved):
         return _load_gptq_checkpoint(resolved, dtype, description)
     weights, tokenizer = load_checkpoint(resolved)
     return LoadedModel(weights, tokenizer, description, random_init=False)
-
-
-def _describe_directory(source: str | os.PathLike, directory: Path) -> str:
-    """The directory, and the Hub repo id it was found by ("EleutherAI/pythia-2.8b (/cache/.../snapshots/<sha>)")."""
-    return str(directory) if Path(source) == directory else f"{source} ({directory})"
 
 
 def _load_gptq_checkpoint(path: Path, dtype: torch.dtype, description: str) -> LoadedModel:
@@ -324,7 +323,8 @@ class Engine:
     """Batch-1 generation with one GPT-NeoX model on one device, computed by one backend.
 
     model: a Pythia name (random-initialised from `seed`, drawn on `device`), a checkpoint directory or a
-    Hub repo id in the local Hugging Face cache, a GPTNeoXForCausalLM or ModelWeights. backend: a name in BACKENDS, or "auto" (the default): the
+    Hub repo id in the local Hugging Face cache (at `revision`: a branch, tag or commit, such as Pythia's
+    step100000), a GPTNeoXForCausalLM or ModelWeights. backend: a name in BACKENDS, or "auto" (the default): the
     first of AUTO_ORDER that can run here (`fused` on an sm_90 or sm_12x GPU in fp16 or bf16, else `reference`);
     `backend_name` and `backend_reason` say which and why. device: CUDA when there is a
     GPU, else CPU. dtype: fp16 on CUDA (bf16 for a bf16 model), fp32 on CPU. max_seq_len: the KV cache's capacity in
@@ -341,12 +341,13 @@ class Engine:
         max_seq_len: int | None = None,
         tokenizer=None,
         seed: int = 0,
+        revision: str | None = None,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if backend != AUTO:
             self._require_available(backend_class(backend), None)
-        loaded = load_model(model, dtype=self.dtype, seed=seed, device=self.device)
+        loaded = load_model(model, dtype=self.dtype, seed=seed, device=self.device, revision=revision)
         if dtype is None:
             self.dtype = resolve_dtype(None, self.device, loaded.weights.embed_in.dtype)
         self.shape: NeoXShape = loaded.weights.shape

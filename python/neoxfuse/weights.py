@@ -207,36 +207,40 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def model_source(source: str | os.PathLike) -> str | Path:
+def model_source(source: str | os.PathLike, revision: str | None = None) -> str | Path:
     """What a model string names, tried in this order:
 
     1. a local checkpoint directory: returned as a Path;
     2. a model name of configs.MODEL_NAMES: returned as the str (a random-initialised model of that shape);
-    3. a Hugging Face Hub repo id ("EleutherAI/pythia-2.8b") whose snapshot is in the local Hugging Face
-       cache (HF_HUB_CACHE, as `hf download` or transformers left it): that snapshot's directory, a Path.
-       neoxfuse downloads nothing.
+    3. a Hugging Face Hub repo id ("EleutherAI/pythia-2.8b") whose snapshot at `revision` (a branch, tag or
+       commit; main by default; Pythia's training checkpoints are the tags step0 ... step143000) is in the
+       local Hugging Face cache (HF_HUB_CACHE, as `hf download` or transformers left it): that snapshot's
+       directory, a Path. neoxfuse downloads nothing.
 
-    UnsupportedModelError for a file; CheckpointNotFoundError for a cached snapshot the cache itself
-    knows to be incomplete; UnknownModelError for anything else.
+    InvalidInputError for a revision given with a directory or a name; UnsupportedModelError for a file;
+    CheckpointNotFoundError for a cached snapshot the cache itself knows to be incomplete; UnknownModelError
+    for anything else.
     """
     path = Path(source)
-    if path.is_dir():
-        return path
-    if str(source) in MODEL_NAMES:
-        return str(source)
+    if path.is_dir() or str(source) in MODEL_NAMES:
+        if revision is not None:
+            raise InvalidInputError(f"a revision ({revision!r}) picks a version of a Hub repo id; {str(source)!r} is "
+                                    "a local directory or a model name")
+        return path if path.is_dir() else str(source)
     if path.exists():
         raise UnsupportedModelError(f"{path} is a file; a checkpoint is a directory holding config.json and the weights")
     known = f"a known model name ({', '.join(MODEL_NAMES)})"
     try:
-        return Path(snapshot_download(str(source), local_files_only=True))
+        return Path(snapshot_download(str(source), revision=revision, local_files_only=True))
     except HFValidationError:
         raise UnknownModelError(f"{str(source)!r} is neither {known} nor a checkpoint directory") from None
     except LocalEntryNotFoundError as error:
         if getattr(error, "snapshot_path", None):  # an IncompleteSnapshotError: the cache lists files it lacks
             raise CheckpointNotFoundError(f"{source}: {error}") from error
+        at, fetch = ("", "") if revision is None else (f" at revision {revision!r}", f" --revision {revision}")
         raise UnknownModelError(
             f"{str(source)!r} is neither {known}, a checkpoint directory, nor a Hub repo id in the local Hugging Face "
-            f"cache {hub_constants.HF_HUB_CACHE}; neoxfuse downloads nothing: `hf download {source}` fetches it"
+            f"cache {hub_constants.HF_HUB_CACHE}{at}; neoxfuse downloads nothing: `hf download {source}{fetch}` fetches it"
         ) from None
 
 
