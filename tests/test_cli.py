@@ -188,6 +188,17 @@ def test_bench_decode_takes_a_gptq_checkpoint_dequantized(tmp_path, capsys):
     assert all(row["match"] for row in rows)  # both run the same dequantized weights in fp32
 
 
+def test_bench_decode_names_a_hub_repo_id_it_read_from_the_cache(hub_cache, tmp_path, capsys):
+    snapshot = hub_cache.snapshot("EleutherAI/pythia-tiny")
+    random_model("tiny", seed=3).save_pretrained(snapshot)
+    code = main(["bench", "decode", "--model", "EleutherAI/pythia-tiny", "--device", "cpu", "--lengths", "4",
+                 "--out-dir", str(tmp_path / "results")])
+    assert code == 0, capsys.readouterr().err
+    [path] = (tmp_path / "results").glob("decode-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert rows and all(row["model"] == f"EleutherAI/pythia-tiny ({snapshot})" for row in rows)
+
+
 def test_bench_decode_on_a_cpu_writes_its_results(tmp_path, capsys):
     out_dir = tmp_path / "results"
     code = main(["bench", "decode", "--model", "tiny", "--device", "cpu", "--lengths", "4,9", "--out-dir", str(out_dir)])

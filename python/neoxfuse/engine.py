@@ -37,7 +37,7 @@ from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpo
 from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.reference import ReferenceModel
 from neoxfuse.sampling import SamplingParams, choose, next_token
-from neoxfuse.weights import ModelWeights, from_hf, load_checkpoint, load_tokenizer, model_source, random_model
+from neoxfuse.weights import ModelWeights, describe_checkpoint, from_hf, load_checkpoint, load_tokenizer, model_source, random_model
 
 ModelSource = Union[str, os.PathLike, torch.nn.Module, ModelWeights]
 
@@ -239,9 +239,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed:
     if isinstance(resolved, str):
         weights = from_hf(random_model(resolved, seed=seed, dtype=dtype, device=device))
         return LoadedModel(weights, None, f"{resolved} (random-initialised)", random_init=True)
-    description = str(resolved)
-    if Path(source) != resolved:  # a Hub repo id: its name, revision and cached snapshot
-        description = f"{source}{'' if revision is None else ' at ' + revision} ({resolved})"
+    description = describe_checkpoint(source, resolved, revision)
     if is_quantized_checkpoint(resolved):
         return _load_gptq_checkpoint(resolved, dtype, description)
     weights, tokenizer = load_checkpoint(resolved)

@@ -244,6 +244,15 @@ def model_source(source: str | os.PathLike, revision: str | None = None) -> str 
         ) from None
 
 
+def describe_checkpoint(source: str | os.PathLike, directory: Path, revision: str | None = None) -> str:
+    """How a run names the checkpoint directory that model_source(source, revision) found: the directory
+    itself, or the Hub repo id it was found by, with its revision and cached snapshot
+    ("EleutherAI/pythia-2.8b at step1000 (/.../snapshots/<commit>)")."""
+    if Path(source) == directory:
+        return str(directory)
+    return f"{source}{'' if revision is None else ' at ' + revision} ({directory})"
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 

@@ -58,7 +58,7 @@ from neoxfuse.progress import progress_bar
 from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpoint
 from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.sampling import SamplingParams
-from neoxfuse.weights import model_source, random_model, read_checkpoint_config
+from neoxfuse.weights import describe_checkpoint, model_source, random_model, read_checkpoint_config
 
 SUITE = "decode"
 SAMPLED_SUITE = "decode_sampled"  # the results of sampled runs (--temperature > 0)
@@ -182,12 +182,13 @@ def _hf_model(source: str, dtype: torch.dtype, device: torch.device, seed: int):
         description = f"{resolved} (random-initialised)"
     elif is_quantized_checkpoint(resolved):  # every contender runs the dequantized weights
         checkpoint = load_gptq_checkpoint(resolved)
-        model, description = dequantized_gpt_neox(checkpoint, "cpu", dtype), describe_dequantized(resolved, checkpoint, dtype)
+        model = dequantized_gpt_neox(checkpoint, "cpu", dtype)
+        description = describe_dequantized(describe_checkpoint(source, resolved), checkpoint, dtype)
     else:
         read_checkpoint_config(resolved)  # CheckpointNotFoundError / UnsupportedModelError
         shape_of(transformers.AutoConfig.from_pretrained(resolved))  # sizes and options neoxfuse computes
         model = transformers.GPTNeoXForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation="sdpa")
-        description = str(resolved)
+        description = describe_checkpoint(source, resolved)
     model.generation_config.eos_token_id = None  # every run generates exactly the tokens asked for
     return model.to(device).eval(), description
 
@@ -237,7 +238,7 @@ def run(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     on_gpu = device.type == "cuda"
     sampling = _sampling(args)  # bad values fail here, before a model is loaded
-    model_source = args.model or (GPU_MODEL if on_gpu else CPU_MODEL)
+    model_name = args.model or (GPU_MODEL if on_gpu else CPU_MODEL)
     lengths = args.lengths or list(GPU_LENGTHS if on_gpu else CPU_LENGTHS)
     if not args.model and not on_gpu:
         print(f"neoxfuse: no GPU: benchmarking a random-initialised {CPU_MODEL} model on the CPU (lengths "
@@ -245,7 +246,7 @@ def run(args) -> int:
               file=sys.stderr)
 
     copy = copy_bandwidth() if on_gpu else None
-    model, description = _hf_model(model_source, dtype, device, args.seed)
+    model, description = _hf_model(model_name, dtype, device, args.seed)
     shape = shape_of(model.config)
     max_seq_len = max(lengths)  # a one-token prompt and L new tokens fill L cache positions
     if max_seq_len > shape.max_positions:

@@ -44,7 +44,7 @@ from neoxfuse.engine import DTYPES
 from neoxfuse.errors import InvalidInputError
 from neoxfuse.monitor import GpuMonitor
 from neoxfuse.ops import fused_decoder
-from neoxfuse.weights import LayerWeights, load_checkpoint, model_source
+from neoxfuse.weights import LayerWeights, describe_checkpoint, load_checkpoint, model_source
 
 SUITE = "layer"
 HELP = "one decoder layer for one token: fused kernels vs PyTorch (CUDA graph) and the reference ops, vs the floor"
@@ -75,7 +75,7 @@ def _load_layer(source: str, index: int, seed: int, dtype: torch.dtype) -> tuple
         return shape, _random_layer(shape, seed, dtype), f"{resolved} (random layer)"
     weights, _ = load_checkpoint(resolved)
     _check_index(index, weights.shape)
-    return weights.shape, weights.layers[index].to(device="cuda", dtype=dtype), str(resolved)
+    return weights.shape, weights.layers[index].to(device="cuda", dtype=dtype), describe_checkpoint(source, resolved)
 
 
 def _check_index(index: int, shape: NeoXShape) -> None:
