@@ -228,6 +228,85 @@ def test_generation_stops_after_a_stop_token(engine):
     assert engine.generate([3, 4, 5], 16, stop_token_ids={stop}).tokens == full[: first + 1]
 
 
+def _prefilled_lengths(engine: Engine) -> list[int]:
+    """Records the number of tokens each of the engine's prefills runs."""
+    lengths, prefill = [], engine.backend.prefill
+
+    def recording(tokens, cache):
+        lengths.append(len(tokens))
+        return prefill(tokens, cache)
+
+    engine.backend.prefill = recording
+    return lengths
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, seed=3)], ids=["greedy", "sampled"])
+def test_a_prefix_cache_prefills_only_what_the_last_generation_did_not_and_changes_no_token(hf_model, engine, sampling):
+    cached = Engine(hf_model, device="cpu", prefix_cache=True)
+    prefilled = _prefilled_lengths(cached)
+    first_prompt = _random_prompt(engine.shape.vocab, 5) + [7, 8]  # [T >= 3]
+    first = cached.generate(first_prompt, 10, sampling)
+    assert first.reused_tokens == 0 and first.tokens == engine.generate(first_prompt, 10, sampling).tokens
+
+    # The next turn: everything so far, then new tokens. The cache holds all of it but the last new
+    # token, which was never fed back.
+    turn = first_prompt + first.tokens + [11, 12, 13]
+    vocab = engine.shape.vocab
+    diverging = first_prompt[:2] + [(first_prompt[2] + 1) % vocab] + first_prompt[3:]
+    for prompt, reused in [
+        (turn, len(first_prompt) + 9),
+        (turn, len(turn) - 1),  # the same prompt again: its last token still runs, its logits choose
+        (turn[:5], 4),  # a shorter prompt inside the cache
+        (diverging, 2),  # the cache is cut back to where the prompt differs
+        ([(first_prompt[0] + 1) % vocab], 0),  # a one-token prompt runs whole
+        (turn, 0),  # the cache now starts with another token
+    ]:
+        prefilled.clear()
+        got = cached.generate(prompt, 10, sampling)
+        assert (got.reused_tokens, prefilled) == (reused, [len(prompt) - reused])
+        assert got.tokens == engine.generate(prompt, 10, sampling).tokens
+
+
+def test_a_prefix_cache_keeps_no_step_run_after_a_stop_token(hf_model, engine, monkeypatch):
+    # With chunks of 8 decode steps, a stop at the second new token leaves six steps run past it.
+    monkeypatch.setattr(neoxfuse.engine, "DECODE_CHUNK", 8)
+    cached = Engine(hf_model, device="cpu", prefix_cache=True)
+    prompt = [3, 4, 5]
+    stop = engine.generate(prompt, 16).tokens[1]
+    stopped = cached.generate(prompt, 16, stop_token_ids={stop})
+    turn = prompt + stopped.tokens + [9, 9]
+    got = cached.generate(turn, 12)
+    assert got.reused_tokens == len(prompt) + len(stopped.tokens) - 1
+    assert got.tokens == engine.generate(turn, 12).tokens
+
+
+def test_a_generation_that_fails_midway_leaves_nothing_to_reuse(hf_model, engine):
+    cached = Engine(hf_model, device="cpu", prefix_cache=True)
+    first = cached.generate([3, 4, 5, 6], 8)
+
+    def interrupt(tokens):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # after its prefill wrote positions 2.. of the cache
+        cached.generate([3, 4, 9, 9, 9], 8, on_tokens=interrupt)
+    turn = [3, 4, 5, 6] + first.tokens
+    got = cached.generate(turn, 8)
+    assert got.reused_tokens == 0 and got.tokens == engine.generate(turn, 8).tokens
+
+
+def test_without_a_prefix_cache_every_prompt_is_prefilled_whole(hf_model):
+    engine = Engine(hf_model, device="cpu")
+    prefilled = _prefilled_lengths(engine)
+    first = engine.generate([3, 4, 5], 6)
+    assert engine.generate([3, 4, 5, *first.tokens], 6).reused_tokens == 0
+    engine.prefix_cache = True
+    first = engine.generate([3, 4, 5], 6)
+    assert engine.generate([3, 4, 5, *first.tokens], 6).reused_tokens == 8
+    engine.prefix_cache = False
+    assert engine.generate([3, 4, 5, *first.tokens], 6).reused_tokens == 0
+    assert prefilled == [3, 9, 3, 1, 9]
+
+
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, seed=3)], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("stop_at", [None, 2, 4, 6, 13])
 def test_decode_chunks_change_nothing_and_stop_at_the_first_stop_token(engine, monkeypatch, sampling, stop_at):

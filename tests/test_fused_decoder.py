@@ -571,16 +571,26 @@ def test_emulated_backend_greedy_tokens_match_hf_in_the_same_dtype(monkeypatch, 
     monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
     model = _decisive(random_model(pythia_config("tiny", **TINY), seed=3).to(dtype).eval())
     prompt = torch.tensor([5, 17, 250, 3])
-    hf_tokens, out = [], model(prompt[None], use_cache=True)
-    for _ in range(12):
-        hf_tokens.append(int(out.logits[0, -1].argmax()))
-        out = model(torch.tensor([[hf_tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    hf_tokens = _hf_greedy(model, prompt, 12)
 
     backend = FusedBackend(from_hf(model), 32, use_graph=False)
     cache = backend.new_cache()
     first = int(backend.prefill(prompt, cache).argmax())  # prefill: neoxfuse.reference in the model's dtype
     got = backend.decode_tokens(first, cache, 11, SamplingParams(), None, StepClock(torch.device("cpu"))).tolist()
     assert [first, *got] == hf_tokens
+
+
+@torch.inference_mode()
+def test_emulated_engine_reuses_its_prefix_cache_on_the_fused_backend(monkeypatch, emulated):
+    # The engine cuts the kept cache back; the backend's device position must follow it.
+    monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
+    model = _decisive(random_model(pythia_config("tiny", **TINY), seed=3).half().eval())
+    engine = Engine(model, device="cpu", dtype=torch.float16, backend="reference", max_seq_len=32, prefix_cache=True)
+    engine.backend = FusedBackend(engine.weights, engine.max_seq_len, use_graph=False)  # no CUDA: not selectable
+    first = engine.generate([5, 17, 250, 3], 4)
+    for prompt, reused in [([5, 17, 250, 3, *first.tokens, 8, 9], 7), ([5, 17, 1], 2)]:
+        got = engine.generate(prompt, 4)
+        assert got.reused_tokens == reused and got.tokens == _hf_greedy(model, torch.tensor(prompt), 4)
 
 
 @torch.inference_mode()
@@ -1052,16 +1062,22 @@ def _decisive(model16):
     return model
 
 
+def _hf_greedy(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    """HF's greedy tokens after prompt [T] (on the model's device), one cached decode step at a time."""
+    tokens, out = [], model(prompt[None], use_cache=True)
+    for _ in range(new_tokens):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([[tokens[-1]]], device=prompt.device), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
 @pytest.mark.gpu
 @pytest.mark.quick
 @torch.inference_mode()
 def test_greedy_tokens_match_hf_fp16_for_128_tokens(hf_models):
     model = _decisive(hf_models[0])
     prompt = torch.randint(0, model.config.vocab_size, (8,), device="cuda")
-    hf_tokens, out = [], model(prompt[None], use_cache=True)
-    for _ in range(128):
-        hf_tokens.append(int(out.logits[0, -1].argmax()))
-        out = model(torch.tensor([[hf_tokens[-1]]], device="cuda"), past_key_values=out.past_key_values, use_cache=True)
+    hf_tokens = _hf_greedy(model, prompt, 128)
 
     engine = Engine(model, max_seq_len=256)  # backend "auto": fused on an sm_90+ GPU in fp16
     assert engine.backend_name == "fused", engine.backend_reason
@@ -1069,6 +1085,22 @@ def test_greedy_tokens_match_hf_fp16_for_128_tokens(hf_models):
     assert generation.tokens == hf_tokens
     assert neoxfuse.hf._engine(model, "auto").backend_name == "fused"
     assert neoxfuse.hf.generate(model, prompt[None], max_new_tokens=128, eos_token_id=())[0, 8:].tolist() == hf_tokens
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_a_prefix_cache_on_the_fused_backend_gives_hf_greedy_tokens(hf_models):
+    # Graph replays after the engine cut the kept cache back, and a prefill that continues it.
+    model = _decisive(hf_models[0])
+    engine = Engine(model, max_seq_len=256, prefix_cache=True)
+    assert engine.backend_name == "fused", engine.backend_reason
+    prompt = torch.randint(0, model.config.vocab_size, (8,)).tolist()
+    first = engine.generate(prompt, 40)
+    turn = prompt + first.tokens + torch.randint(0, model.config.vocab_size, (5,)).tolist()
+    for prompt, reused in [(turn, 8 + 39), (turn[:20], 19), (turn, 19)]:
+        got = engine.generate(prompt, 40)
+        assert got.reused_tokens == reused
+        assert got.tokens == _hf_greedy(model, torch.tensor(prompt, device="cuda"), 40)
 
 
 @pytest.mark.gpu
@@ -1107,10 +1139,7 @@ def test_bf16_model_decodes_fused_to_hf_logits_and_hf_bf16_greedy_tokens():
 
     model = _decisive(model16)
     prompt = tokens[:8]
-    hf_tokens, out = [], model(prompt[None], use_cache=True)
-    for _ in range(64):
-        hf_tokens.append(int(out.logits[0, -1].argmax()))
-        out = model(torch.tensor([[hf_tokens[-1]]], device="cuda"), past_key_values=out.past_key_values, use_cache=True)
+    hf_tokens = _hf_greedy(model, prompt, 64)
     assert neoxfuse.hf._engine(model, "auto").backend_name == "fused"
     assert neoxfuse.hf.generate(model, prompt[None], max_new_tokens=64, eos_token_id=())[0, 8:].tolist() == hf_tokens
 

@@ -7,6 +7,8 @@
     engine = Engine(hf_model) / Engine(weights)     # an in-memory GPTNeoXForCausalLM or ModelWeights
     out = engine.generate([1, 2, 3], max_new_tokens=32, sampling=SamplingParams(temperature=0.8, seed=1))
     out.tokens, out.prefill_ms, out.tpot_ms
+    engine = Engine(..., prefix_cache=True)         # a prompt that starts where the last generation went
+                                                    # reuses its KV cache: only the rest is prefilled
 
 A backend computes the model: `prefill(tokens, cache)` and `decode_step(token, cache)` give the
 logits of the last token, `new_cache()` a KV cache holding `max_seq_len` positions, and the class
@@ -300,6 +302,8 @@ class Generation:
 
     prefill_ms: the prompt's forward pass plus choosing the first new token (time to first token).
     decode_ms: one entry per later token: its decode step plus choosing it; tpot_ms is their mean.
+    reused_tokens: how many prompt tokens were not run because the KV cache the last generation left
+    held them (Engine(prefix_cache=True)); prefill_ms covers the other len(prompt_tokens) - reused_tokens.
     Tokens are chosen on the device, DECODE_CHUNK steps between waits, each step timed from the
     end of the one before (CUDA events on a GPU), so idle device time counts too.
     """
@@ -310,6 +314,7 @@ class Generation:
     decode_ms: list[float] = field(default_factory=list)
     text: str | None = None  # the new tokens decoded, when the engine has a tokenizer
     seed: int | None = None  # the seed sampled tokens were drawn with (None: greedy); pass it to redraw them
+    reused_tokens: int = 0  # the prompt's first tokens, whose keys and values the last generation left in the cache
 
     @property
     def tpot_ms(self) -> float | None:
@@ -327,6 +332,14 @@ class Engine:
     `backend_name` and `backend_reason` say which and why. device: CUDA when there is a
     GPU, else CPU. dtype: fp16 on CUDA (bf16 for a bf16 model), fp32 on CPU. max_seq_len: the KV cache's capacity in
     positions (a generation fills prompt + new tokens - 1); the model's max_positions by default.
+
+    prefix_cache: keep the KV cache a generation leaves (its prompt and new tokens, but the last) for
+    the next one, which runs only the part of its prompt after the longest prefix they share: a
+    conversation's next turn, or the same prompt again, costs a prefill of the new tokens only. Off by
+    default, because a reused prefix's keys and values come from the decode steps that made them,
+    not from a prefill, and the two round differently: with it on, the tokens of a generation may
+    depend, at near ties, on the generation before it. Setting engine.prefix_cache turns it on or off
+    between generations.
     """
 
     def __init__(
@@ -340,6 +353,7 @@ class Engine:
         tokenizer=None,
         seed: int = 0,
         revision: str | None = None,
+        prefix_cache: bool = False,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -363,6 +377,8 @@ class Engine:
         self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
         self.description = loaded.description
         self.random_init = loaded.random_init
+        self.prefix_cache = prefix_cache
+        self._kept: tuple[object, list[int]] | None = None  # (cache, the tokens at its positions) left for the next call
 
     def _require_available(self, backend_cls: type[Backend], shape: NeoXShape | None) -> str:
         """What the backend runs as; InvalidInputError saying why when it cannot run here."""
@@ -412,7 +428,8 @@ class Engine:
         on_tokens, if given, streams the new tokens: it is called with each batch as soon as the host
         has it (the first token, then each chunk of up to DECODE_CHUNK decode steps), in order.
         SequenceTooLongError, before any work, when the prompt and the new tokens but the last (which is
-        never fed back) need more than max_seq_len KV cache positions.
+        never fed back) need more than max_seq_len KV cache positions. With prefix_cache on, the prompt's
+        first tokens that the last generation left in the cache are not run again (Generation.reused_tokens).
         """
         sampling = sampling or SamplingParams()
         prompt_tokens = self._prompt_tokens(prompt)
@@ -427,13 +444,14 @@ class Engine:
             )
         sampling = sampling.seeded()  # an unseeded request gets its seed here, reported in the result
         rng = sampling.rng(self.device)  # [seed, draw] on the device
-        cache = self.backend.new_cache()
-        prompt_tensor = torch.tensor(prompt_tokens, dtype=torch.long, device=self.device)  # [T]
+        cache, reused = self._cache_for(prompt_tokens)
+        prompt_tensor = torch.tensor(prompt_tokens[reused:], dtype=torch.long, device=self.device)  # [T - reused]
 
         self._synchronize()
         start = time.perf_counter()
         token = next_token(self.backend.prefill(prompt_tensor, cache), sampling, rng)  # int(): waits for the GPU
-        result = Generation(prompt_tokens, [token], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed)
+        result = Generation(prompt_tokens, [token], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed,
+                            reused_tokens=reused)
         if on_tokens is not None:
             on_tokens([token])
         with progress_bar(max_new_tokens, "decoding", unit="tok", enabled=progress) as bar:
@@ -447,9 +465,28 @@ class Engine:
                 bar.update(len(tokens))
                 if on_tokens is not None:
                     on_tokens(tokens)
+        if self.prefix_cache:  # the tokens at the cache's first positions (steps run after a stop token come later)
+            self._kept = (cache, prompt_tokens + result.tokens[:-1])
         if self.tokenizer is not None:
             result.text = self.tokenizer.decode(result.tokens)
         return result
+
+    def _cache_for(self, prompt_tokens: list[int]) -> tuple[object, int]:
+        """(cache, reused): the kept cache cut back to the longest prefix its tokens share with the
+        prompt but its last token (whose logits choose the first new token, so it always runs), or a
+        new cache and 0. Either way nothing stays kept until this generation ends: one that fails
+        midway leaves a cache whose contents the host no longer knows."""
+        kept, self._kept = self._kept, None
+        if kept is None or not self.prefix_cache:
+            return self.backend.new_cache(), 0
+        cache, cached_tokens = kept
+        reused = 0
+        for cached, wanted in zip(cached_tokens, prompt_tokens[:-1]):
+            if cached != wanted:
+                break
+            reused += 1
+        cache.length = reused  # the positions after it are written before they are read
+        return cache, reused
 
     def _decode_chunk(self, token: int, cache, steps: int, sampling: SamplingParams, rng: torch.Tensor | None,
                       stop_token_ids: Collection[int]) -> tuple[list[int], list[float]]:
