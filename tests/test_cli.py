@@ -1,10 +1,12 @@
 """The `neoxfuse` command as a new user meets it on a CPU machine: useful output or one clear line, never a traceback."""
 
 import argparse
+import io
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,8 @@ import torch
 
 import neoxfuse
 from neoxfuse import bench
-from neoxfuse.cli import main
+from neoxfuse.cli import _read_turn, main
+from neoxfuse.engine import Engine
 from neoxfuse.sampling import SamplingParams
 from neoxfuse.weights import random_model
 
@@ -114,6 +117,76 @@ def test_generate_from_a_hub_repo_id_in_the_local_cache(hub_cache, capsys, word_
     assert "hf download EleutherAI/pythia-tiny`" in _one_line_error(capsys.readouterr().err)
 
 
+def _interactive(monkeypatch, capsys, lines: str, *args: str) -> tuple[list[str], str]:
+    """`generate --interactive ARGS` (tiny, CPU, 4 new tokens) with `lines` on stdin: (stdout lines, stderr)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    assert main(["generate", "--device", "cpu", "--max-new-tokens", "4", "--interactive", *args]) == 0
+    captured = capsys.readouterr()
+    return captured.out.splitlines(), captured.err
+
+
+def test_interactive_continues_the_text_line_by_line_from_its_kv_cache(monkeypatch, capsys):
+    out, err = _interactive(monkeypatch, capsys, "5,6\n\nx\n1,600\n7\n", "--model", "tiny", "--tokens", "1,2,3")
+    engine = Engine("tiny", device="cpu")
+    text, want = [1, 2, 3], []
+    for added in [[], [5, 6], [], [7]]:
+        text += added
+        want.append(engine.generate(text, 4).tokens)
+        text += want[-1]
+    assert out == [",".join(map(str, tokens)) for tokens in want]
+    assert [line.split("; ")[0] for line in err.splitlines() if line.startswith("[")] == [
+        "[3 tokens of context, 0 reused from the cache",
+        "[9 tokens of context, 6 reused from the cache",  # all but the last new token, never fed back
+        "[13 tokens of context, 12 reused from the cache",
+        "[18 tokens of context, 16 reused from the cache",  # the two bad lines changed nothing
+    ]
+    assert "error: token ids are integers separated by commas, like 1,2,3; got 'x'" in err
+    assert "error: token ids must be in [0, 512)" in err
+
+
+def test_interactive_without_a_prompt_starts_at_the_first_line_with_tokens(monkeypatch, capsys):
+    out, err = _interactive(monkeypatch, capsys, "\n5,6\n", "--model", "tiny")
+    assert out == [",".join(map(str, Engine("tiny", device="cpu").generate([5, 6], 4).tokens))]
+    assert "error" not in err and "[2 tokens of context, 0 reused from the cache" in err
+
+
+def test_interactive_drops_the_oldest_half_of_a_full_context(monkeypatch, capsys):
+    out, err = _interactive(monkeypatch, capsys, "5,6\n\n7\n\n", "--model", "tiny", "--tokens", "1,2,3", "--max-seq-len", "16")
+    # Room for 16 - 4 + 1 = 13 tokens of context: the fourth turn's 17 + 1 keep their last 6, the fifth reuses them.
+    assert "the context is full: dropping the oldest 12 tokens" in err
+    reused = [line.split("; ")[0].split(", ")[1] for line in err.splitlines() if line.startswith("[")]
+    assert reused == [f"{n} reused from the cache" for n in [0, 6, 12, 0, 9]]
+    turns = [list(map(int, line.split(","))) for line in out]
+    text = [1, 2, 3, *turns[0], 5, 6, *turns[1], *turns[2], 7]
+    assert turns[3] == Engine("tiny", device="cpu").generate(text[-6:], 4).tokens
+
+
+def test_interactive_reads_text_with_a_tokenizer(monkeypatch, capsys, tmp_path, word_tokenizer):
+    model = random_model("tiny", seed=3)
+    model.save_pretrained(tmp_path)
+    tokenizer = word_tokenizer(model.config.vocab_size)
+    tokenizer.save_pretrained(tmp_path)
+    out, err = _interactive(monkeypatch, capsys, "world w7\n", "--model", str(tmp_path), "--prompt", "hello")
+    engine = Engine(tmp_path, device="cpu")
+    first = engine.generate([1], 4, stop_token_ids=(0,))
+    second = engine.generate([1, *first.tokens, 2, 7], 4, stop_token_ids=(0,))
+    assert out == [first.text, second.text]
+    assert f"[{len(second.prompt_tokens)} tokens of context, {len(first.tokens)} reused from the cache" in err
+
+
+def test_interactive_lines_are_encoded_without_their_newline(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello world\n\nw7"))
+    engine = types.SimpleNamespace(tokenizer=object(), encode=lambda text: [len(text)])
+    assert [_read_turn(engine) for _ in range(4)] == [[11], [], [2], None]  # an empty line adds nothing; then EOF
+
+
+def test_interactive_mistakes_are_one_line_errors(capsys):
+    assert main(["generate", "--device", "cpu", "--model", "tiny"]) == 1
+    assert "generate needs a prompt: --prompt TEXT, --tokens 1,2,3 or --interactive" in _one_line_error(capsys.readouterr().err)
+    assert main(["generate", "--device", "cpu", "--model", "tiny", "--interactive", "--max-seq-len", "8", "--max-new-tokens", "9"]) == 1
+    assert "--max-new-tokens 9 leaves no room for a prompt in the 8-position KV cache" in _one_line_error(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -147,7 +220,7 @@ def test_usage_errors_exit_2_with_help(capsys):
     assert main([]) == 2
     assert "generate" in capsys.readouterr().out
     assert main(["generate", "--tokens", "1,x"]) == 2
-    assert "integer ids" in capsys.readouterr().err
+    assert "--tokens: token ids are integers separated by commas, like 1,2,3; got '1,x'" in capsys.readouterr().err
     assert main(["bench"]) == 2
     assert "decode" in capsys.readouterr().out
 

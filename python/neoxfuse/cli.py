@@ -22,7 +22,7 @@ from neoxfuse import _lib, bench
 from neoxfuse.configs import MODEL_NAMES
 from neoxfuse.device import devices
 from neoxfuse.engine import AUTO, AUTO_ORDER, BACKENDS, DTYPES, Engine, backend_availability, resolve_device, resolve_dtype
-from neoxfuse.errors import NeoxfuseError
+from neoxfuse.errors import InvalidInputError, NeoxfuseError
 from neoxfuse.sampling import SamplingParams
 
 GPU_DEFAULT_MODEL = "pythia-2.8b"
@@ -97,11 +97,19 @@ def _broken_suite(module_name: str, why: str):
 # generate
 
 
+def _ids(text: str) -> list[int]:
+    """Comma-separated token ids ("1, 2,3") as a list; ValueError naming the text otherwise."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"token ids are integers separated by commas, like 1,2,3; got {text!r}") from None
+
+
 def _token_list(text: str) -> list[int]:
     try:
-        tokens = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--tokens takes integer ids separated by commas, like 1,2,3; got {text!r}") from None
+        tokens = _ids(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--tokens: {err}") from None
     if not tokens:
         raise argparse.ArgumentTypeError("--tokens needs at least one token id")
     return tokens
@@ -114,7 +122,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{GPU_DEFAULT_MODEL} on a GPU, {CPU_DEFAULT_MODEL} on a CPU)")
     parser.add_argument("--revision", help="with a Hub repo id: the branch, tag or commit of the cached snapshot (default main; "
                         "Pythia's training checkpoints are step0 ... step143000)")
-    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (needs a checkpoint with a tokenizer)")
     prompt.add_argument("--tokens", type=_token_list, help="prompt token ids, comma-separated: 1,2,3")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
@@ -129,6 +137,10 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, help="KV cache positions (default: the model's maximum)")
     parser.add_argument("--stream", action="store_true", help="print the new text (token ids without a tokenizer) as it "
                         "is generated, instead of a progress bar")
+    parser.add_argument("--interactive", action="store_true", help="then read lines from stdin, each added as typed to the "
+                        "text so far (the prompt, if given, and every continuation; token ids without a tokenizer; an empty "
+                        "line adds nothing), and continue it: the KV cache of the text so far is reused (Engine's "
+                        "prefix_cache), so a turn prefills only its new tokens; the oldest tokens go when the context is full")
 
 
 def _generate(args) -> int:
@@ -136,7 +148,10 @@ def _generate(args) -> int:
 
     Greedy by default; --temperature > 0 samples (with --top-k, --top-p, --seed). With a tokenizer
     (a checkpoint directory that has one) the text is printed too and generation stops at its EOS.
+    --interactive then continues the text with lines from stdin, turn by turn (_interactive).
     """
+    if args.prompt is None and args.tokens is None and not args.interactive:
+        raise InvalidInputError("generate needs a prompt: --prompt TEXT, --tokens 1,2,3 or --interactive (lines from stdin)")
     device = resolve_device(args.device)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if sampling.greedy and (args.top_k or args.top_p != 1.0):
@@ -150,9 +165,11 @@ def _generate(args) -> int:
               "pass --model DIR or a cached Hub id (EleutherAI/pythia-2.8b) for a real checkpoint", file=sys.stderr)
 
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed or 0,
-                    revision=args.revision)
+                    revision=args.revision, prefix_cache=args.interactive)
     prompt = args.tokens if args.prompt is None else engine.encode(args.prompt)
     eos = getattr(engine.tokenizer, "eos_token_id", None)
+    if args.interactive:
+        return _interactive(engine, prompt or [], args.max_new_tokens, sampling, () if eos is None else (eos,))
     stream = _Stream(engine.tokenizer) if args.stream else None
     out = engine.generate(prompt, args.max_new_tokens, sampling, stop_token_ids=() if eos is None else (eos,),
                           progress=stream is None, on_tokens=stream)
@@ -176,6 +193,70 @@ def _generate(args) -> int:
         timing += f"; {_count(out.decode_ms, 'decode step')}, TPOT {out.tpot_ms:.3f} ms ({1e3 / out.tpot_ms:.1f} tokens/s)"
     print(timing)
     return 0
+
+
+def _interactive(engine: Engine, prompt: list[int], max_new_tokens: int, sampling: SamplingParams,
+                 stop_token_ids: tuple[int, ...]) -> int:
+    """Continues a text turn by turn: the prompt, then each line read from stdin, is added to it and
+    the continuation streamed to stdout, with a line on stderr of what the turn ran and how fast.
+    The engine's prefix cache keeps the text's keys and values between turns; when the text and
+    max_new_tokens would not fit the cache, its oldest tokens are dropped, down to half the room (so
+    the turns after the cache is rebuilt find their text in it again)."""
+    room = engine.max_seq_len - max_new_tokens + 1  # positions the text may fill before a turn
+    if room < 1:
+        raise InvalidInputError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
+                                f"{engine.max_seq_len}-position KV cache; ask for fewer or raise --max-seq-len")
+    dtype_name = str(engine.dtype).replace("torch.", "")
+    print(f"neoxfuse: {engine.description}; backend {engine.backend_name}; {dtype_name} on {engine.device}. Each line "
+          f"continues the text ({'text' if engine.tokenizer else 'token ids, comma-separated'}); end with EOF (Ctrl-D).",
+          file=sys.stderr)
+    text: list[int] = []
+    added = prompt
+    while added is not None:
+        if text or added:
+            text = _continue(engine, text, added, room, max_new_tokens, sampling, stop_token_ids)
+        added = _read_turn(engine)
+    return 0
+
+
+def _continue(engine: Engine, text: list[int], added: list[int], room: int, max_new_tokens: int,
+              sampling: SamplingParams, stop_token_ids: tuple[int, ...]) -> list[int]:
+    """One turn: text + added (cut to its last room // 2 tokens, or to all of `added` up to `room`,
+    when longer than `room`), continued; the text after it (unchanged when `added` is refused)."""
+    prompt = text + added
+    if len(prompt) > room:
+        kept = max(room // 2, min(len(added), room), 1)
+        print(f"neoxfuse: the context is full: dropping the oldest {len(prompt) - kept} tokens", file=sys.stderr)
+        prompt = prompt[-kept:]
+    try:
+        out = engine.generate(prompt, max_new_tokens, sampling, stop_token_ids=stop_token_ids, on_tokens=_Stream(engine.tokenizer))
+    except InvalidInputError as err:  # a bad line: refused before anything ran, the text stays as it was
+        print(f"neoxfuse: error: {_one_line(err)}", file=sys.stderr)
+        return text
+    print(flush=True)
+    timing = f"prefill {out.prefill_ms:.2f} ms"
+    if out.tpot_ms is not None:
+        timing += f", TPOT {out.tpot_ms:.3f} ms"
+    print(f"[{_count(out.prompt_tokens, 'token')} of context, {out.reused_tokens} reused from the cache; "
+          f"{_count(out.tokens, 'new token')}; {timing}]", file=sys.stderr)
+    return prompt + out.tokens
+
+
+def _read_turn(engine: Engine) -> list[int] | None:
+    """The tokens of the next line of stdin (without its newline), or None at its end."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return None
+        line = line.removesuffix("\n")
+        if engine.tokenizer is not None:
+            return engine.encode(line) if line else []
+        try:
+            return _ids(line)
+        except ValueError as err:
+            print(f"neoxfuse: error: {err}", file=sys.stderr)
 
 
 class _Stream:
