@@ -1094,13 +1094,15 @@ def test_a_prefix_cache_on_the_fused_backend_gives_hf_greedy_tokens(hf_models):
     model = _decisive(hf_models[0])
     engine = Engine(model, max_seq_len=256, prefix_cache=True)
     assert engine.backend_name == "fused", engine.backend_reason
-    prompt = torch.randint(0, model.config.vocab_size, (8,)).tolist()
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (8,)).tolist()
     first = engine.generate(prompt, 40)
-    turn = prompt + first.tokens + torch.randint(0, model.config.vocab_size, (5,)).tolist()
-    for prompt, reused in [(turn, 8 + 39), (turn[:20], 19), (turn, 19)]:
-        got = engine.generate(prompt, 40)
+    turn = prompt + first.tokens + torch.randint(0, vocab, (5,)).tolist()
+    diverging = prompt[:5] + [(prompt[5] + 1) % vocab]
+    for text, reused in [(turn, 8 + 39), (diverging, 5), (turn, 5)]:
+        got = engine.generate(text, 40)
         assert got.reused_tokens == reused
-        assert got.tokens == _hf_greedy(model, torch.tensor(prompt, device="cuda"), 40)
+        assert got.tokens == _hf_greedy(model, torch.tensor(text, device="cuda"), 40)
 
 
 @pytest.mark.gpu
