@@ -168,16 +168,16 @@ def _generate(args) -> int:
                     revision=args.revision, prefix_cache=args.interactive)
     prompt = args.tokens if args.prompt is None else engine.encode(args.prompt)
     eos = getattr(engine.tokenizer, "eos_token_id", None)
+    stop_token_ids = () if eos is None else (eos,)
     if args.interactive:
-        return _interactive(engine, prompt or [], args.max_new_tokens, sampling, () if eos is None else (eos,))
+        return _interactive(engine, prompt or [], args.max_new_tokens, sampling, stop_token_ids)
     stream = _Stream(engine.tokenizer) if args.stream else None
-    out = engine.generate(prompt, args.max_new_tokens, sampling, stop_token_ids=() if eos is None else (eos,),
+    out = engine.generate(prompt, args.max_new_tokens, sampling, stop_token_ids=stop_token_ids,
                           progress=stream is None, on_tokens=stream)
     if stream is not None:
         print(flush=True)  # ends the streamed line
 
-    dtype_name = str(engine.dtype).replace("torch.", "")
-    print(f"model: {engine.description}; backend {engine.backend_name} ({engine.backend_reason}); {dtype_name} on {engine.device}")
+    print(f"model: {_engine_summary(engine)}")
     print(f"prompt ({_count(out.prompt_tokens, 'token')}): {','.join(map(str, out.prompt_tokens))}")
     print(f"generated ({_count(out.tokens, 'token')}): {','.join(map(str, out.tokens))}")
     if out.seed is not None:
@@ -195,6 +195,12 @@ def _generate(args) -> int:
     return 0
 
 
+def _engine_summary(engine: Engine) -> str:
+    """What runs: the model, the backend and why, the dtype and the device."""
+    dtype_name = str(engine.dtype).replace("torch.", "")
+    return f"{engine.description}; backend {engine.backend_name} ({engine.backend_reason}); {dtype_name} on {engine.device}"
+
+
 def _interactive(engine: Engine, prompt: list[int], max_new_tokens: int, sampling: SamplingParams,
                  stop_token_ids: tuple[int, ...]) -> int:
     """Continues a text turn by turn: the prompt, then each line read from stdin, is added to it and
@@ -206,8 +212,7 @@ def _interactive(engine: Engine, prompt: list[int], max_new_tokens: int, samplin
     if room < 1:
         raise InvalidInputError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
                                 f"{engine.max_seq_len}-position KV cache; ask for fewer or raise --max-seq-len")
-    dtype_name = str(engine.dtype).replace("torch.", "")
-    print(f"neoxfuse: {engine.description}; backend {engine.backend_name}; {dtype_name} on {engine.device}. Each line "
+    print(f"neoxfuse: {_engine_summary(engine)}. Each line "
           f"continues the text ({'text' if engine.tokenizer else 'token ids, comma-separated'}); end with EOF (Ctrl-D).",
           file=sys.stderr)
     text: list[int] = []
