@@ -40,6 +40,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint_with_tokenizer(tmp_path_factory, word_tokenizer) -> Path:
+    """The weights of tiny_checkpoint, with a word tokenizer (EOS: id 0)."""
+    directory = tmp_path_factory.mktemp("tiny-checkpoint-with-tokenizer")
+    model = random_model("tiny", seed=3)
+    model.save_pretrained(directory)
+    word_tokenizer(model.config.vocab_size).save_pretrained(directory)
+    return directory
+
+
 def test_env_describes_a_cpu_machine(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
@@ -90,16 +100,12 @@ def test_generate_from_a_checkpoint_and_sampling_options(tiny_checkpoint, capsys
     assert "random-initialised" not in capsys.readouterr().err
 
 
-def test_generate_streams_ids_or_text(tiny_checkpoint, tmp_path, capsys, word_tokenizer):
+def test_generate_streams_ids_or_text(tiny_checkpoint, tiny_checkpoint_with_tokenizer, capsys):
     args = ["generate", "--tokens", "5,6", "--max-new-tokens", "40", "--device", "cpu", "--stream"]
     assert main([*args, "--model", str(tiny_checkpoint)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == lines[3].split(": ")[1]  # the streamed ids, then the summary's "generated (40 tokens): ..."
-    tokenizer_dir = tmp_path / "with-tokenizer"
-    model = random_model("tiny", seed=3)
-    model.save_pretrained(tokenizer_dir)
-    word_tokenizer(model.config.vocab_size).save_pretrained(tokenizer_dir)
-    assert main([*args, "--model", str(tokenizer_dir)]) == 0
+    assert main([*args, "--model", str(tiny_checkpoint_with_tokenizer)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2].startswith("text: ") and lines[-2].endswith(lines[0])  # the streamed text is the summary's
 
@@ -161,17 +167,29 @@ def test_interactive_drops_the_oldest_half_of_a_full_context(monkeypatch, capsys
     assert turns[3] == Engine("tiny", device="cpu").generate(text[-6:], 4).tokens
 
 
-def test_interactive_reads_text_with_a_tokenizer(monkeypatch, capsys, tmp_path, word_tokenizer):
-    model = random_model("tiny", seed=3)
-    model.save_pretrained(tmp_path)
-    tokenizer = word_tokenizer(model.config.vocab_size)
-    tokenizer.save_pretrained(tmp_path)
-    out, err = _interactive(monkeypatch, capsys, "world w7\n", "--model", str(tmp_path), "--prompt", "hello")
-    engine = Engine(tmp_path, device="cpu")
+def test_interactive_reads_text_with_a_tokenizer(monkeypatch, capsys, tiny_checkpoint_with_tokenizer):
+    checkpoint = str(tiny_checkpoint_with_tokenizer)
+    out, err = _interactive(monkeypatch, capsys, "world w7\n", "--model", checkpoint, "--prompt", "hello")
+    engine = Engine(checkpoint, device="cpu")
     first = engine.generate([1], 4, stop_token_ids=(0,))
     second = engine.generate([1, *first.tokens, 2, 7], 4, stop_token_ids=(0,))
     assert out == [first.text, second.text]
     assert f"[{len(second.prompt_tokens)} tokens of context, {len(first.tokens)} reused from the cache" in err
+
+
+def test_generate_and_interactive_stop_after_a_stop_text(monkeypatch, capsys, tiny_checkpoint_with_tokenizer):
+    checkpoint = str(tiny_checkpoint_with_tokenizer)
+    engine = Engine(checkpoint, device="cpu")
+    words = engine.generate("hello", 12, stop_token_ids=(0,)).text.split()
+    stop = f"{words[1]} {words[2]}"
+    want = engine.generate("hello", 12, stop_token_ids=(0,), stop=stop)
+    assert len(want.tokens) <= 3  # fewer than the interactive turns' 4
+    args = ["--model", checkpoint, "--prompt", "hello", "--stop", stop, "--stop", "never"]
+    assert main(["generate", "--device", "cpu", "--max-new-tokens", "12", *args]) == 0
+    assert f"generated ({len(want.tokens)} tokens): {','.join(map(str, want.tokens))}" in capsys.readouterr().out
+    out, _ = _interactive(monkeypatch, capsys, "world\n", *args)  # 4 new tokens at most
+    second = engine.generate([1, *want.tokens, 2], 4, stop_token_ids=(0,), stop=stop)
+    assert out == [want.text, second.text]
 
 
 def test_interactive_lines_are_encoded_without_their_newline(monkeypatch):
@@ -185,6 +203,8 @@ def test_interactive_mistakes_are_one_line_errors(capsys):
     assert "generate needs a prompt: --prompt TEXT, --tokens 1,2,3 or --interactive" in _one_line_error(capsys.readouterr().err)
     assert main(["generate", "--device", "cpu", "--model", "tiny", "--interactive", "--max-seq-len", "8", "--max-new-tokens", "9"]) == 1
     assert "--max-new-tokens 9 leaves no room for a prompt in the 8-position KV cache" in _one_line_error(capsys.readouterr().err)
+    assert main(["generate", "--device", "cpu", "--model", "tiny", "--tokens", "1", "--stop", "w1"]) == 1
+    assert "--stop matches text, and tiny (random-initialised) has no tokenizer" in _one_line_error(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize(

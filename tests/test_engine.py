@@ -228,6 +228,43 @@ def test_generation_stops_after_a_stop_token(engine):
     assert engine.generate([3, 4, 5], 16, stop_token_ids={stop}).tokens == full[: first + 1]
 
 
+def _first_prefix_with(words: list[str], text: str) -> int:
+    """The number of leading words whose space-joined text first contains `text`."""
+    return next(n for n in range(1, len(words) + 1) if text in " ".join(words[:n]))
+
+
+@pytest.mark.parametrize("chunk", [32, 4, 3])
+def test_generation_stops_after_the_token_that_completes_a_stop_string(hf_model, monkeypatch, word_tokenizer, chunk):
+    monkeypatch.setattr(neoxfuse.engine, "DECODE_CHUNK", chunk)  # 4, 3: the string completes in a later chunk, across chunks
+    engine = Engine(hf_model, device="cpu", tokenizer=word_tokenizer(hf_model.config.vocab_size))
+    full = engine.generate([3, 4, 5], 24)
+    words = full.text.split()  # one word per token
+    assert len(words) == 24
+    for stop, text in [
+        (["never", f"{words[8]} {words[9][:2]}"], f"{words[8]} {words[9][:2]}"),  # across two tokens, inside a word
+        (f"{words[10]} {words[11]}", f"{words[10]} {words[11]}"),  # one string, not its characters (its "w" is in every word)
+        (words[0][1:], words[0][1:]),  # completed by the first token
+    ]:
+        kept = _first_prefix_with(words, text)
+        batches = []
+        out = engine.generate([3, 4, 5], 24, stop=stop, on_tokens=batches.append)
+        assert out.tokens == full.tokens[:kept] and text in out.text
+        assert [t for batch in batches for t in batch] == out.tokens and len(out.decode_ms) == kept - 1
+    for token_at, word_at in [(5, 20), (20, 6)]:  # a stop token and a stop string: whichever comes first ends it
+        stop_token = full.tokens[token_at]
+        want = min(full.tokens.index(stop_token) + 1, _first_prefix_with(words, words[word_at]))
+        assert engine.generate([3, 4, 5], 24, stop_token_ids={stop_token}, stop=words[word_at]).tokens == full.tokens[:want]
+
+
+def test_stop_strings_are_non_empty_text_and_need_a_tokenizer(engine, hf_model, word_tokenizer):
+    with pytest.raises(InvalidInputError, match="stop strings are matched in the new text, which needs a tokenizer"):
+        engine.generate([3], 4, stop="w1")
+    with_tokenizer = Engine(hf_model, device="cpu", tokenizer=word_tokenizer(hf_model.config.vocab_size))
+    for stop in ["", ["w1", ""], [5]]:
+        with pytest.raises(InvalidInputError, match="stop strings must be non-empty text"):
+            with_tokenizer.generate([3], 4, stop=stop)
+
+
 def _prefilled_lengths(engine: Engine) -> list[int]:
     """Records the number of tokens each of the engine's prefills runs."""
     lengths, prefill = [], engine.backend.prefill

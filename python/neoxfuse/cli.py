@@ -137,6 +137,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, help="KV cache positions (default: the model's maximum)")
     parser.add_argument("--stream", action="store_true", help="print the new text (token ids without a tokenizer) as it "
                         "is generated, instead of a progress bar")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end after the token that completes TEXT "
+                        "in the new text (needs a tokenizer; repeatable; $'\\nQ:' in bash for a newline)")
     parser.add_argument("--interactive", action="store_true", help="then read lines from stdin, each added as typed to the "
                         "text so far (the prompt, if given, and every continuation; token ids without a tokenizer; an empty "
                         "line adds nothing), and continue it: the KV cache of the text so far is reused (Engine's "
@@ -147,8 +149,9 @@ def _generate(args) -> int:
     """Generate tokens after a prompt, print them and their timings.
 
     Greedy by default; --temperature > 0 samples (with --top-k, --top-p, --seed). With a tokenizer
-    (a checkpoint directory that has one) the text is printed too and generation stops at its EOS.
-    --interactive then continues the text with lines from stdin, turn by turn (_interactive).
+    (a checkpoint directory that has one) the text is printed too and generation stops at its EOS
+    (and after any --stop text).
+    --interactive then continues the text with lines from stdin, turn by turn.
     """
     if args.prompt is None and args.tokens is None and not args.interactive:
         raise InvalidInputError("generate needs a prompt: --prompt TEXT, --tokens 1,2,3 or --interactive (lines from stdin)")
@@ -167,13 +170,14 @@ def _generate(args) -> int:
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed or 0,
                     revision=args.revision, prefix_cache=args.interactive)
     prompt = args.tokens if args.prompt is None else engine.encode(args.prompt)
+    if args.stop and engine.tokenizer is None:
+        raise InvalidInputError(f"--stop matches text, and {engine.description} has no tokenizer to make text of its tokens")
     eos = getattr(engine.tokenizer, "eos_token_id", None)
-    stop_token_ids = () if eos is None else (eos,)
+    stops = {"stop_token_ids": () if eos is None else (eos,), "stop": args.stop}  # Engine.generate's arguments
     if args.interactive:
-        return _interactive(engine, prompt or [], args.max_new_tokens, sampling, stop_token_ids)
+        return _interactive(engine, prompt or [], args.max_new_tokens, sampling, stops)
     stream = _Stream(engine.tokenizer) if args.stream else None
-    out = engine.generate(prompt, args.max_new_tokens, sampling, stop_token_ids=stop_token_ids,
-                          progress=stream is None, on_tokens=stream)
+    out = engine.generate(prompt, args.max_new_tokens, sampling, progress=stream is None, on_tokens=stream, **stops)
     if stream is not None:
         print(flush=True)  # ends the streamed line
 
@@ -201,8 +205,7 @@ def _engine_summary(engine: Engine) -> str:
     return f"{engine.description}; backend {engine.backend_name} ({engine.backend_reason}); {dtype_name} on {engine.device}"
 
 
-def _interactive(engine: Engine, prompt: list[int], max_new_tokens: int, sampling: SamplingParams,
-                 stop_token_ids: tuple[int, ...]) -> int:
+def _interactive(engine: Engine, prompt: list[int], max_new_tokens: int, sampling: SamplingParams, stops: dict) -> int:
     """Continues a text turn by turn: the prompt, then each line read from stdin, is added to it and
     the continuation streamed to stdout, with a line on stderr of what the turn ran and how fast.
     The engine's prefix cache keeps the text's keys and values between turns; when the text and
@@ -219,13 +222,13 @@ def _interactive(engine: Engine, prompt: list[int], max_new_tokens: int, samplin
     added = prompt
     while added is not None:
         if text or added:
-            text = _continue(engine, text, added, room, max_new_tokens, sampling, stop_token_ids)
+            text = _continue(engine, text, added, room, max_new_tokens, sampling, stops)
         added = _read_turn(engine)
     return 0
 
 
 def _continue(engine: Engine, text: list[int], added: list[int], room: int, max_new_tokens: int,
-              sampling: SamplingParams, stop_token_ids: tuple[int, ...]) -> list[int]:
+              sampling: SamplingParams, stops: dict) -> list[int]:
     """One turn: text + added (cut to its last room // 2 tokens, or to all of `added` up to `room`,
     when longer than `room`), continued; the text after it (unchanged when `added` is refused)."""
     prompt = text + added
@@ -234,7 +237,7 @@ def _continue(engine: Engine, text: list[int], added: list[int], room: int, max_
         print(f"neoxfuse: the context is full: dropping the oldest {len(prompt) - kept} tokens", file=sys.stderr)
         prompt = prompt[-kept:]
     try:
-        out = engine.generate(prompt, max_new_tokens, sampling, stop_token_ids=stop_token_ids, on_tokens=_Stream(engine.tokenizer))
+        out = engine.generate(prompt, max_new_tokens, sampling, on_tokens=_Stream(engine.tokenizer), **stops)
     except InvalidInputError as err:  # a bad line: refused before anything ran, the text stays as it was
         print(f"neoxfuse: error: {_one_line(err)}", file=sys.stderr)
         return text

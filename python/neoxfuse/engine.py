@@ -419,12 +419,15 @@ class Engine:
         sampling: SamplingParams | None = None,
         *,
         stop_token_ids: Collection[int] = (),
+        stop: str | Collection[str] = (),
         progress: bool = False,
         on_tokens: Callable[[list[int]], None] | None = None,
     ) -> Generation:
         """Generates up to `max_new_tokens` tokens after `prompt` (text or token ids).
 
-        Greedy unless `sampling` says otherwise; stops early after a token in `stop_token_ids`.
+        Greedy unless `sampling` says otherwise; stops early after a token in `stop_token_ids`, or after
+        the token that completes one of the `stop` strings in the new text (which needs a tokenizer; the
+        text then ends with that string, or with the rest of that token's text after it).
         on_tokens, if given, streams the new tokens: it is called with each batch as soon as the host
         has it (the first token, then each chunk of up to DECODE_CHUNK decode steps), in order.
         SequenceTooLongError, before any work, when the prompt and the new tokens but the last (which is
@@ -433,6 +436,7 @@ class Engine:
         """
         sampling = sampling or SamplingParams()
         prompt_tokens = self._prompt_tokens(prompt)
+        stop_rule = StopRule(frozenset(stop_token_ids), self._stop_strings(stop), self.tokenizer)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         positions = len(prompt_tokens) + max_new_tokens - 1  # the last new token is never fed back
@@ -450,21 +454,18 @@ class Engine:
         self._synchronize()
         start = time.perf_counter()
         token = next_token(self.backend.prefill(prompt_tensor, cache), sampling, rng)  # int(): waits for the GPU
-        result = Generation(prompt_tokens, [token], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed,
+        result = Generation(prompt_tokens, [], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed,
                             reused_tokens=reused)
-        if on_tokens is not None:
-            on_tokens([token])
+        stopped = _take(result, [token], [], stop_rule, on_tokens)
         with progress_bar(max_new_tokens, "decoding", unit="tok", enabled=progress) as bar:
             bar.update(1)
-            while len(result.tokens) < max_new_tokens and token not in stop_token_ids:
+            while not stopped and len(result.tokens) < max_new_tokens:
                 steps = min(DECODE_CHUNK, max_new_tokens - len(result.tokens))
-                tokens, times = self._decode_chunk(token, cache, steps, sampling, rng, stop_token_ids)
+                tokens, times = self._decode_chunk(token, cache, steps, sampling, rng)
                 token = tokens[-1]
-                result.tokens += tokens
-                result.decode_ms += times
-                bar.update(len(tokens))
-                if on_tokens is not None:
-                    on_tokens(tokens)
+                taken = len(result.tokens)
+                stopped = _take(result, tokens, times, stop_rule, on_tokens)
+                bar.update(len(result.tokens) - taken)
         if self.prefix_cache:  # the tokens at the cache's first positions (steps run after a stop token come later)
             self._kept = (cache, prompt_tokens + result.tokens[:-1])
         if self.tokenizer is not None:
@@ -488,20 +489,63 @@ class Engine:
         cache.length = reused  # the positions after it are written before they are read
         return cache, reused
 
-    def _decode_chunk(self, token: int, cache, steps: int, sampling: SamplingParams, rng: torch.Tensor | None,
-                      stop_token_ids: Collection[int]) -> tuple[list[int], list[float]]:
-        """`steps` tokens after `token` up to the first stop token, and each one's step time in ms,
-        decoded on the device with one wait at the end."""
+    def _stop_strings(self, stop: str | Collection[str]) -> tuple[str, ...]:
+        """`stop` as a tuple of strings (one string is one stop string, not its characters), checked."""
+        texts = (stop,) if isinstance(stop, str) else tuple(stop)
+        if any(not isinstance(text, str) or not text for text in texts):
+            raise InvalidInputError(f"stop strings must be non-empty text; got {list(texts)!r}")
+        if texts and self.tokenizer is None:
+            raise InvalidInputError(f"stop strings are matched in the new text, which needs a tokenizer, and "
+                                    f"{self.description} has none; use stop_token_ids instead")
+        return texts
+
+    def _decode_chunk(self, token: int, cache, steps: int, sampling: SamplingParams,
+                      rng: torch.Tensor | None) -> tuple[list[int], list[float]]:
+        """`steps` tokens after `token` and each one's step time in ms, decoded on the device with one
+        wait at the end."""
         clock = StepClock(self.device)
         tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock).tolist()
-        times = clock.intervals_ms()
-        stops = [i for i, t in enumerate(tokens) if t in stop_token_ids]
-        kept = stops[0] + 1 if stops else steps  # the steps after a stop token ran for nothing
-        return tokens[:kept], times[:kept]
+        return tokens, clock.intervals_ms()
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Where a generation ends early: after a token in `token_ids`, or after the token whose text
+    completes one of `texts` in the new text (decoded with `tokenizer`)."""
+
+    token_ids: frozenset[int]
+    texts: tuple[str, ...]
+    tokenizer: object | None
+
+    def kept(self, earlier: list[int], tokens: list[int]) -> int | None:
+        """How many of `tokens` (new tokens after the `earlier` new ones) to keep when one of them
+        ends the generation (up to and including it), else None."""
+        ends = [i + 1 for i, token in enumerate(tokens) if token in self.token_ids]
+        end = ends[0] if ends else None
+        if self.texts and self._has_text(earlier + tokens[: end or len(tokens)]):
+            return next(n for n in range(1, len(tokens) + 1) if self._has_text(earlier + tokens[:n]))
+        return end
+
+    def _has_text(self, tokens: list[int]) -> bool:
+        text = self.tokenizer.decode(tokens)
+        return any(stop in text for stop in self.texts)
+
+
+def _take(result: Generation, tokens: list[int], times: list[float], stop_rule: StopRule,
+          on_tokens: Callable[[list[int]], None] | None) -> bool:
+    """Adds `tokens` and their step times (none for the first token) to `result` up to where
+    stop_rule ends the generation, hands them to on_tokens; whether the generation ended. The
+    steps a chunk ran after its end ran for nothing."""
+    kept = stop_rule.kept(result.tokens, tokens)
+    result.tokens += tokens[:kept]
+    result.decode_ms += times[:kept]
+    if on_tokens is not None:
+        on_tokens(tokens[:kept])
+    return kept is not None
 
 
 # Backends defined in their own modules register themselves on import (they import Backend from here).
