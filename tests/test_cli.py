@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import neoxfuse
+import neoxfuse.cli
 from neoxfuse import bench
 from neoxfuse.cli import _read_turn, main
 from neoxfuse.engine import Engine
@@ -154,6 +155,23 @@ def test_interactive_without_a_prompt_starts_at_the_first_line_with_tokens(monke
     out, err = _interactive(monkeypatch, capsys, "\n5,6\n", "--model", "tiny")
     assert out == [",".join(map(str, Engine("tiny", device="cpu").generate([5, 6], 4).tokens))]
     assert "error" not in err and "[2 tokens of context, 0 reused from the cache" in err
+
+
+def test_interactive_ctrl_c_ends_the_turn_not_the_session(monkeypatch, capsys):
+    interrupts = [KeyboardInterrupt]  # one, in the first turn, after its first token is printed
+
+    class InterruptedOnce(neoxfuse.cli._Stream):
+        def __call__(self, tokens):
+            if self.tokens and interrupts:
+                raise interrupts.pop()
+            super().__call__(tokens)
+
+    monkeypatch.setattr(neoxfuse.cli, "_Stream", InterruptedOnce)
+    out, err = _interactive(monkeypatch, capsys, "5\n", "--model", "tiny", "--tokens", "1,2,3")
+    engine = Engine("tiny", device="cpu")
+    first = engine.generate([1, 2, 3], 1).tokens
+    assert out == [str(first[0]), ",".join(map(str, engine.generate([1, 2, 3, *first, 5], 4).tokens))]
+    assert "[interrupted;" in err and "[5 tokens of context, 0 reused from the cache" in err
 
 
 def test_interactive_drops_the_oldest_half_of_a_full_context(monkeypatch, capsys):

@@ -142,7 +142,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interactive", action="store_true", help="then read lines from stdin, each added as typed to the "
                         "text so far (the prompt, if given, and every continuation; token ids without a tokenizer; an empty "
                         "line adds nothing), and continue it: the KV cache of the text so far is reused (Engine's "
-                        "prefix_cache), so a turn prefills only its new tokens; the oldest tokens go when the context is full")
+                        "prefix_cache), so a turn prefills only its new tokens; the oldest tokens go when the context is full; Ctrl-C stops "
+                        "a turn, EOF ends")
 
 
 def _generate(args) -> int:
@@ -216,7 +217,7 @@ def _interactive(engine: Engine, prompt: list[int], max_new_tokens: int, samplin
         raise InvalidInputError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
                                 f"{engine.max_seq_len}-position KV cache; ask for fewer or raise --max-seq-len")
     print(f"neoxfuse: {_engine_summary(engine)}. Each line "
-          f"continues the text ({'text' if engine.tokenizer else 'token ids, comma-separated'}); end with EOF (Ctrl-D).",
+          f"continues the text ({'text' if engine.tokenizer else 'token ids, comma-separated'}); Ctrl-C stops a turn, EOF (Ctrl-D) ends.",
           file=sys.stderr)
     text: list[int] = []
     added = prompt
@@ -230,17 +231,24 @@ def _interactive(engine: Engine, prompt: list[int], max_new_tokens: int, samplin
 def _continue(engine: Engine, text: list[int], added: list[int], room: int, max_new_tokens: int,
               sampling: SamplingParams, stops: dict) -> list[int]:
     """One turn: text + added (cut to its last room // 2 tokens, or to all of `added` up to `room`,
-    when longer than `room`), continued; the text after it (unchanged when `added` is refused)."""
+    when longer than `room`), continued; the text after it (unchanged when `added` is refused; up to
+    the last token printed when Ctrl-C interrupts the turn, which ends the turn, not the session)."""
     prompt = text + added
     if len(prompt) > room:
         kept = max(room // 2, min(len(added), room), 1)
         print(f"neoxfuse: the context is full: dropping the oldest {len(prompt) - kept} tokens", file=sys.stderr)
         prompt = prompt[-kept:]
+    stream = _Stream(engine.tokenizer)
     try:
-        out = engine.generate(prompt, max_new_tokens, sampling, on_tokens=_Stream(engine.tokenizer), **stops)
+        out = engine.generate(prompt, max_new_tokens, sampling, on_tokens=stream, **stops)
     except InvalidInputError as err:  # a bad line: refused before anything ran, the text stays as it was
         print(f"neoxfuse: error: {_one_line(err)}", file=sys.stderr)
         return text
+    except KeyboardInterrupt:
+        print(flush=True)
+        print("[interrupted; the engine keeps no cache of an unfinished turn: the next one prefills all its context]",
+              file=sys.stderr)
+        return prompt + stream.tokens
     print(flush=True)
     timing = f"prefill {out.prefill_ms:.2f} ms"
     if out.tpot_ms is not None:
