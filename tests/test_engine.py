@@ -305,12 +305,13 @@ def test_a_prefix_cache_prefills_only_what_the_last_generation_did_not_and_chang
 
 
 def test_a_prefix_cache_keeps_no_step_run_after_a_stop_token(hf_model, engine, monkeypatch):
-    # With chunks of 8 decode steps, a stop at the second new token leaves six steps run past it.
+    # With chunks of 8 decode steps, a stop at the second new token leaves seven steps run past it.
     monkeypatch.setattr(neoxfuse.engine, "DECODE_CHUNK", 8)
     cached = Engine(hf_model, device="cpu", prefix_cache=True)
     prompt = [3, 4, 5]
-    stop = engine.generate(prompt, 16).tokens[1]
-    stopped = cached.generate(prompt, 16, stop_token_ids={stop})
+    full = engine.generate(prompt, 16).tokens
+    stopped = cached.generate(prompt, 16, stop_token_ids={full[1]})
+    assert stopped.tokens == full[:2]
     turn = prompt + stopped.tokens + [9, 9]
     got = cached.generate(turn, 12)
     assert got.reused_tokens == len(prompt) + len(stopped.tokens) - 1
