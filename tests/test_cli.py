@@ -225,6 +225,52 @@ def test_interactive_mistakes_are_one_line_errors(capsys):
     assert "--stop matches text, and tiny (random-initialised) has no tokenizer" in _one_line_error(capsys.readouterr().err)
 
 
+def test_perplexity_of_a_text_file_with_hf_alongside(tiny_checkpoint_with_tokenizer, tmp_path, capsys):
+    checkpoint = str(tiny_checkpoint_with_tokenizer)
+    text = tmp_path / "text.txt"
+    text.write_text("hello world w7 w12 w3 w3 hello\nw40 w41 world w9 w250 hello w17")
+    out_file = tmp_path / "ppl.json"
+    args = ["perplexity", "--device", "cpu", "--model", checkpoint, "--file", str(text), "--window", "5"]
+    assert main([*args, "--max-tokens", "12", "--compare-hf", "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    engine = Engine(checkpoint, device="cpu", max_seq_len=5)
+    want = engine.score(engine.encode(text.read_text())[:12])
+    results = json.loads(out_file.read_text())
+    assert results["tokens"] == 12 and results["window"] == 5 and results["windows"] == 3
+    assert results["neoxfuse"]["perplexity"] == pytest.approx(want.perplexity, rel=1e-9)
+    assert results["hf"]["perplexity"] == pytest.approx(want.perplexity, rel=1e-5)
+    assert results["difference"]["top1_agreement"] == 1.0 and results["difference"]["max_abs_nll"] < 1e-4
+    assert "scored: the 11 tokens after the first of 12, in 3 windows of up to 5 tokens" in out
+    assert f"neoxfuse (reference): perplexity {want.perplexity:.4f}" in out and "HF transformers" in out
+    assert main(args) == 0  # every token, no HF
+    out = capsys.readouterr().out
+    assert "the 13 tokens after the first of 14, in 4 windows" in out and "HF transformers" not in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "perplexity needs a text: --file PATH, --text TEXT or --tokens 1,2,3"),
+        (["--text", "hello world"], "needs a tokenizer"),
+        (["--tokens", "1,2", "--window", "1"], "--window must be at least 2"),
+        (["--tokens", "1,2", "--max-tokens", "1"], "--max-tokens must be at least 2"),
+        (["--tokens", "1"], "at least 2 tokens"),
+        (["--tokens", "1,2", "--file", "x"], "not allowed with argument"),
+        (["--file", "missing.txt"], "No such file"),
+        (["--file", "latin1.txt"], "latin1.txt is not UTF-8 text"),
+    ],
+)
+def test_perplexity_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    code = main(["perplexity", "--device", "cpu", "--model", "tiny", *args])
+    err = capsys.readouterr().err
+    if "not allowed" in message:  # argparse's usage error
+        assert code == 2 and message in err
+        return
+    assert code == 1 and message in _one_line_error(err)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

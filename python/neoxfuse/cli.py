@@ -1,6 +1,7 @@
 """The `neoxfuse` command (also `python -m neoxfuse` and `bazel run //python:neoxfuse -- ...`).
 
     neoxfuse generate --tokens 1,2,3 [--model NAME|DIR] [--max-new-tokens N] [--temperature T ...]
+    neoxfuse perplexity --file TEXT [--model DIR] [--compare-hf]  # teacher forced, through the backend's decode steps
     neoxfuse bench decode [--lengths 16,64] [--out-dir DIR]      # and every other suite in neoxfuse.bench
     neoxfuse env                                                 # GPUs, library, versions, backends
 
@@ -12,8 +13,11 @@ GPT-NeoX, a prompt without a tokenizer, a sequence past the cache, ...) prints o
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -21,9 +25,10 @@ import neoxfuse
 from neoxfuse import _lib, bench
 from neoxfuse.configs import MODEL_NAMES
 from neoxfuse.device import devices
-from neoxfuse.engine import AUTO, AUTO_ORDER, BACKENDS, DTYPES, Engine, backend_availability, resolve_device, resolve_dtype
+from neoxfuse.engine import AUTO, AUTO_ORDER, BACKENDS, DTYPES, Engine, backend_availability, load_hf_model, resolve_device, resolve_dtype
 from neoxfuse.errors import InvalidInputError, NeoxfuseError
 from neoxfuse.sampling import SamplingParams
+from neoxfuse.scoring import Scores, hf_scores
 
 GPU_DEFAULT_MODEL = "pythia-2.8b"
 CPU_DEFAULT_MODEL = "pythia-70m"
@@ -62,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate tokens from a prompt", description=_generate.__doc__)
     _add_generate_arguments(generate)
     generate.set_defaults(handler=_generate)
+
+    perplexity = commands.add_parser("perplexity", help="score a text teacher forced: its perplexity, and HF's with --compare-hf",
+                                     description=_perplexity.__doc__)
+    _add_perplexity_arguments(perplexity)
+    perplexity.set_defaults(handler=_perplexity)
 
     bench_parser = commands.add_parser("bench", help="run a benchmark suite", description="Run a benchmark suite.")
     suites = bench_parser.add_subparsers(title="suites", metavar="SUITE")
@@ -115,13 +125,34 @@ def _token_list(text: str) -> list[int]:
     return tokens
 
 
-def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """What model runs where, and how: the arguments of every command that runs a model."""
     parser.add_argument("--model", help=f"a model name ({', '.join(MODEL_NAMES)}), which gives a random-initialised model "
                         "of that shape, a local Hugging Face checkpoint directory, or a Hub repo id (EleutherAI/pythia-2.8b) "
                         "already in the local Hugging Face cache: neoxfuse downloads nothing (default: a random-initialised "
                         f"{GPU_DEFAULT_MODEL} on a GPU, {CPU_DEFAULT_MODEL} on a CPU)")
     parser.add_argument("--revision", help="with a Hub repo id: the branch, tag or commit of the cached snapshot (default main; "
                         "Pythia's training checkpoints are step0 ... step143000)")
+    parser.add_argument("--backend", default=AUTO, help=f"how the model is computed: {', '.join(sorted(BACKENDS))}, or {AUTO} "
+                        f"(default): the first of {', '.join(AUTO_ORDER)} that can run here")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on a GPU (bf16 for a bf16 checkpoint), fp32 on a CPU")
+
+
+def _model_name(args, device) -> str:
+    """--model, or the default for the device; says on stderr when the model is random-initialised."""
+    model = args.model or (GPU_DEFAULT_MODEL if device.type == "cuda" else CPU_DEFAULT_MODEL)
+    if args.model is None:
+        print(f"neoxfuse: no --model given: using a random-initialised {model} (its tokens mean nothing; pass --model DIR or a cached Hub id "
+              "for a real checkpoint)" + (_cpu_shape_reason(model) if device.type == "cpu" else ""), file=sys.stderr)
+    elif model in MODEL_NAMES:
+        print(f"neoxfuse: {model} is random-initialised (neoxfuse downloads nothing; its tokens mean nothing); "
+              "pass --model DIR or a cached Hub id (EleutherAI/pythia-2.8b) for a real checkpoint", file=sys.stderr)
+    return model
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser)
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (needs a checkpoint with a tokenizer)")
     prompt.add_argument("--tokens", type=_token_list, help="prompt token ids, comma-separated: 1,2,3")
@@ -130,10 +161,6 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens of mass top-p (default 1: all)")
     parser.add_argument("--seed", type=int, help="seed for sampling (and for a random-initialised model's weights; default 0)")
-    parser.add_argument("--backend", default=AUTO, help=f"how the model is computed: {', '.join(sorted(BACKENDS))}, or {AUTO} "
-                        f"(default): the first of {', '.join(AUTO_ORDER)} that can run here")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on a GPU (bf16 for a bf16 checkpoint), fp32 on a CPU")
     parser.add_argument("--max-seq-len", type=int, help="KV cache positions (default: the model's maximum)")
     parser.add_argument("--stream", action="store_true", help="print the new text (token ids without a tokenizer) as it "
                         "is generated, instead of a progress bar")
@@ -160,14 +187,7 @@ def _generate(args) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if sampling.greedy and (args.top_k or args.top_p != 1.0):
         print("neoxfuse: greedy decoding (--temperature 0): --top-k and --top-p have no effect", file=sys.stderr)
-    model = args.model or (GPU_DEFAULT_MODEL if device.type == "cuda" else CPU_DEFAULT_MODEL)
-    if args.model is None:
-        print(f"neoxfuse: no --model given: using a random-initialised {model} (its tokens mean nothing; pass --model DIR or a cached Hub id "
-              "for a real checkpoint)" + (_cpu_shape_reason(model) if device.type == "cpu" else ""), file=sys.stderr)
-    elif model in MODEL_NAMES:
-        print(f"neoxfuse: {model} is random-initialised (neoxfuse downloads nothing; its tokens mean nothing); "
-              "pass --model DIR or a cached Hub id (EleutherAI/pythia-2.8b) for a real checkpoint", file=sys.stderr)
-
+    model = _model_name(args, device)
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed or 0,
                     revision=args.revision, prefix_cache=args.interactive)
     prompt = args.tokens if args.prompt is None else engine.encode(args.prompt)
@@ -304,6 +324,82 @@ def _count(items, noun: str) -> str:
 def _cpu_shape_reason(model: str) -> str:
     return (f"; {model} because this run is on a CPU, where {GPU_DEFAULT_MODEL} (the GPU default) would need 11 GB "
             "in fp32 and seconds per token")
+
+
+# ----------------------------------------------------------------------------------------------
+# perplexity
+
+
+def _add_perplexity_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0, help="seed of a random-initialised model's weights (default 0)")
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--file", help="a UTF-8 text file to score (needs a checkpoint with a tokenizer)")
+    text.add_argument("--text", help="text to score (needs a checkpoint with a tokenizer)")
+    text.add_argument("--tokens", type=_token_list, help="token ids to score, comma-separated: 1,2,3")
+    parser.add_argument("--max-tokens", type=int, help="score only the text's first N tokens (default: all)")
+    parser.add_argument("--window", type=int, help="tokens per window, context included (default: the model's maximum)")
+    parser.add_argument("--compare-hf", action="store_true", help="score the same tokens with HF transformers too (the "
+                        "checkpoint loaded by transformers itself, same device and dtype) and say how far apart the two are")
+    parser.add_argument("--out", help="also write the results to this JSON file")
+
+
+def _perplexity(args) -> int:
+    """Score a text teacher forced and print its perplexity, exp(mean NLL per token).
+
+    Each token after the first is predicted from the tokens before it in its window (windows of
+    --window tokens, overlapping by one token: neoxfuse.scoring), every prediction a decode step of
+    the backend from an empty KV cache: on a GPU, the fused decode kernels. --compare-hf scores the
+    same tokens with HF transformers (one forward pass per window) and prints how far the two are
+    apart: the perplexities, the per-token NLLs and how often both rank the same token first.
+    """
+    if args.file is None and args.text is None and args.tokens is None:
+        raise InvalidInputError("perplexity needs a text: --file PATH, --text TEXT or --tokens 1,2,3")
+    for flag, value in (("--window", args.window), ("--max-tokens", args.max_tokens)):
+        if value is not None and value < 2:
+            raise InvalidInputError(f"{flag} must be at least 2 (a token and the one it predicts); got {value}")
+    text = args.text if args.file is None else _read_text(args.file)
+    device = resolve_device(args.device)
+    model = _model_name(args, device)
+    engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.window, seed=args.seed,
+                    revision=args.revision)
+    tokens = args.tokens if text is None else engine.encode(text)
+    scores = engine.score(tokens[: args.max_tokens], progress=True)
+    results = {"model": engine.description, "backend": engine.backend_name, "dtype": str(engine.dtype).replace("torch.", ""),
+               "device": str(engine.device), "tokens": len(scores.tokens), "window": scores.window, "windows": scores.windows,
+               "neoxfuse": _scored(scores)}
+    print(f"model: {_engine_summary(engine)}")
+    print(f"scored: the {len(scores.tokens) - 1} tokens after the first of {len(scores.tokens)}, in {_count(range(scores.windows), 'window')} "
+          f"of up to {scores.window} tokens (overlapping by one)")
+    print(f"neoxfuse ({engine.backend_name}): {_scores_line(scores)}")
+    if args.compare_hf:
+        hf_model = load_hf_model(model, dtype=engine.dtype, seed=args.seed, device=engine.device, revision=args.revision)
+        reference = hf_scores(hf_model, scores.tokens, scores.window)
+        difference = scores.difference(reference)
+        results |= {"hf": _scored(reference), "difference": dataclasses.asdict(difference)}
+        print(f"HF transformers (one forward pass per window): {_scores_line(reference)}")
+        print(f"difference: perplexity {difference.relative_perplexity:.2e} relative; NLL per token: max |d| {difference.max_abs_nll:.2e}, "
+              f"mean |d| {difference.mean_abs_nll:.2e}; the same token ranked first at {100 * difference.top1_agreement:.2f}% of positions")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results: {args.out}")
+    return 0
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidInputError(f"{path} is not UTF-8 text: {err}") from None
+
+
+def _scored(scores: Scores) -> dict:
+    return {"perplexity": scores.perplexity, "mean_nll": scores.mean_nll, "ms_per_token": scores.elapsed_ms / len(scores.nll)}
+
+
+def _scores_line(scores: Scores) -> str:
+    return (f"perplexity {scores.perplexity:.4f} (mean NLL {scores.mean_nll:.5f} nats per token); "
+            f"{scores.elapsed_ms / len(scores.nll):.3f} ms per token")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
     out.tokens, out.prefill_ms, out.tpot_ms
     engine = Engine(..., prefix_cache=True)         # a prompt that starts where the last generation went
                                                     # reuses its KV cache: only the rest is prefilled
+    engine.score(text).perplexity                   # teacher forced, through the backend's decode steps
 
 A backend computes the model: `prefill(tokens, cache)` and `decode_step(token, cache)` give the
 logits of the last token, `new_cache()` a KV cache holding `max_seq_len` positions, and the class
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import ClassVar, Union
 
 import torch
+from transformers import GPTNeoXForCausalLM
 
 from neoxfuse.configs import NeoXShape
 from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnsupportedModelError
@@ -39,7 +41,9 @@ from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpo
 from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.reference import ReferenceModel
 from neoxfuse.sampling import SamplingParams, choose, next_token
-from neoxfuse.weights import ModelWeights, describe_checkpoint, from_hf, load_checkpoint, load_tokenizer, model_source, random_model
+from neoxfuse.scoring import Scores, token_scores, windows
+from neoxfuse.weights import (ModelWeights, describe_checkpoint, from_hf, load_checkpoint, load_tokenizer, model_source, random_model,
+                              read_checkpoint_config)
 
 ModelSource = Union[str, os.PathLike, torch.nn.Module, ModelWeights]
 
@@ -246,6 +250,24 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed:
         return _load_gptq_checkpoint(resolved, dtype, description)
     weights, tokenizer = load_checkpoint(resolved)
     return LoadedModel(weights, tokenizer, description, random_init=False)
+
+
+def load_hf_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                  device: str | torch.device = "cpu", revision: str | None = None) -> GPTNeoXForCausalLM:
+    """The HF transformers model that a model string names, loaded by transformers itself, on `device` in
+    `dtype`: the independent implementation load_model's weights and the backends are compared with.
+
+    A Pythia name gives random_model(name, seed) (the weights load_model draws for the same seed, dtype
+    and device); a GPTQ checkpoint directory its dequantized model (transformers reads GPTQ only with
+    optional packages); any other checkpoint directory or cached Hub repo id GPTNeoXForCausalLM.from_pretrained.
+    """
+    resolved = model_source(source, revision)
+    if isinstance(resolved, str):
+        return random_model(resolved, seed=seed, dtype=dtype, device=device)
+    read_checkpoint_config(resolved)  # the errors load_model gives for a directory that is not GPT-NeoX
+    if is_quantized_checkpoint(resolved):
+        return dequantized_gpt_neox(load_gptq_checkpoint(resolved), device, dtype)
+    return GPTNeoXForCausalLM.from_pretrained(resolved, dtype=dtype).to(device).eval()
 
 
 def _load_gptq_checkpoint(path: Path, dtype: torch.dtype, description: str) -> LoadedModel:
@@ -471,6 +493,37 @@ class Engine:
         if self.tokenizer is not None:
             result.text = self.tokenizer.decode(result.tokens)
         return result
+
+    @torch.inference_mode()
+    def score(self, text: str | Sequence[int] | torch.Tensor, *, window: int | None = None, progress: bool = False) -> Scores:
+        """Teacher-forced scores of `text` (token ids, or text with a tokenizer): each token after the
+        first predicted from the tokens before it in its window of up to `window` tokens (max_seq_len
+        by default), the windows overlapping by one token (neoxfuse.scoring). Every prediction is a
+        decode step of the backend from an empty KV cache: on the fused backend, the decode kernels.
+        Scores.perplexity = exp(mean NLL). Leaves nothing for the prefix cache.
+        """
+        tokens = self._prompt_tokens(text)
+        window = self.max_seq_len if window is None else window
+        spans = windows(len(tokens), window)  # checks both
+        if window > self.max_seq_len:
+            raise SequenceTooLongError(f"a scoring window of {window} tokens needs {window - 1} KV cache positions; the cache "
+                                       f"holds {self.max_seq_len}: use a smaller window or build the Engine with a larger max_seq_len")
+        self._kept = None
+        cache = self.backend.new_cache()
+        targets = torch.tensor(tokens[1:], device=self.device)  # [T-1]
+        nll = torch.empty(len(tokens) - 1, device=self.device)  # [T-1]
+        top1 = torch.empty(len(tokens) - 1, dtype=torch.long, device=self.device)  # [T-1]
+        self._synchronize()
+        start = time.perf_counter()
+        with progress_bar(len(tokens) - 1, "scoring", unit="tok", enabled=progress) as bar:
+            for first, end in spans:
+                cache.length = 0  # the positions are written before they are read
+                for t in range(first, end - 1):
+                    logits = self.backend.decode_step(tokens[t], cache)  # [vocab]: predicts tokens[t + 1]
+                    nll[t : t + 1], top1[t : t + 1] = token_scores(logits[None], targets[t : t + 1])
+                    bar.update(1)
+        self._synchronize()
+        return Scores(tokens, window, nll.double().cpu(), top1.cpu(), (time.perf_counter() - start) * 1e3)
 
     def _cache_for(self, prompt_tokens: list[int]) -> tuple[object, int]:
         """(cache, reused): the kept cache cut back to the longest prefix its tokens share with the

@@ -1,0 +1,117 @@
+"""Teacher-forced scoring: how well a model predicts a given text, token by token, and its perplexity.
+
+    scores = engine.score(text_or_ids)                          # Engine.score: the backend's decode steps
+    hf = hf_scores(hf_model, scores.tokens, scores.window)       # HF transformers: one forward per window
+    scores.perplexity, scores.difference(hf).relative_perplexity
+
+A text of T tokens is cut into windows of up to W tokens that overlap by one token: [0, W),
+[W-1, 2W-1), ... Within its window each token is predicted from the tokens before it there, so
+every token but the first is scored exactly once, with 1 to W-1 tokens of context:
+
+    nll_t = -log softmax(logits_{t-1})[x_t]       (natural log, from fp32 logits), t = 1 .. T-1
+    mean NLL = sum_t nll_t / (T-1)                 perplexity = exp(mean NLL)
+
+An overlap of one token costs one model step per token; a longer overlap (a sliding window) would
+give later windows more context at the price of running it again. Through the engine each window
+runs as decode steps from an empty KV cache, so on the fused backend every scored logit comes
+from the decode kernels: the same text scored by HF (an independent implementation, loading the
+checkpoint itself) says whether the kernels are right on real text, not only on random tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from neoxfuse.errors import InvalidInputError
+
+
+def windows(n_tokens: int, window: int) -> list[tuple[int, int]]:
+    """[start, end) of each window over `n_tokens` tokens: up to `window` tokens, overlapping by one."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise InvalidInputError(f"a scoring window holds the tokens predicted and their context: at least 2; got {window!r}")
+    if n_tokens < 2:
+        raise InvalidInputError(f"scoring needs at least 2 tokens (the first is only context); got {n_tokens}")
+    return [(start, min(start + window, n_tokens)) for start in range(0, n_tokens - 1, window - 1)]
+
+
+def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nll [n] fp32, top1 [n] long) of logits [n, vocab] for targets [n]: -log softmax(logits)[target],
+    and the most likely token, where each target was predicted."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -log_probs.gather(-1, targets[:, None])[:, 0], logits.argmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class ScoreDifference:
+    """How far two scorings of the same tokens are apart."""
+
+    relative_perplexity: float  # |perplexity - other's| / other's
+    max_abs_nll: float  # max_t |nll_t - other's nll_t|
+    mean_abs_nll: float
+    top1_agreement: float  # the fraction of positions where both put the same token first
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Teacher-forced scores of `tokens` in windows of up to `window` tokens (see the module docstring)."""
+
+    tokens: list[int]  # the T tokens scored
+    window: int
+    nll: torch.Tensor  # [T-1] fp64 on the CPU: nll[i] = -log p(tokens[i+1] | its window's tokens before it)
+    top1: torch.Tensor  # [T-1] long on the CPU: the most likely token where tokens[i+1] was predicted
+    elapsed_ms: float  # the time the scoring took (the device's work included)
+
+    @property
+    def mean_nll(self) -> float:
+        """Nats per token."""
+        return float(self.nll.mean())
+
+    @property
+    def perplexity(self) -> float:
+        """exp(mean NLL)."""
+        return float(self.nll.mean().exp())
+
+    @property
+    def windows(self) -> int:
+        return len(windows(len(self.tokens), self.window))
+
+    def difference(self, other: Scores) -> ScoreDifference:
+        """How far these scores are from `other`'s, which must score the same tokens in the same windows."""
+        if other.tokens != self.tokens or other.window != self.window:
+            raise InvalidInputError(f"scores compare over the same tokens and windows; got {len(self.tokens)} tokens in windows of "
+                                    f"{self.window} and {len(other.tokens)} tokens in windows of {other.window}")
+        gap = (self.nll - other.nll).abs()
+        return ScoreDifference(relative_perplexity=abs(self.perplexity - other.perplexity) / other.perplexity,
+                               max_abs_nll=float(gap.max()), mean_abs_nll=float(gap.mean()),
+                               top1_agreement=float((self.top1 == other.top1).double().mean()))
+
+
+@torch.inference_mode()
+def hf_scores(model: torch.nn.Module, tokens: Sequence[int], window: int) -> Scores:
+    """The scores of `tokens` by an HF causal LM (a GPTNeoXForCausalLM), one forward pass per window,
+    on the model's device and in its dtype."""
+    tokens = [int(t) for t in tokens]
+    vocab = model.config.vocab_size
+    if not all(0 <= t < vocab for t in tokens):
+        raise InvalidInputError(f"token ids must be in [0, {vocab}) for this model; got {[t for t in tokens if not 0 <= t < vocab][:5]}")
+    device = next(model.parameters()).device
+    ids = torch.tensor(tokens, device=device)  # [T]
+    nll = torch.empty(len(tokens) - 1, device=device)  # [T-1]
+    top1 = torch.empty(len(tokens) - 1, dtype=torch.long, device=device)  # [T-1]
+    spans = windows(len(tokens), window)
+    _synchronize(device)
+    start = time.perf_counter()
+    for first, end in spans:
+        logits = model(ids[None, first:end]).logits[0, :-1]  # [end - first - 1, vocab]
+        nll[first : end - 1], top1[first : end - 1] = token_scores(logits, ids[first + 1 : end])
+    _synchronize(device)
+    return Scores(tokens, window, nll.double().cpu(), top1.cpu(), (time.perf_counter() - start) * 1e3)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
