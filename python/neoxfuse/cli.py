@@ -361,10 +361,9 @@ def _perplexity(args) -> int:
     text = args.text if args.file is None else _read_text(args.file)
     device = resolve_device(args.device)
     model = _model_name(args, device)
-    engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.window, seed=args.seed,
-                    revision=args.revision)
+    engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, seed=args.seed, revision=args.revision)
     tokens = args.tokens if text is None else engine.encode(text)
-    scores = engine.score(tokens[: args.max_tokens], progress=True)
+    scores = engine.score(tokens[: args.max_tokens], window=args.window, progress=True)
     results = {"model": engine.description, "backend": engine.backend_name, "dtype": str(engine.dtype).replace("torch.", ""),
                "device": str(engine.device), "tokens": len(scores.tokens), "window": scores.window, "windows": scores.windows,
                "neoxfuse": _scored(scores)}
