@@ -253,7 +253,7 @@ def test_perplexity_of_a_text_file_with_hf_alongside(tiny_checkpoint_with_tokeni
         ([], "perplexity needs a text: --file PATH, --text TEXT or --tokens 1,2,3"),
         (["--text", "hello world"], "needs a tokenizer"),
         (["--tokens", "1,2", "--window", "1"], "--window must be at least 2"),
-        (["--tokens", "1,2", "--window", "300"], "a scoring window of 300 tokens needs 299 KV cache positions; the cache holds 256"),
+        (["--tokens", "1,2", "--window", "300"], "a scoring window of 300 tokens is longer than the 256 positions of the KV cache"),
         (["--tokens", "1,2", "--max-tokens", "1"], "--max-tokens must be at least 2"),
         (["--tokens", "1"], "at least 2 tokens"),
         (["--tokens", "1,2", "--file", "x"], "not allowed with argument"),

@@ -93,7 +93,7 @@ def test_scoring_leaves_nothing_for_the_prefix_cache(hf_model):
 
 def test_engine_score_refuses_bad_requests(hf_model):
     engine = Engine(hf_model, device="cpu", max_seq_len=8)
-    with pytest.raises(SequenceTooLongError, match="window of 9 tokens .* holds 8: use a window of at most that .* the model.s 256"):
+    with pytest.raises(SequenceTooLongError, match="window of 9 tokens is longer than the 8 positions .* the model.s 256"):
         engine.score([1, 2, 3], window=9)
     with pytest.raises(InvalidInputError, match="at least 2"):
         engine.score([1, 2, 3], window=1)

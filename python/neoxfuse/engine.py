@@ -506,9 +506,9 @@ class Engine:
         window = self.max_seq_len if window is None else window
         spans = windows(len(tokens), window)  # checks both
         if window > self.max_seq_len:
-            raise SequenceTooLongError(f"a scoring window of {window} tokens needs {window - 1} KV cache positions; the cache "
-                                       f"holds {self.max_seq_len}: use a window of at most that (or an Engine with a larger "
-                                       f"max_seq_len, up to the model's {self.shape.max_positions} positions)")
+            raise SequenceTooLongError(f"a scoring window of {window} tokens is longer than the {self.max_seq_len} positions of "
+                                       f"the KV cache: use a window of at most that (or an Engine with a larger max_seq_len, up "
+                                       f"to the model's {self.shape.max_positions} positions)")
         self._kept = None
         cache = self.backend.new_cache()
         targets = torch.tensor(tokens[1:], device=self.device)  # [T-1]
