@@ -114,6 +114,7 @@ def test_differences_are_computed_per_token_and_need_the_same_tokens():
     a, b = scores([1.0, 2.0], [7, 8]), scores([1.0, 3.0], [7, 9])
     difference = a.difference(b)
     assert difference.max_abs_nll == 1.0 and difference.mean_abs_nll == 0.5 and difference.top1_agreement == 0.5
+    assert a.ms_per_token == 0.5 and a.windows == 1
     assert difference.relative_perplexity == pytest.approx(abs(math.exp(1.5) - math.exp(2.0)) / math.exp(2.0))
     with pytest.raises(InvalidInputError, match="same tokens and windows"):
         a.difference(scores([1.0, 2.0], [7, 8], tokens=(1, 2, 4)))

@@ -393,12 +393,12 @@ def _read_text(path: str) -> str:
 
 
 def _scored(scores: Scores) -> dict:
-    return {"perplexity": scores.perplexity, "mean_nll": scores.mean_nll, "ms_per_token": scores.elapsed_ms / len(scores.nll)}
+    return {"perplexity": scores.perplexity, "mean_nll": scores.mean_nll, "ms_per_token": scores.ms_per_token}
 
 
 def _scores_line(scores: Scores) -> str:
     return (f"perplexity {scores.perplexity:.4f} (mean NLL {scores.mean_nll:.5f} nats per token); "
-            f"{scores.elapsed_ms / len(scores.nll):.3f} ms per token")
+            f"{scores.ms_per_token:.3f} ms per token")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,6 +39,12 @@ class DeviceInfo:
     runtime_version: str  # the library's statically linked CUDA runtime
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for the work queued on `device` (a CUDA device); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _version(v: int) -> str:
     return f"{v // 1000}.{v % 1000 // 10}"
 

@@ -35,6 +35,7 @@ import torch
 from transformers import GPTNeoXForCausalLM
 
 from neoxfuse.configs import NeoXShape
+from neoxfuse.device import synchronize
 from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnsupportedModelError
 from neoxfuse.progress import progress_bar
 from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpoint
@@ -473,7 +474,7 @@ class Engine:
         cache, reused = self._cache_for(prompt_tokens)
         prompt_tensor = torch.tensor(prompt_tokens[reused:], dtype=torch.long, device=self.device)  # [T - reused]
 
-        self._synchronize()
+        synchronize(self.device)
         start = time.perf_counter()
         token = next_token(self.backend.prefill(prompt_tensor, cache), sampling, rng)  # int(): waits for the GPU
         result = Generation(prompt_tokens, [], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed,
@@ -514,7 +515,7 @@ class Engine:
         targets = torch.tensor(tokens[1:], device=self.device)  # [T-1]
         nll = torch.empty(len(tokens) - 1, device=self.device)  # [T-1]
         top1 = torch.empty(len(tokens) - 1, dtype=torch.long, device=self.device)  # [T-1]
-        self._synchronize()
+        synchronize(self.device)
         start = time.perf_counter()
         with progress_bar(len(tokens) - 1, "scoring", unit="tok", enabled=progress) as bar:
             for first, end in spans:
@@ -523,7 +524,7 @@ class Engine:
                     logits = self.backend.decode_step(tokens[t], cache)  # [vocab]: predicts tokens[t + 1]
                     nll[t : t + 1], top1[t : t + 1] = token_scores(logits[None], targets[t : t + 1])
                     bar.update(1)
-        self._synchronize()
+        synchronize(self.device)
         return Scores(tokens, window, nll.double().cpu(), top1.cpu(), (time.perf_counter() - start) * 1e3)
 
     def _cache_for(self, prompt_tokens: list[int]) -> tuple[object, int]:
@@ -560,10 +561,6 @@ class Engine:
         clock = StepClock(self.device)
         tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock).tolist()
         return tokens, clock.intervals_ms()
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from neoxfuse.device import synchronize
 from neoxfuse.errors import InvalidInputError
 
 
@@ -76,6 +77,11 @@ class Scores:
         return float(self.nll.mean().exp())
 
     @property
+    def ms_per_token(self) -> float:
+        """elapsed_ms over the tokens scored."""
+        return self.elapsed_ms / len(self.nll)
+
+    @property
     def windows(self) -> int:
         return len(windows(len(self.tokens), self.window))
 
@@ -103,15 +109,10 @@ def hf_scores(model: torch.nn.Module, tokens: Sequence[int], window: int) -> Sco
     nll = torch.empty(len(tokens) - 1, device=device)  # [T-1]
     top1 = torch.empty(len(tokens) - 1, dtype=torch.long, device=device)  # [T-1]
     spans = windows(len(tokens), window)
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for first, end in spans:
         logits = model(ids[None, first:end]).logits[0, :-1]  # [end - first - 1, vocab]
         nll[first : end - 1], top1[first : end - 1] = token_scores(logits, ids[first + 1 : end])
-    _synchronize(device)
+    synchronize(device)
     return Scores(tokens, window, nll.double().cpu(), top1.cpu(), (time.perf_counter() - start) * 1e3)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
