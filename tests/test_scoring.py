@@ -125,16 +125,18 @@ def test_differences_are_computed_per_token_and_need_the_same_tokens():
 def test_load_hf_model_loads_what_the_engine_loads(tmp_path):
     # A name: the weights the Engine draws for the seed; a directory: transformers' own loading of it;
     # a GPTQ directory: its dequantized model.
-    named = load_hf_model("tiny", seed=4)
+    named, description = load_hf_model("tiny", seed=4)
+    assert description == "tiny (random-initialised)"
     assert torch.equal(named.gpt_neox.embed_in.weight, Engine("tiny", device="cpu", seed=4).weights.embed_in)
     model = random_model("tiny", seed=5)
     model.save_pretrained(tmp_path / "dense")
-    loaded = load_hf_model(tmp_path / "dense", dtype=torch.float16)
-    assert loaded.dtype == torch.float16 and not loaded.training
+    loaded, description = load_hf_model(tmp_path / "dense", dtype=torch.float16)
+    assert loaded.dtype == torch.float16 and not loaded.training and description == str(tmp_path / "dense")
     assert all(torch.equal(p.half(), q) for p, q in zip(model.parameters(), loaded.parameters()))
     checkpoint = quantize_gpt_neox(model, QuantConfig(group_size=32))
     save_gptq_checkpoint(checkpoint, tmp_path / "gptq")
-    dequantized = load_hf_model(tmp_path / "gptq")
+    dequantized, description = load_hf_model(tmp_path / "gptq")
+    assert description.startswith(str(tmp_path / "gptq")) and "dequantized" in description
     want = dequantized_gpt_neox(checkpoint, "cpu", torch.float32)
     assert all(torch.equal(p, q) for p, q in zip(want.parameters(), dequantized.parameters()))
     (tmp_path / "llama").mkdir()

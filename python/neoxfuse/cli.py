@@ -372,7 +372,7 @@ def _perplexity(args) -> int:
           f"of up to {scores.window} tokens (overlapping by one)")
     print(f"neoxfuse ({engine.backend_name}): {_scores_line(scores)}")
     if args.compare_hf:
-        hf_model = load_hf_model(model, dtype=engine.dtype, seed=args.seed, device=engine.device, revision=args.revision)
+        hf_model, _ = load_hf_model(model, dtype=engine.dtype, seed=args.seed, device=engine.device, revision=args.revision)
         reference = hf_scores(hf_model, scores.tokens, scores.window)
         difference = scores.difference(reference)
         results |= {"hf": _scored(reference), "difference": dataclasses.asdict(difference)}

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import ClassVar, Union
 
 import torch
-from transformers import GPTNeoXForCausalLM
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from neoxfuse.configs import NeoXShape
+from neoxfuse.configs import NeoXShape, shape_of
 from neoxfuse.device import synchronize
 from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnsupportedModelError
 from neoxfuse.progress import progress_bar
@@ -254,21 +254,29 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed:
 
 
 def load_hf_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, seed: int = 0,
-                  device: str | torch.device = "cpu", revision: str | None = None) -> GPTNeoXForCausalLM:
-    """The HF transformers model that a model string names, loaded by transformers itself, on `device` in
-    `dtype`: the independent implementation load_model's weights and the backends are compared with.
+                  device: str | torch.device = "cpu", revision: str | None = None,
+                  attn_implementation: str = "sdpa") -> tuple[GPTNeoXForCausalLM, str]:
+    """(the HF transformers model that a model string names, loaded by transformers itself, on `device` in
+    `dtype`; its description): the independent implementation that load_model's weights and the backends
+    are compared with, and the benchmarks' HF peers.
 
     A Pythia name gives random_model(name, seed) (the weights load_model draws for the same seed, dtype
     and device); a GPTQ checkpoint directory its dequantized model (transformers reads GPTQ only with
-    optional packages); any other checkpoint directory or cached Hub repo id GPTNeoXForCausalLM.from_pretrained.
+    optional packages); any other checkpoint directory or cached Hub repo id GPTNeoXForCausalLM.from_pretrained,
+    after checking that neoxfuse computes its sizes and options.
     """
     resolved = model_source(source, revision)
     if isinstance(resolved, str):
-        return random_model(resolved, seed=seed, dtype=dtype, device=device)
+        model = random_model(resolved, seed=seed, dtype=dtype, attn_implementation=attn_implementation, device=device)
+        return model, f"{resolved} (random-initialised)"
     read_checkpoint_config(resolved)  # the errors load_model gives for a directory that is not GPT-NeoX
+    description = describe_checkpoint(source, resolved, revision)
     if is_quantized_checkpoint(resolved):
-        return dequantized_gpt_neox(load_gptq_checkpoint(resolved), device, dtype)
-    return GPTNeoXForCausalLM.from_pretrained(resolved, dtype=dtype).to(device).eval()
+        checkpoint = load_gptq_checkpoint(resolved)
+        return dequantized_gpt_neox(checkpoint, device, dtype), describe_dequantized(description, checkpoint, dtype)
+    shape_of(GPTNeoXConfig.from_pretrained(resolved))  # UnsupportedModelError for sizes or options neoxfuse does not compute
+    model = GPTNeoXForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device).eval(), description
 
 
 def _load_gptq_checkpoint(path: Path, dtype: torch.dtype, description: str) -> LoadedModel:

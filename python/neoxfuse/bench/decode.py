@@ -51,14 +51,11 @@ from neoxfuse.bench.common import ResultsFile, device_record, percentile
 from neoxfuse.bench.targets import target, target_lines
 from neoxfuse.configs import MODEL_NAMES, pythia_config, shape_of
 from neoxfuse.device import copy_bandwidth
-from neoxfuse.engine import BACKENDS, DTYPES, Engine, StepClock, resolve_device, resolve_dtype
+from neoxfuse.engine import BACKENDS, DTYPES, Engine, StepClock, load_hf_model, resolve_device, resolve_dtype
 from neoxfuse.errors import InvalidInputError, SequenceTooLongError
 from neoxfuse.monitor import GpuMonitor
 from neoxfuse.progress import progress_bar
-from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpoint
-from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.sampling import SamplingParams
-from neoxfuse.weights import describe_checkpoint, model_source, random_model, read_checkpoint_config
 
 SUITE = "decode"
 SAMPLED_SUITE = "decode_sampled"  # the results of sampled runs (--temperature > 0)
@@ -174,23 +171,11 @@ class HFContender:
 
 
 def _hf_model(source: str, dtype: torch.dtype, device: torch.device, seed: int):
-    """(GPTNeoXForCausalLM on `device`, its description): random of a named shape, or a checkpoint
-    directory (a GPTQ one dequantized to `dtype`: the kernels and the HF peers run dense weights)."""
-    resolved = model_source(source)
-    if isinstance(resolved, str):
-        model = random_model(resolved, seed=seed, dtype=dtype, attn_implementation="sdpa", device=device)
-        description = f"{resolved} (random-initialised)"
-    elif is_quantized_checkpoint(resolved):  # every contender runs the dequantized weights
-        checkpoint = load_gptq_checkpoint(resolved)
-        model = dequantized_gpt_neox(checkpoint, "cpu", dtype)
-        description = describe_dequantized(describe_checkpoint(source, resolved), checkpoint, dtype)
-    else:
-        read_checkpoint_config(resolved)  # CheckpointNotFoundError / UnsupportedModelError
-        shape_of(transformers.AutoConfig.from_pretrained(resolved))  # sizes and options neoxfuse computes
-        model = transformers.GPTNeoXForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation="sdpa")
-        description = describe_checkpoint(source, resolved)
+    """(GPTNeoXForCausalLM on `device` with SDPA attention, its description): engine.load_hf_model, a
+    GPTQ checkpoint dequantized to `dtype` (the kernels and the HF peers run dense weights)."""
+    model, description = load_hf_model(source, dtype=dtype, seed=seed, device=device)
     model.generation_config.eos_token_id = None  # every run generates exactly the tokens asked for
-    return model.to(device).eval(), description
+    return model, description
 
 
 def _sampling(args) -> SamplingParams:
