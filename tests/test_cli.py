@@ -236,15 +236,20 @@ def test_perplexity_of_a_text_file_with_hf_alongside(tiny_checkpoint_with_tokeni
     engine = Engine(checkpoint, device="cpu", max_seq_len=5)
     want = engine.score(engine.encode(text.read_text())[:12])
     results = json.loads(out_file.read_text())
-    assert results["tokens"] == 12 and results["window"] == 5 and results["windows"] == 3
+    assert results["tokens"] == 12 and results["window"] == 5 and results["stride"] == 4 and results["windows"] == 3
     assert results["neoxfuse"]["perplexity"] == pytest.approx(want.perplexity, rel=1e-9)
     assert results["hf"]["perplexity"] == pytest.approx(want.perplexity, rel=1e-5)
     assert results["difference"]["top1_agreement"] == 1.0 and results["difference"]["max_abs_nll"] < 1e-4
-    assert "scored: the 11 tokens after the first of 12, in 3 windows of up to 5 tokens" in out
+    assert "scored: the 11 tokens after the first of 12, in 3 windows of up to 5 tokens (overlapping by one)" in out
     assert f"neoxfuse (reference): perplexity {want.perplexity:.4f}" in out and "HF transformers" in out
-    assert main(args) == 0  # every token, no HF
+    assert main([*args, "--stride", "2", "--out", str(out_file)]) == 0  # every token, a window every 2 tokens, no HF
     out = capsys.readouterr().out
-    assert "the 13 tokens after the first of 14, in 4 windows" in out and "HF transformers" not in out
+    want = engine.score(engine.encode(text.read_text()), stride=2)
+    results = json.loads(out_file.read_text())
+    assert results["tokens"] == 14 and results["stride"] == 2 and results["windows"] == 6 and "hf" not in results
+    assert results["neoxfuse"]["perplexity"] == pytest.approx(want.perplexity, rel=1e-9)
+    assert ("the 13 tokens after the first of 14, in 6 windows of up to 5 tokens (one every 2 tokens: a token after the "
+            "first window has at least 3 tokens of context)") in out and "HF transformers" not in out
 
 
 @pytest.mark.parametrize(
@@ -255,6 +260,8 @@ def test_perplexity_of_a_text_file_with_hf_alongside(tiny_checkpoint_with_tokeni
         (["--tokens", "1,2", "--window", "1"], "--window must be at least 2"),
         (["--tokens", "1,2", "--window", "300"], "a scoring window of 300 tokens is longer than the 256 positions of the KV cache"),
         (["--tokens", "1,2", "--max-tokens", "1"], "--max-tokens must be at least 2"),
+        (["--tokens", "1,2", "--window", "4", "--stride", "4"], "from 1 to the window's 4 tokens minus one"),
+        (["--tokens", "1,2", "--stride", "0"], "the stride between scoring windows must be an integer from 1 to the window's 256"),
         (["--tokens", "1"], "at least 2 tokens"),
         (["--tokens", "1,2", "--file", "x"], "not allowed with argument"),
         (["--file", "missing.txt"], "No such file"),

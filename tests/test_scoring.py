@@ -22,23 +22,35 @@ def _tokens(count: int, vocab: int, seed: int = 0) -> list[int]:
     return torch.randint(0, vocab, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.mark.parametrize("n_tokens, window, spans", [
-    (2, 2, [(0, 2)]),
-    (5, 3, [(0, 3), (2, 5)]),
-    (4, 3, [(0, 3), (2, 4)]),  # the last window is shorter
-    (13, 5, [(0, 5), (4, 9), (8, 13)]),
-    (7, 100, [(0, 7)]),
+@pytest.mark.parametrize("n_tokens, window, stride, spans", [
+    (2, 2, None, [(0, 1, 2)]),
+    (5, 3, None, [(0, 1, 3), (2, 3, 5)]),
+    (4, 3, None, [(0, 1, 3), (2, 3, 4)]),  # the last window is shorter
+    (13, 5, None, [(0, 1, 5), (4, 5, 9), (8, 9, 13)]),
+    (13, 5, 4, [(0, 1, 5), (4, 5, 9), (8, 9, 13)]),  # the default stride: window - 1
+    (7, 100, None, [(0, 1, 7)]),
+    (9, 5, 2, [(0, 1, 5), (2, 5, 7), (4, 7, 9)]),  # each later window scores its last 2 tokens
+    (10, 5, 2, [(0, 1, 5), (2, 5, 7), (4, 7, 9), (6, 9, 10)]),
+    (6, 4, 1, [(0, 1, 4), (1, 4, 5), (2, 5, 6)]),
+    (8, 6, 3, [(0, 1, 6), (3, 6, 8)]),
 ])
-def test_windows_overlap_by_one_token_so_each_token_but_the_first_is_scored_once(n_tokens, window, spans):
-    assert windows(n_tokens, window) == spans
-    scored = [t for first, end in spans for t in range(first + 1, end)]
+def test_windows_score_each_token_but_the_first_once(n_tokens, window, stride, spans):
+    assert windows(n_tokens, window, stride) == spans
+    for start, scored, end in spans:
+        assert start < scored < end <= start + window
+    scored = [t for _, first, end in spans for t in range(first, end)]
     assert scored == list(range(1, n_tokens))
 
 
-@pytest.mark.parametrize("n_tokens, window", [(5, 1), (5, 0), (5, True), (5, 2.0), (1, 4), (0, 4)])
-def test_windows_refuse_what_scores_nothing(n_tokens, window):
-    with pytest.raises(InvalidInputError, match="at least 2"):
-        windows(n_tokens, window)
+@pytest.mark.parametrize("n_tokens, window, stride, message", [
+    (5, 1, None, "at least 2"), (5, 0, None, "at least 2"), (5, True, None, "at least 2"), (5, 2.0, None, "at least 2"),
+    (1, 4, None, "at least 2 tokens"), (0, 4, None, "at least 2 tokens"),
+    (5, 4, 4, "from 1 to the window's 4 tokens minus one"), (5, 4, 0, "stride"), (5, 4, -1, "stride"),
+    (5, 4, 2.0, "stride"), (5, 4, True, "stride"),
+])
+def test_windows_refuse_what_scores_nothing(n_tokens, window, stride, message):
+    with pytest.raises(InvalidInputError, match=message):
+        windows(n_tokens, window, stride)
 
 
 @torch.inference_mode()
@@ -53,20 +65,44 @@ def test_hf_scores_are_hfs_own_loss_per_window(hf_model):
     assert scores.nll.shape == (12,) and scores.nll.dtype == torch.float64
     assert scores.mean_nll == pytest.approx(sum(n * loss for n, loss in losses) / 12, rel=1e-6)
     assert scores.perplexity == pytest.approx(math.exp(scores.mean_nll), rel=1e-12)
-    assert scores.windows == 3
+    assert scores.windows == 3 and scores.stride == 4
     logits = hf_model(ids[None, :5]).logits[0, :-1]  # the first window's predictions of tokens 1..4
     assert scores.top1[:4].tolist() == logits.argmax(-1).tolist()
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("window", [5, 13, 64])
-def test_engine_scores_through_decode_steps_what_hf_scores(hf_model, window):
+@pytest.mark.parametrize("window, stride", [(5, 2), (8, 3), (6, 5)])
+def test_hf_scores_with_a_stride_are_the_fixed_length_perplexity_recipe(hf_model, window, stride):
+    # HF's "perplexity of fixed-length models": windows [begin, begin + window) every `stride`
+    # tokens, the labels of tokens an earlier window scored set to -100, each window's loss
+    # weighted by the tokens it scores.
+    tokens = _tokens(23, hf_model.config.vocab_size, seed=3)
+    ids = torch.tensor(tokens)[None]
+    nll_sum, n_scored, previous_end = 0.0, 0, 0
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + window, len(tokens))
+        labels = ids[:, begin:end].clone()
+        labels[:, : -(end - previous_end)] = -100
+        scored = int((labels[:, 1:] != -100).sum())
+        nll_sum += float(hf_model(ids[:, begin:end], labels=labels).loss) * scored
+        n_scored, previous_end = n_scored + scored, end
+        if end == len(tokens):
+            break
+    scores = hf_scores(hf_model, tokens, window, stride)
+    assert n_scored == 22 and scores.stride == stride
+    assert scores.mean_nll == pytest.approx(nll_sum / n_scored, rel=1e-6)
+    assert scores.windows == len(windows(23, window, stride)) > 2
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("window, stride", [(5, None), (13, None), (64, None), (5, 2), (6, 1), (9, 4)])
+def test_engine_scores_through_decode_steps_what_hf_scores(hf_model, window, stride):
     tokens = _tokens(13, hf_model.config.vocab_size, seed=1)
     engine = Engine(hf_model, device="cpu", max_seq_len=64)
-    got = engine.score(tokens, window=window)
-    want = hf_scores(hf_model, tokens, window)
+    got = engine.score(tokens, window=window, stride=stride)
+    want = hf_scores(hf_model, tokens, window, stride)
     difference = got.difference(want)
-    assert got.tokens == tokens and got.window == window and got.elapsed_ms > 0
+    assert got.tokens == tokens and got.window == window and got.stride == (stride or window - 1) and got.elapsed_ms > 0
     assert difference.max_abs_nll < 1e-4 and difference.top1_agreement == 1.0
     assert difference.relative_perplexity < 1e-5
 
@@ -79,6 +115,18 @@ def test_each_window_starts_from_an_empty_cache(hf_model):
     scores = engine.score(tokens, window=5)
     assert float(scores.nll[4]) == pytest.approx(float(engine.score(tokens[4:6]).nll[0]), abs=1e-6)
     assert engine.score(tokens).window == 16  # max_seq_len by default
+
+
+@torch.inference_mode()
+def test_a_strided_window_scores_its_tokens_from_all_its_context(hf_model):
+    # With window 5 and stride 2 the second window [2, 7) scores tokens 5 and 6 from tokens 2..4 and
+    # 2..5 (its context prefilled): as the last two predictions of tokens[2:7] scored on their own.
+    tokens = _tokens(9, hf_model.config.vocab_size, seed=4)
+    engine = Engine(hf_model, device="cpu", max_seq_len=16)
+    scores = engine.score(tokens, window=5, stride=2)
+    alone = engine.score(tokens[2:7])
+    assert scores.nll[4:6].tolist() == pytest.approx(alone.nll[-2:].tolist(), abs=1e-6)
+    assert scores.top1[4:6].tolist() == alone.top1[-2:].tolist()
 
 
 @torch.inference_mode()
@@ -97,6 +145,8 @@ def test_engine_score_refuses_bad_requests(hf_model):
         engine.score([1, 2, 3], window=9)
     with pytest.raises(InvalidInputError, match="at least 2"):
         engine.score([1, 2, 3], window=1)
+    with pytest.raises(InvalidInputError, match="stride"):
+        engine.score([1, 2, 3], window=4, stride=4)
     with pytest.raises(InvalidInputError, match="at least 2 tokens"):
         engine.score([1])
     with pytest.raises(InvalidInputError, match=r"token ids must be in \[0, "):
@@ -108,8 +158,8 @@ def test_engine_score_refuses_bad_requests(hf_model):
 
 
 def test_differences_are_computed_per_token_and_need_the_same_tokens():
-    def scores(nll, top1, tokens=(1, 2, 3), window=4):
-        return Scores(list(tokens), window, torch.tensor(nll, dtype=torch.float64), torch.tensor(top1), 1.0)
+    def scores(nll, top1, tokens=(1, 2, 3), window=4, stride=3):
+        return Scores(list(tokens), window, stride, torch.tensor(nll, dtype=torch.float64), torch.tensor(top1), 1.0)
 
     a, b = scores([1.0, 2.0], [7, 8]), scores([1.0, 3.0], [7, 9])
     difference = a.difference(b)
@@ -119,7 +169,9 @@ def test_differences_are_computed_per_token_and_need_the_same_tokens():
     with pytest.raises(InvalidInputError, match="same tokens and windows"):
         a.difference(scores([1.0, 2.0], [7, 8], tokens=(1, 2, 4)))
     with pytest.raises(InvalidInputError, match="same tokens and windows"):
-        a.difference(scores([1.0, 2.0], [7, 8], window=3))
+        a.difference(scores([1.0, 2.0], [7, 8], window=3, stride=2))
+    with pytest.raises(InvalidInputError, match="same tokens and windows"):
+        a.difference(scores([1.0, 2.0], [7, 8], stride=2))
 
 
 def test_load_hf_model_loads_what_the_engine_loads(tmp_path):

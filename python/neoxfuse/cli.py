@@ -339,6 +339,9 @@ def _add_perplexity_arguments(parser: argparse.ArgumentParser) -> None:
     text.add_argument("--tokens", type=_token_list, help="token ids to score, comma-separated: 1,2,3")
     parser.add_argument("--max-tokens", type=int, help="score only the text's first N tokens (default: all)")
     parser.add_argument("--window", type=int, help="tokens per window, context included (default: the model's maximum)")
+    parser.add_argument("--stride", type=int, help="tokens between the starts of windows, from 1 to the window minus one; "
+                        "each window scores only tokens no earlier one scored, so a smaller stride gives each more context "
+                        "and costs more (default: the window minus one, windows overlapping by one token)")
     parser.add_argument("--compare-hf", action="store_true", help="score the same tokens with HF transformers too (the "
                         "checkpoint loaded by transformers itself, same device and dtype) and say how far apart the two are")
     parser.add_argument("--out", help="also write the results to this JSON file")
@@ -348,8 +351,9 @@ def _perplexity(args) -> int:
     """Score a text teacher forced and print its perplexity, exp(mean NLL per token).
 
     Each token after the first is predicted from the tokens before it in its window (windows of
-    --window tokens, overlapping by one token: neoxfuse.scoring), every prediction a decode step of
-    the backend from an empty KV cache: on a GPU, the fused decode kernels. --compare-hf scores the
+    --window tokens, starting every --stride tokens, by default overlapping by one token:
+    neoxfuse.scoring), every prediction a decode step of the backend, each window from an empty KV
+    cache: on a GPU, the fused decode kernels. --compare-hf scores the
     same tokens with HF transformers (one forward pass per window) and prints how far the two are
     apart: the perplexities, the per-token NLLs and how often both rank the same token first.
     """
@@ -363,17 +367,20 @@ def _perplexity(args) -> int:
     model = _model_name(args, device)
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, seed=args.seed, revision=args.revision)
     tokens = args.tokens if text is None else engine.encode(text)
-    scores = engine.score(tokens[: args.max_tokens], window=args.window, progress=True)
+    scores = engine.score(tokens[: args.max_tokens], window=args.window, stride=args.stride, progress=True)
     results = {"model": engine.description, "backend": engine.backend_name, "dtype": str(engine.dtype).replace("torch.", ""),
-               "device": str(engine.device), "tokens": len(scores.tokens), "window": scores.window, "windows": scores.windows,
-               "neoxfuse": _scored(scores)}
+               "device": str(engine.device), "tokens": len(scores.tokens), "window": scores.window, "stride": scores.stride,
+               "windows": scores.windows, "neoxfuse": _scored(scores)}
+    overlap = ("overlapping by one" if scores.stride == scores.window - 1 else
+               f"one every {scores.stride} tokens: a token after the first window has at least {scores.window - scores.stride} "
+               "tokens of context")
     print(f"model: {_engine_summary(engine)}")
     print(f"scored: the {len(scores.tokens) - 1} tokens after the first of {len(scores.tokens)}, in {_count(range(scores.windows), 'window')} "
-          f"of up to {scores.window} tokens (overlapping by one)")
+          f"of up to {scores.window} tokens ({overlap})")
     print(f"neoxfuse ({engine.backend_name}): {_scores_line(scores)}")
     if args.compare_hf:
         hf_model, _ = load_hf_model(model, dtype=engine.dtype, seed=args.seed, device=engine.device, revision=args.revision)
-        reference = hf_scores(hf_model, scores.tokens, scores.window)
+        reference = hf_scores(hf_model, scores.tokens, scores.window, scores.stride)
         difference = scores.difference(reference)
         results |= {"hf": _scored(reference), "difference": dataclasses.asdict(difference)}
         print(f"HF transformers (one forward pass per window): {_scores_line(reference)}")

@@ -42,7 +42,7 @@ from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpo
 from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.reference import ReferenceModel
 from neoxfuse.sampling import SamplingParams, choose, next_token
-from neoxfuse.scoring import Scores, token_scores, windows
+from neoxfuse.scoring import Scores, resolve_stride, token_scores, windows
 from neoxfuse.weights import (ModelWeights, describe_checkpoint, from_hf, load_checkpoint, load_tokenizer, model_source, random_model,
                               read_checkpoint_config)
 
@@ -504,36 +504,41 @@ class Engine:
         return result
 
     @torch.inference_mode()
-    def score(self, text: str | Sequence[int] | torch.Tensor, *, window: int | None = None, progress: bool = False) -> Scores:
-        """Teacher-forced scores of `text` (token ids, or text with a tokenizer): each token after the
-        first predicted from the tokens before it in its window of up to `window` tokens (max_seq_len
-        by default), the windows overlapping by one token (neoxfuse.scoring). Every prediction is a
-        decode step of the backend from an empty KV cache: on the fused backend, the decode kernels.
-        Scores.perplexity = exp(mean NLL). Leaves nothing for the prefix cache.
+    def score(self, text: str | Sequence[int] | torch.Tensor, *, window: int | None = None, stride: int | None = None,
+              progress: bool = False) -> Scores:
+        """Teacher-forced scores of `text` (token ids, or text with a tokenizer) in windows of up to
+        `window` tokens (max_seq_len by default) starting every `stride` tokens (window - 1 by default:
+        overlapping by one token), each token after the first scored once, from the tokens before it
+        in its window (neoxfuse.scoring). Each window starts from an empty KV cache; its context-only
+        tokens are prefilled and every scored prediction is a decode step of the backend: on the fused
+        backend, the decode kernels. Scores.perplexity = exp(mean NLL). Leaves nothing for the prefix cache.
         """
         tokens = self._prompt_tokens(text)
         window = self.max_seq_len if window is None else window
-        spans = windows(len(tokens), window)  # checks both
+        spans = windows(len(tokens), window, stride)  # checks all three
         if window > self.max_seq_len:
             raise SequenceTooLongError(f"a scoring window of {window} tokens is longer than the {self.max_seq_len} positions of "
                                        f"the KV cache: use a window of at most that (or an Engine with a larger max_seq_len, up "
                                        f"to the model's {self.shape.max_positions} positions)")
         self._kept = None
         cache = self.backend.new_cache()
-        targets = torch.tensor(tokens[1:], device=self.device)  # [T-1]
-        nll = torch.empty(len(tokens) - 1, device=self.device)  # [T-1]
+        ids = torch.tensor(tokens, device=self.device)  # [T]
+        nll = torch.empty(len(tokens) - 1, device=self.device)  # [T-1]: nll[t - 1] scores tokens[t]
         top1 = torch.empty(len(tokens) - 1, dtype=torch.long, device=self.device)  # [T-1]
         synchronize(self.device)
         start = time.perf_counter()
         with progress_bar(len(tokens) - 1, "scoring", unit="tok", enabled=progress) as bar:
-            for first, end in spans:
+            for span in spans:
                 cache.length = 0  # the positions are written before they are read
-                for t in range(first, end - 1):
+                if span.scored - 1 > span.start:  # context the window does not score
+                    self.backend.prefill(ids[span.start : span.scored - 1], cache)
+                for t in range(span.scored - 1, span.end - 1):
                     logits = self.backend.decode_step(tokens[t], cache)  # [vocab]: predicts tokens[t + 1]
-                    nll[t : t + 1], top1[t : t + 1] = token_scores(logits[None], targets[t : t + 1])
+                    nll[t : t + 1], top1[t : t + 1] = token_scores(logits[None], ids[t + 1 : t + 2])
                     bar.update(1)
         synchronize(self.device)
-        return Scores(tokens, window, nll.double().cpu(), top1.cpu(), (time.perf_counter() - start) * 1e3)
+        return Scores(tokens, window, resolve_stride(window, stride), nll.double().cpu(), top1.cpu(),
+                      (time.perf_counter() - start) * 1e3)
 
     def _cache_for(self, prompt_tokens: list[int]) -> tuple[object, int]:
         """(cache, reused): the kept cache cut back to the longest prefix its tokens share with the

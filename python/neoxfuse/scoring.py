@@ -1,21 +1,24 @@
 """Teacher-forced scoring: how well a model predicts a given text, token by token, and its perplexity.
 
-    scores = engine.score(text_or_ids)                          # Engine.score: the backend's decode steps
-    hf = hf_scores(hf_model, scores.tokens, scores.window)       # HF transformers: one forward per window
+    scores = engine.score(text_or_ids)                                     # the backend's decode steps
+    hf = hf_scores(hf_model, scores.tokens, scores.window, scores.stride)   # HF: one forward per window
     scores.perplexity, scores.difference(hf).relative_perplexity
 
-A text of T tokens is cut into windows of up to W tokens that overlap by one token: [0, W),
-[W-1, 2W-1), ... Within its window each token is predicted from the tokens before it there, so
-every token but the first is scored exactly once, with 1 to W-1 tokens of context:
+A text of T tokens is cut into windows of up to W tokens that start every S tokens (the stride,
+1 <= S <= W-1): [0, W), [S, S+W), [2S, 2S+W), ... Each window scores the tokens no earlier window
+scored, each predicted from the tokens before it in its window, so every token but the first is
+scored exactly once:
 
     nll_t = -log softmax(logits_{t-1})[x_t]       (natural log, from fp32 logits), t = 1 .. T-1
     mean NLL = sum_t nll_t / (T-1)                 perplexity = exp(mean NLL)
 
-An overlap of one token costs one model step per token; a longer overlap (a sliding window) would
-give later windows more context at the price of running it again. Through the engine each window
-runs as decode steps from an empty KV cache, so on the fused backend every scored logit comes
-from the decode kernels: the same text scored by HF (an independent implementation, loading the
-checkpoint itself) says whether the kernels are right on real text, not only on random tokens.
+By default S = W-1: the windows overlap by one token, one model step per token, and a token has 1
+to W-1 tokens of context. A smaller stride gives every token after the first window at least W-S
+tokens of context, at the price of running those again (HF's "perplexity of fixed-length models"
+recipe; its stride is S). Through the engine each window runs from an empty KV cache and every
+scored prediction is a decode step, so on the fused backend every scored logit comes from the
+decode kernels: the same text scored by HF (an independent implementation, loading the checkpoint
+itself) says whether the kernels are right on real text, not only on random tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -30,13 +34,36 @@ from neoxfuse.device import synchronize
 from neoxfuse.errors import InvalidInputError
 
 
-def windows(n_tokens: int, window: int) -> list[tuple[int, int]]:
-    """[start, end) of each window over `n_tokens` tokens: up to `window` tokens, overlapping by one."""
+class Span(NamedTuple):
+    """One window: the model runs tokens [start, end) and scores its predictions of tokens [scored, end)."""
+
+    start: int
+    scored: int  # > start: the token before it is context
+    end: int
+
+
+def resolve_stride(window: int, stride: int | None) -> int:
+    """`stride`, or window - 1 (windows overlapping by one token) when None."""
+    return window - 1 if stride is None else stride
+
+
+def windows(n_tokens: int, window: int, stride: int | None = None) -> list[Span]:
+    """The windows over `n_tokens` tokens: up to `window` tokens each, starting every `stride` tokens
+    (window - 1 by default: overlapping by one token), each scoring the tokens after the last one
+    scored before it."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise InvalidInputError(f"a scoring window holds the tokens predicted and their context: at least 2; got {window!r}")
+    stride = resolve_stride(window, stride)
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= window - 1:
+        raise InvalidInputError(f"the stride between scoring windows must be an integer from 1 to the window's {window} "
+                                f"tokens minus one (a window must start before the first token it scores); got {stride!r}")
     if n_tokens < 2:
         raise InvalidInputError(f"scoring needs at least 2 tokens (the first is only context); got {n_tokens}")
-    return [(start, min(start + window, n_tokens)) for start in range(0, n_tokens - 1, window - 1)]
+    spans = [Span(0, 1, min(window, n_tokens))]
+    while spans[-1].end < n_tokens:
+        start = spans[-1].start + stride
+        spans.append(Span(start, spans[-1].end, min(start + window, n_tokens)))
+    return spans
 
 
 def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,10 +85,12 @@ class ScoreDifference:
 
 @dataclass(frozen=True)
 class Scores:
-    """Teacher-forced scores of `tokens` in windows of up to `window` tokens (see the module docstring)."""
+    """Teacher-forced scores of `tokens` in windows of up to `window` tokens, `stride` tokens apart
+    (see the module docstring)."""
 
     tokens: list[int]  # the T tokens scored
     window: int
+    stride: int
     nll: torch.Tensor  # [T-1] fp64 on the CPU: nll[i] = -log p(tokens[i+1] | its window's tokens before it)
     top1: torch.Tensor  # [T-1] long on the CPU: the most likely token where tokens[i+1] was predicted
     elapsed_ms: float  # the time the scoring took (the device's work included)
@@ -83,13 +112,14 @@ class Scores:
 
     @property
     def windows(self) -> int:
-        return len(windows(len(self.tokens), self.window))
+        return len(windows(len(self.tokens), self.window, self.stride))
 
     def difference(self, other: Scores) -> ScoreDifference:
         """How far these scores are from `other`'s, which must score the same tokens in the same windows."""
-        if other.tokens != self.tokens or other.window != self.window:
+        if (other.tokens, other.window, other.stride) != (self.tokens, self.window, self.stride):
             raise InvalidInputError(f"scores compare over the same tokens and windows; got {len(self.tokens)} tokens in windows of "
-                                    f"{self.window} and {len(other.tokens)} tokens in windows of {other.window}")
+                                    f"{self.window} every {self.stride} and {len(other.tokens)} tokens in windows of "
+                                    f"{other.window} every {other.stride}")
         gap = (self.nll - other.nll).abs()
         return ScoreDifference(relative_perplexity=abs(self.perplexity - other.perplexity) / other.perplexity,
                                max_abs_nll=float(gap.max()), mean_abs_nll=float(gap.mean()),
@@ -97,22 +127,23 @@ class Scores:
 
 
 @torch.inference_mode()
-def hf_scores(model: torch.nn.Module, tokens: Sequence[int], window: int) -> Scores:
+def hf_scores(model: torch.nn.Module, tokens: Sequence[int], window: int, stride: int | None = None) -> Scores:
     """The scores of `tokens` by an HF causal LM (a GPTNeoXForCausalLM), one forward pass per window,
     on the model's device and in its dtype."""
     tokens = [int(t) for t in tokens]
     vocab = model.config.vocab_size
     if not all(0 <= t < vocab for t in tokens):
         raise InvalidInputError(f"token ids must be in [0, {vocab}) for this model; got {[t for t in tokens if not 0 <= t < vocab][:5]}")
+    spans = windows(len(tokens), window, stride)
     device = next(model.parameters()).device
     ids = torch.tensor(tokens, device=device)  # [T]
-    nll = torch.empty(len(tokens) - 1, device=device)  # [T-1]
+    nll = torch.empty(len(tokens) - 1, device=device)  # [T-1]: nll[t - 1] scores tokens[t]
     top1 = torch.empty(len(tokens) - 1, dtype=torch.long, device=device)  # [T-1]
-    spans = windows(len(tokens), window)
     synchronize(device)
     start = time.perf_counter()
-    for first, end in spans:
-        logits = model(ids[None, first:end]).logits[0, :-1]  # [end - first - 1, vocab]
-        nll[first : end - 1], top1[first : end - 1] = token_scores(logits, ids[first + 1 : end])
+    for span in spans:
+        logits = model(ids[None, span.start : span.end]).logits[0, span.scored - 1 - span.start : -1]  # [end - scored, vocab]
+        nll[span.scored - 1 : span.end - 1], top1[span.scored - 1 : span.end - 1] = token_scores(logits, ids[span.scored : span.end])
     synchronize(device)
-    return Scores(tokens, window, nll.double().cpu(), top1.cpu(), (time.perf_counter() - start) * 1e3)
+    return Scores(tokens, window, resolve_stride(window, stride), nll.double().cpu(), top1.cpu(),
+                  (time.perf_counter() - start) * 1e3)
