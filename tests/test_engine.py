@@ -3,6 +3,7 @@
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TextStreamer
@@ -225,7 +226,14 @@ def test_generation_stops_after_a_stop_token(engine):
     full = engine.generate([3, 4, 5], 16).tokens
     stop = full[5]
     first = full.index(stop)
-    assert engine.generate([3, 4, 5], 16, stop_token_ids={stop}).tokens == full[: first + 1]
+    for stop_token_ids in ({stop}, [stop, stop], stop, torch.tensor([stop]), np.array([stop])):  # one id or many, any form
+        assert engine.generate([3, 4, 5], 16, stop_token_ids=stop_token_ids).tokens == full[: first + 1]
+
+
+@pytest.mark.parametrize("stop_token_ids", [[2.0], ["2"], [True], True, None, "2", torch.tensor([2.0])])
+def test_stop_token_ids_that_would_never_stop_are_refused(engine, stop_token_ids):
+    with pytest.raises(InvalidInputError, match="stop_token_ids must be token ids"):
+        engine.generate([3, 4, 5], 4, stop_token_ids=stop_token_ids)
 
 
 def _first_prefix_with(words: list[str], text: str) -> int:
@@ -428,11 +436,36 @@ def test_a_full_cache_refuses_another_token(hf_model):
         ([-1], 4, r"\[0, 512\)"),
         ([1], 0, "max_new_tokens"),
         ([1], 2.5, "max_new_tokens"),
+        ([1.5, 2.0], 4, r"token ids must be integers, got \[1.5, 2.0\]"),  # not cut to [1, 2]
+        ([3, True], 4, r"token ids must be integers, got \[True\]"),
+        (["5", "6"], 4, "token ids must be integers"),
+        ([[1, 2], [3, 4]], 4, "token ids must be integers"),
+        (torch.tensor([1.5, 2.5]), 4, "token ids must be integers, got a torch.float32 tensor"),
+        (torch.tensor([True]), 4, "token ids must be integers, got a torch.bool tensor"),
+        (torch.tensor([[1, 2], [3, 4]]), 4, r"one sequence, \[T\] or \[1, T\]; got \[2, 2\] \(neoxfuse decodes batch 1\)"),
+        (torch.tensor(7), 4, r"one sequence, \[T\] or \[1, T\]; got \[\]"),
+        (np.array([[1, 2], [3, 4]]), 4, r"got \[2, 2\]"),
+        (np.array([1.0]), 4, "token ids must be integers, got a torch.float64 tensor"),
+        (None, 4, "a prompt is text, a sequence of token ids or an integer tensor or array; got NoneType"),
+        (7, 4, "got int"),
+        (b"ab", 4, "got bytes"),
+        ({1, 2}, 4, "got set"),
     ],
 )
 def test_bad_requests_are_clear_errors(engine, prompt, new_tokens, message):
     with pytest.raises(InvalidInputError, match=message):
         engine.generate(prompt, new_tokens)
+    if new_tokens == 4:
+        with pytest.raises(InvalidInputError, match=message):
+            engine.score(prompt)
+
+
+@pytest.mark.parametrize("prompt", [(5, 9, 2), range(5, 8, 2), torch.tensor([5, 7]), torch.tensor([[5, 7]], dtype=torch.int32),
+                                    np.array([5, 7]), np.array([[5, 7]]), [np.int64(5), 7]])
+def test_prompts_of_integer_ids_in_any_one_sequence_form(engine, prompt):
+    tokens = [int(t) for t in np.asarray(prompt).reshape(-1)]
+    assert engine.generate(prompt, 3).prompt_tokens == tokens
+    assert engine.generate(prompt, 3).tokens == engine.generate(tokens, 3).tokens
 
 
 def test_unknown_backend_lists_the_available_ones(hf_model):

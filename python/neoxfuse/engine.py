@@ -23,10 +23,11 @@ Adding a backend (the fused kernels, say): subclass `Backend`, decorate it with
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Union
@@ -429,12 +430,29 @@ class Engine:
         return list(self.tokenizer.encode(text))
 
     def _prompt_tokens(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
+        """The ids of `prompt`: text encoded by the tokenizer, a sequence of integer ids, or an integer
+        tensor or NumPy array [T] (or [1, T], one sequence as HF writes input_ids). Anything else is
+        refused, not converted: a float would be cut to an int, a batch run as one sequence."""
+        if not isinstance(prompt, (str, torch.Tensor)) and hasattr(prompt, "__array__"):  # a NumPy array
+            prompt = torch.as_tensor(prompt)
         if isinstance(prompt, str):
             tokens = self.encode(prompt)
         elif isinstance(prompt, torch.Tensor):
-            tokens = [int(t) for t in prompt.flatten().tolist()]
+            if prompt.dtype == torch.bool or prompt.is_floating_point() or prompt.is_complex():
+                raise InvalidInputError(f"token ids must be integers, got a {prompt.dtype} tensor")
+            if not (prompt.dim() == 1 or (prompt.dim() == 2 and prompt.shape[0] == 1)):
+                raise InvalidInputError(f"a prompt tensor must be one sequence, [T] or [1, T]; got {list(prompt.shape)} "
+                                        "(neoxfuse decodes batch 1)")
+            tokens = prompt.flatten().tolist()
+        elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+            tokens = list(prompt)
+            wrong = [t for t in tokens if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+            if wrong:
+                raise InvalidInputError(f"token ids must be integers, got {wrong[:5]!r}")
+            tokens = [int(t) for t in tokens]
         else:
-            tokens = [int(t) for t in prompt]
+            raise InvalidInputError(f"a prompt is text, a sequence of token ids or an integer tensor or array; got "
+                                    f"{type(prompt).__name__}")
         if not tokens:
             raise InvalidInputError("the prompt is empty; give at least one token")
         bad = [t for t in tokens if not 0 <= t < self.shape.vocab]
@@ -449,7 +467,7 @@ class Engine:
         max_new_tokens: int = 32,
         sampling: SamplingParams | None = None,
         *,
-        stop_token_ids: Collection[int] = (),
+        stop_token_ids: int | Collection[int] | torch.Tensor = (),
         stop: str | Collection[str] = (),
         progress: bool = False,
         on_tokens: Callable[[list[int]], None] | None = None,
@@ -467,7 +485,7 @@ class Engine:
         """
         sampling = sampling or SamplingParams()
         prompt_tokens = self._prompt_tokens(prompt)
-        stop_rule = StopRule(frozenset(stop_token_ids), self._stop_strings(stop), self.tokenizer)
+        stop_rule = StopRule(_stop_token_ids(stop_token_ids), self._stop_strings(stop), self.tokenizer)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         positions = len(prompt_tokens) + max_new_tokens - 1  # the last new token is never fed back
@@ -574,6 +592,17 @@ class Engine:
         clock = StepClock(self.device)
         tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock).tolist()
         return tokens, clock.intervals_ms()
+
+
+def _stop_token_ids(ids: int | Collection[int] | torch.Tensor) -> frozenset[int]:
+    """`ids` (one token id, a collection of them, or an integer tensor) as a set of ints, checked: a
+    tensor element or a float in the set would never equal a token, and the stop would never come."""
+    values = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else ids
+    values = (values,) if isinstance(values, numbers.Integral) else values
+    values = tuple(values) if isinstance(values, Iterable) and not isinstance(values, (str, bytes)) else (None,)
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+        raise InvalidInputError(f"stop_token_ids must be token ids (integers): one, or a collection of them; got {ids!r}")
+    return frozenset(int(v) for v in values)
 
 
 @dataclass(frozen=True)
