@@ -468,6 +468,28 @@ def test_prompts_of_integer_ids_in_any_one_sequence_form(engine, prompt):
     assert engine.generate(prompt, 3).tokens == engine.generate(tokens, 3).tokens
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_seq_len": 0}, "max_seq_len must be an integer >= 1, got 0"),
+    ({"max_seq_len": True}, "max_seq_len must be an integer >= 1, got True"),
+    ({"max_seq_len": 2.5}, "max_seq_len must be an integer >= 1, got 2.5"),
+    ({"max_seq_len": "8"}, "max_seq_len must be an integer >= 1, got '8'"),
+    ({"max_seq_len": 257}, r"max_seq_len must be in 1..256 \(the model's positions\), got 257"),
+    ({"seed": "x"}, r"seed must be an integer in 0 .. 2\^63 - 1, got 'x'"),
+    ({"seed": 1.5}, "seed must be an integer"),
+    ({"seed": -1}, "seed must be an integer"),
+])
+def test_bad_engine_arguments_are_clear_errors(kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        Engine("tiny", device="cpu", **kwargs)
+
+
+def test_bad_generate_arguments_are_clear_errors(engine):
+    with pytest.raises(InvalidInputError, match="sampling must be a SamplingParams, got dict"):
+        engine.generate([1, 2], 3, {"temperature": 1.0})
+    with pytest.raises(InvalidInputError, match="on_tokens must be a function of a list of token ids, got list"):
+        engine.generate([1, 2], 3, on_tokens=[])
+
+
 def test_unknown_backend_lists_the_available_ones(hf_model):
     with pytest.raises(InvalidInputError, match="unknown backend 'nope'; available backends: .*reference"):
         Engine(hf_model, backend="nope")

@@ -77,6 +77,12 @@ def check_draw(values: object, rng: object, name: str = "weights") -> None:
         raise InvalidInputError(f"{name} must hold at least one entry")
 
 
+def check_seed(seed: object) -> None:
+    """A seed of random weights or of a sampling rule: an integer in 0 .. 2^63 - 1."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidInputError(f"seed must be an integer in 0 .. 2^63 - 1, got {seed!r}")
+
+
 def check_sampling(temperature: object, top_k: object, top_p: object) -> None:
     """A sampling rule's ranges (neoxfuse.sampling.SamplingParams): temperature >= 0 and finite
     (0: greedy), top_k an integer >= 0 (0: off), top_p in (0, 1] (1: off)."""

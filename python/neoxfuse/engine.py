@@ -387,6 +387,8 @@ class Engine:
         revision: str | None = None,
         prefix_cache: bool = False,
     ):
+        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1):
+            raise InvalidInputError(f"max_seq_len must be an integer >= 1, got {max_seq_len!r}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if backend != AUTO:
@@ -401,8 +403,6 @@ class Engine:
             self.backend_reason = self._require_available(backend_class(backend), self.shape)
         self.backend_name = backend
         backend_cls = backend_class(backend)
-        if max_seq_len is not None and max_seq_len < 1:
-            raise InvalidInputError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.max_seq_len = max_seq_len or self.shape.max_positions
         self.weights = loaded.weights.to(device=self.device, dtype=self.dtype)
         self.backend = backend_cls(self.weights, self.max_seq_len)
@@ -484,6 +484,10 @@ class Engine:
         first tokens that the last generation left in the cache are not run again (Generation.reused_tokens).
         """
         sampling = sampling or SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise InvalidInputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if on_tokens is not None and not callable(on_tokens):
+            raise InvalidInputError(f"on_tokens must be a function of a list of token ids, got {type(on_tokens).__name__}")
         prompt_tokens = self._prompt_tokens(prompt)
         stop_rule = StopRule(_stop_token_ids(stop_token_ids), self._stop_strings(stop), self.tokenizer)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:

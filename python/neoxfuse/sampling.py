@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from neoxfuse import _lib
-from neoxfuse.checks import check_draw, check_sampling
+from neoxfuse.checks import check_draw, check_sampling, check_seed
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError
 from neoxfuse.ops import fused_decoder
 
@@ -60,9 +60,8 @@ class SamplingParams:
 
     def __post_init__(self):
         check_sampling(self.temperature, self.top_k, self.top_p)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
-            raise InvalidInputError(f"seed must be an integer in 0 .. 2^63 - 1, got {self.seed!r}")
+        if self.seed is not None:
+            check_seed(self.seed)
 
     @property
     def greedy(self) -> bool:

@@ -21,6 +21,7 @@ from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
+from neoxfuse.checks import check_seed
 from neoxfuse.configs import MODEL_NAMES, NeoXShape, pythia_config, shape_of
 from neoxfuse.errors import CheckpointNotFoundError, InvalidInputError, UnknownModelError, UnsupportedModelError
 
@@ -320,6 +321,7 @@ def random_model(
     Drawing where the model runs matters at full size: Pythia-2.8B takes ~20 s on two CPU cores, a
     few GPU kernels per parameter on a GPU; no fp32 copy of the whole model is held on either.
     """
+    check_seed(seed)
     config = pythia_config(name_or_config) if isinstance(name_or_config, str) else copy.deepcopy(name_or_config)
     shape_of(config)  # refuse what neoxfuse cannot compute before building it
     with _without_hf_init():  # HF's init would take most of the time, and every parameter is drawn below
