@@ -152,6 +152,8 @@ def test_hf_generate_equals_model_generate(hf_model, monkeypatch):
     want = hf_model.generate(ids, **greedy)  # stops at that eos
     got = neoxfuse.hf.generate(hf_model, ids, max_new_tokens=30)
     assert got.tolist() == want.tolist() and got.shape[1] < ids.shape[1] + 30
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # a tokenizer's output, as HF users pass it
+    assert neoxfuse.hf.generate(hf_model, **inputs, max_new_tokens=30, pad_token_id=eos).tolist() == want.tolist()
     assert neoxfuse.hf._engine(hf_model, "auto") is neoxfuse.hf._engine(hf_model, "auto")  # built once per model
 
 
@@ -163,6 +165,12 @@ def test_hf_generate_samples_with_the_generation_configs_options(hf_model, engin
     assert got[0, 3:].tolist() == want
     with pytest.raises(InvalidInputError, match="batch 1"):
         neoxfuse.hf.generate(hf_model, torch.zeros(2, 3, dtype=torch.long), max_new_tokens=4)
+    with pytest.raises(InvalidInputError, match="attention_mask must be all ones: neoxfuse decodes one sequence without padding"):
+        neoxfuse.hf.generate(hf_model, ids, torch.tensor([[0, 1, 1]]), max_new_tokens=4)
+    with pytest.raises(InvalidInputError, match=r"attention_mask must have the shape of input_ids, \[1, 3\]; got \[1, 2\]"):
+        neoxfuse.hf.generate(hf_model, ids, torch.ones(1, 2), max_new_tokens=4)
+    with pytest.raises(InvalidInputError, match="token ids must be integers, got a torch.float32 tensor"):
+        neoxfuse.hf.generate(hf_model, ids.float(), max_new_tokens=4)
 
 
 def test_new_tokens_stream_in_order_and_stop_at_the_stop_token(engine):

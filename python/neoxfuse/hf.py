@@ -243,6 +243,7 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (b
 def generate(
     model: GPTNeoXForCausalLM,
     input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
     *,
     max_new_tokens: int | None = None,
     do_sample: bool | None = None,
@@ -252,6 +253,7 @@ def generate(
     eos_token_id: int | Collection[int] | None = None,
     seed: int | None = None,
     streamer: BaseStreamer | None = None,
+    pad_token_id: int | None = None,
     backend: str = AUTO,
 ) -> torch.Tensor:
     """`model.generate(input_ids, ...)` for one sequence, decoded by a neoxfuse Engine.
@@ -263,11 +265,21 @@ def generate(
     TextStreamer, say) gets what model.generate gives it: put(prompt), put(new tokens) as they
     arrive (in batches of up to 32 here, not one by one), end(). The Engine (its KV cache and CUDA
     graphs) is built on the first call for a model and kept while the model lives; `backend` as in Engine.
+    A tokenizer's output goes in as it does to model.generate (`generate(model, **tokenizer(text,
+    return_tensors="pt"), ...)`): its attention_mask must be all ones, one sequence has no padding,
+    and pad_token_id, which pads only the sequences of a batch that end early, changes nothing.
     """
     config = model.generation_config
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise InvalidInputError(f"input_ids must be one sequence [1, P]; got {shape} (neoxfuse decodes batch 1)")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            shape = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise InvalidInputError(f"attention_mask must have the shape of input_ids, {list(input_ids.shape)}; got {shape}")
+        if not bool((attention_mask == 1).all()):
+            raise InvalidInputError("attention_mask must be all ones: neoxfuse decodes one sequence without padding "
+                                    "(leave the padded positions out of input_ids)")
 
     def option(given, name: str, neutral=None):
         """The argument if given, else the generation config's value, else the value that changes nothing."""
