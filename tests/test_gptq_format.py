@@ -288,6 +288,10 @@ def test_quant_config_reads_what_the_ecosystem_writes():
         ({"bits": 4, "quant_method": "awq"}, UnsupportedModelError, "not GPTQ"),
         ({"bits": 4, "pack_dtype": "int16"}, UnsupportedModelError, "pack_dtype"),
         ({"bits": 4, "group_size": 100}, InvalidInputError, "multiple of 8"),
+        ({"bits": 4, "group_size": "128"}, InvalidInputError, "group_size must be -1 or a positive multiple of 8, got '128'"),
+        ({"bits": 4, "group_size": True}, InvalidInputError, "group_size must be"),
+        ({"bits": 4, "sym": "false"}, InvalidInputError, "sym must be true or false, got 'false'"),  # not a truthy string
+        ({"bits": 4, "desc_act": 1}, InvalidInputError, "desc_act must be true or false, got 1"),
     ],
 )
 def test_quant_config_rejects_what_it_cannot_read(config, error, message):

@@ -68,8 +68,12 @@ class QuantConfig:
                 f"GPTQ checkpoint_format {self.checkpoint_format!r} is not supported; "
                 f"supported: {', '.join(ZERO_OFFSETS)} (marlin/bitblas/qqq repack the weights differently)"
             )
-        if self.group_size != -1 and (self.group_size <= 0 or self.group_size % PACK != 0):
-            raise InvalidInputError(f"group_size must be -1 or a positive multiple of {PACK}, got {self.group_size}")
+        size = self.group_size
+        if isinstance(size, bool) or not isinstance(size, int) or (size != -1 and (size <= 0 or size % PACK != 0)):
+            raise InvalidInputError(f"group_size must be -1 or a positive multiple of {PACK}, got {size!r}")
+        for name in ("sym", "desc_act"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def zero_offset(self) -> int:
@@ -91,13 +95,15 @@ class QuantConfig:
         if config.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
             raise UnsupportedModelError(f"GPTQ pack_dtype {config['pack_dtype']!r} is not supported; only int32")
         checkpoint_format = config.get("checkpoint_format") or config.get("format") or "gptq"
-        return cls(
-            bits=int(config.get("bits", BITS)),
-            group_size=int(config.get("group_size", 128)),
-            sym=bool(config.get("sym", True)),
-            desc_act=bool(config.get("desc_act", False)),
-            checkpoint_format=str(checkpoint_format).lower(),
-        )
+
+        def setting(name: str, default):
+            """The value as written (checked by __post_init__, not converted: bool("false") is True), or
+            the default when absent or null."""
+            value = config.get(name)
+            return default if value is None else value
+
+        return cls(bits=setting("bits", BITS), group_size=setting("group_size", 128), sym=setting("sym", True),
+                   desc_act=setting("desc_act", False), checkpoint_format=str(checkpoint_format).lower())
 
     def to_dict(self) -> dict:
         """quantize_config.json as AutoGPTQ / GPTQModel write it (also config.json's quantization_config)."""
