@@ -313,6 +313,10 @@ def test_usage_errors_exit_2_with_help(capsys):
     assert "generate" in capsys.readouterr().out
     assert main(["generate", "--tokens", "1,x"]) == 2
     assert "--tokens: token ids are integers separated by commas, like 1,2,3; got '1,x'" in capsys.readouterr().err
+    assert main(["generate", "--tokens", "1,,2"]) == 2  # not read as 1,2
+    assert "--tokens: token ids are integers separated by commas, like 1,2,3; got '1,,2'" in capsys.readouterr().err
+    assert main(["generate", "--tokens", " "]) == 2
+    assert "--tokens needs at least one token id" in capsys.readouterr().err
     assert main(["bench"]) == 2
     assert "decode" in capsys.readouterr().out
 

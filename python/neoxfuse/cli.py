@@ -108,9 +108,12 @@ def _broken_suite(module_name: str, why: str):
 
 
 def _ids(text: str) -> list[int]:
-    """Comma-separated token ids ("1, 2,3") as a list; ValueError naming the text otherwise."""
+    """Comma-separated token ids ("1, 2,3") as a list ([] for blank text); ValueError naming the text
+    otherwise, an empty id ("1,,2") included."""
+    if not text.strip():
+        return []
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in text.split(",")]
     except ValueError:
         raise ValueError(f"token ids are integers separated by commas, like 1,2,3; got {text!r}") from None
 
