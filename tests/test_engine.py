@@ -2,11 +2,12 @@
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TextStreamer
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 import neoxfuse
@@ -171,6 +172,55 @@ def test_hf_generate_samples_with_the_generation_configs_options(hf_model, engin
         neoxfuse.hf.generate(hf_model, ids, torch.ones(1, 2), max_new_tokens=4)
     with pytest.raises(InvalidInputError, match="token ids must be integers, got a torch.float32 tensor"):
         neoxfuse.hf.generate(hf_model, ids.float(), max_new_tokens=4)
+
+
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default `max_length`")
+def test_hf_generate_falls_back_on_transformers_defaults(hf_model, engine):
+    # Neither the call nor the generation config sets the length or top_k (transformers 5 leaves them
+    # None): model.generate makes 20 new tokens, up to the model's 256 positions, and samples from the
+    # top 50. The same here.
+    assert {name: GenerationConfig._get_default_generation_params()[name] for name in neoxfuse.hf._HF_DEFAULTS} == \
+        neoxfuse.hf._HF_DEFAULTS
+    config = GenerationConfig(eos_token_id=None)
+    for prompt_length, new_tokens in [(3, 20), (250, 6)]:
+        ids = torch.arange(5, 5 + prompt_length)[None]  # [1, P]
+        want = hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        assert want.shape == (1, prompt_length + new_tokens)
+        assert neoxfuse.hf.generate(hf_model, ids, generation_config=config).tolist() == want.tolist()
+    got = neoxfuse.hf.generate(hf_model, ids[:, :3], generation_config=config, do_sample=True, seed=9)
+    assert got[0, 3:].tolist() == engine.generate([5, 6, 7], 20, SamplingParams(temperature=1.0, top_k=50, seed=9)).tokens
+    assert neoxfuse.hf.generate(hf_model, ids[:, :3], max_length=8, generation_config=config).shape == (1, 8)  # counts the prompt
+    with pytest.raises(InvalidInputError, match="a max_length of 5 leaves no new tokens after a prompt of 6; give max_new_tokens"):
+        neoxfuse.hf.generate(hf_model, ids[:, :6], max_length=5)
+
+
+def test_hf_generate_takes_other_options_where_they_change_nothing(hf_model, monkeypatch):
+    ids = torch.tensor([[5, 6, 7]])
+    want = neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6)
+    neutral = {"num_beams": 1, "repetition_penalty": 1.0, "use_cache": False, "output_attentions": True, "length_penalty": 2.0,
+               "return_dict_in_generate": False, "bos_token_id": 3}
+    assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **neutral).tolist() == want.tolist()
+    for name, value in [("num_beams", 2), ("repetition_penalty", 1.3), ("min_new_tokens", 4), ("return_dict_in_generate", True),
+                        ("stop_strings", ["w1"]), ("no_repeat_ngram_size", 2), ("max_time", 1.0)]:
+        with pytest.raises(InvalidInputError, match=re.escape(f"{name}={value!r} (set in the call) would change what model.generate")):
+            neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **{name: value})
+    with pytest.raises(InvalidInputError, match=r"unknown options \['max_new_token'\]"):
+        neoxfuse.hf.generate(hf_model, ids, max_new_token=6)
+    # What a generation_config passed in leaves unset comes from the model's (here: its eos token).
+    eos = int(want[0, -2])
+    monkeypatch.setattr(hf_model.generation_config, "eos_token_id", eos)
+    passed = GenerationConfig(max_new_tokens=6, do_sample=False)
+    got = neoxfuse.hf.generate(hf_model, ids, generation_config=passed)
+    assert got.tolist() == hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=passed).tolist()
+    assert got.shape[1] < want.shape[1]
+    # A checkpoint's generation config that model.generate would follow is refused, not ignored ...
+    monkeypatch.setattr(hf_model.generation_config, "repetition_penalty", 1.2)
+    with pytest.raises(InvalidInputError, match=r"repetition_penalty=1.2 \(set in the generation config\)"):
+        neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6)
+    # ... unless the call sets it back to where it changes nothing.
+    assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, repetition_penalty=1.0).tolist() == got.tolist()
+    assert neoxfuse.hf.generate(hf_model, ids, generation_config=GenerationConfig(max_new_tokens=6, repetition_penalty=1.0)
+                                ).tolist() == got.tolist()
 
 
 def test_new_tokens_stream_in_order_and_stop_at_the_stop_token(engine):

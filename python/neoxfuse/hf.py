@@ -42,6 +42,7 @@ import weakref
 from collections.abc import Collection
 
 import torch
+from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXForCausalLM, GPTNeoXLayer, GPTNeoXModel
 
@@ -239,6 +240,27 @@ def is_fused(model: torch.nn.Module) -> bool:
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (backend asked for, Engine)
 
+# transformers' defaults for the options generate() implements, where neither the call nor the
+# generation config sets them (in transformers 5 the config holds None and model.generate fills
+# these in); with max_length unset, model.generate makes 20 new tokens (up to the model's positions).
+_HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+_DEFAULT_NEW_TOKENS = 20
+_IMPLEMENTED = {"max_new_tokens", "max_length", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
+# Other model.generate options, at the values where they change nothing; set otherwise, in the call
+# or in the model's generation config, they are refused, since model.generate would apply them.
+_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "min_length": 0, "min_new_tokens": 0, "repetition_penalty": 1.0,
+            "no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+            "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "num_beam_groups": 1,
+            "renormalize_logits": False, "remove_invalid_values": False, "output_scores": False, "output_logits": False,
+            "return_dict_in_generate": False}
+# Options that change no token at any value: caching and compilation choices, settings of beam search
+# and of assisted decoding only, what only return_dict_in_generate would return, other models' ids.
+_NO_EFFECT = {"use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
+              "low_memory", "prefill_chunk_size", "length_penalty", "early_stopping", "diversity_penalty",
+              "output_attentions", "output_hidden_states", "bos_token_id", "decoder_start_token_id", "is_assistant",
+              "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+              "assistant_lookbehind", "target_lookbehind", "transformers_version"}
+
 
 def generate(
     model: GPTNeoXForCausalLM,
@@ -246,6 +268,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     *,
     max_new_tokens: int | None = None,
+    max_length: int | None = None,
     do_sample: bool | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
@@ -254,14 +277,20 @@ def generate(
     seed: int | None = None,
     streamer: BaseStreamer | None = None,
     pad_token_id: int | None = None,
+    generation_config: GenerationConfig | None = None,
     backend: str = AUTO,
+    **options,
 ) -> torch.Tensor:
     """`model.generate(input_ids, ...)` for one sequence, decoded by a neoxfuse Engine.
 
     input_ids [1, P] (long) -> [1, P + N] on the same device: the prompt, then N <= max_new_tokens
-    new tokens ending at the first of eos_token_id. Options left None come from
-    model.generation_config, as HF reads them: max_new_tokens (else max_length - P), greedy unless
-    do_sample, then temperature, top_k, top_p (seed: reproducible draws). A streamer (HF's
+    new tokens ending at the first of eos_token_id. Options left None come from `generation_config`,
+    then model.generation_config, then transformers' defaults, as model.generate (transformers 5) reads them:
+    max_new_tokens (else max_length - P; with neither set, 20 but no more than the model's positions
+    allow), greedy unless do_sample, then temperature, top_k, top_p
+    (seed: reproducible draws). Any other model.generate option (num_beams, repetition_penalty,
+    ...) is taken at a value where it changes nothing and refused otherwise, whether the call or the
+    generation config sets it: the tokens are model.generate's, or an error says why not. A streamer (HF's
     TextStreamer, say) gets what model.generate gives it: put(prompt), put(new tokens) as they
     arrive (in batches of up to 32 here, not one by one), end(). The Engine (its KV cache and CUDA
     graphs) is built on the first call for a model and kept while the model lives; `backend` as in Engine.
@@ -269,7 +298,8 @@ def generate(
     return_tensors="pt"), ...)`): its attention_mask must be all ones, one sequence has no padding,
     and pad_token_id, which pads only the sequences of a batch that end early, changes nothing.
     """
-    config = model.generation_config
+    configs = [config for config in (generation_config, model.generation_config) if config is not None]
+    _check_options(configs, options)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise InvalidInputError(f"input_ids must be one sequence [1, P]; got {shape} (neoxfuse decodes batch 1)")
@@ -281,20 +311,29 @@ def generate(
             raise InvalidInputError("attention_mask must be all ones: neoxfuse decodes one sequence without padding "
                                     "(leave the padded positions out of input_ids)")
 
-    def option(given, name: str, neutral=None):
-        """The argument if given, else the generation config's value, else the value that changes nothing."""
-        value = getattr(config, name, None) if given is None else given
-        return neutral if value is None else value
+    def option(given, name: str):
+        """The argument if given, else the first generation config's that sets it, else transformers' default."""
+        for value in (given, *(getattr(config, name, None) for config in configs)):
+            if value is not None:
+                return value
+        return _HF_DEFAULTS.get(name)
 
     sampling = SamplingParams()  # greedy
-    if option(do_sample, "do_sample", False):
-        sampling = SamplingParams(temperature=option(temperature, "temperature", 1.0), top_k=option(top_k, "top_k", 0),
-                                  top_p=option(top_p, "top_p", 1.0), seed=seed)
+    if option(do_sample, "do_sample"):
+        sampling = SamplingParams(temperature=option(temperature, "temperature"), top_k=option(top_k, "top_k"),
+                                  top_p=option(top_p, "top_p"), seed=seed)
     eos = option(eos_token_id, "eos_token_id")
-    stops = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    stops = () if eos is None else eos
+    prompt_length = input_ids.shape[1]
     new_tokens = option(max_new_tokens, "max_new_tokens")
     if new_tokens is None:  # HF: max_length counts the prompt
-        new_tokens = config.max_length - input_ids.shape[1]
+        length = option(max_length, "max_length")
+        if length is None:
+            length = min(prompt_length + _DEFAULT_NEW_TOKENS, model.config.max_position_embeddings)
+        new_tokens = length - prompt_length
+        if new_tokens < 1:
+            raise InvalidInputError(f"a max_length of {length} leaves no new tokens after a prompt of {prompt_length}; "
+                                    "give max_new_tokens")
 
     def stream(tokens: list[int]) -> None:
         streamer.put(torch.tensor([tokens], dtype=input_ids.dtype))  # [1, n], on the CPU as HF puts them
@@ -307,6 +346,26 @@ def generate(
         streamer.end()
     new = torch.tensor(out.tokens, dtype=input_ids.dtype, device=input_ids.device)
     return torch.cat([input_ids, new[None]], dim=1)
+
+
+def _check_options(configs: list[GenerationConfig], options: dict) -> None:
+    """InvalidInputError for an option that `options` (the call's) or one of `configs` (the first
+    first) sets and generate() does not implement, unless at a value where it changes nothing
+    (_NEUTRAL, _NO_EFFECT)."""
+    unknown = [name for name in options if name not in vars(GenerationConfig())]
+    if unknown:
+        raise InvalidInputError(f"neoxfuse.hf.generate got unknown options {unknown} (not model.generate options)")
+    values = {}
+    for config in reversed(configs):
+        values |= {name: value for name, value in config.to_diff_dict().items() if value is not None}  # what it sets
+    for name, value in (values | options).items():
+        if name.startswith("_") or name in _IMPLEMENTED or name in _NO_EFFECT or value is None:
+            continue
+        if name not in _NEUTRAL or value != _NEUTRAL[name]:
+            where = "the call" if name in options else "the generation config"
+            raise InvalidInputError(f"{name}={value!r} (set in {where}) would change what model.generate computes, and "
+                                    "neoxfuse.hf.generate does not implement it (greedy or sampled batch-1 decoding with "
+                                    "temperature, top_k and top_p)")
 
 
 def _engine(model: GPTNeoXForCausalLM, backend: str) -> Engine:
