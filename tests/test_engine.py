@@ -158,6 +158,19 @@ def test_hf_generate_equals_model_generate(hf_model, monkeypatch):
     assert neoxfuse.hf._engine(hf_model, "auto") is neoxfuse.hf._engine(hf_model, "auto")  # built once per model
 
 
+def test_hf_generate_follows_the_model_to_another_dtype(hf_model):
+    # The Engine shares the model's weights; model.to(dtype) makes new ones, and a new Engine.
+    model = copy.deepcopy(hf_model)
+    ids = torch.tensor([[5, 6, 7]])
+    neoxfuse.hf.generate(model, ids, max_new_tokens=4)
+    assert neoxfuse.hf._engine(model, "auto").dtype == torch.float32
+    model.to(torch.bfloat16)
+    got = neoxfuse.hf.generate(model, ids, max_new_tokens=4)
+    engine = neoxfuse.hf._engine(model, "auto")
+    assert engine.dtype == torch.bfloat16 and engine.weights.embed_in.data_ptr() == model.gpt_neox.embed_in.weight.data_ptr()
+    assert got[0, 3:].tolist() == Engine(model, device="cpu").generate([5, 6, 7], 4).tokens
+
+
 def test_hf_generate_samples_with_the_generation_configs_options(hf_model, engine, monkeypatch):
     monkeypatch.setattr(hf_model.generation_config, "top_k", 20)
     ids = torch.tensor([[5, 6, 7]])

@@ -369,10 +369,13 @@ def _check_options(configs: list[GenerationConfig], options: dict) -> None:
 
 
 def _engine(model: GPTNeoXForCausalLM, backend: str) -> Engine:
-    """The Engine of `model` for `backend`: on the model's device and dtype, sharing its weights."""
+    """The Engine of `model` for `backend`: on the model's device and dtype, sharing its weights;
+    built again when they have moved (model.to(device), model.half(): new tensors the Engine does
+    not share)."""
+    weight = model.get_input_embeddings().weight
+    key = (backend, weight.device, weight.dtype, weight.data_ptr())
     cached = _ENGINES.get(model)
-    if cached is None or cached[0] != backend:
-        parameter = next(model.parameters())
-        cached = (backend, Engine(model, backend=backend, device=parameter.device, dtype=parameter.dtype))
+    if cached is None or cached[0] != key:
+        cached = (key, Engine(model, backend=backend, device=weight.device, dtype=weight.dtype))
         _ENGINES[model] = cached
     return cached[1]
