@@ -345,3 +345,16 @@ def test_checkpoint_tensor_of_the_wrong_shape(model, tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(InvalidInputError, match=r"attention\.dense\.weight \[36, 35\] \(expected \[36, 36\]\)"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool])
+def test_checkpoint_tensor_that_is_not_floating_point(model, tmp_path, dtype):
+    # An integer weight (a quantized checkpoint without its quantization_config, say) is refused,
+    # not cast to a float whose values mean nothing.
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"] = state["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"].to(dtype)
+    save_file(state, tmp_path / "model.safetensors")
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(InvalidInputError, match=rf"not floating point: gpt_neox\.layers\.1\.mlp\.dense_h_to_4h\.weight \({name}\)"):
+        load_checkpoint(tmp_path)

@@ -129,6 +129,7 @@ def _assemble(shape: NeoXShape, tensors: Mapping[str, torch.Tensor], source: str
     """
     missing: list[str] = []
     wrong: list[str] = []
+    not_float: list[str] = []
 
     def take(name: str, want: tuple[int, ...]) -> torch.Tensor | None:
         tensor = tensors.get(name)
@@ -136,6 +137,8 @@ def _assemble(shape: NeoXShape, tensors: Mapping[str, torch.Tensor], source: str
             missing.append(name)
         elif tuple(tensor.shape) != want:
             wrong.append(f"{name} {list(tensor.shape)} (expected {list(want)})")
+        elif not tensor.is_floating_point():  # quantized without a quantization_config, or damaged: not castable
+            not_float.append(f"{name} ({str(tensor.dtype).replace('torch.', '')})")
         return tensor
 
     vocab_rows = (shape.vocab, shape.hidden)
@@ -148,8 +151,8 @@ def _assemble(shape: NeoXShape, tensors: Mapping[str, torch.Tensor], source: str
         LayerWeights(**{f: take(f"gpt_neox.layers.{i}.{hf}", layer_shapes[f]) for f, hf in _HF_LAYER_NAMES.items()})
         for i in range(shape.layers)
     ]
-    if missing or wrong:
-        found = {"missing": missing, "wrong shape": wrong}
+    if missing or wrong or not_float:
+        found = {"missing": missing, "wrong shape": wrong, "not floating point": not_float}
         problems = [f"{what}: {_first_few(names)}" for what, names in found.items() if names]
         raise InvalidInputError(f"{source} does not hold the model its config describes; {'; '.join(problems)}")
     return ModelWeights(shape, embed_in, layers, final_ln_weight, final_ln_bias, embed_out)
