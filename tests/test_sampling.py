@@ -3,6 +3,7 @@ exponential race and its Philox stream (Random123's known answers); seeding."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,11 +35,24 @@ def _shuffled_logits(probs: list[float], generator: torch.Generator) -> tuple[to
         {"seed": -3},
         {"seed": "7"},
         {"seed": 2**63},
+        {"temperature": "0.5"},
+        {"temperature": True},
+        {"temperature": None},
+        {"temperature": torch.tensor(0.5)},
+        {"top_p": "1"},
+        {"top_p": None},
+        {"seed": 1.0},
     ],
 )
 def test_invalid_sampling_parameters_are_rejected(kwargs):
     with pytest.raises(InvalidInputError):
         SamplingParams(**kwargs)
+
+
+def test_numpy_numbers_are_taken_as_pythons():
+    params = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.9), seed=np.uint32(7))
+    assert params == SamplingParams(temperature=0.5, top_k=5, top_p=0.9, seed=7)
+    assert [type(v) for v in (params.temperature, params.top_k, params.top_p, params.seed)] == [float, int, float, int]
 
 
 def test_greedy_is_argmax():

@@ -62,6 +62,9 @@ class SamplingParams:
         check_sampling(self.temperature, self.top_k, self.top_p)
         if self.seed is not None:
             check_seed(self.seed)
+        for name, kind in [("temperature", float), ("top_k", int), ("top_p", float), ("seed", int)]:  # NumPy's -> Python's
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, kind(getattr(self, name)))
 
     @property
     def greedy(self) -> bool:
