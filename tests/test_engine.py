@@ -620,6 +620,10 @@ def test_a_model_that_is_not_gpt_neox_is_refused():
         Engine(llama)
     with pytest.raises(InvalidInputError, match="a model is"):
         Engine(42)
+    with pytest.raises(UnsupportedModelError, match="neoxfuse.hf.generate takes a GPTNeoXForCausalLM, got LlamaForCausalLM"):
+        neoxfuse.hf.generate(llama, torch.tensor([[1, 2]]), max_new_tokens=2)
+    with pytest.raises(UnsupportedModelError, match="takes a GPTNeoXForCausalLM, got str"):
+        neoxfuse.hf.generate("tiny", torch.tensor([[1, 2]]), max_new_tokens=2)
 
 
 def test_a_file_is_not_a_checkpoint(tmp_path):

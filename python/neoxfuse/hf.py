@@ -298,6 +298,8 @@ def generate(
     return_tensors="pt"), ...)`): its attention_mask must be all ones, one sequence has no padding,
     and pad_token_id, which pads only the sequences of a batch that end early, changes nothing.
     """
+    if not isinstance(model, GPTNeoXForCausalLM):
+        raise UnsupportedModelError(f"neoxfuse.hf.generate takes a GPTNeoXForCausalLM, got {type(model).__name__}")
     configs = [config for config in (generation_config, model.generation_config) if config is not None]
     _check_options(configs, options)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
