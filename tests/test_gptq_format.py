@@ -26,6 +26,7 @@ from neoxfuse.quant import (
     unpack_int4_cols,
     unpack_int4_rows,
 )
+from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, gptq_gpt_neox
 
 GROUP_SIZES = [32, 64, 128, -1]
 FORMATS = ["gptq", "gptq_v2"]
@@ -380,3 +381,19 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(InvalidInputError, match="no \\*.safetensors"):
         load_gptq_checkpoint(tmp_path)
+
+
+def test_checkpoint_functions_refuse_what_they_do_not_take(tmp_path):
+    checkpoint = quantize_gpt_neox(_tiny_model(3), QuantConfig(group_size=32))
+    with pytest.raises(InvalidInputError, match="quantize_gpt_neox takes an HF GPTNeoXForCausalLM, got str"):
+        quantize_gpt_neox("pythia-70m", QuantConfig())
+    with pytest.raises(InvalidInputError, match="quantize_gpt_neox takes a QuantConfig .* got dict"):
+        quantize_gpt_neox(_tiny_model(3), {"group_size": 32})
+    for function in (dequantized_gpt_neox, gptq_gpt_neox):
+        with pytest.raises(InvalidInputError, match=f"{function.__name__} takes a GPTQCheckpoint .* got PosixPath"):
+            function(tmp_path)
+    with pytest.raises(InvalidInputError, match="save_gptq_checkpoint takes a GPTQCheckpoint"):
+        save_gptq_checkpoint(_tiny_model(3), tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InvalidInputError, match="is a file; save_gptq_checkpoint writes a directory"):
+        save_gptq_checkpoint(checkpoint, tmp_path / "file")

@@ -51,6 +51,13 @@ class GPTQCheckpoint:
         return self.linears[name]
 
 
+def check_checkpoint(checkpoint: object, caller: str) -> None:
+    """InvalidInputError unless `checkpoint` is a GPTQCheckpoint (what load_gptq_checkpoint and quantize_gpt_neox give)."""
+    if not isinstance(checkpoint, GPTQCheckpoint):
+        raise InvalidInputError(f"{caller} takes a GPTQCheckpoint (load_gptq_checkpoint(directory) or quantize_gpt_neox(model, "
+                                f"quant) gives one), got {type(checkpoint).__name__}")
+
+
 def _read_tensors(directory: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -111,7 +118,10 @@ def load_gptq_checkpoint(directory: str | Path, device: str | torch.device = "cp
 def save_gptq_checkpoint(checkpoint: GPTQCheckpoint, directory: str | Path) -> Path:
     """Writes `checkpoint` as AutoGPTQ / GPTQModel do: config.json (with quantization_config),
     quantize_config.json and model.safetensors. Returns the directory."""
+    check_checkpoint(checkpoint, "save_gptq_checkpoint")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InvalidInputError(f"{directory} is a file; save_gptq_checkpoint writes a directory")
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.contiguous().cpu() for name, t in checkpoint.tensors.items()}
     for name, linear in checkpoint.linears.items():
@@ -130,6 +140,10 @@ def quantize_gpt_neox(model: torch.nn.Module, quant: QuantConfig) -> GPTQCheckpo
     For tests and for users without a calibrated checkpoint; GPTQ proper (with calibration
     data) is more accurate and writes the same format.
     """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise InvalidInputError(f"quantize_gpt_neox takes an HF GPTNeoXForCausalLM, got {type(model).__name__}")
+    if not isinstance(quant, QuantConfig):
+        raise InvalidInputError(f"quantize_gpt_neox takes a QuantConfig (QuantConfig(group_size=128, ...)), got {type(quant).__name__}")
     config = json.loads(model.config.to_json_string(use_diff=False))
     if config.get("model_type") != "gpt_neox":
         raise UnsupportedModelError(f"quantize_gpt_neox needs a gpt_neox model, got {config.get('model_type')!r}")

@@ -21,7 +21,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from neoxfuse.errors import InvalidInputError
 from neoxfuse.ops.gptq_ln_qkv import MAX_TOKENS, gptq_ln_qkv_layer, reference
-from neoxfuse.quant.checkpoint import GPTQCheckpoint
+from neoxfuse.quant.checkpoint import GPTQCheckpoint, check_checkpoint
 from neoxfuse.quant.gptq import GPTQLinear
 
 QKV = "attention.query_key_value"
@@ -73,6 +73,7 @@ def dequantized_gpt_neox(checkpoint: GPTQCheckpoint, device: str | torch.device 
                          dtype: torch.dtype = torch.float16) -> GPTNeoXForCausalLM:
     """The checkpoint as a plain HF model, every GPTQ linear layer dequantized to `dtype`
     (W = scales * (q - z)): the reference a patched model is checked against."""
+    check_checkpoint(checkpoint, "dequantized_gpt_neox")
     with torch.device(device):
         model = GPTNeoXForCausalLM(_hf_config(checkpoint)).to(dtype).eval()
     state = {name: t.to(device, dtype) if t.is_floating_point() else t.to(device) for name, t in checkpoint.tensors.items()
@@ -100,6 +101,7 @@ def describe_dequantized(path: str | Path, checkpoint: GPTQCheckpoint, dtype: to
 def gptq_gpt_neox(checkpoint: GPTQCheckpoint, device: str | torch.device = "cuda") -> GPTNeoXForCausalLM:
     """An fp16 HF model of the checkpoint whose layers run LN1 + int4 QKV as one gptq_ln_qkv kernel
     (module docstring). Every layer's query_key_value must be GPTQ-quantized."""
+    check_checkpoint(checkpoint, "gptq_gpt_neox")
     for i in range(checkpoint.num_layers):
         checkpoint.linear(i, QKV)  # InvalidInputError unless quantized
     model = dequantized_gpt_neox(checkpoint, device, torch.float16)
