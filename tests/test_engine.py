@@ -548,6 +548,7 @@ def test_prompts_of_integer_ids_in_any_one_sequence_form(engine, prompt):
     ({"seed": "x"}, r"seed must be an integer in 0 .. 2\^63 - 1, got 'x'"),
     ({"seed": 1.5}, "seed must be an integer"),
     ({"seed": -1}, "seed must be an integer"),
+    ({"tokenizer": "gpt2"}, "tokenizer must be a tokenizer object with encode and decode .* got str"),
 ])
 def test_bad_engine_arguments_are_clear_errors(kwargs, message):
     with pytest.raises(InvalidInputError, match=message):

@@ -358,3 +358,14 @@ def test_checkpoint_tensor_that_is_not_floating_point(model, tmp_path, dtype):
     name = str(dtype).replace("torch.", "")
     with pytest.raises(InvalidInputError, match=rf"not floating point: gpt_neox\.layers\.1\.mlp\.dense_h_to_4h\.weight \({name}\)"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dtype": "fp16"}, "dtype must be a floating-point torch.dtype"),
+    ({"dtype": torch.int8}, "dtype must be a floating-point torch.dtype"),
+    ({"device": "tpu"}, "device must be a torch.device or a name like 'cpu' or 'cuda:0', got 'tpu'"),
+    ({"seed": "1"}, "seed must be an integer"),
+])
+def test_random_model_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        random_model("tiny", **kwargs)

@@ -389,6 +389,9 @@ class Engine:
     ):
         if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1):
             raise InvalidInputError(f"max_seq_len must be an integer >= 1, got {max_seq_len!r}")
+        if tokenizer is not None and not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode")):
+            raise InvalidInputError(f"tokenizer must be a tokenizer object with encode and decode (AutoTokenizer.from_pretrained"
+                                    f"(...)), got {type(tokenizer).__name__}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if backend != AUTO:

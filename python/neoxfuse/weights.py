@@ -325,6 +325,12 @@ def random_model(
     few GPU kernels per parameter on a GPU; no fp32 copy of the whole model is held on either.
     """
     check_seed(seed)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidInputError(f"dtype must be a floating-point torch.dtype (torch.float16, ...), got {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidInputError(f"device must be a torch.device or a name like 'cpu' or 'cuda:0', got {device!r}") from None
     config = pythia_config(name_or_config) if isinstance(name_or_config, str) else copy.deepcopy(name_or_config)
     shape_of(config)  # refuse what neoxfuse cannot compute before building it
     with _without_hf_init():  # HF's init would take most of the time, and every parameter is drawn below
