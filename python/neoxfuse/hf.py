@@ -238,7 +238,7 @@ def is_fused(model: torch.nn.Module) -> bool:
 # ----------------------------------------------------------------------------------------------
 # generate: model.generate for batch 1, through the neoxfuse Engine
 
-_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (backend asked for, Engine)
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((backend, its weights' place), Engine)
 
 # transformers' defaults for the options generate() implements, where neither the call nor the
 # generation config sets them (in transformers 5 the config holds None and model.generate fills
@@ -284,19 +284,20 @@ def generate(
     """`model.generate(input_ids, ...)` for one sequence, decoded by a neoxfuse Engine.
 
     input_ids [1, P] (long) -> [1, P + N] on the same device: the prompt, then N <= max_new_tokens
-    new tokens ending at the first of eos_token_id. Options left None come from `generation_config`,
-    then model.generation_config, then transformers' defaults, as model.generate (transformers 5) reads them:
-    max_new_tokens (else max_length - P; with neither set, 20 but no more than the model's positions
-    allow), greedy unless do_sample, then temperature, top_k, top_p
-    (seed: reproducible draws). Any other model.generate option (num_beams, repetition_penalty,
-    ...) is taken at a value where it changes nothing and refused otherwise, whether the call or the
-    generation config sets it: the tokens are model.generate's, or an error says why not. A streamer (HF's
-    TextStreamer, say) gets what model.generate gives it: put(prompt), put(new tokens) as they
-    arrive (in batches of up to 32 here, not one by one), end(). The Engine (its KV cache and CUDA
-    graphs) is built on the first call for a model and kept while the model lives; `backend` as in Engine.
+    new tokens ending at the first of eos_token_id. An option left None comes from
+    `generation_config`, then model.generation_config, then transformers' default, as
+    model.generate (transformers 5) reads it: max_new_tokens (else max_length - P; with neither set,
+    20, as far as the model's positions allow), greedy unless do_sample, then temperature, top_k,
+    top_p (seed: reproducible draws). Any other model.generate option (num_beams,
+    repetition_penalty, ...) is taken where it changes nothing and refused elsewhere, whether the
+    call or a generation config sets it: the tokens are model.generate's, or an error says why not.
     A tokenizer's output goes in as it does to model.generate (`generate(model, **tokenizer(text,
-    return_tensors="pt"), ...)`): its attention_mask must be all ones, one sequence has no padding,
-    and pad_token_id, which pads only the sequences of a batch that end early, changes nothing.
+    return_tensors="pt"), ...)`): its attention_mask must be all ones (one sequence has no padding);
+    pad_token_id, which pads only the sequences of a batch that end early, changes nothing.
+    A streamer (HF's TextStreamer, say) gets what model.generate gives it: put(prompt), put(new
+    tokens) as they arrive (in batches of up to 32 here, not one by one), end(). The Engine (its KV
+    cache and CUDA graphs) is built on the first call for a model and kept while the model and its
+    weights stay; `backend` as in Engine.
     """
     if not isinstance(model, GPTNeoXForCausalLM):
         raise UnsupportedModelError(f"neoxfuse.hf.generate takes a GPTNeoXForCausalLM, got {type(model).__name__}")
@@ -352,8 +353,7 @@ def generate(
 
 def _check_options(configs: list[GenerationConfig], options: dict) -> None:
     """InvalidInputError for an option that `options` (the call's) or one of `configs` (the first
-    first) sets and generate() does not implement, unless at a value where it changes nothing
-    (_NEUTRAL, _NO_EFFECT)."""
+    wins) sets and generate() does not implement, unless where it changes nothing (_NEUTRAL, _NO_EFFECT)."""
     unknown = [name for name in options if name not in vars(GenerationConfig())]
     if unknown:
         raise InvalidInputError(f"neoxfuse.hf.generate got unknown options {unknown} (not model.generate options)")
