@@ -78,7 +78,7 @@ def check_draw(values: object, rng: object, name: str = "weights") -> None:
         raise InvalidInputError(f"{name} must hold at least one entry")
 
 
-def _is_integer(value: object) -> bool:
+def is_integer(value: object) -> bool:
     """An int (NumPy's too), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -90,7 +90,7 @@ def _is_real(value: object) -> bool:
 
 def check_seed(seed: object) -> None:
     """A seed of random weights or of a sampling rule: an integer in 0 .. 2^63 - 1."""
-    if not _is_integer(seed) or not 0 <= seed < 2**63:
+    if not is_integer(seed) or not 0 <= seed < 2**63:
         raise InvalidInputError(f"seed must be an integer in 0 .. 2^63 - 1, got {seed!r}")
 
 
@@ -99,7 +99,7 @@ def check_sampling(temperature: object, top_k: object, top_p: object) -> None:
     (0: greedy), top_k an integer >= 0 (0: off), top_p in (0, 1] (1: off)."""
     if not (_is_real(temperature) and temperature >= 0 and temperature != float("inf")):
         raise InvalidInputError(f"temperature must be >= 0 and finite (0 means greedy), got {temperature!r}")
-    if not _is_integer(top_k) or top_k < 0:
+    if not is_integer(top_k) or top_k < 0:
         raise InvalidInputError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
     if not (_is_real(top_p) and 0 < top_p <= 1):
         raise InvalidInputError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")

@@ -23,7 +23,6 @@ Adding a backend (the fused kernels, say): subclass `Backend`, decorate it with
 
 from __future__ import annotations
 
-import numbers
 import os
 import time
 from abc import ABC, abstractmethod
@@ -35,6 +34,7 @@ from typing import ClassVar, Union
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from neoxfuse.checks import is_integer
 from neoxfuse.configs import NeoXShape, shape_of
 from neoxfuse.device import synchronize
 from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnsupportedModelError
@@ -387,7 +387,7 @@ class Engine:
         revision: str | None = None,
         prefix_cache: bool = False,
     ):
-        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1):
+        if max_seq_len is not None and (not is_integer(max_seq_len) or max_seq_len < 1):
             raise InvalidInputError(f"max_seq_len must be an integer >= 1, got {max_seq_len!r}")
         if tokenizer is not None and not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode")):
             raise InvalidInputError(f"tokenizer must be a tokenizer object with encode and decode (AutoTokenizer.from_pretrained"
@@ -406,7 +406,7 @@ class Engine:
             self.backend_reason = self._require_available(backend_class(backend), self.shape)
         self.backend_name = backend
         backend_cls = backend_class(backend)
-        self.max_seq_len = max_seq_len or self.shape.max_positions
+        self.max_seq_len = self.shape.max_positions if max_seq_len is None else int(max_seq_len)
         self.weights = loaded.weights.to(device=self.device, dtype=self.dtype)
         self.backend = backend_cls(self.weights, self.max_seq_len)
         self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
@@ -449,7 +449,7 @@ class Engine:
             tokens = prompt.flatten().tolist()
         elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
             tokens = list(prompt)
-            wrong = [t for t in tokens if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+            wrong = [t for t in tokens if not is_integer(t)]
             if wrong:
                 raise InvalidInputError(f"token ids must be integers, got {wrong[:5]!r}")
             tokens = [int(t) for t in tokens]
@@ -493,7 +493,7 @@ class Engine:
             raise InvalidInputError(f"on_tokens must be a function of a list of token ids, got {type(on_tokens).__name__}")
         prompt_tokens = self._prompt_tokens(prompt)
         stop_rule = StopRule(_stop_token_ids(stop_token_ids), self._stop_strings(stop), self.tokenizer)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not is_integer(max_new_tokens) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         positions = len(prompt_tokens) + max_new_tokens - 1  # the last new token is never fed back
         if positions > self.max_seq_len:
@@ -605,9 +605,9 @@ def _stop_token_ids(ids: int | Collection[int] | torch.Tensor) -> frozenset[int]
     """`ids` (one token id, a collection of them, or an integer tensor) as a set of ints, checked: a
     tensor element or a float in the set would never equal a token, and the stop would never come."""
     values = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else ids
-    values = (values,) if isinstance(values, numbers.Integral) else values
+    values = (values,) if is_integer(values) else values
     values = tuple(values) if isinstance(values, Iterable) and not isinstance(values, (str, bytes)) else (None,)
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+    if not all(is_integer(v) for v in values):
         raise InvalidInputError(f"stop_token_ids must be token ids (integers): one, or a collection of them; got {ids!r}")
     return frozenset(int(v) for v in values)
 

@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 
+from neoxfuse.checks import is_integer
 from neoxfuse.device import synchronize
 from neoxfuse.errors import InvalidInputError
 
@@ -51,10 +52,10 @@ def windows(n_tokens: int, window: int, stride: int | None = None) -> list[Span]
     """The windows over `n_tokens` tokens: up to `window` tokens each, starting every `stride` tokens
     (window - 1 by default: overlapping by one token), each scoring the tokens after the last one
     scored before it."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+    if not is_integer(window) or window < 2:
         raise InvalidInputError(f"a scoring window holds the tokens predicted and their context: at least 2; got {window!r}")
     stride = resolve_stride(window, stride)
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= window - 1:
+    if not is_integer(stride) or not 1 <= stride <= window - 1:
         raise InvalidInputError(f"the stride between scoring windows must be an integer from 1 to the window's {window} "
                                 f"tokens minus one (a window must start before the first token it scores); got {stride!r}")
     if n_tokens < 2:
