@@ -149,6 +149,8 @@ def test_engine_score_refuses_bad_requests(hf_model):
         engine.score([1, 2, 3], window=4, stride=4)
     with pytest.raises(InvalidInputError, match="at least 2 tokens"):
         engine.score([1])
+    with pytest.raises(InvalidInputError, match="the text is empty"):
+        engine.score([])
     with pytest.raises(InvalidInputError, match=r"token ids must be in \[0, "):
         engine.score([1, hf_model.config.vocab_size])
     with pytest.raises(InvalidInputError, match="needs a tokenizer"):

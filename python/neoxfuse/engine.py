@@ -432,10 +432,11 @@ class Engine:
             )
         return list(self.tokenizer.encode(text))
 
-    def _prompt_tokens(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
-        """The ids of `prompt`: text encoded by the tokenizer, a sequence of integer ids, or an integer
-        tensor or NumPy array [T] (or [1, T], one sequence as HF writes input_ids). Anything else is
-        refused, not converted: a float would be cut to an int, a batch run as one sequence."""
+    def _prompt_tokens(self, prompt: str | Sequence[int] | torch.Tensor, what: str = "prompt") -> list[int]:
+        """The ids of `prompt` (called the `what` in errors): text encoded by the tokenizer, a sequence
+        of integer ids, or an integer tensor or NumPy array [T] (or [1, T], one sequence as HF writes
+        input_ids). Anything else is refused, not converted: a float would be cut to an int, a batch
+        run as one sequence."""
         if not isinstance(prompt, (str, torch.Tensor)) and hasattr(prompt, "__array__"):  # a NumPy array
             prompt = torch.as_tensor(prompt)
         if isinstance(prompt, str):
@@ -457,7 +458,7 @@ class Engine:
             raise InvalidInputError(f"a prompt is text, a sequence of token ids or an integer tensor or array; got "
                                     f"{type(prompt).__name__}")
         if not tokens:
-            raise InvalidInputError("the prompt is empty; give at least one token")
+            raise InvalidInputError(f"the {what} is empty; give at least one token")
         bad = [t for t in tokens if not 0 <= t < self.shape.vocab]
         if bad:
             raise InvalidInputError(f"token ids must be in [0, {self.shape.vocab}) for this model; got {bad[:5]}")
@@ -538,7 +539,7 @@ class Engine:
         tokens are prefilled and every scored prediction is a decode step of the backend: on the fused
         backend, the decode kernels. Scores.perplexity = exp(mean NLL). Leaves nothing for the prefix cache.
         """
-        tokens = self._prompt_tokens(text)
+        tokens = self._prompt_tokens(text, "text")
         window = self.max_seq_len if window is None else window
         spans = windows(len(tokens), window, stride)  # checks all three
         if window > self.max_seq_len:
