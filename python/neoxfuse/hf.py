@@ -303,6 +303,8 @@ def generate(
         raise UnsupportedModelError(f"neoxfuse.hf.generate takes a GPTNeoXForCausalLM, got {type(model).__name__}")
     configs = [config for config in (generation_config, model.generation_config) if config is not None]
     _check_options(configs, options)
+    if streamer is not None and not all(callable(getattr(streamer, name, None)) for name in ("put", "end")):
+        raise InvalidInputError(f"streamer must have put() and end(), as transformers' streamers do; got {type(streamer).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise InvalidInputError(f"input_ids must be one sequence [1, P]; got {shape} (neoxfuse decodes batch 1)")
