@@ -185,6 +185,8 @@ def test_hf_generate_samples_with_the_generation_configs_options(hf_model, engin
         neoxfuse.hf.generate(hf_model, ids, torch.ones(1, 2), max_new_tokens=4)
     with pytest.raises(InvalidInputError, match="token ids must be integers, got a torch.float32 tensor"):
         neoxfuse.hf.generate(hf_model, ids.float(), max_new_tokens=4)
+    with pytest.raises(InvalidInputError, match="do_sample with temperature 0: model.generate refuses it too"):
+        neoxfuse.hf.generate(hf_model, ids, max_new_tokens=4, do_sample=True, temperature=0.0)
     with pytest.raises(InvalidInputError, match="streamer must have put.. and end.., as transformers' streamers do; got builtin"):
         neoxfuse.hf.generate(hf_model, ids, max_new_tokens=4, streamer=print)
 

@@ -325,6 +325,9 @@ def generate(
 
     sampling = SamplingParams()  # greedy
     if option(do_sample, "do_sample"):
+        if option(temperature, "temperature") == 0:  # SamplingParams would read it as greedy
+            raise InvalidInputError("do_sample with temperature 0: model.generate refuses it too; for greedy decoding "
+                                    "set do_sample=False")
         sampling = SamplingParams(temperature=option(temperature, "temperature"), top_k=option(top_k, "top_k"),
                                   top_p=option(top_p, "top_p"), seed=seed)
     eos = option(eos_token_id, "eos_token_id")
