@@ -356,9 +356,9 @@ def _perplexity(args) -> int:
     Each token after the first is predicted from the tokens before it in its window (windows of
     --window tokens, starting every --stride tokens, by default overlapping by one token:
     neoxfuse.scoring), every prediction a decode step of the backend, each window from an empty KV
-    cache: on a GPU, the fused decode kernels. --compare-hf scores the
-    same tokens with HF transformers (one forward pass per window) and prints how far the two are
-    apart: the perplexities, the per-token NLLs and how often both rank the same token first.
+    cache: on a GPU, the fused decode kernels. --compare-hf scores the same tokens with HF
+    transformers (one forward pass per window) and prints how far the two are apart: the
+    perplexities, the per-token NLLs and how often both rank the same token first.
     """
     if args.file is None and args.text is None and args.tokens is None:
         raise InvalidInputError("perplexity needs a text: --file PATH, --text TEXT or --tokens 1,2,3")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from neoxfuse.checks import is_integer
 from neoxfuse.errors import InvalidInputError, UnsupportedModelError
 
 BITS = 4
@@ -69,8 +70,9 @@ class QuantConfig:
                 f"supported: {', '.join(ZERO_OFFSETS)} (marlin/bitblas/qqq repack the weights differently)"
             )
         size = self.group_size
-        if isinstance(size, bool) or not isinstance(size, int) or (size != -1 and (size <= 0 or size % PACK != 0)):
+        if not is_integer(size) or (size != -1 and (size <= 0 or size % PACK != 0)):
             raise InvalidInputError(f"group_size must be -1 or a positive multiple of {PACK}, got {size!r}")
+        object.__setattr__(self, "group_size", int(size))  # NumPy's -> Python's, as JSON writes it
         for name in ("sym", "desc_act"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be true or false, got {getattr(self, name)!r}")
