@@ -12,6 +12,7 @@ torch.compile), the kernels seen by the profiler, and the perplexity of a random
 """
 
 import ctypes
+import functools
 import math
 
 import pytest
@@ -120,6 +121,13 @@ def test_fusing_refuses_what_it_does_not_reimplement():
     model.gpt_neox.layers[0].input_layernorm = torch.nn.RMSNorm(64)
     with pytest.raises(UnsupportedModelError, match="LayerNorms with weight and bias"):
         hf.fuse_layernorms(model)
+    # accelerate's device_map hooks set module.forward on the instance, which a fused class would not override.
+    model = _tiny(parallel=True)
+    layer = model.gpt_neox.layers[1]
+    layer.forward = functools.partial(type(layer).forward, layer)
+    with pytest.raises(UnsupportedModelError, match="the forward of 'layers.1' is replaced on the module itself"):
+        hf.fuse_layernorms(model)
+    assert not hf.is_fused(model)
 
 
 @pytest.mark.parametrize("mode", RESIDUAL_MODES)

@@ -29,7 +29,7 @@ ordinary Python state, which torch.compile traces (fullgraph) like the rest of t
 Not supported: a forward hook that changes a layer's output in place (activation steering with
 `output.add_(v)`): the next layer would still use the LayerNorms of the unchanged output (a hook
 that returns a new tensor is fine), and models dispatched with accelerate hooks (`device_map`),
-whose per-module forwards replace the fused ones.
+whose per-module forwards would replace the fused ones (refused).
 
 The kernels run at inference: in eval mode with gradients off (torch.no_grad / inference_mode,
 as `generate` does). Otherwise the modules run HF's own forward, since the kernels have no backward.
@@ -192,6 +192,10 @@ def _check_fusable(decoder: GPTNeoXModel) -> None:
             raise UnsupportedModelError(f"expected LayerNorms over the hidden size {hidden}, found {norm!r}")
     if len({norm.eps for norm in norms}) != 1:
         raise UnsupportedModelError(f"LayerNorms sharing statistics need one eps, found {sorted({n.eps for n in norms})}")
+    wrapped = [name for name, module in decoder.named_modules() if "forward" in vars(module)]
+    if wrapped:
+        raise UnsupportedModelError(f"the forward of {wrapped[0]!r} is replaced on the module itself (as accelerate's "
+                                    "device_map hooks do), so the fused classes would not run; load the model on one device")
 
 
 def fuse_layernorms(model: torch.nn.Module) -> torch.nn.Module:
