@@ -157,6 +157,8 @@ def test_engine_score_refuses_bad_requests(hf_model):
         engine.score("some text")
     with pytest.raises(InvalidInputError, match=r"token ids must be in \[0, "):
         hf_scores(hf_model, [1, -1], 4)
+    with pytest.raises(InvalidInputError, match=r"token ids must be integers, got \[2.5\]"):  # not cut to 2
+        hf_scores(hf_model, [1, 2.5], 4)
 
 
 def test_differences_are_computed_per_token_and_need_the_same_tokens():

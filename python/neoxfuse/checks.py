@@ -83,6 +83,18 @@ def is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_token_ids(tokens: Sequence[object], vocab: int) -> list[int]:
+    """`tokens` as Python ints, each an integer id in [0, vocab); InvalidInputError naming the first
+    few that are not (a float is refused, not cut to an int)."""
+    wrong = [t for t in tokens if not is_integer(t)]
+    if wrong:
+        raise InvalidInputError(f"token ids must be integers, got {wrong[:5]!r}")
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        raise InvalidInputError(f"token ids must be in [0, {vocab}) for this model; got {bad[:5]}")
+    return [int(t) for t in tokens]
+
+
 def _is_real(value: object) -> bool:
     """An int or float (NumPy's too), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)

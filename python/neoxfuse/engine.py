@@ -34,7 +34,7 @@ from typing import ClassVar, Union
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from neoxfuse.checks import is_integer
+from neoxfuse.checks import check_token_ids, is_integer
 from neoxfuse.configs import NeoXShape, shape_of
 from neoxfuse.device import synchronize
 from neoxfuse.errors import InvalidInputError, NoGPUError, SequenceTooLongError, UnsupportedModelError
@@ -450,19 +450,12 @@ class Engine:
             tokens = prompt.flatten().tolist()
         elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
             tokens = list(prompt)
-            wrong = [t for t in tokens if not is_integer(t)]
-            if wrong:
-                raise InvalidInputError(f"token ids must be integers, got {wrong[:5]!r}")
-            tokens = [int(t) for t in tokens]
         else:
             raise InvalidInputError(f"a prompt is text, a sequence of token ids or an integer tensor or array; got "
                                     f"{type(prompt).__name__}")
         if not tokens:
             raise InvalidInputError(f"the {what} is empty; give at least one token")
-        bad = [t for t in tokens if not 0 <= t < self.shape.vocab]
-        if bad:
-            raise InvalidInputError(f"token ids must be in [0, {self.shape.vocab}) for this model; got {bad[:5]}")
-        return tokens
+        return check_token_ids(tokens, self.shape.vocab)
 
     @torch.inference_mode()
     def generate(

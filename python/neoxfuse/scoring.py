@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from neoxfuse.checks import is_integer
+from neoxfuse.checks import check_token_ids, is_integer
 from neoxfuse.device import synchronize
 from neoxfuse.errors import InvalidInputError
 
@@ -131,10 +131,7 @@ class Scores:
 def hf_scores(model: torch.nn.Module, tokens: Sequence[int], window: int, stride: int | None = None) -> Scores:
     """The scores of `tokens` by an HF causal LM (a GPTNeoXForCausalLM), one forward pass per window,
     on the model's device and in its dtype."""
-    tokens = [int(t) for t in tokens]
-    vocab = model.config.vocab_size
-    if not all(0 <= t < vocab for t in tokens):
-        raise InvalidInputError(f"token ids must be in [0, {vocab}) for this model; got {[t for t in tokens if not 0 <= t < vocab][:5]}")
+    tokens = check_token_ids(list(tokens), model.config.vocab_size)
     spans = windows(len(tokens), window, stride)
     device = next(model.parameters()).device
     ids = torch.tensor(tokens, device=device)  # [T]
