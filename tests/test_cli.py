@@ -252,6 +252,33 @@ def test_perplexity_of_a_text_file_with_hf_alongside(tiny_checkpoint_with_tokeni
             "first window has at least 3 tokens of context)") in out and "HF transformers" not in out
 
 
+def test_perplexity_after_the_end_of_text_token_per_word_and_byte(tiny_checkpoint_with_tokenizer, tmp_path, capsys):
+    checkpoint = str(tiny_checkpoint_with_tokenizer)
+    text = "hello world w7 w12 w3 w3 hello\nw40 w41 world w9 w250 hello w17"
+    out_file = tmp_path / "ppl.json"
+    args = ["perplexity", "--device", "cpu", "--model", checkpoint, "--text", text, "--window", "5", "--prefix-token", "eos"]
+    assert main([*args, "--compare-hf", "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    engine = Engine(checkpoint, device="cpu", max_seq_len=5)
+    want = engine.score(text, prefix_token=0)  # the word tokenizer's end of text is id 0
+    measures = want.text_measures(text)
+    results = json.loads(out_file.read_text())
+    assert results["tokens"] == 15 and results["prefix_token"] == 0 and results["windows"] == 4
+    assert "scored: the 14 tokens of the text after the prefix token 0, in 4 windows" in out
+    for scorer, rel in (("neoxfuse", 1e-9), ("hf", 1e-5)):
+        assert results[scorer]["perplexity"] == pytest.approx(want.perplexity, rel=rel)
+        assert results[scorer]["words"] == 14 and results[scorer]["bytes"] == len(text)
+        for name in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+            assert results[scorer][name] == pytest.approx(getattr(measures, name), rel=rel)
+    assert f"word perplexity {measures.word_perplexity:.4f} (14 words)" in out
+    assert main([*args, "--max-tokens", "6", "--out", str(out_file)]) == 0  # a cut text: no per-word measures
+    out = capsys.readouterr().out
+    results = json.loads(out_file.read_text())
+    assert results["tokens"] == 7 and "word_perplexity" not in results["neoxfuse"]
+    assert "no word or byte perplexity: they are of a whole text, and --max-tokens cut it" in out
+    assert results["neoxfuse"]["perplexity"] == pytest.approx(engine.score(engine.encode(text)[:6], prefix_token=0).perplexity)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -266,6 +293,9 @@ def test_perplexity_of_a_text_file_with_hf_alongside(tiny_checkpoint_with_tokeni
         (["--tokens", "1,2", "--file", "x"], "not allowed with argument"),
         (["--file", "missing.txt"], "No such file"),
         (["--file", "latin1.txt"], "latin1.txt is not UTF-8 text"),
+        (["--tokens", "1,2", "--prefix-token", "eos"], "--prefix-token eos needs a tokenizer with an end-of-text token"),
+        (["--tokens", "1,2", "--prefix-token", "first"], "--prefix-token takes a token id or 'eos', got 'first'"),
+        (["--tokens", "1,2", "--prefix-token", "-1"], r"prefix_token must be a token id in [0, "),
     ],
 )
 def test_perplexity_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys, args, message):

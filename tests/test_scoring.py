@@ -161,6 +161,54 @@ def test_engine_score_refuses_bad_requests(hf_model):
         hf_scores(hf_model, [1, 2.5], 4)
 
 
+@torch.inference_mode()
+@pytest.mark.parametrize("window, stride", [(64, None), (5, None), (5, 2)])
+def test_a_prefix_token_scores_the_texts_first_token_too(hf_model, window, stride):
+    tokens = _tokens(11, hf_model.config.vocab_size, seed=5)
+    engine = Engine(hf_model, device="cpu", max_seq_len=64)
+    got = engine.score(tokens, window=window, stride=stride, prefix_token=0)
+    want = hf_scores(hf_model, tokens, window, stride, prefix_token=0)
+    assert got.tokens == [0, *tokens] and got.prefix_token == 0 and len(got.nll) == len(tokens)
+    assert want.tokens == got.tokens and want.prefix_token == 0
+    assert got.difference(want).max_abs_nll < 1e-4
+    first = -torch.log_softmax(hf_model(torch.tensor([[0]])).logits[0, -1].float(), -1)[tokens[0]]
+    assert float(got.nll[0]) == pytest.approx(float(first), abs=1e-5)  # the text's first token, predicted after the prefix
+    if window == 64:  # one window: HF's own loss over [prefix, text] is the mean NLL of the text's tokens
+        ids = torch.tensor([[0, *tokens]])
+        assert got.mean_nll == pytest.approx(float(hf_model(ids, labels=ids).loss), abs=1e-5)
+
+
+def test_text_measures_put_the_total_nll_per_word_and_per_byte():
+    def scores(nll, prefix_token=0):
+        tokens = list(range(len(nll) + 1))
+        return Scores(tokens, 8, 7, torch.tensor(nll, dtype=torch.float64), torch.zeros(len(nll), dtype=torch.long), 1.0,
+                      prefix_token)
+
+    measures = scores([1.0, 2.0, 3.0]).text_measures("one two  three")  # 3 words, 14 bytes, a total NLL of 6
+    assert (measures.words, measures.bytes) == (3, 14)
+    assert measures.word_perplexity == pytest.approx(math.exp(6 / 3))
+    assert measures.byte_perplexity == pytest.approx(math.exp(6 / 14))
+    assert measures.bits_per_byte == pytest.approx(6 / 14 / math.log(2))
+    # lm-evaluation-harness's counts: words split at whitespace runs (leading and trailing whitespace
+    # each make an empty word), bytes of UTF-8 (é is two).
+    assert (scores([1.0]).text_measures(" caf\u00e9 au\tlait\n").words, scores([1.0]).text_measures("caf\u00e9").bytes) == (5, 5)
+    with pytest.raises(InvalidInputError, match="score it after a prefix token"):
+        scores([1.0, 2.0], prefix_token=None).text_measures("one two")
+    with pytest.raises(InvalidInputError, match="a str; got list"):
+        scores([1.0, 2.0]).text_measures([1, 2])
+
+
+@pytest.mark.parametrize("prefix_token", [-1, "vocab", 2.0, True, "0"])
+def test_a_bad_prefix_token_is_refused(hf_model, prefix_token):
+    vocab = hf_model.config.vocab_size
+    prefix_token = vocab if prefix_token == "vocab" else prefix_token
+    engine = Engine(hf_model, device="cpu", max_seq_len=8)
+    with pytest.raises(InvalidInputError, match=rf"prefix_token must be a token id in \[0, {vocab}\)"):
+        engine.score([1, 2], prefix_token=prefix_token)
+    with pytest.raises(InvalidInputError, match=rf"prefix_token must be a token id in \[0, {vocab}\)"):
+        hf_scores(hf_model, [1, 2], 4, prefix_token=prefix_token)
+
+
 def test_differences_are_computed_per_token_and_need_the_same_tokens():
     def scores(nll, top1, tokens=(1, 2, 3), window=4, stride=3):
         return Scores(list(tokens), window, stride, torch.tensor(nll, dtype=torch.float64), torch.tensor(top1), 1.0)

@@ -28,7 +28,7 @@ from neoxfuse.device import devices
 from neoxfuse.engine import AUTO, AUTO_ORDER, BACKENDS, DTYPES, Engine, backend_availability, load_hf_model, resolve_device, resolve_dtype
 from neoxfuse.errors import InvalidInputError, NeoxfuseError
 from neoxfuse.sampling import SamplingParams
-from neoxfuse.scoring import Scores, hf_scores
+from neoxfuse.scoring import Scores, TextMeasures, hf_scores
 
 GPU_DEFAULT_MODEL = "pythia-2.8b"
 CPU_DEFAULT_MODEL = "pythia-70m"
@@ -345,6 +345,9 @@ def _add_perplexity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, help="tokens between the starts of windows, from 1 to the window minus one; "
                         "each window scores only tokens no earlier one scored, so a smaller stride gives each more context "
                         "and costs more (default: the window minus one, windows overlapping by one token)")
+    parser.add_argument("--prefix-token", help="a token id, or 'eos' for the tokenizer's end-of-text token, put before the "
+                        "text so that its first token is scored too (as lm-evaluation-harness does); with a text, also gives "
+                        "word and byte perplexity and bits per byte (default: none, the first token is only context)")
     parser.add_argument("--compare-hf", action="store_true", help="score the same tokens with HF transformers too (the "
                         "checkpoint loaded by transformers itself, same device and dtype) and say how far apart the two are")
     parser.add_argument("--out", help="also write the results to this JSON file")
@@ -356,9 +359,11 @@ def _perplexity(args) -> int:
     Each token after the first is predicted from the tokens before it in its window (windows of
     --window tokens, starting every --stride tokens, by default overlapping by one token:
     neoxfuse.scoring), every prediction a decode step of the backend, each window from an empty KV
-    cache: on a GPU, the fused decode kernels. --compare-hf scores the same tokens with HF
-    transformers (one forward pass per window) and prints how far the two are apart: the
-    perplexities, the per-token NLLs and how often both rank the same token first.
+    cache: on a GPU, the fused decode kernels. --prefix-token puts a token (e.g. the end-of-text
+    token) before the text, so that every token of the text is scored, and then a text's total NLL
+    is also given per word and per byte. --compare-hf scores the same tokens with HF transformers
+    (one forward pass per window) and prints how far the two are apart: the perplexities, the
+    per-token NLLs and how often both rank the same token first.
     """
     if args.file is None and args.text is None and args.tokens is None:
         raise InvalidInputError("perplexity needs a text: --file PATH, --text TEXT or --tokens 1,2,3")
@@ -370,23 +375,31 @@ def _perplexity(args) -> int:
     model = _model_name(args, device)
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, seed=args.seed, revision=args.revision)
     tokens = args.tokens if text is None else engine.encode(text)
-    scores = engine.score(tokens[: args.max_tokens], window=args.window, stride=args.stride, progress=True)
+    prefix_token = _prefix_token(args.prefix_token, engine)
+    cut_text = False  # whether --max-tokens cut a text that would have had word and byte measures
+    if args.max_tokens is not None and args.max_tokens < len(tokens):
+        cut_text = text is not None and prefix_token is not None
+        tokens, text = tokens[: args.max_tokens], None  # the text's measures are of the whole text
+    scores = engine.score(tokens, window=args.window, stride=args.stride, prefix_token=prefix_token, progress=True)
     results = {"model": engine.description, "backend": engine.backend_name, "dtype": str(engine.dtype).replace("torch.", ""),
-               "device": str(engine.device), "tokens": len(scores.tokens), "window": scores.window, "stride": scores.stride,
-               "windows": scores.windows, "neoxfuse": _scored(scores)}
+               "device": str(engine.device), "tokens": len(scores.tokens), "prefix_token": prefix_token,
+               "window": scores.window, "stride": scores.stride, "windows": scores.windows, "neoxfuse": _scored(scores, text)}
     overlap = ("overlapping by one" if scores.stride == scores.window - 1 else
                f"one every {scores.stride} tokens: a token after the first window has at least {scores.window - scores.stride} "
                "tokens of context")
     print(f"model: {_engine_summary(engine)}")
-    print(f"scored: the {len(scores.tokens) - 1} tokens after the first of {len(scores.tokens)}, in {_count(range(scores.windows), 'window')} "
-          f"of up to {scores.window} tokens ({overlap})")
-    print(f"neoxfuse ({engine.backend_name}): {_scores_line(scores)}")
+    which = (f"the {len(tokens)} tokens of the text after the prefix token {prefix_token}" if prefix_token is not None else
+             f"the {len(scores.tokens) - 1} tokens after the first of {len(scores.tokens)}")
+    print(f"scored: {which}, in {_count(range(scores.windows), 'window')} of up to {scores.window} tokens ({overlap})")
+    if cut_text:
+        print("no word or byte perplexity: they are of a whole text, and --max-tokens cut it")
+    print(f"neoxfuse ({engine.backend_name}): {_scores_line(scores, text)}")
     if args.compare_hf:
         hf_model, _ = load_hf_model(model, dtype=engine.dtype, seed=args.seed, device=engine.device, revision=args.revision)
-        reference = hf_scores(hf_model, scores.tokens, scores.window, scores.stride)
+        reference = hf_scores(hf_model, tokens, scores.window, scores.stride, prefix_token)
         difference = scores.difference(reference)
-        results |= {"hf": _scored(reference), "difference": dataclasses.asdict(difference)}
-        print(f"HF transformers (one forward pass per window): {_scores_line(reference)}")
+        results |= {"hf": _scored(reference, text), "difference": dataclasses.asdict(difference)}
+        print(f"HF transformers (one forward pass per window): {_scores_line(reference, text)}")
         print(f"difference: perplexity {difference.relative_perplexity:.2e} relative; NLL per token: max |d| {difference.max_abs_nll:.2e}, "
               f"mean |d| {difference.mean_abs_nll:.2e}; the same token ranked first at {100 * difference.top1_agreement:.2f}% of positions")
     if args.out:
@@ -402,13 +415,40 @@ def _read_text(path: str) -> str:
         raise InvalidInputError(f"{path} is not UTF-8 text: {err}") from None
 
 
-def _scored(scores: Scores) -> dict:
-    return {"perplexity": scores.perplexity, "mean_nll": scores.mean_nll, "ms_per_token": scores.ms_per_token}
+def _prefix_token(value: str | None, engine: Engine) -> int | None:
+    """--prefix-token: None, an id, or 'eos' for the tokenizer's end-of-text id."""
+    if value is None:
+        return None
+    if value == "eos":
+        eos = getattr(engine.tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise InvalidInputError(f"--prefix-token eos needs a tokenizer with an end-of-text token, and {engine.description} "
+                                    "has none: give the token's id")
+        return eos
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidInputError(f"--prefix-token takes a token id or 'eos', got {value!r}") from None
 
 
-def _scores_line(scores: Scores) -> str:
-    return (f"perplexity {scores.perplexity:.4f} (mean NLL {scores.mean_nll:.5f} nats per token); "
+def _text_measures(scores: Scores, text: str | None) -> TextMeasures | None:
+    """The per-word and per-byte measures, where there is a whole text scored after a prefix token."""
+    return None if text is None or scores.prefix_token is None else scores.text_measures(text)
+
+
+def _scored(scores: Scores, text: str | None) -> dict:
+    measures = _text_measures(scores, text)
+    return {"perplexity": scores.perplexity, "mean_nll": scores.mean_nll, "ms_per_token": scores.ms_per_token,
+            **({} if measures is None else dataclasses.asdict(measures))}
+
+
+def _scores_line(scores: Scores, text: str | None) -> str:
+    line = (f"perplexity {scores.perplexity:.4f} (mean NLL {scores.mean_nll:.5f} nats per token); "
             f"{scores.ms_per_token:.3f} ms per token")
+    if (measures := _text_measures(scores, text)) is not None:
+        line += (f"; word perplexity {measures.word_perplexity:.4f} ({measures.words} words), byte perplexity "
+                 f"{measures.byte_perplexity:.5f}, {measures.bits_per_byte:.5f} bits per byte ({measures.bytes} bytes)")
+    return line
 
 
 # ----------------------------------------------------------------------------------------------

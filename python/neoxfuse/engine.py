@@ -43,7 +43,7 @@ from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpo
 from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.reference import ReferenceModel
 from neoxfuse.sampling import SamplingParams, choose, next_token
-from neoxfuse.scoring import Scores, resolve_stride, token_scores, windows
+from neoxfuse.scoring import Scores, resolve_stride, token_scores, windows, with_prefix
 from neoxfuse.weights import (ModelWeights, describe_checkpoint, from_hf, load_checkpoint, load_tokenizer, model_source, random_model,
                               read_checkpoint_config)
 
@@ -524,15 +524,17 @@ class Engine:
 
     @torch.inference_mode()
     def score(self, text: str | Sequence[int] | torch.Tensor, *, window: int | None = None, stride: int | None = None,
-              progress: bool = False) -> Scores:
+              prefix_token: int | None = None, progress: bool = False) -> Scores:
         """Teacher-forced scores of `text` (token ids, or text with a tokenizer) in windows of up to
         `window` tokens (max_seq_len by default) starting every `stride` tokens (window - 1 by default:
         overlapping by one token), each token after the first scored once, from the tokens before it
-        in its window (neoxfuse.scoring). Each window starts from an empty KV cache; its context-only
-        tokens are prefilled and every scored prediction is a decode step of the backend: on the fused
-        backend, the decode kernels. Scores.perplexity = exp(mean NLL). Leaves nothing for the prefix cache.
+        in its window (neoxfuse.scoring). With a `prefix_token` (e.g. the tokenizer's eos_token_id) it
+        goes first and the text's first token is scored too (then Scores.text_measures gives word and
+        byte perplexity). Each window starts from an empty KV cache; its context-only tokens are
+        prefilled and every scored prediction is a decode step of the backend: on the fused backend,
+        the decode kernels. Scores.perplexity = exp(mean NLL). Leaves nothing for the prefix cache.
         """
-        tokens = self._prompt_tokens(text, "text")
+        tokens = with_prefix(self._prompt_tokens(text, "text"), prefix_token, self.shape.vocab)
         window = self.max_seq_len if window is None else window
         spans = windows(len(tokens), window, stride)  # checks all three
         if window > self.max_seq_len:
@@ -557,7 +559,7 @@ class Engine:
                     bar.update(1)
         synchronize(self.device)
         return Scores(tokens, window, resolve_stride(window, stride), nll.double().cpu(), top1.cpu(),
-                      (time.perf_counter() - start) * 1e3)
+                      (time.perf_counter() - start) * 1e3, None if prefix_token is None else tokens[0])
 
     def _cache_for(self, prompt_tokens: list[int]) -> tuple[object, int]:
         """(cache, reused): the kept cache cut back to the longest prefix its tokens share with the

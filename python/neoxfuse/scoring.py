@@ -1,4 +1,4 @@
-"""Teacher-forced scoring: how well a model predicts a given text, token by token, and its perplexity.
+r"""Teacher-forced scoring: how well a model predicts a given text, token by token, and its perplexity.
 
     scores = engine.score(text_or_ids)                                     # the backend's decode steps
     hf = hf_scores(hf_model, scores.tokens, scores.window, scores.stride)   # HF: one forward per window
@@ -19,10 +19,21 @@ recipe; its stride is S). Through the engine each window runs from an empty KV c
 scored prediction is a decode step, so on the fused backend every scored logit comes from the
 decode kernels: the same text scored by HF (an independent implementation, loading the checkpoint
 itself) says whether the kernels are right on real text, not only on random tokens.
+
+With a prefix token P (for GPT-NeoX, the end-of-text id) the tokens scored are [P, x_0, ..., x_{n-1}],
+so every token of the text is scored, the first too, as lm-evaluation-harness's rolling
+loglikelihood does. Then the text's total NLL can be put per word and per byte of the text
+(Scores.text_measures: its wikitext measures, comparable across tokenizers):
+
+    word_perplexity = exp(sum_t nll_t / words)      words = len(re.split(r"\s+", text))
+    byte_perplexity = exp(sum_t nll_t / bytes)      bytes = len(text.encode("utf-8"))
+    bits_per_byte   = sum_t nll_t / (bytes * ln 2)
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +78,15 @@ def windows(n_tokens: int, window: int, stride: int | None = None) -> list[Span]
     return spans
 
 
+def with_prefix(tokens: list[object], prefix_token: int | None, vocab: int) -> list[int]:
+    """[prefix_token] + tokens (just tokens when it is None), each checked to be an id in [0, vocab)."""
+    if prefix_token is None:
+        return check_token_ids(tokens, vocab)
+    if not is_integer(prefix_token) or not 0 <= prefix_token < vocab:
+        raise InvalidInputError(f"prefix_token must be a token id in [0, {vocab}), got {prefix_token!r}")
+    return [int(prefix_token), *check_token_ids(tokens, vocab)]
+
+
 def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(nll [n] fp32, top1 [n] long) of logits [n, vocab] for targets [n]: -log softmax(logits)[target],
     and the most likely token, where each target was predicted."""
@@ -85,16 +105,28 @@ class ScoreDifference:
 
 
 @dataclass(frozen=True)
+class TextMeasures:
+    """A scored text's NLL per word and per byte (see the module docstring for the formulas)."""
+
+    words: int
+    bytes: int
+    word_perplexity: float
+    byte_perplexity: float
+    bits_per_byte: float
+
+
+@dataclass(frozen=True)
 class Scores:
     """Teacher-forced scores of `tokens` in windows of up to `window` tokens, `stride` tokens apart
     (see the module docstring)."""
 
-    tokens: list[int]  # the T tokens scored
+    tokens: list[int]  # the T tokens run: prefix_token (if set), then the text's
     window: int
     stride: int
     nll: torch.Tensor  # [T-1] fp64 on the CPU: nll[i] = -log p(tokens[i+1] | its window's tokens before it)
     top1: torch.Tensor  # [T-1] long on the CPU: the most likely token where tokens[i+1] was predicted
     elapsed_ms: float  # the time the scoring took (the device's work included)
+    prefix_token: int | None = None  # when set, tokens[0]: put before the text so that its first token is scored too
 
     @property
     def mean_nll(self) -> float:
@@ -115,6 +147,19 @@ class Scores:
     def windows(self) -> int:
         return len(windows(len(self.tokens), self.window, self.stride))
 
+    def text_measures(self, text: str) -> TextMeasures:
+        """Word and byte perplexity and bits per byte of `text`, whose tokens these scores are (after the
+        prefix token, which they need: without one the text's first token is not scored)."""
+        if self.prefix_token is None:
+            raise InvalidInputError("per-word and per-byte measures need every token of the text scored, the first too: "
+                                    "score it after a prefix token (prefix_token=, e.g. the tokenizer's end-of-text id)")
+        if not isinstance(text, str):
+            raise InvalidInputError(f"text_measures takes the text that was scored, a str; got {type(text).__name__}")
+        total = float(self.nll.sum())
+        words, size = len(re.split(r"\s+", text)), len(text.encode("utf-8"))
+        return TextMeasures(words=words, bytes=size, word_perplexity=math.exp(total / words),
+                            byte_perplexity=math.exp(total / size), bits_per_byte=total / (size * math.log(2)))
+
     def difference(self, other: Scores) -> ScoreDifference:
         """How far these scores are from `other`'s, which must score the same tokens in the same windows."""
         if (other.tokens, other.window, other.stride) != (self.tokens, self.window, self.stride):
@@ -128,10 +173,11 @@ class Scores:
 
 
 @torch.inference_mode()
-def hf_scores(model: torch.nn.Module, tokens: Sequence[int], window: int, stride: int | None = None) -> Scores:
-    """The scores of `tokens` by an HF causal LM (a GPTNeoXForCausalLM), one forward pass per window,
-    on the model's device and in its dtype."""
-    tokens = check_token_ids(list(tokens), model.config.vocab_size)
+def hf_scores(model: torch.nn.Module, tokens: Sequence[int], window: int, stride: int | None = None,
+              prefix_token: int | None = None) -> Scores:
+    """The scores of `tokens` (after `prefix_token`, if given) by an HF causal LM (a GPTNeoXForCausalLM),
+    one forward pass per window, on the model's device and in its dtype."""
+    tokens = with_prefix(list(tokens), prefix_token, model.config.vocab_size)
     spans = windows(len(tokens), window, stride)
     device = next(model.parameters()).device
     ids = torch.tensor(tokens, device=device)  # [T]
@@ -144,4 +190,4 @@ def hf_scores(model: torch.nn.Module, tokens: Sequence[int], window: int, stride
         nll[span.scored - 1 : span.end - 1], top1[span.scored - 1 : span.end - 1] = token_scores(logits, ids[span.scored : span.end])
     synchronize(device)
     return Scores(tokens, window, resolve_stride(window, stride), nll.double().cpu(), top1.cpu(),
-                  (time.perf_counter() - start) * 1e3)
+                  (time.perf_counter() - start) * 1e3, None if prefix_token is None else tokens[0])
