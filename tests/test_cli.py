@@ -234,7 +234,7 @@ def test_perplexity_of_a_text_file_with_hf_alongside(tiny_checkpoint_with_tokeni
     assert main([*args, "--max-tokens", "12", "--compare-hf", "--out", str(out_file)]) == 0
     out = capsys.readouterr().out
     engine = Engine(checkpoint, device="cpu", max_seq_len=5)
-    want = engine.score(engine.encode(text.read_text())[:12])
+    want = engine.score(engine.encode(text.read_text())[:12], window=5)
     results = json.loads(out_file.read_text())
     assert results["tokens"] == 12 and results["window"] == 5 and results["stride"] == 4 and results["windows"] == 3
     assert results["neoxfuse"]["perplexity"] == pytest.approx(want.perplexity, rel=1e-9)
@@ -244,7 +244,7 @@ def test_perplexity_of_a_text_file_with_hf_alongside(tiny_checkpoint_with_tokeni
     assert f"neoxfuse (reference): perplexity {want.perplexity:.4f}" in out and "HF transformers" in out
     assert main([*args, "--stride", "2", "--out", str(out_file)]) == 0  # every token, a window every 2 tokens, no HF
     out = capsys.readouterr().out
-    want = engine.score(engine.encode(text.read_text()), stride=2)
+    want = engine.score(engine.encode(text.read_text()), window=5, stride=2)
     results = json.loads(out_file.read_text())
     assert results["tokens"] == 14 and results["stride"] == 2 and results["windows"] == 6 and "hf" not in results
     assert results["neoxfuse"]["perplexity"] == pytest.approx(want.perplexity, rel=1e-9)
@@ -260,7 +260,7 @@ def test_perplexity_after_the_end_of_text_token_per_word_and_byte(tiny_checkpoin
     assert main([*args, "--compare-hf", "--out", str(out_file)]) == 0
     out = capsys.readouterr().out
     engine = Engine(checkpoint, device="cpu", max_seq_len=5)
-    want = engine.score(text, prefix_token=0)  # the word tokenizer's end of text is id 0
+    want = engine.score(text, window=5, prefix_token=0)  # the word tokenizer's end of text is id 0
     measures = want.text_measures(text)
     results = json.loads(out_file.read_text())
     assert results["tokens"] == 15 and results["prefix_token"] == 0 and results["windows"] == 4
@@ -276,7 +276,7 @@ def test_perplexity_after_the_end_of_text_token_per_word_and_byte(tiny_checkpoin
     results = json.loads(out_file.read_text())
     assert results["tokens"] == 7 and "word_perplexity" not in results["neoxfuse"]
     assert "no word or byte perplexity: they are of a whole text, and --max-tokens cut it" in out
-    assert results["neoxfuse"]["perplexity"] == pytest.approx(engine.score(engine.encode(text)[:6], prefix_token=0).perplexity)
+    assert results["neoxfuse"]["perplexity"] == pytest.approx(engine.score(engine.encode(text)[:6], window=5, prefix_token=0).perplexity)
 
 
 @pytest.mark.parametrize(
@@ -285,10 +285,10 @@ def test_perplexity_after_the_end_of_text_token_per_word_and_byte(tiny_checkpoin
         ([], "perplexity needs a text: --file PATH, --text TEXT or --tokens 1,2,3"),
         (["--text", "hello world"], "needs a tokenizer"),
         (["--tokens", "1,2", "--window", "1"], "--window must be at least 2"),
-        (["--tokens", "1,2", "--window", "300"], "a scoring window of 300 tokens is longer than the 256 positions of the KV cache"),
+        (["--tokens", "1,2", "--window", "300"], "a scoring window of 300 tokens runs the model on 299 positions (its last token is only predicted), more than the 256 of the KV cache"),
         (["--tokens", "1,2", "--max-tokens", "1"], "--max-tokens must be at least 2"),
         (["--tokens", "1,2", "--window", "4", "--stride", "4"], "from 1 to the window's 4 tokens minus one"),
-        (["--tokens", "1,2", "--stride", "0"], "the stride between scoring windows must be an integer from 1 to the window's 256"),
+        (["--tokens", "1,2", "--stride", "0"], "the stride between scoring windows must be an integer from 1 to the window's 257"),
         (["--tokens", "1"], "at least 2 tokens"),
         (["--tokens", "1,2", "--file", "x"], "not allowed with argument"),
         (["--file", "missing.txt"], "No such file"),

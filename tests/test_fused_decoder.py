@@ -1075,7 +1075,7 @@ def test_fused_engine_scores_a_text_as_hf_does(hf_models):
     tokens = torch.randint(0, model16.config.vocab_size, (255,)).tolist()
     engine = Engine(model16, max_seq_len=128)
     assert engine.backend_name == "fused", engine.backend_reason
-    got = engine.score(tokens, stride=64)
+    got = engine.score(tokens, window=128, stride=64)
     want = hf_scores(model32, tokens, 128, 64)
     difference, hf16 = got.difference(want), hf_scores(model16, tokens, 128, 64).difference(want)
     print(f"perplexity vs HF fp32: fused {difference.relative_perplexity:.2e} relative (max |d NLL| {difference.max_abs_nll:.2e}, "

@@ -108,13 +108,27 @@ def test_engine_scores_through_decode_steps_what_hf_scores(hf_model, window, str
 
 
 @torch.inference_mode()
+def test_the_default_window_runs_the_models_every_position(hf_model):
+    # 256 positions: windows of 257 tokens, each predicting 256 (the first from the prefix token alone),
+    # as lm-evaluation-harness's rolling windows do; HF runs the same 256 tokens per window.
+    positions = hf_model.config.max_position_embeddings
+    tokens = _tokens(2 * positions + 10, hf_model.config.vocab_size, seed=6)
+    got = Engine(hf_model, device="cpu").score(tokens, prefix_token=0)
+    want = hf_scores(hf_model, tokens, positions + 1, prefix_token=0)
+    assert got.window == positions + 1 and got.stride == positions and got.windows == 3
+    assert got.difference(want).max_abs_nll < 1e-4
+    ids = torch.tensor([[0, *tokens[: positions - 1]]])  # the first window: HF's loss is its mean NLL
+    assert float(got.nll[: positions - 1].mean()) == pytest.approx(float(hf_model(ids, labels=ids).loss), abs=1e-5)
+
+
+@torch.inference_mode()
 def test_each_window_starts_from_an_empty_cache(hf_model):
     # The second window [4, 9) predicts token 5 from token 4 alone, as a fresh two-token text does.
     tokens = _tokens(9, hf_model.config.vocab_size, seed=2)
     engine = Engine(hf_model, device="cpu", max_seq_len=16)
     scores = engine.score(tokens, window=5)
     assert float(scores.nll[4]) == pytest.approx(float(engine.score(tokens[4:6]).nll[0]), abs=1e-6)
-    assert engine.score(tokens).window == 16  # max_seq_len by default
+    assert engine.score(tokens).window == 17  # max_seq_len + 1 by default: the last token only predicted
 
 
 @torch.inference_mode()
@@ -141,8 +155,12 @@ def test_scoring_leaves_nothing_for_the_prefix_cache(hf_model):
 
 def test_engine_score_refuses_bad_requests(hf_model):
     engine = Engine(hf_model, device="cpu", max_seq_len=8)
-    with pytest.raises(SequenceTooLongError, match="window of 9 tokens is longer than the 8 positions .* the model.s 256"):
-        engine.score([1, 2, 3], window=9)
+    with pytest.raises(SequenceTooLongError, match="window of 10 tokens runs the model on 9 positions .* more than the 8 of "
+                                                   "the KV cache: use a window of at most 9 tokens .* the model.s 256"):
+        engine.score([1, 2, 3], window=10)
+    with pytest.raises(SequenceTooLongError, match="window of 258 tokens runs the model on 257 positions .* more than the "
+                                                   "model's 256: use a window of at most 257"):
+        hf_scores(hf_model, [1, 2, 3], 258)
     with pytest.raises(InvalidInputError, match="at least 2"):
         engine.score([1, 2, 3], window=1)
     with pytest.raises(InvalidInputError, match="stride"):

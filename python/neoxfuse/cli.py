@@ -341,7 +341,8 @@ def _add_perplexity_arguments(parser: argparse.ArgumentParser) -> None:
     text.add_argument("--text", help="text to score (needs a checkpoint with a tokenizer)")
     text.add_argument("--tokens", type=_token_list, help="token ids to score, comma-separated: 1,2,3")
     parser.add_argument("--max-tokens", type=int, help="score only the text's first N tokens (default: all)")
-    parser.add_argument("--window", type=int, help="tokens per window, context included (default: the model's maximum)")
+    parser.add_argument("--window", type=int, help="tokens per window, context included; the model runs all but the last, "
+                        "which is only predicted (default: the model's positions plus one, so a window uses them all)")
     parser.add_argument("--stride", type=int, help="tokens between the starts of windows, from 1 to the window minus one; "
                         "each window scores only tokens no earlier one scored, so a smaller stride gives each more context "
                         "and costs more (default: the window minus one, windows overlapping by one token)")

@@ -526,7 +526,8 @@ class Engine:
     def score(self, text: str | Sequence[int] | torch.Tensor, *, window: int | None = None, stride: int | None = None,
               prefix_token: int | None = None, progress: bool = False) -> Scores:
         """Teacher-forced scores of `text` (token ids, or text with a tokenizer) in windows of up to
-        `window` tokens (max_seq_len by default) starting every `stride` tokens (window - 1 by default:
+        `window` tokens (max_seq_len + 1 by default: the model runs all but a window's last token, which
+        is only predicted, so each window uses the whole KV cache) starting every `stride` tokens (window - 1 by default:
         overlapping by one token), each token after the first scored once, from the tokens before it
         in its window (neoxfuse.scoring). With a `prefix_token` (e.g. the tokenizer's eos_token_id) it
         goes first and the text's first token is scored too (then Scores.text_measures gives word and
@@ -535,11 +536,12 @@ class Engine:
         the decode kernels. Scores.perplexity = exp(mean NLL). Leaves nothing for the prefix cache.
         """
         tokens = with_prefix(self._prompt_tokens(text, "text"), prefix_token, self.shape.vocab)
-        window = self.max_seq_len if window is None else window
+        window = self.max_seq_len + 1 if window is None else window
         spans = windows(len(tokens), window, stride)  # checks all three
-        if window > self.max_seq_len:
-            raise SequenceTooLongError(f"a scoring window of {window} tokens is longer than the {self.max_seq_len} positions of "
-                                       f"the KV cache: use a window of at most that (or an Engine with a larger max_seq_len, up "
+        if window - 1 > self.max_seq_len:
+            raise SequenceTooLongError(f"a scoring window of {window} tokens runs the model on {window - 1} positions (its last "
+                                       f"token is only predicted), more than the {self.max_seq_len} of the KV cache: use a window "
+                                       f"of at most {self.max_seq_len + 1} tokens (or an Engine with a larger max_seq_len, up "
                                        f"to the model's {self.shape.max_positions} positions)")
         self._kept = None
         cache = self.backend.new_cache()

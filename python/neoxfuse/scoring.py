@@ -13,7 +13,10 @@ scored exactly once:
     mean NLL = sum_t nll_t / (T-1)                 perplexity = exp(mean NLL)
 
 By default S = W-1: the windows overlap by one token, one model step per token, and a token has 1
-to W-1 tokens of context. A smaller stride gives every token after the first window at least W-S
+to W-1 tokens of context. The model runs a window's first W-1 tokens (its last is only predicted),
+so W can be one more than the model's positions; through the engine it is by default, each window
+then predicting as many tokens as the model has positions (as lm-evaluation-harness's rolling
+windows do). A smaller stride gives every token after the first window at least W-S
 tokens of context, at the price of running those again (HF's "perplexity of fixed-length models"
 recipe; its stride is S). Through the engine each window runs from an empty KV cache and every
 scored prediction is a decode step, so on the fused backend every scored logit comes from the
@@ -43,11 +46,11 @@ import torch
 
 from neoxfuse.checks import check_token_ids, is_integer
 from neoxfuse.device import synchronize
-from neoxfuse.errors import InvalidInputError
+from neoxfuse.errors import InvalidInputError, SequenceTooLongError
 
 
 class Span(NamedTuple):
-    """One window: the model runs tokens [start, end) and scores its predictions of tokens [scored, end)."""
+    """One window: the model runs tokens [start, end - 1) and scores its predictions of tokens [scored, end)."""
 
     start: int
     scored: int  # > start: the token before it is context
@@ -179,6 +182,9 @@ def hf_scores(model: torch.nn.Module, tokens: Sequence[int], window: int, stride
     one forward pass per window, on the model's device and in its dtype."""
     tokens = with_prefix(list(tokens), prefix_token, model.config.vocab_size)
     spans = windows(len(tokens), window, stride)
+    if window - 1 > (positions := model.config.max_position_embeddings):
+        raise SequenceTooLongError(f"a scoring window of {window} tokens runs the model on {window - 1} positions (its last token "
+                                   f"is only predicted), more than the model's {positions}: use a window of at most {positions + 1}")
     device = next(model.parameters()).device
     ids = torch.tensor(tokens, device=device)  # [T]
     nll = torch.empty(len(tokens) - 1, device=device)  # [T-1]: nll[t - 1] scores tokens[t]
@@ -186,7 +192,7 @@ def hf_scores(model: torch.nn.Module, tokens: Sequence[int], window: int, stride
     synchronize(device)
     start = time.perf_counter()
     for span in spans:
-        logits = model(ids[None, span.start : span.end]).logits[0, span.scored - 1 - span.start : -1]  # [end - scored, vocab]
+        logits = model(ids[None, span.start : span.end - 1]).logits[0, span.scored - 1 - span.start :]  # [end - scored, vocab]
         nll[span.scored - 1 : span.end - 1], top1[span.scored - 1 : span.end - 1] = token_scores(logits, ids[span.scored : span.end])
     synchronize(device)
     return Scores(tokens, window, resolve_stride(window, stride), nll.double().cpu(), top1.cpu(),
