@@ -99,6 +99,11 @@ def test_generate_from_a_checkpoint_and_sampling_options(tiny_checkpoint, capsys
     assert "draws these tokens again" not in capsys.readouterr().out
     assert main(args) == 0
     assert "random-initialised" not in capsys.readouterr().err
+    engine = Engine(str(tiny_checkpoint), device="cpu")
+    want = engine.generate([5, 6], 12, SamplingParams(repetition_penalty=0.3)).tokens  # it makes this model repeat itself
+    assert main([*args, "--max-new-tokens", "12", "--repetition-penalty", "0.3"]) == 0
+    assert f"generated (12 tokens): {','.join(map(str, want))}" in capsys.readouterr().out
+    assert want != engine.generate([5, 6], 12).tokens
 
 
 def test_generate_streams_ids_or_text(tiny_checkpoint, tiny_checkpoint_with_tokenizer, capsys):

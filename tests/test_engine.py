@@ -214,10 +214,10 @@ def test_hf_generate_falls_back_on_transformers_defaults(hf_model, engine):
 def test_hf_generate_takes_other_options_where_they_change_nothing(hf_model, monkeypatch):
     ids = torch.tensor([[5, 6, 7]])
     want = neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6)
-    neutral = {"num_beams": 1, "repetition_penalty": 1.0, "use_cache": False, "output_attentions": True, "length_penalty": 2.0,
+    neutral = {"num_beams": 1, "no_repeat_ngram_size": 0, "use_cache": False, "output_attentions": True, "length_penalty": 2.0,
                "return_dict_in_generate": False, "bos_token_id": 3}
     assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **neutral).tolist() == want.tolist()
-    for name, value in [("num_beams", 2), ("repetition_penalty", 1.3), ("min_new_tokens", 4), ("return_dict_in_generate", True),
+    for name, value in [("num_beams", 2), ("typical_p", 0.9), ("min_new_tokens", 4), ("return_dict_in_generate", True),
                         ("stop_strings", ["w1"]), ("no_repeat_ngram_size", 2), ("max_time", 1.0)]:
         with pytest.raises(InvalidInputError, match=re.escape(f"{name}={value!r} (set in the call) would change what model.generate")):
             neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **{name: value})
@@ -231,13 +231,32 @@ def test_hf_generate_takes_other_options_where_they_change_nothing(hf_model, mon
     assert got.tolist() == hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=passed).tolist()
     assert got.shape[1] < want.shape[1]
     # A checkpoint's generation config that model.generate would follow is refused, not ignored ...
-    monkeypatch.setattr(hf_model.generation_config, "repetition_penalty", 1.2)
-    with pytest.raises(InvalidInputError, match=r"repetition_penalty=1.2 \(set in the generation config\)"):
+    monkeypatch.setattr(hf_model.generation_config, "no_repeat_ngram_size", 3)
+    with pytest.raises(InvalidInputError, match=r"no_repeat_ngram_size=3 \(set in the generation config\)"):
         neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6)
     # ... unless the call sets it back to where it changes nothing.
-    assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, repetition_penalty=1.0).tolist() == got.tolist()
-    assert neoxfuse.hf.generate(hf_model, ids, generation_config=GenerationConfig(max_new_tokens=6, repetition_penalty=1.0)
+    assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, no_repeat_ngram_size=0).tolist() == got.tolist()
+    assert neoxfuse.hf.generate(hf_model, ids, generation_config=GenerationConfig(max_new_tokens=6, no_repeat_ngram_size=0)
                                 ).tolist() == got.tolist()
+
+
+def test_hf_generate_applies_a_repetition_penalty_as_model_generate_does(hf_model, engine, monkeypatch):
+    # Greedy: model.generate's tokens, whether the call or the generation config sets the penalty;
+    # the random model repeats itself, so the penalty changes them. Sampled: the Engine's draws.
+    ids = torch.tensor([[5, 6, 7, 5]])
+    greedy = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 40, "do_sample": False, "eos_token_id": None}
+    plain = hf_model.generate(ids, **greedy)
+    for penalty in (1.3, 0.7):
+        want = hf_model.generate(ids, repetition_penalty=penalty, **greedy)
+        assert want.tolist() != plain.tolist()
+        assert neoxfuse.hf.generate(hf_model, ids, repetition_penalty=penalty, **greedy).tolist() == want.tolist()
+    monkeypatch.setattr(hf_model.generation_config, "repetition_penalty", 1.3)
+    assert neoxfuse.hf.generate(hf_model, ids, **greedy).tolist() == hf_model.generate(ids, **greedy).tolist()
+    sampled = {"max_new_tokens": 12, "do_sample": True, "top_k": 0, "seed": 4, "eos_token_id": ()}
+    got = neoxfuse.hf.generate(hf_model, ids, repetition_penalty=0.3, **sampled)  # the call's penalty over the config's
+    rule = SamplingParams(temperature=1.0, seed=4, repetition_penalty=0.3)
+    assert got[0, 4:].tolist() == engine.generate([5, 6, 7, 5], 12, rule).tokens
+    assert got.tolist() != neoxfuse.hf.generate(hf_model, ids, repetition_penalty=1.0, **sampled).tolist()
 
 
 def test_new_tokens_stream_in_order_and_stop_at_the_stop_token(engine):

@@ -435,14 +435,25 @@ def _decode_step_tokens(backend, prompt, sampling, steps, device):
     from the logits returned. (the prefill's argmax, the chosen tokens, the rng they were drawn with)"""
     cache = backend.new_cache()
     first = int(backend.prefill(prompt, cache).argmax())
-    rng, chosen, token = sampling.rng(device), [], first
+    rng, seen, chosen, token = sampling.rng(device), _seen(backend, prompt, first, sampling), [], first
     for _ in range(steps):
-        token = next_token(backend.decode_step(token, cache), sampling, rng)
+        token = next_token(backend.decode_step(token, cache), sampling, rng, seen)
         chosen.append(token)
     return first, chosen, rng
 
 
-@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, top_k=40, seed=2)], ids=["greedy", "sampled"])
+def _seen(backend, prompt, first, sampling):
+    """What a repetition penalty applies to after `prompt` and the token `first` (None without one)."""
+    return sampling.seen([*prompt.tolist(), first], backend.shape.vocab, prompt.device)
+
+
+# A penalty below 1 makes the tiny random models repeat themselves, so it changes their choices
+# (above 1 it changes nothing there: they do not repeat).
+_PENALIZED = [SamplingParams(repetition_penalty=0.3), SamplingParams(temperature=1.5, top_k=40, seed=2, repetition_penalty=0.3)]
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, top_k=40, seed=2), *_PENALIZED],
+                         ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized"])
 def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(oracle_backend, sampling):
     backend = oracle_backend[0]
     prompt = torch.tensor([3, 1, 4, 1, 5])
@@ -450,16 +461,19 @@ def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(
 
     cache = backend.new_cache()
     backend.prefill(prompt, cache)
-    rng = sampling.rng("cpu")
-    got = backend.decode_tokens(first, cache, 5, sampling, rng, StepClock(torch.device("cpu"))).tolist()
-    got += backend.decode_tokens(got[-1], cache, 7, sampling, rng, StepClock(torch.device("cpu"))).tolist()
+    rng, seen = sampling.rng("cpu"), _seen(backend, prompt, first, sampling)
+    got = backend.decode_tokens(first, cache, 5, sampling, rng, StepClock(torch.device("cpu")), seen).tolist()
+    got += backend.decode_tokens(got[-1], cache, 7, sampling, rng, StepClock(torch.device("cpu")), seen).tolist()
     assert got == want[:12]
     assert cache.length == int(backend._position) == 17
-    assert next_token(backend.decode_step(got[-1], cache), sampling, rng) == want[12]
+    assert next_token(backend.decode_step(got[-1], cache), sampling, rng, seen) == want[12]
+    if sampling.penalized:  # every token chosen is now penalized, and the penalty changed the choices
+        assert seen.nonzero().flatten().tolist() == sorted({3, 1, 4, 5, first, *want})
+        assert want != _decode_step_tokens(backend, prompt, dataclasses.replace(sampling, repetition_penalty=1.0), 13, "cpu")[1]
     with pytest.raises(SequenceTooLongError):
-        backend.decode_tokens(got[-1], cache, 23, sampling, rng, StepClock(torch.device("cpu")))
+        backend.decode_tokens(got[-1], cache, 23, sampling, rng, StepClock(torch.device("cpu")), seen)
     with pytest.raises(InvalidInputError, match="steps"):
-        backend.decode_tokens(got[-1], cache, 0, sampling, rng, StepClock(torch.device("cpu")))
+        backend.decode_tokens(got[-1], cache, 0, sampling, rng, StepClock(torch.device("cpu")), seen)
     assert cache.length == 18
 
 
@@ -517,7 +531,11 @@ def test_backend_keeps_a_graph_per_selection_rule_and_the_last_sampling_ones(ora
     assert sampled == [0.7, 0.8, 0.9, 0.5]
     assert None in backend._graphs and SamplingParams() in backend._graphs
     assert all(rule is None or rule.seed is None for rule in backend._graphs)
-    assert cache.length == 3 + 1 + 2 + 2 * len(temperatures)
+    penalized = SamplingParams(repetition_penalty=1.2)  # a greedy rule, but not plain greedy's: it drops 0.7
+    backend.decode_tokens(7, cache, 2, penalized, None, StepClock(torch.device("cpu")), penalized.seen([7], 300, "cpu"))
+    assert [rule for rule in backend._graphs if rule not in (None, SamplingParams())] == [
+        *(SamplingParams(temperature=t) for t in (0.8, 0.9, 0.5)), penalized]
+    assert cache.length == 3 + 1 + 2 + 2 * len(temperatures) + 2
 
 
 class _EmulatedKernels(_OracleKernels):
@@ -613,23 +631,24 @@ def test_emulated_engine_scores_on_the_fused_backend_what_hf_scores(monkeypatch,
 
 
 @torch.inference_mode()
-def test_emulated_backend_draws_in_the_step_what_the_pytorch_race_draws_after_decode_steps(monkeypatch, emulated):
+@pytest.mark.parametrize("penalty", [1.0, 0.3])
+def test_emulated_backend_draws_in_the_step_what_the_pytorch_race_draws_after_decode_steps(monkeypatch, emulated, penalty):
     # The sampling kernel inside the step (as the GPU's graph holds it) against decode_step's
     # logits sampled from with PyTorch ops: the same seed gives the same tokens, and rng ends
-    # advanced by one per token either way.
+    # advanced by one per token either way; with a repetition penalty too.
     monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
     backend = FusedBackend(from_hf(random_model(pythia_config("tiny", **TINY), seed=4)).to(dtype=torch.float16), 32,
                            use_graph=False)
-    sampling = SamplingParams(temperature=1.3, top_k=50, top_p=0.95, seed=2**40 + 9)
+    sampling = SamplingParams(temperature=1.3, top_k=50, top_p=0.95, seed=2**40 + 9, repetition_penalty=penalty)
     prompt = torch.tensor([9, 2, 6])
     first, want, rng = _decode_step_tokens(backend, prompt, sampling, 10, "cpu")
     assert rng.tolist() == [2**40 + 9, 10]
 
     cache = backend.new_cache()
     backend.prefill(prompt, cache)
-    rng = sampling.rng("cpu")
-    got = backend.decode_tokens(first, cache, 6, sampling, rng, StepClock(torch.device("cpu"))).tolist()
-    got += backend.decode_tokens(got[-1], cache, 4, sampling, rng, StepClock(torch.device("cpu"))).tolist()
+    rng, seen = sampling.rng("cpu"), _seen(backend, prompt, first, sampling)
+    got = backend.decode_tokens(first, cache, 6, sampling, rng, StepClock(torch.device("cpu")), seen).tolist()
+    got += backend.decode_tokens(got[-1], cache, 4, sampling, rng, StepClock(torch.device("cpu")), seen).tolist()
     assert got == want
     assert rng.tolist() == [2**40 + 9, 10]
     assert len(set(want)) > 3  # a real draw, not the argmax every step
@@ -1212,7 +1231,8 @@ def test_graph_replay_equals_eager_and_runs_are_bitwise_identical(hf_models):
 @pytest.mark.gpu
 @torch.inference_mode()
 @pytest.mark.parametrize("use_graph", [True, False])
-@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=5)], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=5), *_PENALIZED],
+                         ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized"])
 def test_tokens_chosen_on_the_device_equal_tokens_chosen_from_decode_steps(hf_models, use_graph, sampling):
     # decode_tokens keeps each step's token on the device (written by the step: the argmax, or the
     # sampling kernel); decode_step returns logits for the host. Same kernels in the same order, the
@@ -1224,14 +1244,14 @@ def test_tokens_chosen_on_the_device_equal_tokens_chosen_from_decode_steps(hf_mo
 
     cache = backend.new_cache()  # the same storage, from position 0 again
     backend.prefill(prompt, cache)
-    rng = sampling.rng("cuda")
+    rng, seen = sampling.rng("cuda"), _seen(backend, prompt, first, sampling)
     clock = StepClock(torch.device("cuda"))
-    got = backend.decode_tokens(first, cache, 12, sampling, rng, clock).tolist()
+    got = backend.decode_tokens(first, cache, 12, sampling, rng, clock, seen).tolist()
     assert len(clock.intervals_ms()) == 12 and all(ms > 0 for ms in clock.intervals_ms())
-    got += backend.decode_tokens(got[-1], cache, 8, sampling, rng, StepClock(torch.device("cuda"))).tolist()
+    got += backend.decode_tokens(got[-1], cache, 8, sampling, rng, StepClock(torch.device("cuda")), seen).tolist()
     assert got == want[:20]
     assert cache.length == int(backend._position) == 28
-    assert next_token(backend.decode_step(got[-1], cache), sampling, rng) == want[20]  # decode_step goes on from there
+    assert next_token(backend.decode_step(got[-1], cache), sampling, rng, seen) == want[20]  # decode_step goes on from there
 
 
 @pytest.mark.gpu

@@ -42,6 +42,13 @@ def _shuffled_logits(probs: list[float], generator: torch.Generator) -> tuple[to
         {"top_p": "1"},
         {"top_p": None},
         {"seed": 1.0},
+        {"repetition_penalty": 0.0},
+        {"repetition_penalty": -1.2},
+        {"repetition_penalty": float("inf")},
+        {"repetition_penalty": float("nan")},
+        {"repetition_penalty": "1.2"},
+        {"repetition_penalty": None},
+        {"repetition_penalty": True},
     ],
 )
 def test_invalid_sampling_parameters_are_rejected(kwargs):
@@ -50,9 +57,11 @@ def test_invalid_sampling_parameters_are_rejected(kwargs):
 
 
 def test_numpy_numbers_are_taken_as_pythons():
-    params = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.9), seed=np.uint32(7))
-    assert params == SamplingParams(temperature=0.5, top_k=5, top_p=0.9, seed=7)
-    assert [type(v) for v in (params.temperature, params.top_k, params.top_p, params.seed)] == [float, int, float, int]
+    params = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.9), seed=np.uint32(7),
+                            repetition_penalty=np.float32(1.5))
+    assert params == SamplingParams(temperature=0.5, top_k=5, top_p=0.9, seed=7, repetition_penalty=1.5)
+    assert [type(v) for v in (params.temperature, params.top_k, params.top_p, params.seed, params.repetition_penalty)] == [
+        float, int, float, int, float]
 
 
 def test_greedy_is_argmax():
@@ -240,6 +249,44 @@ def test_race_does_not_read_the_host_and_leaves_the_seed():
 def test_sampled_choice_needs_the_random_state():
     with pytest.raises(InvalidInputError, match="random state"):
         choose(torch.randn(10), SamplingParams(temperature=1.0))
+    with pytest.raises(InvalidInputError, match="a repetition penalty needs the tokens seen so far"):
+        choose(torch.randn(10), SamplingParams(repetition_penalty=1.2))
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.6, 2.0])
+def test_repetition_penalty_is_transformers_logits_processor(penalty):
+    # transformers' RepetitionPenaltyLogitsProcessor over the sequence's ids (repeats included) is
+    # penalize() over the mask of the ids seen; positive, negative and zero logits.
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(50, generator=generator) * 4  # [vocab]
+    logits[[7, 9]] = 0.0
+    ids = torch.tensor([3, 7, 3, 11, 40, 9, 12, 49])  # 3 twice
+    params = SamplingParams(repetition_penalty=penalty)
+    seen = params.seen(ids.tolist(), 50, "cpu")
+    assert seen.nonzero().flatten().tolist() == sorted(set(ids.tolist()))
+    want = RepetitionPenaltyLogitsProcessor(penalty)(ids[None], logits[None].clone())[0]
+    assert torch.equal(sampling.penalize(logits, seen, penalty), want)
+    assert torch.equal(sampling.penalize(logits.half(), seen, penalty), sampling.penalize(logits.half().float(), seen, penalty))
+
+
+def test_a_penalized_choice_is_of_the_penalized_logits_and_adds_its_token():
+    logits = torch.tensor([0.0, 5.0, 4.0, -1.0, 3.0])
+    params = SamplingParams(repetition_penalty=2.0)
+    seen = params.seen([1], 5, "cpu")
+    assert next_token(logits, params, seen=seen) == 2  # 5 / 2 < 4
+    assert seen.tolist() == [False, True, True, False, False]
+    assert next_token(logits, params, seen=seen) == 4  # 4 / 2 < 3
+    assert next_token(logits, params, seen=seen) == 1  # 5 / 2 > 4 / 2, 3 / 2 and 0
+    sampled = SamplingParams(temperature=1.0, top_k=2, seed=5, repetition_penalty=2.0)
+    rng, seen = sampled.rng("cpu"), sampled.seen([1, 2], 5, "cpu")
+    drawn = next_token(logits, sampled, rng, seen)
+    want = exponential_race(probabilities(sampling.penalize(logits, sampled.seen([1, 2], 5, "cpu"), 2.0), sampled),
+                            sampled.rng("cpu"))
+    assert drawn == int(want) and drawn in (1, 4)  # the top 2 of [0, 2.5, 2, -1, 3]
+    assert bool(seen[drawn]) and int(rng[1]) == 1
+    assert SamplingParams().seen([1], 5, "cpu") is None and not SamplingParams().penalized
 
 
 @pytest.mark.parametrize("weights, rng, message", [

@@ -129,11 +129,12 @@ class Backend(ABC):
         SequenceTooLongError when full."""
 
     def decode_tokens(self, token: int, cache, steps: int, sampling: SamplingParams, rng: torch.Tensor | None,
-                      clock: StepClock) -> torch.Tensor:
+                      clock: StepClock, seen: torch.Tensor | None = None) -> torch.Tensor:
         """Decodes `steps` tokens after `token` (at position cache.length) without waiting for the
-        device: token i+1 = neoxfuse.sampling.choose(logits of token i, sampling, rng). The
+        device: token i+1 = neoxfuse.sampling.choose(logits of token i, sampling, rng, seen). The
         chosen tokens [steps] (long, on the device); clock.mark() after each step; cache.length
-        grows by `steps`.
+        grows by `steps`; rng advances by `steps` draws when sampled, seen gains the chosen tokens
+        when a repetition penalty applies.
 
         This default runs decode_step and choose per step; a backend overrides it to keep more
         of the loop on the device (the fused backend replays a CUDA graph per step).
@@ -141,7 +142,7 @@ class Backend(ABC):
         chosen = []
         current: int | torch.Tensor = token
         for _ in range(steps):
-            current = choose(self.decode_step(current, cache), sampling, rng)  # [1]
+            current = choose(self.decode_step(current, cache), sampling, rng, seen)  # [1]
             chosen.append(current)
             clock.mark()
         return torch.cat(chosen)
@@ -498,12 +499,13 @@ class Engine:
             )
         sampling = sampling.seeded()  # an unseeded request gets its seed here, reported in the result
         rng = sampling.rng(self.device)  # [seed, draw] on the device
+        seen = sampling.seen(prompt_tokens, self.shape.vocab, self.device)  # [vocab] bool, with a repetition penalty
         cache, reused = self._cache_for(prompt_tokens)
         prompt_tensor = torch.tensor(prompt_tokens[reused:], dtype=torch.long, device=self.device)  # [T - reused]
 
         synchronize(self.device)
         start = time.perf_counter()
-        token = next_token(self.backend.prefill(prompt_tensor, cache), sampling, rng)  # int(): waits for the GPU
+        token = next_token(self.backend.prefill(prompt_tensor, cache), sampling, rng, seen)  # int(): waits for the GPU
         result = Generation(prompt_tokens, [], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed,
                             reused_tokens=reused)
         stopped = _take(result, [token], [], stop_rule, on_tokens)
@@ -511,7 +513,7 @@ class Engine:
             bar.update(1)
             while not stopped and len(result.tokens) < max_new_tokens:
                 steps = min(DECODE_CHUNK, max_new_tokens - len(result.tokens))
-                tokens, times = self._decode_chunk(token, cache, steps, sampling, rng)
+                tokens, times = self._decode_chunk(token, cache, steps, sampling, rng, seen)
                 token = tokens[-1]
                 taken = len(result.tokens)
                 stopped = _take(result, tokens, times, stop_rule, on_tokens)
@@ -590,12 +592,12 @@ class Engine:
                                     f"{self.description} has none; use stop_token_ids instead")
         return texts
 
-    def _decode_chunk(self, token: int, cache, steps: int, sampling: SamplingParams,
-                      rng: torch.Tensor | None) -> tuple[list[int], list[float]]:
+    def _decode_chunk(self, token: int, cache, steps: int, sampling: SamplingParams, rng: torch.Tensor | None,
+                      seen: torch.Tensor | None) -> tuple[list[int], list[float]]:
         """`steps` tokens after `token` and each one's step time in ms, decoded on the device with one
         wait at the end."""
         clock = StepClock(self.device)
-        tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock).tolist()
+        tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock, seen).tolist()
         return tokens, clock.intervals_ms()
 
 

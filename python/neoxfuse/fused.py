@@ -8,13 +8,15 @@ A decode step at position p = cache.length is
     p      = p + 1
     tokens[p] = argmax(logits)                            (greedy steps)
     tokens[p] = sample(logits, rule, rng)                 (sampled steps: neoxfuse.sampling's rule)
+    (with a repetition penalty, of penalize(logits, seen), and seen[tokens[p]] = true)
 
-all on the GPU, with the tokens, p and the sampler's random state rng = [seed, draw] in device
-memory (the sampling kernel advances rng), so the whole step, token choice included, is captured once
-as a CUDA graph and replayed for every later token (no per-kernel Python cost). The first step
-of a cache runs eagerly (it also warms up the kernels' plan), then the graph is captured: one
-graph for logits-only steps, one for greedy steps and one per sampling rule (temperature, top-k,
-top-p) used, the last MAX_SAMPLING_GRAPHS of them kept. decode_step writes tokens[p] from the host and returns the logits; decode_tokens
+all on the GPU, with the tokens, p, the sampler's random state rng = [seed, draw] and the tokens
+seen so far in device memory (the sampling kernel advances rng), so the whole step, token choice
+included, is captured once as a CUDA graph and replayed for every later token (no per-kernel
+Python cost). The first step of a cache runs eagerly (it also warms up the kernels' plan), then
+the graph is captured: one graph for logits-only steps, one for plain greedy steps and one per
+other rule used (temperature, top-k, top-p, repetition penalty), the last MAX_SAMPLING_GRAPHS of
+those kept. decode_step writes tokens[p] from the host and returns the logits; decode_tokens
 replays a graph `steps` times with nothing between replays and no host wait, so the GPU does not
 idle waiting for Python between tokens.
 
@@ -41,11 +43,12 @@ from neoxfuse.engine import Availability, Backend, StepClock, register_backend
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError, NeoxfuseError
 from neoxfuse.ops import fused_decoder as ops
 from neoxfuse.reference import KVCache, ReferenceModel
-from neoxfuse.sampling import SamplingParams, check_rng, exponential_race, probabilities
+from neoxfuse.sampling import SamplingParams, check_rng, exponential_race, penalize, probabilities
 from neoxfuse.weights import ModelWeights
 
 
-MAX_SAMPLING_GRAPHS = 4  # step graphs kept for sampling rules; capturing a fifth drops the oldest
+MAX_SAMPLING_GRAPHS = 4  # step graphs kept for rules but plain greedy's; capturing a fifth drops the oldest
+_ALWAYS_KEPT = (None, SamplingParams())  # the graphs of logits-only and of plain greedy steps
 
 
 @register_backend
@@ -105,6 +108,7 @@ class FusedBackend(Backend):
         self._logits = buffer(shape.vocab, torch.float32)  # [vocab]
         self._rng = buffer(2, torch.long)  # [2] the sampler's [seed, draw]
         self._drawn = buffer(1, torch.long)  # [1] a sampled step's token
+        self._seen = buffer(shape.vocab, torch.bool)  # [vocab] the tokens a repetition penalty applies to
         self._device_length: int | None = None  # what self._position holds, when known on the host
         self._storage: KVCache | None = None
         self._graphs: dict[SamplingParams | None, torch.cuda.CUDAGraph] = {}  # selection rule -> the step's graph
@@ -132,23 +136,27 @@ class FusedBackend(Backend):
         return self._logits.clone()
 
     def decode_tokens(self, token: int | torch.Tensor, cache: KVCache, steps: int, sampling: SamplingParams,
-                      rng: torch.Tensor | None, clock: StepClock) -> torch.Tensor:
+                      rng: torch.Tensor | None, clock: StepClock, seen: torch.Tensor | None = None) -> torch.Tensor:
         """Backend.decode_tokens on the device: `steps` graph replays, each writing its chosen token
         into the device's token buffer for the next; the chosen tokens [steps] (long, on the GPU).
-        Sampled steps draw with the backend's copy of rng, copied back to rng afterwards (advanced
-        by `steps`). The same errors as decode_step, before anything runs."""
+        Sampled steps draw with the backend's copy of rng, and penalized ones read and extend its copy
+        of seen, both copied back afterwards. The same errors as decode_step, before anything runs."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidInputError(f"steps must be an integer >= 1, got {steps!r}")
-        check_rng(sampling, rng)
+        check_rng(sampling, rng, seen)
         start = self._start(token, cache, steps)
         selection = _selection_rule(sampling)
         if not sampling.greedy:
             self._rng.copy_(rng)
+        if sampling.penalized:
+            self._seen.copy_(seen)
         for _ in range(steps):
             self._run(cache, selection)
             clock.mark()
         if not sampling.greedy:
             rng.copy_(self._rng)
+        if sampling.penalized:
+            seen.copy_(self._seen)
         self._advance(cache, steps)
         return self._tokens[start + 1 : start + 1 + steps].clone()
 
@@ -178,9 +186,9 @@ class FusedBackend(Backend):
             return
         self._step(cache, selection)
         if self.use_graph:
-            if selection is not None and not selection.greedy:
-                sampled = [rule for rule in self._graphs if rule is not None and not rule.greedy]
-                for rule in sampled[: max(0, len(sampled) - MAX_SAMPLING_GRAPHS + 1)]:
+            if selection not in _ALWAYS_KEPT:
+                others = [rule for rule in self._graphs if rule not in _ALWAYS_KEPT]
+                for rule in others[: max(0, len(others) - MAX_SAMPLING_GRAPHS + 1)]:
                     del self._graphs[rule]  # the oldest: a graph holds its own memory
             self._graphs[selection] = self._capture(cache, selection)
 
@@ -210,18 +218,23 @@ class FusedBackend(Backend):
         self._position.add_(1)
         if selection is None:
             return
+        logits = self._logits  # [vocab] fp32
+        if selection.penalized:
+            logits = penalize(logits, self._seen, selection.repetition_penalty)
         if selection.greedy:
-            chosen = self._logits.argmax().reshape(1)  # [1]
+            chosen = logits.argmax().reshape(1)  # [1]
         else:
-            chosen = self._sample(selection)  # [1]
+            chosen = self._sample(logits, selection)  # [1]
+        if selection.penalized:
+            self._seen.index_fill_(0, chosen, True)
         self._tokens.index_put_((self._position,), chosen)
 
-    def _sample(self, selection: SamplingParams) -> torch.Tensor:
-        """The token drawn from self._logits by the sampling rule, with self._rng: one kernel, or
-        PyTorch ops (neoxfuse.sampling) for a vocabulary over what the kernel holds. [1] long."""
+    def _sample(self, logits: torch.Tensor, selection: SamplingParams) -> torch.Tensor:
+        """The token drawn from logits [vocab] (fp32) by the sampling rule, with self._rng: one kernel,
+        or PyTorch ops (neoxfuse.sampling) for a vocabulary over what the kernel holds. [1] long."""
         if self.shape.vocab > ops.MAX_SAMPLE_VOCAB:
-            return exponential_race(probabilities(self._logits, selection), self._rng)
-        return ops.sample_token(self._logits, self._rng, selection.temperature, selection.top_k, selection.top_p,
+            return exponential_race(probabilities(logits, selection), self._rng)
+        return ops.sample_token(logits, self._rng, selection.temperature, selection.top_k, selection.top_p,
                                 out=self._drawn)
 
     def _capture(self, cache: KVCache, selection: SamplingParams | None) -> torch.cuda.CUDAGraph:
@@ -238,5 +251,7 @@ class FusedBackend(Backend):
 
 def _selection_rule(sampling: SamplingParams) -> SamplingParams:
     """What a step's graph depends on: the sampling rule without its seed (the seed lives in rng);
-    every greedy rule is the same."""
-    return SamplingParams() if sampling.greedy else dataclasses.replace(sampling, seed=None)
+    greedy rules differ only in their repetition penalty."""
+    if sampling.greedy:
+        return SamplingParams(repetition_penalty=sampling.repetition_penalty)
+    return dataclasses.replace(sampling, seed=None)

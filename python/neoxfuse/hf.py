@@ -247,13 +247,12 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((
 # transformers' defaults for the options generate() implements, where neither the call nor the
 # generation config sets them (in transformers 5 the config holds None and model.generate fills
 # these in); with max_length unset, model.generate makes 20 new tokens (up to the model's positions).
-_HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+_HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
 _DEFAULT_NEW_TOKENS = 20
 _IMPLEMENTED = {"max_new_tokens", "max_length", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
 # or in the model's generation config, they are refused, since model.generate would apply them.
-_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "min_length": 0, "min_new_tokens": 0, "repetition_penalty": 1.0,
-            "no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "min_length": 0, "min_new_tokens": 0, "no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
             "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "num_beam_groups": 1,
             "renormalize_logits": False, "remove_invalid_values": False, "output_scores": False, "output_logits": False,
             "return_dict_in_generate": False}
@@ -277,6 +276,7 @@ def generate(
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
+    repetition_penalty: float | None = None,
     eos_token_id: int | Collection[int] | None = None,
     seed: int | None = None,
     streamer: BaseStreamer | None = None,
@@ -292,8 +292,8 @@ def generate(
     `generation_config`, then model.generation_config, then transformers' default, as
     model.generate (transformers 5) reads it: max_new_tokens (else max_length - P; with neither set,
     20, as far as the model's positions allow), greedy unless do_sample, then temperature, top_k,
-    top_p (seed: reproducible draws). Any other model.generate option (num_beams,
-    repetition_penalty, ...) is taken where it changes nothing and refused elsewhere, whether the
+    top_p (seed: reproducible draws), and repetition_penalty (greedy or sampled). Any other
+    model.generate option (num_beams, no_repeat_ngram_size, ...) is taken where it changes nothing and refused elsewhere, whether the
     call or a generation config sets it: the tokens are model.generate's, or an error says why not.
     A tokenizer's output goes in as it does to model.generate (`generate(model, **tokenizer(text,
     return_tensors="pt"), ...)`): its attention_mask must be all ones (one sequence has no padding);
@@ -327,13 +327,14 @@ def generate(
                 return value
         return _HF_DEFAULTS.get(name)
 
-    sampling = SamplingParams()  # greedy
+    penalty = option(repetition_penalty, "repetition_penalty")
+    sampling = SamplingParams(repetition_penalty=penalty)  # greedy
     if option(do_sample, "do_sample"):
         if option(temperature, "temperature") == 0:  # SamplingParams would read it as greedy
             raise InvalidInputError("do_sample with temperature 0: model.generate refuses it too; for greedy decoding "
                                     "set do_sample=False")
         sampling = SamplingParams(temperature=option(temperature, "temperature"), top_k=option(top_k, "top_k"),
-                                  top_p=option(top_p, "top_p"), seed=seed)
+                                  top_p=option(top_p, "top_p"), seed=seed, repetition_penalty=penalty)
     eos = option(eos_token_id, "eos_token_id")
     stops = () if eos is None else eos
     prompt_length = input_ids.shape[1]
@@ -376,7 +377,7 @@ def _check_options(configs: list[GenerationConfig], options: dict) -> None:
             where = "the call" if name in options else "the generation config"
             raise InvalidInputError(f"{name}={value!r} (set in {where}) would change what model.generate computes, and "
                                     "neoxfuse.hf.generate does not implement it (greedy or sampled batch-1 decoding with "
-                                    "temperature, top_k and top_p)")
+                                    "temperature, top_k, top_p and repetition_penalty)")
 
 
 def _engine(model: GPTNeoXForCausalLM, backend: str) -> Engine:

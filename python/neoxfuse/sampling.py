@@ -2,6 +2,10 @@
 
 Given logits z [vocab] (computed in fp32 whatever the model's dtype):
 
+- with a repetition penalty r != 1 (as transformers' RepetitionPenaltyLogitsProcessor), first every
+  token already in the sequence (the prompt and the tokens generated so far: seen_i) is made less
+  likely for r > 1:  z_i <- z_i / r where z_i > 0, z_i * r where z_i < 0, for each i with seen_i.
+  `seen` is a bool tensor [vocab] in device memory that each choice adds its token to.
 - greedy (temperature 0): next = argmax_i z_i.
 - sampled: p_i = softmax(z / T)_i, then
   - top-k keeps the k tokens of largest p (k = 0: all; tokens tied with the k-th are kept too),
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,18 +56,22 @@ class SamplingParams:
     top_k: keep the k most likely tokens; 0 keeps all.
     top_p: keep the smallest most-likely set with mass >= top_p, in (0, 1]; 1 keeps all.
     seed: keys the Philox stream tokens are drawn from, in 0 .. 2^63 - 1; None draws a random seed.
+    repetition_penalty: > 0; 1 is none, > 1 makes the tokens already in the sequence less likely
+        (greedy or sampled; see the module docstring).
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        check_sampling(self.temperature, self.top_k, self.top_p)
+        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
         if self.seed is not None:
             check_seed(self.seed)
-        for name, kind in [("temperature", float), ("top_k", int), ("top_p", float), ("seed", int)]:  # NumPy's -> Python's
+        for name, kind in [("temperature", float), ("top_k", int), ("top_p", float), ("seed", int),
+                           ("repetition_penalty", float)]:  # NumPy's -> Python's
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, kind(getattr(self, name)))
 
@@ -76,12 +85,35 @@ class SamplingParams:
             return self
         return dataclasses.replace(self, seed=secrets.randbits(63))
 
+    @property
+    def penalized(self) -> bool:
+        """Whether a repetition penalty applies (one other than 1)."""
+        return self.repetition_penalty != 1
+
+    def seen(self, tokens: Sequence[int], vocab: int, device: torch.device | str) -> torch.Tensor | None:
+        """The tokens a repetition penalty applies to at first, `tokens` (the prompt's), as a bool
+        mask [vocab] on `device` that choose() adds each chosen token to; None without a penalty."""
+        if not self.penalized:
+            return None
+        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        seen[torch.tensor(list(tokens), dtype=torch.long, device=device)] = True
+        return seen
+
     def rng(self, device: torch.device | str) -> torch.Tensor | None:
         """The random state tokens are drawn with on `device`: [seed, 0] (int64 [2]; a random seed
         when none is set, see seeded()); None for greedy decoding, which draws nothing."""
         if self.greedy:
             return None
         return torch.tensor([self.seeded().seed, 0], dtype=torch.long, device=device)
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The logits with the repetition penalty applied (module docstring): fp32 [vocab], a new tensor.
+
+    logits: [vocab] (any float dtype); seen: bool [vocab], same device.
+    """
+    z = logits.float()
+    return torch.where(seen, torch.where(z > 0, z / penalty, z * penalty), z)
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -171,27 +203,40 @@ def sample_kernel_runs(device: torch.device, vocab: int) -> bool:
     return built and _lib.missing_code(index) is None
 
 
-def check_rng(params: SamplingParams, rng: torch.Tensor | None) -> None:
-    """InvalidInputError when sampled decoding is asked for without its random state."""
+def check_rng(params: SamplingParams, rng: torch.Tensor | None, seen: torch.Tensor | None = None) -> None:
+    """InvalidInputError when sampled decoding is asked for without its random state, or a
+    repetition penalty without the tokens it applies to."""
     if not params.greedy and rng is None:
         raise InvalidInputError("sampled decoding needs the random state from params.rng(device)")
+    if params.penalized and seen is None:
+        raise InvalidInputError("a repetition penalty needs the tokens seen so far, from params.seen(prompt, vocab, device)")
 
 
-def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None) -> torch.Tensor:
+def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
     """The next token id as a [1] long tensor on the logits' device, without waiting for the device:
     argmax(logits) when greedy, else the exponential race over probabilities(logits, params)
-    (module docstring: one kernel on an sm_90 or sm_12x GPU, PyTorch ops elsewhere).
+    (module docstring: one kernel on an sm_90 or sm_12x GPU, PyTorch ops elsewhere); with a
+    repetition penalty, of penalize(logits, seen, penalty), and the token is added to seen.
 
-    logits: [vocab]; rng: from `params.rng(logits.device)` (advanced by one when sampled).
+    logits: [vocab]; rng: from `params.rng(logits.device)` (advanced by one when sampled); seen:
+    from `params.seen(prompt, vocab, logits.device)` where a penalty applies.
     """
+    check_rng(params, rng, seen)
+    if params.penalized:
+        logits = penalize(logits, seen, params.repetition_penalty)
     if params.greedy:
-        return torch.argmax(logits).reshape(1)
-    check_rng(params, rng)
-    if logits.dim() == 1 and sample_kernel_runs(logits.device, logits.numel()):
-        return fused_decoder.sample_token(logits.float().contiguous(), rng, params.temperature, params.top_k, params.top_p)
-    return exponential_race(probabilities(logits, params), rng)
+        token = torch.argmax(logits).reshape(1)
+    elif logits.dim() == 1 and sample_kernel_runs(logits.device, logits.numel()):
+        token = fused_decoder.sample_token(logits.float().contiguous(), rng, params.temperature, params.top_k, params.top_p)
+    else:
+        token = exponential_race(probabilities(logits, params), rng)
+    if params.penalized:
+        seen.index_fill_(0, token, True)
+    return token
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None) -> int:
-    """choose(logits, params, rng) as a Python int (waits for the device)."""
-    return int(choose(logits, params, rng))
+def next_token(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None,
+               seen: torch.Tensor | None = None) -> int:
+    """choose(logits, params, rng, seen) as a Python int (waits for the device)."""
+    return int(choose(logits, params, rng, seen))
