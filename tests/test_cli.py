@@ -323,6 +323,8 @@ def test_perplexity_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys, 
         (["--model", "tiny", "--tokens", "1,600"], "token ids must be in"),
         (["--model", "tiny", "--tokens", "1", "--backend", "nope"], "available backends: fused, reference"),
         (["--model", "tiny", "--tokens", "1", "--top-p", "0"], "top_p"),
+        (["--model", "tiny", "--tokens", "1", "--min-new-tokens", "-1"], "min_new_tokens must be an integer >= 0"),
+        (["--model", "tiny", "--tokens", "1", "--repetition-penalty", "0"], "repetition_penalty must be > 0"),
         (["--model", "tiny", "--tokens", "1", "--max-seq-len", "100000"], "max_seq_len"),
     ],
 )

@@ -217,7 +217,7 @@ def test_hf_generate_takes_other_options_where_they_change_nothing(hf_model, mon
     neutral = {"num_beams": 1, "no_repeat_ngram_size": 0, "use_cache": False, "output_attentions": True, "length_penalty": 2.0,
                "return_dict_in_generate": False, "bos_token_id": 3}
     assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **neutral).tolist() == want.tolist()
-    for name, value in [("num_beams", 2), ("typical_p", 0.9), ("min_new_tokens", 4), ("return_dict_in_generate", True),
+    for name, value in [("num_beams", 2), ("typical_p", 0.9), ("begin_suppress_tokens", [3]), ("return_dict_in_generate", True),
                         ("stop_strings", ["w1"]), ("no_repeat_ngram_size", 2), ("max_time", 1.0)]:
         with pytest.raises(InvalidInputError, match=re.escape(f"{name}={value!r} (set in the call) would change what model.generate")):
             neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **{name: value})
@@ -238,6 +238,44 @@ def test_hf_generate_takes_other_options_where_they_change_nothing(hf_model, mon
     assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, no_repeat_ngram_size=0).tolist() == got.tolist()
     assert neoxfuse.hf.generate(hf_model, ids, generation_config=GenerationConfig(max_new_tokens=6, no_repeat_ngram_size=0)
                                 ).tolist() == got.tolist()
+
+
+def test_hf_generate_holds_eos_back_and_suppresses_tokens_as_model_generate_does(hf_model, monkeypatch):
+    # The eos is a token greedy decoding makes early on (the 3rd and again later); min_new_tokens and
+    # min_length (counting the prompt) keep it back for that many new tokens, past a decode chunk
+    # of 32 too; suppress_tokens never lets it (or another) come. model.generate's tokens each time.
+    ids = torch.tensor([[5, 6, 7]])
+    greedy = {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 60}
+    plain = hf_model.generate(ids, eos_token_id=None, **greedy)[0, 3:].tolist()
+    eos = plain[2]
+    for options in ({"min_new_tokens": 2}, {"min_new_tokens": 3}, {"min_new_tokens": 40}, {"min_length": 3 + 35},
+                    {"min_new_tokens": 2, "min_length": 3 + 12}, {"suppress_tokens": [eos, plain[0]]}):  # min_new_tokens wins
+        want = hf_model.generate(ids, eos_token_id=eos, **greedy, **options)
+        got = neoxfuse.hf.generate(hf_model, ids, eos_token_id=eos, **greedy, **options)
+        assert got.tolist() == want.tolist(), options
+        assert (want.shape[1] - 3 > 3) == (options.get("min_new_tokens") != 2)  # whether the eos came third
+    monkeypatch.setattr(hf_model.generation_config, "min_new_tokens", 4)
+    assert neoxfuse.hf.generate(hf_model, ids, eos_token_id=eos, **greedy).tolist() == hf_model.generate(
+        ids, eos_token_id=eos, **greedy).tolist()
+
+
+def test_engine_holds_the_stop_tokens_back_for_min_new_tokens(engine):
+    plain = engine.generate([3, 4], 70).tokens
+    stop = plain[1]
+    assert engine.generate([3, 4], 70, stop_token_ids=stop).tokens == plain[:2]
+    held = engine.generate([3, 4], 70, stop_token_ids=stop, min_new_tokens=45)
+    assert stop not in held.tokens[:45] and held.tokens[0] == plain[0]
+    want = engine.generate([3, 4], 70, SamplingParams(suppress_tokens={stop})).tokens[:45]  # the same rule, chosen alone
+    assert held.tokens[:45] == want
+    sampled = SamplingParams(temperature=1.0, seed=3)
+    tokens = engine.generate([3, 4], 70, sampled, stop_token_ids=range(0, 512, 2), min_new_tokens=50).tokens
+    assert len(tokens) > 50 and all(t % 2 for t in tokens[:50]) and tokens[-1] % 2 == 0  # then the first even id ends it
+    assert engine.generate([3, 4], 70, stop_token_ids=plain[0], min_new_tokens=1).tokens[0] != plain[0]  # the prefill's choice too
+    assert engine.generate([3, 4], 70, stop_token_ids=stop, min_new_tokens=2).tokens[:2] == [plain[0], want[1]]  # the last one held
+    assert engine.generate([3, 4], 5, stop_token_ids=[10**6], min_new_tokens=3).tokens == plain[:5]  # past the vocabulary
+    for bad in (-1, 2.5, True):
+        with pytest.raises(InvalidInputError, match="min_new_tokens must be an integer >= 0"):
+            engine.generate([3, 4], 5, min_new_tokens=bad)
 
 
 def test_hf_generate_applies_a_repetition_penalty_as_model_generate_does(hf_model, engine, monkeypatch):

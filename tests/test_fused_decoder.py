@@ -450,10 +450,13 @@ def _seen(backend, prompt, first, sampling):
 # A penalty below 1 makes the tiny random models repeat themselves, so it changes their choices
 # (above 1 it changes nothing there: they do not repeat).
 _PENALIZED = [SamplingParams(repetition_penalty=0.3), SamplingParams(temperature=1.5, top_k=40, seed=2, repetition_penalty=0.3)]
+# Suppressed tokens: the first two that oracle_backend's model chooses without them (greedy, and sampled with seed 2).
+_SUPPRESSING = [SamplingParams(suppress_tokens={26, 126}), SamplingParams(temperature=1.5, top_k=40, seed=2, suppress_tokens={191, 200})]
 
 
-@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, top_k=40, seed=2), *_PENALIZED],
-                         ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized"])
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, top_k=40, seed=2), *_PENALIZED, *_SUPPRESSING],
+                         ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized", "greedy-suppressing",
+                              "sampled-suppressing"])
 def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(oracle_backend, sampling):
     backend = oracle_backend[0]
     prompt = torch.tensor([3, 1, 4, 1, 5])
@@ -467,9 +470,12 @@ def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(
     assert got == want[:12]
     assert cache.length == int(backend._position) == 17
     assert next_token(backend.decode_step(got[-1], cache), sampling, rng, seen) == want[12]
-    if sampling.penalized:  # every token chosen is now penalized, and the penalty changed the choices
+    if sampling.penalized:  # every token chosen is now penalized
         assert seen.nonzero().flatten().tolist() == sorted({3, 1, 4, 5, first, *want})
-        assert want != _decode_step_tokens(backend, prompt, dataclasses.replace(sampling, repetition_penalty=1.0), 13, "cpu")[1]
+    plain = dataclasses.replace(sampling, repetition_penalty=1.0, suppress_tokens=())
+    if sampling != plain:  # the rule changed the choices
+        assert want != _decode_step_tokens(backend, prompt, plain, 13, "cpu")[1]
+        assert not sampling.suppress_tokens & {*want, *got}
     with pytest.raises(SequenceTooLongError):
         backend.decode_tokens(got[-1], cache, 23, sampling, rng, StepClock(torch.device("cpu")), seen)
     with pytest.raises(InvalidInputError, match="steps"):
@@ -631,15 +637,17 @@ def test_emulated_engine_scores_on_the_fused_backend_what_hf_scores(monkeypatch,
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("penalty", [1.0, 0.3])
-def test_emulated_backend_draws_in_the_step_what_the_pytorch_race_draws_after_decode_steps(monkeypatch, emulated, penalty):
+@pytest.mark.parametrize("rule", [{}, {"repetition_penalty": 0.3}, {"suppress_tokens": range(0, 300, 2)}],
+                         ids=["plain", "penalized", "suppressing"])
+def test_emulated_backend_draws_in_the_step_what_the_pytorch_race_draws_after_decode_steps(monkeypatch, emulated, rule):
     # The sampling kernel inside the step (as the GPU's graph holds it) against decode_step's
     # logits sampled from with PyTorch ops: the same seed gives the same tokens, and rng ends
-    # advanced by one per token either way; with a repetition penalty too.
+    # advanced by one per token either way; with a repetition penalty, or the even ids suppressed
+    # (their logits -inf in the kernel), too.
     monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
     backend = FusedBackend(from_hf(random_model(pythia_config("tiny", **TINY), seed=4)).to(dtype=torch.float16), 32,
                            use_graph=False)
-    sampling = SamplingParams(temperature=1.3, top_k=50, top_p=0.95, seed=2**40 + 9, repetition_penalty=penalty)
+    sampling = SamplingParams(temperature=1.3, top_k=50, top_p=0.95, seed=2**40 + 9, **rule)
     prompt = torch.tensor([9, 2, 6])
     first, want, rng = _decode_step_tokens(backend, prompt, sampling, 10, "cpu")
     assert rng.tolist() == [2**40 + 9, 10]
@@ -652,6 +660,7 @@ def test_emulated_backend_draws_in_the_step_what_the_pytorch_race_draws_after_de
     assert got == want
     assert rng.tolist() == [2**40 + 9, 10]
     assert len(set(want)) > 3  # a real draw, not the argmax every step
+    assert not sampling.suppress_tokens & set(want)
 
 
 def test_layer_benchmark_table_shows_both_kernels_grids():

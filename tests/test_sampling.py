@@ -49,6 +49,12 @@ def _shuffled_logits(probs: list[float], generator: torch.Generator) -> tuple[to
         {"repetition_penalty": "1.2"},
         {"repetition_penalty": None},
         {"repetition_penalty": True},
+        {"suppress_tokens": "12"},
+        {"suppress_tokens": 12},
+        {"suppress_tokens": None},
+        {"suppress_tokens": [3, -1]},
+        {"suppress_tokens": [3, 2.0]},
+        {"suppress_tokens": [True]},
     ],
 )
 def test_invalid_sampling_parameters_are_rejected(kwargs):
@@ -287,6 +293,22 @@ def test_a_penalized_choice_is_of_the_penalized_logits_and_adds_its_token():
     assert drawn == int(want) and drawn in (1, 4)  # the top 2 of [0, 2.5, 2, -1, 3]
     assert bool(seen[drawn]) and int(rng[1]) == 1
     assert SamplingParams().seen([1], 5, "cpu") is None and not SamplingParams().penalized
+
+
+def test_suppressed_tokens_are_never_chosen():
+    logits = torch.tensor([0.0, 5.0, 4.0, -1.0, 3.0])
+    params = SamplingParams(suppress_tokens=[1, np.int64(2), 1])
+    assert params.suppress_tokens == frozenset({1, 2}) and params == SamplingParams(suppress_tokens={2, 1})
+    assert params.suppressed(5, "cpu").tolist() == [False, True, True, False, False]
+    assert next_token(logits, params) == 4
+    sampled = SamplingParams(temperature=5.0, suppress_tokens=range(4), seed=1)  # only token 4 is left
+    rng = sampled.rng("cpu")
+    assert [next_token(logits, sampled, rng) for _ in range(5)] == [4] * 5
+    assert SamplingParams().suppressed(5, "cpu") is None
+    with pytest.raises(InvalidInputError, match=r"suppress_tokens must leave tokens to choose from, ids in \[0, 5\); got 1 ids up to 5"):
+        SamplingParams(suppress_tokens={5}).suppressed(5, "cpu")
+    with pytest.raises(InvalidInputError, match="must leave tokens to choose from"):
+        next_token(logits, SamplingParams(suppress_tokens=range(5)))
 
 
 @pytest.mark.parametrize("weights, rng, message", [

@@ -169,6 +169,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, help="KV cache positions (default: the model's maximum)")
     parser.add_argument("--stream", action="store_true", help="print the new text (token ids without a tokenizer) as it "
                         "is generated, instead of a progress bar")
+    parser.add_argument("--min-new-tokens", type=int, default=0, help="the first N new tokens are never the end-of-text "
+                        "token, as transformers' min_new_tokens (default 0)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end after the token that completes TEXT "
                         "in the new text (needs a tokenizer; repeatable; $'\\nQ:' in bash for a newline)")
     parser.add_argument("--interactive", action="store_true", help="then read lines from stdin, each added as typed to the "
@@ -201,7 +203,8 @@ def _generate(args) -> int:
     if args.stop and engine.tokenizer is None:
         raise InvalidInputError(f"--stop matches text, and {engine.description} has no tokenizer to make text of its tokens")
     eos = getattr(engine.tokenizer, "eos_token_id", None)
-    stops = {"stop_token_ids": () if eos is None else (eos,), "stop": args.stop}  # Engine.generate's arguments
+    stops = {"stop_token_ids": () if eos is None else (eos,), "stop": args.stop,  # Engine.generate's arguments on the end
+             "min_new_tokens": args.min_new_tokens}
     if args.interactive:
         return _interactive(engine, prompt or [], args.max_new_tokens, sampling, stops)
     stream = _Stream(engine.tokenizer) if args.stream else None

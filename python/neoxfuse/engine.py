@@ -27,7 +27,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, Union
 
@@ -467,6 +467,7 @@ class Engine:
         *,
         stop_token_ids: int | Collection[int] | torch.Tensor = (),
         stop: str | Collection[str] = (),
+        min_new_tokens: int = 0,
         progress: bool = False,
         on_tokens: Callable[[list[int]], None] | None = None,
     ) -> Generation:
@@ -474,7 +475,9 @@ class Engine:
 
         Greedy unless `sampling` says otherwise; stops early after a token in `stop_token_ids`, or after
         the token that completes one of the `stop` strings in the new text (which needs a tokenizer; the
-        text then ends with that string, or with the rest of that token's text after it).
+        text then ends with that string, or with the rest of that token's text after it). The first
+        `min_new_tokens` new tokens are never one of stop_token_ids (transformers' min_new_tokens:
+        they are added to the sampling rule's suppress_tokens for those tokens; a stop string still ends).
         on_tokens, if given, streams the new tokens: it is called with each batch as soon as the host
         has it (the first token, then each chunk of up to DECODE_CHUNK decode steps), in order.
         SequenceTooLongError, before any work, when the prompt and the new tokens but the last (which is
@@ -490,6 +493,8 @@ class Engine:
         stop_rule = StopRule(_stop_token_ids(stop_token_ids), self._stop_strings(stop), self.tokenizer)
         if not is_integer(max_new_tokens) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not is_integer(min_new_tokens) or min_new_tokens < 0:
+            raise InvalidInputError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
         positions = len(prompt_tokens) + max_new_tokens - 1  # the last new token is never fed back
         if positions > self.max_seq_len:
             raise SequenceTooLongError(
@@ -498,6 +503,10 @@ class Engine:
                 "new tokens or build the Engine with a larger max_seq_len"
             )
         sampling = sampling.seeded()  # an unseeded request gets its seed here, reported in the result
+        early = sampling  # the rule of the first min_new_tokens tokens
+        if min_new_tokens and (stops := {t for t in stop_rule.token_ids if 0 <= t < self.shape.vocab}):
+            early = replace(sampling, suppress_tokens=sampling.suppress_tokens | stops)
+        early.suppressed(self.shape.vocab, "cpu")  # checks the ids
         rng = sampling.rng(self.device)  # [seed, draw] on the device
         seen = sampling.seen(prompt_tokens, self.shape.vocab, self.device)  # [vocab] bool, with a repetition penalty
         cache, reused = self._cache_for(prompt_tokens)
@@ -505,15 +514,20 @@ class Engine:
 
         synchronize(self.device)
         start = time.perf_counter()
-        token = next_token(self.backend.prefill(prompt_tensor, cache), sampling, rng, seen)  # int(): waits for the GPU
+        first_rule = early if min_new_tokens else sampling
+        token = next_token(self.backend.prefill(prompt_tensor, cache), first_rule, rng, seen)  # int(): waits for the GPU
         result = Generation(prompt_tokens, [], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed,
                             reused_tokens=reused)
         stopped = _take(result, [token], [], stop_rule, on_tokens)
         with progress_bar(max_new_tokens, "decoding", unit="tok", enabled=progress) as bar:
             bar.update(1)
             while not stopped and len(result.tokens) < max_new_tokens:
-                steps = min(DECODE_CHUNK, max_new_tokens - len(result.tokens))
-                tokens, times = self._decode_chunk(token, cache, steps, sampling, rng, seen)
+                done = len(result.tokens)
+                steps = min(DECODE_CHUNK, max_new_tokens - done)
+                rule = sampling
+                if done < min_new_tokens:  # the chunk ends where the stop tokens may come again
+                    steps, rule = min(steps, min_new_tokens - done), early
+                tokens, times = self._decode_chunk(token, cache, steps, rule, rng, seen)
                 token = tokens[-1]
                 taken = len(result.tokens)
                 stopped = _take(result, tokens, times, stop_rule, on_tokens)

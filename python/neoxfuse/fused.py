@@ -8,15 +8,16 @@ A decode step at position p = cache.length is
     p      = p + 1
     tokens[p] = argmax(logits)                            (greedy steps)
     tokens[p] = sample(logits, rule, rng)                 (sampled steps: neoxfuse.sampling's rule)
-    (with a repetition penalty, of penalize(logits, seen), and seen[tokens[p]] = true)
+    (with a repetition penalty, of penalize(logits, seen), and seen[tokens[p]] = true; suppressed
+    tokens' logits -inf)
 
 all on the GPU, with the tokens, p, the sampler's random state rng = [seed, draw] and the tokens
 seen so far in device memory (the sampling kernel advances rng), so the whole step, token choice
 included, is captured once as a CUDA graph and replayed for every later token (no per-kernel
 Python cost). The first step of a cache runs eagerly (it also warms up the kernels' plan), then
 the graph is captured: one graph for logits-only steps, one for plain greedy steps and one per
-other rule used (temperature, top-k, top-p, repetition penalty), the last MAX_SAMPLING_GRAPHS of
-those kept. decode_step writes tokens[p] from the host and returns the logits; decode_tokens
+other rule used (temperature, top-k, top-p, repetition penalty, suppressed tokens), the last
+MAX_SAMPLING_GRAPHS of those kept. decode_step writes tokens[p] from the host and returns the logits; decode_tokens
 replays a graph `steps` times with nothing between replays and no host wait, so the GPU does not
 idle waiting for Python between tokens.
 
@@ -109,6 +110,7 @@ class FusedBackend(Backend):
         self._rng = buffer(2, torch.long)  # [2] the sampler's [seed, draw]
         self._drawn = buffer(1, torch.long)  # [1] a sampled step's token
         self._seen = buffer(shape.vocab, torch.bool)  # [vocab] the tokens a repetition penalty applies to
+        self._suppressed = buffer(shape.vocab, torch.bool)  # [vocab] the rule's suppress_tokens
         self._device_length: int | None = None  # what self._position holds, when known on the host
         self._storage: KVCache | None = None
         self._graphs: dict[SamplingParams | None, torch.cuda.CUDAGraph] = {}  # selection rule -> the step's graph
@@ -144,7 +146,10 @@ class FusedBackend(Backend):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidInputError(f"steps must be an integer >= 1, got {steps!r}")
         check_rng(sampling, rng, seen)
+        suppressed = sampling.suppressed(self.shape.vocab, self._suppressed.device)
         start = self._start(token, cache, steps)
+        if suppressed is not None:
+            self._suppressed.copy_(suppressed)
         selection = _selection_rule(sampling)
         if not sampling.greedy:
             self._rng.copy_(rng)
@@ -221,6 +226,8 @@ class FusedBackend(Backend):
         logits = self._logits  # [vocab] fp32
         if selection.penalized:
             logits = penalize(logits, self._seen, selection.repetition_penalty)
+        if selection.suppress_tokens:
+            logits = logits.masked_fill(self._suppressed, float("-inf"))
         if selection.greedy:
             chosen = logits.argmax().reshape(1)  # [1]
         else:
@@ -251,7 +258,7 @@ class FusedBackend(Backend):
 
 def _selection_rule(sampling: SamplingParams) -> SamplingParams:
     """What a step's graph depends on: the sampling rule without its seed (the seed lives in rng);
-    greedy rules differ only in their repetition penalty."""
+    greedy rules differ only in their repetition penalty and suppressed tokens."""
     if sampling.greedy:
-        return SamplingParams(repetition_penalty=sampling.repetition_penalty)
+        return SamplingParams(repetition_penalty=sampling.repetition_penalty, suppress_tokens=sampling.suppress_tokens)
     return dataclasses.replace(sampling, seed=None)

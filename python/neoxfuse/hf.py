@@ -247,12 +247,13 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((
 # transformers' defaults for the options generate() implements, where neither the call nor the
 # generation config sets them (in transformers 5 the config holds None and model.generate fills
 # these in); with max_length unset, model.generate makes 20 new tokens (up to the model's positions).
-_HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+_HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
+                "min_length": 0, "suppress_tokens": None}
 _DEFAULT_NEW_TOKENS = 20
-_IMPLEMENTED = {"max_new_tokens", "max_length", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
+_IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
 # or in the model's generation config, they are refused, since model.generate would apply them.
-_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "min_length": 0, "min_new_tokens": 0, "no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
             "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "num_beam_groups": 1,
             "renormalize_logits": False, "remove_invalid_values": False, "output_scores": False, "output_logits": False,
             "return_dict_in_generate": False}
@@ -277,6 +278,9 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float | None = None,
+    min_new_tokens: int | None = None,
+    min_length: int | None = None,
+    suppress_tokens: Collection[int] | None = None,
     eos_token_id: int | Collection[int] | None = None,
     seed: int | None = None,
     streamer: BaseStreamer | None = None,
@@ -292,7 +296,8 @@ def generate(
     `generation_config`, then model.generation_config, then transformers' default, as
     model.generate (transformers 5) reads it: max_new_tokens (else max_length - P; with neither set,
     20, as far as the model's positions allow), greedy unless do_sample, then temperature, top_k,
-    top_p (seed: reproducible draws), and repetition_penalty (greedy or sampled). Any other
+    top_p (seed: reproducible draws), repetition_penalty and suppress_tokens (greedy or sampled),
+    and min_new_tokens (if set, else min_length - P) new tokens before eos may come. Any other
     model.generate option (num_beams, no_repeat_ngram_size, ...) is taken where it changes nothing and refused elsewhere, whether the
     call or a generation config sets it: the tokens are model.generate's, or an error says why not.
     A tokenizer's output goes in as it does to model.generate (`generate(model, **tokenizer(text,
@@ -328,13 +333,15 @@ def generate(
         return _HF_DEFAULTS.get(name)
 
     penalty = option(repetition_penalty, "repetition_penalty")
-    sampling = SamplingParams(repetition_penalty=penalty)  # greedy
+    suppressed = option(suppress_tokens, "suppress_tokens") or ()
+    sampling = SamplingParams(repetition_penalty=penalty, suppress_tokens=suppressed)  # greedy
     if option(do_sample, "do_sample"):
         if option(temperature, "temperature") == 0:  # SamplingParams would read it as greedy
             raise InvalidInputError("do_sample with temperature 0: model.generate refuses it too; for greedy decoding "
                                     "set do_sample=False")
         sampling = SamplingParams(temperature=option(temperature, "temperature"), top_k=option(top_k, "top_k"),
-                                  top_p=option(top_p, "top_p"), seed=seed, repetition_penalty=penalty)
+                                  top_p=option(top_p, "top_p"), seed=seed, repetition_penalty=penalty,
+                                  suppress_tokens=suppressed)
     eos = option(eos_token_id, "eos_token_id")
     stops = () if eos is None else eos
     prompt_length = input_ids.shape[1]
@@ -348,13 +355,17 @@ def generate(
             raise InvalidInputError(f"a max_length of {length} leaves no new tokens after a prompt of {prompt_length}; "
                                     "give max_new_tokens")
 
+    at_least = option(min_new_tokens, "min_new_tokens")  # as model.generate reads it, over min_length
+    if at_least is None:
+        at_least = max(option(min_length, "min_length") - prompt_length, 0)
+
     def stream(tokens: list[int]) -> None:
         streamer.put(torch.tensor([tokens], dtype=input_ids.dtype))  # [1, n], on the CPU as HF puts them
 
     if streamer is not None:
         streamer.put(input_ids.cpu())
     out = _engine(model, backend).generate(input_ids[0], new_tokens, sampling, stop_token_ids=stops,
-                                           on_tokens=stream if streamer is not None else None)
+                                           min_new_tokens=at_least, on_tokens=stream if streamer is not None else None)
     if streamer is not None:
         streamer.end()
     new = torch.tensor(out.tokens, dtype=input_ids.dtype, device=input_ids.device)
@@ -377,7 +388,7 @@ def _check_options(configs: list[GenerationConfig], options: dict) -> None:
             where = "the call" if name in options else "the generation config"
             raise InvalidInputError(f"{name}={value!r} (set in {where}) would change what model.generate computes, and "
                                     "neoxfuse.hf.generate does not implement it (greedy or sampled batch-1 decoding with "
-                                    "temperature, top_k, top_p and repetition_penalty)")
+                                    "temperature, top_k, top_p, repetition_penalty, suppress_tokens and a minimum length)")
 
 
 def _engine(model: GPTNeoXForCausalLM, backend: str) -> Engine:

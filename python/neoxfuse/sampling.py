@@ -6,6 +6,8 @@ Given logits z [vocab] (computed in fp32 whatever the model's dtype):
   token already in the sequence (the prompt and the tokens generated so far: seen_i) is made less
   likely for r > 1:  z_i <- z_i / r where z_i > 0, z_i * r where z_i < 0, for each i with seen_i.
   `seen` is a bool tensor [vocab] in device memory that each choice adds its token to.
+- suppressed tokens (suppress_tokens, as transformers' option of that name; the engine's
+  min_new_tokens suppresses the stop tokens for the first new tokens) get z_i = -inf: never chosen.
 - greedy (temperature 0): next = argmax_i z_i.
 - sampled: p_i = softmax(z / T)_i, then
   - top-k keeps the k tokens of largest p (k = 0: all; tokens tied with the k-th are kept too),
@@ -37,13 +39,13 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from neoxfuse import _lib
-from neoxfuse.checks import check_draw, check_sampling, check_seed
+from neoxfuse.checks import check_draw, check_sampling, check_seed, is_integer
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError
 from neoxfuse.ops import fused_decoder
 
@@ -58,6 +60,7 @@ class SamplingParams:
     seed: keys the Philox stream tokens are drawn from, in 0 .. 2^63 - 1; None draws a random seed.
     repetition_penalty: > 0; 1 is none, > 1 makes the tokens already in the sequence less likely
         (greedy or sampled; see the module docstring).
+    suppress_tokens: token ids never chosen (any collection of them; kept as a frozenset).
     """
 
     temperature: float = 0.0
@@ -65,9 +68,14 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     repetition_penalty: float = 1.0
+    suppress_tokens: frozenset[int] = frozenset()
 
     def __post_init__(self):
         check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+        ids = self.suppress_tokens
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable) or not all(is_integer(t) and t >= 0 for t in ids):
+            raise InvalidInputError(f"suppress_tokens must be a collection of token ids (integers >= 0), got {ids!r}")
+        object.__setattr__(self, "suppress_tokens", frozenset(int(t) for t in ids))
         if self.seed is not None:
             check_seed(self.seed)
         for name, kind in [("temperature", float), ("top_k", int), ("top_p", float), ("seed", int),
@@ -98,6 +106,18 @@ class SamplingParams:
         seen = torch.zeros(vocab, dtype=torch.bool, device=device)
         seen[torch.tensor(list(tokens), dtype=torch.long, device=device)] = True
         return seen
+
+    def suppressed(self, vocab: int, device: torch.device | str) -> torch.Tensor | None:
+        """suppress_tokens as a bool mask [vocab] on `device`, None when there are none; InvalidInputError
+        for an id past the vocabulary or for suppressing all of it."""
+        if not self.suppress_tokens:
+            return None
+        if max(self.suppress_tokens) >= vocab or len(self.suppress_tokens) == vocab:
+            raise InvalidInputError(f"suppress_tokens must leave tokens to choose from, ids in [0, {vocab}); got "
+                                    f"{len(self.suppress_tokens)} ids up to {max(self.suppress_tokens)}")
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        mask[sorted(self.suppress_tokens)] = True
+        return mask.to(device)
 
     def rng(self, device: torch.device | str) -> torch.Tensor | None:
         """The random state tokens are drawn with on `device`: [seed, 0] (int64 [2]; a random seed
@@ -217,7 +237,8 @@ def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | Non
     """The next token id as a [1] long tensor on the logits' device, without waiting for the device:
     argmax(logits) when greedy, else the exponential race over probabilities(logits, params)
     (module docstring: one kernel on an sm_90 or sm_12x GPU, PyTorch ops elsewhere); with a
-    repetition penalty, of penalize(logits, seen, penalty), and the token is added to seen.
+    repetition penalty, of penalize(logits, seen, penalty), and the token is added to seen; never
+    one of suppress_tokens.
 
     logits: [vocab]; rng: from `params.rng(logits.device)` (advanced by one when sampled); seen:
     from `params.seen(prompt, vocab, logits.device)` where a penalty applies.
@@ -225,6 +246,8 @@ def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | Non
     check_rng(params, rng, seen)
     if params.penalized:
         logits = penalize(logits, seen, params.repetition_penalty)
+    if params.suppress_tokens:
+        logits = logits.masked_fill(params.suppressed(logits.shape[-1], logits.device), float("-inf"))
     if params.greedy:
         token = torch.argmax(logits).reshape(1)
     elif logits.dim() == 1 and sample_kernel_runs(logits.device, logits.numel()):
