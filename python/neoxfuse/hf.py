@@ -253,8 +253,8 @@ _DEFAULT_NEW_TOKENS = 20
 _IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
 # or in the model's generation config, they are refused, since model.generate would apply them.
-_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-            "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "num_beam_groups": 1,
+_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+            "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "num_beam_groups": 1,
             "renormalize_logits": False, "remove_invalid_values": False, "output_scores": False, "output_logits": False,
             "return_dict_in_generate": False}
 # Options that change no token at any value: caching and compilation choices, settings of beam search
@@ -298,8 +298,9 @@ def generate(
     20, as far as the model's positions allow), greedy unless do_sample, then temperature, top_k,
     top_p (seed: reproducible draws), repetition_penalty and suppress_tokens (greedy or sampled),
     and min_new_tokens (if set, else min_length - P) new tokens before eos may come. Any other
-    model.generate option (num_beams, no_repeat_ngram_size, ...) is taken where it changes nothing and refused elsewhere, whether the
-    call or a generation config sets it: the tokens are model.generate's, or an error says why not.
+    model.generate option (num_beams, no_repeat_ngram_size, ...) is taken where it changes nothing
+    and refused elsewhere, whether the call or a generation config sets it: the tokens are
+    model.generate's, or an error says why not.
     A tokenizer's output goes in as it does to model.generate (`generate(model, **tokenizer(text,
     return_tensors="pt"), ...)`): its attention_mask must be all ones (one sequence has no padding);
     pad_token_id, which pads only the sequences of a batch that end early, changes nothing.
