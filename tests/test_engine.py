@@ -248,12 +248,19 @@ def test_hf_generate_holds_eos_back_and_suppresses_tokens_as_model_generate_does
     greedy = {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 60}
     plain = hf_model.generate(ids, eos_token_id=None, **greedy)[0, 3:].tolist()
     eos = plain[2]
-    for options in ({"min_new_tokens": 2}, {"min_new_tokens": 3}, {"min_new_tokens": 40}, {"min_length": 3 + 35},
-                    {"min_new_tokens": 2, "min_length": 3 + 12}, {"suppress_tokens": [eos, plain[0]]}):  # min_new_tokens wins
+    for options, eos_third in [({"min_new_tokens": 2}, True), ({"min_new_tokens": 3}, False), ({"min_new_tokens": 40}, False),
+                               ({"min_length": 3 + 35}, False), ({"min_new_tokens": 2, "min_length": 3 + 12}, True),  # the first wins
+                               ({"suppress_tokens": [eos, plain[0]]}, False),
+                               ({"bad_words_ids": [[plain[0]], [plain[3]]]}, False),
+                               ({"bad_words_ids": [[eos], [plain[4]]]}, True)]:  # an eos is no bad word
         want = hf_model.generate(ids, eos_token_id=eos, **greedy, **options)
         got = neoxfuse.hf.generate(hf_model, ids, eos_token_id=eos, **greedy, **options)
         assert got.tolist() == want.tolist(), options
-        assert (want.shape[1] - 3 > 3) == (options.get("min_new_tokens") != 2)  # whether the eos came third
+        assert bool(want[0, 5] == eos) == eos_third
+    for bad, message in [([[3, 4]], r"bad_words_ids of more than one token \(\[\[3, 4\]\]\) are not implemented"),
+                         ([3], "bad_words_ids must be a list of token id lists"), ([[]], "list of token id lists")]:
+        with pytest.raises(InvalidInputError, match=message):
+            neoxfuse.hf.generate(hf_model, ids, bad_words_ids=bad, **greedy)
     monkeypatch.setattr(hf_model.generation_config, "min_new_tokens", 4)
     assert neoxfuse.hf.generate(hf_model, ids, eos_token_id=eos, **greedy).tolist() == hf_model.generate(
         ids, eos_token_id=eos, **greedy).tolist()

@@ -490,7 +490,7 @@ class Engine:
         if on_tokens is not None and not callable(on_tokens):
             raise InvalidInputError(f"on_tokens must be a function of a list of token ids, got {type(on_tokens).__name__}")
         prompt_tokens = self._prompt_tokens(prompt)
-        stop_rule = StopRule(_stop_token_ids(stop_token_ids), self._stop_strings(stop), self.tokenizer)
+        stop_rule = StopRule(stop_token_set(stop_token_ids), self._stop_strings(stop), self.tokenizer)
         if not is_integer(max_new_tokens) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if not is_integer(min_new_tokens) or min_new_tokens < 0:
@@ -615,7 +615,7 @@ class Engine:
         return tokens, clock.intervals_ms()
 
 
-def _stop_token_ids(ids: int | Collection[int] | torch.Tensor) -> frozenset[int]:
+def stop_token_set(ids: int | Collection[int] | torch.Tensor) -> frozenset[int]:
     """`ids` (one token id, a collection of them, or an integer tensor) as a set of ints, checked: a
     tensor element or a float in the set would never equal a token, and the stop would never come."""
     values = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else ids

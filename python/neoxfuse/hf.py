@@ -46,7 +46,8 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXForCausalLM, GPTNeoXLayer, GPTNeoXModel
 
-from neoxfuse.engine import AUTO, Engine
+from neoxfuse.checks import is_integer
+from neoxfuse.engine import AUTO, Engine, stop_token_set
 from neoxfuse.errors import InvalidInputError, UnsupportedModelError
 from neoxfuse.ops import ln_residual
 from neoxfuse.sampling import SamplingParams
@@ -248,7 +249,7 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((
 # generation config sets them (in transformers 5 the config holds None and model.generate fills
 # these in); with max_length unset, model.generate makes 20 new tokens (up to the model's positions).
 _HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
-                "min_length": 0, "suppress_tokens": None}
+                "min_length": 0, "suppress_tokens": None, "bad_words_ids": None}
 _DEFAULT_NEW_TOKENS = 20
 _IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
@@ -281,6 +282,7 @@ def generate(
     min_new_tokens: int | None = None,
     min_length: int | None = None,
     suppress_tokens: Collection[int] | None = None,
+    bad_words_ids: list[list[int]] | None = None,
     eos_token_id: int | Collection[int] | None = None,
     seed: int | None = None,
     streamer: BaseStreamer | None = None,
@@ -296,8 +298,9 @@ def generate(
     `generation_config`, then model.generation_config, then transformers' default, as
     model.generate (transformers 5) reads it: max_new_tokens (else max_length - P; with neither set,
     20, as far as the model's positions allow), greedy unless do_sample, then temperature, top_k,
-    top_p (seed: reproducible draws), repetition_penalty and suppress_tokens (greedy or sampled),
-    and min_new_tokens (if set, else min_length - P) new tokens before eos may come. Any other
+    top_p (seed: reproducible draws), repetition_penalty, suppress_tokens and bad_words_ids of one
+    token each (greedy or sampled), and min_new_tokens (if set, else min_length - P) new tokens
+    before eos may come. Any other
     model.generate option (num_beams, no_repeat_ngram_size, ...) is taken where it changes nothing
     and refused elsewhere, whether the call or a generation config sets it: the tokens are
     model.generate's, or an error says why not.
@@ -333,8 +336,11 @@ def generate(
                 return value
         return _HF_DEFAULTS.get(name)
 
+    eos = option(eos_token_id, "eos_token_id")
+    stops = () if eos is None else eos
     penalty = option(repetition_penalty, "repetition_penalty")
-    suppressed = option(suppress_tokens, "suppress_tokens") or ()
+    suppressed = {*(option(suppress_tokens, "suppress_tokens") or ()),
+                  *_bad_tokens(option(bad_words_ids, "bad_words_ids"), stop_token_set(stops))}
     sampling = SamplingParams(repetition_penalty=penalty, suppress_tokens=suppressed)  # greedy
     if option(do_sample, "do_sample"):
         if option(temperature, "temperature") == 0:  # SamplingParams would read it as greedy
@@ -343,8 +349,6 @@ def generate(
         sampling = SamplingParams(temperature=option(temperature, "temperature"), top_k=option(top_k, "top_k"),
                                   top_p=option(top_p, "top_p"), seed=seed, repetition_penalty=penalty,
                                   suppress_tokens=suppressed)
-    eos = option(eos_token_id, "eos_token_id")
-    stops = () if eos is None else eos
     prompt_length = input_ids.shape[1]
     new_tokens = option(max_new_tokens, "max_new_tokens")
     if new_tokens is None:  # HF: max_length counts the prompt
@@ -371,6 +375,19 @@ def generate(
         streamer.end()
     new = torch.tensor(out.tokens, dtype=input_ids.dtype, device=input_ids.device)
     return torch.cat([input_ids, new[None]], dim=1)
+
+
+def _bad_tokens(bad_words_ids: list[list[int]] | None, eos: frozenset[int]) -> set[int]:
+    """The tokens bad_words_ids bans outright: each one-token entry but an eos (which model.generate
+    leaves out too); a longer sequence, which bans its last token only after the others, is refused."""
+    words = [] if bad_words_ids is None else bad_words_ids
+    if isinstance(words, (str, bytes)) or not all(isinstance(w, (list, tuple)) and w and all(is_integer(t) for t in w)
+                                                  for w in words):
+        raise InvalidInputError(f"bad_words_ids must be a list of token id lists, got {bad_words_ids!r}")
+    if longer := [list(w) for w in words if len(w) > 1]:
+        raise InvalidInputError(f"bad_words_ids of more than one token ({longer[:3]}) are not implemented by "
+                                "neoxfuse.hf.generate; one-token entries are")
+    return {int(w[0]) for w in words} - eos
 
 
 def _check_options(configs: list[GenerationConfig], options: dict) -> None:
