@@ -102,7 +102,8 @@ def test_generate_from_a_checkpoint_and_sampling_options(tiny_checkpoint, capsys
     engine = Engine(str(tiny_checkpoint), device="cpu")
     want = engine.generate([5, 6], 12, SamplingParams(repetition_penalty=0.3)).tokens  # it makes this model repeat itself
     assert main([*args, "--max-new-tokens", "12", "--repetition-penalty", "0.3"]) == 0
-    assert f"generated (12 tokens): {','.join(map(str, want))}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"generated (12 tokens): {','.join(map(str, want))}" in out and "repetition penalty 0.3 on the prompt" in out
     assert want != engine.generate([5, 6], 12).tokens
 
 

@@ -221,6 +221,8 @@ def _generate(args) -> int:
         redraw = f" (--seed {out.seed} draws these tokens again)" if args.seed is not None or not engine.random_init else ""
         print(f"sampled: temperature {sampling.temperature}, top-k {sampling.top_k}, top-p {sampling.top_p}, "
               f"seed {out.seed}{redraw}")
+    if sampling.penalized:
+        print(f"repetition penalty {sampling.repetition_penalty} on the prompt's and the generated tokens")
     if out.text is not None:
         print(f"text: {args.prompt if args.prompt is not None else engine.tokenizer.decode(out.prompt_tokens)}{out.text}")
     timing = f"prefill {out.prefill_ms:.2f} ms"
