@@ -503,7 +503,7 @@ class Engine:
                 "new tokens or build the Engine with a larger max_seq_len"
             )
         sampling = sampling.seeded()  # an unseeded request gets its seed here, reported in the result
-        early = sampling  # the rule of the first min_new_tokens tokens
+        early = sampling  # the rule of the first min_new_tokens tokens (all of them: sampling)
         if min_new_tokens and (stops := {t for t in stop_rule.token_ids if 0 <= t < self.shape.vocab}):
             early = replace(sampling, suppress_tokens=sampling.suppress_tokens | stops)
         early.suppressed(self.shape.vocab, "cpu")  # checks the ids
@@ -514,8 +514,7 @@ class Engine:
 
         synchronize(self.device)
         start = time.perf_counter()
-        first_rule = early if min_new_tokens else sampling
-        token = next_token(self.backend.prefill(prompt_tensor, cache), first_rule, rng, seen)  # int(): waits for the GPU
+        token = next_token(self.backend.prefill(prompt_tensor, cache), early, rng, seen)  # int(): waits for the GPU
         result = Generation(prompt_tokens, [], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed,
                             reused_tokens=reused)
         stopped = _take(result, [token], [], stop_rule, on_tokens)

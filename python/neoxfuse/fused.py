@@ -8,8 +8,8 @@ A decode step at position p = cache.length is
     p      = p + 1
     tokens[p] = argmax(logits)                            (greedy steps)
     tokens[p] = sample(logits, rule, rng)                 (sampled steps: neoxfuse.sampling's rule)
-    (with a repetition penalty, of penalize(logits, seen), and seen[tokens[p]] = true; suppressed
-    tokens' logits -inf)
+    (of constrained(logits, rule, seen, suppressed): with a repetition penalty, and then
+    seen[tokens[p]] = true; suppressed tokens' logits -inf)
 
 all on the GPU, with the tokens, p, the sampler's random state rng = [seed, draw] and the tokens
 seen so far in device memory (the sampling kernel advances rng), so the whole step, token choice
@@ -44,7 +44,7 @@ from neoxfuse.engine import Availability, Backend, StepClock, register_backend
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError, NeoxfuseError
 from neoxfuse.ops import fused_decoder as ops
 from neoxfuse.reference import KVCache, ReferenceModel
-from neoxfuse.sampling import SamplingParams, check_rng, exponential_race, penalize, probabilities
+from neoxfuse.sampling import SamplingParams, check_rng, constrained, exponential_race, probabilities
 from neoxfuse.weights import ModelWeights
 
 
@@ -223,11 +223,7 @@ class FusedBackend(Backend):
         self._position.add_(1)
         if selection is None:
             return
-        logits = self._logits  # [vocab] fp32
-        if selection.penalized:
-            logits = penalize(logits, self._seen, selection.repetition_penalty)
-        if selection.suppress_tokens:
-            logits = logits.masked_fill(self._suppressed, float("-inf"))
+        logits = constrained(self._logits, selection, self._seen, self._suppressed)  # [vocab] fp32
         if selection.greedy:
             chosen = logits.argmax().reshape(1)  # [1]
         else:

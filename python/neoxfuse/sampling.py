@@ -136,6 +136,20 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
     return torch.where(seen, torch.where(z > 0, z / penalty, z * penalty), z)
 
 
+def constrained(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+                suppressed: torch.Tensor | None) -> torch.Tensor:
+    """The logits a token is chosen from (module docstring): with the repetition penalty applied
+    where one applies, and -inf at the suppressed tokens where there are any (else the logits as given).
+
+    logits: [vocab]; seen, suppressed: bool [vocab] (params.seen, params.suppressed), same device.
+    """
+    if params.penalized:
+        logits = penalize(logits, seen, params.repetition_penalty)
+    if params.suppress_tokens:
+        logits = logits.masked_fill(suppressed, float("-inf"))
+    return logits
+
+
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution a sampled token is drawn from: softmax(z / T), top-k and top-p filtered, renormalised.
 
@@ -236,18 +250,14 @@ def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | Non
            seen: torch.Tensor | None = None) -> torch.Tensor:
     """The next token id as a [1] long tensor on the logits' device, without waiting for the device:
     argmax(logits) when greedy, else the exponential race over probabilities(logits, params)
-    (module docstring: one kernel on an sm_90 or sm_12x GPU, PyTorch ops elsewhere); with a
-    repetition penalty, of penalize(logits, seen, penalty), and the token is added to seen; never
-    one of suppress_tokens.
+    (module docstring: one kernel on an sm_90 or sm_12x GPU, PyTorch ops elsewhere), of the
+    constrained() logits: with a repetition penalty the token is added to seen.
 
     logits: [vocab]; rng: from `params.rng(logits.device)` (advanced by one when sampled); seen:
     from `params.seen(prompt, vocab, logits.device)` where a penalty applies.
     """
     check_rng(params, rng, seen)
-    if params.penalized:
-        logits = penalize(logits, seen, params.repetition_penalty)
-    if params.suppress_tokens:
-        logits = logits.masked_fill(params.suppressed(logits.shape[-1], logits.device), float("-inf"))
+    logits = constrained(logits, params, seen, params.suppressed(logits.shape[-1], logits.device))
     if params.greedy:
         token = torch.argmax(logits).reshape(1)
     elif logits.dim() == 1 and sample_kernel_runs(logits.device, logits.numel()):
