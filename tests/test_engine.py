@@ -101,8 +101,8 @@ def test_greedy_equals_the_reference_models_greedy(hf_model, engine, seed):
 def test_greedy_equals_hf_generate(hf_model, engine):
     prompt = _random_prompt(engine.shape.vocab, 7)
     ids = torch.tensor([prompt])
-    hf_model.generation_config.eos_token_id = None  # generate exactly 40 tokens
-    expected = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
+    expected = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                                 eos_token_id=None)  # exactly 40 tokens
     assert engine.generate(prompt, 40).tokens == expected[0, len(prompt) :].tolist()
 
 
@@ -283,6 +283,20 @@ def test_engine_holds_the_stop_tokens_back_for_min_new_tokens(engine):
     for bad in (-1, 2.5, True):
         with pytest.raises(InvalidInputError, match="min_new_tokens must be an integer >= 0"):
             engine.generate([3, 4], 5, min_new_tokens=bad)
+
+
+def test_hf_generate_takes_an_option_given_as_none_as_transformers_default(hf_model, engine, monkeypatch):
+    # model.generate(eos_token_id=None) has no eos, whatever the generation config says; top_k=None
+    # is transformers' 50, not the config's 20.
+    ids = torch.tensor([[5, 6, 7]])
+    greedy = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 30, "do_sample": False}
+    plain = hf_model.generate(ids, eos_token_id=None, **greedy)
+    monkeypatch.setattr(hf_model.generation_config, "eos_token_id", int(plain[0, 5]))  # the 3rd new token
+    assert hf_model.generate(ids, **greedy).shape[1] == 6 and neoxfuse.hf.generate(hf_model, ids, **greedy).shape[1] == 6
+    assert neoxfuse.hf.generate(hf_model, ids, eos_token_id=None, **greedy).tolist() == plain.tolist()
+    monkeypatch.setattr(hf_model.generation_config, "top_k", 20)
+    got = neoxfuse.hf.generate(hf_model, ids, max_new_tokens=12, do_sample=True, top_k=None, seed=9, eos_token_id=None)
+    assert got[0, 3:].tolist() == engine.generate([5, 6, 7], 12, SamplingParams(temperature=1.0, top_k=50, seed=9)).tokens
 
 
 def test_hf_generate_applies_a_repetition_penalty_as_model_generate_does(hf_model, engine, monkeypatch):

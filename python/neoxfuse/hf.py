@@ -243,6 +243,14 @@ def is_fused(model: torch.nn.Module) -> bool:
 # ----------------------------------------------------------------------------------------------
 # generate: model.generate for batch 1, through the neoxfuse Engine
 
+class _Unset:
+    """The default of generate()'s model.generate options: not given (None given means transformers' default)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((backend, its weights' place), Engine)
 
 # transformers' defaults for the options generate() implements, where neither the call nor the
@@ -272,21 +280,21 @@ def generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    max_new_tokens: int | None = None,
-    max_length: int | None = None,
-    do_sample: bool | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float | None = None,
-    min_new_tokens: int | None = None,
-    min_length: int | None = None,
-    suppress_tokens: Collection[int] | None = None,
-    bad_words_ids: list[list[int]] | None = None,
-    eos_token_id: int | Collection[int] | None = None,
+    max_new_tokens: int | None = UNSET,
+    max_length: int | None = UNSET,
+    do_sample: bool | None = UNSET,
+    temperature: float | None = UNSET,
+    top_k: int | None = UNSET,
+    top_p: float | None = UNSET,
+    repetition_penalty: float | None = UNSET,
+    min_new_tokens: int | None = UNSET,
+    min_length: int | None = UNSET,
+    suppress_tokens: Collection[int] | None = UNSET,
+    bad_words_ids: list[list[int]] | None = UNSET,
+    eos_token_id: int | Collection[int] | None = UNSET,
     seed: int | None = None,
     streamer: BaseStreamer | None = None,
-    pad_token_id: int | None = None,
+    pad_token_id: int | None = UNSET,
     generation_config: GenerationConfig | None = None,
     backend: str = AUTO,
     **options,
@@ -294,9 +302,10 @@ def generate(
     """`model.generate(input_ids, ...)` for one sequence, decoded by a neoxfuse Engine.
 
     input_ids [1, P] (long) -> [1, P + N] on the same device: the prompt, then N <= max_new_tokens
-    new tokens ending at the first of eos_token_id. An option left None comes from
+    new tokens ending at the first of eos_token_id. An option not given comes from
     `generation_config`, then model.generation_config, then transformers' default, as
-    model.generate (transformers 5) reads it: max_new_tokens (else max_length - P; with neither set,
+    model.generate (transformers 5) reads it (and one given as None is transformers' default:
+    eos_token_id=None, no eos, whatever the configs say): max_new_tokens (else max_length - P; with neither set,
     20, as far as the model's positions allow), greedy unless do_sample, then temperature, top_k,
     top_p (seed: reproducible draws), repetition_penalty, suppress_tokens and bad_words_ids of one
     token each (greedy or sampled), and min_new_tokens (if set, else min_length - P) new tokens
@@ -330,9 +339,13 @@ def generate(
                                     "(leave the padded positions out of input_ids)")
 
     def option(given, name: str):
-        """The argument if given, else the first generation config's that sets it, else transformers' default."""
-        for value in (given, *(getattr(config, name, None) for config in configs)):
-            if value is not None:
+        """The argument if given, else the first generation config's that sets it, else transformers'
+        default. As model.generate, a None given sets the option to transformers' default (None where
+        there is none: eos_token_id=None, no eos), whatever a generation config says."""
+        if given is not UNSET:
+            return _HF_DEFAULTS.get(name) if given is None else given
+        for config in configs:
+            if (value := getattr(config, name, None)) is not None:
                 return value
         return _HF_DEFAULTS.get(name)
 
