@@ -305,14 +305,13 @@ def generate(
     new tokens ending at the first of eos_token_id. An option not given comes from
     `generation_config`, then model.generation_config, then transformers' default, as
     model.generate (transformers 5) reads it (and one given as None is transformers' default:
-    eos_token_id=None, no eos, whatever the configs say): max_new_tokens (else max_length - P; with neither set,
-    20, as far as the model's positions allow), greedy unless do_sample, then temperature, top_k,
-    top_p (seed: reproducible draws), repetition_penalty, suppress_tokens and bad_words_ids of one
-    token each (greedy or sampled), and min_new_tokens (if set, else min_length - P) new tokens
-    before eos may come. Any other
-    model.generate option (num_beams, no_repeat_ngram_size, ...) is taken where it changes nothing
-    and refused elsewhere, whether the call or a generation config sets it: the tokens are
-    model.generate's, or an error says why not.
+    eos_token_id=None, no eos, whatever the configs say): max_new_tokens (else max_length - P; with
+    neither set, 20, as far as the model's positions allow), greedy unless do_sample, then
+    temperature, top_k, top_p (seed: reproducible draws), repetition_penalty, suppress_tokens and
+    bad_words_ids of one token each (greedy or sampled), and min_new_tokens (if set, else
+    min_length - P) new tokens before eos may come. Any other model.generate option (num_beams,
+    no_repeat_ngram_size, ...) is taken where it changes nothing and refused elsewhere, whether the
+    call or a generation config sets it: the tokens are model.generate's, or an error says why not.
     A tokenizer's output goes in as it does to model.generate (`generate(model, **tokenizer(text,
     return_tensors="pt"), ...)`): its attention_mask must be all ones (one sequence has no padding);
     pad_token_id, which pads only the sequences of a batch that end early, changes nothing.
@@ -351,17 +350,18 @@ def generate(
 
     eos = option(eos_token_id, "eos_token_id")
     stops = () if eos is None else eos
-    penalty = option(repetition_penalty, "repetition_penalty")
-    suppressed = {*(option(suppress_tokens, "suppress_tokens") or ()),
-                  *_bad_tokens(option(bad_words_ids, "bad_words_ids"), stop_token_set(stops))}
-    sampling = SamplingParams(repetition_penalty=penalty, suppress_tokens=suppressed)  # greedy
+    constraints = {  # greedy or sampled
+        "repetition_penalty": option(repetition_penalty, "repetition_penalty"),
+        "suppress_tokens": {*(option(suppress_tokens, "suppress_tokens") or ()),
+                            *_bad_tokens(option(bad_words_ids, "bad_words_ids"), stop_token_set(stops))},
+    }
+    sampling = SamplingParams(**constraints)  # greedy
     if option(do_sample, "do_sample"):
         if option(temperature, "temperature") == 0:  # SamplingParams would read it as greedy
             raise InvalidInputError("do_sample with temperature 0: model.generate refuses it too; for greedy decoding "
                                     "set do_sample=False")
         sampling = SamplingParams(temperature=option(temperature, "temperature"), top_k=option(top_k, "top_k"),
-                                  top_p=option(top_p, "top_p"), seed=seed, repetition_penalty=penalty,
-                                  suppress_tokens=suppressed)
+                                  top_p=option(top_p, "top_p"), seed=seed, **constraints)
     prompt_length = input_ids.shape[1]
     new_tokens = option(max_new_tokens, "max_new_tokens")
     if new_tokens is None:  # HF: max_length counts the prompt

@@ -81,13 +81,14 @@ def windows(n_tokens: int, window: int, stride: int | None = None) -> list[Span]
     return spans
 
 
-def with_prefix(tokens: list[object], prefix_token: int | None, vocab: int) -> list[int]:
-    """[prefix_token] + tokens (just tokens when it is None), each checked to be an id in [0, vocab)."""
+def with_prefix(tokens: list[int], prefix_token: int | None, vocab: int) -> list[int]:
+    """[prefix_token] + tokens (checked ids), or just tokens when it is None; the prefix is checked
+    to be an id in [0, vocab)."""
     if prefix_token is None:
-        return check_token_ids(tokens, vocab)
+        return tokens
     if not is_integer(prefix_token) or not 0 <= prefix_token < vocab:
         raise InvalidInputError(f"prefix_token must be a token id in [0, {vocab}), got {prefix_token!r}")
-    return [int(prefix_token), *check_token_ids(tokens, vocab)]
+    return [int(prefix_token), *tokens]
 
 
 def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +181,8 @@ def hf_scores(model: torch.nn.Module, tokens: Sequence[int], window: int, stride
               prefix_token: int | None = None) -> Scores:
     """The scores of `tokens` (after `prefix_token`, if given) by an HF causal LM (a GPTNeoXForCausalLM),
     one forward pass per window, on the model's device and in its dtype."""
-    tokens = with_prefix(list(tokens), prefix_token, model.config.vocab_size)
+    vocab = model.config.vocab_size
+    tokens = with_prefix(check_token_ids(list(tokens), vocab), prefix_token, vocab)
     spans = windows(len(tokens), window, stride)
     if window - 1 > (positions := model.config.max_position_embeddings):
         raise SequenceTooLongError(f"a scoring window of {window} tokens runs the model on {window - 1} positions (its last token "
