@@ -18,6 +18,7 @@ from neoxfuse import bench
 from neoxfuse.cli import _read_turn, main
 from neoxfuse.engine import Engine
 from neoxfuse.sampling import SamplingParams
+from neoxfuse.scoring import CorpusScores
 from neoxfuse.weights import random_model
 
 def _neoxfuse(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -285,10 +286,56 @@ def test_perplexity_after_the_end_of_text_token_per_word_and_byte(tiny_checkpoin
     assert results["neoxfuse"]["perplexity"] == pytest.approx(engine.score(engine.encode(text)[:6], window=5, prefix_token=0).perplexity)
 
 
+def test_perplexity_of_a_corpus_sums_over_its_documents(tiny_checkpoint_with_tokenizer, tmp_path, capsys):
+    checkpoint = str(tiny_checkpoint_with_tokenizer)
+    texts = ["hello world w7 w12 w3 w3 hello", "w40", "w41 world w9 w250 hello w17\nw5 w6 w7 w8 w9"]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(f'{json.dumps(texts[0])}\n{{"text": {json.dumps(texts[1])}, "id": 7}}\n\n{{"text": {json.dumps(texts[2])}}}\n')
+    out_file = tmp_path / "ppl.json"
+    args = ["perplexity", "--device", "cpu", "--model", checkpoint, "--documents", str(corpus), "--window", "5"]
+    assert main([*args, "--prefix-token", "eos", "--compare-hf", "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    engine = Engine(checkpoint, device="cpu", max_seq_len=5)
+    documents = [engine.score(text, window=5, prefix_token=0) for text in texts]  # each on its own, after the end of text
+    want = CorpusScores(tuple(documents))
+    measures = want.text_measures(texts)
+    results = json.loads(out_file.read_text())
+    assert results["documents"] == 3 and results["tokens"] == 8 + 2 + 12 and results["prefix_token"] == 0
+    assert results["windows"] == sum(document.windows for document in documents) == 2 + 1 + 3
+    assert "scored: 3 documents, one at a time from an empty context: 19 tokens, every token of each after the prefix token 0, in 6 windows" in out
+    for scorer, rel in (("neoxfuse", 1e-9), ("hf", 1e-5)):
+        assert results[scorer]["perplexity"] == pytest.approx(want.perplexity, rel=rel)
+        assert results[scorer]["words"] == 19 and results[scorer]["bytes"] == sum(len(text) for text in texts)
+        assert results[scorer]["word_perplexity"] == pytest.approx(measures.word_perplexity, rel=rel)
+        assert results[scorer]["bits_per_byte"] == pytest.approx(measures.bits_per_byte, rel=rel)
+        assert results[scorer]["document_perplexities"] == pytest.approx([d.perplexity for d in documents], rel=rel)
+    assert results["difference"]["top1_agreement"] == 1.0 and results["difference"]["max_abs_nll"] < 1e-4
+    assert f"word perplexity {measures.word_perplexity:.4f} (19 words)" in out
+    # The text scored and the text counted under keys of their own (wikitext's: a detokenized page,
+    # words counted in the page as it was); the first N documents; no prefix token: no word measures.
+    pages = tmp_path / "pages.jsonl"
+    pages.write_text("".join(json.dumps({"page": text, "raw": f"{text} @-@ x"}) + "\n" for text in texts))
+    counted = [f"{text} @-@ x" for text in texts[:2]]
+    assert main([*args, "--documents", str(pages), "--text-key", "page", "--count-key", "raw", "--max-documents", "2",
+                 "--prefix-token", "0", "--out", str(out_file)]) == 0
+    results = json.loads(out_file.read_text())
+    want = CorpusScores(tuple(documents[:2]))
+    assert results["documents"] == 2 and results["neoxfuse"]["words"] == 12
+    assert results["neoxfuse"]["word_perplexity"] == pytest.approx(want.text_measures(counted).word_perplexity, rel=1e-9)
+    assert main([*args, "--out", str(out_file)]) == 1  # the second document is one token: without a prefix, nothing to score
+    assert "document 2: scoring needs at least 2 tokens" in _one_line_error(capsys.readouterr().err)
+    corpus.write_text("\n".join(json.dumps(text) for text in (texts[0], texts[2])))
+    assert main([*args, "--out", str(out_file)]) == 0
+    results = json.loads(out_file.read_text())
+    want = CorpusScores((engine.score(texts[0], window=5), engine.score(texts[2], window=5)))
+    assert results["neoxfuse"]["perplexity"] == pytest.approx(want.perplexity, rel=1e-9) and "words" not in results["neoxfuse"]
+    assert "2 documents, one at a time from an empty context: 16 tokens, all but the first of each" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([], "perplexity needs a text: --file PATH, --text TEXT or --tokens 1,2,3"),
+        ([], "perplexity needs a text: --file PATH, --text TEXT, --tokens 1,2,3 or --documents FILE.jsonl"),
         (["--text", "hello world"], "needs a tokenizer"),
         (["--tokens", "1,2", "--window", "1"], "--window must be at least 2"),
         (["--tokens", "1,2", "--window", "300"], "a scoring window of 300 tokens runs the model on 299 positions (its last token is only predicted), more than the 256 of the KV cache"),
@@ -302,11 +349,30 @@ def test_perplexity_after_the_end_of_text_token_per_word_and_byte(tiny_checkpoin
         (["--tokens", "1,2", "--prefix-token", "eos"], "--prefix-token eos needs a tokenizer with an end-of-text token"),
         (["--tokens", "1,2", "--prefix-token", "first"], "--prefix-token takes a token id or 'eos', got 'first'"),
         (["--tokens", "1,2", "--prefix-token", "-1"], r"prefix_token must be a token id in [0, "),
+        (["--tokens", "1,2", "--max-documents", "2"], "--max-documents choose what --documents' file is read as; there is no --documents"),
+        (["--text", "a", "--text-key", "page", "--count-key", "raw"], "--text-key and --count-key choose what --documents'"),
+        (["--documents", "corpus.jsonl", "--max-tokens", "5"], "--max-tokens cuts one text; with --documents, --max-documents"),
+        (["--documents", "corpus.jsonl", "--max-documents", "0"], "--max-documents must be at least 1; got 0"),
+        (["--documents", "corpus.jsonl", "--tokens", "1,2"], "not allowed with argument"),
+        (["--documents", "corpus.jsonl"], "needs a tokenizer"),
+        (["--documents", "corpus.jsonl", "--text-key", "page"], "corpus.jsonl:1: the document has no 'page' (its keys: id, text)"),
+        (["--documents", "corpus.jsonl", "--count-key", "raw"], "corpus.jsonl:1: the document has no 'raw' (its keys: id, text)"),
+        (["--documents", "strings.jsonl", "--count-key", "raw"], "strings.jsonl:1: --count-key needs each document to be an object"),
+        (["--documents", "bad.jsonl"], "bad.jsonl:3 is not a line of JSON"),
+        (["--documents", "empty_text.jsonl"], "empty_text.jsonl:2: a document's text is a non-empty JSON string, got ''"),
+        (["--documents", "numbers.jsonl"], "numbers.jsonl:1: a document's text is a non-empty JSON string, got 5"),
+        (["--documents", "blank.jsonl"], "blank.jsonl holds no documents"),
     ],
 )
 def test_perplexity_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hello world", "id": 1}\n')
+    (tmp_path / "strings.jsonl").write_text('"hello world"\n')
+    (tmp_path / "bad.jsonl").write_text('"hello"\n\n{"text": "world"\n')
+    (tmp_path / "empty_text.jsonl").write_text('"hello"\n{"text": ""}\n')
+    (tmp_path / "numbers.jsonl").write_text('5\n')
+    (tmp_path / "blank.jsonl").write_text('\n  \n')
     code = main(["perplexity", "--device", "cpu", "--model", "tiny", *args])
     err = capsys.readouterr().err
     if "not allowed" in message:  # argparse's usage error

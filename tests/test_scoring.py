@@ -9,7 +9,7 @@ from neoxfuse.engine import Engine, load_hf_model
 from neoxfuse.errors import InvalidInputError, SequenceTooLongError, UnsupportedModelError
 from neoxfuse.quant import QuantConfig, quantize_gpt_neox, save_gptq_checkpoint
 from neoxfuse.quant.hf_gptq import dequantized_gpt_neox
-from neoxfuse.scoring import Scores, hf_scores, windows
+from neoxfuse.scoring import CorpusScores, Scores, hf_scores, windows
 from neoxfuse.weights import random_model
 
 
@@ -25,21 +25,44 @@ def _tokens(count: int, vocab: int, seed: int = 0) -> list[int]:
 @pytest.mark.parametrize("n_tokens, window, stride, spans", [
     (2, 2, None, [(0, 1, 2)]),
     (5, 3, None, [(0, 1, 3), (2, 3, 5)]),
-    (4, 3, None, [(0, 1, 3), (2, 3, 4)]),  # the last window is shorter
+    (4, 3, None, [(0, 1, 3), (1, 3, 4)]),  # the last window ends at the end, with all the context it holds
     (13, 5, None, [(0, 1, 5), (4, 5, 9), (8, 9, 13)]),
     (13, 5, 4, [(0, 1, 5), (4, 5, 9), (8, 9, 13)]),  # the default stride: window - 1
+    (14, 5, None, [(0, 1, 5), (4, 5, 9), (8, 9, 13), (9, 13, 14)]),
     (7, 100, None, [(0, 1, 7)]),
     (9, 5, 2, [(0, 1, 5), (2, 5, 7), (4, 7, 9)]),  # each later window scores its last 2 tokens
-    (10, 5, 2, [(0, 1, 5), (2, 5, 7), (4, 7, 9), (6, 9, 10)]),
+    (10, 5, 2, [(0, 1, 5), (2, 5, 7), (4, 7, 9), (5, 9, 10)]),
     (6, 4, 1, [(0, 1, 4), (1, 4, 5), (2, 5, 6)]),
-    (8, 6, 3, [(0, 1, 6), (3, 6, 8)]),
+    (8, 6, 3, [(0, 1, 6), (2, 6, 8)]),
 ])
 def test_windows_score_each_token_but_the_first_once(n_tokens, window, stride, spans):
     assert windows(n_tokens, window, stride) == spans
     for start, scored, end in spans:
-        assert start < scored < end <= start + window
+        assert start < scored < end == start + min(window, n_tokens)  # each window as full as the text allows
     scored = [t for _, first, end in spans for t in range(first, end)]
     assert scored == list(range(1, n_tokens))
+
+
+def _rolling_windows(tokens: list[int], prefix_token: int, max_seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """lm-evaluation-harness's rolling loglikelihood windows (one token of context), as (tokens run,
+    tokens predicted): the first predicts the first max_seq_len tokens from the prefix token and the
+    tokens before each; each later one predicts the next (up to) max_seq_len tokens, running the
+    max_seq_len tokens before its last prediction."""
+    pairs = [([prefix_token, *tokens[: min(max_seq_len, len(tokens)) - 1]], tokens[:max_seq_len])]
+    predicted = len(pairs[0][1])
+    while predicted < len(tokens):
+        end = min(predicted + max_seq_len, len(tokens))
+        pairs.append((tokens[end - max_seq_len - 1 : end - 1], tokens[predicted:end]))
+        predicted = end
+    return pairs
+
+
+@pytest.mark.parametrize("n_tokens, positions", [(1, 4), (3, 4), (4, 4), (5, 4), (9, 4), (10, 4), (13, 3), (700, 256)])
+def test_the_default_windows_after_a_prefix_token_are_lm_evaluation_harnesss(n_tokens, positions):
+    tokens = _tokens(n_tokens, 1000, seed=n_tokens)
+    run = [9999, *tokens]  # the prefix token, then the text
+    spans = windows(len(run), positions + 1)  # the engine's default window for a cache of `positions`
+    assert [(run[start : end - 1], run[scored:end]) for start, scored, end in spans] == _rolling_windows(tokens, 9999, positions)
 
 
 @pytest.mark.parametrize("n_tokens, window, stride, message", [
@@ -75,11 +98,14 @@ def test_hf_scores_are_hfs_own_loss_per_window(hf_model):
 def test_hf_scores_with_a_stride_are_the_fixed_length_perplexity_recipe(hf_model, window, stride):
     # HF's "perplexity of fixed-length models": windows [begin, begin + window) every `stride`
     # tokens, the labels of tokens an earlier window scored set to -100, each window's loss
-    # weighted by the tokens it scores.
+    # weighted by the tokens it scores; but the last window, [len - window, len), has a full window
+    # of context where the recipe would start it on the stride.
     tokens = _tokens(23, hf_model.config.vocab_size, seed=3)
     ids = torch.tensor(tokens)[None]
     nll_sum, n_scored, previous_end = 0.0, 0, 0
     for begin in range(0, len(tokens), stride):
+        if begin + window >= len(tokens):
+            begin = len(tokens) - window
         end = min(begin + window, len(tokens))
         labels = ids[:, begin:end].clone()
         labels[:, : -(end - previous_end)] = -100
@@ -242,6 +268,61 @@ def test_differences_are_computed_per_token_and_need_the_same_tokens():
         a.difference(scores([1.0, 2.0], [7, 8], window=3, stride=2))
     with pytest.raises(InvalidInputError, match="same tokens and windows"):
         a.difference(scores([1.0, 2.0], [7, 8], stride=2))
+
+
+def test_a_corpus_sums_its_documents_nll_over_all_their_tokens_words_and_bytes():
+    def scores(nll, top1=None, prefix_token=0, elapsed_ms=1.0):
+        top1 = [0] * len(nll) if top1 is None else top1
+        return Scores(list(range(len(nll) + 1)), 8, 7, torch.tensor(nll, dtype=torch.float64), torch.tensor(top1), elapsed_ms,
+                      prefix_token)
+
+    corpus = CorpusScores((scores([1.0, 2.0, 3.0]), scores([4.0], elapsed_ms=3.0)))  # a total NLL of 10 over 4 tokens
+    assert corpus.nll.tolist() == [1.0, 2.0, 3.0, 4.0] and corpus.mean_nll == 2.5 and corpus.ms_per_token == 1.0
+    assert corpus.perplexity == pytest.approx(math.exp(2.5))  # not the mean of the documents' perplexities
+    assert corpus.prefix_token == 0
+    measures = corpus.text_measures(["one two  three", "caf\u00e9"])  # 3 + 1 words, 14 + 5 bytes
+    assert (measures.words, measures.bytes) == (4, 19)
+    assert measures.word_perplexity == pytest.approx(math.exp(10 / 4))
+    assert measures.byte_perplexity == pytest.approx(math.exp(10 / 19))
+    assert measures.bits_per_byte == pytest.approx(10 / 19 / math.log(2))
+    with pytest.raises(InvalidInputError, match="the texts of its 2 documents, in order; got 1 texts"):
+        corpus.text_measures(["one two three"])
+    with pytest.raises(InvalidInputError, match="got a str"):
+        corpus.text_measures("ab")
+    with pytest.raises(InvalidInputError, match="each a str; got str, int"):
+        corpus.text_measures(["a", 1])
+    unprefixed = CorpusScores((scores([1.0]), scores([2.0], prefix_token=None)))
+    assert unprefixed.prefix_token is None
+    with pytest.raises(InvalidInputError, match="score each after a prefix token"):
+        unprefixed.text_measures(["a", "b"])
+    other = CorpusScores((scores([1.0, 2.0, 5.0], top1=[0, 1, 0]), scores([4.0])))
+    difference = corpus.difference(other)
+    assert difference.max_abs_nll == 2.0 and difference.mean_abs_nll == 0.5 and difference.top1_agreement == 0.75
+    assert difference.relative_perplexity == pytest.approx(abs(math.exp(2.5) - math.exp(3.0)) / math.exp(3.0))
+    with pytest.raises(InvalidInputError, match="same documents; got 2 and 1"):
+        corpus.difference(CorpusScores((scores([1.0]),)))
+    with pytest.raises(InvalidInputError, match="same tokens and windows"):
+        corpus.difference(CorpusScores((scores([1.0, 2.0, 3.0]), scores([4.0, 5.0]))))
+    for bad in [(), [], (corpus,), ("scores",)]:
+        with pytest.raises(InvalidInputError, match="one Scores per document"):
+            CorpusScores(bad)
+
+
+@torch.inference_mode()
+def test_a_corpus_scored_by_the_engine_is_hfs_loss_summed_over_its_documents(hf_model):
+    # Each document from an empty context, after the prefix token: HF's loss over [prefix, document]
+    # times its tokens, summed over the documents, is the corpus's total NLL.
+    documents = [_tokens(n, hf_model.config.vocab_size, seed=n) for n in (5, 1, 12)]
+    engine = Engine(hf_model, device="cpu", max_seq_len=16)
+    corpus = CorpusScores(tuple(engine.score(document, prefix_token=0) for document in documents))
+    total = 0.0
+    for document in documents:
+        ids = torch.tensor([[0, *document]])
+        total += float(hf_model(ids, labels=ids).loss) * len(document)
+    assert float(corpus.nll.sum()) == pytest.approx(total, rel=1e-5)
+    assert corpus.perplexity == pytest.approx(math.exp(total / 18), rel=1e-5)
+    texts = ["a b c d e", "f", "g h i j k l m n o p q r"]
+    assert corpus.text_measures(texts).word_perplexity == pytest.approx(math.exp(total / 18), rel=1e-5)
 
 
 def test_load_hf_model_loads_what_the_engine_loads(tmp_path):

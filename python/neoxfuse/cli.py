@@ -2,6 +2,7 @@
 
     neoxfuse generate --tokens 1,2,3 [--model NAME|DIR] [--max-new-tokens N] [--temperature T ...]
     neoxfuse perplexity --file TEXT [--model DIR] [--compare-hf]  # teacher forced, through the backend's decode steps
+    neoxfuse perplexity --documents FILE.jsonl --prefix-token eos  # a corpus, summed over its documents
     neoxfuse bench decode [--lengths 16,64] [--out-dir DIR]      # and every other suite in neoxfuse.bench
     neoxfuse env                                                 # GPUs, library, versions, backends
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import platform
 import sys
@@ -28,7 +30,8 @@ from neoxfuse.device import devices
 from neoxfuse.engine import AUTO, AUTO_ORDER, BACKENDS, DTYPES, Engine, backend_availability, load_hf_model, resolve_device, resolve_dtype
 from neoxfuse.errors import InvalidInputError, NeoxfuseError
 from neoxfuse.sampling import SamplingParams
-from neoxfuse.scoring import Scores, TextMeasures, hf_scores
+from neoxfuse.progress import progress_bar
+from neoxfuse.scoring import CorpusScores, Scores, TextMeasures, hf_scores
 
 GPU_DEFAULT_MODEL = "pythia-2.8b"
 CPU_DEFAULT_MODEL = "pythia-70m"
@@ -349,6 +352,16 @@ def _add_perplexity_arguments(parser: argparse.ArgumentParser) -> None:
     text.add_argument("--file", help="a UTF-8 text file to score (needs a checkpoint with a tokenizer)")
     text.add_argument("--text", help="text to score (needs a checkpoint with a tokenizer)")
     text.add_argument("--tokens", type=_token_list, help="token ids to score, comma-separated: 1,2,3")
+    text.add_argument("--documents", metavar="FILE.jsonl", help="a corpus to score, one document per line of JSON Lines (a "
+                      "JSON string, or an object with the text under --text-key), each document on its own from an empty "
+                      "context; perplexity and word and byte measures are then summed over all of them, as "
+                      "lm-evaluation-harness sums a dataset's documents (needs a checkpoint with a tokenizer)")
+    parser.add_argument("--text-key", help="with --documents: the key of an object's text (default: text; wikitext's "
+                        "document-level pages: page)")
+    parser.add_argument("--count-key", help="with --documents and a prefix token: count words and bytes in the text under "
+                        "this key instead of the one scored (lm-evaluation-harness's wikitext scores a detokenized page and "
+                        "counts in the page as it was; default: the text scored)")
+    parser.add_argument("--max-documents", type=int, help="with --documents: score only the first N (default: all)")
     parser.add_argument("--max-tokens", type=int, help="score only the text's first N tokens (default: all)")
     parser.add_argument("--window", type=int, help="tokens per window, context included; the model runs all but the last, "
                         "which is only predicted (default: the model's positions plus one, so a window uses them all)")
@@ -371,51 +384,122 @@ def _perplexity(args) -> int:
     neoxfuse.scoring), every prediction a decode step of the backend, each window from an empty KV
     cache: on a GPU, the fused decode kernels. --prefix-token puts a token (e.g. the end-of-text
     token) before the text, so that every token of the text is scored, and then a text's total NLL
-    is also given per word and per byte. --compare-hf scores the same tokens with HF transformers
-    (one forward pass per window) and prints how far the two are apart: the perplexities, the
-    per-token NLLs and how often both rank the same token first.
+    is also given per word and per byte. --documents scores a corpus one document at a time and
+    sums over the documents. --compare-hf scores the same tokens with HF transformers (one forward
+    pass per window) and prints how far the two are apart: the perplexities, the per-token NLLs and
+    how often both rank the same token first.
     """
-    if args.file is None and args.text is None and args.tokens is None:
-        raise InvalidInputError("perplexity needs a text: --file PATH, --text TEXT or --tokens 1,2,3")
-    for flag, value in (("--window", args.window), ("--max-tokens", args.max_tokens)):
-        if value is not None and value < 2:
-            raise InvalidInputError(f"{flag} must be at least 2 (a token and the one it predicts); got {value}")
+    if args.file is None and args.text is None and args.tokens is None and args.documents is None:
+        raise InvalidInputError("perplexity needs a text: --file PATH, --text TEXT, --tokens 1,2,3 or --documents FILE.jsonl")
+    for flag, value, least in (("--window", args.window, 2), ("--max-tokens", args.max_tokens, 2), ("--max-documents", args.max_documents, 1)):
+        if value is not None and value < least:
+            raise InvalidInputError(f"{flag} must be at least {least}{' (a token and the one it predicts)' * (least == 2)}; got {value}")
+    corpus_flags = [flag for flag, value in (("--text-key", args.text_key), ("--count-key", args.count_key),
+                                             ("--max-documents", args.max_documents)) if value is not None]
+    if args.documents is None and corpus_flags:
+        raise InvalidInputError(f"{' and '.join(corpus_flags)} choose what --documents' file is read as; there is no --documents")
+    if args.documents is not None and args.max_tokens is not None:
+        raise InvalidInputError("--max-tokens cuts one text; with --documents, --max-documents limits how many are scored")
+    documents = None if args.documents is None else _read_documents(args.documents, args.text_key or "text", args.count_key,
+                                                                   args.max_documents)
     text = args.text if args.file is None else _read_text(args.file)
     device = resolve_device(args.device)
     model = _model_name(args, device)
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, seed=args.seed, revision=args.revision)
-    tokens = args.tokens if text is None else engine.encode(text)
     prefix_token = _prefix_token(args.prefix_token, engine)
-    cut_text = False  # whether --max-tokens cut a text that would have had word and byte measures
-    if args.max_tokens is not None and args.max_tokens < len(tokens):
-        cut_text = text is not None and prefix_token is not None
-        tokens, text = tokens[: args.max_tokens], None  # the text's measures are of the whole text
-    scores = engine.score(tokens, window=args.window, stride=args.stride, prefix_token=prefix_token, progress=True)
+    if documents is not None:
+        texts = [counted for _, counted in documents]  # what words and bytes are counted in
+        score = functools.partial(_score_documents, [engine.encode(scored) for scored, _ in documents])
+    else:
+        tokens = args.tokens if text is None else engine.encode(text)
+        cut_text = False  # whether --max-tokens cut a text that would have had word and byte measures
+        if args.max_tokens is not None and args.max_tokens < len(tokens):
+            cut_text = text is not None and prefix_token is not None
+            tokens, text = tokens[: args.max_tokens], None  # the text's measures are of the whole text
+        texts = text
+
+        def score(scorer):
+            return scorer(tokens)
+
+    scores = score(lambda tokens: engine.score(tokens, window=args.window, stride=args.stride, prefix_token=prefix_token,
+                                               progress=documents is None))
+    first = scores.documents[0] if documents is not None else scores
+    run = [first] if documents is None else scores.documents
     results = {"model": engine.description, "backend": engine.backend_name, "dtype": str(engine.dtype).replace("torch.", ""),
-               "device": str(engine.device), "tokens": len(scores.tokens), "prefix_token": prefix_token,
-               "window": scores.window, "stride": scores.stride, "windows": scores.windows, "neoxfuse": _scored(scores, text)}
-    overlap = ("overlapping by one" if scores.stride == scores.window - 1 else
-               f"one every {scores.stride} tokens: a token after the first window has at least {scores.window - scores.stride} "
+               "device": str(engine.device), **({} if documents is None else {"documents": len(run)}),
+               "tokens": sum(len(one.tokens) for one in run), "prefix_token": prefix_token, "window": first.window,
+               "stride": first.stride, "windows": sum(one.windows for one in run), "neoxfuse": _scored(scores, texts)}
+    overlap = ("overlapping by one" if first.stride == first.window - 1 else
+               f"one every {first.stride} tokens: a token after the first window has at least {first.window - first.stride} "
                "tokens of context")
     print(f"model: {_engine_summary(engine)}")
-    which = (f"the {len(tokens)} tokens of the text after the prefix token {prefix_token}" if prefix_token is not None else
-             f"the {len(scores.tokens) - 1} tokens after the first of {len(scores.tokens)}")
-    print(f"scored: {which}, in {_count(range(scores.windows), 'window')} of up to {scores.window} tokens ({overlap})")
-    if cut_text:
+    if documents is not None:
+        which = (f"{_count(run, 'document')}, one at a time from an empty context: {len(scores.nll)} tokens, "
+                 + (f"every token of each after the prefix token {prefix_token}" if prefix_token is not None else
+                    "all but the first of each"))
+    elif prefix_token is not None:
+        which = f"the {len(tokens)} tokens of the text after the prefix token {prefix_token}"
+    else:
+        which = f"the {len(first.tokens) - 1} tokens after the first of {len(first.tokens)}"
+    print(f"scored: {which}, in {_count(range(results['windows']), 'window')} of up to {first.window} tokens ({overlap})")
+    if documents is None and cut_text:
         print("no word or byte perplexity: they are of a whole text, and --max-tokens cut it")
-    print(f"neoxfuse ({engine.backend_name}): {_scores_line(scores, text)}")
+    print(f"neoxfuse ({engine.backend_name}): {_scores_line(scores, texts)}")
     if args.compare_hf:
         hf_model, _ = load_hf_model(model, dtype=engine.dtype, seed=args.seed, device=engine.device, revision=args.revision)
-        reference = hf_scores(hf_model, tokens, scores.window, scores.stride, prefix_token)
+        reference = score(lambda tokens: hf_scores(hf_model, tokens, first.window, first.stride, prefix_token))
         difference = scores.difference(reference)
-        results |= {"hf": _scored(reference, text), "difference": dataclasses.asdict(difference)}
-        print(f"HF transformers (one forward pass per window): {_scores_line(reference, text)}")
+        results |= {"hf": _scored(reference, texts), "difference": dataclasses.asdict(difference)}
+        print(f"HF transformers (one forward pass per window): {_scores_line(reference, texts)}")
         print(f"difference: perplexity {difference.relative_perplexity:.2e} relative; NLL per token: max |d| {difference.max_abs_nll:.2e}, "
               f"mean |d| {difference.mean_abs_nll:.2e}; the same token ranked first at {100 * difference.top1_agreement:.2f}% of positions")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"results: {args.out}")
     return 0
+
+
+def _score_documents(token_lists: list[list[int]], scorer) -> CorpusScores:
+    """Each document's tokens scored by scorer(tokens) -> Scores, on a progress bar."""
+    documents = []
+    with progress_bar(len(token_lists), "documents", unit="doc") as bar:
+        for number, tokens in enumerate(token_lists, 1):
+            try:
+                documents.append(scorer(tokens))
+            except InvalidInputError as err:
+                raise InvalidInputError(f"document {number}: {err}") from None
+            bar.update(1)
+    return CorpusScores(tuple(documents))
+
+
+def _read_documents(path: str, text_key: str, count_key: str | None, limit: int | None) -> list[tuple[str, str]]:
+    """--documents: (text scored, text whose words and bytes count) of each document of a JSON Lines
+    file, one per line (blank lines skipped): a JSON string, or an object with them under text_key
+    and count_key (None: the text scored); the first `limit` (None: all)."""
+    documents = []
+    for number, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InvalidInputError(f"{path}:{number} is not a line of JSON: {err}") from None
+        if count_key is not None and not isinstance(value, dict):
+            raise InvalidInputError(f"{path}:{number}: --count-key needs each document to be an object, got {value!r:.60}")
+        texts = []
+        for key in (text_key, text_key if count_key is None else count_key):
+            text = value.get(key) if isinstance(value, dict) else value
+            if isinstance(value, dict) and key not in value:
+                raise InvalidInputError(f"{path}:{number}: the document has no {key!r} (its keys: {', '.join(sorted(value))})")
+            if not isinstance(text, str) or not text:
+                raise InvalidInputError(f"{path}:{number}: a document's text is a non-empty JSON string, got {text!r:.60}")
+            texts.append(text)
+        documents.append(tuple(texts))
+        if len(documents) == limit:
+            break
+    if not documents:
+        raise InvalidInputError(f"{path} holds no documents")
+    return documents
 
 
 def _read_text(path: str) -> str:
@@ -441,18 +525,20 @@ def _prefix_token(value: str | None, engine: Engine) -> int | None:
         raise InvalidInputError(f"--prefix-token takes a token id or 'eos', got {value!r}") from None
 
 
-def _text_measures(scores: Scores, text: str | None) -> TextMeasures | None:
-    """The per-word and per-byte measures, where there is a whole text scored after a prefix token."""
+def _text_measures(scores: Scores | CorpusScores, text: str | list[str] | None) -> TextMeasures | None:
+    """The per-word and per-byte measures, where there is a whole text (or corpus) scored after a prefix token."""
     return None if text is None or scores.prefix_token is None else scores.text_measures(text)
 
 
-def _scored(scores: Scores, text: str | None) -> dict:
+def _scored(scores: Scores | CorpusScores, text: str | list[str] | None) -> dict:
     measures = _text_measures(scores, text)
+    per_document = ({} if isinstance(scores, Scores) else
+                    {"document_perplexities": [document.perplexity for document in scores.documents]})
     return {"perplexity": scores.perplexity, "mean_nll": scores.mean_nll, "ms_per_token": scores.ms_per_token,
-            **({} if measures is None else dataclasses.asdict(measures))}
+            **({} if measures is None else dataclasses.asdict(measures)), **per_document}
 
 
-def _scores_line(scores: Scores, text: str | None) -> str:
+def _scores_line(scores: Scores | CorpusScores, text: str | list[str] | None) -> str:
     line = (f"perplexity {scores.perplexity:.4f} (mean NLL {scores.mean_nll:.5f} nats per token); "
             f"{scores.ms_per_token:.3f} ms per token")
     if (measures := _text_measures(scores, text)) is not None:

@@ -5,7 +5,9 @@ r"""Teacher-forced scoring: how well a model predicts a given text, token by tok
     scores.perplexity, scores.difference(hf).relative_perplexity
 
 A text of T tokens is cut into windows of up to W tokens that start every S tokens (the stride,
-1 <= S <= W-1): [0, W), [S, S+W), [2S, 2S+W), ... Each window scores the tokens no earlier window
+1 <= S <= W-1): [0, W), [S, S+W), [2S, 2S+W), ..., but the last one, which ends at the text's end
+and starts W tokens before it, [T-W, T), so that it too has all the context a window holds (when the
+text has fewer than W tokens: one window, [0, T)). Each window scores the tokens no earlier window
 scored, each predicted from the tokens before it in its window, so every token but the first is
 scored exactly once:
 
@@ -15,13 +17,15 @@ scored exactly once:
 By default S = W-1: the windows overlap by one token, one model step per token, and a token has 1
 to W-1 tokens of context. The model runs a window's first W-1 tokens (its last is only predicted),
 so W can be one more than the model's positions; through the engine it is by default, each window
-then predicting as many tokens as the model has positions (as lm-evaluation-harness's rolling
-windows do). A smaller stride gives every token after the first window at least W-S
-tokens of context, at the price of running those again (HF's "perplexity of fixed-length models"
-recipe; its stride is S). Through the engine each window runs from an empty KV cache and every
-scored prediction is a decode step, so on the fused backend every scored logit comes from the
-decode kernels: the same text scored by HF (an independent implementation, loading the checkpoint
-itself) says whether the kernels are right on real text, not only on random tokens.
+then predicting as many tokens as the model has positions. With a prefix token (below) these default
+windows are exactly lm-evaluation-harness's rolling windows, the last one aligned to the end too.
+A smaller stride gives every token after the first window at least W-S tokens of context, at the
+price of running those again (HF's "perplexity of fixed-length models" recipe with its stride S, but
+for the last window, which that recipe starts on the stride, with less context). Through the engine
+each window runs from an empty KV cache and every scored prediction is a decode step, so on the
+fused backend every scored logit comes from the decode kernels: the same text scored by HF (an
+independent implementation, loading the checkpoint itself) says whether the kernels are right on
+real text, not only on random tokens.
 
 With a prefix token P (for GPT-NeoX, the end-of-text id) the tokens scored are [P, x_0, ..., x_{n-1}],
 so every token of the text is scored, the first too, as lm-evaluation-harness's rolling
@@ -31,6 +35,11 @@ loglikelihood does. Then the text's total NLL can be put per word and per byte o
     word_perplexity = exp(sum_t nll_t / words)      words = len(re.split(r"\s+", text))
     byte_perplexity = exp(sum_t nll_t / bytes)      bytes = len(text.encode("utf-8"))
     bits_per_byte   = sum_t nll_t / (bytes * ln 2)
+
+A corpus (a dataset's documents, e.g. wikitext's pages) is scored one document at a time, each from
+an empty context, and summed over documents as lm-evaluation-harness does (CorpusScores): its
+perplexity and word and byte measures put the NLL of all documents over all their tokens, words and
+bytes, so a long document weighs more than a short one.
 """
 
 from __future__ import annotations
@@ -64,7 +73,8 @@ def resolve_stride(window: int, stride: int | None) -> int:
 
 def windows(n_tokens: int, window: int, stride: int | None = None) -> list[Span]:
     """The windows over `n_tokens` tokens: up to `window` tokens each, starting every `stride` tokens
-    (window - 1 by default: overlapping by one token), each scoring the tokens after the last one
+    (window - 1 by default: overlapping by one token) but the last, which ends at the last token and
+    holds `window` tokens where there are that many; each scores the tokens after the last one
     scored before it."""
     if not is_integer(window) or window < 2:
         raise InvalidInputError(f"a scoring window holds the tokens predicted and their context: at least 2; got {window!r}")
@@ -76,7 +86,7 @@ def windows(n_tokens: int, window: int, stride: int | None = None) -> list[Span]
         raise InvalidInputError(f"scoring needs at least 2 tokens (the first is only context); got {n_tokens}")
     spans = [Span(0, 1, min(window, n_tokens))]
     while spans[-1].end < n_tokens:
-        start = spans[-1].start + stride
+        start = min(spans[-1].start + stride, n_tokens - window)  # the second: the last window's, where it ends at the end
         spans.append(Span(start, spans[-1].end, min(start + window, n_tokens)))
     return spans
 
@@ -157,12 +167,7 @@ class Scores:
         if self.prefix_token is None:
             raise InvalidInputError("per-word and per-byte measures need every token of the text scored, the first too: "
                                     "score it after a prefix token (prefix_token=, e.g. the tokenizer's end-of-text id)")
-        if not isinstance(text, str):
-            raise InvalidInputError(f"text_measures takes the text that was scored, a str; got {type(text).__name__}")
-        total = float(self.nll.sum())
-        words, size = len(re.split(r"\s+", text)), len(text.encode("utf-8"))
-        return TextMeasures(words=words, bytes=size, word_perplexity=math.exp(total / words),
-                            byte_perplexity=math.exp(total / size), bits_per_byte=total / (size * math.log(2)))
+        return _text_measures(float(self.nll.sum()), [text])
 
     def difference(self, other: Scores) -> ScoreDifference:
         """How far these scores are from `other`'s, which must score the same tokens in the same windows."""
@@ -170,10 +175,96 @@ class Scores:
             raise InvalidInputError(f"scores compare over the same tokens and windows; got {len(self.tokens)} tokens in windows of "
                                     f"{self.window} every {self.stride} and {len(other.tokens)} tokens in windows of "
                                     f"{other.window} every {other.stride}")
-        gap = (self.nll - other.nll).abs()
-        return ScoreDifference(relative_perplexity=abs(self.perplexity - other.perplexity) / other.perplexity,
-                               max_abs_nll=float(gap.max()), mean_abs_nll=float(gap.mean()),
-                               top1_agreement=float((self.top1 == other.top1).double().mean()))
+        return _difference(self, other)
+
+
+@dataclass(frozen=True)
+class CorpusScores:
+    """The scores of a corpus's documents, each scored on its own, and lm-evaluation-harness's sums
+    over them. With nll_dt the NLL of token t of document d and n_d the tokens scored in d:
+
+        perplexity      = exp(sum_dt nll_dt / sum_d n_d)
+        word_perplexity = exp(sum_dt nll_dt / sum_d words_d)      (text_measures; byte perplexity and
+                                                                   bits per byte likewise over bytes)
+    """
+
+    documents: tuple[Scores, ...]
+
+    def __post_init__(self):
+        if not self.documents or not all(isinstance(scores, Scores) for scores in self.documents):
+            raise InvalidInputError(f"a corpus's scores are one Scores per document, at least one; got {self.documents!r:.80}")
+        object.__setattr__(self, "documents", tuple(self.documents))
+
+    @property
+    def nll(self) -> torch.Tensor:
+        """[sum_d n_d] fp64: the documents' nll, one after the other."""
+        return torch.cat([scores.nll for scores in self.documents])
+
+    @property
+    def top1(self) -> torch.Tensor:
+        """[sum_d n_d] long: the documents' top1, one after the other."""
+        return torch.cat([scores.top1 for scores in self.documents])
+
+    @property
+    def mean_nll(self) -> float:
+        """Nats per token, over all the documents' tokens."""
+        return float(self.nll.mean())
+
+    @property
+    def perplexity(self) -> float:
+        """exp(mean NLL), over all the documents' tokens."""
+        return float(self.nll.mean().exp())
+
+    @property
+    def ms_per_token(self) -> float:
+        return sum(scores.elapsed_ms for scores in self.documents) / len(self.nll)
+
+    @property
+    def prefix_token(self) -> int | None:
+        """The prefix token every document was scored after, else None."""
+        prefixes = {scores.prefix_token for scores in self.documents}
+        return prefixes.pop() if len(prefixes) == 1 else None
+
+    def text_measures(self, texts: Sequence[str]) -> TextMeasures:
+        """Word and byte perplexity and bits per byte of the corpus whose documents' texts, in order,
+        are `texts`: the NLL of all documents over all their words and bytes. Every document must
+        have been scored after a prefix token (see Scores.text_measures)."""
+        if isinstance(texts, str) or len(texts) != len(self.documents):
+            raise InvalidInputError(f"a corpus's measures take the texts of its {len(self.documents)} documents, in order; got "
+                                    f"{'a str' if isinstance(texts, str) else f'{len(texts)} texts'}")
+        if any(scores.prefix_token is None for scores in self.documents):
+            raise InvalidInputError("per-word and per-byte measures need every token of every document scored, the first too: "
+                                    "score each after a prefix token (prefix_token=, e.g. the tokenizer's end-of-text id)")
+        return _text_measures(float(self.nll.sum()), texts)
+
+    def difference(self, other: CorpusScores) -> ScoreDifference:
+        """How far these scores are from `other`'s, which must score the same documents in the same
+        windows: over all the tokens (relative_perplexity: of the corpus's perplexities)."""
+        if len(other.documents) != len(self.documents):
+            raise InvalidInputError(f"corpus scores compare over the same documents; got {len(self.documents)} and "
+                                    f"{len(other.documents)} documents")
+        for mine, theirs in zip(self.documents, other.documents):
+            mine.difference(theirs)  # checks that they score the same tokens in the same windows
+        return _difference(self, other)
+
+
+def _text_measures(total_nll: float, texts: Sequence[str]) -> TextMeasures:
+    """The measures of texts whose every token's NLL sums to total_nll (module docstring)."""
+    if not all(isinstance(text, str) for text in texts):
+        raise InvalidInputError(f"text measures take the texts that were scored, each a str; got "
+                                f"{', '.join(type(text).__name__ for text in texts)}")
+    words = sum(len(re.split(r"\s+", text)) for text in texts)
+    size = sum(len(text.encode("utf-8")) for text in texts)
+    return TextMeasures(words=words, bytes=size, word_perplexity=math.exp(total_nll / words),
+                        byte_perplexity=math.exp(total_nll / size), bits_per_byte=total_nll / (size * math.log(2)))
+
+
+def _difference(mine: Scores | CorpusScores, theirs: Scores | CorpusScores) -> ScoreDifference:
+    """The difference of two scorings of the same tokens (checked by the caller)."""
+    gap = (mine.nll - theirs.nll).abs()
+    return ScoreDifference(relative_perplexity=abs(mine.perplexity - theirs.perplexity) / theirs.perplexity,
+                           max_abs_nll=float(gap.max()), mean_abs_nll=float(gap.mean()),
+                           top1_agreement=float((mine.top1 == theirs.top1).double().mean()))
 
 
 @torch.inference_mode()
