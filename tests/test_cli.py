@@ -106,6 +106,11 @@ def test_generate_from_a_checkpoint_and_sampling_options(tiny_checkpoint, capsys
     out = capsys.readouterr().out
     assert f"generated (12 tokens): {','.join(map(str, want))}" in out and "repetition penalty 0.3 on the prompt" in out
     assert want != engine.generate([5, 6], 12).tokens
+    banned = engine.generate([5, 6], 12, SamplingParams(repetition_penalty=0.3, no_repeat_ngram_size=2)).tokens
+    assert main([*args, "--max-new-tokens", "12", "--repetition-penalty", "0.3", "--no-repeat-ngram-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"generated (12 tokens): {','.join(map(str, banned))}" in out and "no 2-gram of the prompt and the generated" in out
+    assert banned != want
 
 
 def test_generate_streams_ids_or_text(tiny_checkpoint, tiny_checkpoint_with_tokenizer, capsys):
@@ -392,6 +397,7 @@ def test_perplexity_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys, 
         (["--model", "tiny", "--tokens", "1", "--top-p", "0"], "top_p"),
         (["--model", "tiny", "--tokens", "1", "--min-new-tokens", "-1"], "min_new_tokens must be an integer >= 0"),
         (["--model", "tiny", "--tokens", "1", "--repetition-penalty", "0"], "repetition_penalty must be > 0"),
+        (["--model", "tiny", "--tokens", "1", "--no-repeat-ngram-size", "-2"], "no_repeat_ngram_size must be an integer >= 0"),
         (["--model", "tiny", "--tokens", "1", "--max-seq-len", "100000"], "max_seq_len"),
     ],
 )

@@ -214,11 +214,11 @@ def test_hf_generate_falls_back_on_transformers_defaults(hf_model, engine):
 def test_hf_generate_takes_other_options_where_they_change_nothing(hf_model, monkeypatch):
     ids = torch.tensor([[5, 6, 7]])
     want = neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6)
-    neutral = {"num_beams": 1, "no_repeat_ngram_size": 0, "use_cache": False, "output_attentions": True, "length_penalty": 2.0,
+    neutral = {"num_beams": 1, "typical_p": 1.0, "use_cache": False, "output_attentions": True, "length_penalty": 2.0,
                "return_dict_in_generate": False, "bos_token_id": 3}
     assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **neutral).tolist() == want.tolist()
     for name, value in [("num_beams", 2), ("typical_p", 0.9), ("begin_suppress_tokens", [3]), ("return_dict_in_generate", True),
-                        ("stop_strings", ["w1"]), ("no_repeat_ngram_size", 2), ("max_time", 1.0)]:
+                        ("stop_strings", ["w1"]), ("encoder_no_repeat_ngram_size", 2), ("max_time", 1.0)]:
         with pytest.raises(InvalidInputError, match=re.escape(f"{name}={value!r} (set in the call) would change what model.generate")):
             neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **{name: value})
     with pytest.raises(InvalidInputError, match=r"unknown options \['max_new_token'\]"):
@@ -231,12 +231,12 @@ def test_hf_generate_takes_other_options_where_they_change_nothing(hf_model, mon
     assert got.tolist() == hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=passed).tolist()
     assert got.shape[1] < want.shape[1]
     # A checkpoint's generation config that model.generate would follow is refused, not ignored ...
-    monkeypatch.setattr(hf_model.generation_config, "no_repeat_ngram_size", 3)
-    with pytest.raises(InvalidInputError, match=r"no_repeat_ngram_size=3 \(set in the generation config\)"):
+    monkeypatch.setattr(hf_model.generation_config, "typical_p", 0.5)
+    with pytest.raises(InvalidInputError, match=r"typical_p=0.5 \(set in the generation config\)"):
         neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6)
     # ... unless the call sets it back to where it changes nothing.
-    assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, no_repeat_ngram_size=0).tolist() == got.tolist()
-    assert neoxfuse.hf.generate(hf_model, ids, generation_config=GenerationConfig(max_new_tokens=6, no_repeat_ngram_size=0)
+    assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, typical_p=1.0).tolist() == got.tolist()
+    assert neoxfuse.hf.generate(hf_model, ids, generation_config=GenerationConfig(max_new_tokens=6, typical_p=1.0)
                                 ).tolist() == got.tolist()
 
 
@@ -257,8 +257,8 @@ def test_hf_generate_holds_eos_back_and_suppresses_tokens_as_model_generate_does
         got = neoxfuse.hf.generate(hf_model, ids, eos_token_id=eos, **greedy, **options)
         assert got.tolist() == want.tolist(), options
         assert bool(want[0, 5] == eos) == eos_third
-    for bad, message in [([[3, 4]], r"bad_words_ids of more than one token \(\[\[3, 4\]\]\) are not implemented"),
-                         ([3], "bad_words_ids must be a list of token id lists"), ([[]], "list of token id lists")]:
+    for bad, message in [([3], "bad_words_ids must be a list of token id lists"), ([[]], "list of token id lists"),
+                         ([[3, 2.5]], "list of token id lists"), ([[3, hf_model.config.vocab_size]], r"token ids in \[0, ")]:
         with pytest.raises(InvalidInputError, match=message):
             neoxfuse.hf.generate(hf_model, ids, bad_words_ids=bad, **greedy)
     monkeypatch.setattr(hf_model.generation_config, "min_new_tokens", 4)
@@ -316,6 +316,36 @@ def test_hf_generate_applies_a_repetition_penalty_as_model_generate_does(hf_mode
     rule = SamplingParams(temperature=1.0, seed=4, repetition_penalty=0.3)
     assert got[0, 4:].tolist() == engine.generate([5, 6, 7, 5], 12, rule).tokens
     assert got.tolist() != neoxfuse.hf.generate(hf_model, ids, repetition_penalty=1.0, **sampled).tolist()
+
+
+def test_hf_generate_bans_repeated_ngrams_and_bad_sequences_as_model_generate_does(hf_model, engine, monkeypatch):
+    # The random model repeats itself within 60 greedy tokens (two decode chunks), so n-gram bans
+    # and bad sequences taken from its own output change the tokens: model.generate's each time,
+    # whether the call or the generation config sets them. Sampled: the Engine's draws.
+    ids = torch.tensor([[5, 6, 7, 5]])
+    greedy = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 60, "do_sample": False, "eos_token_id": None}
+    plain = hf_model.generate(ids, **greedy)[0].tolist()
+    new = plain[4:]
+    bad_words = [[7, 5, new[0]], [new[3], new[4]], [new[40], new[41], new[42]], [new[10]]]  # one across the prompt's end
+    for options in [{"no_repeat_ngram_size": 1}, {"no_repeat_ngram_size": 2}, {"no_repeat_ngram_size": 3},
+                    {"bad_words_ids": bad_words}, {"bad_words_ids": bad_words, "no_repeat_ngram_size": 4, "repetition_penalty": 0.8}]:
+        want = hf_model.generate(ids, **greedy, **options)
+        assert want[0].tolist() != plain, options
+        assert neoxfuse.hf.generate(hf_model, ids, **greedy, **options).tolist() == want.tolist(), options
+    monkeypatch.setattr(hf_model.generation_config, "no_repeat_ngram_size", 2)
+    monkeypatch.setattr(hf_model.generation_config, "bad_words_ids", bad_words[:2])
+    assert neoxfuse.hf.generate(hf_model, ids, **greedy).tolist() == hf_model.generate(ids, **greedy).tolist()
+    sampled = {"max_new_tokens": 40, "do_sample": True, "top_k": 0, "seed": 4, "eos_token_id": (), "repetition_penalty": 0.3}
+    got = neoxfuse.hf.generate(hf_model, ids, no_repeat_ngram_size=3, bad_words_ids=[[5, 6]], **sampled)  # the call's over the config's
+    rule = SamplingParams(temperature=1.0, seed=4, repetition_penalty=0.3, no_repeat_ngram_size=3, bad_sequences={(5, 6)})
+    assert got[0, 4:].tolist() == engine.generate([5, 6, 7, 5], 40, rule).tokens
+    unbanned = neoxfuse.hf.generate(hf_model, ids, no_repeat_ngram_size=0, bad_words_ids=None, **sampled)
+    assert got.tolist() != unbanned.tolist()
+    grams = [tuple(got[0, i : i + 3].tolist()) for i in range(got.shape[1] - 2)]
+    assert len(set(grams)) == len(grams) and (5, 6) not in zip(got[0, 3:].tolist(), got[0, 4:].tolist())
+    for bad in (-1, 2.5):
+        with pytest.raises(InvalidInputError, match="no_repeat_ngram_size must be an integer >= 0"):
+            neoxfuse.hf.generate(hf_model, ids, no_repeat_ngram_size=bad, **greedy)
 
 
 def test_new_tokens_stream_in_order_and_stop_at_the_stop_token(engine):

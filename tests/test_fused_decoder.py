@@ -435,16 +435,16 @@ def _decode_step_tokens(backend, prompt, sampling, steps, device):
     from the logits returned. (the prefill's argmax, the chosen tokens, the rng they were drawn with)"""
     cache = backend.new_cache()
     first = int(backend.prefill(prompt, cache).argmax())
-    rng, seen, chosen, token = sampling.rng(device), _seen(backend, prompt, first, sampling), [], first
+    rng, history, chosen, token = sampling.rng(device), _history(backend, prompt, first, sampling), [], first
     for _ in range(steps):
-        token = next_token(backend.decode_step(token, cache), sampling, rng, seen)
+        token = next_token(backend.decode_step(token, cache), sampling, rng, history)
         chosen.append(token)
     return first, chosen, rng
 
 
-def _seen(backend, prompt, first, sampling):
-    """What a repetition penalty applies to after `prompt` and the token `first` (None without one)."""
-    return sampling.seen([*prompt.tolist(), first], backend.shape.vocab, prompt.device)
+def _history(backend, prompt, first, sampling):
+    """The sequence a rule reads after `prompt` and the token `first` (None for rules that read none)."""
+    return sampling.history([*prompt.tolist(), first], backend.max_seq_len + 1, prompt.device)
 
 
 # A penalty below 1 makes the tiny random models repeat themselves, so it changes their choices
@@ -452,11 +452,17 @@ def _seen(backend, prompt, first, sampling):
 _PENALIZED = [SamplingParams(repetition_penalty=0.3), SamplingParams(temperature=1.5, top_k=40, seed=2, repetition_penalty=0.3)]
 # Suppressed tokens: the first two that oracle_backend's model chooses without them (greedy, and sampled with seed 2).
 _SUPPRESSING = [SamplingParams(suppress_tokens={26, 126}), SamplingParams(temperature=1.5, top_k=40, seed=2, suppress_tokens={191, 200})]
+# Bans over the sequence so far, with the penalty that makes oracle_backend's model repeat itself:
+# greedy, it would choose 118 after the prompt [3, 1, 4, 1, 5] and its first token 118, then 4 and
+# 31 again and again; sampled with seed 2, 118 first too.
+_BANNING = [SamplingParams(repetition_penalty=0.3, no_repeat_ngram_size=2, bad_sequences={(118, 118), (4, 4)}),
+            SamplingParams(temperature=1.5, top_k=40, seed=2, repetition_penalty=0.3, bad_sequences={(1, 5, 118, 118)})]
 
 
-@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, top_k=40, seed=2), *_PENALIZED, *_SUPPRESSING],
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, top_k=40, seed=2), *_PENALIZED, *_SUPPRESSING,
+                                      *_BANNING],
                          ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized", "greedy-suppressing",
-                              "sampled-suppressing"])
+                              "sampled-suppressing", "greedy-banning", "sampled-banning"])
 def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(oracle_backend, sampling):
     backend = oracle_backend[0]
     prompt = torch.tensor([3, 1, 4, 1, 5])
@@ -464,22 +470,22 @@ def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(
 
     cache = backend.new_cache()
     backend.prefill(prompt, cache)
-    rng, seen = sampling.rng("cpu"), _seen(backend, prompt, first, sampling)
-    got = backend.decode_tokens(first, cache, 5, sampling, rng, StepClock(torch.device("cpu")), seen).tolist()
-    got += backend.decode_tokens(got[-1], cache, 7, sampling, rng, StepClock(torch.device("cpu")), seen).tolist()
+    rng, history = sampling.rng("cpu"), _history(backend, prompt, first, sampling)
+    got = backend.decode_tokens(first, cache, 5, sampling, rng, StepClock(torch.device("cpu")), history).tolist()
+    got += backend.decode_tokens(got[-1], cache, 7, sampling, rng, StepClock(torch.device("cpu")), history).tolist()
     assert got == want[:12]
     assert cache.length == int(backend._position) == 17
-    assert next_token(backend.decode_step(got[-1], cache), sampling, rng, seen) == want[12]
-    if sampling.penalized:  # every token chosen is now penalized
-        assert seen.nonzero().flatten().tolist() == sorted({3, 1, 4, 5, first, *want})
-    plain = dataclasses.replace(sampling, repetition_penalty=1.0, suppress_tokens=())
-    if sampling != plain:  # the rule changed the choices
-        assert want != _decode_step_tokens(backend, prompt, plain, 13, "cpu")[1]
-        assert not sampling.suppress_tokens & {*want, *got}
+    assert next_token(backend.decode_step(got[-1], cache), sampling, rng, history) == want[12]
+    if sampling.needs_history:  # the whole sequence, the tokens chosen on the device too
+        assert history.tolist() == [3, 1, 4, 1, 5, first, *want, *[-1] * (41 - 19)]
+    unbanned = dataclasses.replace(sampling, suppress_tokens=(), no_repeat_ngram_size=0, bad_sequences=())
+    for without in {unbanned, dataclasses.replace(sampling, repetition_penalty=1.0)} - {sampling}:
+        assert want != _decode_step_tokens(backend, prompt, without, 13, "cpu")[1]  # each part of the rule changed the choices
+    assert not sampling.suppress_tokens & {*want, *got}
     with pytest.raises(SequenceTooLongError):
-        backend.decode_tokens(got[-1], cache, 23, sampling, rng, StepClock(torch.device("cpu")), seen)
+        backend.decode_tokens(got[-1], cache, 23, sampling, rng, StepClock(torch.device("cpu")), history)
     with pytest.raises(InvalidInputError, match="steps"):
-        backend.decode_tokens(got[-1], cache, 0, sampling, rng, StepClock(torch.device("cpu")), seen)
+        backend.decode_tokens(got[-1], cache, 0, sampling, rng, StepClock(torch.device("cpu")), history)
     assert cache.length == 18
 
 
@@ -504,12 +510,20 @@ def test_backend_samples_a_vocabulary_over_the_kernels_with_pytorch_ops(monkeypa
     assert got == want and len(set(want)) > 1
 
 
-def test_backend_sampled_steps_need_the_random_state_before_running(oracle_backend):
+def test_backend_steps_need_their_rules_state_before_running(oracle_backend):
     backend = oracle_backend[0]
     cache = backend.new_cache()
     backend.prefill(torch.tensor([3, 1, 4]), cache)
     with pytest.raises(InvalidInputError, match="random state"):
         backend.decode_tokens(5, cache, 2, SamplingParams(temperature=1.0), None, StepClock(torch.device("cpu")))
+    banning = SamplingParams(no_repeat_ngram_size=2)
+    with pytest.raises(InvalidInputError, match="an n-gram ban or bad sequences need the sequence so far"):
+        backend.decode_tokens(5, cache, 2, banning, None, StepClock(torch.device("cpu")))
+    with pytest.raises(InvalidInputError, match=r"history must be long \[41\] \(max_seq_len \+ 1\), .* got torch.int64 \[40\]"):
+        backend.decode_tokens(5, cache, 2, banning, None, StepClock(torch.device("cpu")), banning.history([3, 1, 4], 40, "cpu"))
+    bad = SamplingParams(bad_sequences={(3, 300)})
+    with pytest.raises(InvalidInputError, match=r"token ids in \[0, 300\); got 300"):
+        backend.decode_tokens(5, cache, 2, bad, None, StepClock(torch.device("cpu")), bad.history([3, 1, 4], 41, "cpu"))
     assert cache.length == 3 and int(backend._position) == 0  # nothing ran, nothing was put on the device
 
 
@@ -519,8 +533,8 @@ def test_backend_keeps_a_graph_per_selection_rule_and_the_last_sampling_ones(ora
     backend = oracle_backend[0]
 
     class StepGraph:
-        def __init__(self, cache, selection):
-            self.replay = lambda: backend._step(cache, selection)
+        def __init__(self, cache, selection, constraints):
+            self.replay = lambda: backend._step(cache, selection, constraints)
 
     monkeypatch.setattr(backend, "use_graph", True)
     monkeypatch.setattr(backend, "_capture", StepGraph)
@@ -538,10 +552,14 @@ def test_backend_keeps_a_graph_per_selection_rule_and_the_last_sampling_ones(ora
     assert None in backend._graphs and SamplingParams() in backend._graphs
     assert all(rule is None or rule.seed is None for rule in backend._graphs)
     penalized = SamplingParams(repetition_penalty=1.2)  # a greedy rule, but not plain greedy's: it drops 0.7
-    backend.decode_tokens(7, cache, 2, penalized, None, StepClock(torch.device("cpu")), penalized.seen([7], 300, "cpu"))
+    backend.decode_tokens(7, cache, 2, penalized, None, StepClock(torch.device("cpu")), penalized.history([7], 41, "cpu"))
     assert [rule for rule in backend._graphs if rule not in (None, SamplingParams())] == [
         *(SamplingParams(temperature=t) for t in (0.8, 0.9, 0.5)), penalized]
-    assert cache.length == 3 + 1 + 2 + 2 * len(temperatures) + 2
+    banning = SamplingParams(bad_sequences={(7, 8)}, suppress_tokens={9})  # its graph reads its constraints, kept with it
+    backend.decode_tokens(7, cache, 2, banning, None, StepClock(torch.device("cpu")), banning.history([7], 41, "cpu"))
+    constraints = backend._graphs[banning][1]
+    assert constraints.bad_sequences.tolist() == [[7, 8]] and constraints.suppressed.nonzero().flatten().tolist() == [9]
+    assert cache.length == 3 + 1 + 2 + 2 * len(temperatures) + 2 + 2
 
 
 class _EmulatedKernels(_OracleKernels):
@@ -637,8 +655,8 @@ def test_emulated_engine_scores_on_the_fused_backend_what_hf_scores(monkeypatch,
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("rule", [{}, {"repetition_penalty": 0.3}, {"suppress_tokens": range(0, 300, 2)}],
-                         ids=["plain", "penalized", "suppressing"])
+@pytest.mark.parametrize("rule", [{}, {"repetition_penalty": 0.3}, {"suppress_tokens": range(0, 300, 2)}, {"no_repeat_ngram_size": 1}],
+                         ids=["plain", "penalized", "suppressing", "banning"])
 def test_emulated_backend_draws_in_the_step_what_the_pytorch_race_draws_after_decode_steps(monkeypatch, emulated, rule):
     # The sampling kernel inside the step (as the GPU's graph holds it) against decode_step's
     # logits sampled from with PyTorch ops: the same seed gives the same tokens, and rng ends
@@ -654,13 +672,15 @@ def test_emulated_backend_draws_in_the_step_what_the_pytorch_race_draws_after_de
 
     cache = backend.new_cache()
     backend.prefill(prompt, cache)
-    rng, seen = sampling.rng("cpu"), _seen(backend, prompt, first, sampling)
-    got = backend.decode_tokens(first, cache, 6, sampling, rng, StepClock(torch.device("cpu")), seen).tolist()
-    got += backend.decode_tokens(got[-1], cache, 4, sampling, rng, StepClock(torch.device("cpu")), seen).tolist()
+    rng, history = sampling.rng("cpu"), _history(backend, prompt, first, sampling)
+    got = backend.decode_tokens(first, cache, 6, sampling, rng, StepClock(torch.device("cpu")), history).tolist()
+    got += backend.decode_tokens(got[-1], cache, 4, sampling, rng, StepClock(torch.device("cpu")), history).tolist()
     assert got == want
     assert rng.tolist() == [2**40 + 9, 10]
     assert len(set(want)) > 3  # a real draw, not the argmax every step
     assert not sampling.suppress_tokens & set(want)
+    if sampling.no_repeat_ngram_size == 1:  # no token twice
+        assert len({9, 2, 6, first, *want}) == 4 + len(want)
 
 
 def test_layer_benchmark_table_shows_both_kernels_grids():
@@ -1240,8 +1260,10 @@ def test_graph_replay_equals_eager_and_runs_are_bitwise_identical(hf_models):
 @pytest.mark.gpu
 @torch.inference_mode()
 @pytest.mark.parametrize("use_graph", [True, False])
-@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=5), *_PENALIZED],
-                         ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized"])
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=5), *_PENALIZED, *_SUPPRESSING,
+                                      *_BANNING],
+                         ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized", "greedy-suppressing",
+                              "sampled-suppressing", "greedy-banning", "sampled-banning"])
 def test_tokens_chosen_on_the_device_equal_tokens_chosen_from_decode_steps(hf_models, use_graph, sampling):
     # decode_tokens keeps each step's token on the device (written by the step: the argmax, or the
     # sampling kernel); decode_step returns logits for the host. Same kernels in the same order, the
@@ -1253,14 +1275,14 @@ def test_tokens_chosen_on_the_device_equal_tokens_chosen_from_decode_steps(hf_mo
 
     cache = backend.new_cache()  # the same storage, from position 0 again
     backend.prefill(prompt, cache)
-    rng, seen = sampling.rng("cuda"), _seen(backend, prompt, first, sampling)
+    rng, history = sampling.rng("cuda"), _history(backend, prompt, first, sampling)
     clock = StepClock(torch.device("cuda"))
-    got = backend.decode_tokens(first, cache, 12, sampling, rng, clock, seen).tolist()
+    got = backend.decode_tokens(first, cache, 12, sampling, rng, clock, history).tolist()
     assert len(clock.intervals_ms()) == 12 and all(ms > 0 for ms in clock.intervals_ms())
-    got += backend.decode_tokens(got[-1], cache, 8, sampling, rng, StepClock(torch.device("cuda")), seen).tolist()
+    got += backend.decode_tokens(got[-1], cache, 8, sampling, rng, StepClock(torch.device("cuda")), history).tolist()
     assert got == want[:20]
     assert cache.length == int(backend._position) == 28
-    assert next_token(backend.decode_step(got[-1], cache), sampling, rng, seen) == want[20]  # decode_step goes on from there
+    assert next_token(backend.decode_step(got[-1], cache), sampling, rng, history) == want[20]  # decode_step goes on from there
 
 
 @pytest.mark.gpu

@@ -255,14 +255,16 @@ def test_race_does_not_read_the_host_and_leaves_the_seed():
 def test_sampled_choice_needs_the_random_state():
     with pytest.raises(InvalidInputError, match="random state"):
         choose(torch.randn(10), SamplingParams(temperature=1.0))
-    with pytest.raises(InvalidInputError, match="a repetition penalty needs the tokens seen so far"):
-        choose(torch.randn(10), SamplingParams(repetition_penalty=1.2))
+    for params in (SamplingParams(repetition_penalty=1.2), SamplingParams(no_repeat_ngram_size=2),
+                   SamplingParams(bad_sequences=[(1, 2)])):
+        with pytest.raises(InvalidInputError, match="an n-gram ban or bad sequences need the sequence so far"):
+            choose(torch.randn(10), params)
 
 
 @pytest.mark.parametrize("penalty", [1.3, 0.6, 2.0])
 def test_repetition_penalty_is_transformers_logits_processor(penalty):
     # transformers' RepetitionPenaltyLogitsProcessor over the sequence's ids (repeats included) is
-    # penalize() over the mask of the ids seen; positive, negative and zero logits.
+    # penalize() over the mask of the ids in the history; positive, negative and zero logits.
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
     generator = torch.Generator().manual_seed(3)
@@ -270,7 +272,7 @@ def test_repetition_penalty_is_transformers_logits_processor(penalty):
     logits[[7, 9]] = 0.0
     ids = torch.tensor([3, 7, 3, 11, 40, 9, 12, 49])  # 3 twice
     params = SamplingParams(repetition_penalty=penalty)
-    seen = params.seen(ids.tolist(), 50, "cpu")
+    seen = sampling.tokens_in(params.history(ids.tolist(), 20, "cpu"), 50)
     assert seen.nonzero().flatten().tolist() == sorted(set(ids.tolist()))
     want = RepetitionPenaltyLogitsProcessor(penalty)(ids[None], logits[None].clone())[0]
     assert torch.equal(sampling.penalize(logits, seen, penalty), want)
@@ -280,35 +282,124 @@ def test_repetition_penalty_is_transformers_logits_processor(penalty):
 def test_a_penalized_choice_is_of_the_penalized_logits_and_adds_its_token():
     logits = torch.tensor([0.0, 5.0, 4.0, -1.0, 3.0])
     params = SamplingParams(repetition_penalty=2.0)
-    seen = params.seen([1], 5, "cpu")
-    assert next_token(logits, params, seen=seen) == 2  # 5 / 2 < 4
-    assert seen.tolist() == [False, True, True, False, False]
-    assert next_token(logits, params, seen=seen) == 4  # 4 / 2 < 3
-    assert next_token(logits, params, seen=seen) == 1  # 5 / 2 > 4 / 2, 3 / 2 and 0
+    history = params.history([1], 6, "cpu")
+    assert history.tolist() == [1, -1, -1, -1, -1, -1]
+    assert next_token(logits, params, history=history) == 2  # 5 / 2 < 4
+    assert history.tolist() == [1, 2, -1, -1, -1, -1]
+    assert next_token(logits, params, history=history) == 4  # 4 / 2 < 3
+    assert next_token(logits, params, history=history) == 1  # 5 / 2 > 4 / 2, 3 / 2 and 0
+    assert history.tolist() == [1, 2, 4, 1, -1, -1]
     sampled = SamplingParams(temperature=1.0, top_k=2, seed=5, repetition_penalty=2.0)
-    rng, seen = sampled.rng("cpu"), sampled.seen([1, 2], 5, "cpu")
-    drawn = next_token(logits, sampled, rng, seen)
-    want = exponential_race(probabilities(sampling.penalize(logits, sampled.seen([1, 2], 5, "cpu"), 2.0), sampled),
-                            sampled.rng("cpu"))
+    rng, history = sampled.rng("cpu"), sampled.history([1, 2], 4, "cpu")
+    drawn = next_token(logits, sampled, rng, history)
+    seen = torch.tensor([False, True, True, False, False])
+    want = exponential_race(probabilities(sampling.penalize(logits, seen, 2.0), sampled), sampled.rng("cpu"))
     assert drawn == int(want) and drawn in (1, 4)  # the top 2 of [0, 2.5, 2, -1, 3]
-    assert bool(seen[drawn]) and int(rng[1]) == 1
-    assert SamplingParams().seen([1], 5, "cpu") is None and not SamplingParams().penalized
+    assert history.tolist() == [1, 2, drawn, -1] and int(rng[1]) == 1
+    assert SamplingParams().history([1], 5, "cpu") is None and not SamplingParams().penalized
+    with pytest.raises(InvalidInputError, match="room for the 3 tokens so far and the next; capacity 3"):
+        params.history([1, 2, 3], 3, "cpu")
 
 
 def test_suppressed_tokens_are_never_chosen():
     logits = torch.tensor([0.0, 5.0, 4.0, -1.0, 3.0])
     params = SamplingParams(suppress_tokens=[1, np.int64(2), 1])
     assert params.suppress_tokens == frozenset({1, 2}) and params == SamplingParams(suppress_tokens={2, 1})
-    assert params.suppressed(5, "cpu").tolist() == [False, True, True, False, False]
+    assert params.constraints(5, "cpu").suppressed.tolist() == [False, True, True, False, False]
     assert next_token(logits, params) == 4
     sampled = SamplingParams(temperature=5.0, suppress_tokens=range(4), seed=1)  # only token 4 is left
     rng = sampled.rng("cpu")
     assert [next_token(logits, sampled, rng) for _ in range(5)] == [4] * 5
-    assert SamplingParams().suppressed(5, "cpu") is None
-    with pytest.raises(InvalidInputError, match=r"suppress_tokens must leave tokens to choose from, ids in \[0, 5\); got 1 ids up to 5"):
-        SamplingParams(suppress_tokens={5}).suppressed(5, "cpu")
-    with pytest.raises(InvalidInputError, match="must leave tokens to choose from"):
+    assert SamplingParams().constraints(5, "cpu") == (None, None)
+    with pytest.raises(InvalidInputError, match=r"suppress_tokens and bad_sequences are token ids in \[0, 5\); got 5"):
+        SamplingParams(suppress_tokens={5}).constraints(5, "cpu")
+    with pytest.raises(InvalidInputError, match=r"token ids in \[0, 5\); got 7"):
+        next_token(logits, SamplingParams(bad_sequences=[(1, 7)]), history=torch.full((4,), -1))
+    with pytest.raises(InvalidInputError, match="must leave tokens to choose from; it holds all 5"):
         next_token(logits, SamplingParams(suppress_tokens=range(5)))
+
+
+def _hf_processed(processor, ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+    return processor(torch.tensor([ids]), logits[None].clone())[0]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_an_ngram_ban_is_transformers_logits_processor(n, rng):
+    # Random sequences over 3 tokens repeat n-grams often, against transformers'
+    # NoRepeatNGramLogitsProcessor, with the history's spare room after them.
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    processor, params = NoRepeatNGramLogitsProcessor(n), SamplingParams(no_repeat_ngram_size=n)
+    rng = torch.Generator().manual_seed(rng.randrange(2**32))
+    logits = torch.randn(9, generator=rng)
+    banned_somewhere = False
+    for _ in range(40):
+        ids = torch.randint(0, 3, (int(torch.randint(1, 20, (1,), generator=rng)),), generator=rng).tolist()
+        history = params.history(ids, 24, "cpu")
+        want = _hf_processed(processor, ids, logits)
+        assert torch.equal(sampling.constrained(logits, params, history, params.constraints(9, "cpu")), want), ids
+        banned_somewhere |= bool(torch.isinf(want).any())
+    assert banned_somewhere
+    assert not sampling.repeated_ngram_ends(torch.tensor([1, 2, 1, 2]), 5, 9).any()  # a history shorter than n
+
+
+def test_bad_sequences_are_transformers_bad_words_processor(rng):
+    # transformers' NoBadWordsLogitsProcessor (no eos) over every prefix of random sequences: one-,
+    # two- and three-token bad sequences, one a prefix of another, ids sharing last tokens.
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor
+
+    bad = [[4], [1, 2], [2, 2, 3], [0, 2], [5, 1, 2], [3, 3, 3, 5]]
+    processor, params = NoBadWordsLogitsProcessor(bad), SamplingParams(bad_sequences=bad)
+    constraints = params.constraints(7, "cpu")
+    rng = torch.Generator().manual_seed(rng.randrange(2**32))
+    assert constraints.bad_sequences.tolist() == [[-1, -1, 0, 2], [-1, -1, 1, 2], [-1, 2, 2, 3], [3, 3, 3, 5],
+                                                  [-1, -1, -1, 4], [-1, 5, 1, 2]]
+    logits = torch.randn(7, generator=rng)
+    for length in range(1, 12):
+        for _ in range(10):
+            ids = torch.randint(0, 6, (length,), generator=rng).tolist()
+            want = _hf_processed(processor, ids, logits)
+            assert torch.equal(sampling.constrained(logits, params, params.history(ids, 13, "cpu"), constraints), want), ids
+    history = params.history([0, 1, 3, 3, 3], 8, "cpu")
+    assert sampling.bad_sequence_ends(history, constraints.bad_sequences, 7).nonzero().flatten().tolist() == [4, 5]
+    assert sampling.bad_sequence_ends(params.history([3, 3], 8, "cpu"), constraints.bad_sequences, 7).nonzero().flatten().tolist() == [4]
+
+
+def test_a_banned_choice_appends_its_token_and_bans_with_it():
+    # 0 1 0 chosen greedily by their logits, then 1 would repeat the 2-gram (0, 1): the next best, 2.
+    logits = torch.tensor([0.0, 5.0, 4.0, -1.0])
+    params = SamplingParams(no_repeat_ngram_size=2)
+    history = params.history([0], 4, "cpu")
+    assert next_token(logits, params, history=history) == 1
+    assert next_token(torch.tensor([5.0, 0.0, 0.0, 0.0]), params, history=history) == 0
+    assert next_token(logits, params, history=history) == 2
+    assert history.tolist() == [0, 1, 0, 2]
+    sampled = SamplingParams(temperature=1.0, seed=3, bad_sequences=[(0, 1)], no_repeat_ngram_size=2)
+    rng, history = sampled.rng("cpu"), sampled.history([0], 4, "cpu")
+    assert next_token(torch.tensor([0.0, 50.0, 49.0, 0.0]), sampled, rng, history) == 2  # 1 is banned after 0
+    assert history.tolist() == [0, 2, -1, -1]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size must be an integer >= 0"),
+    ({"no_repeat_ngram_size": 2.0}, "no_repeat_ngram_size must be an integer >= 0"),
+    ({"no_repeat_ngram_size": True}, "no_repeat_ngram_size must be an integer >= 0"),
+    ({"bad_sequences": [[]]}, "bad_sequences must be a collection of non-empty token id sequences"),
+    ({"bad_sequences": [1, 2]}, "bad_sequences must be"),
+    ({"bad_sequences": "ab"}, "bad_sequences must be"),
+    ({"bad_sequences": [[1, -2]]}, "bad_sequences must be"),
+    ({"bad_sequences": [[1, 2.5]]}, "bad_sequences must be"),
+    ({"bad_sequences": [torch.tensor([1, 2])]}, "bad_sequences must be"),
+])  # fmt: skip
+def test_bad_bans_are_refused(kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_bans_are_kept_as_sets():
+    params = SamplingParams(bad_sequences=[[1, np.int64(2)], (1, 2), [3]], no_repeat_ngram_size=np.int64(3))
+    assert params.bad_sequences == frozenset({(1, 2), (3,)}) and type(params.no_repeat_ngram_size) is int
+    assert params == SamplingParams(bad_sequences={(3,), (1, 2)}, no_repeat_ngram_size=3) and params.needs_history
 
 
 @pytest.mark.parametrize("weights, rng, message", [

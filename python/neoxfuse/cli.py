@@ -168,6 +168,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens of mass top-p (default 1: all)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 makes tokens already in the text less "
                         "likely, greedy or sampled, as transformers' repetition_penalty (default 1: none)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N", help="never repeat an N-gram of the "
+                        "text (the prompt's too), greedy or sampled, as transformers' no_repeat_ngram_size (default 0: off)")
     parser.add_argument("--seed", type=int, help="seed for sampling (and for a random-initialised model's weights; default 0)")
     parser.add_argument("--max-seq-len", type=int, help="KV cache positions (default: the model's maximum)")
     parser.add_argument("--stream", action="store_true", help="print the new text (token ids without a tokenizer) as it "
@@ -187,7 +189,7 @@ def _generate(args) -> int:
     """Generate tokens after a prompt, print them and their timings.
 
     Greedy by default; --temperature > 0 samples (with --top-k, --top-p, --seed); --repetition-penalty
-    applies either way. With a tokenizer
+    and --no-repeat-ngram-size apply either way. With a tokenizer
     (a checkpoint directory that has one) the text is printed too and generation stops at its EOS
     (and after any --stop text).
     --interactive then continues the text with lines from stdin, turn by turn.
@@ -196,7 +198,7 @@ def _generate(args) -> int:
         raise InvalidInputError("generate needs a prompt: --prompt TEXT, --tokens 1,2,3 or --interactive (lines from stdin)")
     device = resolve_device(args.device)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              repetition_penalty=args.repetition_penalty)
+                              repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
     if sampling.greedy and (args.top_k or args.top_p != 1.0):
         print("neoxfuse: greedy decoding (--temperature 0): --top-k and --top-p have no effect", file=sys.stderr)
     model = _model_name(args, device)
@@ -226,6 +228,8 @@ def _generate(args) -> int:
               f"seed {out.seed}{redraw}")
     if sampling.penalized:
         print(f"repetition penalty {sampling.repetition_penalty} on the prompt's and the generated tokens")
+    if sampling.no_repeat_ngram_size:
+        print(f"no {sampling.no_repeat_ngram_size}-gram of the prompt and the generated tokens repeated")
     if out.text is not None:
         print(f"text: {args.prompt if args.prompt is not None else engine.tokenizer.decode(out.prompt_tokens)}{out.text}")
     timing = f"prefill {out.prefill_ms:.2f} ms"

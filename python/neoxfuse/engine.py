@@ -129,20 +129,24 @@ class Backend(ABC):
         SequenceTooLongError when full."""
 
     def decode_tokens(self, token: int, cache, steps: int, sampling: SamplingParams, rng: torch.Tensor | None,
-                      clock: StepClock, seen: torch.Tensor | None = None) -> torch.Tensor:
+                      clock: StepClock, history: torch.Tensor | None = None) -> torch.Tensor:
         """Decodes `steps` tokens after `token` (at position cache.length) without waiting for the
-        device: token i+1 = neoxfuse.sampling.choose(logits of token i, sampling, rng, seen). The
+        device: token i+1 = neoxfuse.sampling.choose(logits of token i, sampling, rng, history). The
         chosen tokens [steps] (long, on the device); clock.mark() after each step; cache.length
-        grows by `steps`; rng advances by `steps` draws when sampled, seen gains the chosen tokens
-        when a repetition penalty applies.
+        grows by `steps`; rng advances by `steps` draws when sampled, history gains the chosen tokens
+        when the rule reads it (sampling.needs_history).
 
         This default runs decode_step and choose per step; a backend overrides it to keep more
         of the loop on the device (the fused backend replays a CUDA graph per step).
         """
         chosen = []
         current: int | torch.Tensor = token
+        constraints = None  # the rule's bans on the device, built once
         for _ in range(steps):
-            current = choose(self.decode_step(current, cache), sampling, rng, seen)  # [1]
+            logits = self.decode_step(current, cache)  # [vocab]
+            if constraints is None:
+                constraints = sampling.constraints(logits.shape[-1], logits.device)
+            current = choose(logits, sampling, rng, history, constraints)  # [1]
             chosen.append(current)
             clock.mark()
         return torch.cat(chosen)
@@ -506,15 +510,15 @@ class Engine:
         early = sampling  # the rule of the first min_new_tokens tokens (all of them: sampling)
         if min_new_tokens and (stops := {t for t in stop_rule.token_ids if 0 <= t < self.shape.vocab}):
             early = replace(sampling, suppress_tokens=sampling.suppress_tokens | stops)
-        early.suppressed(self.shape.vocab, "cpu")  # checks the ids
+        early.check_vocab(self.shape.vocab)
         rng = sampling.rng(self.device)  # [seed, draw] on the device
-        seen = sampling.seen(prompt_tokens, self.shape.vocab, self.device)  # [vocab] bool, with a repetition penalty
+        history = sampling.history(prompt_tokens, self.max_seq_len + 1, self.device)  # [max_seq_len + 1], where read
         cache, reused = self._cache_for(prompt_tokens)
         prompt_tensor = torch.tensor(prompt_tokens[reused:], dtype=torch.long, device=self.device)  # [T - reused]
 
         synchronize(self.device)
         start = time.perf_counter()
-        token = next_token(self.backend.prefill(prompt_tensor, cache), early, rng, seen)  # int(): waits for the GPU
+        token = next_token(self.backend.prefill(prompt_tensor, cache), early, rng, history)  # int(): waits for the GPU
         result = Generation(prompt_tokens, [], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed,
                             reused_tokens=reused)
         stopped = _take(result, [token], [], stop_rule, on_tokens)
@@ -526,7 +530,7 @@ class Engine:
                 rule = sampling
                 if done < min_new_tokens:  # the chunk ends where the stop tokens may come again
                     steps, rule = min(steps, min_new_tokens - done), early
-                tokens, times = self._decode_chunk(token, cache, steps, rule, rng, seen)
+                tokens, times = self._decode_chunk(token, cache, steps, rule, rng, history)
                 token = tokens[-1]
                 taken = len(result.tokens)
                 stopped = _take(result, tokens, times, stop_rule, on_tokens)
@@ -606,11 +610,11 @@ class Engine:
         return texts
 
     def _decode_chunk(self, token: int, cache, steps: int, sampling: SamplingParams, rng: torch.Tensor | None,
-                      seen: torch.Tensor | None) -> tuple[list[int], list[float]]:
+                      history: torch.Tensor | None) -> tuple[list[int], list[float]]:
         """`steps` tokens after `token` and each one's step time in ms, decoded on the device with one
         wait at the end."""
         clock = StepClock(self.device)
-        tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock, seen).tolist()
+        tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock, history).tolist()
         return tokens, clock.intervals_ms()
 
 

@@ -8,16 +8,16 @@ A decode step at position p = cache.length is
     p      = p + 1
     tokens[p] = argmax(logits)                            (greedy steps)
     tokens[p] = sample(logits, rule, rng)                 (sampled steps: neoxfuse.sampling's rule)
-    (of constrained(logits, rule, seen, suppressed): with a repetition penalty, and then
-    seen[tokens[p]] = true; suppressed tokens' logits -inf)
+    (of constrained(logits, rule, history, constraints): with a repetition penalty and the
+    banned tokens' logits -inf, and then tokens[p] appended to history)
 
-all on the GPU, with the tokens, p, the sampler's random state rng = [seed, draw] and the tokens
-seen so far in device memory (the sampling kernel advances rng), so the whole step, token choice
+all on the GPU, with the tokens, p, the sampler's random state rng = [seed, draw] and the sequence
+so far (history) in device memory (the sampling kernel advances rng), so the whole step, token choice
 included, is captured once as a CUDA graph and replayed for every later token (no per-kernel
 Python cost). The first step of a cache runs eagerly (it also warms up the kernels' plan), then
 the graph is captured: one graph for logits-only steps, one for plain greedy steps and one per
-other rule used (temperature, top-k, top-p, repetition penalty, suppressed tokens), the last
-MAX_SAMPLING_GRAPHS of those kept. decode_step writes tokens[p] from the host and returns the
+other rule used (temperature, top-k, top-p, repetition penalty, banned tokens), the last
+MAX_SAMPLING_GRAPHS of those kept, each with its rule's constraints (device tensors it reads). decode_step writes tokens[p] from the host and returns the
 logits; decode_tokens replays a graph `steps` times with nothing between replays and no host
 wait, so the GPU does not idle waiting for Python between tokens.
 
@@ -44,7 +44,7 @@ from neoxfuse.engine import Availability, Backend, StepClock, register_backend
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError, NeoxfuseError
 from neoxfuse.ops import fused_decoder as ops
 from neoxfuse.reference import KVCache, ReferenceModel
-from neoxfuse.sampling import SamplingParams, check_rng, constrained, exponential_race, probabilities
+from neoxfuse.sampling import Constraints, SamplingParams, append, check_rng, constrained, exponential_race, probabilities
 from neoxfuse.weights import ModelWeights
 
 
@@ -109,11 +109,10 @@ class FusedBackend(Backend):
         self._logits = buffer(shape.vocab, torch.float32)  # [vocab]
         self._rng = buffer(2, torch.long)  # [2] the sampler's [seed, draw]
         self._drawn = buffer(1, torch.long)  # [1] a sampled step's token
-        self._seen = buffer(shape.vocab, torch.bool)  # [vocab] the tokens a repetition penalty applies to
-        self._suppressed = buffer(shape.vocab, torch.bool)  # [vocab] the rule's suppress_tokens
+        self._history = buffer(self.max_seq_len + 1, torch.long)  # [max_seq_len + 1] the sequence so far, then -1s
         self._device_length: int | None = None  # what self._position holds, when known on the host
         self._storage: KVCache | None = None
-        self._graphs: dict[SamplingParams | None, torch.cuda.CUDAGraph] = {}  # selection rule -> the step's graph
+        self._graphs: dict[SamplingParams | None, tuple[torch.cuda.CUDAGraph, Constraints | None]] = {}  # rule -> graph
         self._graph_cache: tuple[int, int] | None = None  # (k, v) data pointers the graphs were captured with
 
     def new_cache(self) -> KVCache:
@@ -138,30 +137,32 @@ class FusedBackend(Backend):
         return self._logits.clone()
 
     def decode_tokens(self, token: int | torch.Tensor, cache: KVCache, steps: int, sampling: SamplingParams,
-                      rng: torch.Tensor | None, clock: StepClock, seen: torch.Tensor | None = None) -> torch.Tensor:
+                      rng: torch.Tensor | None, clock: StepClock, history: torch.Tensor | None = None) -> torch.Tensor:
         """Backend.decode_tokens on the device: `steps` graph replays, each writing its chosen token
         into the device's token buffer for the next; the chosen tokens [steps] (long, on the GPU).
-        Sampled steps draw with the backend's copy of rng, and penalized ones read and extend its copy
-        of seen, both copied back afterwards. The same errors as decode_step, before anything runs."""
+        Sampled steps draw with the backend's copy of rng, and rules that read the sequence so far
+        read and extend its copy of history (long [max_seq_len + 1]), both copied back afterwards.
+        The same errors as decode_step, and one for a history of another size, before anything runs."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidInputError(f"steps must be an integer >= 1, got {steps!r}")
-        check_rng(sampling, rng, seen)
-        suppressed = sampling.suppressed(self.shape.vocab, self._suppressed.device)
+        check_rng(sampling, rng, history)
+        sampling.check_vocab(self.shape.vocab)
+        if sampling.needs_history and (history.shape != self._history.shape or history.dtype != torch.long):
+            raise InvalidInputError(f"history must be long [{self._history.numel()}] (max_seq_len + 1), from sampling.history(); "
+                                    f"got {history.dtype} {list(history.shape)}")
         start = self._start(token, cache, steps)
-        if suppressed is not None:
-            self._suppressed.copy_(suppressed)
         selection = _selection_rule(sampling)
         if not sampling.greedy:
             self._rng.copy_(rng)
-        if sampling.penalized:
-            self._seen.copy_(seen)
+        if sampling.needs_history:
+            self._history.copy_(history)
         for _ in range(steps):
             self._run(cache, selection)
             clock.mark()
         if not sampling.greedy:
             rng.copy_(self._rng)
-        if sampling.penalized:
-            seen.copy_(self._seen)
+        if sampling.needs_history:
+            history.copy_(self._history)
         self._advance(cache, steps)
         return self._tokens[start + 1 : start + 1 + steps].clone()
 
@@ -187,15 +188,16 @@ class FusedBackend(Backend):
             self._graphs.clear()  # free the previous cache's graphs before capturing the next
             self._graph_cache = key
         if selection in self._graphs:
-            self._graphs[selection].replay()
+            self._graphs[selection][0].replay()
             return
-        self._step(cache, selection)
+        constraints = None if selection is None else selection.constraints(self.shape.vocab, self._logits.device)
+        self._step(cache, selection, constraints)
         if self.use_graph:
             if selection not in _ALWAYS_KEPT:
                 others = [rule for rule in self._graphs if rule not in _ALWAYS_KEPT]
                 for rule in others[: max(0, len(others) - MAX_SAMPLING_GRAPHS + 1)]:
                     del self._graphs[rule]  # the oldest: a graph holds its own memory
-            self._graphs[selection] = self._capture(cache, selection)
+            self._graphs[selection] = (self._capture(cache, selection, constraints), constraints)
 
     def _checked_token(self, token: int | torch.Tensor) -> int:
         if isinstance(token, torch.Tensor):
@@ -206,10 +208,11 @@ class FusedBackend(Backend):
             raise InvalidInputError(f"token ids must be integers in 0..{self.shape.vocab - 1}, got {token!r}")
         return token
 
-    def _step(self, cache: KVCache, selection: SamplingParams | None) -> None:
+    def _step(self, cache: KVCache, selection: SamplingParams | None, constraints: Constraints | None) -> None:
         """One decode step on the current stream, reading self._tokens at self._position, writing
         self._logits, advancing self._position and, unless `selection` is None, writing the chosen
-        token at the new position (sampled: drawn with self._rng, which advances): the work a graph holds."""
+        token at the new position (sampled: drawn with self._rng, which advances; with the rule's
+        constraints, and appended to self._history where the rule reads it): the work a graph holds."""
         w = self.weights
         x = self._residual[0]
         token = self._tokens.index_select(0, self._position)  # [1]
@@ -223,13 +226,13 @@ class FusedBackend(Backend):
         self._position.add_(1)
         if selection is None:
             return
-        logits = constrained(self._logits, selection, self._seen, self._suppressed)  # [vocab] fp32
+        logits = constrained(self._logits, selection, self._history, constraints)  # [vocab] fp32
         if selection.greedy:
             chosen = logits.argmax().reshape(1)  # [1]
         else:
             chosen = self._sample(logits, selection)  # [1]
-        if selection.penalized:
-            self._seen.index_fill_(0, chosen, True)
+        if selection.needs_history:
+            append(self._history, chosen)
         self._tokens.index_put_((self._position,), chosen)
 
     def _sample(self, logits: torch.Tensor, selection: SamplingParams) -> torch.Tensor:
@@ -240,12 +243,13 @@ class FusedBackend(Backend):
         return ops.sample_token(logits, self._rng, selection.temperature, selection.top_k, selection.top_p,
                                 out=self._drawn)
 
-    def _capture(self, cache: KVCache, selection: SamplingParams | None) -> torch.cuda.CUDAGraph:
-        """_step captured for this cache (capturing runs nothing: neither the cache nor rng is touched)."""
+    def _capture(self, cache: KVCache, selection: SamplingParams | None, constraints: Constraints | None) -> torch.cuda.CUDAGraph:
+        """_step captured for this cache (capturing runs nothing: neither the cache nor rng is touched);
+        the graph reads `constraints`, which must live as long as it."""
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self._step(cache, selection)
+                self._step(cache, selection, constraints)
         except (RuntimeError, NeoxfuseError) as err:
             raise NeoxfuseError(f"capturing the fused decode step as a CUDA graph failed: {err}; "
                                 "FusedBackend(..., use_graph=False) runs it eagerly") from err
@@ -254,7 +258,7 @@ class FusedBackend(Backend):
 
 def _selection_rule(sampling: SamplingParams) -> SamplingParams:
     """What a step's graph depends on: the sampling rule without its seed (the seed lives in rng);
-    greedy rules differ only in their repetition penalty and suppressed tokens."""
+    greedy rules differ only in their repetition penalty and banned tokens."""
     if sampling.greedy:
-        return SamplingParams(repetition_penalty=sampling.repetition_penalty, suppress_tokens=sampling.suppress_tokens)
+        return dataclasses.replace(sampling, seed=None, top_k=0, top_p=1.0)
     return dataclasses.replace(sampling, seed=None)

@@ -257,12 +257,12 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((
 # generation config sets them (in transformers 5 the config holds None and model.generate fills
 # these in); with max_length unset, model.generate makes 20 new tokens (up to the model's positions).
 _HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
-                "min_length": 0, "suppress_tokens": None, "bad_words_ids": None}
+                "min_length": 0, "suppress_tokens": None, "bad_words_ids": None, "no_repeat_ngram_size": 0}
 _DEFAULT_NEW_TOKENS = 20
 _IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
 # or in the model's generation config, they are refused, since model.generate would apply them.
-_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0,
             "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "num_beam_groups": 1,
             "renormalize_logits": False, "remove_invalid_values": False, "output_scores": False, "output_logits": False,
             "return_dict_in_generate": False}
@@ -291,6 +291,7 @@ def generate(
     min_length: int | None = UNSET,
     suppress_tokens: Collection[int] | None = UNSET,
     bad_words_ids: list[list[int]] | None = UNSET,
+    no_repeat_ngram_size: int | None = UNSET,
     eos_token_id: int | Collection[int] | None = UNSET,
     seed: int | None = None,
     streamer: BaseStreamer | None = None,
@@ -307,11 +308,12 @@ def generate(
     model.generate (transformers 5) reads it (and one given as None is transformers' default:
     eos_token_id=None, no eos, whatever the configs say): max_new_tokens (else max_length - P; with
     neither set, 20, as far as the model's positions allow), greedy unless do_sample, then
-    temperature, top_k, top_p (seed: reproducible draws), repetition_penalty, suppress_tokens and
-    bad_words_ids of one token each (greedy or sampled), and min_new_tokens (if set, else
-    min_length - P) new tokens before eos may come. Any other model.generate option (num_beams,
-    no_repeat_ngram_size, ...) is taken where it changes nothing and refused elsewhere, whether the
-    call or a generation config sets it: the tokens are model.generate's, or an error says why not.
+    temperature, top_k, top_p (seed: reproducible draws), repetition_penalty, suppress_tokens,
+    bad_words_ids and no_repeat_ngram_size (greedy or sampled, over the prompt and the new tokens),
+    and min_new_tokens (if set, else min_length - P) new tokens before eos may come. Any other
+    model.generate option (num_beams, typical_p, ...) is taken where it changes nothing and
+    refused elsewhere, whether the call or a generation config sets it: the tokens are
+    model.generate's, or an error says why not.
     A tokenizer's output goes in as it does to model.generate (`generate(model, **tokenizer(text,
     return_tensors="pt"), ...)`): its attention_mask must be all ones (one sequence has no padding);
     pad_token_id, which pads only the sequences of a batch that end early, changes nothing.
@@ -352,8 +354,9 @@ def generate(
     stops = () if eos is None else eos
     constraints = {  # greedy or sampled
         "repetition_penalty": option(repetition_penalty, "repetition_penalty"),
-        "suppress_tokens": {*(option(suppress_tokens, "suppress_tokens") or ()),
-                            *_bad_tokens(option(bad_words_ids, "bad_words_ids"), stop_token_set(stops))},
+        "suppress_tokens": option(suppress_tokens, "suppress_tokens") or (),
+        "bad_sequences": _bad_sequences(option(bad_words_ids, "bad_words_ids"), stop_token_set(stops)),
+        "no_repeat_ngram_size": option(no_repeat_ngram_size, "no_repeat_ngram_size"),
     }
     sampling = SamplingParams(**constraints)  # greedy
     if option(do_sample, "do_sample"):
@@ -390,17 +393,14 @@ def generate(
     return torch.cat([input_ids, new[None]], dim=1)
 
 
-def _bad_tokens(bad_words_ids: list[list[int]] | None, eos: frozenset[int]) -> set[int]:
-    """The tokens bad_words_ids bans outright: each one-token entry but an eos (which model.generate
-    leaves out too); a longer sequence, which bans its last token only after the others, is refused."""
+def _bad_sequences(bad_words_ids: list[list[int]] | None, eos: frozenset[int]) -> list[tuple[int, ...]]:
+    """bad_words_ids as SamplingParams.bad_sequences: each entry but a lone eos (which
+    model.generate leaves out too)."""
     words = [] if bad_words_ids is None else bad_words_ids
     if isinstance(words, (str, bytes)) or not all(isinstance(w, (list, tuple)) and w and all(is_integer(t) for t in w)
                                                   for w in words):
         raise InvalidInputError(f"bad_words_ids must be a list of token id lists, got {bad_words_ids!r}")
-    if longer := [list(w) for w in words if len(w) > 1]:
-        raise InvalidInputError(f"bad_words_ids of more than one token ({longer[:3]}) are not implemented by "
-                                "neoxfuse.hf.generate; one-token entries are")
-    return {int(w[0]) for w in words} - eos
+    return [tuple(w) for w in words if not (len(w) == 1 and w[0] in eos)]
 
 
 def _check_options(configs: list[GenerationConfig], options: dict) -> None:
@@ -419,7 +419,8 @@ def _check_options(configs: list[GenerationConfig], options: dict) -> None:
             where = "the call" if name in options else "the generation config"
             raise InvalidInputError(f"{name}={value!r} (set in {where}) would change what model.generate computes, and "
                                     "neoxfuse.hf.generate does not implement it (greedy or sampled batch-1 decoding with "
-                                    "temperature, top_k, top_p, repetition_penalty, suppress_tokens and a minimum length)")
+                                    "temperature, top_k, top_p, repetition_penalty, suppress_tokens, bad_words_ids, "
+                                    "no_repeat_ngram_size and a minimum length)")
 
 
 def _engine(model: GPTNeoXForCausalLM, backend: str) -> Engine:

@@ -3,11 +3,18 @@
 Given logits z [vocab] (computed in fp32 whatever the model's dtype):
 
 - with a repetition penalty r != 1 (as transformers' RepetitionPenaltyLogitsProcessor), first every
-  token already in the sequence (the prompt and the tokens generated so far: seen_i) is made less
-  likely for r > 1:  z_i <- z_i / r where z_i > 0, z_i * r where z_i < 0, for each i with seen_i.
-  `seen` is a bool tensor [vocab] in device memory that each choice adds its token to.
-- suppressed tokens (suppress_tokens, as transformers' option of that name; the engine's
-  min_new_tokens suppresses the stop tokens for the first new tokens) get z_i = -inf: never chosen.
+  token already in the sequence s (the prompt and the tokens generated so far) is made less likely
+  for r > 1:  z_i <- z_i / r where z_i > 0, z_i * r where z_i < 0, for each i in s.
+- banned tokens get z_i = -inf, never chosen:
+  - suppressed tokens (suppress_tokens, as transformers' option of that name; the engine's
+    min_new_tokens suppresses the stop tokens for the first new tokens);
+  - with no_repeat_ngram_size n (transformers' NoRepeatNGramLogitsProcessor), every token that
+    would repeat an n-gram of s: s_{j+n-1} for each j with s_j .. s_{j+n-2} equal to the last n-1
+    tokens of s (none while s is shorter than n);
+  - for each of the bad_sequences b_1 .. b_m (transformers' bad_words_ids, a NoBadWordsLogitsProcessor),
+    b_m when s ends with b_1 .. b_{m-1} (always, for m = 1).
+  The sequence s lives in device memory as `history`: a long tensor [capacity] holding s and then
+  -1s, that each choice appends its token to, so a CUDA graph can replay a choice.
 - greedy (temperature 0): next = argmax_i z_i.
 - sampled: p_i = softmax(z / T)_i, then
   - top-k keeps the k tokens of largest p (k = 0: all; tokens tied with the k-th are kept too),
@@ -41,6 +48,7 @@ import dataclasses
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -61,6 +69,9 @@ class SamplingParams:
     repetition_penalty: > 0; 1 is none, > 1 makes the tokens already in the sequence less likely
         (greedy or sampled; see the module docstring).
     suppress_tokens: token ids never chosen (any collection of them; kept as a frozenset).
+    no_repeat_ngram_size: n > 0 never lets an n-gram of the sequence occur twice; 0 is off.
+    bad_sequences: token sequences never completed (each a non-empty sequence of ids; kept as a
+        frozenset of tuples): the last token of one is never chosen right after the others.
     """
 
     temperature: float = 0.0
@@ -69,17 +80,26 @@ class SamplingParams:
     seed: int | None = None
     repetition_penalty: float = 1.0
     suppress_tokens: frozenset[int] = frozenset()
+    no_repeat_ngram_size: int = 0
+    bad_sequences: frozenset[tuple[int, ...]] = frozenset()
 
     def __post_init__(self):
         check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
         ids = self.suppress_tokens
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable) or not all(is_integer(t) and t >= 0 for t in ids):
+        if not _is_collection(ids) or not all(is_integer(t) and t >= 0 for t in ids):
             raise InvalidInputError(f"suppress_tokens must be a collection of token ids (integers >= 0), got {ids!r}")
         object.__setattr__(self, "suppress_tokens", frozenset(int(t) for t in ids))
+        if not is_integer(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
+            raise InvalidInputError(f"no_repeat_ngram_size must be an integer >= 0 (0 is off), got {self.no_repeat_ngram_size!r}")
+        sequences = self.bad_sequences
+        if not _is_collection(sequences) or not all(_is_collection(b) and len(b) and all(is_integer(t) and t >= 0 for t in b)
+                                                    for b in sequences):
+            raise InvalidInputError(f"bad_sequences must be a collection of non-empty token id sequences, got {sequences!r}")
+        object.__setattr__(self, "bad_sequences", frozenset(tuple(int(t) for t in b) for b in sequences))
         if self.seed is not None:
             check_seed(self.seed)
         for name, kind in [("temperature", float), ("top_k", int), ("top_p", float), ("seed", int),
-                           ("repetition_penalty", float)]:  # NumPy's -> Python's
+                           ("repetition_penalty", float), ("no_repeat_ngram_size", int)]:  # NumPy's -> Python's
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, kind(getattr(self, name)))
 
@@ -98,26 +118,48 @@ class SamplingParams:
         """Whether a repetition penalty applies (one other than 1)."""
         return self.repetition_penalty != 1
 
-    def seen(self, tokens: Sequence[int], vocab: int, device: torch.device | str) -> torch.Tensor | None:
-        """The tokens a repetition penalty applies to at first, `tokens` (the prompt's), as a bool
-        mask [vocab] on `device` that choose() adds each chosen token to; None without a penalty."""
-        if not self.penalized:
-            return None
-        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        seen[torch.tensor(list(tokens), dtype=torch.long, device=device)] = True
-        return seen
+    @property
+    def needs_history(self) -> bool:
+        """Whether choosing a token reads the sequence so far: with a repetition penalty, an n-gram
+        ban or bad sequences."""
+        return self.penalized or self.no_repeat_ngram_size > 0 or bool(self.bad_sequences)
 
-    def suppressed(self, vocab: int, device: torch.device | str) -> torch.Tensor | None:
-        """suppress_tokens as a bool mask [vocab] on `device`, None when there are none; InvalidInputError
-        for an id past the vocabulary or for suppressing all of it."""
-        if not self.suppress_tokens:
+    def history(self, tokens: Sequence[int], capacity: int, device: torch.device | str) -> torch.Tensor | None:
+        """The sequence so far, `tokens` (the prompt's), as choose() reads and extends it: long
+        [capacity] on `device`, the tokens then -1s (capacity: room for the whole sequence, the
+        tokens to be chosen too); None when no rule reads it (see needs_history)."""
+        if not self.needs_history:
             return None
-        if max(self.suppress_tokens) >= vocab or len(self.suppress_tokens) == vocab:
-            raise InvalidInputError(f"suppress_tokens must leave tokens to choose from, ids in [0, {vocab}); got "
-                                    f"{len(self.suppress_tokens)} ids up to {max(self.suppress_tokens)}")
-        mask = torch.zeros(vocab, dtype=torch.bool)
-        mask[sorted(self.suppress_tokens)] = True
-        return mask.to(device)
+        tokens = list(tokens)
+        if not is_integer(capacity) or not len(tokens) < capacity:
+            raise InvalidInputError(f"a history needs room for the {len(tokens)} tokens so far and the next; capacity {capacity!r}")
+        history = torch.full((capacity,), -1, dtype=torch.long)
+        history[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return history.to(device)
+
+    def check_vocab(self, vocab: int) -> None:
+        """InvalidInputError for a suppressed or bad-sequence id past the vocabulary, or for
+        suppressing all of it."""
+        ids = self.suppress_tokens | {t for sequence in self.bad_sequences for t in sequence}
+        if ids and max(ids) >= vocab:
+            raise InvalidInputError(f"suppress_tokens and bad_sequences are token ids in [0, {vocab}); got {max(ids)}")
+        if len(self.suppress_tokens) == vocab:
+            raise InvalidInputError(f"suppress_tokens must leave tokens to choose from; it holds all {vocab}")
+
+    def constraints(self, vocab: int, device: torch.device | str) -> Constraints:
+        """What the rule's bans need on `device` (built once per rule, outside any CUDA graph);
+        the ids checked against `vocab` (check_vocab)."""
+        self.check_vocab(vocab)
+        suppressed = bad_sequences = None
+        if self.suppress_tokens:
+            suppressed = torch.zeros(vocab, dtype=torch.bool)
+            suppressed[sorted(self.suppress_tokens)] = True
+            suppressed = suppressed.to(device)
+        if self.bad_sequences:
+            longest = max(len(sequence) for sequence in self.bad_sequences)
+            rows = [[-1] * (longest - len(sequence)) + list(sequence) for sequence in sorted(self.bad_sequences)]
+            bad_sequences = torch.tensor(rows, dtype=torch.long).to(device)
+        return Constraints(suppressed, bad_sequences)
 
     def rng(self, device: torch.device | str) -> torch.Tensor | None:
         """The random state tokens are drawn with on `device`: [seed, 0] (int64 [2]; a random seed
@@ -125,6 +167,67 @@ class SamplingParams:
         if self.greedy:
             return None
         return torch.tensor([self.seeded().seed, 0], dtype=torch.long, device=device)
+
+
+class Constraints(NamedTuple):
+    """A rule's bans as device tensors (SamplingParams.constraints)."""
+
+    suppressed: torch.Tensor | None  # bool [vocab]: suppress_tokens
+    bad_sequences: torch.Tensor | None  # long [sequences, longest]: each right-aligned, -1 before it
+
+
+def _is_collection(value: object) -> bool:
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes, torch.Tensor))
+
+
+def history_length(history: torch.Tensor) -> torch.Tensor:
+    """The number of tokens in `history` (the entries >= 0 before its -1s), a 0-d long tensor on its device."""
+    return (history >= 0).sum()
+
+
+def append(history: torch.Tensor, token: torch.Tensor) -> None:
+    """Puts token [1] after the last token of history [capacity] (a full history: over its last),
+    on the device, without waiting for it."""
+    length = history_length(history).clamp(max=history.numel() - 1).reshape(1)
+    history.index_put_((length,), token)
+
+
+def tokens_in(history: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bool [vocab]: which tokens occur in history."""
+    counts = torch.zeros(vocab, dtype=torch.int32, device=history.device)
+    return counts.index_add_(0, history.clamp(min=0), (history >= 0).to(torch.int32)) > 0
+
+
+def repeated_ngram_ends(history: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
+    """bool [vocab]: the tokens that would make the history's last n-1 tokens and it an n-gram the
+    history holds already (module docstring), without waiting for the device.
+
+    history: long [capacity]; n >= 1.
+    """
+    banned = torch.zeros(vocab, dtype=torch.int32, device=history.device)
+    if history.numel() < n:
+        return banned > 0
+    length = history_length(history)
+    windows = history.unfold(0, n, 1)  # [capacity - n + 1, n]: window j = history[j : j + n]
+    tail = history[(length - (n - 1) + torch.arange(n - 1, device=history.device)).clamp(min=0)]  # [n - 1]
+    complete = torch.arange(windows.shape[0], device=history.device) + n <= length  # [capacity - n + 1]
+    matches = (windows[:, :-1] == tail).all(dim=1) & complete
+    return banned.index_add_(0, windows[:, -1].clamp(min=0), matches.to(torch.int32)) > 0
+
+
+def bad_sequence_ends(history: torch.Tensor, bad_sequences: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bool [vocab]: the last tokens of the bad sequences the history ends with all but the last
+    token of (module docstring), without waiting for the device.
+
+    history: long [capacity]; bad_sequences: long [sequences, longest], each right-aligned, -1 before it.
+    """
+    before = bad_sequences.shape[1] - 1  # the longest prefix
+    length = history_length(history)
+    index = length - before + torch.arange(before, device=history.device)  # [before]: the history's last tokens
+    tail = torch.where(index >= 0, history[index.clamp(min=0)], -2)  # -2 before the first token: matches no id
+    matches = ((bad_sequences[:, :-1] == tail) | (bad_sequences[:, :-1] < 0)).all(dim=1)  # [sequences]
+    banned = torch.zeros(vocab, dtype=torch.int32, device=history.device)
+    return banned.index_add_(0, bad_sequences[:, -1], matches.to(torch.int32)) > 0
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -136,17 +239,25 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
     return torch.where(seen, torch.where(z > 0, z / penalty, z * penalty), z)
 
 
-def constrained(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
-                suppressed: torch.Tensor | None) -> torch.Tensor:
+def constrained(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
+                constraints: Constraints) -> torch.Tensor:
     """The logits a token is chosen from (module docstring): with the repetition penalty applied
-    where one applies, and -inf at the suppressed tokens where there are any (else the logits as given).
+    where one applies, and -inf at the banned tokens where there are any (else the logits as given).
+    No host synchronisation, so a CUDA graph can capture it.
 
-    logits: [vocab]; seen, suppressed: bool [vocab] (params.seen, params.suppressed), same device.
+    logits: [vocab]; history: long [capacity] (params.history) where params.needs_history;
+    constraints: params.constraints(vocab, device); all on one device.
     """
+    vocab = logits.shape[-1]
     if params.penalized:
-        logits = penalize(logits, seen, params.repetition_penalty)
-    if params.suppress_tokens:
-        logits = logits.masked_fill(suppressed, float("-inf"))
+        logits = penalize(logits, tokens_in(history, vocab), params.repetition_penalty)
+    banned = [mask for mask in (
+        constraints.suppressed,
+        repeated_ngram_ends(history, params.no_repeat_ngram_size, vocab) if params.no_repeat_ngram_size else None,
+        bad_sequence_ends(history, constraints.bad_sequences, vocab) if params.bad_sequences else None,
+    ) if mask is not None]
+    for mask in banned:
+        logits = logits.masked_fill(mask, float("-inf"))
     return logits
 
 
@@ -237,39 +348,43 @@ def sample_kernel_runs(device: torch.device, vocab: int) -> bool:
     return built and _lib.missing_code(index) is None
 
 
-def check_rng(params: SamplingParams, rng: torch.Tensor | None, seen: torch.Tensor | None = None) -> None:
-    """InvalidInputError when sampled decoding is asked for without its random state, or a
-    repetition penalty without the tokens it applies to."""
+def check_rng(params: SamplingParams, rng: torch.Tensor | None, history: torch.Tensor | None = None) -> None:
+    """InvalidInputError when sampled decoding is asked for without its random state, or a rule
+    that reads the sequence so far without it."""
     if not params.greedy and rng is None:
         raise InvalidInputError("sampled decoding needs the random state from params.rng(device)")
-    if params.penalized and seen is None:
-        raise InvalidInputError("a repetition penalty needs the tokens seen so far, from params.seen(prompt, vocab, device)")
+    if params.needs_history and history is None:
+        raise InvalidInputError("a repetition penalty, an n-gram ban or bad sequences need the sequence so far, from "
+                                "params.history(prompt, capacity, device)")
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None,
-           seen: torch.Tensor | None = None) -> torch.Tensor:
+           history: torch.Tensor | None = None, constraints: Constraints | None = None) -> torch.Tensor:
     """The next token id as a [1] long tensor on the logits' device, without waiting for the device:
     argmax(logits) when greedy, else the exponential race over probabilities(logits, params)
     (module docstring: one kernel on an sm_90 or sm_12x GPU, PyTorch ops elsewhere), of the
-    constrained() logits: with a repetition penalty the token is added to seen.
+    constrained() logits; the token is appended to history where the rule reads it.
 
-    logits: [vocab]; rng: from `params.rng(logits.device)` (advanced by one when sampled); seen:
-    from `params.seen(prompt, vocab, logits.device)` where a penalty applies.
+    logits: [vocab]; rng: from `params.rng(logits.device)` (advanced by one when sampled); history:
+    from `params.history(prompt, capacity, logits.device)` where params.needs_history;
+    constraints: params.constraints(vocab, logits.device) (built here when not given).
     """
-    check_rng(params, rng, seen)
-    logits = constrained(logits, params, seen, params.suppressed(logits.shape[-1], logits.device))
+    check_rng(params, rng, history)
+    if constraints is None:
+        constraints = params.constraints(logits.shape[-1], logits.device)
+    logits = constrained(logits, params, history, constraints)
     if params.greedy:
         token = torch.argmax(logits).reshape(1)
     elif logits.dim() == 1 and sample_kernel_runs(logits.device, logits.numel()):
         token = fused_decoder.sample_token(logits.float().contiguous(), rng, params.temperature, params.top_k, params.top_p)
     else:
         token = exponential_race(probabilities(logits, params), rng)
-    if params.penalized:
-        seen.index_fill_(0, token, True)
+    if params.needs_history:
+        append(history, token)
     return token
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None,
-               seen: torch.Tensor | None = None) -> int:
-    """choose(logits, params, rng, seen) as a Python int (waits for the device)."""
-    return int(choose(logits, params, rng, seen))
+               history: torch.Tensor | None = None, constraints: Constraints | None = None) -> int:
+    """choose(logits, params, rng, history, constraints) as a Python int (waits for the device)."""
+    return int(choose(logits, params, rng, history, constraints))
