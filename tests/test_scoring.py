@@ -346,3 +346,30 @@ def test_load_hf_model_loads_what_the_engine_loads(tmp_path):
     (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(UnsupportedModelError, match="gpt_neox"):
         load_hf_model(tmp_path / "llama")
+
+
+@torch.inference_mode()
+def test_a_continuations_loglikelihood_is_hfs(hf_model):
+    # log p(continuation | context) from HF's logits over context + continuation; a context cut from
+    # the left to fit max_seq_len + 1 tokens; greedy where the continuation is the model's own argmax.
+    engine = Engine(hf_model, device="cpu", max_seq_len=8)
+    context, continuation = _tokens(5, hf_model.config.vocab_size, seed=8), _tokens(3, hf_model.config.vocab_size, seed=9)
+
+    def hf_logprob(tokens, n):
+        log_probs = torch.log_softmax(hf_model(torch.tensor([tokens[:-1]])).logits[0].float(), -1)
+        return float(log_probs[-n:].gather(-1, torch.tensor(tokens[-n:])[:, None]).sum())
+
+    got = engine.loglikelihood(context, continuation)
+    assert got.logprob == pytest.approx(hf_logprob(context + continuation, 3), abs=1e-4)
+    assert not got.greedy and got.context_tokens == 5
+    long_context = _tokens(20, hf_model.config.vocab_size, seed=10)
+    cut = engine.loglikelihood(long_context, continuation)
+    assert cut.context_tokens == 9 - 3 and cut.logprob == pytest.approx(hf_logprob((long_context + continuation)[-9:], 3), abs=1e-4)
+    own = engine.generate(context, 3).tokens
+    assert engine.loglikelihood(context, own).greedy
+    with pytest.raises(SequenceTooLongError, match="a continuation of 9 tokens needs as many KV cache positions"):
+        engine.loglikelihood([1], list(range(9)))
+    with pytest.raises(InvalidInputError, match="the context is empty"):
+        engine.loglikelihood([], [1])
+    with pytest.raises(InvalidInputError, match="the continuation is empty"):
+        engine.loglikelihood([1], [])

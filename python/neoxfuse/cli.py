@@ -3,6 +3,7 @@
     neoxfuse generate --tokens 1,2,3 [--model NAME|DIR] [--max-new-tokens N] [--temperature T ...]
     neoxfuse perplexity --file TEXT [--model DIR] [--compare-hf]  # teacher forced, through the backend's decode steps
     neoxfuse perplexity --documents FILE.jsonl --prefix-token eos  # a corpus, summed over its documents
+    neoxfuse eval --model DIR --tasks lambada_openai [--compare-hf]  # lm-evaluation-harness tasks
     neoxfuse bench decode [--lengths 16,64] [--out-dir DIR]      # and every other suite in neoxfuse.bench
     neoxfuse env                                                 # GPUs, library, versions, backends
 
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      description=_perplexity.__doc__)
     _add_perplexity_arguments(perplexity)
     perplexity.set_defaults(handler=_perplexity)
+
+    evaluate = commands.add_parser("eval", help="run lm-evaluation-harness tasks through neoxfuse, and HF with --compare-hf",
+                                   description=_eval.__doc__)
+    _add_eval_arguments(evaluate)
+    evaluate.set_defaults(handler=_eval)
 
     bench_parser = commands.add_parser("bench", help="run a benchmark suite", description="Run a benchmark suite.")
     suites = bench_parser.add_subparsers(title="suites", metavar="SUITE")
@@ -549,6 +555,70 @@ def _scores_line(scores: Scores | CorpusScores, text: str | list[str] | None) ->
         line += (f"; word perplexity {measures.word_perplexity:.4f} ({measures.words} words), byte perplexity "
                  f"{measures.byte_perplexity:.5f}, {measures.bits_per_byte:.5f} bits per byte ({measures.bytes} bytes)")
     return line
+
+
+# ----------------------------------------------------------------------------------------------
+# eval
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser)
+    parser.add_argument("--tasks", required=True, help="lm-evaluation-harness task names, comma-separated (lambada_openai,"
+                        "wikitext,...); their datasets come from the local Hugging Face datasets cache or --include-path's")
+    parser.add_argument("--include-path", help="a folder of task YAML files of your own, for tasks on local data")
+    parser.add_argument("--limit", type=float, help="only the first N documents of each task (N < 1: that fraction)")
+    parser.add_argument("--num-fewshot", type=int, help="examples before each question (default: each task's)")
+    parser.add_argument("--max-length", type=int, help="the context the model sees (default: all its positions)")
+    parser.add_argument("--compare-hf", action="store_true", help="run the same tasks through lm-evaluation-harness's HF "
+                        "model (the checkpoint loaded by transformers, same device and dtype) and print both")
+    parser.add_argument("--out", help="also write the metrics to this JSON file")
+
+
+def _eval(args) -> int:
+    """Run lm-evaluation-harness tasks with neoxfuse as the model and print its table of metrics.
+
+    Every request goes through the Engine (neoxfuse.evaluation: on a GPU, each scored prediction
+    and each generated token is a step of the fused kernels); --compare-hf runs the same tasks
+    through lm-evaluation-harness's own HF model too, so the two tables say whether the kernels
+    score what HF scores on real tasks. Needs a checkpoint with a tokenizer, and lm-eval installed.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table
+
+        from neoxfuse.evaluation import NeoxfuseLM
+    except ImportError as err:
+        raise NeoxfuseError(f"neoxfuse eval runs lm-evaluation-harness, which is not installed here ({err}): "
+                            "pip install 'lm-eval[hf]'") from None
+    device = resolve_device(args.device)
+    model = _model_name(args, device)
+    tasks = [name for name in args.tasks.split(",") if name]
+    manager = TaskManager(include_path=args.include_path)
+    if unknown := [name for name in tasks if name not in manager.all_tasks]:
+        raise InvalidInputError(f"unknown lm-evaluation-harness tasks {unknown} (`lm_eval ls tasks` lists them; --include-path "
+                                "adds your own)")
+    ours = NeoxfuseLM(pretrained=model, backend=args.backend, device=str(device), dtype=args.dtype, max_length=args.max_length,
+                      revision=args.revision)
+    print(f"model: {_engine_summary(ours.engine)}")
+
+    def evaluate(lm) -> dict:
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
+                                       num_fewshot=args.num_fewshot, log_samples=False)
+
+    runs = {"neoxfuse": evaluate(ours)}
+    print(f"neoxfuse ({ours.engine.backend_name}):\n{make_table(runs['neoxfuse'])}")
+    if args.compare_hf:
+        hf_model, _ = load_hf_model(model, dtype=ours.engine.dtype, device=ours.engine.device, revision=args.revision)
+        runs["hf"] = evaluate(HFLM(pretrained=hf_model, tokenizer=ours.tokenizer, batch_size=1, max_length=ours.max_length))
+        print(f"HF transformers (lm-evaluation-harness's HF model):\n{make_table(runs['hf'])}")
+    if args.out:
+        results = {"model": ours.engine.description, "backend": ours.engine.backend_name, "tasks": tasks, "limit": args.limit,
+                   **{name: run["results"] for name, run in runs.items()}}
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"results: {args.out}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------

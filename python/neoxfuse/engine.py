@@ -43,7 +43,7 @@ from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpo
 from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.reference import ReferenceModel
 from neoxfuse.sampling import SamplingParams, choose, next_token
-from neoxfuse.scoring import Scores, resolve_stride, token_scores, windows, with_prefix
+from neoxfuse.scoring import Loglikelihood, Scores, Span, resolve_stride, token_scores, windows, with_prefix
 from neoxfuse.weights import (ModelWeights, describe_checkpoint, from_hf, load_checkpoint, load_tokenizer, model_source, random_model,
                               read_checkpoint_config)
 
@@ -562,14 +562,43 @@ class Engine:
                                        f"token is only predicted), more than the {self.max_seq_len} of the KV cache: use a window "
                                        f"of at most {self.max_seq_len + 1} tokens (or an Engine with a larger max_seq_len, up "
                                        f"to the model's {self.shape.max_positions} positions)")
+        synchronize(self.device)
+        start = time.perf_counter()
+        nll, top1 = self._score_spans(tokens, spans, progress)
+        return Scores(tokens, window, resolve_stride(window, stride), nll, top1, (time.perf_counter() - start) * 1e3,
+                      None if prefix_token is None else tokens[0])
+
+    @torch.inference_mode()
+    def loglikelihood(self, context: str | Sequence[int], continuation: str | Sequence[int]) -> Loglikelihood:
+        """How likely `continuation` is after `context` (token ids, or text with a tokenizer, each
+        encoded on its own): log p(continuation | context) = -sum of the continuation tokens' NLL,
+        and whether each is the most likely token where it is predicted (greedy). The context is
+        prefilled and every continuation token's prediction is a decode step of the backend (on
+        the fused backend, the decode kernels). A context and continuation longer than max_seq_len + 1
+        tokens lose the context's first tokens (as lm-evaluation-harness truncates them); a
+        continuation of more than max_seq_len tokens is refused. Leaves nothing for the prefix cache.
+        """
+        context_tokens = self._prompt_tokens(context, "context")
+        continuation_tokens = self._prompt_tokens(continuation, "continuation")
+        if len(continuation_tokens) > self.max_seq_len:
+            raise SequenceTooLongError(f"a continuation of {len(continuation_tokens)} tokens needs as many KV cache positions "
+                                       f"(its last token only predicted, after the context's last); the cache holds {self.max_seq_len}")
+        tokens = (context_tokens + continuation_tokens)[-(self.max_seq_len + 1) :]
+        nll, top1 = self._score_spans(tokens, [Span(0, len(tokens) - len(continuation_tokens), len(tokens))], False)
+        scored = nll[-len(continuation_tokens) :]
+        greedy = top1[-len(continuation_tokens) :].tolist() == continuation_tokens
+        return Loglikelihood(logprob=-float(scored.sum()), greedy=greedy, context_tokens=len(tokens) - len(continuation_tokens))
+
+    def _score_spans(self, tokens: list[int], spans: list[Span], progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nll [T-1] fp64, top1 [T-1] long), on the CPU, of tokens [T] in `spans` (neoxfuse.scoring's
+        windows; entries no span scores stay 0): each span from an empty KV cache, its context-only
+        tokens prefilled and every scored prediction a decode step."""
         self._kept = None
         cache = self.backend.new_cache()
         ids = torch.tensor(tokens, device=self.device)  # [T]
-        nll = torch.empty(len(tokens) - 1, device=self.device)  # [T-1]: nll[t - 1] scores tokens[t]
-        top1 = torch.empty(len(tokens) - 1, dtype=torch.long, device=self.device)  # [T-1]
-        synchronize(self.device)
-        start = time.perf_counter()
-        with progress_bar(len(tokens) - 1, "scoring", unit="tok", enabled=progress) as bar:
+        nll = torch.zeros(len(tokens) - 1, device=self.device)  # [T-1]: nll[t - 1] scores tokens[t]
+        top1 = torch.zeros(len(tokens) - 1, dtype=torch.long, device=self.device)  # [T-1]
+        with progress_bar(sum(span.end - span.scored for span in spans), "scoring", unit="tok", enabled=progress) as bar:
             for span in spans:
                 cache.length = 0  # the positions are written before they are read
                 if span.scored - 1 > span.start:  # context the window does not score
@@ -579,8 +608,7 @@ class Engine:
                     nll[t : t + 1], top1[t : t + 1] = token_scores(logits[None], ids[t + 1 : t + 2])
                     bar.update(1)
         synchronize(self.device)
-        return Scores(tokens, window, resolve_stride(window, stride), nll.double().cpu(), top1.cpu(),
-                      (time.perf_counter() - start) * 1e3, None if prefix_token is None else tokens[0])
+        return nll.double().cpu(), top1.cpu()
 
     def _cache_for(self, prompt_tokens: list[int]) -> tuple[object, int]:
         """(cache, reused): the kept cache cut back to the longest prefix its tokens share with the

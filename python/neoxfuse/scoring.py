@@ -130,6 +130,16 @@ class TextMeasures:
 
 
 @dataclass(frozen=True)
+class Loglikelihood:
+    """How likely a continuation is after a context (Engine.loglikelihood): lm-evaluation-harness's
+    (logprob, is_greedy) of a request."""
+
+    logprob: float  # sum of log p(token | the tokens before it) over the continuation's tokens (natural log)
+    greedy: bool  # whether every continuation token is the most likely one where it is predicted
+    context_tokens: int  # the context's tokens it was predicted after (fewer than given where they did not fit)
+
+
+@dataclass(frozen=True)
 class Scores:
     """Teacher-forced scores of `tokens` in windows of up to `window` tokens, `stride` tokens apart
     (see the module docstring)."""

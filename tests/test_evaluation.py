@@ -1,0 +1,177 @@
+"""neoxfuse.evaluation: lm-evaluation-harness's model "neoxfuse" against its own HF model (HFLM) on one checkpoint."""
+
+import json
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed here (requirements.txt installs it)")
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+
+from neoxfuse.cli import main
+from neoxfuse.engine import Engine
+from neoxfuse.errors import InvalidInputError
+from neoxfuse.evaluation import NeoxfuseLM
+from neoxfuse.sampling import SamplingParams
+from neoxfuse.scoring import CorpusScores
+from neoxfuse.weights import random_model
+
+MAX_LENGTH = 16  # positions both models see: long requests are cut, texts span several windows
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, word_tokenizer):
+    """A tiny random GPT-NeoX with a word tokenizer (end of text: id 0), saved as HF saves one."""
+    directory = tmp_path_factory.mktemp("tiny-with-tokenizer")
+    model = random_model("tiny", seed=3)
+    model.save_pretrained(directory)
+    word_tokenizer(model.config.vocab_size).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    """(neoxfuse's, lm_eval's HFLM) on the checkpoint, both fp32 on the CPU, seeing MAX_LENGTH positions."""
+    return (NeoxfuseLM(pretrained=checkpoint, device="cpu", max_length=MAX_LENGTH),
+            HFLM(pretrained=checkpoint, device="cpu", batch_size=1, max_length=MAX_LENGTH))
+
+
+def _requests(kind: str, arguments: list[tuple]) -> list[Instance]:
+    return [Instance(kind, {}, args, index) for index, args in enumerate(arguments)]
+
+
+def _words(numbers) -> str:
+    return " ".join(f"w{n}" for n in numbers)
+
+
+def test_loglikelihoods_are_hfs(models):
+    # A continuation of one token and of several; an empty context (the end-of-text token stands in);
+    # a context's trailing space moved to the continuation; a context cut to fit; the continuation
+    # the model itself would choose (greedy: True).
+    ours, hf = models
+    greedy = ours.engine.generate("hello world w7", 2).text
+    pairs = [("hello world w7", " w12 w3"), ("", "w5 w6"), ("hello ", "world"), (_words(range(3, 40)), " w9 w10"),
+             ("hello world w7", greedy), ("w9", " w9")]
+    got = ours.loglikelihood(_requests("loglikelihood", pairs))
+    want = hf.loglikelihood(_requests("loglikelihood", pairs))
+    assert [flag for _, flag in got] == [flag for _, flag in want] and got[4][1] and not got[0][1]
+    assert [logprob for logprob, _ in got] == pytest.approx([logprob for logprob, _ in want], abs=1e-4)
+    context = ours.engine.loglikelihood(ours.tok_encode(_words(range(3, 40))), ours.tok_encode(" w9 w10"))
+    assert context.context_tokens == MAX_LENGTH + 1 - 2  # the first 37 - 15 context tokens cut
+
+
+def test_rolling_loglikelihoods_are_hfs(models):
+    # One window, one of exactly MAX_LENGTH tokens, and several (the last one shorter): every token
+    # scored after the end-of-text token, as HFLM's rolling windows score them.
+    ours, hf = models
+    texts = ["w5", _words(range(3, 3 + MAX_LENGTH)), _words((7 * i) % 300 + 3 for i in range(40))]
+    got = ours.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,) for text in texts]))
+    want = hf.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,) for text in texts]))
+    assert got == pytest.approx(want, rel=1e-5)
+    every = ours.engine.score(ours.tok_encode(texts[2]), prefix_token=0)
+    assert got[2] == -float(every.nll.sum()) and every.windows == 3
+
+
+def test_greedy_generations_are_hfs(models):
+    # Until a text that comes at once (an empty answer), until one that comes later, only the end of
+    # text, a context cut to leave room for max_gen_toks, a repetition penalty and an n-gram ban
+    # (which change what this repetitive model says), and lm_eval's temperature-0 rule (greedy).
+    ours, hf = models
+    plain = ours.engine.generate("hello world w7", 10).text.split()
+    gen = {"max_gen_toks": 10, "do_sample": False}
+    requests = [("hello world w7", {**gen, "until": [plain[0]]}),
+                ("hello world w7", {**gen, "until": ["\n", f"{plain[0]} {plain[1]}"], "repetition_penalty": 0.7}),
+                ("hello w12", gen), (_words(range(3, 30)), {**gen, "max_gen_toks": 5}),
+                ("hello world w7", {**gen, "repetition_penalty": 1.5}),
+                ("hello world w7", {**gen, "no_repeat_ngram_size": 1}),
+                ("w9 w9", {"until": ["w3"], "temperature": 0.0, "max_gen_toks": 8})]
+    got = ours.generate_until(_requests("generate_until", requests))
+    want = hf.generate_until(_requests("generate_until", requests))
+    assert got == want
+    assert got[0] == "" and got[4] != " ".join(plain) and len(set(got[5].split())) == 10
+
+
+def test_sampled_generations_draw_with_seed_zero(models):
+    ours = models[0]
+    request = ("hello world w7", {"until": ["hello"], "max_gen_toks": 12, "do_sample": True, "temperature": 0.9, "top_k": 40})
+    got = ours.generate_until(_requests("generate_until", [request, request]))
+    out = ours.engine.generate("hello world w7", 12, SamplingParams(temperature=0.9, top_k=40, seed=0), stop_token_ids=0,
+                               stop=["hello"])
+    assert got == [out.text.split("hello")[0]] * 2 and len(set(got[0].split())) > 2
+
+
+@pytest.mark.parametrize("gen_kwargs, message", [
+    ({"typical_p": 0.9}, r"generate_until options \['typical_p'\] are not implemented by neoxfuse"),
+    ({"do_sample": True, "temperature": 0.0}, "do_sample with temperature 0"),
+    ({"max_gen_toks": MAX_LENGTH}, "max_gen_toks must be from 1 to the model's 16 positions minus one"),
+])  # fmt: skip
+def test_generation_options_it_does_not_implement_are_refused(models, gen_kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        models[0].generate_until(_requests("generate_until", [("hello", {"until": [], "max_gen_toks": 5, **gen_kwargs})]))
+
+
+def test_a_model_without_a_tokenizer_is_refused(tmp_path):
+    random_model("tiny", seed=1).save_pretrained(tmp_path)
+    with pytest.raises(InvalidInputError, match="lm_eval's requests are text: .* needs a tokenizer"):
+        NeoxfuseLM(pretrained=str(tmp_path), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def local_tasks(tmp_path_factory):
+    """(folder of two task YAMLs on a local JSON Lines file, its documents): local_rolling, a
+    wikitext-like rolling perplexity, and local_choice, a multiple choice."""
+    folder = tmp_path_factory.mktemp("tasks")
+    documents = [{"text": f"hello w{i} world {_words(range(i, 3 * i))}", "choices": ["w5", "w6 w7"], "gold": i % 2}
+                 for i in range(3, 9)]
+    (folder / "docs.jsonl").write_text("".join(json.dumps(document) + "\n" for document in documents))
+    source = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'docs.jsonl'}\n"
+              f"  cache_dir: {folder / 'datasets'}\ntest_split: test\n")
+    (folder / "rolling.yaml").write_text(f"task: local_rolling\n{source}output_type: loglikelihood_rolling\n"
+                                         'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+                                         "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+    (folder / "choice.yaml").write_text(f"task: local_choice\n{source}output_type: multiple_choice\n"
+                                        'doc_to_text: "{{text}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\n'
+                                        "metric_list:\n  - metric: acc\n")
+    return folder, documents
+
+
+def _evaluate(model: str, checkpoint: str, folder) -> dict:
+    return lm_eval.simple_evaluate(model=model, model_args=f"pretrained={checkpoint},device=cpu,max_length={MAX_LENGTH}",
+                                   tasks=["local_rolling", "local_choice"], log_samples=False,
+                                   task_manager=TaskManager(include_path=str(folder), include_defaults=False))["results"]
+
+
+def _same_metrics(ours: dict, hf: dict) -> None:
+    for name in ("word_perplexity,none", "bits_per_byte,none"):
+        assert ours["local_rolling"][name] == pytest.approx(hf["local_rolling"][name], rel=1e-5)
+    assert ours["local_choice"]["acc,none"] == hf["local_choice"]["acc,none"]
+
+
+def test_simple_evaluate_runs_tasks_through_neoxfuse_as_through_hf(checkpoint, local_tasks):
+    # lm_eval's own entry point, model "neoxfuse" by name: the same metrics as its HF model. The
+    # corpus's word perplexity is also neoxfuse.scoring's (CorpusScores, as `perplexity --documents`
+    # sums it).
+    folder, documents = local_tasks
+    ours = _evaluate("neoxfuse", checkpoint, folder)
+    _same_metrics(ours, _evaluate("hf", checkpoint, folder))
+    engine = Engine(checkpoint, device="cpu", max_seq_len=MAX_LENGTH)
+    texts = [document["text"] for document in documents]
+    corpus = CorpusScores(tuple(engine.score(text, prefix_token=0) for text in texts))
+    assert corpus.text_measures(texts).word_perplexity == pytest.approx(ours["local_rolling"]["word_perplexity,none"], rel=1e-9)
+
+
+def test_the_eval_command_prints_and_saves_both_tables(checkpoint, local_tasks, tmp_path, capsys):
+    folder, _ = local_tasks
+    args = ["eval", "--device", "cpu", "--model", checkpoint, "--max-length", str(MAX_LENGTH), "--include-path", str(folder)]
+    out_file = tmp_path / "eval.json"
+    assert main([*args, "--tasks", "local_rolling,local_choice", "--compare-hf", "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    results = json.loads(out_file.read_text())
+    _same_metrics(results["neoxfuse"], results["hf"])
+    _same_metrics(results["neoxfuse"], _evaluate("neoxfuse", checkpoint, folder))
+    assert "neoxfuse (reference):" in out and "HF transformers" in out and out.count("local_rolling") == 2
+    assert main([*args, "--tasks", "local_choice,no_such_task"]) == 1
+    assert "unknown lm-evaluation-harness tasks ['no_such_task']" in capsys.readouterr().err
+    assert main(["eval", "--device", "cpu", "--model", "tiny", "--tasks", "local_choice", "--include-path", str(folder)]) == 1
+    assert "lm_eval's requests are text: tiny (random-initialised) needs a tokenizer" in capsys.readouterr().err
