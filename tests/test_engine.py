@@ -217,7 +217,7 @@ def test_hf_generate_takes_other_options_where_they_change_nothing(hf_model, mon
     neutral = {"num_beams": 1, "typical_p": 1.0, "use_cache": False, "output_attentions": True, "length_penalty": 2.0,
                "return_dict_in_generate": False, "bos_token_id": 3}
     assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **neutral).tolist() == want.tolist()
-    for name, value in [("num_beams", 2), ("typical_p", 0.9), ("begin_suppress_tokens", [3]), ("return_dict_in_generate", True),
+    for name, value in [("num_beams", 2), ("typical_p", 0.9), ("forced_bos_token_id", 3), ("return_dict_in_generate", True),
                         ("stop_strings", ["w1"]), ("encoder_no_repeat_ngram_size", 2), ("max_time", 1.0)]:
         with pytest.raises(InvalidInputError, match=re.escape(f"{name}={value!r} (set in the call) would change what model.generate")):
             neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **{name: value})
@@ -252,7 +252,9 @@ def test_hf_generate_holds_eos_back_and_suppresses_tokens_as_model_generate_does
                                ({"min_length": 3 + 35}, False), ({"min_new_tokens": 2, "min_length": 3 + 12}, True),  # the first wins
                                ({"suppress_tokens": [eos, plain[0]]}, False),
                                ({"bad_words_ids": [[plain[0]], [plain[3]]]}, False),
-                               ({"bad_words_ids": [[eos], [plain[4]]]}, True)]:  # an eos is no bad word
+                               ({"bad_words_ids": [[eos], [plain[4]]]}, True),  # an eos is no bad word
+                               ({"begin_suppress_tokens": [plain[0], plain[3]]}, False),  # the first new token only
+                               ({"begin_suppress_tokens": [plain[1]], "min_new_tokens": 2}, True)]:
         want = hf_model.generate(ids, eos_token_id=eos, **greedy, **options)
         got = neoxfuse.hf.generate(hf_model, ids, eos_token_id=eos, **greedy, **options)
         assert got.tolist() == want.tolist(), options
@@ -261,6 +263,12 @@ def test_hf_generate_holds_eos_back_and_suppresses_tokens_as_model_generate_does
                          ([[3, 2.5]], "list of token id lists"), ([[3, hf_model.config.vocab_size]], r"token ids in \[0, ")]:
         with pytest.raises(InvalidInputError, match=message):
             neoxfuse.hf.generate(hf_model, ids, bad_words_ids=bad, **greedy)
+    begun = neoxfuse.hf.generate(hf_model, ids, eos_token_id=None, begin_suppress_tokens=[plain[0]], **greedy)[0, 3:].tolist()
+    assert begun[0] != plain[0]
+    assert neoxfuse.hf.generate(hf_model, ids, eos_token_id=None, begin_suppress_tokens=[plain[1]], **greedy)[0, 3:].tolist() == plain
+    assert neoxfuse.hf.generate(hf_model, ids, eos_token_id=None, suppress_tokens=[plain[1]], **greedy)[0, 3:].tolist() != plain
+    with pytest.raises(InvalidInputError, match="begin_suppress_tokens must be a collection of token ids"):
+        neoxfuse.hf.generate(hf_model, ids, begin_suppress_tokens=3, **greedy)
     monkeypatch.setattr(hf_model.generation_config, "min_new_tokens", 4)
     assert neoxfuse.hf.generate(hf_model, ids, eos_token_id=eos, **greedy).tolist() == hf_model.generate(
         ids, eos_token_id=eos, **greedy).tolist()

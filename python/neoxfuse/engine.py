@@ -472,6 +472,7 @@ class Engine:
         stop_token_ids: int | Collection[int] | torch.Tensor = (),
         stop: str | Collection[str] = (),
         min_new_tokens: int = 0,
+        begin_suppress_tokens: Collection[int] = (),
         progress: bool = False,
         on_tokens: Callable[[list[int]], None] | None = None,
     ) -> Generation:
@@ -481,7 +482,8 @@ class Engine:
         the token that completes one of the `stop` strings in the new text (which needs a tokenizer; the
         text then ends with that string, or with the rest of that token's text after it). The first
         `min_new_tokens` new tokens are never one of stop_token_ids (transformers' min_new_tokens:
-        they are added to the sampling rule's suppress_tokens for those tokens; a stop string still ends).
+        they are added to the sampling rule's suppress_tokens for those tokens; a stop string still ends);
+        the first new token is never one of begin_suppress_tokens (transformers' option of that name).
         on_tokens, if given, streams the new tokens: it is called with each batch as soon as the host
         has it (the first token, then each chunk of up to DECODE_CHUNK decode steps), in order.
         SequenceTooLongError, before any work, when the prompt and the new tokens but the last (which is
@@ -510,7 +512,11 @@ class Engine:
         early = sampling  # the rule of the first min_new_tokens tokens (all of them: sampling)
         if min_new_tokens and (stops := {t for t in stop_rule.token_ids if 0 <= t < self.shape.vocab}):
             early = replace(sampling, suppress_tokens=sampling.suppress_tokens | stops)
-        early.check_vocab(self.shape.vocab)
+        begin = begin_suppress_tokens
+        if isinstance(begin, (str, bytes)) or not isinstance(begin, Iterable) or not all(is_integer(t) and t >= 0 for t in begin):
+            raise InvalidInputError(f"begin_suppress_tokens must be a collection of token ids (integers >= 0), got {begin!r}")
+        first = replace(early, suppress_tokens=early.suppress_tokens | {int(t) for t in begin})  # the first token's rule
+        first.check_vocab(self.shape.vocab)
         rng = sampling.rng(self.device)  # [seed, draw] on the device
         history = sampling.history(prompt_tokens, self.max_seq_len + 1, self.device)  # [max_seq_len + 1], where read
         cache, reused = self._cache_for(prompt_tokens)
@@ -518,7 +524,7 @@ class Engine:
 
         synchronize(self.device)
         start = time.perf_counter()
-        token = next_token(self.backend.prefill(prompt_tensor, cache), early, rng, history)  # int(): waits for the GPU
+        token = next_token(self.backend.prefill(prompt_tensor, cache), first, rng, history)  # int(): waits for the GPU
         result = Generation(prompt_tokens, [], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed,
                             reused_tokens=reused)
         stopped = _take(result, [token], [], stop_rule, on_tokens)

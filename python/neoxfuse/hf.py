@@ -257,7 +257,8 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((
 # generation config sets them (in transformers 5 the config holds None and model.generate fills
 # these in); with max_length unset, model.generate makes 20 new tokens (up to the model's positions).
 _HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
-                "min_length": 0, "suppress_tokens": None, "bad_words_ids": None, "no_repeat_ngram_size": 0}
+                "min_length": 0, "suppress_tokens": None, "bad_words_ids": None, "no_repeat_ngram_size": 0,
+                "begin_suppress_tokens": None}
 _DEFAULT_NEW_TOKENS = 20
 _IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
@@ -292,6 +293,7 @@ def generate(
     suppress_tokens: Collection[int] | None = UNSET,
     bad_words_ids: list[list[int]] | None = UNSET,
     no_repeat_ngram_size: int | None = UNSET,
+    begin_suppress_tokens: Collection[int] | None = UNSET,
     eos_token_id: int | Collection[int] | None = UNSET,
     seed: int | None = None,
     streamer: BaseStreamer | None = None,
@@ -310,7 +312,8 @@ def generate(
     neither set, 20, as far as the model's positions allow), greedy unless do_sample, then
     temperature, top_k, top_p (seed: reproducible draws), repetition_penalty, suppress_tokens,
     bad_words_ids and no_repeat_ngram_size (greedy or sampled, over the prompt and the new tokens),
-    and min_new_tokens (if set, else min_length - P) new tokens before eos may come. Any other
+    begin_suppress_tokens (never the first new token), and min_new_tokens (if set, else
+    min_length - P) new tokens before eos may come. Any other
     model.generate option (num_beams, typical_p, ...) is taken where it changes nothing and
     refused elsewhere, whether the call or a generation config sets it: the tokens are
     model.generate's, or an error says why not.
@@ -386,7 +389,8 @@ def generate(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     out = _engine(model, backend).generate(input_ids[0], new_tokens, sampling, stop_token_ids=stops,
-                                           min_new_tokens=at_least, on_tokens=stream if streamer is not None else None)
+                                           min_new_tokens=at_least, on_tokens=stream if streamer is not None else None,
+                                           begin_suppress_tokens=option(begin_suppress_tokens, "begin_suppress_tokens") or ())
     if streamer is not None:
         streamer.end()
     new = torch.tensor(out.tokens, dtype=input_ids.dtype, device=input_ids.device)
@@ -419,8 +423,8 @@ def _check_options(configs: list[GenerationConfig], options: dict) -> None:
             where = "the call" if name in options else "the generation config"
             raise InvalidInputError(f"{name}={value!r} (set in {where}) would change what model.generate computes, and "
                                     "neoxfuse.hf.generate does not implement it (greedy or sampled batch-1 decoding with "
-                                    "temperature, top_k, top_p, repetition_penalty, suppress_tokens, bad_words_ids, "
-                                    "no_repeat_ngram_size and a minimum length)")
+                                    "temperature, top_k, top_p, repetition_penalty, suppress_tokens, begin_suppress_tokens, "
+                                    "bad_words_ids, no_repeat_ngram_size and a minimum length)")
 
 
 def _engine(model: GPTNeoXForCausalLM, backend: str) -> Engine:
