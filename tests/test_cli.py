@@ -398,6 +398,7 @@ def test_perplexity_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys, 
         (["--model", "tiny", "--tokens", "1", "--min-new-tokens", "-1"], "min_new_tokens must be an integer >= 0"),
         (["--model", "tiny", "--tokens", "1", "--repetition-penalty", "0"], "repetition_penalty must be > 0"),
         (["--model", "tiny", "--tokens", "1", "--no-repeat-ngram-size", "-2"], "no_repeat_ngram_size must be an integer >= 0"),
+        (["--model", "tiny", "--tokens", "1", "--temperature", "1", "--min-p", "2"], r"min_p must be in [0, 1]"),
         (["--model", "tiny", "--tokens", "1", "--max-seq-len", "100000"], "max_seq_len"),
     ],
 )

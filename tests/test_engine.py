@@ -351,6 +351,15 @@ def test_hf_generate_bans_repeated_ngrams_and_bad_sequences_as_model_generate_do
     assert got.tolist() != unbanned.tolist()
     grams = [tuple(got[0, i : i + 3].tolist()) for i in range(got.shape[1] - 2)]
     assert len(set(grams)) == len(grams) and (5, 6) not in zip(got[0, 3:].tolist(), got[0, 4:].tolist())
+    # min_p (sampled only): the Engine's draws with it, and none of the generation config's bans.
+    sampled |= {"no_repeat_ngram_size": 0, "bad_words_ids": None}
+    min_p = neoxfuse.hf.generate(hf_model, ids, min_p=0.2, **sampled)
+    assert min_p[0, 4:].tolist() == engine.generate([5, 6, 7, 5], 40, SamplingParams(temperature=1.0, seed=4, repetition_penalty=0.3,
+                                                                                     min_p=0.2)).tokens
+    assert min_p.tolist() != neoxfuse.hf.generate(hf_model, ids, **sampled).tolist()
+    assert neoxfuse.hf.generate(hf_model, ids, min_p=0.2, **greedy).tolist() == hf_model.generate(ids, min_p=0.2, **greedy).tolist()  # greedy: no effect
+    with pytest.raises(InvalidInputError, match="min_p with top_p < 1 is not implemented"):
+        neoxfuse.hf.generate(hf_model, ids, min_p=0.2, top_p=0.9, **sampled)
     for bad in (-1, 2.5):
         with pytest.raises(InvalidInputError, match="no_repeat_ngram_size must be an integer >= 0"):
             neoxfuse.hf.generate(hf_model, ids, no_repeat_ngram_size=bad, **greedy)

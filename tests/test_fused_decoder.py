@@ -457,12 +457,13 @@ _SUPPRESSING = [SamplingParams(suppress_tokens={26, 126}), SamplingParams(temper
 # 31 again and again; sampled with seed 2, 118 first too.
 _BANNING = [SamplingParams(repetition_penalty=0.3, no_repeat_ngram_size=2, bad_sequences={(118, 118), (4, 4)}),
             SamplingParams(temperature=1.5, top_k=40, seed=2, repetition_penalty=0.3, bad_sequences={(1, 5, 118, 118)})]
+_MIN_P = SamplingParams(temperature=1.5, top_k=40, seed=2, min_p=0.3)  # sampled among the likelier tokens only
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, top_k=40, seed=2), *_PENALIZED, *_SUPPRESSING,
-                                      *_BANNING],
+                                      *_BANNING, _MIN_P],
                          ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized", "greedy-suppressing",
-                              "sampled-suppressing", "greedy-banning", "sampled-banning"])
+                              "sampled-suppressing", "greedy-banning", "sampled-banning", "sampled-min-p"])
 def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(oracle_backend, sampling):
     backend = oracle_backend[0]
     prompt = torch.tensor([3, 1, 4, 1, 5])
@@ -479,7 +480,7 @@ def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(
     if sampling.needs_history:  # the whole sequence, the tokens chosen on the device too
         assert history.tolist() == [3, 1, 4, 1, 5, first, *want, *[-1] * (41 - 19)]
     unbanned = dataclasses.replace(sampling, suppress_tokens=(), no_repeat_ngram_size=0, bad_sequences=())
-    for without in {unbanned, dataclasses.replace(sampling, repetition_penalty=1.0)} - {sampling}:
+    for without in {unbanned, dataclasses.replace(sampling, repetition_penalty=1.0), dataclasses.replace(sampling, min_p=0.0)} - {sampling}:
         assert want != _decode_step_tokens(backend, prompt, without, 13, "cpu")[1]  # each part of the rule changed the choices
     assert not sampling.suppress_tokens & {*want, *got}
     with pytest.raises(SequenceTooLongError):
@@ -1261,9 +1262,9 @@ def test_graph_replay_equals_eager_and_runs_are_bitwise_identical(hf_models):
 @torch.inference_mode()
 @pytest.mark.parametrize("use_graph", [True, False])
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=5), *_PENALIZED, *_SUPPRESSING,
-                                      *_BANNING],
+                                      *_BANNING, _MIN_P],
                          ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized", "greedy-suppressing",
-                              "sampled-suppressing", "greedy-banning", "sampled-banning"])
+                              "sampled-suppressing", "greedy-banning", "sampled-banning", "sampled-min-p"])
 def test_tokens_chosen_on_the_device_equal_tokens_chosen_from_decode_steps(hf_models, use_graph, sampling):
     # decode_tokens keeps each step's token on the device (written by the step: the argmax, or the
     # sampling kernel); decode_step returns logits for the host. Same kernels in the same order, the

@@ -319,6 +319,36 @@ def test_suppressed_tokens_are_never_chosen():
         next_token(logits, SamplingParams(suppress_tokens=range(5)))
 
 
+@pytest.mark.parametrize("temperature, top_k, min_p", [(1.0, 0, 0.1), (0.7, 0, 0.05), (1.5, 20, 0.02), (0.3, 0, 1.0)])
+def test_min_p_is_transformers_warper(temperature, top_k, min_p, rng):
+    # transformers' temperature, top-k and min-p warpers, then softmax: the probabilities the race
+    # draws from; and the draw is the race's over them.
+    from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper
+
+    generator = torch.Generator().manual_seed(rng.randrange(2**32))
+    logits = torch.randn(300, generator=generator) * 3
+    scores = TemperatureLogitsWarper(temperature)(None, logits[None].clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    want = torch.softmax(MinPLogitsWarper(min_p)(None, scores), -1)[0]
+    params = SamplingParams(temperature=temperature, top_k=top_k, min_p=min_p, seed=7)
+    got = probabilities(sampling.constrained(logits, params, None, params.constraints(300, "cpu")), params)
+    assert torch.allclose(got, want, atol=1e-6) and (got == 0).sum() == (want == 0).sum() > 0
+    assert next_token(logits, params, params.rng("cpu")) == int(exponential_race(got, params.rng("cpu")))
+    greedy = SamplingParams(min_p=0.5)  # no effect on the argmax
+    assert torch.equal(sampling.constrained(logits, greedy, None, greedy.constraints(300, "cpu")), logits)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"min_p": -0.1}, r"min_p must be in \[0, 1\]"), ({"min_p": 1.5}, r"min_p must be in \[0, 1\]"),
+    ({"min_p": "0.1"}, r"min_p must be in \[0, 1\]"), ({"min_p": float("nan")}, r"min_p must be in \[0, 1\]"),
+    ({"min_p": 0.1, "top_p": 0.9, "temperature": 1.0}, "min_p with top_p < 1 is not implemented"),
+])  # fmt: skip
+def test_bad_min_p_is_refused(kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        SamplingParams(**kwargs)
+
+
 def _hf_processed(processor, ids: list[int], logits: torch.Tensor) -> torch.Tensor:
     return processor(torch.tensor([ids]), logits[None].clone())[0]
 

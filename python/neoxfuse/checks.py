@@ -106,10 +106,11 @@ def check_seed(seed: object) -> None:
         raise InvalidInputError(f"seed must be an integer in 0 .. 2^63 - 1, got {seed!r}")
 
 
-def check_sampling(temperature: object, top_k: object, top_p: object, repetition_penalty: object = 1.0) -> None:
+def check_sampling(temperature: object, top_k: object, top_p: object, repetition_penalty: object = 1.0,
+                   min_p: object = 0.0) -> None:
     """A sampling rule's ranges (neoxfuse.sampling.SamplingParams): temperature >= 0 and finite
     (0: greedy), top_k an integer >= 0 (0: off), top_p in (0, 1] (1: off), repetition_penalty > 0
-    and finite (1: off)."""
+    and finite (1: off), min_p in [0, 1] (0: off)."""
     if not (_is_real(temperature) and temperature >= 0 and temperature != float("inf")):
         raise InvalidInputError(f"temperature must be >= 0 and finite (0 means greedy), got {temperature!r}")
     if not is_integer(top_k) or top_k < 0:
@@ -118,3 +119,5 @@ def check_sampling(temperature: object, top_k: object, top_p: object, repetition
         raise InvalidInputError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
     if not (_is_real(repetition_penalty) and 0 < repetition_penalty < float("inf")):
         raise InvalidInputError(f"repetition_penalty must be > 0 and finite (1 is none), got {repetition_penalty!r}")
+    if not (_is_real(min_p) and 0 <= min_p <= 1):
+        raise InvalidInputError(f"min_p must be in [0, 1] (0 is off), got {min_p!r}")

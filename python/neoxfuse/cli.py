@@ -172,6 +172,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample from softmax(logits / T)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens of mass top-p (default 1: all)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="sample among the tokens at least min-p times as likely as "
+                        "the most likely one, as transformers' min_p (default 0: all)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 makes tokens already in the text less "
                         "likely, greedy or sampled, as transformers' repetition_penalty (default 1: none)")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N", help="never repeat an N-gram of the "
@@ -203,10 +205,10 @@ def _generate(args) -> int:
     if args.prompt is None and args.tokens is None and not args.interactive:
         raise InvalidInputError("generate needs a prompt: --prompt TEXT, --tokens 1,2,3 or --interactive (lines from stdin)")
     device = resolve_device(args.device)
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
                               repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
-    if sampling.greedy and (args.top_k or args.top_p != 1.0):
-        print("neoxfuse: greedy decoding (--temperature 0): --top-k and --top-p have no effect", file=sys.stderr)
+    if sampling.greedy and (args.top_k or args.top_p != 1.0 or args.min_p):
+        print("neoxfuse: greedy decoding (--temperature 0): --top-k, --top-p and --min-p have no effect", file=sys.stderr)
     model = _model_name(args, device)
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed or 0,
                     revision=args.revision, prefix_cache=args.interactive)
@@ -231,7 +233,7 @@ def _generate(args) -> int:
         # it was given, or where the weights come from a checkpoint.
         redraw = f" (--seed {out.seed} draws these tokens again)" if args.seed is not None or not engine.random_init else ""
         print(f"sampled: temperature {sampling.temperature}, top-k {sampling.top_k}, top-p {sampling.top_p}, "
-              f"seed {out.seed}{redraw}")
+              f"{f'min-p {sampling.min_p}, ' if sampling.min_p else ''}seed {out.seed}{redraw}")
     if sampling.penalized:
         print(f"repetition penalty {sampling.repetition_penalty} on the prompt's and the generated tokens")
     if sampling.no_repeat_ngram_size:

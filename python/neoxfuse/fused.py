@@ -260,5 +260,5 @@ def _selection_rule(sampling: SamplingParams) -> SamplingParams:
     """What a step's graph depends on: the sampling rule without its seed (the seed lives in rng);
     greedy rules differ only in their repetition penalty and banned tokens."""
     if sampling.greedy:
-        return dataclasses.replace(sampling, seed=None, top_k=0, top_p=1.0)
+        return dataclasses.replace(sampling, seed=None, top_k=0, top_p=1.0, min_p=0.0)
     return dataclasses.replace(sampling, seed=None)

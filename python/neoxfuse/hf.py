@@ -258,7 +258,7 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((
 # these in); with max_length unset, model.generate makes 20 new tokens (up to the model's positions).
 _HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
                 "min_length": 0, "suppress_tokens": None, "bad_words_ids": None, "no_repeat_ngram_size": 0,
-                "begin_suppress_tokens": None}
+                "begin_suppress_tokens": None, "min_p": None}
 _DEFAULT_NEW_TOKENS = 20
 _IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
@@ -287,6 +287,7 @@ def generate(
     temperature: float | None = UNSET,
     top_k: int | None = UNSET,
     top_p: float | None = UNSET,
+    min_p: float | None = UNSET,
     repetition_penalty: float | None = UNSET,
     min_new_tokens: int | None = UNSET,
     min_length: int | None = UNSET,
@@ -310,7 +311,7 @@ def generate(
     model.generate (transformers 5) reads it (and one given as None is transformers' default:
     eos_token_id=None, no eos, whatever the configs say): max_new_tokens (else max_length - P; with
     neither set, 20, as far as the model's positions allow), greedy unless do_sample, then
-    temperature, top_k, top_p (seed: reproducible draws), repetition_penalty, suppress_tokens,
+    temperature, top_k, top_p, min_p (seed: reproducible draws), repetition_penalty, suppress_tokens,
     bad_words_ids and no_repeat_ngram_size (greedy or sampled, over the prompt and the new tokens),
     begin_suppress_tokens (never the first new token), and min_new_tokens (if set, else
     min_length - P) new tokens before eos may come. Any other
@@ -367,7 +368,7 @@ def generate(
             raise InvalidInputError("do_sample with temperature 0: model.generate refuses it too; for greedy decoding "
                                     "set do_sample=False")
         sampling = SamplingParams(temperature=option(temperature, "temperature"), top_k=option(top_k, "top_k"),
-                                  top_p=option(top_p, "top_p"), seed=seed, **constraints)
+                                  top_p=option(top_p, "top_p"), min_p=option(min_p, "min_p") or 0.0, seed=seed, **constraints)
     prompt_length = input_ids.shape[1]
     new_tokens = option(max_new_tokens, "max_new_tokens")
     if new_tokens is None:  # HF: max_length counts the prompt
@@ -423,7 +424,7 @@ def _check_options(configs: list[GenerationConfig], options: dict) -> None:
             where = "the call" if name in options else "the generation config"
             raise InvalidInputError(f"{name}={value!r} (set in {where}) would change what model.generate computes, and "
                                     "neoxfuse.hf.generate does not implement it (greedy or sampled batch-1 decoding with "
-                                    "temperature, top_k, top_p, repetition_penalty, suppress_tokens, begin_suppress_tokens, "
+                                    "temperature, top_k, top_p, min_p, repetition_penalty, suppress_tokens, begin_suppress_tokens, "
                                     "bad_words_ids, no_repeat_ngram_size and a minimum length)")
 
 

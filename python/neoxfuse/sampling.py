@@ -1,4 +1,4 @@
-"""Choosing the next token from a step's logits: greedy, or sampled with temperature, top-k and top-p.
+"""Choosing the next token from a step's logits: greedy, or sampled with temperature, min-p, top-k and top-p.
 
 Given logits z [vocab] (computed in fp32 whatever the model's dtype):
 
@@ -16,7 +16,8 @@ Given logits z [vocab] (computed in fp32 whatever the model's dtype):
   The sequence s lives in device memory as `history`: a long tensor [capacity] holding s and then
   -1s, that each choice appends its token to, so a CUDA graph can replay a choice.
 - greedy (temperature 0): next = argmax_i z_i.
-- sampled: p_i = softmax(z / T)_i, then
+- sampled: min-p (min_p > 0, transformers' MinPLogitsWarper) first bans every token less likely
+  than min_p times the most likely one, (z_i - max_j z_j) / T < ln(min_p); then p_i = softmax(z / T)_i,
   - top-k keeps the k tokens of largest p (k = 0: all; tokens tied with the k-th are kept too),
   - top-p (nucleus) keeps the smallest set of most likely tokens whose mass reaches top_p of
     what top-k kept: token i stays while the mass of the kept tokens more likely than it is
@@ -45,6 +46,7 @@ decide a near tie. The same seed and device give the same tokens every run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -69,6 +71,8 @@ class SamplingParams:
     repetition_penalty: > 0; 1 is none, > 1 makes the tokens already in the sequence less likely
         (greedy or sampled; see the module docstring).
     suppress_tokens: token ids never chosen (any collection of them; kept as a frozenset).
+    min_p: in [0, 1]; > 0 samples only tokens at least min_p times as likely as the most likely one
+        (0 is off; with top_p < 1 refused: transformers filters by top-p first, neoxfuse could not).
     no_repeat_ngram_size: n > 0 never lets an n-gram of the sequence occur twice; 0 is off.
     bad_sequences: token sequences never completed (each a non-empty sequence of ids; kept as a
         frozenset of tuples): the last token of one is never chosen right after the others.
@@ -80,11 +84,15 @@ class SamplingParams:
     seed: int | None = None
     repetition_penalty: float = 1.0
     suppress_tokens: frozenset[int] = frozenset()
+    min_p: float = 0.0
     no_repeat_ngram_size: int = 0
     bad_sequences: frozenset[tuple[int, ...]] = frozenset()
 
     def __post_init__(self):
-        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.min_p)
+        if self.min_p and self.top_p < 1:
+            raise InvalidInputError("min_p with top_p < 1 is not implemented: transformers filters by top-p before min-p, "
+                                    "the sampling kernel after; use one of them")
         ids = self.suppress_tokens
         if not _is_collection(ids) or not all(is_integer(t) and t >= 0 for t in ids):
             raise InvalidInputError(f"suppress_tokens must be a collection of token ids (integers >= 0), got {ids!r}")
@@ -99,7 +107,7 @@ class SamplingParams:
         if self.seed is not None:
             check_seed(self.seed)
         for name, kind in [("temperature", float), ("top_k", int), ("top_p", float), ("seed", int),
-                           ("repetition_penalty", float), ("no_repeat_ngram_size", int)]:  # NumPy's -> Python's
+                           ("repetition_penalty", float), ("min_p", float), ("no_repeat_ngram_size", int)]:  # NumPy's -> Python's
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, kind(getattr(self, name)))
 
@@ -242,7 +250,8 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
 def constrained(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
                 constraints: Constraints) -> torch.Tensor:
     """The logits a token is chosen from (module docstring): with the repetition penalty applied
-    where one applies, and -inf at the banned tokens where there are any (else the logits as given).
+    where one applies, and -inf at the banned tokens where there are any and, for a sampled rule
+    with min_p, at the tokens min-p filters out (else the logits as given).
     No host synchronisation, so a CUDA graph can capture it.
 
     logits: [vocab]; history: long [capacity] (params.history) where params.needs_history;
@@ -258,6 +267,9 @@ def constrained(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
     ) if mask is not None]
     for mask in banned:
         logits = logits.masked_fill(mask, float("-inf"))
+    if params.min_p and not params.greedy:
+        z = logits.float()
+        logits = z.masked_fill((z - z.max()) / params.temperature < math.log(params.min_p), float("-inf"))
     return logits
 
 
