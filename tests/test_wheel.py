@@ -57,7 +57,7 @@ def test_wheel_record_matches_contents(wheel):
 # and the imports that are optional peers (a benchmark reports them as not run where they are missing).
 DISTRIBUTIONS = {"torch": "torch", "transformers": "transformers", "huggingface_hub": "huggingface_hub",
                  "safetensors": "safetensors", "tqdm": "tqdm", "pynvml": "nvidia-ml-py"}
-OPTIONAL_IMPORTS = {"flashinfer"}  # bench ln-residual's FlashInfer peer
+OPTIONAL_IMPORTS = {"flashinfer", "lm_eval"}  # bench ln-residual's FlashInfer peer; neoxfuse.evaluation and `neoxfuse eval`
 
 
 def test_wheel_requires_what_its_modules_import(wheel):
