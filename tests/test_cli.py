@@ -586,3 +586,11 @@ def test_bench_decode_mistakes_are_one_line_errors(tmp_path, capsys):
     assert main([*base, "--lengths", "4", "--top-p", "0.5"]) == 1
     assert "--temperature > 0" in _one_line_error(capsys.readouterr().err)
     assert not list(tmp_path.iterdir())
+
+
+def test_eval_without_lm_evaluation_harness_says_how_to_get_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "neoxfuse.evaluation", None)
+    assert main(["eval", "--device", "cpu", "--model", "tiny", "--tasks", "lambada_openai"]) == 1
+    error = _one_line_error(capsys.readouterr().err)
+    assert "neoxfuse eval runs lm-evaluation-harness, which is not installed here" in error and "pip install 'lm-eval[hf]'" in error
