@@ -137,7 +137,7 @@ def local_tasks(tmp_path_factory):
 
 
 def _evaluate(model: str, checkpoint: str, folder) -> dict:
-    return lm_eval.simple_evaluate(model=model, model_args=f"pretrained={checkpoint},device=cpu,max_length={MAX_LENGTH}",
+    return lm_eval.simple_evaluate(model=model, model_args=f"pretrained={checkpoint},device=cpu,dtype=auto,max_length={MAX_LENGTH}",
                                    tasks=["local_rolling", "local_choice"], log_samples=False,
                                    task_manager=TaskManager(include_path=str(folder), include_defaults=False))["results"]
 

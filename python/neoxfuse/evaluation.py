@@ -47,6 +47,7 @@ class NeoxfuseLM(TemplateLM):
     """An lm_eval model decoding with a neoxfuse Engine (module docstring).
 
     pretrained: what Engine takes (a checkpoint directory, a cached Hub id; it needs a tokenizer).
+    dtype: as Engine's (fp16, bf16, fp32, ...); None or "auto": Engine's default for the device.
     max_length: the context the model sees, at most its positions (default: all of them).
     batch_size: lm_eval's option; requests run one at a time whatever it says.
     """
@@ -55,6 +56,7 @@ class NeoxfuseLM(TemplateLM):
                  max_length: int | None = None, revision: str | None = None, seed: int = 0,
                  batch_size: int | str = 1, max_batch_size: int | None = None):
         super().__init__()
+        dtype = None if dtype == "auto" else dtype  # lm_eval's word for the default
         self.engine = Engine(pretrained, backend=backend, device=device, dtype=dtype, max_seq_len=max_length,
                              revision=revision, seed=seed)
         if self.engine.tokenizer is None or self.engine.tokenizer.eos_token_id is None:
