@@ -139,18 +139,8 @@ class Loglikelihood:
     context_tokens: int  # the context's tokens it was predicted after (fewer than given where they did not fit)
 
 
-@dataclass(frozen=True)
-class Scores:
-    """Teacher-forced scores of `tokens` in windows of up to `window` tokens, `stride` tokens apart
-    (see the module docstring)."""
-
-    tokens: list[int]  # the T tokens run: prefix_token (if set), then the text's
-    window: int
-    stride: int
-    nll: torch.Tensor  # [T-1] fp64 on the CPU: nll[i] = -log p(tokens[i+1] | its window's tokens before it)
-    top1: torch.Tensor  # [T-1] long on the CPU: the most likely token where tokens[i+1] was predicted
-    elapsed_ms: float  # the time the scoring took (the device's work included)
-    prefix_token: int | None = None  # when set, tokens[0]: put before the text so that its first token is scored too
+class _PerToken:
+    """The measures per token scored of scores with `nll` [n] and `elapsed_ms`."""
 
     @property
     def mean_nll(self) -> float:
@@ -166,6 +156,20 @@ class Scores:
     def ms_per_token(self) -> float:
         """elapsed_ms over the tokens scored."""
         return self.elapsed_ms / len(self.nll)
+
+
+@dataclass(frozen=True)
+class Scores(_PerToken):
+    """Teacher-forced scores of `tokens` in windows of up to `window` tokens, `stride` tokens apart
+    (see the module docstring)."""
+
+    tokens: list[int]  # the T tokens run: prefix_token (if set), then the text's
+    window: int
+    stride: int
+    nll: torch.Tensor  # [T-1] fp64 on the CPU: nll[i] = -log p(tokens[i+1] | its window's tokens before it)
+    top1: torch.Tensor  # [T-1] long on the CPU: the most likely token where tokens[i+1] was predicted
+    elapsed_ms: float  # the time the scoring took (the device's work included)
+    prefix_token: int | None = None  # when set, tokens[0]: put before the text so that its first token is scored too
 
     @property
     def windows(self) -> int:
@@ -189,7 +193,7 @@ class Scores:
 
 
 @dataclass(frozen=True)
-class CorpusScores:
+class CorpusScores(_PerToken):
     """The scores of a corpus's documents, each scored on its own, and lm-evaluation-harness's sums
     over them. With nll_dt the NLL of token t of document d and n_d the tokens scored in d:
 
@@ -216,18 +220,9 @@ class CorpusScores:
         return torch.cat([scores.top1 for scores in self.documents])
 
     @property
-    def mean_nll(self) -> float:
-        """Nats per token, over all the documents' tokens."""
-        return float(self.nll.mean())
-
-    @property
-    def perplexity(self) -> float:
-        """exp(mean NLL), over all the documents' tokens."""
-        return float(self.nll.mean().exp())
-
-    @property
-    def ms_per_token(self) -> float:
-        return sum(scores.elapsed_ms for scores in self.documents) / len(self.nll)
+    def elapsed_ms(self) -> float:
+        """The time the documents' scorings took, together."""
+        return sum(scores.elapsed_ms for scores in self.documents)
 
     @property
     def prefix_token(self) -> int | None:
