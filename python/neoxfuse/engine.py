@@ -42,7 +42,7 @@ from neoxfuse.progress import progress_bar
 from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpoint
 from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.reference import ReferenceModel
-from neoxfuse.sampling import SamplingParams, choose, next_token
+from neoxfuse.sampling import SamplingParams, choose, next_token, token_id_set
 from neoxfuse.scoring import Loglikelihood, Scores, Span, resolve_stride, token_scores, windows, with_prefix
 from neoxfuse.weights import (ModelWeights, describe_checkpoint, from_hf, load_checkpoint, load_tokenizer, model_source, random_model,
                               read_checkpoint_config)
@@ -512,10 +512,8 @@ class Engine:
         early = sampling  # the rule of the first min_new_tokens tokens (all of them: sampling)
         if min_new_tokens and (stops := {t for t in stop_rule.token_ids if 0 <= t < self.shape.vocab}):
             early = replace(sampling, suppress_tokens=sampling.suppress_tokens | stops)
-        begin = begin_suppress_tokens
-        if isinstance(begin, (str, bytes)) or not isinstance(begin, Iterable) or not all(is_integer(t) and t >= 0 for t in begin):
-            raise InvalidInputError(f"begin_suppress_tokens must be a collection of token ids (integers >= 0), got {begin!r}")
-        first = replace(early, suppress_tokens=early.suppress_tokens | {int(t) for t in begin})  # the first token's rule
+        begin = token_id_set(begin_suppress_tokens, "begin_suppress_tokens")
+        first = replace(early, suppress_tokens=early.suppress_tokens | begin)  # the first token's rule
         first.check_vocab(self.shape.vocab)
         rng = sampling.rng(self.device)  # [seed, draw] on the device
         history = sampling.history(prompt_tokens, self.max_seq_len + 1, self.device)  # [max_seq_len + 1], where read

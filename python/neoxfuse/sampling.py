@@ -93,10 +93,7 @@ class SamplingParams:
         if self.min_p and self.top_p < 1:
             raise InvalidInputError("min_p with top_p < 1 is not implemented: transformers filters by top-p before min-p, "
                                     "the sampling kernel after; use one of them")
-        ids = self.suppress_tokens
-        if not _is_collection(ids) or not all(is_integer(t) and t >= 0 for t in ids):
-            raise InvalidInputError(f"suppress_tokens must be a collection of token ids (integers >= 0), got {ids!r}")
-        object.__setattr__(self, "suppress_tokens", frozenset(int(t) for t in ids))
+        object.__setattr__(self, "suppress_tokens", token_id_set(self.suppress_tokens, "suppress_tokens"))
         if not is_integer(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
             raise InvalidInputError(f"no_repeat_ngram_size must be an integer >= 0 (0 is off), got {self.no_repeat_ngram_size!r}")
         sequences = self.bad_sequences
@@ -182,6 +179,13 @@ class Constraints(NamedTuple):
 
     suppressed: torch.Tensor | None  # bool [vocab]: suppress_tokens
     bad_sequences: torch.Tensor | None  # long [sequences, longest]: each right-aligned, -1 before it
+
+
+def token_id_set(ids: Iterable[int], name: str) -> frozenset[int]:
+    """A collection of token ids as a frozenset, checked (InvalidInputError naming it `name`)."""
+    if not _is_collection(ids) or not all(is_integer(t) and t >= 0 for t in ids):
+        raise InvalidInputError(f"{name} must be a collection of token ids (integers >= 0), got {ids!r}")
+    return frozenset(int(t) for t in ids)
 
 
 def _is_collection(value: object) -> bool:
