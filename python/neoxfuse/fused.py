@@ -16,10 +16,11 @@ so far (history) in device memory (the sampling kernel advances rng), so the who
 included, is captured once as a CUDA graph and replayed for every later token (no per-kernel
 Python cost). The first step of a cache runs eagerly (it also warms up the kernels' plan), then
 the graph is captured: one graph for logits-only steps, one for plain greedy steps and one per
-other rule used (temperature, top-k, top-p, repetition penalty, banned tokens), the last
-MAX_SAMPLING_GRAPHS of those kept, each with its rule's constraints (device tensors it reads). decode_step writes tokens[p] from the host and returns the
-logits; decode_tokens replays a graph `steps` times with nothing between replays and no host
-wait, so the GPU does not idle waiting for Python between tokens.
+other rule used (temperature, top-k, top-p, min-p, repetition penalty, banned tokens), the last
+MAX_SAMPLING_GRAPHS of those kept, each with its rule's constraints (device tensors it reads).
+decode_step writes tokens[p] from the host and returns the logits; decode_tokens replays a graph
+`steps` times with nothing between replays and no host wait, so the GPU does not idle waiting
+for Python between tokens.
 
 Prefill runs through neoxfuse.reference in the weights' dtype (fp16 or bf16) on the GPU and fills
 the same KV cache [layers, heads, max_seq_len, head_dim] (of that dtype) the kernels read, so a
