@@ -197,7 +197,8 @@ def test_hf_generate_falls_back_on_transformers_defaults(hf_model, engine):
     # None): model.generate makes 20 new tokens, up to the model's 256 positions, and samples from the
     # top 50. The same here.
     defaults = getattr(GenerationConfig, "_get_default_generation_params", lambda: vars(GenerationConfig()))()  # 5.x, 4.x
-    assert {name: defaults[name] for name in neoxfuse.hf._HF_DEFAULTS} == neoxfuse.hf._HF_DEFAULTS
+    fresh = GenerationConfig()  # where the defaults leave an option out, a fresh config's value (None) is its default
+    assert {name: defaults[name] if name in defaults else getattr(fresh, name) for name in neoxfuse.hf._HF_DEFAULTS} == neoxfuse.hf._HF_DEFAULTS
     config = GenerationConfig(eos_token_id=None)
     for prompt_length, new_tokens in [(3, 20), (250, 6)]:
         ids = torch.arange(5, 5 + prompt_length)[None]  # [1, P]
