@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, TextStreamer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 import neoxfuse
@@ -219,7 +220,7 @@ def test_hf_generate_takes_other_options_where_they_change_nothing(hf_model, mon
                "return_dict_in_generate": False, "bos_token_id": 3}
     assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **neutral).tolist() == want.tolist()
     for name, value in [("num_beams", 2), ("typical_p", 0.9), ("forced_bos_token_id", 3), ("return_dict_in_generate", True),
-                        ("stop_strings", ["w1"]), ("encoder_no_repeat_ngram_size", 2), ("max_time", 1.0)]:
+                        ("max_time", 2.0), ("encoder_no_repeat_ngram_size", 2), ("max_time", 1.0)]:
         with pytest.raises(InvalidInputError, match=re.escape(f"{name}={value!r} (set in the call) would change what model.generate")):
             neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **{name: value})
     with pytest.raises(InvalidInputError, match=r"unknown options \['max_new_token'\]"):
@@ -364,6 +365,40 @@ def test_hf_generate_bans_repeated_ngrams_and_bad_sequences_as_model_generate_do
     for bad in (-1, 2.5):
         with pytest.raises(InvalidInputError, match="no_repeat_ngram_size must be an integer >= 0"):
             neoxfuse.hf.generate(hf_model, ids, no_repeat_ngram_size=bad, **greedy)
+
+
+def _byte_bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer as GPT-NeoX's is (its tokens' text is what StopStringCriteria reads),
+    trained here on a little text: the 256 bytes, "<|endoftext|>" and merges, up to vocab_size ids."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog, then the dog sleeps"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+
+
+def test_hf_generate_ends_at_stop_strings_as_model_generate_does(hf_model, engine):
+    # transformers' StopStringCriteria on both sides: a stop string that is a whole new token's text,
+    # the first of two, one that ends inside a token, one that begins in the prompt, one that never comes.
+    tokenizer = _byte_bpe_tokenizer(hf_model.config.vocab_size)
+    ids = torch.tensor([[70, 71, 72]])  # the texts of byte tokens
+    greedy = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 40, "do_sample": False, "eos_token_id": None}
+    plain = hf_model.generate(ids, **greedy)[0, 3:].tolist()
+    texts = [tokenizer.decode([token]) for token in plain]
+    prompt_text = tokenizer.decode(ids[0])
+    first, second = [i for i, text in enumerate(texts) if text.isascii() and text.strip()][:2]  # no partial UTF-8
+    ends = []
+    for stops in [texts[first], [texts[second], "zzz"], texts[second][:1], prompt_text[-1] + texts[0][:1], "never"]:
+        want = hf_model.generate(ids, stop_strings=stops, tokenizer=tokenizer, **greedy)
+        assert neoxfuse.hf.generate(hf_model, ids, stop_strings=stops, tokenizer=tokenizer, **greedy).tolist() == want.tolist(), stops
+        ends.append(want.shape[1] - 3)
+    assert ends[0] <= first + 1 and ends[1] <= second + 1 and ends[3] == 1 and ends[-1] == 40
+    with pytest.raises(InvalidInputError, match="stop_strings are matched in text: pass the model's tokenizer"):
+        neoxfuse.hf.generate(hf_model, ids, stop_strings="w5", **greedy)
+    with pytest.raises(InvalidInputError, match="stop_when must be a function of the new tokens"):
+        engine.generate([5, 6], 4, stop_when=3)
 
 
 def test_new_tokens_stream_in_order_and_stop_at_the_stop_token(engine):

@@ -473,6 +473,7 @@ class Engine:
         stop: str | Collection[str] = (),
         min_new_tokens: int = 0,
         begin_suppress_tokens: Collection[int] = (),
+        stop_when: Callable[[list[int]], bool] | None = None,
         progress: bool = False,
         on_tokens: Callable[[list[int]], None] | None = None,
     ) -> Generation:
@@ -484,6 +485,8 @@ class Engine:
         `min_new_tokens` new tokens are never one of stop_token_ids (transformers' min_new_tokens:
         they are added to the sampling rule's suppress_tokens for those tokens; a stop string still ends);
         the first new token is never one of begin_suppress_tokens (transformers' option of that name).
+        stop_when, if given, also ends it after the first new token where stop_when(the new tokens so
+        far) is true (a host function, called for each new token; neoxfuse.hf.generate's stop_strings).
         on_tokens, if given, streams the new tokens: it is called with each batch as soon as the host
         has it (the first token, then each chunk of up to DECODE_CHUNK decode steps), in order.
         SequenceTooLongError, before any work, when the prompt and the new tokens but the last (which is
@@ -496,7 +499,9 @@ class Engine:
         if on_tokens is not None and not callable(on_tokens):
             raise InvalidInputError(f"on_tokens must be a function of a list of token ids, got {type(on_tokens).__name__}")
         prompt_tokens = self._prompt_tokens(prompt)
-        stop_rule = StopRule(stop_token_set(stop_token_ids), self._stop_strings(stop), self.tokenizer)
+        if stop_when is not None and not callable(stop_when):
+            raise InvalidInputError(f"stop_when must be a function of the new tokens, got {type(stop_when).__name__}")
+        stop_rule = StopRule(stop_token_set(stop_token_ids), self._stop_strings(stop), self.tokenizer, stop_when)
         if not is_integer(max_new_tokens) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if not is_integer(min_new_tokens) or min_new_tokens < 0:
@@ -663,12 +668,14 @@ def stop_token_set(ids: int | Collection[int] | torch.Tensor) -> frozenset[int]:
 
 @dataclass(frozen=True)
 class StopRule:
-    """Where a generation ends early: after a token in `token_ids`, or after the token whose text
-    completes one of `texts` in the new text (decoded with `tokenizer`)."""
+    """Where a generation ends early: after a token in `token_ids`, after the token whose text
+    completes one of `texts` in the new text (decoded with `tokenizer`), or after the first token
+    where `when` (of the new tokens so far) is true."""
 
     token_ids: frozenset[int]
     texts: tuple[str, ...]
     tokenizer: object | None
+    when: Callable[[list[int]], bool] | None = None
 
     def kept(self, earlier: list[int], tokens: list[int]) -> int | None:
         """How many of `tokens` (new tokens after the `earlier` new ones) to keep when one of them
@@ -676,7 +683,9 @@ class StopRule:
         ends = [i + 1 for i, token in enumerate(tokens) if token in self.token_ids]
         end = ends[0] if ends else None
         if self.texts and self._has_text(earlier + tokens[: end or len(tokens)]):
-            return next(n for n in range(1, len(tokens) + 1) if self._has_text(earlier + tokens[:n]))
+            end = next(n for n in range(1, len(tokens) + 1) if self._has_text(earlier + tokens[:n]))
+        if self.when is not None:
+            end = next((n for n in range(1, (end or len(tokens)) + 1) if self.when(earlier + tokens[:n])), end)
         return end
 
     def _has_text(self, tokens: list[int]) -> bool:

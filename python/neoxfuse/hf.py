@@ -42,7 +42,8 @@ import weakref
 from collections.abc import Collection
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers.generation.stopping_criteria import StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXForCausalLM, GPTNeoXLayer, GPTNeoXModel
 
@@ -258,7 +259,7 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((
 # these in); with max_length unset, model.generate makes 20 new tokens (up to the model's positions).
 _HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
                 "min_length": 0, "suppress_tokens": None, "bad_words_ids": None, "no_repeat_ngram_size": 0,
-                "begin_suppress_tokens": None, "min_p": None}
+                "begin_suppress_tokens": None, "min_p": None, "stop_strings": None}
 _DEFAULT_NEW_TOKENS = 20
 _IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
@@ -296,6 +297,8 @@ def generate(
     no_repeat_ngram_size: int | None = UNSET,
     begin_suppress_tokens: Collection[int] | None = UNSET,
     eos_token_id: int | Collection[int] | None = UNSET,
+    stop_strings: str | list[str] | None = UNSET,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     seed: int | None = None,
     streamer: BaseStreamer | None = None,
     pad_token_id: int | None = UNSET,
@@ -314,7 +317,9 @@ def generate(
     temperature, top_k, top_p, min_p (seed: reproducible draws), repetition_penalty, suppress_tokens,
     bad_words_ids and no_repeat_ngram_size (greedy or sampled, over the prompt and the new tokens),
     begin_suppress_tokens (never the first new token), and min_new_tokens (if set, else
-    min_length - P) new tokens before eos may come. Any other
+    min_length - P) new tokens before eos may come; stop_strings (with the `tokenizer`, as
+    model.generate needs it) end after the token that completes one, by transformers' own
+    StopStringCriteria over the prompt and the new tokens. Any other
     model.generate option (num_beams, typical_p, ...) is taken where it changes nothing and
     refused elsewhere, whether the call or a generation config sets it: the tokens are
     model.generate's, or an error says why not.
@@ -384,6 +389,8 @@ def generate(
     if at_least is None:
         at_least = max(option(min_length, "min_length") - prompt_length, 0)
 
+    stop_when = _stop_strings_criterion(option(stop_strings, "stop_strings"), tokenizer, input_ids[0].tolist())
+
     def stream(tokens: list[int]) -> None:
         streamer.put(torch.tensor([tokens], dtype=input_ids.dtype))  # [1, n], on the CPU as HF puts them
 
@@ -391,11 +398,25 @@ def generate(
         streamer.put(input_ids.cpu())
     out = _engine(model, backend).generate(input_ids[0], new_tokens, sampling, stop_token_ids=stops,
                                            min_new_tokens=at_least, on_tokens=stream if streamer is not None else None,
-                                           begin_suppress_tokens=option(begin_suppress_tokens, "begin_suppress_tokens") or ())
+                                           begin_suppress_tokens=option(begin_suppress_tokens, "begin_suppress_tokens") or (),
+                                           stop_when=stop_when)
     if streamer is not None:
         streamer.end()
     new = torch.tensor(out.tokens, dtype=input_ids.dtype, device=input_ids.device)
     return torch.cat([input_ids, new[None]], dim=1)
+
+
+def _stop_strings_criterion(stop_strings: str | list[str] | None, tokenizer, prompt: list[int]):
+    """Engine.generate's stop_when for model.generate's stop_strings: transformers' StopStringCriteria
+    of the prompt and the new tokens (a stop string may begin in the prompt, and end inside the
+    last token); None without stop strings."""
+    if not stop_strings:
+        return None
+    if tokenizer is None:
+        raise InvalidInputError("stop_strings are matched in text: pass the model's tokenizer (tokenizer=), as "
+                                "model.generate needs it too")
+    criterion = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+    return lambda new: bool(criterion(torch.tensor([prompt + new]), None)[0])
 
 
 def _bad_sequences(bad_words_ids: list[list[int]] | None, eos: frozenset[int]) -> list[tuple[int, ...]]:
@@ -425,7 +446,7 @@ def _check_options(configs: list[GenerationConfig], options: dict) -> None:
             raise InvalidInputError(f"{name}={value!r} (set in {where}) would change what model.generate computes, and "
                                     "neoxfuse.hf.generate does not implement it (greedy or sampled batch-1 decoding with "
                                     "temperature, top_k, top_p, min_p, repetition_penalty, suppress_tokens, begin_suppress_tokens, "
-                                    "bad_words_ids, no_repeat_ngram_size and a minimum length)")
+                                    "bad_words_ids, no_repeat_ngram_size, stop_strings and a minimum length)")
 
 
 def _engine(model: GPTNeoXForCausalLM, backend: str) -> Engine:
