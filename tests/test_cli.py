@@ -111,6 +111,15 @@ def test_generate_from_a_checkpoint_and_sampling_options(tiny_checkpoint, capsys
     out = capsys.readouterr().out
     assert f"generated (12 tokens): {','.join(map(str, banned))}" in out and "no 2-gram of the prompt and the generated" in out
     assert banned != want
+    filters = {"top_p": 0.9, "min_p": 0.05, "typical_p": 0.8, "epsilon_cutoff": 1e-3, "eta_cutoff": 2e-3}
+    drawn = engine.generate([5, 6], 12, SamplingParams(temperature=0.9, seed=4, **filters)).tokens
+    flags = [text for name, value in filters.items() for text in ("--" + name.replace("_", "-"), str(value))]
+    assert main([*args, "--max-new-tokens", "12", "--temperature", "0.9", "--seed", "4", *flags]) == 0
+    out = capsys.readouterr().out
+    assert f"generated (12 tokens): {','.join(map(str, drawn))}" in out
+    assert "top-p 0.9, min-p 0.05, typical-p 0.8, epsilon-cutoff 0.001, eta-cutoff 0.002, seed 4" in out
+    assert main([*args, "--typical-p", "0.5", "--eta-cutoff", "0.1"]) == 0
+    assert "greedy decoding (--temperature 0): --typical-p, --eta-cutoff have no effect" in capsys.readouterr().err
 
 
 def test_generate_streams_ids_or_text(tiny_checkpoint, tiny_checkpoint_with_tokenizer, capsys):
@@ -399,6 +408,8 @@ def test_perplexity_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys, 
         (["--model", "tiny", "--tokens", "1", "--repetition-penalty", "0"], "repetition_penalty must be > 0"),
         (["--model", "tiny", "--tokens", "1", "--no-repeat-ngram-size", "-2"], "no_repeat_ngram_size must be an integer >= 0"),
         (["--model", "tiny", "--tokens", "1", "--temperature", "1", "--min-p", "2"], r"min_p must be in [0, 1]"),
+        (["--model", "tiny", "--tokens", "1", "--temperature", "1", "--typical-p", "0"], r"typical_p must be in (0, 1]"),
+        (["--model", "tiny", "--tokens", "1", "--temperature", "1", "--eta-cutoff", "1"], r"eta_cutoff must be in [0, 1)"),
         (["--model", "tiny", "--tokens", "1", "--max-seq-len", "100000"], "max_seq_len"),
     ],
 )

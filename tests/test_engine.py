@@ -216,10 +216,10 @@ def test_hf_generate_falls_back_on_transformers_defaults(hf_model, engine):
 def test_hf_generate_takes_other_options_where_they_change_nothing(hf_model, monkeypatch):
     ids = torch.tensor([[5, 6, 7]])
     want = neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6)
-    neutral = {"num_beams": 1, "typical_p": 1.0, "use_cache": False, "output_attentions": True, "length_penalty": 2.0,
+    neutral = {"num_beams": 1, "renormalize_logits": False, "use_cache": False, "output_attentions": True, "length_penalty": 2.0,
                "return_dict_in_generate": False, "bos_token_id": 3}
     assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **neutral).tolist() == want.tolist()
-    for name, value in [("num_beams", 2), ("typical_p", 0.9), ("forced_bos_token_id", 3), ("return_dict_in_generate", True),
+    for name, value in [("num_beams", 2), ("renormalize_logits", True), ("forced_bos_token_id", 3), ("return_dict_in_generate", True),
                         ("max_time", 2.0), ("encoder_no_repeat_ngram_size", 2), ("max_time", 1.0)]:
         with pytest.raises(InvalidInputError, match=re.escape(f"{name}={value!r} (set in the call) would change what model.generate")):
             neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **{name: value})
@@ -233,12 +233,12 @@ def test_hf_generate_takes_other_options_where_they_change_nothing(hf_model, mon
     assert got.tolist() == hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=passed).tolist()
     assert got.shape[1] < want.shape[1]
     # A checkpoint's generation config that model.generate would follow is refused, not ignored ...
-    monkeypatch.setattr(hf_model.generation_config, "typical_p", 0.5)
-    with pytest.raises(InvalidInputError, match=r"typical_p=0.5 \(set in the generation config\)"):
+    monkeypatch.setattr(hf_model.generation_config, "num_beams", 3)
+    with pytest.raises(InvalidInputError, match=r"num_beams=3 \(set in the generation config\)"):
         neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6)
     # ... unless the call sets it back to where it changes nothing.
-    assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, typical_p=1.0).tolist() == got.tolist()
-    assert neoxfuse.hf.generate(hf_model, ids, generation_config=GenerationConfig(max_new_tokens=6, typical_p=1.0)
+    assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, num_beams=1).tolist() == got.tolist()
+    assert neoxfuse.hf.generate(hf_model, ids, generation_config=GenerationConfig(max_new_tokens=6, num_beams=1)
                                 ).tolist() == got.tolist()
 
 
@@ -360,8 +360,20 @@ def test_hf_generate_bans_repeated_ngrams_and_bad_sequences_as_model_generate_do
                                                                                      min_p=0.2)).tokens
     assert min_p.tolist() != neoxfuse.hf.generate(hf_model, ids, **sampled).tolist()
     assert neoxfuse.hf.generate(hf_model, ids, min_p=0.2, **greedy).tolist() == hf_model.generate(ids, min_p=0.2, **greedy).tolist()  # greedy: no effect
-    with pytest.raises(InvalidInputError, match="min_p with top_p < 1 is not implemented"):
-        neoxfuse.hf.generate(hf_model, ids, min_p=0.2, top_p=0.9, **sampled)
+    # The filters after top-p (sampled only): the Engine's draws with them, and each changes them.
+    filters = [{"top_p": 0.9, "min_p": 0.05}, {"typical_p": 0.8}, {"epsilon_cutoff": 3e-3}, {"eta_cutoff": 3e-3}]
+    for options in filters:
+        got = neoxfuse.hf.generate(hf_model, ids, **options, **sampled)
+        rule = SamplingParams(temperature=1.0, seed=4, repetition_penalty=0.3, **options)
+        assert got[0, 4:].tolist() == engine.generate([5, 6, 7, 5], 40, rule).tokens, options
+        assert got.tolist() != neoxfuse.hf.generate(hf_model, ids, **sampled).tolist(), options
+    # ... from the generation config too.
+    filters = {name: value for options in filters for name, value in options.items()}
+    got = neoxfuse.hf.generate(hf_model, ids, **filters, **sampled)
+    for name, value in filters.items():
+        monkeypatch.setattr(hf_model.generation_config, name, value)
+    assert neoxfuse.hf.generate(hf_model, ids, **sampled).tolist() == got.tolist()
+    assert neoxfuse.hf.generate(hf_model, ids, **greedy).tolist() == hf_model.generate(ids, **greedy).tolist()  # greedy: no effect
     for bad in (-1, 2.5):
         with pytest.raises(InvalidInputError, match="no_repeat_ngram_size must be an integer >= 0"):
             neoxfuse.hf.generate(hf_model, ids, no_repeat_ngram_size=bad, **greedy)

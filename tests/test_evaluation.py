@@ -99,10 +99,14 @@ def test_sampled_generations_draw_with_seed_zero(models):
     out = ours.engine.generate("hello world w7", 12, SamplingParams(temperature=0.9, top_k=40, seed=0), stop_token_ids=0,
                                stop=["hello"])
     assert got == [out.text.split("hello")[0]] * 2 and len(set(got[0].split())) > 2
+    filtered = ("hello world w7", {**request[1], "top_p": 0.9, "typical_p": 0.8, "epsilon_cutoff": 1e-3, "eta_cutoff": 2e-3})
+    got = ours.generate_until(_requests("generate_until", [filtered]))
+    rule = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, typical_p=0.8, epsilon_cutoff=1e-3, eta_cutoff=2e-3, seed=0)
+    assert got == [ours.engine.generate("hello world w7", 12, rule, stop_token_ids=0, stop=["hello"]).text.split("hello")[0]]
 
 
 @pytest.mark.parametrize("gen_kwargs, message", [
-    ({"typical_p": 0.9}, r"generate_until options \['typical_p'\] are not implemented by neoxfuse"),
+    ({"num_beams": 2}, r"generate_until options \['num_beams'\] are not implemented by neoxfuse"),
     ({"do_sample": True, "temperature": 0.0}, "do_sample with temperature 0"),
     ({"max_gen_toks": MAX_LENGTH}, "max_gen_toks must be from 1 to the model's 16 positions minus one"),
 ])  # fmt: skip

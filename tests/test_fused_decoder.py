@@ -458,12 +458,14 @@ _SUPPRESSING = [SamplingParams(suppress_tokens={26, 126}), SamplingParams(temper
 _BANNING = [SamplingParams(repetition_penalty=0.3, no_repeat_ngram_size=2, bad_sequences={(118, 118), (4, 4)}),
             SamplingParams(temperature=1.5, top_k=40, seed=2, repetition_penalty=0.3, bad_sequences={(1, 5, 118, 118)})]
 _MIN_P = SamplingParams(temperature=1.5, top_k=40, seed=2, min_p=0.3)  # sampled among the likelier tokens only
+# A typical filter after top-k and top-p: the step applies all three before the draw (and the draw none).
+_TYPICAL = SamplingParams(temperature=1.5, top_k=40, top_p=0.8, seed=2, typical_p=0.5)
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, top_k=40, seed=2), *_PENALIZED, *_SUPPRESSING,
-                                      *_BANNING, _MIN_P],
+                                      *_BANNING, _MIN_P, _TYPICAL],
                          ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized", "greedy-suppressing",
-                              "sampled-suppressing", "greedy-banning", "sampled-banning", "sampled-min-p"])
+                              "sampled-suppressing", "greedy-banning", "sampled-banning", "sampled-min-p", "sampled-typical"])
 def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(oracle_backend, sampling):
     backend = oracle_backend[0]
     prompt = torch.tensor([3, 1, 4, 1, 5])
@@ -480,7 +482,8 @@ def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(
     if sampling.needs_history:  # the whole sequence, the tokens chosen on the device too
         assert history.tolist() == [3, 1, 4, 1, 5, first, *want, *[-1] * (41 - 19)]
     unbanned = dataclasses.replace(sampling, suppress_tokens=(), no_repeat_ngram_size=0, bad_sequences=())
-    for without in {unbanned, dataclasses.replace(sampling, repetition_penalty=1.0), dataclasses.replace(sampling, min_p=0.0)} - {sampling}:
+    for without in {unbanned, dataclasses.replace(sampling, repetition_penalty=1.0), dataclasses.replace(sampling, min_p=0.0),
+                    dataclasses.replace(sampling, typical_p=1.0)} - {sampling}:
         assert want != _decode_step_tokens(backend, prompt, without, 13, "cpu")[1]  # each part of the rule changed the choices
     assert not sampling.suppress_tokens & {*want, *got}
     with pytest.raises(SequenceTooLongError):
@@ -552,6 +555,8 @@ def test_backend_keeps_a_graph_per_selection_rule_and_the_last_sampling_ones(ora
     assert sampled == [0.7, 0.8, 0.9, 0.5]
     assert None in backend._graphs and SamplingParams() in backend._graphs
     assert all(rule is None or rule.seed is None for rule in backend._graphs)
+    filtered = SamplingParams(top_k=5, top_p=0.5, min_p=0.1, typical_p=0.5, epsilon_cutoff=0.1, eta_cutoff=0.1)  # greedy: no effect,
+    backend.decode_tokens(7, cache, 2, filtered, None, StepClock(torch.device("cpu")))  # plain greedy's graph replays
     penalized = SamplingParams(repetition_penalty=1.2)  # a greedy rule, but not plain greedy's: it drops 0.7
     backend.decode_tokens(7, cache, 2, penalized, None, StepClock(torch.device("cpu")), penalized.history([7], 41, "cpu"))
     assert [rule for rule in backend._graphs if rule not in (None, SamplingParams())] == [
@@ -560,7 +565,7 @@ def test_backend_keeps_a_graph_per_selection_rule_and_the_last_sampling_ones(ora
     backend.decode_tokens(7, cache, 2, banning, None, StepClock(torch.device("cpu")), banning.history([7], 41, "cpu"))
     constraints = backend._graphs[banning][1]
     assert constraints.bad_sequences.tolist() == [[7, 8]] and constraints.suppressed.nonzero().flatten().tolist() == [9]
-    assert cache.length == 3 + 1 + 2 + 2 * len(temperatures) + 2 + 2
+    assert cache.length == 3 + 1 + 2 + 2 * len(temperatures) + 2 + 2 + 2
 
 
 class _EmulatedKernels(_OracleKernels):
@@ -1288,9 +1293,9 @@ def test_graph_replay_equals_eager_and_runs_are_bitwise_identical(hf_models):
 @torch.inference_mode()
 @pytest.mark.parametrize("use_graph", [True, False])
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=5), *_PENALIZED, *_SUPPRESSING,
-                                      *_BANNING, _MIN_P],
+                                      *_BANNING, _MIN_P, _TYPICAL],
                          ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized", "greedy-suppressing",
-                              "sampled-suppressing", "greedy-banning", "sampled-banning", "sampled-min-p"])
+                              "sampled-suppressing", "greedy-banning", "sampled-banning", "sampled-min-p", "sampled-typical"])
 def test_tokens_chosen_on_the_device_equal_tokens_chosen_from_decode_steps(hf_models, use_graph, sampling):
     # decode_tokens keeps each step's token on the device (written by the step: the argmax, or the
     # sampling kernel); decode_step returns logits for the host. Same kernels in the same order, the

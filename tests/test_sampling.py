@@ -339,12 +339,96 @@ def test_min_p_is_transformers_warper(temperature, top_k, min_p, rng):
     assert torch.equal(sampling.constrained(logits, greedy, None, greedy.constraints(300, "cpu")), logits)
 
 
+_FILTERS = ["temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"]
+
+
+@pytest.mark.parametrize("rule", [
+    (1.0, 0, 1.0, 0.0, 0.9, 0.0, 0.0), (0.7, 0, 1.0, 0.0, 0.3, 0.0, 0.0), (1.3, 40, 0.95, 0.0, 0.5, 0.0, 0.0),
+    (1.0, 0, 1.0, 0.0, 1.0, 3e-3, 0.0), (0.8, 200, 0.98, 0.0, 1.0, 2e-2, 0.0),
+    (1.0, 0, 1.0, 0.0, 1.0, 0.0, 3e-3), (2.0, 0, 0.9, 0.0, 1.0, 0.0, 0.05), (1.0, 0, 1.0, 0.0, 1.0, 5e-4, 5e-3),
+    (1.0, 0, 0.95, 0.2, 1.0, 0.0, 0.0), (1.5, 100, 0.97, 0.3, 1.0, 0.0, 0.0),
+    (2.5, 400, 0.995, 0.01, 0.95, 2e-3, 2e-2),
+])  # fmt: skip
+def test_filters_after_top_p_are_transformers_warpers_in_their_order(rule, rng):
+    # transformers' warpers (temperature, top-k, top-p, min-p, typical, epsilon, eta; each where it
+    # is on), then softmax: the probabilities the race draws from, after each warper. The rules
+    # are chosen so that the filters after top-p drop tokens top-k and top-p kept (checked against
+    # 2000 random logits). The draw is the race's over the probabilities.
+    from transformers.generation import logits_process as lp
+
+    rule = dict(zip(_FILTERS, rule))
+    generator = torch.Generator().manual_seed(rng.randrange(2**32))
+    logits = torch.randn(500, generator=generator) * 2.5
+    warpers, dropped = [lp.TemperatureLogitsWarper(rule["temperature"])], {}
+    for name, warper in [("top_k", lp.TopKLogitsWarper), ("top_p", lp.TopPLogitsWarper), ("min_p", lp.MinPLogitsWarper),
+                         ("typical_p", lp.TypicalLogitsWarper), ("epsilon_cutoff", lp.EpsilonLogitsWarper),
+                         ("eta_cutoff", lp.EtaLogitsWarper)]:
+        if rule[name] not in (0, 1):
+            warpers.append(warper(rule[name]))
+            params = SamplingParams(seed=7, **{n: rule[n] for n in _FILTERS[: _FILTERS.index(name) + 1]})
+            want = torch.softmax(lp.LogitsProcessorList(warpers)(None, logits[None].clone()), -1)[0]
+            got = probabilities(sampling.constrained(logits, params, None, params.constraints(500, "cpu")), params.draw)
+            assert torch.allclose(got, want, atol=1e-6) and torch.equal(got == 0, want == 0), name
+            dropped[name] = int((want == 0).sum())
+    assert list(dropped.values())[-1] > dropped.get("top_p", dropped.get("top_k", 0)), "the filters after top-p drop nothing here"
+    assert params.truncates_before_draw == bool(rule["typical_p"] < 1 or rule["epsilon_cutoff"] or rule["eta_cutoff"] or rule["top_p"] < 1)
+    assert next_token(logits, params, params.rng("cpu")) == int(exponential_race(got, params.rng("cpu")))
+    greedy = SamplingParams(**{n: rule[n] for n in _FILTERS[1:]})  # no effect on the argmax
+    assert torch.equal(sampling.constrained(logits, greedy, None, greedy.constraints(500, "cpu")), logits)
+
+
+def test_typical_keeps_the_tokens_closest_to_the_entropy():
+    # p = (0.5, 0.3, 0.1, 0.1): H = 1.168 nats; |-ln p - H| = 0.475, 0.036, 1.135, 1.135, so the
+    # order is 0.3, 0.5, then 0.1 and 0.1 (tied: both stay when the second is reached).
+    logits, order = _shuffled_logits([0.5, 0.3, 0.1, 0.1], torch.Generator().manual_seed(3))
+    for typical_p, kept in [(0.2, [0.0, 1.0, 0.0, 0.0]), (0.3, [0.0, 1.0, 0.0, 0.0]), (0.5, [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]),
+                            (0.85, [0.5, 0.3, 0.1, 0.1])]:
+        params = SamplingParams(temperature=1.0, typical_p=typical_p)
+        got = probabilities(sampling.constrained(logits, params, None, params.constraints(4, "cpu")), params.draw)
+        assert torch.allclose(got[order], torch.tensor(kept), atol=1e-6), typical_p
+
+
+def test_epsilon_keeps_the_most_likely_token_and_eta_lowers_its_cutoff_with_the_entropy():
+    logits = torch.zeros(1000)  # near uniform: every p about 1e-3, entropy about ln 1000
+    logits[7] = 1e-3
+    epsilon, eta = SamplingParams(temperature=1.0, epsilon_cutoff=0.5), SamplingParams(temperature=1.0, eta_cutoff=0.5)
+    assert torch.isfinite(sampling.constrained(logits, epsilon, None, sampling.Constraints(None, None))).nonzero().tolist() == [[7]]
+    assert torch.isfinite(sampling.constrained(logits, eta, None, sampling.Constraints(None, None))).all()  # min(0.5, sqrt(0.5) / 1000) < 1e-3
+    logits[:500] = -3.0  # half the tokens 20 times less likely: eta's cutoff rises above them
+    assert torch.isfinite(sampling.constrained(logits, eta, None, sampling.Constraints(None, None))).nonzero().flatten().tolist() == list(range(500, 1000))
+
+
+def test_the_sampling_kernel_draws_without_the_filters_applied_before_it(monkeypatch):
+    # Where the kernel runs, it gets top-k and top-p unless constrained() has applied them (for a
+    # filter after them), so that they are not applied twice.
+    calls = []
+
+    def sample_token(logits, rng, temperature, top_k, top_p):
+        calls.append((temperature, top_k, top_p, torch.isfinite(logits).sum().item()))
+        return torch.zeros(1, dtype=torch.long)
+
+    monkeypatch.setattr(sampling, "sample_kernel_runs", lambda device, vocab: True)
+    monkeypatch.setattr(sampling.fused_decoder, "sample_token", sample_token)
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(5)) * 2.5
+    for rule in [SamplingParams(temperature=1.3, top_k=40, top_p=0.8, seed=1), SamplingParams(temperature=1.3, top_k=40, seed=1, min_p=0.1),
+                 SamplingParams(temperature=1.3, top_k=40, top_p=0.8, seed=1, typical_p=0.5)]:
+        choose(logits, rule, rule.rng("cpu"))
+    top_k_top_p = probabilities(logits, SamplingParams(temperature=1.3, top_k=40, top_p=0.8))
+    typical = probabilities(sampling.truncated(logits, SamplingParams(temperature=1.3, top_k=40, top_p=0.8, typical_p=0.5)),
+                            SamplingParams(temperature=1.3))
+    assert calls == [(1.3, 40, 0.8, 500), (1.3, 40, 1.0, calls[1][3]), (1.3, 0, 1.0, int((typical > 0).sum()))]
+    assert calls[1][3] < 500 and calls[2][3] < int((top_k_top_p > 0).sum())  # min-p and typical before the kernel
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"min_p": -0.1}, r"min_p must be in \[0, 1\]"), ({"min_p": 1.5}, r"min_p must be in \[0, 1\]"),
     ({"min_p": "0.1"}, r"min_p must be in \[0, 1\]"), ({"min_p": float("nan")}, r"min_p must be in \[0, 1\]"),
-    ({"min_p": 0.1, "top_p": 0.9, "temperature": 1.0}, "min_p with top_p < 1 is not implemented"),
+    ({"typical_p": 0.0}, r"typical_p must be in \(0, 1\]"), ({"typical_p": 1.2}, r"typical_p must be in \(0, 1\]"),
+    ({"typical_p": None}, r"typical_p must be in \(0, 1\]"), ({"epsilon_cutoff": 1.0}, r"epsilon_cutoff must be in \[0, 1\)"),
+    ({"epsilon_cutoff": -1e-3}, r"epsilon_cutoff must be in \[0, 1\)"), ({"eta_cutoff": float("nan")}, r"eta_cutoff must be in \[0, 1\)"),
+    ({"eta_cutoff": True}, r"eta_cutoff must be in \[0, 1\)"),
 ])  # fmt: skip
-def test_bad_min_p_is_refused(kwargs, message):
+def test_bad_filters_are_refused(kwargs, message):
     with pytest.raises(InvalidInputError, match=message):
         SamplingParams(**kwargs)
 

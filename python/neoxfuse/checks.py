@@ -107,10 +107,11 @@ def check_seed(seed: object) -> None:
 
 
 def check_sampling(temperature: object, top_k: object, top_p: object, repetition_penalty: object = 1.0,
-                   min_p: object = 0.0) -> None:
+                   min_p: object = 0.0, typical_p: object = 1.0, epsilon_cutoff: object = 0.0, eta_cutoff: object = 0.0) -> None:
     """A sampling rule's ranges (neoxfuse.sampling.SamplingParams): temperature >= 0 and finite
     (0: greedy), top_k an integer >= 0 (0: off), top_p in (0, 1] (1: off), repetition_penalty > 0
-    and finite (1: off), min_p in [0, 1] (0: off)."""
+    and finite (1: off), min_p in [0, 1] (0: off), typical_p in (0, 1] (1: off), epsilon_cutoff and
+    eta_cutoff in [0, 1) (0: off)."""
     if not (_is_real(temperature) and temperature >= 0 and temperature != float("inf")):
         raise InvalidInputError(f"temperature must be >= 0 and finite (0 means greedy), got {temperature!r}")
     if not is_integer(top_k) or top_k < 0:
@@ -121,3 +122,8 @@ def check_sampling(temperature: object, top_k: object, top_p: object, repetition
         raise InvalidInputError(f"repetition_penalty must be > 0 and finite (1 is none), got {repetition_penalty!r}")
     if not (_is_real(min_p) and 0 <= min_p <= 1):
         raise InvalidInputError(f"min_p must be in [0, 1] (0 is off), got {min_p!r}")
+    if not (_is_real(typical_p) and 0 < typical_p <= 1):
+        raise InvalidInputError(f"typical_p must be in (0, 1] (1 is off), got {typical_p!r}")
+    for name, cutoff in [("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)]:
+        if not (_is_real(cutoff) and 0 <= cutoff < 1):
+            raise InvalidInputError(f"{name} must be in [0, 1) (0 is off), got {cutoff!r}")

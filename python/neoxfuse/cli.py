@@ -174,6 +174,12 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens of mass top-p (default 1: all)")
     parser.add_argument("--min-p", type=float, default=0.0, help="sample among the tokens at least min-p times as likely as "
                         "the most likely one, as transformers' min_p (default 0: all)")
+    parser.add_argument("--typical-p", type=float, default=1.0, help="sample among the tokens whose surprise is closest to "
+                        "the entropy, of mass typical-p, as transformers' typical_p (default 1: all)")
+    parser.add_argument("--epsilon-cutoff", type=float, default=0.0, help="sample among the tokens of probability at least "
+                        "this, as transformers' epsilon_cutoff (default 0: all)")
+    parser.add_argument("--eta-cutoff", type=float, default=0.0, help="sample among the tokens of probability at least "
+                        "min(eta, sqrt(eta) exp(-entropy)), as transformers' eta_cutoff (default 0: all)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 makes tokens already in the text less "
                         "likely, greedy or sampled, as transformers' repetition_penalty (default 1: none)")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N", help="never repeat an N-gram of the "
@@ -196,7 +202,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 def _generate(args) -> int:
     """Generate tokens after a prompt, print them and their timings.
 
-    Greedy by default; --temperature > 0 samples (with --top-k, --top-p, --seed); --repetition-penalty
+    Greedy by default; --temperature > 0 samples (with --top-k, --top-p, --min-p, --typical-p,
+    --epsilon-cutoff, --eta-cutoff, --seed); --repetition-penalty
     and --no-repeat-ngram-size apply either way. With a tokenizer
     (a checkpoint directory that has one) the text is printed too and generation stops at its EOS
     (and after any --stop text).
@@ -205,10 +212,14 @@ def _generate(args) -> int:
     if args.prompt is None and args.tokens is None and not args.interactive:
         raise InvalidInputError("generate needs a prompt: --prompt TEXT, --tokens 1,2,3 or --interactive (lines from stdin)")
     device = resolve_device(args.device)
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-                              repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
-    if sampling.greedy and (args.top_k or args.top_p != 1.0 or args.min_p):
-        print("neoxfuse: greedy decoding (--temperature 0): --top-k, --top-p and --min-p have no effect", file=sys.stderr)
+    filters = {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "typical_p": args.typical_p,
+               "epsilon_cutoff": args.epsilon_cutoff, "eta_cutoff": args.eta_cutoff}
+    sampling = SamplingParams(temperature=args.temperature, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                              no_repeat_ngram_size=args.no_repeat_ngram_size, **filters)
+    if sampling.greedy and (set_filters := [name for name, value in filters.items() if value != getattr(SamplingParams, name)]):
+        flags = ", ".join("--" + name.replace("_", "-") for name in set_filters)
+        print(f"neoxfuse: greedy decoding (--temperature 0): {flags} {'has' if len(set_filters) == 1 else 'have'} no effect",
+              file=sys.stderr)
     model = _model_name(args, device)
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed or 0,
                     revision=args.revision, prefix_cache=args.interactive)
@@ -232,8 +243,10 @@ def _generate(args) -> int:
         # --seed also seeds a random-initialised model's weights: it redraws these tokens only where
         # it was given, or where the weights come from a checkpoint.
         redraw = f" (--seed {out.seed} draws these tokens again)" if args.seed is not None or not engine.random_init else ""
+        later = [f"{name.replace('_', '-')} {getattr(sampling, name)}" for name in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+                 if getattr(sampling, name) != getattr(SamplingParams, name)]
         print(f"sampled: temperature {sampling.temperature}, top-k {sampling.top_k}, top-p {sampling.top_p}, "
-              f"{f'min-p {sampling.min_p}, ' if sampling.min_p else ''}seed {out.seed}{redraw}")
+              f"{''.join(f'{text}, ' for text in later)}seed {out.seed}{redraw}")
     if sampling.penalized:
         print(f"repetition penalty {sampling.repetition_penalty} on the prompt's and the generated tokens")
     if sampling.no_repeat_ngram_size:

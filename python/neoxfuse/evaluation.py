@@ -16,8 +16,9 @@ kernels, and a benchmark's score checks them on real tasks:
 - generate_until (context, gen_kwargs): Engine.generate of up to max_gen_toks tokens after the
   context (its last max_length - max_gen_toks tokens), ending at the end-of-text token or after
   the token that completes one of `until`, the text cut at the first of them as lm_eval cuts it.
-  Greedy unless do_sample (then temperature, top_k, top_p, min_p, with neoxfuse's Philox draws, not
-  torch's); repetition_penalty and no_repeat_ngram_size too; any other option is refused.
+  Greedy unless do_sample (then temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff,
+  eta_cutoff, with neoxfuse's Philox draws, not torch's); repetition_penalty and
+  no_repeat_ngram_size too; any other option is refused.
 
 The numbers are HF's (lm_eval's HFLM on the same checkpoint) to the backend's precision:
 tests/test_evaluation.py compares them request by request.
@@ -39,7 +40,8 @@ from neoxfuse.progress import progress_bar
 from neoxfuse.sampling import SamplingParams
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm_eval's default for generate_until
-_SAMPLING_OPTIONS = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size"}
+_SAMPLED_ONLY = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+_SAMPLING_OPTIONS = {"temperature", *_SAMPLED_ONLY, "repetition_penalty", "no_repeat_ngram_size"}
 
 
 @register_model("neoxfuse")
@@ -118,7 +120,8 @@ class NeoxfuseLM(TemplateLM):
 
 def _sampling(options: dict) -> SamplingParams:
     """A generate_until request's normalized gen_kwargs (but until and max_gen_toks) as SamplingParams:
-    greedy unless do_sample, then temperature (default 1), top_k, top_p, seed 0."""
+    greedy unless do_sample, then temperature (default 1), top_k, top_p, min_p, typical_p,
+    epsilon_cutoff, eta_cutoff, seed 0."""
     options = dict(options)
     do_sample = options.pop("do_sample")
     if unknown := sorted(set(options) - _SAMPLING_OPTIONS):
@@ -126,11 +129,11 @@ def _sampling(options: dict) -> SamplingParams:
                                 f"{', '.join(sorted(_SAMPLING_OPTIONS))})")
     temperature = float(options.pop("temperature", 1.0))
     if not do_sample:
-        return SamplingParams(**{name: value for name, value in options.items() if name not in ("top_k", "top_p", "min_p")})
+        return SamplingParams(**{name: value for name, value in options.items() if name not in _SAMPLED_ONLY})
     if temperature == 0:
         raise InvalidInputError("do_sample with temperature 0: set do_sample to False for greedy decoding")
-    return SamplingParams(temperature=temperature, top_k=options.pop("top_k", 0) or 0, top_p=options.pop("top_p", 1.0),
-                          min_p=options.pop("min_p", 0.0) or 0.0, seed=0, **options)
+    return SamplingParams(temperature=temperature, top_k=options.pop("top_k", 0) or 0, min_p=options.pop("min_p", 0.0) or 0.0,
+                          seed=0, **options)
 
 
 def _progress(items: list, what: str, disable: bool):

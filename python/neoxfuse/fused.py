@@ -16,7 +16,7 @@ so far (history) in device memory (the sampling kernel advances rng), so the who
 included, is captured once as a CUDA graph and replayed for every later token (no per-kernel
 Python cost). The first step of a cache runs eagerly (it also warms up the kernels' plan), then
 the graph is captured: one graph for logits-only steps, one for plain greedy steps and one per
-other rule used (temperature, top-k, top-p, min-p, repetition penalty, banned tokens), the last
+other rule used (temperature, its filters, repetition penalty, banned tokens), the last
 MAX_SAMPLING_GRAPHS of those kept, each with its rule's constraints (device tensors it reads).
 decode_step writes tokens[p] from the host and returns the logits; decode_tokens replays a graph
 `steps` times with nothing between replays and no host wait, so the GPU does not idle waiting
@@ -239,10 +239,10 @@ class FusedBackend(Backend):
     def _sample(self, logits: torch.Tensor, selection: SamplingParams) -> torch.Tensor:
         """The token drawn from logits [vocab] (fp32) by the sampling rule, with self._rng: one kernel,
         or PyTorch ops (neoxfuse.sampling) for a vocabulary over what the kernel holds. [1] long."""
+        draw = selection.draw
         if self.shape.vocab > ops.MAX_SAMPLE_VOCAB:
-            return exponential_race(probabilities(logits, selection), self._rng)
-        return ops.sample_token(logits, self._rng, selection.temperature, selection.top_k, selection.top_p,
-                                out=self._drawn)
+            return exponential_race(probabilities(logits, draw), self._rng)
+        return ops.sample_token(logits, self._rng, draw.temperature, draw.top_k, draw.top_p, out=self._drawn)
 
     def _capture(self, cache: KVCache, selection: SamplingParams | None, constraints: Constraints | None) -> torch.cuda.CUDAGraph:
         """_step captured for this cache (capturing runs nothing: neither the cache nor rng is touched);
@@ -261,5 +261,6 @@ def _selection_rule(sampling: SamplingParams) -> SamplingParams:
     """What a step's graph depends on: the sampling rule without its seed (the seed lives in rng);
     greedy rules differ only in their repetition penalty and banned tokens."""
     if sampling.greedy:
-        return dataclasses.replace(sampling, seed=None, top_k=0, top_p=1.0, min_p=0.0)
+        return SamplingParams(repetition_penalty=sampling.repetition_penalty, suppress_tokens=sampling.suppress_tokens,
+                              no_repeat_ngram_size=sampling.no_repeat_ngram_size, bad_sequences=sampling.bad_sequences)
     return dataclasses.replace(sampling, seed=None)

@@ -259,13 +259,13 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((
 # these in); with max_length unset, model.generate makes 20 new tokens (up to the model's positions).
 _HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
                 "min_length": 0, "suppress_tokens": None, "bad_words_ids": None, "no_repeat_ngram_size": 0,
-                "begin_suppress_tokens": None, "min_p": None, "stop_strings": None}
+                "begin_suppress_tokens": None, "min_p": None, "stop_strings": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                "eta_cutoff": 0.0}
 _DEFAULT_NEW_TOKENS = 20
 _IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
 # or in the model's generation config, they are refused, since model.generate would apply them.
-_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-            "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "num_beam_groups": 1,
+_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "num_beam_groups": 1,
             "renormalize_logits": False, "remove_invalid_values": False, "output_scores": False, "output_logits": False,
             "return_dict_in_generate": False}
 # Options that change no token at any value: caching and compilation choices, settings of beam search
@@ -289,6 +289,9 @@ def generate(
     top_k: int | None = UNSET,
     top_p: float | None = UNSET,
     min_p: float | None = UNSET,
+    typical_p: float | None = UNSET,
+    epsilon_cutoff: float | None = UNSET,
+    eta_cutoff: float | None = UNSET,
     repetition_penalty: float | None = UNSET,
     min_new_tokens: int | None = UNSET,
     min_length: int | None = UNSET,
@@ -314,13 +317,14 @@ def generate(
     model.generate (transformers 5) reads it (and one given as None is transformers' default:
     eos_token_id=None, no eos, whatever the configs say): max_new_tokens (else max_length - P; with
     neither set, 20, as far as the model's positions allow), greedy unless do_sample, then
-    temperature, top_k, top_p, min_p (seed: reproducible draws), repetition_penalty, suppress_tokens,
+    temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff and eta_cutoff (seed: reproducible
+    draws), repetition_penalty, suppress_tokens,
     bad_words_ids and no_repeat_ngram_size (greedy or sampled, over the prompt and the new tokens),
     begin_suppress_tokens (never the first new token), and min_new_tokens (if set, else
     min_length - P) new tokens before eos may come; stop_strings (with the `tokenizer`, as
     model.generate needs it) end after the token that completes one, by transformers' own
     StopStringCriteria over the prompt and the new tokens. Any other
-    model.generate option (num_beams, typical_p, ...) is taken where it changes nothing and
+    model.generate option (num_beams, renormalize_logits, ...) is taken where it changes nothing and
     refused elsewhere, whether the call or a generation config sets it: the tokens are
     model.generate's, or an error says why not.
     A tokenizer's output goes in as it does to model.generate (`generate(model, **tokenizer(text,
@@ -373,7 +377,9 @@ def generate(
             raise InvalidInputError("do_sample with temperature 0: model.generate refuses it too; for greedy decoding "
                                     "set do_sample=False")
         sampling = SamplingParams(temperature=option(temperature, "temperature"), top_k=option(top_k, "top_k"),
-                                  top_p=option(top_p, "top_p"), min_p=option(min_p, "min_p") or 0.0, seed=seed, **constraints)
+                                  top_p=option(top_p, "top_p"), min_p=option(min_p, "min_p") or 0.0,
+                                  typical_p=option(typical_p, "typical_p"), epsilon_cutoff=option(epsilon_cutoff, "epsilon_cutoff"),
+                                  eta_cutoff=option(eta_cutoff, "eta_cutoff"), seed=seed, **constraints)
     prompt_length = input_ids.shape[1]
     new_tokens = option(max_new_tokens, "max_new_tokens")
     if new_tokens is None:  # HF: max_length counts the prompt
@@ -445,7 +451,8 @@ def _check_options(configs: list[GenerationConfig], options: dict) -> None:
             where = "the call" if name in options else "the generation config"
             raise InvalidInputError(f"{name}={value!r} (set in {where}) would change what model.generate computes, and "
                                     "neoxfuse.hf.generate does not implement it (greedy or sampled batch-1 decoding with "
-                                    "temperature, top_k, top_p, min_p, repetition_penalty, suppress_tokens, begin_suppress_tokens, "
+                                    "temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty, "
+                                    "suppress_tokens, begin_suppress_tokens, "
                                     "bad_words_ids, no_repeat_ngram_size, stop_strings and a minimum length)")
 
 

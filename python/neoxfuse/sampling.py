@@ -1,4 +1,5 @@
-"""Choosing the next token from a step's logits: greedy, or sampled with temperature, min-p, top-k and top-p.
+"""Choosing the next token from a step's logits: greedy, or sampled with temperature, top-k, top-p,
+min-p, typical, epsilon and eta filters.
 
 Given logits z [vocab] (computed in fp32 whatever the model's dtype):
 
@@ -16,19 +17,32 @@ Given logits z [vocab] (computed in fp32 whatever the model's dtype):
   The sequence s lives in device memory as `history`: a long tensor [capacity] holding s and then
   -1s, that each choice appends its token to, so a CUDA graph can replay a choice.
 - greedy (temperature 0): next = argmax_i z_i.
-- sampled: min-p (min_p > 0, transformers' MinPLogitsWarper) first bans every token less likely
-  than min_p times the most likely one, (z_i - max_j z_j) / T < ln(min_p); then p_i = softmax(z / T)_i,
+- sampled: p_i = softmax(z / T)_i, filtered in the order of transformers' warpers, each filter
+  reading the distribution the ones before it leave (renormalised; H = -sum_i p_i ln p_i its entropy):
   - top-k keeps the k tokens of largest p (k = 0: all; tokens tied with the k-th are kept too),
   - top-p (nucleus) keeps the smallest set of most likely tokens whose mass reaches top_p of
     what top-k kept: token i stays while the mass of the kept tokens more likely than it is
     < top_p x their total (so the most likely token always stays, and so do all tokens tied with
     the least likely one kept; top_p = 1: all),
+  - min-p (min_p > 0, MinPLogitsWarper) keeps the tokens at least min_p times as likely as the
+    most likely one: (z_i - max_j z_j) / T >= ln(min_p),
+  - typical (typical_p < 1, TypicalLogitsWarper) keeps the tokens whose surprise -ln p_i is
+    closest to H: the fewest, in order of |-ln p_i - H|, whose mass reaches typical_p (at least
+    the closest one; tokens tied with the farthest one kept stay too),
+  - epsilon (epsilon_cutoff e > 0, EpsilonLogitsWarper) keeps p_i >= e, and eta (eta_cutoff e > 0,
+    EtaLogitsWarper) keeps p_i >= min(e, sqrt(e) exp(-H)); both keep the most likely token anyway,
   - the kept p are renormalised to sum 1, and one token is drawn by an exponential race:
 
         next = argmax_i p_i / E_i,   E_i = -ln(u_i),   u_i uniform in (0, 1), independent
 
     The E_i are independent Exp(1) draws, so P(next = i) = p_i (the token with the smallest
     E_i / p_i, an Exp(p_i) arrival time, wins); ties go to the lowest index.
+
+The draw applies top-k and top-p itself. The filters after them are -inf logits before it
+(constrained()): min-p there keeps what it would keep after top-k (both keep the most likely
+tokens, by a cut the other leaves alone), and where a later filter reads what top-p leaves
+(typical, epsilon, eta, or min-p with top-p), constrained() applies top-k and top-p first and the
+draw none (SamplingParams.draw).
 
 The u_i come from Philox4x32-10, a counter-based generator: u_i = (2 (w >> 9) + 1) / 2^24 with w
 word i % 4 of Philox(counter = (i // 4, 0, draw), key = seed), and E_i = -ln(u_i) in fp64 rounded
@@ -72,10 +86,13 @@ class SamplingParams:
         (greedy or sampled; see the module docstring).
     suppress_tokens: token ids never chosen (any collection of them; kept as a frozenset).
     min_p: in [0, 1]; > 0 samples only tokens at least min_p times as likely as the most likely one
-        (0 is off; with top_p < 1 refused: transformers filters by top-p first, neoxfuse could not).
+        (0 is off).
     no_repeat_ngram_size: n > 0 never lets an n-gram of the sequence occur twice; 0 is off.
     bad_sequences: token sequences never completed (each a non-empty sequence of ids; kept as a
         frozenset of tuples): the last token of one is never chosen right after the others.
+    typical_p: in (0, 1]; < 1 samples only the most typical tokens, of mass typical_p (1 is off).
+    epsilon_cutoff, eta_cutoff: in [0, 1); > 0 samples only tokens at least that likely (eta: less
+        when the distribution is spread out; see the module docstring); 0 is off.
     """
 
     temperature: float = 0.0
@@ -87,12 +104,13 @@ class SamplingParams:
     min_p: float = 0.0
     no_repeat_ngram_size: int = 0
     bad_sequences: frozenset[tuple[int, ...]] = frozenset()
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
 
     def __post_init__(self):
-        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.min_p)
-        if self.min_p and self.top_p < 1:
-            raise InvalidInputError("min_p with top_p < 1 is not implemented: transformers filters by top-p before min-p, "
-                                    "the sampling kernel after; use one of them")
+        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.min_p, self.typical_p,
+                       self.epsilon_cutoff, self.eta_cutoff)
         object.__setattr__(self, "suppress_tokens", token_id_set(self.suppress_tokens, "suppress_tokens"))
         if not is_integer(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
             raise InvalidInputError(f"no_repeat_ngram_size must be an integer >= 0 (0 is off), got {self.no_repeat_ngram_size!r}")
@@ -104,7 +122,8 @@ class SamplingParams:
         if self.seed is not None:
             check_seed(self.seed)
         for name, kind in [("temperature", float), ("top_k", int), ("top_p", float), ("seed", int),
-                           ("repetition_penalty", float), ("min_p", float), ("no_repeat_ngram_size", int)]:  # NumPy's -> Python's
+                           ("repetition_penalty", float), ("min_p", float), ("no_repeat_ngram_size", int),
+                           ("typical_p", float), ("epsilon_cutoff", float), ("eta_cutoff", float)]:  # NumPy's -> Python's
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, kind(getattr(self, name)))
 
@@ -117,6 +136,19 @@ class SamplingParams:
         if self.greedy or self.seed is not None:
             return self
         return dataclasses.replace(self, seed=secrets.randbits(63))
+
+    @property
+    def truncates_before_draw(self) -> bool:
+        """Whether constrained() applies top-k and top-p, for a filter after them that reads what they
+        leave (a sampled rule with typical_p, epsilon_cutoff, eta_cutoff, or min_p with top_p < 1)."""
+        later = self.typical_p < 1 or self.epsilon_cutoff > 0 or self.eta_cutoff > 0 or (self.min_p > 0 and self.top_p < 1)
+        return not self.greedy and later
+
+    @property
+    def draw(self) -> SamplingParams:
+        """The rule the draw applies to constrained() logits: this one, without top-k and top-p where
+        constrained() has applied them (truncates_before_draw)."""
+        return dataclasses.replace(self, top_k=0, top_p=1.0) if self.truncates_before_draw else self
 
     @property
     def penalized(self) -> bool:
@@ -254,8 +286,8 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
 def constrained(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
                 constraints: Constraints) -> torch.Tensor:
     """The logits a token is chosen from (module docstring): with the repetition penalty applied
-    where one applies, and -inf at the banned tokens where there are any and, for a sampled rule
-    with min_p, at the tokens min-p filters out (else the logits as given).
+    where one applies, and -inf at the banned tokens where there are any and, for a sampled rule,
+    at the tokens its filters before the draw drop (truncated(); else the logits as given).
     No host synchronisation, so a CUDA graph can capture it.
 
     logits: [vocab]; history: long [capacity] (params.history) where params.needs_history;
@@ -271,10 +303,65 @@ def constrained(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
     ) if mask is not None]
     for mask in banned:
         logits = logits.masked_fill(mask, float("-inf"))
-    if params.min_p and not params.greedy:
-        z = logits.float()
-        logits = z.masked_fill((z - z.max()) / params.temperature < math.log(params.min_p), float("-inf"))
-    return logits
+    return logits if params.greedy else truncated(logits, params)
+
+
+def truncated(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """fp32 logits [vocab], -inf at the tokens a sampled rule's filters before the draw drop (module
+    docstring): top-k and top-p where params.truncates_before_draw, then min-p, typical, epsilon and
+    eta, each reading what the ones before leave. No host synchronisation.
+
+    logits: [vocab], any float dtype.
+    """
+    z = logits.float()
+    temperature = params.temperature
+    if params.truncates_before_draw:
+        kept = top_k_top_p_kept(torch.softmax(z / temperature, dim=-1), params.top_k, params.top_p)
+        z = z.masked_fill(~kept, float("-inf"))
+    if params.min_p:
+        z = z.masked_fill((z - z.max()) / temperature < math.log(params.min_p), float("-inf"))
+    if params.typical_p < 1:
+        z = z.masked_fill(_atypical(z / temperature, params.typical_p), float("-inf"))
+    for cutoff, adaptive in [(params.epsilon_cutoff, False), (params.eta_cutoff, True)]:
+        if cutoff:
+            z = z.masked_fill(_below_cutoff(z / temperature, cutoff, adaptive), float("-inf"))
+    return z
+
+
+def _entropy(log_p: torch.Tensor) -> torch.Tensor:
+    """H = -sum_i p_i ln p_i (0-d) of log-probabilities [vocab] (-inf: p_i = 0, no term)."""
+    return -(log_p * log_p.exp()).nansum()
+
+
+def _atypical(scores: torch.Tensor, mass: float) -> torch.Tensor:
+    """bool [vocab]: the tokens the typical filter drops from softmax(scores) [vocab] (module docstring)."""
+    log_p = torch.log_softmax(scores, dim=-1)
+    distance, order = torch.sort((-log_p - _entropy(log_p)).abs())  # [vocab] each, closest to H first
+    reached = (torch.softmax(scores[order], dim=-1).cumsum(dim=-1) < mass).sum(dim=-1, keepdim=True)  # [1]
+    dropped = distance > distance.gather(0, reached.clamp(max=scores.numel() - 1))  # [vocab], in distance order
+    return torch.zeros_like(dropped).scatter_(0, order, dropped)
+
+
+def _below_cutoff(scores: torch.Tensor, cutoff: float, adaptive: bool) -> torch.Tensor:
+    """bool [vocab]: the tokens of softmax(scores) [vocab] less likely than the cutoff (adaptive, eta's:
+    min(cutoff, sqrt(cutoff) exp(-H))), but not the most likely ones."""
+    log_p = torch.log_softmax(scores, dim=-1)
+    bound = (math.sqrt(cutoff) * torch.exp(-_entropy(log_p))).clamp(max=cutoff) if adaptive else cutoff
+    return (log_p.exp() < bound) & (scores < scores.max())
+
+
+def top_k_top_p_kept(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """bool [vocab]: the tokens top-k, then top-p, keep of probs [vocab] (fp32, module docstring)."""
+    kept = torch.ones_like(probs, dtype=torch.bool)
+    if top_k and top_k < probs.numel():
+        kept = probs >= torch.topk(probs, top_k).values[-1]
+        probs = torch.where(kept, probs, torch.zeros_like(probs))
+    if top_p < 1:
+        sorted_probs = torch.sort(probs, descending=True).values  # [vocab]
+        mass_before = torch.cumsum(sorted_probs, dim=0) - sorted_probs  # [vocab]
+        count = (mass_before < top_p * sorted_probs.sum()).sum(dim=0, keepdim=True)  # [1], >= 1
+        kept = kept & (probs >= sorted_probs.gather(0, count - 1))  # tokens tied with the least likely kept stay too
+    return kept
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -287,15 +374,7 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if logits.dim() != 1:
         raise InvalidInputError(f"logits must have shape [vocab], got {list(logits.shape)}")
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # [vocab]
-    if params.top_k and params.top_k < probs.numel():
-        kth_largest = torch.topk(probs, params.top_k).values[-1]
-        probs = torch.where(probs >= kth_largest, probs, torch.zeros_like(probs))
-    if params.top_p < 1:
-        sorted_probs = torch.sort(probs, descending=True).values  # [vocab]
-        mass_before = torch.cumsum(sorted_probs, dim=0) - sorted_probs  # [vocab]
-        kept = (mass_before < params.top_p * sorted_probs.sum()).sum(dim=0, keepdim=True)  # [1], >= 1
-        least_kept = sorted_probs.gather(0, kept - 1)  # [1]; tokens tied with it are kept too
-        probs = torch.where(probs >= least_kept, probs, torch.zeros_like(probs))
+    probs = torch.where(top_k_top_p_kept(probs, params.top_k, params.top_p), probs, torch.zeros_like(probs))
     return probs / probs.sum()
 
 
@@ -377,7 +456,7 @@ def check_rng(params: SamplingParams, rng: torch.Tensor | None, history: torch.T
 def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None,
            history: torch.Tensor | None = None, constraints: Constraints | None = None) -> torch.Tensor:
     """The next token id as a [1] long tensor on the logits' device, without waiting for the device:
-    argmax(logits) when greedy, else the exponential race over probabilities(logits, params)
+    argmax(logits) when greedy, else the exponential race over probabilities(logits, params.draw)
     (module docstring: one kernel on an sm_90 or sm_12x GPU, PyTorch ops elsewhere), of the
     constrained() logits; the token is appended to history where the rule reads it.
 
@@ -389,12 +468,13 @@ def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | Non
     if constraints is None:
         constraints = params.constraints(logits.shape[-1], logits.device)
     logits = constrained(logits, params, history, constraints)
+    draw = params.draw
     if params.greedy:
         token = torch.argmax(logits).reshape(1)
     elif logits.dim() == 1 and sample_kernel_runs(logits.device, logits.numel()):
-        token = fused_decoder.sample_token(logits.float().contiguous(), rng, params.temperature, params.top_k, params.top_p)
+        token = fused_decoder.sample_token(logits.float().contiguous(), rng, draw.temperature, draw.top_k, draw.top_p)
     else:
-        token = exponential_race(probabilities(logits, params), rng)
+        token = exponential_race(probabilities(logits, draw), rng)
     if params.needs_history:
         append(history, token)
     return token
