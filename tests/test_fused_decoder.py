@@ -643,6 +643,25 @@ def test_emulated_engine_reuses_its_prefix_cache_on_the_fused_backend(monkeypatc
 
 
 @torch.inference_mode()
+def test_emulated_engine_shares_a_questions_context_prefill_on_the_fused_backend(monkeypatch, emulated):
+    # The choices of one context prefill it once (Engine._score_spans); the backend's device
+    # position must follow the cache cut back to that prefill: the same loglikelihoods, bitwise,
+    # as an engine that prefills the context for each, before and after a generation in between.
+    monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
+    model = random_model(pythia_config("tiny", **TINY), seed=3).half().eval()
+    ours, fresh = (Engine(model, device="cpu", dtype=torch.float16, backend="reference", max_seq_len=32) for _ in range(2))
+    for engine in (ours, fresh):
+        engine.backend = FusedBackend(engine.weights, engine.max_seq_len, use_graph=False)  # no CUDA: not selectable
+    context = [5, 17, 250, 3, 9, 40]
+    for continuation in ([7, 8, 9], [11], [7, 8, 9], "generate", [12, 13]):
+        if continuation == "generate":
+            ours.generate([1, 2, 3, 4, 5, 6, 7], 3)
+            continue
+        fresh._prefilled = None  # prefills every time
+        assert ours.loglikelihood(context, continuation) == fresh.loglikelihood(context, continuation)
+
+
+@torch.inference_mode()
 def test_emulated_engine_scores_on_the_fused_backend_what_hf_scores(monkeypatch, emulated):
     # Every prediction a fused decode step, over three windows each from an empty cache: the first
     # all decode steps, the later ones (a stride of 3) first prefilling their context in PyTorch into
@@ -1161,6 +1180,11 @@ def test_fused_engine_loglikelihoods_are_hfs(hf_models):
         assert got.context_tokens == len(tokens) - continuation_length and not got.greedy
         own = engine.generate(context[-100:], continuation_length).tokens  # the fused steps' own greedy choices
         assert engine.loglikelihood(context[-100:], own).greedy
+    # A context asked again is not prefilled again: bitwise what a new prefill gives.
+    again = engine.loglikelihood(context, continuation)
+    assert engine.loglikelihood(context, continuation) == again
+    engine._prefilled = None
+    assert engine.loglikelihood(context, continuation) == again
 
 
 def _decisive(model16):

@@ -373,3 +373,34 @@ def test_a_continuations_loglikelihood_is_hfs(hf_model):
         engine.loglikelihood([], [1])
     with pytest.raises(InvalidInputError, match="the continuation is empty"):
         engine.loglikelihood([1], [])
+
+
+@torch.inference_mode()
+def test_the_choices_of_a_question_share_one_prefill_of_its_context(hf_model, monkeypatch):
+    # Loglikelihoods of one context's continuations (a multiple-choice question's, as lm-eval asks
+    # them) prefill the context once: the same numbers, bitwise, as an engine that prefills it each
+    # time. A generation or another context in between writes the cache: the context is prefilled again.
+    vocab = hf_model.config.vocab_size
+    engine, fresh = Engine(hf_model, device="cpu", max_seq_len=24), Engine(hf_model, device="cpu", max_seq_len=24)
+    prefills = []
+    prefill = engine.backend.prefill
+    monkeypatch.setattr(engine.backend, "prefill", lambda tokens, cache: prefills.append(len(tokens)) or prefill(tokens, cache))
+    context, other = _tokens(9, vocab, seed=11), _tokens(6, vocab, seed=12)
+    choices = [_tokens(n, vocab, seed=20 + n) for n in (1, 4, 2)]
+    asked = [(context, choices[0]), (context, choices[1]), (context, choices[2]), (other, choices[1]), (context, choices[2]),
+             (context, choices[0]), ("generate", None), (context, choices[1]), (context[:5], choices[0]),
+             (context[:5] + context[6:], choices[0]), ("score", None), (context, choices[1]), (_tokens(30, vocab, seed=13), choices[1]),
+             (context, choices[1])]
+    ran = []  # the prefills each ran, by length
+    for question, choice in asked:
+        before = len(prefills)
+        if question == "generate":
+            engine.generate(other, 4)  # writes the cache from position 0
+        elif question == "score":
+            engine.score(context + choices[1], window=11, stride=3)  # prefills tokens 2..9 for its second window
+        else:
+            fresh._prefilled = None  # prefills every time
+            got, want = engine.loglikelihood(question, choice), fresh.loglikelihood(question, choice)
+            assert got == want, (question, choice)
+        ran.append(prefills[before:])
+    assert ran == [[8], [], [], [5], [8], [], [6], [8], [4], [7], [8], [8], [20], [8]]

@@ -419,6 +419,7 @@ class Engine:
         self.random_init = loaded.random_init
         self.prefix_cache = prefix_cache
         self._kept: tuple[object, list[int]] | None = None  # (cache, the tokens at its positions) left for the next call
+        self._prefilled: tuple[object, list[int]] | None = None  # (cache, the tokens a prefill alone put at its first positions)
 
     def _require_available(self, backend_cls: type[Backend], shape: NeoXShape | None) -> str:
         """What the backend runs as; InvalidInputError saying why when it cannot run here."""
@@ -582,8 +583,9 @@ class Engine:
         """How likely `continuation` is after `context` (token ids, or text with a tokenizer, each
         encoded on its own): log p(continuation | context) = -sum of the continuation tokens' NLL,
         and whether each is the most likely token where it is predicted (greedy). The context is
-        prefilled and every continuation token's prediction is a decode step of the backend (on
-        the fused backend, the decode kernels). A context and continuation longer than max_seq_len + 1
+        prefilled (but not again for the next call with the same context, such as the next choice
+        of a multiple-choice question: the cache still holds it) and every continuation token's
+        prediction is a decode step of the backend (on the fused backend, the decode kernels). A context and continuation longer than max_seq_len + 1
         tokens lose the context's first tokens (as lm-evaluation-harness truncates them); a
         continuation of more than max_seq_len tokens is refused. Leaves nothing for the prefix cache.
         """
@@ -601,22 +603,31 @@ class Engine:
     def _score_spans(self, tokens: list[int], spans: list[Span], progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(nll [T-1] fp64, top1 [T-1] long), on the CPU, of tokens [T] in `spans` (neoxfuse.scoring's
         windows; entries no span scores stay 0): each span from an empty KV cache, its context-only
-        tokens prefilled and every scored prediction a decode step."""
-        self._kept = None
-        cache = self.backend.new_cache()
+        tokens prefilled and every scored prediction a decode step. A span's context that is the
+        last prefill's (of this call or the last scoring call: the choices of a multiple-choice
+        question share theirs) is not prefilled again: the cache still holds it, bitwise as a
+        prefill would write it, since the decode steps after a prefill write only positions after it."""
+        prefilled, self._prefilled, self._kept = self._prefilled, None, None
+        cache = self.backend.new_cache() if prefilled is None else prefilled[0]
         ids = torch.tensor(tokens, device=self.device)  # [T]
         nll = torch.zeros(len(tokens) - 1, device=self.device)  # [T-1]: nll[t - 1] scores tokens[t]
         top1 = torch.zeros(len(tokens) - 1, dtype=torch.long, device=self.device)  # [T-1]
         with progress_bar(sum(span.end - span.scored for span in spans), "scoring", unit="tok", enabled=progress) as bar:
             for span in spans:
-                cache.length = 0  # the positions are written before they are read
-                if span.scored - 1 > span.start:  # context the window does not score
-                    self.backend.prefill(ids[span.start : span.scored - 1], cache)
+                context = tokens[span.start : span.scored - 1]  # the tokens the window runs but does not score
+                if prefilled is not None and prefilled[1] == context:
+                    cache.length = len(context)
+                else:
+                    cache.length = 0  # the positions are written before they are read
+                    if context:
+                        self.backend.prefill(ids[span.start : span.scored - 1], cache)
+                    prefilled = (cache, context) if context else None
                 for t in range(span.scored - 1, span.end - 1):
                     logits = self.backend.decode_step(tokens[t], cache)  # [vocab]: predicts tokens[t + 1]
                     nll[t : t + 1], top1[t : t + 1] = token_scores(logits[None], ids[t + 1 : t + 2])
                     bar.update(1)
         synchronize(self.device)
+        self._prefilled = prefilled  # kept only when every span ran
         return nll.double().cpu(), top1.cpu()
 
     def _cache_for(self, prompt_tokens: list[int]) -> tuple[object, int]:
@@ -624,7 +635,7 @@ class Engine:
         prompt but its last token (whose logits choose the first new token, so it always runs), or a
         new cache and 0. Either way nothing stays kept until this generation ends: one that fails
         midway leaves a cache whose contents the host no longer knows."""
-        kept, self._kept = self._kept, None
+        kept, self._kept, self._prefilled = self._kept, None, None
         if kept is None or not self.prefix_cache:
             return self.backend.new_cache(), 0
         cache, cached_tokens = kept
