@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerFast
 
 from neoxfuse import _lib
 from neoxfuse.profile import find_program
+from neoxfuse.weights import random_model
 
 
 def pytest_addoption(parser):
@@ -160,6 +161,17 @@ def word_tokenizer():
         return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", unk_token="<|endoftext|>")
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_with_tokenizer(tmp_path_factory, word_tokenizer) -> Path:
+    """A checkpoint directory: the random "tiny" model of seed 3 (test_cli's tiny_checkpoint), with
+    a word tokenizer (EOS: id 0)."""
+    directory = tmp_path_factory.mktemp("tiny-checkpoint-with-tokenizer")
+    model = random_model("tiny", seed=3)
+    model.save_pretrained(directory)
+    word_tokenizer(model.config.vocab_size).save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture(scope="session")

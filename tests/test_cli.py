@@ -21,6 +21,7 @@ from neoxfuse.sampling import SamplingParams
 from neoxfuse.scoring import CorpusScores
 from neoxfuse.weights import random_model
 
+
 def _neoxfuse(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m neoxfuse ARGS` in a fresh process, finding this checkout's package."""
     package_root = str(Path(neoxfuse.__file__).resolve().parent.parent)
@@ -39,16 +40,6 @@ def _one_line_error(stderr: str) -> str:
 def tiny_checkpoint(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-checkpoint")
     random_model("tiny", seed=3).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint_with_tokenizer(tmp_path_factory, word_tokenizer) -> Path:
-    """The weights of tiny_checkpoint, with a word tokenizer (EOS: id 0)."""
-    directory = tmp_path_factory.mktemp("tiny-checkpoint-with-tokenizer")
-    model = random_model("tiny", seed=3)
-    model.save_pretrained(directory)
-    word_tokenizer(model.config.vocab_size).save_pretrained(directory)
     return directory
 
 

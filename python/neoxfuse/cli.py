@@ -33,6 +33,7 @@ from neoxfuse.errors import InvalidInputError, NeoxfuseError
 from neoxfuse.sampling import SamplingParams
 from neoxfuse.progress import progress_bar
 from neoxfuse.scoring import CorpusScores, Scores, TextMeasures, hf_scores
+from neoxfuse.server import CompletionServer
 
 GPU_DEFAULT_MODEL = "pythia-2.8b"
 CPU_DEFAULT_MODEL = "pythia-70m"
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    description=_eval.__doc__)
     _add_eval_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)
+
+    serve = commands.add_parser("serve", help="serve OpenAI's completions API over HTTP (neoxfuse.server)", description=_serve.__doc__)
+    _add_serve_arguments(serve)
+    serve.set_defaults(handler=_serve)
 
     bench_parser = commands.add_parser("bench", help="run a benchmark suite", description="Run a benchmark suite.")
     suites = bench_parser.add_subparsers(title="suites", metavar="SUITE")
@@ -633,6 +638,43 @@ def _eval(args) -> int:
                    **{name: run["results"] for name, run in runs.items()}}
         Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"results: {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# serve
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="the port (default 8000; 0: any free one)")
+    parser.add_argument("--served-model-name", help="the model name requests give (default: the --model given)")
+    parser.add_argument("--max-seq-len", type=int, help="KV cache positions (default: the model's maximum)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a random-initialised model's weights (default 0)")
+
+
+def _serve(args) -> int:
+    """Serve OpenAI's completions API (POST /v1/completions, GET /v1/models) over HTTP until Ctrl-C.
+
+    One Engine answers every request, one request at a time (batch 1); see neoxfuse.server for the
+    fields it takes. `curl localhost:8000/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}'`.
+    """
+    device = resolve_device(args.device)
+    model = _model_name(args, device)
+    engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed,
+                    revision=args.revision)
+    try:
+        server = CompletionServer(engine, (args.host, args.port), args.served_model_name or model)
+    except (OSError, OverflowError) as err:  # in use, not this machine's address, past 65535
+        raise InvalidInputError(f"cannot listen on {args.host}:{args.port}: {getattr(err, 'strerror', None) or err}") from None
+    print(f"model: {_engine_summary(engine)}", flush=True)
+    print(f"neoxfuse: serving {server.model_name!r} at {server.url}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    with server:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("neoxfuse: stopped", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,244 @@
+"""neoxfuse.server: OpenAI's completions API over HTTP against Engine.generate on a tiny checkpoint
+with a word tokenizer; streaming, errors, one request at a time; `neoxfuse serve` end to end."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import neoxfuse
+from neoxfuse.cli import main
+from neoxfuse.engine import Engine
+from neoxfuse.sampling import SamplingParams
+from neoxfuse.server import CompletionServer, CompletionText
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint_with_tokenizer) -> Path:
+    return tiny_checkpoint_with_tokenizer
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    """(server, engine): a CompletionServer on a free port, serving thread running, and an Engine
+    of the same checkpoint to compare with."""
+    server = CompletionServer(Engine(str(checkpoint), device="cpu", max_seq_len=64), ("127.0.0.1", 0), "tiny")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, Engine(str(checkpoint), device="cpu", max_seq_len=64)
+    server.shutdown()
+    server.server_close()
+
+
+def _request(server, path: str, body: object = None, raw: bytes | None = None) -> tuple[int, bytes]:
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _complete(server, **body) -> dict:
+    status, data = _request(server, "/v1/completions", body)
+    assert status == 200, data
+    return json.loads(data)
+
+
+def _events(server, **body) -> list:
+    status, data = _request(server, "/v1/completions", {**body, "stream": True})
+    assert status == 200, data
+    events = [block for block in data.decode().split("\n\n") if block]
+    assert all(block.startswith("data: ") for block in events)
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(block[len("data: "):]) for block in events[:-1]]
+
+
+def test_greedy_completions_are_the_engines_generations(served):
+    server, engine = served
+    want = engine.generate("hello world w7", 12)
+    got = _complete(server, model="tiny", prompt="hello world w7", max_tokens=12, temperature=0)
+    choice = got["choices"][0]
+    assert got["object"] == "text_completion" and got["model"] == "tiny" and got["id"].startswith("cmpl-")
+    assert choice["token_ids"] == want.tokens and choice["text"] == engine.tokenizer.decode(want.tokens, skip_special_tokens=True)
+    assert choice["finish_reason"] == "length" and choice["index"] == 0 and choice["logprobs"] is None
+    assert got["usage"] == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
+    assert got["timings"]["backend"] == "reference" and got["timings"]["prefill_ms"] > 0
+    ids = engine.encode("hello world w7")
+    for prompt in (ids, [ids], ["hello world w7"]):  # token ids, or a list of one prompt
+        assert _complete(server, prompt=prompt, max_tokens=12, temperature=0)["choices"][0]["token_ids"] == want.tokens
+    assert len(_complete(server, prompt="hello", temperature=0)["choices"][0]["token_ids"]) == 16  # OpenAI's default max_tokens
+
+
+def test_stop_strings_and_stop_tokens_end_a_completion_as_openai_ends_it(served):
+    server, engine = served
+    greedy = {"prompt": "w9 w10 w11", "max_tokens": 12, "temperature": 0}
+    plain = engine.generate("w9 w10 w11", 12).tokens  # w135 w504 w89 w119 w53 w253 ...: no end-of-text
+    words = engine.tokenizer.decode(plain).split()
+    stop = f"{words[2]} {words[3]}"  # across two tokens
+    got = _complete(server, **greedy, stop=[stop, "w999"])["choices"][0]
+    assert got["text"] == f"{words[0]} {words[1]} " and got["finish_reason"] == "stop" and got["token_ids"] == plain[:4]
+    got = _complete(server, **greedy, stop=["w53", "119 w5"])["choices"][0]  # w53 completes both: the first one found cuts
+    assert got["text"] == f"{words[0]} {words[1]} {words[2]} w" and got["token_ids"] == plain[:5]
+    got = _complete(server, **greedy, stop_token_ids=[plain[5]])["choices"][0]
+    assert got["token_ids"] == plain[:6] and got["finish_reason"] == "stop" and got["text"].split() == words[:6]
+    got = _complete(server, **greedy, min_tokens=6, stop_token_ids=[plain[0]])["choices"][0]["token_ids"]
+    assert got[0] != plain[0] and plain[0] not in got[:6]
+    # The end-of-text token (here the 11th) ends it too, its text left out; ignore_eos goes on.
+    eos = engine.generate("w40 w41", 12).tokens
+    assert eos[10] == 0 and 0 not in eos[:10]
+    got = _complete(server, prompt="w40 w41", max_tokens=12, temperature=0)["choices"][0]
+    assert got["token_ids"] == eos[:11] and got["finish_reason"] == "stop" and got["text"] == engine.tokenizer.decode(eos[:10])
+    got = _complete(server, prompt="w40 w41", max_tokens=12, temperature=0, ignore_eos=True)["choices"][0]
+    assert got["token_ids"] == eos and got["finish_reason"] == "length" and "endoftext" not in got["text"]
+
+
+def test_sampled_completions_draw_the_engines_tokens_from_their_seed(served):
+    server, engine = served
+    rule = {"temperature": 0.9, "top_p": 0.95, "top_k": 40, "min_p": 0.01, "repetition_penalty": 1.2}
+    want = engine.generate("hello world", 20, SamplingParams(seed=11, **rule), stop_token_ids=0).tokens
+    assert _complete(server, prompt="hello world", max_tokens=20, seed=11, **rule)["choices"][0]["token_ids"] == want
+    assert _complete(server, prompt="hello world", max_tokens=20, seed=12, **rule)["choices"][0]["token_ids"] != want
+    unseeded = [_complete(server, prompt="hello world", max_tokens=20)["choices"][0]["token_ids"] for _ in range(2)]
+    assert unseeded[0] != unseeded[1]  # temperature 1 by default, a fresh seed each time
+
+
+@pytest.mark.parametrize("stop", [[], ["w119 w53"], ["zzz"]])
+def test_a_stream_sends_the_completions_text_in_pieces(served, stop, monkeypatch):
+    # The pieces (a token each here) add up to the completion's text: with a stop string, text
+    # that could begin one ("w119", after "w135 w504 w89 ") is held back until it turns out to (or not).
+    monkeypatch.setattr(neoxfuse.engine, "DECODE_CHUNK", 1)
+    server, _ = served
+    body = {"prompt": "w9 w10 w11", "max_tokens": 40, "temperature": 0, "stop": stop}
+    want = _complete(server, **body)["choices"][0]
+    events = _events(server, **body, stream_options={"include_usage": True})
+    pieces = [event["choices"][0]["text"] for event in events[:-2]]
+    assert "".join(pieces) == want["text"] and all(pieces)
+    assert [event["choices"][0]["finish_reason"] for event in events[:-1]] == [None] * len(pieces) + [want["finish_reason"]]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == len(want["token_ids"])
+    assert len(pieces) > 1
+    assert len({event["id"] for event in events}) == 1
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"prompt": "hello", "n": 2}, 400, "n=2 is not implemented"),
+    ({"prompt": "hello", "echo": True}, 400, "echo=True is not implemented"),
+    ({"prompt": "hello", "frequency_penalty": 0.5}, 400, "frequency_penalty=0.5 is not implemented"),
+    ({"prompt": "hello", "max_token": 5}, 400, "unknown fields ['max_token']"),
+    ({"prompt": "hello", "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist here; this server serves 'tiny'"),
+    ({"prompt": ["hello", "world"]}, 400, "prompt must be text, a list of token ids, or a list holding one of them"),
+    ({"prompt": [1, 2.5]}, 400, "prompt must be text"),
+    ({"prompt": ""}, 400, "the prompt is empty"),
+    ({"prompt": "hello", "max_tokens": 65}, 400, "need 65 KV cache positions; the cache holds 64"),
+    ({"prompt": "hello", "max_tokens": 0}, 400, "max_new_tokens must be an integer >= 1"),
+    ({"prompt": "hello", "temperature": -1}, 400, "temperature must be >= 0"),
+    ({"prompt": "hello", "stop": ["w3", ""]}, 400, "stop must be a non-empty string or a list of them"),
+    ({"prompt": "hello", "stream": "yes"}, 400, "stream must be true or false"),
+    ({"prompt": "hello", "stream_options": {"continuous_usage_stats": True}}, 400, "stream_options takes include_usage only"),
+    ({"prompt": [999999]}, 400, "token ids must be in [0, "),
+    ([1, 2], 400, "the request body must be a JSON object"),
+])  # fmt: skip
+def test_bad_requests_get_openais_error_objects(served, body, status, message):
+    bodies = [body] if not isinstance(body, dict) or "stream" in body else [body, {**body, "stream": True}]
+    for sent in bodies:  # a stream's errors too come before its first event: plain error responses
+        got_status, data = _request(served[0], "/v1/completions", sent)
+        error = json.loads(data)["error"]
+        assert got_status == status and message in error["message"], error
+        assert error["type"] == ("model_not_found" if status == 404 else "invalid_request_error")
+
+
+def test_routes_and_bodies_that_are_not_requests(served):
+    server, _ = served
+    assert _request(server, "/health") == (200, b'{"status": "ok"}')
+    models = json.loads(_request(server, "/v1/models")[1])
+    assert [model["id"] for model in models["data"]] == ["tiny"] and models["data"][0]["owned_by"] == "neoxfuse"
+    status, data = _request(server, "/v1/chat/completions", {"messages": []})
+    assert status == 404 and "neoxfuse serves /v1/completions" in json.loads(data)["error"]["message"]
+    assert _request(server, "/nothing")[0] == 404
+    status, data = _request(server, "/v1/completions", raw=b"{not json")
+    assert status == 400 and "the request body is not JSON" in json.loads(data)["error"]["message"]
+
+
+def test_requests_at_once_are_served_one_after_another(served, monkeypatch):
+    # Four clients at once: each gets its own completion, and the engine runs one at a time.
+    server, engine = served
+    running, most = [], []
+    generate = server.engine.generate
+
+    def one_at_a_time(*args, **kwargs):
+        running.append(1)
+        most.append(len(running))
+        time.sleep(0.05)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(server.engine, "generate", one_at_a_time)
+    prompts = ["hello", "world w3", "w9 w9 w9", "hello w20"]
+    want = [engine.generate(prompt, 10).tokens for prompt in prompts]
+    got = [None] * len(prompts)
+
+    def ask(i: int) -> None:
+        got[i] = _complete(server, prompt=prompts[i], max_tokens=10, temperature=0, ignore_eos=True)["choices"][0]["token_ids"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert got == want and max(most) == 1
+
+
+def test_completion_text_holds_back_an_incomplete_character_and_a_possible_stop():
+    # A byte-level tokenizer decodes half a character as U+FFFD until its other half comes.
+    class Tokenizer:
+        def __init__(self):
+            self.pieces = {1: "caf", 2: "\ufffd", 3: "\ufffd", 4: "!", 5: " ok", 6: "?"}
+
+        def decode(self, tokens, skip_special_tokens=False):
+            return "".join(self.pieces[t] for t in tokens).replace("\ufffd\ufffd", "\u00e9")
+
+    text = CompletionText(Tokenizer(), ("\u00e9!?",))
+    seen = []
+    for token in [1, 2, 3, 4, 5]:
+        text.tokens.append(token)
+        seen.append(text.text(final=False))
+    assert seen == ["caf", "caf", "caf", "caf", "caf\u00e9! ok"] and text.text(final=True) == "caf\u00e9! ok" and not text.stopped
+    text.tokens[-1] = 6
+    assert text.text(final=True) == "caf" and text.stopped
+
+
+def test_neoxfuse_serve_answers_over_http(checkpoint):
+    # `python -m neoxfuse serve --port 0`: it says where it listens, and answers there.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(neoxfuse.__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    process = subprocess.Popen([sys.executable, "-m", "neoxfuse", "serve", "--model", str(checkpoint), "--device", "cpu",
+                                "--port", "0", "--served-model-name", "pythia-tiny"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = next(line for line in process.stderr if "serving" in line)
+        assert "serving 'pythia-tiny' at http://127.0.0.1:" in line
+        url = line.split(" at ")[1].split()[0].removesuffix("/v1")
+        server = type("Server", (), {"url": url})
+        got = _complete(server, model="pythia-tiny", prompt="hello world w7", max_tokens=5, temperature=0)
+        want = Engine(str(checkpoint), device="cpu").generate("hello world w7", 5).tokens
+        assert got["choices"][0]["token_ids"] == want
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_serve_says_in_one_line_why_it_cannot_listen(checkpoint, served, capsys):
+    taken = str(served[0].server_address[1])
+    for port, why in [(taken, "Address already in use"), ("70000", "port must be 0-65535")]:
+        assert main(["serve", "--model", str(checkpoint), "--device", "cpu", "--port", port]) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("neoxfuse: error: ")]
+        assert len(errors) == 1 and errors[0].startswith(f"neoxfuse: error: cannot listen on 127.0.0.1:{port}: ") and why in errors[0]
