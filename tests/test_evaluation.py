@@ -10,7 +10,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from neoxfuse.cli import main
-from neoxfuse.engine import Engine
+from neoxfuse.engine import Engine, ReferenceBackend
 from neoxfuse.errors import InvalidInputError
 from neoxfuse.evaluation import NeoxfuseLM
 from neoxfuse.sampling import SamplingParams
@@ -163,6 +163,24 @@ def test_simple_evaluate_runs_tasks_through_neoxfuse_as_through_hf(checkpoint, l
     texts = [document["text"] for document in documents]
     corpus = CorpusScores(tuple(engine.score(text, prefix_token=0) for text in texts))
     assert corpus.text_measures(texts).word_perplexity == pytest.approx(ours["local_rolling"]["word_perplexity,none"], rel=1e-9)
+
+
+def test_a_questions_choices_share_one_prefill_of_its_context(checkpoint, local_tasks, monkeypatch):
+    # lm_eval asks a multiple-choice question's choices one after another with the same context
+    # tokens: no context is prefilled twice (12 requests; the long questions' contexts, cut from
+    # the left to fit with each choice, differ between their choices).
+    folder, documents = local_tasks
+    prefills, prefill = [], ReferenceBackend.prefill
+
+    def counted(backend, tokens, cache):
+        prefills.append(tokens.tolist())
+        return prefill(backend, tokens, cache)
+
+    monkeypatch.setattr(ReferenceBackend, "prefill", counted)
+    lm_eval.simple_evaluate(model="neoxfuse", model_args=f"pretrained={checkpoint},device=cpu,max_length={MAX_LENGTH}",
+                            tasks=["local_choice"], log_samples=False,
+                            task_manager=TaskManager(include_path=str(folder), include_defaults=False))
+    assert len(documents) <= len(prefills) == len({tuple(tokens) for tokens in prefills}) < 2 * len(documents)
 
 
 def test_the_eval_command_prints_and_saves_both_tables(checkpoint, local_tasks, tmp_path, capsys):
