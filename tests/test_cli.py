@@ -576,6 +576,10 @@ def test_bench_decode_samples_when_asked(tmp_path, capsys):
     for row in record["rows"]:
         assert row["sampling"] == sampling and row["match"] is None and row["matched_tokens"] is None
         assert row["tpot_ms"] > 0
+    code = main(["bench", "decode", "--model", "tiny", "--device", "cpu", "--lengths", "6", "--temperature", "0.8", "--top-p", "0.9",
+                 "--min-p", "0.05", "--typical-p", "0.9", "--eta-cutoff", "1e-3", "--seed", "3", "--out-dir", str(out_dir / "filters")])
+    assert code == 0, capsys.readouterr().err
+    assert "sampled temperature 0.8, top_k 0, top_p 0.9, min_p 0.05, typical_p 0.9, eta_cutoff 0.001, seed 3" in capsys.readouterr().out
 
 
 def test_bench_decode_mistakes_are_one_line_errors(tmp_path, capsys):
@@ -585,8 +589,9 @@ def test_bench_decode_mistakes_are_one_line_errors(tmp_path, capsys):
     assert main([*base, "--lengths", "512"]) == 1
     assert "KV cache positions" in _one_line_error(capsys.readouterr().err)
     assert main([*base, "--lengths", "1"]) == 2
-    assert main([*base, "--lengths", "4", "--top-p", "0.5"]) == 1
-    assert "--temperature > 0" in _one_line_error(capsys.readouterr().err)
+    for flag in ("--top-p", "--typical-p", "--eta-cutoff"):
+        assert main([*base, "--lengths", "4", flag, "0.5"]) == 1
+        assert "--temperature > 0" in _one_line_error(capsys.readouterr().err)
     assert not list(tmp_path.iterdir())
 
 

@@ -3,7 +3,8 @@ the memory floor and against Hugging Face peers, over generated lengths.
 
 Every contender generates L tokens (each length of --lengths) after the same random one-token
 prompt, so the last decode step reads a KV cache of `context` = L positions. Greedily by default;
-with --temperature > 0 (and --top-k, --top-p) every contender samples instead (the Engine
+with --temperature > 0 (and --top-k, --top-p, --min-p, --typical-p, --epsilon-cutoff,
+--eta-cutoff) every contender samples instead (the Engine
 backends with neoxfuse.sampling, seeded by --seed; HF with its own sampler), which times what
 choosing a token costs on top of the step (the fused backend draws inside its CUDA graph):
 
@@ -82,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: every contender samples")
     parser.add_argument("--top-k", type=int, default=0, help="sampled runs: keep the k most likely tokens (default 0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="sampled runs: keep the most likely tokens of mass top-p (default 1: all)")
+    for flag, default, what in [("--min-p", 0.0, "min_p"), ("--typical-p", 1.0, "typical_p"), ("--epsilon-cutoff", 0.0, "epsilon_cutoff"),
+                                ("--eta-cutoff", 0.0, "eta_cutoff")]:
+        parser.add_argument(flag, type=float, default=default, help=f"sampled runs: transformers' {what} (default {default:g}: off)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random model, the prompt and the draws (default 0)")
     parser.add_argument("--out-dir", default="bench/results", help="where the JSON results go (default bench/results)")
 
@@ -137,7 +141,7 @@ class StepMarker(transformers.LogitsProcessor):
 
 class HFContender:
     """`model.generate`: eager with a dynamic cache, or static cache + torch.compile; greedy, or
-    sampled with HF's own temperature / top-k / top-p."""
+    sampled with HF's own warpers (temperature, top-k, top-p and the filters after them)."""
 
     def __init__(self, model, name: str, compiled: bool, sampling: SamplingParams):
         self.model = model
@@ -157,7 +161,7 @@ class HFContender:
             choice = {"do_sample": False}
         else:
             choice = {"do_sample": True, "temperature": self.sampling.temperature, "top_k": self.sampling.top_k,
-                      "top_p": self.sampling.top_p}
+                      "top_p": self.sampling.top_p, **_later_filters(self.sampling)}
         config = transformers.GenerationConfig(max_new_tokens=new_tokens, **choice, **cache)
         self.marker.start()
         out = self.model.generate(
@@ -180,9 +184,18 @@ def _hf_model(source: str, dtype: torch.dtype, device: torch.device, seed: int):
 
 def _sampling(args) -> SamplingParams:
     """How every contender chooses tokens: greedy unless --temperature > 0 (InvalidInputError for bad values)."""
-    if args.temperature == 0 and (args.top_k or args.top_p != 1.0):
-        raise InvalidInputError("--top-k and --top-p apply to sampled runs: give --temperature > 0 too")
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    filters = {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "typical_p": args.typical_p,
+               "epsilon_cutoff": args.epsilon_cutoff, "eta_cutoff": args.eta_cutoff}
+    if args.temperature == 0 and any(value != getattr(SamplingParams, name) for name, value in filters.items()):
+        raise InvalidInputError("--top-k, --top-p, --min-p, --typical-p, --epsilon-cutoff and --eta-cutoff apply to sampled "
+                                "runs: give --temperature > 0 too")
+    return SamplingParams(temperature=args.temperature, seed=args.seed, **filters)
+
+
+def _later_filters(sampling: SamplingParams) -> dict:
+    """The sampled rule's filters after top-p that are on, by transformers' names."""
+    return {name: getattr(sampling, name) for name in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+            if getattr(sampling, name) != getattr(SamplingParams, name)}
 
 
 def _contenders(args, model, device, dtype, max_seq_len, sampling: SamplingParams) -> tuple[list, dict[str, str]]:
@@ -300,7 +313,8 @@ def _measure(contenders: list, prompt: list[int], lengths: list[int],
 def _sampling_record(sampling: SamplingParams) -> str | dict:
     if sampling.greedy:
         return "greedy"
-    return {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": sampling.seed}
+    return {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, **_later_filters(sampling),
+            "seed": sampling.seed}
 
 
 def _rows(runs, names: list[str], lengths: list[int], description: str, floor: dict, copy_GBps: float | None,
