@@ -30,7 +30,7 @@ from neoxfuse.configs import MODEL_NAMES
 from neoxfuse.device import devices
 from neoxfuse.engine import AUTO, AUTO_ORDER, BACKENDS, DTYPES, Engine, backend_availability, load_hf_model, resolve_device, resolve_dtype
 from neoxfuse.errors import InvalidInputError, NeoxfuseError
-from neoxfuse.sampling import SamplingParams
+from neoxfuse.sampling import LATER_FILTERS, SAMPLED_ONLY, SamplingParams
 from neoxfuse.progress import progress_bar
 from neoxfuse.scoring import CorpusScores, Scores, TextMeasures, hf_scores
 from neoxfuse.server import CompletionServer
@@ -217,11 +217,9 @@ def _generate(args) -> int:
     if args.prompt is None and args.tokens is None and not args.interactive:
         raise InvalidInputError("generate needs a prompt: --prompt TEXT, --tokens 1,2,3 or --interactive (lines from stdin)")
     device = resolve_device(args.device)
-    filters = {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "typical_p": args.typical_p,
-               "epsilon_cutoff": args.epsilon_cutoff, "eta_cutoff": args.eta_cutoff}
     sampling = SamplingParams(temperature=args.temperature, seed=args.seed, repetition_penalty=args.repetition_penalty,
-                              no_repeat_ngram_size=args.no_repeat_ngram_size, **filters)
-    if sampling.greedy and (set_filters := [name for name, value in filters.items() if value != getattr(SamplingParams, name)]):
+                              no_repeat_ngram_size=args.no_repeat_ngram_size, **{name: getattr(args, name) for name in SAMPLED_ONLY})
+    if sampling.greedy and (set_filters := sampling.filters_on()):
         flags = ", ".join("--" + name.replace("_", "-") for name in set_filters)
         print(f"neoxfuse: greedy decoding (--temperature 0): {flags} {'has' if len(set_filters) == 1 else 'have'} no effect",
               file=sys.stderr)
@@ -248,10 +246,9 @@ def _generate(args) -> int:
         # --seed also seeds a random-initialised model's weights: it redraws these tokens only where
         # it was given, or where the weights come from a checkpoint.
         redraw = f" (--seed {out.seed} draws these tokens again)" if args.seed is not None or not engine.random_init else ""
-        later = [f"{name.replace('_', '-')} {getattr(sampling, name)}" for name in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
-                 if getattr(sampling, name) != getattr(SamplingParams, name)]
+        later = "".join(f"{name.replace('_', '-')} {value}, " for name, value in sampling.filters_on(LATER_FILTERS).items())
         print(f"sampled: temperature {sampling.temperature}, top-k {sampling.top_k}, top-p {sampling.top_p}, "
-              f"{''.join(f'{text}, ' for text in later)}seed {out.seed}{redraw}")
+              f"{later}seed {out.seed}{redraw}")
     if sampling.penalized:
         print(f"repetition penalty {sampling.repetition_penalty} on the prompt's and the generated tokens")
     if sampling.no_repeat_ngram_size:

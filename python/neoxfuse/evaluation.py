@@ -37,11 +37,10 @@ from lm_eval.models.utils import (
 from neoxfuse.engine import AUTO, Engine
 from neoxfuse.errors import InvalidInputError
 from neoxfuse.progress import progress_bar
-from neoxfuse.sampling import SamplingParams
+from neoxfuse.sampling import SAMPLED_ONLY, SamplingParams
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm_eval's default for generate_until
-_SAMPLED_ONLY = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
-_SAMPLING_OPTIONS = {"temperature", *_SAMPLED_ONLY, "repetition_penalty", "no_repeat_ngram_size"}
+_SAMPLING_OPTIONS = {"temperature", *SAMPLED_ONLY, "repetition_penalty", "no_repeat_ngram_size"}
 
 
 @register_model("neoxfuse")
@@ -129,7 +128,7 @@ def _sampling(options: dict) -> SamplingParams:
                                 f"{', '.join(sorted(_SAMPLING_OPTIONS))})")
     temperature = float(options.pop("temperature", 1.0))
     if not do_sample:
-        return SamplingParams(**{name: value for name, value in options.items() if name not in _SAMPLED_ONLY})
+        return SamplingParams(**{name: value for name, value in options.items() if name not in SAMPLED_ONLY})
     if temperature == 0:
         raise InvalidInputError("do_sample with temperature 0: set do_sample to False for greedy decoding")
     return SamplingParams(temperature=temperature, top_k=options.pop("top_k", 0) or 0, min_p=options.pop("min_p", 0.0) or 0.0,

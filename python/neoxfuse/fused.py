@@ -45,7 +45,7 @@ from neoxfuse.engine import Availability, Backend, StepClock, register_backend
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError, NeoxfuseError
 from neoxfuse.ops import fused_decoder as ops
 from neoxfuse.reference import KVCache, ReferenceModel
-from neoxfuse.sampling import Constraints, SamplingParams, append, check_rng, constrained, exponential_race, probabilities
+from neoxfuse.sampling import SAMPLED_ONLY, Constraints, SamplingParams, append, check_rng, constrained, exponential_race, probabilities
 from neoxfuse.weights import ModelWeights
 
 
@@ -261,6 +261,5 @@ def _selection_rule(sampling: SamplingParams) -> SamplingParams:
     """What a step's graph depends on: the sampling rule without its seed (the seed lives in rng);
     greedy rules differ only in their repetition penalty and banned tokens."""
     if sampling.greedy:
-        return SamplingParams(repetition_penalty=sampling.repetition_penalty, suppress_tokens=sampling.suppress_tokens,
-                              no_repeat_ngram_size=sampling.no_repeat_ngram_size, bad_sequences=sampling.bad_sequences)
+        return dataclasses.replace(sampling, seed=None, **{name: getattr(SamplingParams, name) for name in SAMPLED_ONLY})
     return dataclasses.replace(sampling, seed=None)

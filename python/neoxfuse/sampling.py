@@ -73,6 +73,9 @@ from neoxfuse.checks import check_draw, check_sampling, check_seed, is_integer
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError
 from neoxfuse.ops import fused_decoder
 
+LATER_FILTERS = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # transformers' warpers after top-p, in its order
+SAMPLED_ONLY = ("top_k", "top_p", *LATER_FILTERS)  # the filters, which a greedy choice ignores
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -136,6 +139,10 @@ class SamplingParams:
         if self.greedy or self.seed is not None:
             return self
         return dataclasses.replace(self, seed=secrets.randbits(63))
+
+    def filters_on(self, names: tuple[str, ...] = SAMPLED_ONLY) -> dict[str, float]:
+        """{name: value} of the filters among `names` that are not at their default (off)."""
+        return {name: getattr(self, name) for name in names if getattr(self, name) != getattr(SamplingParams, name)}
 
     @property
     def truncates_before_draw(self) -> bool:

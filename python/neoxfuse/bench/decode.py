@@ -56,7 +56,7 @@ from neoxfuse.engine import BACKENDS, DTYPES, Engine, StepClock, load_hf_model, 
 from neoxfuse.errors import InvalidInputError, SequenceTooLongError
 from neoxfuse.monitor import GpuMonitor
 from neoxfuse.progress import progress_bar
-from neoxfuse.sampling import SamplingParams
+from neoxfuse.sampling import LATER_FILTERS, SAMPLED_ONLY, SamplingParams
 
 SUITE = "decode"
 SAMPLED_SUITE = "decode_sampled"  # the results of sampled runs (--temperature > 0)
@@ -161,7 +161,7 @@ class HFContender:
             choice = {"do_sample": False}
         else:
             choice = {"do_sample": True, "temperature": self.sampling.temperature, "top_k": self.sampling.top_k,
-                      "top_p": self.sampling.top_p, **_later_filters(self.sampling)}
+                      "top_p": self.sampling.top_p, **self.sampling.filters_on(LATER_FILTERS)}
         config = transformers.GenerationConfig(max_new_tokens=new_tokens, **choice, **cache)
         self.marker.start()
         out = self.model.generate(
@@ -184,18 +184,11 @@ def _hf_model(source: str, dtype: torch.dtype, device: torch.device, seed: int):
 
 def _sampling(args) -> SamplingParams:
     """How every contender chooses tokens: greedy unless --temperature > 0 (InvalidInputError for bad values)."""
-    filters = {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "typical_p": args.typical_p,
-               "epsilon_cutoff": args.epsilon_cutoff, "eta_cutoff": args.eta_cutoff}
-    if args.temperature == 0 and any(value != getattr(SamplingParams, name) for name, value in filters.items()):
+    sampling = SamplingParams(temperature=args.temperature, seed=args.seed, **{name: getattr(args, name) for name in SAMPLED_ONLY})
+    if sampling.greedy and sampling.filters_on():
         raise InvalidInputError("--top-k, --top-p, --min-p, --typical-p, --epsilon-cutoff and --eta-cutoff apply to sampled "
                                 "runs: give --temperature > 0 too")
-    return SamplingParams(temperature=args.temperature, seed=args.seed, **filters)
-
-
-def _later_filters(sampling: SamplingParams) -> dict:
-    """The sampled rule's filters after top-p that are on, by transformers' names."""
-    return {name: getattr(sampling, name) for name in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
-            if getattr(sampling, name) != getattr(SamplingParams, name)}
+    return sampling
 
 
 def _contenders(args, model, device, dtype, max_seq_len, sampling: SamplingParams) -> tuple[list, dict[str, str]]:
@@ -313,8 +306,8 @@ def _measure(contenders: list, prompt: list[int], lengths: list[int],
 def _sampling_record(sampling: SamplingParams) -> str | dict:
     if sampling.greedy:
         return "greedy"
-    return {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, **_later_filters(sampling),
-            "seed": sampling.seed}
+    return {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+            **sampling.filters_on(LATER_FILTERS), "seed": sampling.seed}
 
 
 def _rows(runs, names: list[str], lengths: list[int], description: str, floor: dict, copy_GBps: float | None,
