@@ -144,6 +144,8 @@ def test_a_stream_sends_the_completions_text_in_pieces(served, stop, monkeypatch
     ({"prompt": "hello", "stream": "yes"}, 400, "stream must be true or false"),
     ({"prompt": "hello", "stream_options": {"continuous_usage_stats": True}}, 400, "stream_options takes include_usage only"),
     ({"prompt": [999999]}, 400, "token ids must be in [0, "),
+    ({"prompt": "hello", "stop_token_ids": [1.5]}, 400, "stop_token_ids must be token ids (integers)"),
+    ({"prompt": "hello", "stop_token_ids": 3}, 400, "stop_token_ids must be a list of token ids"),
     ([1, 2], 400, "the request body must be a JSON object"),
 ])  # fmt: skip
 def test_bad_requests_get_openais_error_objects(served, body, status, message):

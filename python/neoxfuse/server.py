@@ -70,7 +70,7 @@ class CompletionRequest:
     max_tokens: int
     sampling: SamplingParams
     stop: tuple[str, ...]
-    stop_token_ids: frozenset[int]
+    stop_token_ids: tuple[int, ...]  # the end-of-text token's (unless ignore_eos) and the request's; Engine checks them
     min_tokens: int
     stream: bool
     include_usage: bool
@@ -89,14 +89,17 @@ class CompletionRequest:
         if body.get("model") not in (None, model_name):
             raise RequestError(f"the model {body['model']!r} does not exist here; this server serves {model_name!r}",
                                HTTPStatus.NOT_FOUND, "model_not_found")
+        for name in ("stream", "ignore_eos"):
+            if not isinstance(body.get(name, False), bool):
+                raise RequestError(f"{name} must be true or false, got {body[name]!r}")
         options = {name: body[name] for name in _SAMPLING if body.get(name) is not None}
         options.setdefault("temperature", 1.0)  # OpenAI's default: sampled
         if options.get("top_k") == -1:  # vLLM's word for all
             options["top_k"] = 0
         sampling = SamplingParams(**options)  # InvalidInputError names a bad value
-        stops = set() if body.get("ignore_eos") or engine.tokenizer is None else {engine.tokenizer.eos_token_id} - {None}
+        eos = None if body.get("ignore_eos") or engine.tokenizer is None else engine.tokenizer.eos_token_id
         stop_token_ids = body.get("stop_token_ids") or []
-        if not isinstance(stop_token_ids, list) or not all(is_integer(t) for t in stop_token_ids):
+        if not isinstance(stop_token_ids, list):
             raise RequestError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
@@ -105,12 +108,9 @@ class CompletionRequest:
         stream_options = body.get("stream_options") or {}
         if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}:
             raise RequestError(f"stream_options takes include_usage only, got {stream_options!r}")
-        for name in ("stream", "ignore_eos"):
-            if not isinstance(body.get(name, False), bool):
-                raise RequestError(f"{name} must be true or false, got {body[name]!r}")
         max_tokens = body.get("max_tokens")
         return cls(prompt=_prompt(body.get("prompt")), max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
-                   sampling=sampling, stop=tuple(stop), stop_token_ids=frozenset(stops | set(stop_token_ids)),
+                   sampling=sampling, stop=tuple(stop), stop_token_ids=(*([] if eos is None else [eos]), *stop_token_ids),
                    min_tokens=body.get("min_tokens") or 0, stream=body.get("stream", False),
                    include_usage=bool(stream_options.get("include_usage")))
 
