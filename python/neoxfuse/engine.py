@@ -585,9 +585,10 @@ class Engine:
         and whether each is the most likely token where it is predicted (greedy). The context is
         prefilled (but not again for the next call with the same context, such as the next choice
         of a multiple-choice question: the cache still holds it) and every continuation token's
-        prediction is a decode step of the backend (on the fused backend, the decode kernels). A context and continuation longer than max_seq_len + 1
-        tokens lose the context's first tokens (as lm-evaluation-harness truncates them); a
-        continuation of more than max_seq_len tokens is refused. Leaves nothing for the prefix cache.
+        prediction is a decode step of the backend (on the fused backend, the decode kernels). A
+        context and continuation longer than max_seq_len + 1 tokens lose the context's first tokens
+        (as lm-evaluation-harness truncates them); a continuation of more than max_seq_len tokens is
+        refused. Leaves nothing for the prefix cache.
         """
         context_tokens = self._prompt_tokens(context, "context")
         continuation_tokens = self._prompt_tokens(continuation, "continuation")

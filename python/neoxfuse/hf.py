@@ -265,8 +265,8 @@ _DEFAULT_NEW_TOKENS = 20
 _IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
 # or in the model's generation config, they are refused, since model.generate would apply them.
-_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "num_beam_groups": 1,
-            "renormalize_logits": False, "remove_invalid_values": False, "output_scores": False, "output_logits": False,
+_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
+            "num_beam_groups": 1, "renormalize_logits": False, "remove_invalid_values": False, "output_scores": False, "output_logits": False,
             "return_dict_in_generate": False}
 # Options that change no token at any value: caching and compilation choices, settings of beam search
 # and of assisted decoding only, what only return_dict_in_generate would return, other models' ids.
