@@ -10,6 +10,7 @@ import mmap
 import os
 import random
 import re
+import sys
 import types
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +21,7 @@ from huggingface_hub import constants as hub_constants
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+import neoxfuse
 from neoxfuse import _lib
 from neoxfuse.profile import find_program
 from neoxfuse.weights import random_model
@@ -161,6 +163,14 @@ def word_tokenizer():
         return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", unk_token="<|endoftext|>")
 
     return build
+
+
+def neoxfuse_command(*args: str, env: dict | None = None) -> tuple[list[str], dict]:
+    """(command, environment) of `python -m neoxfuse ARGS` in a fresh process that finds this
+    checkout's package (env: the environment to start from; default this process's)."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(neoxfuse.__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    return [sys.executable, "-m", "neoxfuse", *args], env
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import neoxfuse_command
+
 import neoxfuse
 import neoxfuse.cli
 from neoxfuse import bench
@@ -24,10 +26,8 @@ from neoxfuse.weights import random_model
 
 def _neoxfuse(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m neoxfuse ARGS` in a fresh process, finding this checkout's package."""
-    package_root = str(Path(neoxfuse.__file__).resolve().parent.parent)
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "neoxfuse", *args], env=env, capture_output=True, text=True, timeout=300)
+    command, env = neoxfuse_command(*args, env=env)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _one_line_error(stderr: str) -> str:

@@ -2,9 +2,7 @@
 with a word tokenizer; streaming, errors, one request at a time; `neoxfuse serve` end to end."""
 
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -12,6 +10,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import neoxfuse_command
 
 import neoxfuse
 from neoxfuse.cli import main
@@ -221,10 +221,9 @@ def test_completion_text_holds_back_an_incomplete_character_and_a_possible_stop(
 
 def test_neoxfuse_serve_answers_over_http(checkpoint):
     # `python -m neoxfuse serve --port 0`: it says where it listens, and answers there.
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(neoxfuse.__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
-    process = subprocess.Popen([sys.executable, "-m", "neoxfuse", "serve", "--model", str(checkpoint), "--device", "cpu",
-                                "--port", "0", "--served-model-name", "pythia-tiny"], env=env, stderr=subprocess.PIPE, text=True)
+    command, env = neoxfuse_command("serve", "--model", str(checkpoint), "--device", "cpu", "--port", "0",
+                                    "--served-model-name", "pythia-tiny")
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     try:
         line = next(line for line in process.stderr if "serving" in line)
         assert "serving 'pythia-tiny' at http://127.0.0.1:" in line
