@@ -616,6 +616,61 @@ def test_decode_chunks_change_nothing_and_stop_at_the_first_stop_token(engine, m
     assert len(out.decode_ms) == len(want) - 1
 
 
+def _hf_logprobs(hf_model, tokens: list[int]) -> torch.Tensor:
+    """log softmax of HF's fp32 logits over `tokens`, teacher forced: [T, vocab], row t predicting token t + 1."""
+    with torch.no_grad():
+        return torch.log_softmax(hf_model(torch.tensor([tokens])).logits[0].float(), dim=-1)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.7, top_k=20, repetition_penalty=0.4, seed=3)],
+                         ids=["greedy", "sampled"])
+def test_logprobs_are_the_models_where_each_token_was_chosen_before_the_rule(hf_model, engine, monkeypatch, sampling):
+    # The first token's come from the prefill, the others from decode steps, 4 to a chunk; all are
+    # the model's own log-probabilities, not the rule's (temperature, top-k's -inf, the penalty).
+    monkeypatch.setattr(neoxfuse.engine, "DECODE_CHUNK", 4)
+    prompt = [5, 9, 2]
+    out = engine.generate(prompt, 11, sampling, logprobs=3)
+    want = _hf_logprobs(hf_model, prompt + out.tokens)[len(prompt) - 1 : -1]  # [11, vocab]
+    assert [entry.token for entry in out.logprobs] == out.tokens
+    for entry, row in zip(out.logprobs, want):
+        values, ids = row.topk(3)
+        assert entry.logprob == pytest.approx(float(row[entry.token]), abs=1e-5)
+        assert [token for token, _ in entry.top] == ids.tolist()
+        assert [value for _, value in entry.top] == pytest.approx(values.tolist(), abs=1e-5)
+    if sampling.greedy:  # the chosen token is the most likely, with the very same number
+        assert all(entry.top[0] == (entry.token, entry.logprob) for entry in out.logprobs)
+    else:
+        assert any(entry.top[0][0] != entry.token for entry in out.logprobs)
+    assert engine.generate(prompt, 11, sampling).tokens == out.tokens  # asking for them changes no token
+
+
+def test_logprobs_stream_before_their_tokens_and_end_with_them(engine, monkeypatch):
+    monkeypatch.setattr(neoxfuse.engine, "DECODE_CHUNK", 4)
+    prompt = _random_prompt(engine.shape.vocab, 3)
+    full = engine.generate(prompt, 19).tokens
+    events = []
+    out = engine.generate(prompt, 19, stop_token_ids=[full[6]], logprobs=0, on_tokens=lambda tokens: events.append(("tokens", tokens)),
+                          on_logprobs=lambda listed: events.append(("logprobs", [entry.token for entry in listed])))
+    assert out.tokens == full[: full.index(full[6]) + 1] and [entry.token for entry in out.logprobs] == out.tokens
+    assert all(entry.top == () for entry in out.logprobs)
+    batches = 1 + -(-(len(out.tokens) - 1) // 4)  # the first token, then chunks of 4 (the last cut at the stop token)
+    assert [kind for kind, _ in events] == ["logprobs", "tokens"] * batches
+    assert [tokens for _, tokens in events[0::2]] == [tokens for _, tokens in events[1::2]]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"logprobs": -1}, "logprobs must be None or an integer from 0 to 20"),
+    ({"logprobs": 21}, "from 0 to 20"),
+    ({"logprobs": 2.0}, "from 0 to 20"),
+    ({"logprobs": True}, "from 0 to 20"),
+    ({"on_logprobs": print}, "on_logprobs must be a function of a list of TokenLogprobs, and needs logprobs"),
+    ({"logprobs": 1, "on_logprobs": 3}, "on_logprobs must be a function"),
+])
+def test_bad_logprobs_requests_are_clear_errors(engine, kwargs, message):
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        engine.generate([1, 2], 3, **kwargs)
+
+
 def test_step_clock_marks_each_step():
     clock = StepClock(torch.device("cpu"))
     for _ in range(3):

@@ -41,7 +41,7 @@ from neoxfuse.errors import InvalidInputError, KernelError, NoGPUError, Sequence
 from neoxfuse.fused import FusedBackend
 from neoxfuse.ops import fused_decoder as fd
 from neoxfuse.sampling import SamplingParams, exponential_race, next_token, probabilities
-from neoxfuse.scoring import hf_scores
+from neoxfuse.scoring import hf_scores, logprobs_of
 from neoxfuse.weights import LayerWeights, from_hf, random_model
 
 MLP_TOL = 1e-4
@@ -640,6 +640,22 @@ def test_emulated_engine_reuses_its_prefix_cache_on_the_fused_backend(monkeypatc
     for prompt, reused in [([5, 17, 250, 3, *first.tokens, 8, 9], 7), ([5, 17, 1], 2)]:
         got = engine.generate(prompt, 4)
         assert got.reused_tokens == reused and got.tokens == _hf_greedy(model, torch.tensor(prompt), 4)
+
+
+@torch.inference_mode()
+def test_emulated_engine_logprobs_are_the_fused_steps_logits_before_the_rule(monkeypatch, emulated):
+    # A sampled rule with a repetition penalty: the logprobs are those of the logits the kernels
+    # wrote (the prefill's for the first token), bitwise, not the penalized ones chosen from.
+    monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
+    model = random_model(pythia_config("tiny", **TINY), seed=3).half().eval()
+    engine = Engine(model, device="cpu", dtype=torch.float16, backend="reference", max_seq_len=32)
+    engine.backend = FusedBackend(engine.weights, engine.max_seq_len, use_graph=False)  # no CUDA: not selectable
+    prompt = torch.tensor([5, 17, 250, 3])
+    out = engine.generate(prompt, 6, SamplingParams(temperature=1.2, repetition_penalty=0.3, seed=4), logprobs=2)
+    backend = FusedBackend(engine.weights, engine.max_seq_len, use_graph=False)
+    cache = backend.new_cache()
+    logits = [backend.prefill(prompt, cache), *(backend.decode_step(token, cache) for token in out.tokens[:-1])]
+    assert out.logprobs == logprobs_of(torch.stack(logits), torch.tensor(out.tokens), 2)
 
 
 @torch.inference_mode()

@@ -179,6 +179,31 @@ def test_scoring_leaves_nothing_for_the_prefix_cache(hf_model):
     assert again.tokens == Engine(hf_model, device="cpu", max_seq_len=32).generate([5, 6, 7, *first.tokens, 9], 4).tokens
 
 
+@torch.inference_mode()
+def test_prompt_logprobs_are_the_scores_with_hfs_most_likely_tokens(hf_model):
+    # 40 tokens through a 16-position cache: three windows, each from an empty cache.
+    tokens = _tokens(40, hf_model.config.vocab_size, seed=4)
+    engine = Engine(hf_model, device="cpu", max_seq_len=16)
+    got = engine.prompt_logprobs(tokens, 4)
+    scores = engine.score(tokens)
+    assert [entry.token for entry in got] == tokens[1:]
+    assert [entry.logprob for entry in got] == (-scores.nll).tolist()
+    spans = windows(len(tokens), 17)
+    assert len(spans) == 3
+    for span in spans:
+        logits = hf_model(torch.tensor([tokens[span.start : span.end - 1]])).logits[0, span.scored - 1 - span.start :]
+        values, ids = torch.log_softmax(logits.float(), dim=-1).topk(4)  # [scored tokens, 4]
+        for entry, want_values, want_ids in zip(got[span.scored - 1 : span.end - 1], values, ids):
+            assert [token for token, _ in entry.top] == want_ids.tolist()
+            assert [value for _, value in entry.top] == pytest.approx(want_values.tolist(), abs=1e-5)
+    assert [entry.top for entry in engine.prompt_logprobs(tokens[:9], 1)] == [entry.top[:1] for entry in got[:8]]
+    assert engine.prompt_logprobs(tokens[:1], 4) == [] and all(entry.top == () for entry in engine.prompt_logprobs(tokens[:5]))
+    with pytest.raises(InvalidInputError, match="top must be an integer from 0 to 20, got 21"):
+        engine.prompt_logprobs(tokens, 21)
+    with pytest.raises(InvalidInputError, match="the prompt is empty"):
+        engine.prompt_logprobs([], 1)
+
+
 def test_engine_score_refuses_bad_requests(hf_model):
     engine = Engine(hf_model, device="cpu", max_seq_len=8)
     with pytest.raises(SequenceTooLongError, match="window of 10 tokens runs the model on 9 positions .* more than the 8 of "

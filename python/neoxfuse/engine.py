@@ -43,13 +43,15 @@ from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpo
 from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.reference import ReferenceModel
 from neoxfuse.sampling import SamplingParams, choose, next_token, token_id_set
-from neoxfuse.scoring import Loglikelihood, Scores, Span, resolve_stride, token_scores, windows, with_prefix
+from neoxfuse.scoring import (Loglikelihood, Scores, Span, TokenLogprobs, logprobs_of, resolve_stride, token_logprobs, token_scores,
+                              top_logprobs, windows, with_prefix)
 from neoxfuse.weights import (ModelWeights, describe_checkpoint, from_hf, load_checkpoint, load_tokenizer, model_source, random_model,
                               read_checkpoint_config)
 
 ModelSource = Union[str, os.PathLike, torch.nn.Module, ModelWeights]
 
 DECODE_CHUNK = 32  # decode steps queued on the device between host waits (and stop-token checks)
+MAX_LOGPROBS = 20  # the most likely tokens a request's logprobs may list per token (vLLM's default limit)
 
 DTYPES = {
     "fp16": torch.float16,
@@ -129,12 +131,13 @@ class Backend(ABC):
         SequenceTooLongError when full."""
 
     def decode_tokens(self, token: int, cache, steps: int, sampling: SamplingParams, rng: torch.Tensor | None,
-                      clock: StepClock, history: torch.Tensor | None = None) -> torch.Tensor:
+                      clock: StepClock, history: torch.Tensor | None = None, logits_out: torch.Tensor | None = None) -> torch.Tensor:
         """Decodes `steps` tokens after `token` (at position cache.length) without waiting for the
         device: token i+1 = neoxfuse.sampling.choose(logits of token i, sampling, rng, history). The
         chosen tokens [steps] (long, on the device); clock.mark() after each step; cache.length
         grows by `steps`; rng advances by `steps` draws when sampled, history gains the chosen tokens
-        when the rule reads it (sampling.needs_history).
+        when the rule reads it (sampling.needs_history); logits_out [>= steps, vocab] fp32, when given,
+        gets step i's logits in row i.
 
         This default runs decode_step and choose per step; a backend overrides it to keep more
         of the loop on the device (the fused backend replays a CUDA graph per step).
@@ -144,6 +147,8 @@ class Backend(ABC):
         constraints = None  # the rule's bans on the device, built once
         for _ in range(steps):
             logits = self.decode_step(current, cache)  # [vocab]
+            if logits_out is not None:
+                logits_out[len(chosen)].copy_(logits)
             if constraints is None:
                 constraints = sampling.constraints(logits.shape[-1], logits.device)
             current = choose(logits, sampling, rng, history, constraints)  # [1]
@@ -352,6 +357,7 @@ class Generation:
     text: str | None = None  # the new tokens decoded, when the engine has a tokenizer
     seed: int | None = None  # the seed sampled tokens were drawn with (None: greedy); pass it to redraw them
     reused_tokens: int = 0  # the prompt's first tokens, whose keys and values the last generation left in the cache
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when generate() was asked for them
 
     @property
     def tpot_ms(self) -> float | None:
@@ -477,6 +483,8 @@ class Engine:
         stop_when: Callable[[list[int]], bool] | None = None,
         progress: bool = False,
         on_tokens: Callable[[list[int]], None] | None = None,
+        logprobs: int | None = None,
+        on_logprobs: Callable[[list[TokenLogprobs]], None] | None = None,
     ) -> Generation:
         """Generates up to `max_new_tokens` tokens after `prompt` (text or token ids).
 
@@ -490,6 +498,10 @@ class Engine:
         far) is true (a host function, called for each new token; neoxfuse.hf.generate's stop_strings).
         on_tokens, if given, streams the new tokens: it is called with each batch as soon as the host
         has it (the first token, then each chunk of up to DECODE_CHUNK decode steps), in order.
+        logprobs (0 to MAX_LOGPROBS), if given, records each new token's TokenLogprobs with that many
+        most likely tokens (Generation.logprobs): from the logits it was chosen from, as the model gives
+        them (before the rule's temperature, penalties and filters); on_logprobs, if given, gets each
+        batch of them just before on_tokens gets the batch's tokens.
         SequenceTooLongError, before any work, when the prompt and the new tokens but the last (which is
         never fed back) need more than max_seq_len KV cache positions. With prefix_cache on, the prompt's
         first tokens that the last generation left in the cache are not run again (Generation.reused_tokens).
@@ -499,6 +511,11 @@ class Engine:
             raise InvalidInputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         if on_tokens is not None and not callable(on_tokens):
             raise InvalidInputError(f"on_tokens must be a function of a list of token ids, got {type(on_tokens).__name__}")
+        if logprobs is not None and (not is_integer(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise InvalidInputError(f"logprobs must be None or an integer from 0 to {MAX_LOGPROBS} (how many of the most likely "
+                                    f"tokens to list per token), got {logprobs!r}")
+        if on_logprobs is not None and (logprobs is None or not callable(on_logprobs)):
+            raise InvalidInputError("on_logprobs must be a function of a list of TokenLogprobs, and needs logprobs")
         prompt_tokens = self._prompt_tokens(prompt)
         if stop_when is not None and not callable(stop_when):
             raise InvalidInputError(f"stop_when must be a function of the new tokens, got {type(stop_when).__name__}")
@@ -528,10 +545,13 @@ class Engine:
 
         synchronize(self.device)
         start = time.perf_counter()
-        token = next_token(self.backend.prefill(prompt_tensor, cache), first, rng, history)  # int(): waits for the GPU
+        logits = self.backend.prefill(prompt_tensor, cache)  # [vocab]
+        token = next_token(logits, first, rng, history)  # int(): waits for the GPU
         result = Generation(prompt_tokens, [], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed,
-                            reused_tokens=reused)
-        stopped = _take(result, [token], [], stop_rule, on_tokens)
+                            reused_tokens=reused, logprobs=None if logprobs is None else [])
+        listed = None if logprobs is None else logprobs_of(logits[None], torch.tensor([token], device=self.device), logprobs)
+        streams = (on_tokens, on_logprobs)
+        stopped = _take(result, [token], [], listed, stop_rule, streams)
         with progress_bar(max_new_tokens, "decoding", unit="tok", enabled=progress) as bar:
             bar.update(1)
             while not stopped and len(result.tokens) < max_new_tokens:
@@ -540,10 +560,10 @@ class Engine:
                 rule = sampling
                 if done < min_new_tokens:  # the chunk ends where the stop tokens may come again
                     steps, rule = min(steps, min_new_tokens - done), early
-                tokens, times = self._decode_chunk(token, cache, steps, rule, rng, history)
+                tokens, times, listed = self._decode_chunk(token, cache, steps, rule, rng, history, logprobs)
                 token = tokens[-1]
                 taken = len(result.tokens)
-                stopped = _take(result, tokens, times, stop_rule, on_tokens)
+                stopped = _take(result, tokens, times, listed, stop_rule, streams)
                 bar.update(len(result.tokens) - taken)
         if self.prefix_cache:  # the tokens at the cache's first positions (steps run after a stop token come later)
             self._kept = (cache, prompt_tokens + result.tokens[:-1])
@@ -574,7 +594,7 @@ class Engine:
                                        f"to the model's {self.shape.max_positions} positions)")
         synchronize(self.device)
         start = time.perf_counter()
-        nll, top1 = self._score_spans(tokens, spans, progress)
+        nll, top1, _ = self._score_spans(tokens, spans, progress)
         return Scores(tokens, window, resolve_stride(window, stride), nll, top1, (time.perf_counter() - start) * 1e3,
                       None if prefix_token is None else tokens[0])
 
@@ -596,14 +616,30 @@ class Engine:
             raise SequenceTooLongError(f"a continuation of {len(continuation_tokens)} tokens needs as many KV cache positions "
                                        f"(its last token only predicted, after the context's last); the cache holds {self.max_seq_len}")
         tokens = (context_tokens + continuation_tokens)[-(self.max_seq_len + 1) :]
-        nll, top1 = self._score_spans(tokens, [Span(0, len(tokens) - len(continuation_tokens), len(tokens))], False)
+        nll, top1, _ = self._score_spans(tokens, [Span(0, len(tokens) - len(continuation_tokens), len(tokens))], False)
         scored = nll[-len(continuation_tokens) :]
         greedy = top1[-len(continuation_tokens) :].tolist() == continuation_tokens
         return Loglikelihood(logprob=-float(scored.sum()), greedy=greedy, context_tokens=len(tokens) - len(continuation_tokens))
 
-    def _score_spans(self, tokens: list[int], spans: list[Span], progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(nll [T-1] fp64, top1 [T-1] long), on the CPU, of tokens [T] in `spans` (neoxfuse.scoring's
-        windows; entries no span scores stay 0): each span from an empty KV cache, its context-only
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt: str | Sequence[int] | torch.Tensor, top: int = 0) -> list[TokenLogprobs]:
+        """The TokenLogprobs of the prompt's tokens but the first (which nothing predicts), each from the
+        tokens before it, with its `top` (0 to MAX_LOGPROBS) most likely tokens: [T-1] for a T-token
+        prompt. Teacher forced as score() with its default windows: every prediction is a decode step
+        of the backend (on the fused backend, the decode kernels). Leaves nothing for the prefix cache.
+        """
+        tokens = self._prompt_tokens(prompt)
+        if not is_integer(top) or not 0 <= top <= MAX_LOGPROBS:
+            raise InvalidInputError(f"top must be an integer from 0 to {MAX_LOGPROBS}, got {top!r}")
+        if len(tokens) < 2:
+            return []
+        nll, _, (values, ids) = self._score_spans(tokens, windows(len(tokens), self.max_seq_len + 1), False, top)
+        return token_logprobs(tokens[1:], nll, values, ids)
+
+    def _score_spans(self, tokens: list[int], spans: list[Span], progress: bool,
+                     top: int = 0) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(nll [T-1] fp64, top1 [T-1] long, top_logprobs() [T-1, top]), on the CPU, of tokens [T] in `spans`
+        (neoxfuse.scoring's windows; entries no span scores stay 0): each span from an empty KV cache, its context-only
         tokens prefilled and every scored prediction a decode step. A span's context that is the
         last prefill's (of this call or the last scoring call: the choices of a multiple-choice
         question share theirs) is not prefilled again: the cache still holds it, bitwise as a
@@ -613,6 +649,8 @@ class Engine:
         ids = torch.tensor(tokens, device=self.device)  # [T]
         nll = torch.zeros(len(tokens) - 1, device=self.device)  # [T-1]: nll[t - 1] scores tokens[t]
         top1 = torch.zeros(len(tokens) - 1, dtype=torch.long, device=self.device)  # [T-1]
+        top_values = torch.zeros(len(tokens) - 1, top, device=self.device)  # [T-1, top]
+        top_ids = torch.zeros(len(tokens) - 1, top, dtype=torch.long, device=self.device)  # [T-1, top]
         with progress_bar(sum(span.end - span.scored for span in spans), "scoring", unit="tok", enabled=progress) as bar:
             for span in spans:
                 context = tokens[span.start : span.scored - 1]  # the tokens the window runs but does not score
@@ -626,10 +664,12 @@ class Engine:
                 for t in range(span.scored - 1, span.end - 1):
                     logits = self.backend.decode_step(tokens[t], cache)  # [vocab]: predicts tokens[t + 1]
                     nll[t : t + 1], top1[t : t + 1] = token_scores(logits[None], ids[t + 1 : t + 2])
+                    if top:
+                        top_values[t : t + 1], top_ids[t : t + 1] = top_logprobs(logits[None], top)
                     bar.update(1)
         synchronize(self.device)
         self._prefilled = prefilled  # kept only when every span ran
-        return nll.double().cpu(), top1.cpu()
+        return nll.double().cpu(), top1.cpu(), (top_values.cpu(), top_ids.cpu())
 
     def _cache_for(self, prompt_tokens: list[int]) -> tuple[object, int]:
         """(cache, reused): the kept cache cut back to the longest prefix its tokens share with the
@@ -659,12 +699,14 @@ class Engine:
         return texts
 
     def _decode_chunk(self, token: int, cache, steps: int, sampling: SamplingParams, rng: torch.Tensor | None,
-                      history: torch.Tensor | None) -> tuple[list[int], list[float]]:
-        """`steps` tokens after `token` and each one's step time in ms, decoded on the device with one
-        wait at the end."""
+                      history: torch.Tensor | None, logprobs: int | None) -> tuple[list[int], list[float], list[TokenLogprobs] | None]:
+        """`steps` tokens after `token`, each one's step time in ms and, when logprobs is not None,
+        TokenLogprobs with that many most likely tokens; decoded on the device with one wait at the end."""
         clock = StepClock(self.device)
-        tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock, history).tolist()
-        return tokens, clock.intervals_ms()
+        logits = None if logprobs is None else torch.empty(steps, self.shape.vocab, device=self.device)  # [steps, vocab] fp32
+        tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock, history, logits)  # [steps]
+        listed = None if logits is None else logprobs_of(logits, tokens, logprobs)
+        return tokens.tolist(), clock.intervals_ms(), listed
 
 
 def stop_token_set(ids: int | Collection[int] | torch.Tensor) -> frozenset[int]:
@@ -705,14 +747,19 @@ class StopRule:
         return any(stop in text for stop in self.texts)
 
 
-def _take(result: Generation, tokens: list[int], times: list[float], stop_rule: StopRule,
-          on_tokens: Callable[[list[int]], None] | None) -> bool:
-    """Adds `tokens` and their step times (none for the first token) to `result` up to where
-    stop_rule ends the generation, hands them to on_tokens; whether the generation ended. The
-    steps a chunk ran after its end ran for nothing."""
+def _take(result: Generation, tokens: list[int], times: list[float], listed: list[TokenLogprobs] | None, stop_rule: StopRule,
+          streams: tuple[Callable[[list[int]], None] | None, Callable[[list[TokenLogprobs]], None] | None]) -> bool:
+    """Adds `tokens`, their step times (none for the first token) and their logprobs (when listed) to
+    `result` up to where stop_rule ends the generation, hands them to streams (on_tokens, on_logprobs);
+    whether the generation ended. The steps a chunk ran after its end ran for nothing."""
     kept = stop_rule.kept(result.tokens, tokens)
     result.tokens += tokens[:kept]
     result.decode_ms += times[:kept]
+    on_tokens, on_logprobs = streams
+    if listed is not None:
+        result.logprobs += listed[:kept]
+        if on_logprobs is not None:
+            on_logprobs(listed[:kept])
     if on_tokens is not None:
         on_tokens(tokens[:kept])
     return kept is not None

@@ -138,9 +138,11 @@ class FusedBackend(Backend):
         return self._logits.clone()
 
     def decode_tokens(self, token: int | torch.Tensor, cache: KVCache, steps: int, sampling: SamplingParams,
-                      rng: torch.Tensor | None, clock: StepClock, history: torch.Tensor | None = None) -> torch.Tensor:
+                      rng: torch.Tensor | None, clock: StepClock, history: torch.Tensor | None = None,
+                      logits_out: torch.Tensor | None = None) -> torch.Tensor:
         """Backend.decode_tokens on the device: `steps` graph replays, each writing its chosen token
-        into the device's token buffer for the next; the chosen tokens [steps] (long, on the GPU).
+        into the device's token buffer for the next (and, with logits_out, followed by a copy of its
+        logits there); the chosen tokens [steps] (long, on the GPU).
         Sampled steps draw with the backend's copy of rng, and rules that read the sequence so far
         read and extend its copy of history (long [max_seq_len + 1]), both copied back afterwards.
         The same errors as decode_step, and one for a history of another size, before anything runs."""
@@ -157,8 +159,10 @@ class FusedBackend(Backend):
             self._rng.copy_(rng)
         if sampling.needs_history:
             self._history.copy_(history)
-        for _ in range(steps):
+        for step in range(steps):
             self._run(cache, selection)
+            if logits_out is not None:
+                logits_out[step].copy_(self._logits)
             clock.mark()
         if not sampling.greedy:
             rng.copy_(self._rng)

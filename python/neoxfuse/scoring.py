@@ -108,6 +108,36 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return -log_probs.gather(-1, targets[:, None])[:, 0], logits.argmax(dim=-1)
 
 
+def top_logprobs(logits: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs [n, top] fp32, ids [n, top] long): the `top` most likely tokens under logits [n, vocab],
+    most likely first, and their log softmax(logits) (computed as token_scores computes a target's)."""
+    return torch.log_softmax(logits.float(), dim=-1).topk(top, dim=-1)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability where it was predicted, log softmax(logits)[token] (natural log, from
+    the model's fp32 logits as they are, before a sampling rule's temperature, penalties or filters),
+    and the most likely tokens there with theirs (OpenAI's and vLLM's logprobs of a token)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob) of the most likely tokens, most likely first
+
+
+def token_logprobs(tokens: Sequence[int], nll: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor) -> list[TokenLogprobs]:
+    """One TokenLogprobs per token, from its nll [n] (token_scores) and the top_logprobs() [n, top] where
+    it was predicted."""
+    return [TokenLogprobs(token, -loss, tuple(zip(ids, values)))
+            for token, loss, ids, values in zip(tokens, nll.tolist(), top_ids.tolist(), top_values.tolist())]
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprobs]:
+    """The TokenLogprobs of tokens [n] (long) under logits [n, vocab], each with its `top` most likely tokens."""
+    nll, _ = token_scores(logits, tokens)
+    return token_logprobs(tokens.tolist(), nll, *top_logprobs(logits, top))
+
+
 @dataclass(frozen=True)
 class ScoreDifference:
     """How far two scorings of the same tokens are apart."""
