@@ -1,6 +1,7 @@
 """neoxfuse.evaluation: lm-evaluation-harness's model "neoxfuse" against its own HF model (HFLM) on one checkpoint."""
 
 import json
+import threading
 
 import pytest
 
@@ -15,6 +16,7 @@ from neoxfuse.errors import InvalidInputError
 from neoxfuse.evaluation import NeoxfuseLM
 from neoxfuse.sampling import SamplingParams
 from neoxfuse.scoring import CorpusScores
+from neoxfuse.server import CompletionServer
 from neoxfuse.weights import random_model
 
 MAX_LENGTH = 16  # positions both models see: long requests are cut, texts span several windows
@@ -103,6 +105,34 @@ def test_sampled_generations_draw_with_seed_zero(models):
     got = ours.generate_until(_requests("generate_until", [filtered]))
     rule = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, typical_p=0.8, epsilon_cutoff=1e-3, eta_cutoff=2e-3, seed=0)
     assert got == [ours.engine.generate("hello world w7", 12, rule, stop_token_ids=0, stop=["hello"]).text.split("hello")[0]]
+
+
+def test_lm_evals_local_completions_model_gets_neoxfuse_serves_answers(checkpoint, models):
+    # lm_eval's OpenAI-API client against `neoxfuse serve`'s server: it finds the tokenizer routes and
+    # tokenizes through them, asks loglikelihoods as one prompt with echo and logprobs, generations
+    # with stop strings; the answers of its model "neoxfuse" on the same checkpoint.
+    api_models = pytest.importorskip("lm_eval.models.openai_completions", reason="lm-eval[api] is not installed here "
+                                     "(requirements.txt installs it)")
+
+    ours = models[0]
+    server = CompletionServer(Engine(checkpoint, device="cpu", max_seq_len=MAX_LENGTH), ("127.0.0.1", 0), "tiny")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        api = api_models.LocalCompletionsAPI(model="tiny", base_url=f"{server.url}/v1/completions", max_length=MAX_LENGTH + 1)
+        assert api.tokenizer_backend == "remote"
+        greedy = ours.engine.generate("hello world w7", 2).text
+        pairs = [("hello world w7", " w12 w3"), ("", "w5 w6"), ("hello world w7", greedy), ("w9", " w9")]
+        got = api.loglikelihood(_requests("loglikelihood", pairs))
+        want = ours.loglikelihood(_requests("loglikelihood", pairs))
+        assert [flag for _, flag in got] == [flag for _, flag in want] and got[2][1] and not got[0][1]
+        assert [logprob for logprob, _ in got] == pytest.approx([logprob for logprob, _ in want], abs=1e-4)
+        plain = ours.engine.generate("hello world w7", 8).text.split()
+        requests = [("hello world w7", {"until": [plain[2]], "max_gen_toks": 8, "do_sample": False}),
+                    ("w9 w9", {"until": ["w3"], "temperature": 0.0, "max_gen_toks": 8})]
+        assert api.generate_until(_requests("generate_until", requests)) == ours.generate_until(_requests("generate_until", requests))
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize("gen_kwargs, message", [

@@ -18,6 +18,7 @@ from neoxfuse.cli import main
 from neoxfuse.engine import Engine
 from neoxfuse.sampling import SamplingParams
 from neoxfuse.server import CompletionServer, CompletionText
+from neoxfuse.weights import random_model
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +129,136 @@ def test_a_stream_sends_the_completions_text_in_pieces(served, stop, monkeypatch
     assert len({event["id"] for event in events}) == 1
 
 
+@pytest.mark.parametrize("rule", [{"temperature": 0}, {"temperature": 1.3, "top_k": 5, "seed": 4}], ids=["greedy", "sampled"])
+def test_logprobs_list_each_new_tokens_text_logprob_and_most_likely_tokens(served, rule):
+    server, engine = served
+    want = engine.generate("hello world w7", 10, SamplingParams(**rule), stop_token_ids=0, logprobs=2)
+    got = _complete(server, prompt="hello world w7", max_tokens=10, logprobs=2, **rule)["choices"][0]
+    listing = got["logprobs"]
+    assert got["token_ids"] == want.tokens and set(listing) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert listing["tokens"] == [engine.tokenizer.decode([token]) for token in want.tokens]
+    assert listing["token_logprobs"] == [entry.logprob for entry in want.logprobs]
+    for top, entry in zip(listing["top_logprobs"], want.logprobs, strict=True):
+        listed = {engine.tokenizer.decode([token]): value for token, value in entry.top}
+        assert top == {**listed, engine.tokenizer.decode([entry.token]): entry.logprob}  # the chosen token too, as OpenAI lists it
+    assert listing["text_offset"] == [sum(map(len, listing["tokens"][:i])) for i in range(len(want.tokens))]
+    sizes = {len(top) for top in listing["top_logprobs"]}
+    assert sizes == ({2} if rule["temperature"] == 0 else {2, 3})  # a draw outside the two most likely: three
+
+
+def test_echo_puts_the_prompt_and_its_teacher_forced_logprobs_first(served):
+    # lm-evaluation-harness's local-completions asks for loglikelihoods this way: the context and
+    # continuation as one prompt, echo, logprobs 1 and max_tokens 1, then sums token_logprobs[ctxlen:-1].
+    server, engine = served
+    ids = engine.encode("hello world w7 w9")
+    got = _complete(server, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1)["choices"][0]
+    new, scored = engine.generate(ids, 1, logprobs=1), engine.prompt_logprobs(ids, 1)
+    listing = got["logprobs"]
+    assert got["text"] == "hello world w7 w9" + engine.tokenizer.decode(new.tokens) and got["token_ids"] == new.tokens
+    assert listing["tokens"][:4] == ["hello", "world", "w7", "w9"]
+    assert listing["token_logprobs"] == [None, *(entry.logprob for entry in scored), new.logprobs[0].logprob]
+    assert listing["top_logprobs"][0] is None and all(len(top) in (1, 2) for top in listing["top_logprobs"][1:])
+    assert listing["text_offset"] == [0, 5, 10, 12, len("hello world w7 w9")]
+    assert sum(listing["token_logprobs"][2:-1]) == pytest.approx(engine.loglikelihood(ids[:2], ids[2:]).logprob, abs=1e-5)
+    alone = _complete(server, prompt="hello world w7 w9", max_tokens=0, echo=True, logprobs=0)
+    choice = alone["choices"][0]
+    assert (choice["text"], choice["finish_reason"], choice["token_ids"]) == ("hello world w7 w9", "length", [])
+    assert choice["logprobs"]["token_logprobs"] == listing["token_logprobs"][:4]
+    assert alone["usage"] == {"prompt_tokens": 4, "completion_tokens": 0, "total_tokens": 4} and alone["timings"]["tpot_ms"] is None
+    streamed = [event["choices"][0] for event in _events(server, prompt="hello world w7 w9", max_tokens=0, echo=True)]
+    assert [(choice["text"], choice["finish_reason"]) for choice in streamed] == [("hello world w7 w9", None), ("", "length")]
+    plain = _complete(server, prompt="hello world w7 w9", max_tokens=3, temperature=0, echo=True)["choices"][0]
+    assert plain["text"] == "hello world w7 w9" + engine.generate(ids, 3).text and plain["logprobs"] is None
+
+
+def test_a_list_of_prompts_gets_a_choice_each_in_order(served):
+    server, engine = served
+    prompts = ["hello world w7", engine.encode("w9 w10"), "w40 w41"]
+    want = [engine.generate(prompt, 12, stop_token_ids=0) for prompt in prompts]  # the third ends at the end of text
+    body = {"prompt": prompts, "max_tokens": 12, "temperature": 0}
+    got = _complete(server, **body)
+    assert [choice["index"] for choice in got["choices"]] == [0, 1, 2]
+    assert [choice["token_ids"] for choice in got["choices"]] == [out.tokens for out in want]
+    assert [choice["finish_reason"] for choice in got["choices"]] == ["length", "length", "stop"]
+    prompt_tokens, new_tokens = 3 + 2 + 2, sum(len(out.tokens) for out in want)
+    assert got["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": new_tokens, "total_tokens": prompt_tokens + new_tokens}
+    events = _events(server, **body)
+    choices = [event["choices"][0] for event in events]
+    assert [choice["index"] for choice in choices] == sorted(choice["index"] for choice in choices)  # one prompt after the other
+    for index, want_choice in enumerate(got["choices"]):
+        mine = [choice for choice in choices if choice["index"] == index]
+        assert "".join(choice["text"] for choice in mine) == want_choice["text"]
+        assert [choice["finish_reason"] for choice in mine] == [None] * (len(mine) - 1) + [want_choice["finish_reason"]]
+
+
+def test_a_stream_sends_the_echo_then_each_pieces_logprobs(served, monkeypatch):
+    # Chunks of 3 tokens; "w119" is held back until the stop string "w119 w53" turns up, but the
+    # logprobs of its token go out with its batch.
+    monkeypatch.setattr(neoxfuse.engine, "DECODE_CHUNK", 3)
+    server, _ = served
+    body = {"prompt": "w9 w10 w11", "max_tokens": 10, "temperature": 0, "echo": True, "logprobs": 2, "stop": ["w119 w53"]}
+    want = _complete(server, **body)["choices"][0]
+    choices = [event["choices"][0] for event in _events(server, **body)]
+    assert choices[0]["text"] == "w9 w10 w11" and choices[0]["logprobs"]["tokens"] == ["w9", "w10", "w11"]
+    assert "".join(choice["text"] for choice in choices) == want["text"] and want["finish_reason"] == "stop"
+    parts = [choice["logprobs"] for choice in choices if choice["logprobs"] is not None]
+    assert {name: [value for part in parts for value in part[name]] for name in want["logprobs"]} == want["logprobs"]
+    assert any(choice["text"] == "" and choice["logprobs"] for choice in choices)  # a batch whose text was held back
+
+
+def test_vllms_tokenizer_routes(served):
+    server, engine = served
+    status, data = _request(server, "/tokenizer_info")
+    info = json.loads(data)
+    assert status == 200 and info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 64
+    assert info["tokenizer_class"] == type(engine.tokenizer).__name__ and info["bos_token"] is None
+    got = json.loads(_request(server, "/tokenize", {"prompt": "hello world w7", "add_special_tokens": False})[1])
+    assert got == {"count": 3, "max_model_len": 64, "tokens": engine.encode("hello world w7")}
+    assert json.loads(_request(server, "/detokenize", {"model": "tiny", "tokens": [1, 2, 9]})[1]) == {"prompt": "hello world w9"}
+    for path, body, status, message in [
+        ("/tokenize", {"prompt": 5}, 400, "/tokenize takes a prompt (text) and add_special_tokens"),
+        ("/tokenize", {"prompt": "w3", "messages": []}, 400, "unknown fields ['messages']: not in /tokenize"),
+        ("/detokenize", {"tokens": [1, 999999]}, 400, "token ids must be in [0, "),
+        ("/detokenize", {"tokens": "w3"}, 400, "/detokenize takes tokens, a list of token ids"),
+        ("/detokenize", {"tokens": [1], "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist here"),
+    ]:  # fmt: skip
+        got_status, data = _request(server, path, body)
+        assert got_status == status and message in json.loads(data)["error"]["message"]
+
+
+def test_a_model_without_a_tokenizer_lists_token_ids_and_has_no_tokenizer_routes():
+    engine = Engine(random_model("tiny", seed=1), device="cpu", max_seq_len=16)
+    server = CompletionServer(engine, ("127.0.0.1", 0), "bare")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        got = _complete(server, prompt=[5, 6, 7], max_tokens=2, temperature=0, echo=True, logprobs=0)["choices"][0]
+        tokens = [5, 6, 7, *engine.generate([5, 6, 7], 2).tokens]
+        assert got["text"] == "" and got["logprobs"]["tokens"] == [f"token_id:{token}" for token in tokens]
+        for path, body in [("/tokenizer_info", None), ("/tokenize", {"prompt": "w3"}), ("/detokenize", {"tokens": [3]})]:
+            status, data = _request(server, path, body)
+            assert status == 404 and "'bare' has no tokenizer: give prompts as token ids" in json.loads(data)["error"]["message"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("body, status, message", [
     ({"prompt": "hello", "n": 2}, 400, "n=2 is not implemented"),
-    ({"prompt": "hello", "echo": True}, 400, "echo=True is not implemented"),
+    ({"prompt": "hello", "echo": "yes"}, 400, "echo must be true or false"),
+    ({"prompt": "hello", "logprobs": 21}, 400, "logprobs must be null or an integer from 0 to 20, got 21"),
+    ({"prompt": "hello", "logprobs": True}, 400, "logprobs must be null or an integer"),
     ({"prompt": "hello", "frequency_penalty": 0.5}, 400, "frequency_penalty=0.5 is not implemented"),
     ({"prompt": "hello", "max_token": 5}, 400, "unknown fields ['max_token']"),
     ({"prompt": "hello", "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist here; this server serves 'tiny'"),
-    ({"prompt": ["hello", "world"]}, 400, "prompt must be text, a list of token ids, or a list holding one of them"),
+    ({"prompt": ["hello", 5]}, 400, "prompt must be text, a list of token ids, or a list of either"),
+    ({"prompt": []}, 400, "the prompt is empty"),
+    ({"prompt": ["hello", ""]}, 400, "the prompt is empty"),  # every prompt checked before the first runs
     ({"prompt": [1, 2.5]}, 400, "prompt must be text"),
     ({"prompt": ""}, 400, "the prompt is empty"),
     ({"prompt": "hello", "max_tokens": 65}, 400, "need 65 KV cache positions; the cache holds 64"),
-    ({"prompt": "hello", "max_tokens": 0}, 400, "max_new_tokens must be an integer >= 1"),
+    ({"prompt": "hello", "max_tokens": 0}, 400, "max_tokens must be an integer >= 1 (or 0 with echo: the prompt alone), got 0"),
+    ({"prompt": "hello", "max_tokens": -1, "echo": True}, 400, "max_tokens must be an integer >= 1"),
+    ({"prompt": "hello", "max_tokens": 2.0}, 400, "max_tokens must be an integer >= 1"),
     ({"prompt": "hello", "temperature": -1}, 400, "temperature must be >= 0"),
     ({"prompt": "hello", "stop": ["w3", ""]}, 400, "stop must be a non-empty string or a list of them"),
     ({"prompt": "hello", "stream": "yes"}, 400, "stream must be true or false"),

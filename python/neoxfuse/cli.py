@@ -652,10 +652,13 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args) -> int:
-    """Serve OpenAI's completions API (POST /v1/completions, GET /v1/models) over HTTP until Ctrl-C.
+    """Serve OpenAI's completions API (POST /v1/completions, GET /v1/models) and vLLM's tokenizer
+    routes over HTTP until Ctrl-C.
 
     One Engine answers every request, one request at a time (batch 1); see neoxfuse.server for the
-    fields it takes. `curl localhost:8000/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}'`.
+    fields it takes. `curl localhost:8000/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}'`;
+    lm-evaluation-harness: `lm_eval --model local-completions --model_args
+    model=NAME,base_url=http://127.0.0.1:8000/v1/completions` (NAME: --served-model-name, or --model).
     """
     device = resolve_device(args.device)
     model = _model_name(args, device)

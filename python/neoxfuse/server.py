@@ -2,30 +2,41 @@
 
     neoxfuse serve --model /ckpt/pythia-2.8b --port 8000
     curl localhost:8000/v1/completions -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'
+    lm_eval --model local-completions --tasks arc_easy \\
+        --model_args model=/ckpt/pythia-2.8b,base_url=http://127.0.0.1:8000/v1/completions
 
-Routes: GET /v1/models, GET /health, POST /v1/completions. Batch 1: the Engine decodes one sequence
-at a time, so requests are served one after another (the others wait for it), each at the
-Engine's speed.
+Routes: GET /v1/models, GET /health, POST /v1/completions, and vLLM's tokenizer routes POST /tokenize,
+POST /detokenize and GET /tokenizer_info (which lm-evaluation-harness's local-completions model finds
+and then tokenizes with). Batch 1: the Engine decodes one sequence at a time, so requests are served
+one after another (the others wait for it), each at the Engine's speed.
 
-A completion request (JSON) takes OpenAI's fields: prompt (text, token ids, or a list holding one
-of them), max_tokens (default 16), temperature (default 1; 0 is greedy), top_p, seed, stop (a
-string or a list of them), stream and stream_options.include_usage; n and best_of only at 1, echo
-only false, logprobs and logit_bias only null, presence_penalty and frequency_penalty only 0
-(anything else is refused, as is a field the API does not have); and vLLM's extensions top_k,
-min_p, typical_p, repetition_penalty, min_tokens, stop_token_ids and ignore_eos.
+A completion request (JSON) takes OpenAI's fields: prompt (text or token ids, or a list of them: one
+choice each, in order), max_tokens (default 16; 0 with echo: the prompt only), temperature (default 1;
+0 is greedy), top_p, seed, stop (a string or a list of them), echo, logprobs (0 to 20), stream and
+stream_options.include_usage; n and best_of only at 1, logit_bias only null, presence_penalty and
+frequency_penalty only 0 (anything else is refused, as is a field the API does not have); and vLLM's
+extensions top_k, min_p, typical_p, repetition_penalty, min_tokens, stop_token_ids and ignore_eos.
 
-The reply is OpenAI's text_completion: one choice whose text is the new tokens' text (special
-tokens skipped), cut before the first stop string as OpenAI cuts it, and finish_reason "stop" (the
-end-of-text token, a stop token or a stop string) or "length"; usage counts tokens. Two fields
-more: the choice's token_ids (the new tokens, so a checkpoint without a tokenizer can be served
-with token-id prompts) and timings (prefill_ms, tpot_ms, backend). With stream, server-sent events:
-a chunk per batch of new tokens the Engine hands over (text that could still turn out to begin a
-stop string is held back, as is an incomplete character), a last chunk with the finish_reason (and
-one with usage when asked), then `data: [DONE]`.
+The reply is OpenAI's text_completion: a choice per prompt whose text is the new tokens' text (special
+tokens skipped; after the prompt's text with echo), cut before the first stop string as OpenAI cuts
+it, and finish_reason "stop" (the end-of-text token, a stop token or a stop string) or "length";
+usage counts tokens. logprobs N lists, per token, its text, its log-probability where it was chosen
+(natural log, from the model's logits before the sampling rule: vLLM's default) and the N most likely
+tokens there with the token itself (up to N + 1), and each token's offset in the text; with echo the
+prompt's tokens come first, scored teacher forced as Engine.prompt_logprobs scores them (the first
+with null, nothing predicts it). A token's text is what the tokenizer decodes it to alone
+("token_id:ID" without a tokenizer). Two fields more: the choice's token_ids (the new tokens, so a
+checkpoint without a tokenizer can be served with token-id prompts) and timings (prefill_ms summed
+and tpot_ms over the prompts' generations, backend). With stream, server-sent events: for each
+prompt, a chunk with its text when echoed, a chunk per batch of new tokens the Engine hands over
+(text that could still turn out to begin a stop string is held back, as is an incomplete character;
+their logprobs come with the batch), a last chunk with the finish_reason; then one with usage when
+asked, and `data: [DONE]`.
 
 Errors are OpenAI's {"error": {"message", "type", "param", "code"}}: 400 for a bad request (every
 InvalidInputError of the Engine too, such as a prompt and max_tokens past the KV cache), 404 for an
-unknown route or model name, 500 for anything else.
+unknown route or model name (and the tokenizer routes of a model without a tokenizer), 500 for
+anything else.
 """
 
 from __future__ import annotations
@@ -39,19 +50,21 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from neoxfuse.checks import is_integer
-from neoxfuse.engine import Engine, Generation
+from neoxfuse.checks import check_token_ids, is_integer
+from neoxfuse.engine import MAX_LOGPROBS, Engine, Generation
 from neoxfuse.errors import InvalidInputError
 from neoxfuse.sampling import SamplingParams
+from neoxfuse.scoring import TokenLogprobs
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
 # Fields taken only where they change nothing (OpenAI's defaults), and fields that change nothing at all.
-_NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "logit_bias": None, "presence_penalty": 0,
-            "frequency_penalty": 0, "suffix": None}
+_NEUTRAL = {"n": 1, "best_of": 1, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0, "suffix": None}
 _IGNORED = {"model", "user"}
 _SAMPLING = {"temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "seed"}
-_FIELDS = {"prompt", "max_tokens", "stop", "stream", "stream_options", "min_tokens", "stop_token_ids", "ignore_eos",
-           *_SAMPLING, *_NEUTRAL, *_IGNORED}
+_FIELDS = {"prompt", "max_tokens", "stop", "echo", "logprobs", "stream", "stream_options", "min_tokens", "stop_token_ids",
+           "ignore_eos", *_SAMPLING, *_NEUTRAL, *_IGNORED}
+
+Prompt = str | list[int]
 
 
 class RequestError(Exception):
@@ -66,30 +79,26 @@ class RequestError(Exception):
 class CompletionRequest:
     """A completion request's body, checked and read as Engine.generate's arguments."""
 
-    prompt: str | list[int]
-    max_tokens: int
+    prompts: tuple[Prompt, ...]  # one choice each
+    max_tokens: int  # 0 only with echo
     sampling: SamplingParams
     stop: tuple[str, ...]
     stop_token_ids: tuple[int, ...]  # the end-of-text token's (unless ignore_eos) and the request's; Engine checks them
     min_tokens: int
+    echo: bool
+    logprobs: int | None
     stream: bool
     include_usage: bool
 
     @classmethod
     def parse(cls, body: object, engine: Engine, model_name: str) -> CompletionRequest:
         """RequestError for a body that is not a completion request this server implements."""
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
-        if unknown := sorted(set(body) - _FIELDS):
-            raise RequestError(f"unknown fields {unknown}: not in the completions API")
+        body = _body(body, _FIELDS, model_name, "the completions API")
         for name, neutral in _NEUTRAL.items():
             if body.get(name) not in (None, neutral):
                 raise RequestError(f"{name}={body[name]!r} is not implemented (neoxfuse decodes one sequence; "
                                    f"it takes {name} only at {neutral!r})")
-        if body.get("model") not in (None, model_name):
-            raise RequestError(f"the model {body['model']!r} does not exist here; this server serves {model_name!r}",
-                               HTTPStatus.NOT_FOUND, "model_not_found")
-        for name in ("stream", "ignore_eos"):
+        for name in ("stream", "ignore_eos", "echo"):
             if not isinstance(body.get(name, False), bool):
                 raise RequestError(f"{name} must be true or false, got {body[name]!r}")
         options = {name: body[name] for name in _SAMPLING if body.get(name) is not None}
@@ -108,21 +117,43 @@ class CompletionRequest:
         stream_options = body.get("stream_options") or {}
         if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}:
             raise RequestError(f"stream_options takes include_usage only, got {stream_options!r}")
+        echo = body.get("echo", False)
         max_tokens = body.get("max_tokens")
-        return cls(prompt=_prompt(body.get("prompt")), max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
-                   sampling=sampling, stop=tuple(stop), stop_token_ids=(*([] if eos is None else [eos]), *stop_token_ids),
-                   min_tokens=body.get("min_tokens") or 0, stream=body.get("stream", False),
+        max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        if not is_integer(max_tokens) or max_tokens < (0 if echo else 1):
+            raise RequestError(f"max_tokens must be an integer >= 1 (or 0 with echo: the prompt alone), got {max_tokens!r}")
+        logprobs = body.get("logprobs")
+        if logprobs is not None and (not is_integer(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise RequestError(f"logprobs must be null or an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}")
+        return cls(prompts=_prompts(body.get("prompt")), max_tokens=max_tokens, sampling=sampling, stop=tuple(stop),
+                   stop_token_ids=(*([] if eos is None else [eos]), *stop_token_ids), min_tokens=body.get("min_tokens") or 0,
+                   echo=echo, logprobs=logprobs, stream=body.get("stream", False),
                    include_usage=bool(stream_options.get("include_usage")))
 
 
-def _prompt(prompt: object) -> str | list[int]:
-    """OpenAI's prompt as one prompt: text or token ids, or a list holding one of them."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str) or (isinstance(prompt, list) and all(is_integer(t) for t in prompt)):
-        return prompt
-    raise RequestError(f"prompt must be text, a list of token ids, or a list holding one of them (neoxfuse decodes one "
-                       f"sequence); got {prompt!r}"[:300])
+def _body(body: object, fields: set[str], model_name: str, api: str) -> dict:
+    """A request's body, a JSON object of `fields` naming no model or this one; RequestError else."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    if unknown := sorted(set(body) - fields):
+        raise RequestError(f"unknown fields {unknown}: not in {api}")
+    if body.get("model") not in (None, model_name):
+        raise RequestError(f"the model {body['model']!r} does not exist here; this server serves {model_name!r}",
+                           HTTPStatus.NOT_FOUND, "model_not_found")
+    return body
+
+
+def _is_token_ids(prompt: object) -> bool:
+    return isinstance(prompt, list) and all(is_integer(token) for token in prompt)
+
+
+def _prompts(prompt: object) -> tuple[Prompt, ...]:
+    """OpenAI's prompt as a tuple of prompts: text or token ids, or a non-empty list of either."""
+    if isinstance(prompt, str) or _is_token_ids(prompt):
+        return (prompt,)
+    if isinstance(prompt, list) and prompt and all(isinstance(one, str) or _is_token_ids(one) for one in prompt):
+        return tuple(prompt)
+    raise RequestError(f"prompt must be text, a list of token ids, or a list of either; got {prompt!r}"[:300])
 
 
 class CompletionText:
@@ -150,6 +181,34 @@ class CompletionText:
         return text[: len(text) - held]
 
 
+class LogprobsListing:
+    """OpenAI's logprobs object of a choice, built a batch of tokens at a time: each token's text,
+    logprob, most likely tokens (with itself) and offset in the choice's text."""
+
+    def __init__(self, token_text: Callable[[int], str]):
+        self.token_text = token_text
+        self.offset = 0  # where the next token's text starts
+        self.whole: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def extend(self, tokens: list[int], listed: list[TokenLogprobs | None]) -> dict:
+        """Lists `tokens` (their TokenLogprobs, or None where nothing predicted the token); the part
+        of the object for these tokens alone (a streamed chunk's logprobs)."""
+        part: dict[str, list] = {name: [] for name in self.whole}
+        for token, entry in zip(tokens, listed, strict=True):
+            text = self.token_text(token)
+            top = None
+            if entry is not None:
+                top = {self.token_text(other): value for other, value in entry.top}
+                if token not in {other for other, _ in entry.top}:
+                    top[text] = entry.logprob
+            for name, value in zip(part, (text, None if entry is None else entry.logprob, top, self.offset)):
+                part[name].append(value)
+            self.offset += len(text)
+        for name, values in part.items():
+            self.whole[name] += values
+        return part
+
+
 class CompletionServer(ThreadingHTTPServer):
     """The completions API (module docstring) for `engine` at `address` (port 0: any free port;
     self.url says which), answering to `model_name` (default: the engine's description).
@@ -169,62 +228,142 @@ class CompletionServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def complete(self, request: CompletionRequest, on_text: Callable[[str], None] | None = None) -> dict:
+    def complete(self, request: CompletionRequest, on_chunk: Callable[[dict], None] | None = None) -> dict:
         """The completion of `request` as OpenAI's text_completion object (module docstring);
-        on_text, if given, gets each new piece of final text as it comes."""
-        text = CompletionText(self.engine.tokenizer, request.stop)
-        sent = ""
+        on_chunk, if given, gets each choice's pieces as they come, in order, each as a choice of a
+        streamed chunk: {index, text (the next piece of its final text), logprobs (its tokens' part
+        of the logprobs object, or None), finish_reason (None until the choice's last)}."""
+        prompts = [self._prompt_tokens(prompt) for prompt in request.prompts]  # all checked before any runs
+        with self.engine_lock:
+            done = [self._choice(index, prompt, tokens, request, on_chunk)
+                    for index, (prompt, tokens) in enumerate(zip(request.prompts, prompts))]
+        outs = [out for _, out in done if out is not None]
+        prompt_tokens, completion_tokens = sum(map(len, prompts)), sum(len(out.tokens) for out in outs)
+        decode_ms = [ms for out in outs for ms in out.decode_ms]
+        return {**self.header(), "choices": [choice for choice, _ in done],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens},
+                "timings": {"prefill_ms": sum(out.prefill_ms for out in outs), "tpot_ms": sum(decode_ms) / len(decode_ms) if decode_ms else None,
+                            "backend": self.engine.backend_name}}
 
-        def on_tokens(tokens: list[int]) -> None:
+    def _prompt_tokens(self, prompt: Prompt) -> list[int]:
+        tokens = check_token_ids(self.engine.encode(prompt) if isinstance(prompt, str) else prompt, self.engine.shape.vocab)
+        if not tokens:
+            raise InvalidInputError("the prompt is empty; give at least one token")
+        return tokens
+
+    def _choice(self, index: int, prompt: Prompt, tokens: list[int], request: CompletionRequest,
+                on_chunk: Callable[[dict], None] | None) -> tuple[dict, Generation | None]:
+        """The choice of `prompt` (its `tokens`), its pieces sent to on_chunk as they come (see
+        complete()), and its Generation (None for max_tokens 0)."""
+        engine = self.engine
+
+        def send(text: str, logprobs: dict | None, finish_reason: str | None = None) -> None:
+            if on_chunk is not None:
+                on_chunk({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
+
+        listing = None if request.logprobs is None else LogprobsListing(self._token_text)
+        echoed = ""
+        if request.echo:
+            echoed = prompt if isinstance(prompt, str) else "" if engine.tokenizer is None else engine.tokenizer.decode(prompt)
+            part = None if listing is None else listing.extend(tokens, [None, *engine.prompt_logprobs(tokens, request.logprobs)])
+            if listing is not None:
+                listing.offset = len(echoed)  # the new tokens' text comes after the prompt's
+            send(echoed, part)
+        if request.max_tokens == 0:
+            send("", None, "length")
+            return {"index": index, "text": echoed, "logprobs": listing and listing.whole, "finish_reason": "length",
+                    "token_ids": []}, None
+        text = CompletionText(engine.tokenizer, request.stop)
+        sent, listed = "", []
+
+        def on_tokens(new: list[int]) -> None:
             nonlocal sent
-            text.tokens += tokens
-            if on_text is not None and len(now := text.text(final=False)) > len(sent):
-                on_text(now[len(sent):])
+            text.tokens += new
+            part = None if listing is None else listing.extend(new, listed)
+            listed.clear()
+            now = text.text(final=False) if on_chunk is not None else sent
+            if len(now) > len(sent) or part is not None:
+                send(now[len(sent):], part)
                 sent = now
 
-        with self.engine_lock:
-            out = self.engine.generate(request.prompt, request.max_tokens, request.sampling, stop_token_ids=request.stop_token_ids,
-                                       stop=request.stop, min_new_tokens=request.min_tokens, on_tokens=on_tokens)
+        out = engine.generate(tokens, request.max_tokens, request.sampling, stop_token_ids=request.stop_token_ids,
+                              stop=request.stop, min_new_tokens=request.min_tokens, on_tokens=on_tokens,
+                              logprobs=request.logprobs, on_logprobs=None if listing is None else listed.extend)
         final = text.text(final=True)
-        if on_text is not None and len(final) > len(sent):
-            on_text(final[len(sent):])
-        ended = text.stopped or out.tokens[-1] in request.stop_token_ids
-        return {**self.header(), "choices": [{"index": 0, "text": final, "logprobs": None, "finish_reason": "stop" if ended else "length",
-                                              "token_ids": out.tokens}],
-                "usage": _usage(out), "timings": {"prefill_ms": out.prefill_ms, "tpot_ms": out.tpot_ms,
-                                                  "backend": self.engine.backend_name}}
+        finish_reason = "stop" if text.stopped or out.tokens[-1] in request.stop_token_ids else "length"
+        if len(final) > len(sent):
+            send(final[len(sent):], None)
+        send("", None, finish_reason)
+        return {"index": index, "text": echoed + final, "logprobs": listing and listing.whole, "finish_reason": finish_reason,
+                "token_ids": out.tokens}, out
+
+    def _token_text(self, token: int) -> str:
+        tokenizer = self.engine.tokenizer
+        return f"token_id:{token}" if tokenizer is None else tokenizer.decode([token])
 
     def header(self) -> dict:
         return {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
 
+    def tokenizer_info(self) -> dict:
+        """vLLM's GET /tokenizer_info: the tokenizer's special tokens, class and the context length."""
+        tokenizer = self._tokenizer()
+        return {"tokenizer_class": type(tokenizer).__name__, "model_max_length": self.engine.max_seq_len,
+                **{name: getattr(tokenizer, name, None) for name in ("eos_token", "bos_token", "pad_token", "unk_token")}}
 
-def _usage(out: Generation) -> dict:
-    return {"prompt_tokens": len(out.prompt_tokens), "completion_tokens": len(out.tokens),
-            "total_tokens": len(out.prompt_tokens) + len(out.tokens)}
+    def tokenize(self, body: object) -> dict:
+        """vLLM's POST /tokenize of {"prompt", "add_special_tokens"}: the prompt's token ids."""
+        body = _body(body, {"prompt", "add_special_tokens", "model"}, self.model_name, "/tokenize")
+        if not isinstance(body.get("prompt"), str) or not isinstance(body.get("add_special_tokens", True), bool):
+            raise RequestError("/tokenize takes a prompt (text) and add_special_tokens (true or false)")
+        tokens = self._tokenizer().encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
+        return {"count": len(tokens), "max_model_len": self.engine.max_seq_len, "tokens": tokens}
+
+    def detokenize(self, body: object) -> dict:
+        """vLLM's POST /detokenize of {"tokens"}: their text."""
+        body = _body(body, {"tokens", "model"}, self.model_name, "/detokenize")
+        tokens = body.get("tokens")
+        if not _is_token_ids(tokens):
+            raise RequestError(f"/detokenize takes tokens, a list of token ids; got {tokens!r}"[:300])
+        return {"prompt": self._tokenizer().decode(check_token_ids(tokens, self.engine.shape.vocab))}
+
+    def _tokenizer(self):
+        if self.engine.tokenizer is None:
+            raise RequestError(f"{self.model_name!r} has no tokenizer: give prompts as token ids", HTTPStatus.NOT_FOUND, "not_found")
+        return self.engine.tokenizer
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: CompletionServer
 
     def do_GET(self) -> None:
-        if self.path == "/health":
-            self._send_json({"status": "ok"})
-        elif self.path == "/v1/models":
-            self._send_json({"object": "list", "data": [{"id": self.server.model_name, "object": "model",
-                                                        "created": self.server.created, "owned_by": "neoxfuse"}]})
-        else:
-            self._send_error(RequestError(f"no route GET {self.path}", HTTPStatus.NOT_FOUND, "not_found"))
+        try:
+            if self.path == "/health":
+                self._send_json({"status": "ok"})
+            elif self.path == "/v1/models":
+                self._send_json({"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                                            "created": self.server.created, "owned_by": "neoxfuse"}]})
+            elif self.path == "/tokenizer_info":
+                self._send_json(self.server.tokenizer_info())
+            else:
+                raise RequestError(f"no route GET {self.path}", HTTPStatus.NOT_FOUND, "not_found")
+        except RequestError as err:
+            self._send_error(err)
 
     def do_POST(self) -> None:
         self.streaming = False  # whether a 200 and events went out: then an error can only end the stream
         try:
-            if self.path != "/v1/completions":
+            routes = {"/v1/completions": None, "/tokenize": self.server.tokenize, "/detokenize": self.server.detokenize}
+            if self.path not in routes:
                 raise RequestError(f"no route POST {self.path} (neoxfuse serves /v1/completions)", HTTPStatus.NOT_FOUND, "not_found")
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
             except (ValueError, UnicodeDecodeError) as err:
                 raise RequestError(f"the request body is not JSON: {err}") from None
+            if routes[self.path] is not None:
+                self._send_json(routes[self.path](body))
+                return
             request = CompletionRequest.parse(body, self.server.engine, self.server.model_name)
             if request.stream:
                 self._stream(request)
@@ -245,16 +384,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_error(err)
 
     def _stream(self, request: CompletionRequest) -> None:
-        """Server-sent events: chunks of text, the finish_reason, usage if asked, [DONE]. The 200
-        goes out with the first text, so an error found before it (the Engine checks everything
-        before it runs) is a plain error response."""
+        """Server-sent events: each choice's chunks (text, logprobs, then its finish_reason), usage if
+        asked, [DONE]. The 200 goes out with the first chunk, so an error found before it (the Engine
+        checks everything before it runs) is a plain error response."""
         header = self.server.header()
-
-        def chunk(text: str, finish_reason: str | None = None) -> dict:
-            return {**header, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
-
-        result = self.server.complete(request, on_text=lambda text: self._event(chunk(text)))
-        self._event(chunk("", result["choices"][0]["finish_reason"]))
+        result = self.server.complete(request, lambda choice: self._event({**header, "choices": [choice]}))
         if request.include_usage:
             self._event({**header, "choices": [], "usage": result["usage"]})
         self._event("[DONE]")
