@@ -191,6 +191,25 @@ def test_a_list_of_prompts_gets_a_choice_each_in_order(served):
         assert [choice["finish_reason"] for choice in mine] == [None] * (len(mine) - 1) + [want_choice["finish_reason"]]
 
 
+def test_n_completions_per_prompt_draw_with_successive_seeds(served):
+    server, engine = served
+    rule = {"temperature": 1.1, "top_k": 30}
+    body = {"prompt": ["hello world", "w9 w10"], "max_tokens": 8, "n": 3, "best_of": 3, "seed": 2**63 - 2, "echo": True, "logprobs": 1}
+    got = _complete(server, **body, **rule)
+    seeds = [2**63 - 2, 2**63 - 1, 0]  # seed + i, wrapping past 2^63 - 1
+    want = [engine.generate(prompt, 8, SamplingParams(seed=seed, **rule), stop_token_ids=0) for prompt in body["prompt"] for seed in seeds]
+    assert [choice["index"] for choice in got["choices"]] == list(range(6))
+    assert [choice["token_ids"] for choice in got["choices"]] == [out.tokens for out in want]
+    assert len({tuple(out.tokens) for out in want}) == 6
+    texts = [engine.tokenizer.decode(out.tokens) for out in want]
+    assert [choice["text"] for choice in got["choices"]] == [f"{prompt}{text}" for prompt, text in zip(["hello world"] * 3 + ["w9 w10"] * 3, texts)]
+    scored = [choice["logprobs"]["token_logprobs"][:2] for choice in got["choices"]]
+    assert scored[:3] == [[None, engine.prompt_logprobs("hello world")[0].logprob]] * 3 and scored[3] == scored[5] != scored[0]
+    assert got["usage"]["prompt_tokens"] == 4 and got["usage"]["completion_tokens"] == sum(len(out.tokens) for out in want)
+    greedy = _complete(server, prompt="hello world", max_tokens=4, n=2, temperature=0)["choices"]
+    assert greedy[0]["token_ids"] == greedy[1]["token_ids"] == engine.generate("hello world", 4).tokens
+
+
 def test_a_stream_sends_the_echo_then_each_pieces_logprobs(served, monkeypatch):
     # Chunks of 3 tokens; "w119" is held back until the stop string "w119 w53" turns up, but the
     # logprobs of its token go out with its batch.
@@ -243,7 +262,8 @@ def test_a_model_without_a_tokenizer_lists_token_ids_and_has_no_tokenizer_routes
 
 
 @pytest.mark.parametrize("body, status, message", [
-    ({"prompt": "hello", "n": 2}, 400, "n=2 is not implemented"),
+    ({"prompt": "hello", "n": 0}, 400, "n must be an integer >= 1 (completions per prompt), got 0"),
+    ({"prompt": "hello", "n": 2, "best_of": 3}, 400, "best_of=3 is not implemented"),
     ({"prompt": "hello", "echo": "yes"}, 400, "echo must be true or false"),
     ({"prompt": "hello", "logprobs": 21}, 400, "logprobs must be null or an integer from 0 to 20, got 21"),
     ({"prompt": "hello", "logprobs": True}, 400, "logprobs must be null or an integer"),

@@ -10,10 +10,11 @@ POST /detokenize and GET /tokenizer_info (which lm-evaluation-harness's local-co
 and then tokenizes with). Batch 1: the Engine decodes one sequence at a time, so requests are served
 one after another (the others wait for it), each at the Engine's speed.
 
-A completion request (JSON) takes OpenAI's fields: prompt (text or token ids, or a list of them: one
-choice each, in order), max_tokens (default 16; 0 with echo: the prompt only), temperature (default 1;
-0 is greedy), top_p, seed, stop (a string or a list of them), echo, logprobs (0 to 20), stream and
-stream_options.include_usage; n and best_of only at 1, logit_bias only null, presence_penalty and
+A completion request (JSON) takes OpenAI's fields: prompt (text or token ids, or a list of them),
+n (completions per prompt, default 1; choice p * n + i is prompt p's i-th, drawn with seed + i when
+seeded), max_tokens (default 16; 0 with echo: the prompt only), temperature (default 1; 0 is greedy),
+top_p, seed, stop (a string or a list of them), echo, logprobs (0 to 20), stream and
+stream_options.include_usage; best_of only null or n, logit_bias only null, presence_penalty and
 frequency_penalty only 0 (anything else is refused, as is a field the API does not have); and vLLM's
 extensions top_k, min_p, typical_p, repetition_penalty, min_tokens, stop_token_ids and ignore_eos.
 
@@ -46,7 +47,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -58,11 +59,11 @@ from neoxfuse.scoring import TokenLogprobs
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
 # Fields taken only where they change nothing (OpenAI's defaults), and fields that change nothing at all.
-_NEUTRAL = {"n": 1, "best_of": 1, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0, "suffix": None}
+_NEUTRAL = {"logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0, "suffix": None}
 _IGNORED = {"model", "user"}
 _SAMPLING = {"temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "seed"}
-_FIELDS = {"prompt", "max_tokens", "stop", "echo", "logprobs", "stream", "stream_options", "min_tokens", "stop_token_ids",
-           "ignore_eos", *_SAMPLING, *_NEUTRAL, *_IGNORED}
+_FIELDS = {"prompt", "n", "best_of", "max_tokens", "stop", "echo", "logprobs", "stream", "stream_options", "min_tokens",
+           "stop_token_ids", "ignore_eos", *_SAMPLING, *_NEUTRAL, *_IGNORED}
 
 Prompt = str | list[int]
 
@@ -79,7 +80,8 @@ class RequestError(Exception):
 class CompletionRequest:
     """A completion request's body, checked and read as Engine.generate's arguments."""
 
-    prompts: tuple[Prompt, ...]  # one choice each
+    prompts: tuple[Prompt, ...]
+    n: int  # choices per prompt
     max_tokens: int  # 0 only with echo
     sampling: SamplingParams
     stop: tuple[str, ...]
@@ -122,10 +124,16 @@ class CompletionRequest:
         max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
         if not is_integer(max_tokens) or max_tokens < (0 if echo else 1):
             raise RequestError(f"max_tokens must be an integer >= 1 (or 0 with echo: the prompt alone), got {max_tokens!r}")
+        n = 1 if body.get("n") is None else body["n"]
+        if not is_integer(n) or n < 1:
+            raise RequestError(f"n must be an integer >= 1 (completions per prompt), got {n!r}")
+        if body.get("best_of") not in (None, n):
+            raise RequestError(f"best_of={body['best_of']!r} is not implemented (neoxfuse returns every completion it makes: "
+                               "best_of only null or n)")
         logprobs = body.get("logprobs")
         if logprobs is not None and (not is_integer(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
             raise RequestError(f"logprobs must be null or an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}")
-        return cls(prompts=_prompts(body.get("prompt")), max_tokens=max_tokens, sampling=sampling, stop=tuple(stop),
+        return cls(prompts=_prompts(body.get("prompt")), n=n, max_tokens=max_tokens, sampling=sampling, stop=tuple(stop),
                    stop_token_ids=(*([] if eos is None else [eos]), *stop_token_ids), min_tokens=body.get("min_tokens") or 0,
                    echo=echo, logprobs=logprobs, stream=body.get("stream", False),
                    include_usage=bool(stream_options.get("include_usage")))
@@ -201,8 +209,10 @@ class LogprobsListing:
                 top = {self.token_text(other): value for other, value in entry.top}
                 if token not in {other for other, _ in entry.top}:
                     top[text] = entry.logprob
-            for name, value in zip(part, (text, None if entry is None else entry.logprob, top, self.offset)):
-                part[name].append(value)
+            part["tokens"].append(text)
+            part["token_logprobs"].append(None if entry is None else entry.logprob)
+            part["top_logprobs"].append(top)
+            part["text_offset"].append(self.offset)
             self.offset += len(text)
         for name, values in part.items():
             self.whole[name] += values
@@ -234,9 +244,17 @@ class CompletionServer(ThreadingHTTPServer):
         streamed chunk: {index, text (the next piece of its final text), logprobs (its tokens' part
         of the logprobs object, or None), finish_reason (None until the choice's last)}."""
         prompts = [self._prompt_tokens(prompt) for prompt in request.prompts]  # all checked before any runs
+        done = []
         with self.engine_lock:
-            done = [self._choice(index, prompt, tokens, request, on_chunk)
-                    for index, (prompt, tokens) in enumerate(zip(request.prompts, prompts))]
+            for number, (prompt, tokens) in enumerate(zip(request.prompts, prompts)):
+                scored = None  # the prompt's logprobs, when echoed with them: scored once for its n choices
+                if request.echo and request.logprobs is not None:
+                    scored = self.engine.prompt_logprobs(tokens, request.logprobs)
+                for copy in range(request.n):
+                    sampling = request.sampling
+                    if sampling.seed is not None:
+                        sampling = replace(sampling, seed=(sampling.seed + copy) % 2**63)
+                    done.append(self._choice(number * request.n + copy, prompt, tokens, scored, sampling, request, on_chunk))
         outs = [out for _, out in done if out is not None]
         prompt_tokens, completion_tokens = sum(map(len, prompts)), sum(len(out.tokens) for out in outs)
         decode_ms = [ms for out in outs for ms in out.decode_ms]
@@ -252,10 +270,11 @@ class CompletionServer(ThreadingHTTPServer):
             raise InvalidInputError("the prompt is empty; give at least one token")
         return tokens
 
-    def _choice(self, index: int, prompt: Prompt, tokens: list[int], request: CompletionRequest,
-                on_chunk: Callable[[dict], None] | None) -> tuple[dict, Generation | None]:
-        """The choice of `prompt` (its `tokens`), its pieces sent to on_chunk as they come (see
-        complete()), and its Generation (None for max_tokens 0)."""
+    def _choice(self, index: int, prompt: Prompt, tokens: list[int], scored: list[TokenLogprobs] | None, sampling: SamplingParams,
+                request: CompletionRequest, on_chunk: Callable[[dict], None] | None) -> tuple[dict, Generation | None]:
+        """The choice of `prompt` (its `tokens`; `scored`: their prompt_logprobs where echoed with
+        logprobs) drawn by `sampling`, its pieces sent to on_chunk as they come (see complete()), and
+        its Generation (None for max_tokens 0)."""
         engine = self.engine
 
         def send(text: str, logprobs: dict | None, finish_reason: str | None = None) -> None:
@@ -266,7 +285,7 @@ class CompletionServer(ThreadingHTTPServer):
         echoed = ""
         if request.echo:
             echoed = prompt if isinstance(prompt, str) else "" if engine.tokenizer is None else engine.tokenizer.decode(prompt)
-            part = None if listing is None else listing.extend(tokens, [None, *engine.prompt_logprobs(tokens, request.logprobs)])
+            part = None if listing is None else listing.extend(tokens, [None, *scored])
             if listing is not None:
                 listing.offset = len(echoed)  # the new tokens' text comes after the prompt's
             send(echoed, part)
@@ -287,7 +306,7 @@ class CompletionServer(ThreadingHTTPServer):
                 send(now[len(sent):], part)
                 sent = now
 
-        out = engine.generate(tokens, request.max_tokens, request.sampling, stop_token_ids=request.stop_token_ids,
+        out = engine.generate(tokens, request.max_tokens, sampling, stop_token_ids=request.stop_token_ids,
                               stop=request.stop, min_new_tokens=request.min_tokens, on_tokens=on_tokens,
                               logprobs=request.logprobs, on_logprobs=None if listing is None else listed.extend)
         final = text.text(final=True)
