@@ -113,6 +113,28 @@ def test_generate_from_a_checkpoint_and_sampling_options(tiny_checkpoint, capsys
     assert "greedy decoding (--temperature 0): --typical-p, --eta-cutoff have no effect" in capsys.readouterr().err
 
 
+def test_generate_prints_each_new_tokens_logprobs(tiny_checkpoint, tiny_checkpoint_with_tokenizer, capsys):
+    args = ["generate", "--tokens", "5,6", "--max-new-tokens", "3", "--device", "cpu", "--temperature", "1.3", "--seed", "2"]
+    out = Engine(str(tiny_checkpoint_with_tokenizer), device="cpu").generate([5, 6], 3, SamplingParams(temperature=1.3, seed=2),
+                                                                             stop_token_ids=0, logprobs=2)
+    assert main([*args, "--model", str(tiny_checkpoint_with_tokenizer), "--logprobs", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("logprobs (natural log, from the model's logits before the sampling rule):")
+    words = {token: f"{token} 'w{token}'" for entry in out.logprobs for token, _ in (*entry.top, (entry.token, 0))}
+    assert lines[start + 1 : start + 4] == [
+        f"  {words[entry.token]} {entry.logprob:.4f}  (most likely: {', '.join(f'{words[t]} {v:.4f}' for t, v in entry.top)})"
+        for entry in out.logprobs]
+    assert main([*args, "--model", str(tiny_checkpoint), "--logprobs", "0"]) == 0  # no tokenizer: ids alone, no alternatives
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("logprobs (natural log, from the model's logits before the sampling rule):")
+    assert [line.split()[0] for line in lines[start + 1 : start + 4]] == lines[2].split(": ")[1].split(",")
+    assert "most likely" not in lines[start + 1]
+    assert main([*args, "--model", "tiny", "--logprobs", "21"]) == 1
+    assert "logprobs must be None or an integer from 0 to 20" in _one_line_error(capsys.readouterr().err)
+    assert main([*args, "--model", "tiny", "--logprobs", "1", "--interactive"]) == 1
+    assert "--logprobs lists a generation's tokens after it" in _one_line_error(capsys.readouterr().err)
+
+
 def test_generate_streams_ids_or_text(tiny_checkpoint, tiny_checkpoint_with_tokenizer, capsys):
     args = ["generate", "--tokens", "5,6", "--max-new-tokens", "40", "--device", "cpu", "--stream"]
     assert main([*args, "--model", str(tiny_checkpoint)]) == 0

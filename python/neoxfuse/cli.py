@@ -32,7 +32,7 @@ from neoxfuse.engine import AUTO, AUTO_ORDER, BACKENDS, DTYPES, Engine, backend_
 from neoxfuse.errors import InvalidInputError, NeoxfuseError
 from neoxfuse.sampling import LATER_FILTERS, SAMPLED_ONLY, SamplingParams
 from neoxfuse.progress import progress_bar
-from neoxfuse.scoring import CorpusScores, Scores, TextMeasures, hf_scores
+from neoxfuse.scoring import CorpusScores, Scores, TextMeasures, TokenLogprobs, hf_scores
 from neoxfuse.server import CompletionServer
 
 GPU_DEFAULT_MODEL = "pythia-2.8b"
@@ -197,6 +197,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         "token, as transformers' min_new_tokens (default 0)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end after the token that completes TEXT "
                         "in the new text (needs a tokenizer; repeatable; $'\\nQ:' in bash for a newline)")
+    parser.add_argument("--logprobs", type=int, metavar="N", help="print each new token's log-probability (from the model's "
+                        "logits, before the sampling rule) and the N most likely tokens where it was chosen (0 to 20)")
     parser.add_argument("--interactive", action="store_true", help="then read lines from stdin, each added as typed to the "
                         "text so far (the prompt, if given, and every continuation; token ids without a tokenizer; an empty "
                         "line adds nothing), and continue it: the KV cache of the text so far is reused (Engine's "
@@ -233,9 +235,12 @@ def _generate(args) -> int:
     stops = {"stop_token_ids": () if eos is None else (eos,), "stop": args.stop,  # Engine.generate's arguments on the end
              "min_new_tokens": args.min_new_tokens}
     if args.interactive:
+        if args.logprobs is not None:
+            raise InvalidInputError("--logprobs lists a generation's tokens after it; --interactive streams turns instead")
         return _interactive(engine, prompt or [], args.max_new_tokens, sampling, stops)
     stream = _Stream(engine.tokenizer) if args.stream else None
-    out = engine.generate(prompt, args.max_new_tokens, sampling, progress=stream is None, on_tokens=stream, **stops)
+    out = engine.generate(prompt, args.max_new_tokens, sampling, progress=stream is None, on_tokens=stream, logprobs=args.logprobs,
+                          **stops)
     if stream is not None:
         print(flush=True)  # ends the streamed line
 
@@ -255,11 +260,24 @@ def _generate(args) -> int:
         print(f"no {sampling.no_repeat_ngram_size}-gram of the prompt and the generated tokens repeated")
     if out.text is not None:
         print(f"text: {args.prompt if args.prompt is not None else engine.tokenizer.decode(out.prompt_tokens)}{out.text}")
+    if out.logprobs is not None:
+        _print_logprobs(engine, out.logprobs)
     timing = f"prefill {out.prefill_ms:.2f} ms"
     if out.tpot_ms is not None:
         timing += f"; {_count(out.decode_ms, 'decode step')}, TPOT {out.tpot_ms:.3f} ms ({1e3 / out.tpot_ms:.1f} tokens/s)"
     print(timing)
     return 0
+
+
+def _print_logprobs(engine: Engine, listed: list[TokenLogprobs]) -> None:
+    """Each new token and its logprob, then the most likely tokens where it was chosen and theirs."""
+    def label(token: int) -> str:
+        return str(token) if engine.tokenizer is None else f"{token} {engine.tokenizer.decode([token])!r}"
+
+    print("logprobs (natural log, from the model's logits before the sampling rule):")
+    for entry in listed:
+        top = ", ".join(f"{label(token)} {value:.4f}" for token, value in entry.top)
+        print(f"  {label(entry.token)} {entry.logprob:.4f}" + (f"  (most likely: {top})" if top else ""))
 
 
 def _engine_summary(engine: Engine) -> str:
