@@ -276,6 +276,7 @@ def test_a_model_without_a_tokenizer_lists_token_ids_and_has_no_tokenizer_routes
     ({"prompt": [1, 2.5]}, 400, "prompt must be text"),
     ({"prompt": ""}, 400, "the prompt is empty"),
     ({"prompt": "hello", "max_tokens": 65}, 400, "need 65 KV cache positions; the cache holds 64"),
+    ({"prompt": ["hello", "w3 " * 30], "max_tokens": 40, "echo": True}, 400, "a 30-token prompt and 40 new tokens need 69 KV"),
     ({"prompt": "hello", "max_tokens": 0}, 400, "max_tokens must be an integer >= 1 (or 0 with echo: the prompt alone), got 0"),
     ({"prompt": "hello", "max_tokens": -1, "echo": True}, 400, "max_tokens must be an integer >= 1"),
     ({"prompt": "hello", "max_tokens": 2.0}, 400, "max_tokens must be an integer >= 1"),

@@ -520,17 +520,9 @@ class Engine:
         if stop_when is not None and not callable(stop_when):
             raise InvalidInputError(f"stop_when must be a function of the new tokens, got {type(stop_when).__name__}")
         stop_rule = StopRule(stop_token_set(stop_token_ids), self._stop_strings(stop), self.tokenizer, stop_when)
-        if not is_integer(max_new_tokens) or max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        self.check_room(len(prompt_tokens), max_new_tokens)
         if not is_integer(min_new_tokens) or min_new_tokens < 0:
             raise InvalidInputError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
-        positions = len(prompt_tokens) + max_new_tokens - 1  # the last new token is never fed back
-        if positions > self.max_seq_len:
-            raise SequenceTooLongError(
-                f"a {len(prompt_tokens)}-token prompt and {max_new_tokens} new tokens need {positions} KV cache positions; "
-                f"the cache holds {self.max_seq_len}: ask for at most {max(self.max_seq_len - len(prompt_tokens) + 1, 0)} "
-                "new tokens or build the Engine with a larger max_seq_len"
-            )
         sampling = sampling.seeded()  # an unseeded request gets its seed here, reported in the result
         early = sampling  # the rule of the first min_new_tokens tokens (all of them: sampling)
         if min_new_tokens and (stops := {t for t in stop_rule.token_ids if 0 <= t < self.shape.vocab}):
@@ -570,6 +562,20 @@ class Engine:
         if self.tokenizer is not None:
             result.text = self.tokenizer.decode(result.tokens)
         return result
+
+    def check_room(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """InvalidInputError for a max_new_tokens that is not an integer >= 1, SequenceTooLongError
+        when a prompt of `prompt_tokens` tokens and max_new_tokens new tokens but the last (which is
+        never fed back) need more than max_seq_len KV cache positions: generate()'s checks of them."""
+        if not is_integer(max_new_tokens) or max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        positions = prompt_tokens + max_new_tokens - 1
+        if positions > self.max_seq_len:
+            raise SequenceTooLongError(
+                f"a {prompt_tokens}-token prompt and {max_new_tokens} new tokens need {positions} KV cache positions; "
+                f"the cache holds {self.max_seq_len}: ask for at most {max(self.max_seq_len - prompt_tokens + 1, 0)} "
+                "new tokens or build the Engine with a larger max_seq_len"
+            )
 
     @torch.inference_mode()
     def score(self, text: str | Sequence[int] | torch.Tensor, *, window: int | None = None, stride: int | None = None,

@@ -243,7 +243,7 @@ class CompletionServer(ThreadingHTTPServer):
         on_chunk, if given, gets each choice's pieces as they come, in order, each as a choice of a
         streamed chunk: {index, text (the next piece of its final text), logprobs (its tokens' part
         of the logprobs object, or None), finish_reason (None until the choice's last)}."""
-        prompts = [self._prompt_tokens(prompt) for prompt in request.prompts]  # all checked before any runs
+        prompts = [self._prompt_tokens(prompt, request.max_tokens) for prompt in request.prompts]  # all checked before any runs
         done = []
         with self.engine_lock:
             for number, (prompt, tokens) in enumerate(zip(request.prompts, prompts)):
@@ -264,10 +264,13 @@ class CompletionServer(ThreadingHTTPServer):
                 "timings": {"prefill_ms": sum(out.prefill_ms for out in outs), "tpot_ms": sum(decode_ms) / len(decode_ms) if decode_ms else None,
                             "backend": self.engine.backend_name}}
 
-    def _prompt_tokens(self, prompt: Prompt) -> list[int]:
+    def _prompt_tokens(self, prompt: Prompt, max_tokens: int) -> list[int]:
+        """The prompt's token ids, checked, as is the room for max_tokens new tokens after it."""
         tokens = check_token_ids(self.engine.encode(prompt) if isinstance(prompt, str) else prompt, self.engine.shape.vocab)
         if not tokens:
             raise InvalidInputError("the prompt is empty; give at least one token")
+        if max_tokens:
+            self.engine.check_room(len(tokens), max_tokens)
         return tokens
 
     def _choice(self, index: int, prompt: Prompt, tokens: list[int], scored: list[TokenLogprobs] | None, sampling: SamplingParams,
