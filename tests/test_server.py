@@ -71,7 +71,7 @@ def test_greedy_completions_are_the_engines_generations(served):
     assert got["object"] == "text_completion" and got["model"] == "tiny" and got["id"].startswith("cmpl-")
     assert choice["token_ids"] == want.tokens and choice["text"] == engine.tokenizer.decode(want.tokens, skip_special_tokens=True)
     assert choice["finish_reason"] == "length" and choice["index"] == 0 and choice["logprobs"] is None
-    assert got["usage"] == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
+    assert got["usage"] == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15, "prompt_tokens_details": {"cached_tokens": 0}}
     assert got["timings"]["backend"] == "reference" and got["timings"]["prefill_ms"] > 0
     ids = engine.encode("hello world w7")
     for prompt in (ids, [ids], ["hello world w7"]):  # token ids, or a list of one prompt
@@ -164,7 +164,8 @@ def test_echo_puts_the_prompt_and_its_teacher_forced_logprobs_first(served):
     choice = alone["choices"][0]
     assert (choice["text"], choice["finish_reason"], choice["token_ids"]) == ("hello world w7 w9", "length", [])
     assert choice["logprobs"]["token_logprobs"] == listing["token_logprobs"][:4]
-    assert alone["usage"] == {"prompt_tokens": 4, "completion_tokens": 0, "total_tokens": 4} and alone["timings"]["tpot_ms"] is None
+    assert alone["usage"] == {"prompt_tokens": 4, "completion_tokens": 0, "total_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}}
+    assert alone["timings"]["tpot_ms"] is None
     streamed = [event["choices"][0] for event in _events(server, prompt="hello world w7 w9", max_tokens=0, echo=True)]
     assert [(choice["text"], choice["finish_reason"]) for choice in streamed] == [("hello world w7 w9", None), ("", "length")]
     plain = _complete(server, prompt="hello world w7 w9", max_tokens=3, temperature=0, echo=True)["choices"][0]
@@ -181,7 +182,8 @@ def test_a_list_of_prompts_gets_a_choice_each_in_order(served):
     assert [choice["token_ids"] for choice in got["choices"]] == [out.tokens for out in want]
     assert [choice["finish_reason"] for choice in got["choices"]] == ["length", "length", "stop"]
     prompt_tokens, new_tokens = 3 + 2 + 2, sum(len(out.tokens) for out in want)
-    assert got["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": new_tokens, "total_tokens": prompt_tokens + new_tokens}
+    assert got["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": new_tokens, "total_tokens": prompt_tokens + new_tokens,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
     events = _events(server, **body)
     choices = [event["choices"][0] for event in events]
     assert [choice["index"] for choice in choices] == sorted(choice["index"] for choice in choices)  # one prompt after the other
@@ -341,6 +343,25 @@ def test_requests_at_once_are_served_one_after_another(served, monkeypatch):
     assert got == want and max(most) == 1
 
 
+def test_an_engine_with_a_prefix_cache_prefills_only_a_turns_new_tokens(checkpoint):
+    # A conversation's next turn: the prompt is the last one, its completion and more.
+    engine, mirror = (Engine(str(checkpoint), device="cpu", max_seq_len=64, prefix_cache=True) for _ in range(2))
+    server = CompletionServer(engine, ("127.0.0.1", 0), "tiny")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        first = _complete(server, prompt="hello world w7", max_tokens=6, temperature=0, ignore_eos=True)
+        turn = [*engine.encode("hello world w7"), *first["choices"][0]["token_ids"], *engine.encode("w9 w10")]
+        second = _complete(server, prompt=turn, max_tokens=6, temperature=0, ignore_eos=True)
+        mirror.generate("hello world w7", 6)
+        want = mirror.generate(turn, 6)
+        assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": want.reused_tokens} and want.reused_tokens == 3 + 6 - 1
+        assert second["choices"][0]["token_ids"] == want.tokens
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_completion_text_holds_back_an_incomplete_character_and_a_possible_stop():
     # A byte-level tokenizer decodes half a character as U+FFFD until its other half comes.
     class Tokenizer:
@@ -363,7 +384,7 @@ def test_completion_text_holds_back_an_incomplete_character_and_a_possible_stop(
 def test_neoxfuse_serve_answers_over_http(checkpoint):
     # `python -m neoxfuse serve --port 0`: it says where it listens, and answers there.
     command, env = neoxfuse_command("serve", "--model", str(checkpoint), "--device", "cpu", "--port", "0",
-                                    "--served-model-name", "pythia-tiny")
+                                    "--served-model-name", "pythia-tiny", "--prefix-cache")
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     try:
         line = next(line for line in process.stderr if "serving" in line)
@@ -373,6 +394,8 @@ def test_neoxfuse_serve_answers_over_http(checkpoint):
         got = _complete(server, model="pythia-tiny", prompt="hello world w7", max_tokens=5, temperature=0)
         want = Engine(str(checkpoint), device="cpu").generate("hello world w7", 5).tokens
         assert got["choices"][0]["token_ids"] == want
+        again = _complete(server, model="pythia-tiny", prompt="hello world w7", max_tokens=5, temperature=0)
+        assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}  # --prefix-cache: all but the prompt's last token
     finally:
         process.terminate()
         process.wait(timeout=30)

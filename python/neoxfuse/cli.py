@@ -667,6 +667,10 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", help="the model name requests give (default: the --model given)")
     parser.add_argument("--max-seq-len", type=int, help="KV cache positions (default: the model's maximum)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a random-initialised model's weights (default 0)")
+    parser.add_argument("--prefix-cache", action="store_true", help="keep the KV cache a completion leaves for the next "
+                        "request, which then prefills only its prompt after the longest prefix they share (a conversation's "
+                        "next turn; usage.prompt_tokens_details.cached_tokens counts the rest); off by default, as the Engine's "
+                        "prefix_cache, since reused keys and values round differently from a prefill's")
 
 
 def _serve(args) -> int:
@@ -681,7 +685,7 @@ def _serve(args) -> int:
     device = resolve_device(args.device)
     model = _model_name(args, device)
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed,
-                    revision=args.revision)
+                    revision=args.revision, prefix_cache=args.prefix_cache)
     try:
         server = CompletionServer(engine, (args.host, args.port), args.served_model_name or model)
     except (OSError, OverflowError) as err:  # in use, not this machine's address, past 65535

@@ -21,7 +21,8 @@ extensions top_k, min_p, typical_p, repetition_penalty, min_tokens, stop_token_i
 The reply is OpenAI's text_completion: a choice per prompt whose text is the new tokens' text (special
 tokens skipped; after the prompt's text with echo), cut before the first stop string as OpenAI cuts
 it, and finish_reason "stop" (the end-of-text token, a stop token or a stop string) or "length";
-usage counts tokens. logprobs N lists, per token, its text, its log-probability where it was chosen
+usage counts tokens (prompt_tokens_details.cached_tokens: the prompt tokens an Engine with
+prefix_cache, `neoxfuse serve --prefix-cache`, did not run again). logprobs N lists, per token, its text, its log-probability where it was chosen
 (natural log, from the model's logits before the sampling rule: vLLM's default) and the N most likely
 tokens there with the token itself (up to N + 1), and each token's offset in the text; with echo the
 prompt's tokens come first, scored teacher forced as Engine.prompt_logprobs scores them (the first
@@ -260,7 +261,8 @@ class CompletionServer(ThreadingHTTPServer):
         decode_ms = [ms for out in outs for ms in out.decode_ms]
         return {**self.header(), "choices": [choice for choice, _ in done],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens},
+                          "total_tokens": prompt_tokens + completion_tokens,
+                          "prompt_tokens_details": {"cached_tokens": sum(out.reused_tokens for out in outs)}},
                 "timings": {"prefill_ms": sum(out.prefill_ms for out in outs), "tpot_ms": sum(decode_ms) / len(decode_ms) if decode_ms else None,
                             "backend": self.engine.backend_name}}
 
