@@ -9,6 +9,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TextStreamer
+from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.generation.streamers import BaseStreamer
 
 import neoxfuse
@@ -219,8 +220,7 @@ def test_hf_generate_takes_other_options_where_they_change_nothing(hf_model, mon
     neutral = {"num_beams": 1, "renormalize_logits": False, "use_cache": False, "output_attentions": True, "length_penalty": 2.0,
                "return_dict_in_generate": False, "bos_token_id": 3}
     assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **neutral).tolist() == want.tolist()
-    for name, value in [("num_beams", 2), ("renormalize_logits", True), ("forced_bos_token_id", 3), ("return_dict_in_generate", True),
-                        ("max_time", 2.0), ("encoder_no_repeat_ngram_size", 2), ("max_time", 1.0)]:
+    for name, value in [("num_beams", 2), ("renormalize_logits", True), ("forced_bos_token_id", 3), ("max_time", 2.0), ("encoder_no_repeat_ngram_size", 2), ("max_time", 1.0)]:
         with pytest.raises(InvalidInputError, match=re.escape(f"{name}={value!r} (set in the call) would change what model.generate")):
             neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **{name: value})
     with pytest.raises(InvalidInputError, match=r"unknown options \['max_new_token'\]"):
@@ -274,6 +274,38 @@ def test_hf_generate_holds_eos_back_and_suppresses_tokens_as_model_generate_does
     monkeypatch.setattr(hf_model.generation_config, "min_new_tokens", 4)
     assert neoxfuse.hf.generate(hf_model, ids, eos_token_id=eos, **greedy).tolist() == hf_model.generate(
         ids, eos_token_id=eos, **greedy).tolist()
+
+
+def test_hf_generate_returns_the_logits_and_scores_model_generate_returns(hf_model):
+    # Greedy with every processor (penalty, n-gram ban, eos held back, suppressed tokens) over 40
+    # tokens: model.generate's sequences, logits and scores, and so its transition scores.
+    ids = torch.tensor([[5, 6, 7]])
+    asked = {"return_dict_in_generate": True, "output_scores": True, "output_logits": True, "attention_mask": torch.ones_like(ids)}
+    plain = hf_model.generate(ids, do_sample=False, max_new_tokens=8, eos_token_id=None)[0, 3:].tolist()
+    greedy = {"do_sample": False, "max_new_tokens": 40, "repetition_penalty": 1.3, "no_repeat_ngram_size": 3, "min_new_tokens": 4,
+              "eos_token_id": plain[2], "begin_suppress_tokens": [plain[0]], "suppress_tokens": [plain[5]]}
+    want = hf_model.generate(ids, **greedy, **asked)
+    got = neoxfuse.hf.generate(hf_model, ids, **greedy, **asked)
+    assert isinstance(got, GenerateDecoderOnlyOutput) and got.sequences.tolist() == want.sequences.tolist()
+    assert len(got.logits) == len(got.scores) == len(want.scores) == got.sequences.shape[1] - 3 > 8
+    torch.testing.assert_close(torch.cat(got.logits), torch.cat(want.logits), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(got.scores), torch.cat(want.scores), rtol=1e-5, atol=1e-5)  # the -inf where HF's
+    assert not torch.equal(torch.cat(got.scores), torch.cat(got.logits))
+    torch.testing.assert_close(hf_model.compute_transition_scores(got.sequences, got.scores, normalize_logits=True),
+                               hf_model.compute_transition_scores(want.sequences, want.scores, normalize_logits=True))
+    # Sampled: the first token's scores (from the prompt alone) are HF's, through temperature and every filter.
+    for rule in [{"top_k": 20, "top_p": 0.8}, {"top_k": 0, "min_p": 0.05, "typical_p": 0.7, "eta_cutoff": 1e-3, "repetition_penalty": 0.8}]:
+        sampled = {"do_sample": True, "temperature": 0.7, "max_new_tokens": 3, **rule}
+        want = hf_model.generate(ids, **sampled, **asked)
+        got = neoxfuse.hf.generate(hf_model, ids, seed=1, **sampled, **asked)
+        torch.testing.assert_close(got.scores[0], want.scores[0], rtol=1e-5, atol=1e-5)
+        assert 1 < int(got.scores[0].isfinite().sum()) < hf_model.config.vocab_size
+    only = neoxfuse.hf.generate(hf_model, ids, max_new_tokens=3, return_dict_in_generate=True, output_logits=True)
+    assert only.scores is None and len(only.logits) == 3 and only.past_key_values is None
+    assert isinstance(neoxfuse.hf.generate(hf_model, ids, max_new_tokens=3, output_scores=True), torch.Tensor)  # as model.generate
+    assert isinstance(neoxfuse.hf.generate(hf_model, ids, max_new_tokens=3, output_attentions=True), torch.Tensor)
+    with pytest.raises(InvalidInputError, match="output_attentions with return_dict_in_generate: neoxfuse.hf.generate returns"):
+        neoxfuse.hf.generate(hf_model, ids, max_new_tokens=3, return_dict_in_generate=True, output_attentions=True)
 
 
 def test_engine_holds_the_stop_tokens_back_for_min_new_tokens(engine):

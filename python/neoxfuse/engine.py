@@ -42,7 +42,7 @@ from neoxfuse.progress import progress_bar
 from neoxfuse.quant.checkpoint import is_quantized_checkpoint, load_gptq_checkpoint
 from neoxfuse.quant.hf_gptq import dequantized_gpt_neox, describe_dequantized
 from neoxfuse.reference import ReferenceModel
-from neoxfuse.sampling import SamplingParams, choose, next_token, token_id_set
+from neoxfuse.sampling import SamplingParams, choose, next_token, processed_scores, token_id_set
 from neoxfuse.scoring import (Loglikelihood, Scores, Span, TokenLogprobs, logprobs_of, resolve_stride, token_logprobs, token_scores,
                               top_logprobs, windows, with_prefix)
 from neoxfuse.weights import (ModelWeights, describe_checkpoint, from_hf, load_checkpoint, load_tokenizer, model_source, random_model,
@@ -358,6 +358,8 @@ class Generation:
     seed: int | None = None  # the seed sampled tokens were drawn with (None: greedy); pass it to redraw them
     reused_tokens: int = 0  # the prompt's first tokens, whose keys and values the last generation left in the cache
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when generate() was asked for them
+    logits: torch.Tensor | None = None  # [N, vocab] fp32 on the device: each new token's logits (generate's keep_logits)
+    scores: torch.Tensor | None = None  # [N, vocab] fp32 on the device: the same after the rule (generate's keep_scores)
 
     @property
     def tpot_ms(self) -> float | None:
@@ -485,6 +487,8 @@ class Engine:
         on_tokens: Callable[[list[int]], None] | None = None,
         logprobs: int | None = None,
         on_logprobs: Callable[[list[TokenLogprobs]], None] | None = None,
+        keep_logits: bool = False,
+        keep_scores: bool = False,
     ) -> Generation:
         """Generates up to `max_new_tokens` tokens after `prompt` (text or token ids).
 
@@ -501,7 +505,9 @@ class Engine:
         logprobs (0 to MAX_LOGPROBS), if given, records each new token's TokenLogprobs with that many
         most likely tokens (Generation.logprobs): from the logits it was chosen from, as the model gives
         them (before the rule's temperature, penalties and filters); on_logprobs, if given, gets each
-        batch of them just before on_tokens gets the batch's tokens.
+        batch of them just before on_tokens gets the batch's tokens. keep_logits keeps the logits each
+        new token was chosen from (Generation.logits: transformers' output_logits), keep_scores the
+        same after the rule (Generation.scores: sampling.processed_scores, transformers' output_scores).
         SequenceTooLongError, before any work, when the prompt and the new tokens but the last (which is
         never fed back) need more than max_seq_len KV cache positions. With prefix_cache on, the prompt's
         first tokens that the last generation left in the cache are not run again (Generation.reused_tokens).
@@ -544,6 +550,9 @@ class Engine:
         listed = None if logprobs is None else logprobs_of(logits[None], torch.tensor([token], device=self.device), logprobs)
         streams = (on_tokens, on_logprobs)
         stopped = _take(result, [token], [], listed, stop_rule, streams)
+        kept_rows = ([] if keep_logits else None, [] if keep_scores else None)  # [n, vocab] each, where kept
+        self._keep(logits[None], first, prompt_tokens, result.tokens, kept_rows)
+        with_logits = logprobs is not None or keep_logits or keep_scores
         with progress_bar(max_new_tokens, "decoding", unit="tok", enabled=progress) as bar:
             bar.update(1)
             while not stopped and len(result.tokens) < max_new_tokens:
@@ -552,11 +561,14 @@ class Engine:
                 rule = sampling
                 if done < min_new_tokens:  # the chunk ends where the stop tokens may come again
                     steps, rule = min(steps, min_new_tokens - done), early
-                tokens, times, listed = self._decode_chunk(token, cache, steps, rule, rng, history, logprobs)
+                tokens, times, logits = self._decode_chunk(token, cache, steps, rule, rng, history, with_logits)
                 token = tokens[-1]
                 taken = len(result.tokens)
+                listed = None if logprobs is None else logprobs_of(logits, torch.tensor(tokens, device=self.device), logprobs)
                 stopped = _take(result, tokens, times, listed, stop_rule, streams)
+                self._keep(logits, rule, prompt_tokens + result.tokens[:taken], result.tokens[taken:], kept_rows)
                 bar.update(len(result.tokens) - taken)
+        result.logits, result.scores = (None if rows is None else torch.cat(rows) for rows in kept_rows)
         if self.prefix_cache:  # the tokens at the cache's first positions (steps run after a stop token come later)
             self._kept = (cache, prompt_tokens + result.tokens[:-1])
         if self.tokenizer is not None:
@@ -705,14 +717,27 @@ class Engine:
         return texts
 
     def _decode_chunk(self, token: int, cache, steps: int, sampling: SamplingParams, rng: torch.Tensor | None,
-                      history: torch.Tensor | None, logprobs: int | None) -> tuple[list[int], list[float], list[TokenLogprobs] | None]:
-        """`steps` tokens after `token`, each one's step time in ms and, when logprobs is not None,
-        TokenLogprobs with that many most likely tokens; decoded on the device with one wait at the end."""
+                      history: torch.Tensor | None, with_logits: bool) -> tuple[list[int], list[float], torch.Tensor | None]:
+        """`steps` tokens after `token`, each one's step time in ms and, with_logits, the logits each
+        was chosen from ([steps, vocab] fp32); decoded on the device with one wait at the end."""
         clock = StepClock(self.device)
-        logits = None if logprobs is None else torch.empty(steps, self.shape.vocab, device=self.device)  # [steps, vocab] fp32
-        tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock, history, logits)  # [steps]
-        listed = None if logits is None else logprobs_of(logits, tokens, logprobs)
-        return tokens.tolist(), clock.intervals_ms(), listed
+        logits = torch.empty(steps, self.shape.vocab, device=self.device) if with_logits else None
+        tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock, history, logits).tolist()
+        return tokens, clock.intervals_ms(), logits
+
+    def _keep(self, logits: torch.Tensor, rule: SamplingParams, earlier: list[int], chosen: list[int],
+              kept_rows: tuple[list | None, list | None]) -> None:
+        """Adds the logits [>= n, vocab] that the n tokens `chosen` (after `earlier`) were chosen from by
+        `rule` to kept_rows (logits, scores), where each is a list: the logits as they are, and their
+        processed_scores with the history each read."""
+        logit_rows, score_rows = kept_rows
+        if logit_rows is not None:
+            logit_rows.append(logits[: len(chosen)].float())
+        if score_rows is not None:
+            constraints = rule.constraints(self.shape.vocab, self.device)
+            for j in range(len(chosen)):
+                history = rule.history(earlier + chosen[:j], len(earlier) + len(chosen) + 1, self.device)
+                score_rows.append(processed_scores(logits[j], rule, history, constraints)[None])
 
 
 def stop_token_set(ids: int | Collection[int] | torch.Tensor) -> frozenset[int]:

@@ -43,6 +43,7 @@ from collections.abc import Collection
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.generation.stopping_criteria import StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXForCausalLM, GPTNeoXLayer, GPTNeoXModel
@@ -260,16 +261,16 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((
 _HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
                 "min_length": 0, "suppress_tokens": None, "bad_words_ids": None, "no_repeat_ngram_size": 0,
                 "begin_suppress_tokens": None, "min_p": None, "stop_strings": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-                "eta_cutoff": 0.0}
+                "eta_cutoff": 0.0, "return_dict_in_generate": False, "output_scores": False, "output_logits": None}
 _DEFAULT_NEW_TOKENS = 20
 _IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
 # or in the model's generation config, they are refused, since model.generate would apply them.
 _NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
-            "num_beam_groups": 1, "renormalize_logits": False, "remove_invalid_values": False, "output_scores": False, "output_logits": False,
-            "return_dict_in_generate": False}
+            "num_beam_groups": 1, "renormalize_logits": False, "remove_invalid_values": False}
 # Options that change no token at any value: caching and compilation choices, settings of beam search
-# and of assisted decoding only, what only return_dict_in_generate would return, other models' ids.
+# and of assisted decoding only, what only return_dict_in_generate would return (attentions and hidden
+# states, refused there), other models' ids.
 _NO_EFFECT = {"use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
               "low_memory", "prefill_chunk_size", "length_penalty", "early_stopping", "diversity_penalty",
               "output_attentions", "output_hidden_states", "bos_token_id", "decoder_start_token_id", "is_assistant",
@@ -306,9 +307,12 @@ def generate(
     streamer: BaseStreamer | None = None,
     pad_token_id: int | None = UNSET,
     generation_config: GenerationConfig | None = None,
+    return_dict_in_generate: bool | None = UNSET,
+    output_scores: bool | None = UNSET,
+    output_logits: bool | None = UNSET,
     backend: str = AUTO,
     **options,
-) -> torch.Tensor:
+) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """`model.generate(input_ids, ...)` for one sequence, decoded by a neoxfuse Engine.
 
     input_ids [1, P] (long) -> [1, P + N] on the same device: the prompt, then N <= max_new_tokens
@@ -323,7 +327,11 @@ def generate(
     begin_suppress_tokens (never the first new token), and min_new_tokens (if set, else
     min_length - P) new tokens before eos may come; stop_strings (with the `tokenizer`, as
     model.generate needs it) end after the token that completes one, by transformers' own
-    StopStringCriteria over the prompt and the new tokens. Any other
+    StopStringCriteria over the prompt and the new tokens. return_dict_in_generate returns
+    transformers' GenerateDecoderOnlyOutput: its sequences, and with output_logits the logits each new
+    token was chosen from, with output_scores those after the processors and warpers (each a tuple of
+    N [1, vocab] fp32 tensors, as model.generate gives them; no past_key_values: the KV cache is the
+    Engine's). Any other
     model.generate option (num_beams, renormalize_logits, ...) is taken where it changes nothing and
     refused elsewhere, whether the call or a generation config sets it: the tokens are
     model.generate's, or an error says why not.
@@ -400,16 +408,30 @@ def generate(
     def stream(tokens: list[int]) -> None:
         streamer.put(torch.tensor([tokens], dtype=input_ids.dtype))  # [1, n], on the CPU as HF puts them
 
+    as_dict = option(return_dict_in_generate, "return_dict_in_generate")
+    for name in ("output_attentions", "output_hidden_states"):
+        if as_dict and option(options.get(name, UNSET), name):
+            raise InvalidInputError(f"{name} with return_dict_in_generate: neoxfuse.hf.generate returns the sequences, scores and "
+                                    "logits only (the decode kernels keep no attention weights or hidden states)")
+    keep = {"keep_logits": bool(as_dict and option(output_logits, "output_logits")),
+            "keep_scores": bool(as_dict and option(output_scores, "output_scores"))}
     if streamer is not None:
         streamer.put(input_ids.cpu())
     out = _engine(model, backend).generate(input_ids[0], new_tokens, sampling, stop_token_ids=stops,
                                            min_new_tokens=at_least, on_tokens=stream if streamer is not None else None,
                                            begin_suppress_tokens=option(begin_suppress_tokens, "begin_suppress_tokens") or (),
-                                           stop_when=stop_when)
+                                           stop_when=stop_when, **keep)
     if streamer is not None:
         streamer.end()
     new = torch.tensor(out.tokens, dtype=input_ids.dtype, device=input_ids.device)
-    return torch.cat([input_ids, new[None]], dim=1)
+    sequences = torch.cat([input_ids, new[None]], dim=1)
+    if not as_dict:
+        return sequences
+
+    def per_token(rows: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:
+        return None if rows is None else tuple(rows.to(input_ids.device)[:, None])  # N of [1, vocab]
+
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=per_token(out.scores), logits=per_token(out.logits))
 
 
 def _stop_strings_criterion(stop_strings: str | list[str] | None, tokenizer, prompt: list[int]):

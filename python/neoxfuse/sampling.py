@@ -335,6 +335,27 @@ def truncated(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return z
 
 
+def processed_scores(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
+                     constraints: Constraints) -> torch.Tensor:
+    """transformers' scores of a step (model.generate's output_scores): fp32 [vocab], the logits
+    after its logits processors and warpers as this rule applies them, that is constrained() (the
+    penalty, the bans and the filters before the draw) and, for a sampled rule, top-k and top-p where
+    the draw applies them, over the temperature:
+
+        greedy:   constrained(z)
+        sampled:  constrained(z) / T, -inf outside what top-k and top-p keep of softmax(constrained(z) / T)
+
+    logits: [vocab]; history, constraints: as constrained() takes them.
+    """
+    z = constrained(logits, params, history, constraints).float()
+    if params.greedy:
+        return z
+    if not params.truncates_before_draw:
+        kept = top_k_top_p_kept(torch.softmax(z / params.temperature, dim=-1), params.top_k, params.top_p)
+        z = z.masked_fill(~kept, float("-inf"))
+    return z / params.temperature
+
+
 def _entropy(log_p: torch.Tensor) -> torch.Tensor:
     """H = -sum_i p_i ln p_i (0-d) of log-probabilities [vocab] (-inf: p_i = 0, no term)."""
     return -(log_p * log_p.exp()).nansum()
