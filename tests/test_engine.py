@@ -308,6 +308,23 @@ def test_hf_generate_returns_the_logits_and_scores_model_generate_returns(hf_mod
         neoxfuse.hf.generate(hf_model, ids, max_new_tokens=3, return_dict_in_generate=True, output_attentions=True)
 
 
+def test_hf_generate_biases_sequences_as_model_generate_does(hf_model):
+    # One-token biases (OpenAI's logit_bias) and a two-token one that fires only after its first token,
+    # with a repetition penalty after them, in both of transformers' forms: its tokens and scores.
+    ids = torch.tensor([[5, 6, 7]])
+    asked = {"return_dict_in_generate": True, "output_scores": True, "attention_mask": torch.ones_like(ids), "eos_token_id": None}
+    plain = hf_model.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=None)[0, 3:].tolist()
+    for bias in [{(plain[1],): -8.0, (plain[4],): 3.0}, [[[plain[0], 9], 6.0], [[11], 2.5]]]:
+        greedy = {"do_sample": False, "max_new_tokens": 12, "sequence_bias": bias, "repetition_penalty": 1.2}
+        want = hf_model.generate(ids, **greedy, **asked)
+        got = neoxfuse.hf.generate(hf_model, ids, **greedy, **asked)
+        assert got.sequences.tolist() == want.sequences.tolist() and got.sequences[0, 3:].tolist() != plain
+        torch.testing.assert_close(torch.cat(got.scores), torch.cat(want.scores), rtol=1e-5, atol=1e-5)
+    assert got.sequences[0, 4] == 9  # the bias of (plain[0], 9) fired after plain[0]
+    with pytest.raises(InvalidInputError, match="sequence_bias's biases must be finite numbers"):
+        neoxfuse.hf.generate(hf_model, ids, sequence_bias={(3,): float("nan")}, max_new_tokens=2)
+
+
 def test_engine_holds_the_stop_tokens_back_for_min_new_tokens(engine):
     plain = engine.generate([3, 4], 70).tokens
     stop = plain[1]

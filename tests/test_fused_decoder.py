@@ -460,12 +460,17 @@ _BANNING = [SamplingParams(repetition_penalty=0.3, no_repeat_ngram_size=2, bad_s
 _MIN_P = SamplingParams(temperature=1.5, top_k=40, seed=2, min_p=0.3)  # sampled among the likelier tokens only
 # A typical filter after top-k and top-p: the step applies all three before the draw (and the draw none).
 _TYPICAL = SamplingParams(temperature=1.5, top_k=40, top_p=0.8, seed=2, typical_p=0.5)
+# Biases: a token the rule chose without them made unlikely, and 7 (greedy) or 9 (sampled) all but
+# certain right after the second choice, by a two-token sequence's bias of 25.
+_BIASED = [SamplingParams(sequence_bias={(173,): -20.0, (126, 7): 25.0}),
+           SamplingParams(temperature=1.5, top_k=40, seed=2, sequence_bias={(15,): -20.0, (200, 9): 25.0})]
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, top_k=40, seed=2), *_PENALIZED, *_SUPPRESSING,
-                                      *_BANNING, _MIN_P, _TYPICAL],
+                                      *_BANNING, _MIN_P, _TYPICAL, *_BIASED],
                          ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized", "greedy-suppressing",
-                              "sampled-suppressing", "greedy-banning", "sampled-banning", "sampled-min-p", "sampled-typical"])
+                              "sampled-suppressing", "greedy-banning", "sampled-banning", "sampled-min-p", "sampled-typical",
+                              "greedy-biased", "sampled-biased"])
 def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(oracle_backend, sampling):
     backend = oracle_backend[0]
     prompt = torch.tensor([3, 1, 4, 1, 5])
@@ -483,7 +488,7 @@ def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(
         assert history.tolist() == [3, 1, 4, 1, 5, first, *want, *[-1] * (41 - 19)]
     unbanned = dataclasses.replace(sampling, suppress_tokens=(), no_repeat_ngram_size=0, bad_sequences=())
     for without in {unbanned, dataclasses.replace(sampling, repetition_penalty=1.0), dataclasses.replace(sampling, min_p=0.0),
-                    dataclasses.replace(sampling, typical_p=1.0)} - {sampling}:
+                    dataclasses.replace(sampling, typical_p=1.0), dataclasses.replace(sampling, sequence_bias=())} - {sampling}:
         assert want != _decode_step_tokens(backend, prompt, without, 13, "cpu")[1]  # each part of the rule changed the choices
     assert not sampling.suppress_tokens & {*want, *got}
     with pytest.raises(SequenceTooLongError):
@@ -1333,9 +1338,10 @@ def test_graph_replay_equals_eager_and_runs_are_bitwise_identical(hf_models):
 @torch.inference_mode()
 @pytest.mark.parametrize("use_graph", [True, False])
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=5), *_PENALIZED, *_SUPPRESSING,
-                                      *_BANNING, _MIN_P, _TYPICAL],
+                                      *_BANNING, _MIN_P, _TYPICAL, *_BIASED],
                          ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized", "greedy-suppressing",
-                              "sampled-suppressing", "greedy-banning", "sampled-banning", "sampled-min-p", "sampled-typical"])
+                              "sampled-suppressing", "greedy-banning", "sampled-banning", "sampled-min-p", "sampled-typical",
+                              "greedy-biased", "sampled-biased"])
 def test_tokens_chosen_on_the_device_equal_tokens_chosen_from_decode_steps(hf_models, use_graph, sampling):
     # decode_tokens keeps each step's token on the device (written by the step: the argmax, or the
     # sampling kernel); decode_step returns logits for the host. Same kernels in the same order, the

@@ -2,6 +2,7 @@
 exponential race and its Philox stream (Random123's known answers); seeding."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -310,8 +311,8 @@ def test_suppressed_tokens_are_never_chosen():
     sampled = SamplingParams(temperature=5.0, suppress_tokens=range(4), seed=1)  # only token 4 is left
     rng = sampled.rng("cpu")
     assert [next_token(logits, sampled, rng) for _ in range(5)] == [4] * 5
-    assert SamplingParams().constraints(5, "cpu") == (None, None)
-    with pytest.raises(InvalidInputError, match=r"suppress_tokens and bad_sequences are token ids in \[0, 5\); got 5"):
+    assert SamplingParams().constraints(5, "cpu") == (None, None, None, None)
+    with pytest.raises(InvalidInputError, match=r"suppress_tokens, bad_sequences and sequence_bias are token ids in \[0, 5\); got 5"):
         SamplingParams(suppress_tokens={5}).constraints(5, "cpu")
     with pytest.raises(InvalidInputError, match=r"token ids in \[0, 5\); got 7"):
         next_token(logits, SamplingParams(bad_sequences=[(1, 7)]), history=torch.full((4,), -1))
@@ -477,6 +478,49 @@ def test_bad_sequences_are_transformers_bad_words_processor(rng):
     history = params.history([0, 1, 3, 3, 3], 8, "cpu")
     assert sampling.bad_sequence_ends(history, constraints.bad_sequences, 7).nonzero().flatten().tolist() == [4, 5]
     assert sampling.bad_sequence_ends(params.history([3, 3], 8, "cpu"), constraints.bad_sequences, 7).nonzero().flatten().tolist() == [4]
+
+
+def test_sequence_biases_are_transformers_sequence_bias_processor_before_the_penalty(rng):
+    # transformers' SequenceBiasLogitsProcessor then RepetitionPenaltyLogitsProcessor (its order) over
+    # every prefix of random sequences: one-, two- and three-token sequences, some ending in one token
+    # (their biases add up), one biasing a token another bans.
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor
+
+    bias = {(4,): -3.5, (1, 2): 2.0, (2, 2, 2): 1.25, (0, 2): -0.5, (5,): 4.0, (3, 3, 5): -1.0}
+    processors = [SequenceBiasLogitsProcessor({key: value for key, value in bias.items()}), RepetitionPenaltyLogitsProcessor(1.4)]
+    params = SamplingParams(sequence_bias=bias, repetition_penalty=1.4)
+    constraints = params.constraints(7, "cpu")
+    assert params.needs_history and constraints.biases.tolist() == [-0.5, 2.0, 1.25, -1.0, -3.5, 4.0]
+    rng = torch.Generator().manual_seed(rng.randrange(2**32))
+    logits = torch.randn(7, generator=rng)
+    added = set()
+    for length in range(1, 12):
+        for _ in range(10):
+            ids = torch.randint(0, 6, (length,), generator=rng).tolist()
+            want = logits
+            for processor in processors:
+                want = _hf_processed(processor, ids, want)
+            got = sampling.constrained(logits, params, params.history(ids, 13, "cpu"), constraints)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=str(ids))
+            added |= {value for value in (want - RepetitionPenaltyLogitsProcessor(1.4)(torch.tensor([ids]), logits[None].clone())[0]).tolist()}
+    assert len(added) > 4  # several biases, and sums of them, came into play
+    alone = SamplingParams(sequence_bias=[((4,), -3.5), ((5,), 4.0)])  # one-token sequences: no history read
+    assert not alone.needs_history and alone.history([1], 4, "cpu") is None
+    assert next_token(torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -3.0, 0.0]), alone) == 5
+
+
+@pytest.mark.parametrize("sequence_bias, message", [
+    ({(): 1.0}, "keys must be non-empty token id sequences"),
+    ({(1, -2): 1.0}, "keys must be non-empty token id sequences"),
+    ({(1,): float("nan")}, "biases must be finite numbers, got nan for (1,)"),
+    ({(1,): float("-inf")}, "biases must be finite numbers"),
+    ({(1,): "2"}, "biases must be finite numbers"),
+    ([(1, 2.0)], "keys must be non-empty token id sequences"),
+    (3, "sequence_bias must map token id sequences to biases"),
+])  # fmt: skip
+def test_bad_sequence_biases_are_refused(sequence_bias, message):
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        SamplingParams(sequence_bias=sequence_bias)
 
 
 def test_a_banned_choice_appends_its_token_and_bans_with_it():

@@ -193,6 +193,16 @@ def test_a_list_of_prompts_gets_a_choice_each_in_order(served):
         assert [choice["finish_reason"] for choice in mine] == [None] * (len(mine) - 1) + [want_choice["finish_reason"]]
 
 
+def test_logit_bias_is_the_engines_one_token_sequence_bias(served):
+    server, engine = served
+    plain = engine.generate("w9 w10 w11", 8).tokens
+    bias = {plain[1]: -100.0, 7: 8.5}
+    want = engine.generate("w9 w10 w11", 8, SamplingParams(sequence_bias={(token,): value for token, value in bias.items()}),
+                           stop_token_ids=0)
+    got = _complete(server, prompt="w9 w10 w11", max_tokens=8, temperature=0, logit_bias={str(k): v for k, v in bias.items()})
+    assert got["choices"][0]["token_ids"] == want.tokens != plain and plain[1] not in want.tokens
+
+
 def test_n_completions_per_prompt_draw_with_successive_seeds(served):
     server, engine = served
     rule = {"temperature": 1.1, "top_k": 30}
@@ -270,6 +280,10 @@ def test_a_model_without_a_tokenizer_lists_token_ids_and_has_no_tokenizer_routes
     ({"prompt": "hello", "logprobs": 21}, 400, "logprobs must be null or an integer from 0 to 20, got 21"),
     ({"prompt": "hello", "logprobs": True}, 400, "logprobs must be null or an integer"),
     ({"prompt": "hello", "frequency_penalty": 0.5}, 400, "frequency_penalty=0.5 is not implemented"),
+    ({"prompt": "hello", "logit_bias": {"5": 101}}, 400, "logit_bias must map token ids to biases from -100 to 100"),
+    ({"prompt": "hello", "logit_bias": {"w5": 1}}, 400, "logit_bias must map token ids"),
+    ({"prompt": "hello", "logit_bias": [5, 1]}, 400, "logit_bias must map token ids"),
+    ({"prompt": "hello", "logit_bias": {"999999": 1}}, 400, "token ids in [0, "),
     ({"prompt": "hello", "max_token": 5}, 400, "unknown fields ['max_token']"),
     ({"prompt": "hello", "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist here; this server serves 'tiny'"),
     ({"prompt": ["hello", 5]}, 400, "prompt must be text, a list of token ids, or a list of either"),

@@ -261,7 +261,7 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((
 _HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
                 "min_length": 0, "suppress_tokens": None, "bad_words_ids": None, "no_repeat_ngram_size": 0,
                 "begin_suppress_tokens": None, "min_p": None, "stop_strings": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-                "eta_cutoff": 0.0, "return_dict_in_generate": False, "output_scores": False, "output_logits": None}
+                "eta_cutoff": 0.0, "sequence_bias": None, "return_dict_in_generate": False, "output_scores": False, "output_logits": None}
 _DEFAULT_NEW_TOKENS = 20
 _IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
@@ -299,6 +299,7 @@ def generate(
     suppress_tokens: Collection[int] | None = UNSET,
     bad_words_ids: list[list[int]] | None = UNSET,
     no_repeat_ngram_size: int | None = UNSET,
+    sequence_bias: dict | list | None = UNSET,
     begin_suppress_tokens: Collection[int] | None = UNSET,
     eos_token_id: int | Collection[int] | None = UNSET,
     stop_strings: str | list[str] | None = UNSET,
@@ -322,8 +323,8 @@ def generate(
     eos_token_id=None, no eos, whatever the configs say): max_new_tokens (else max_length - P; with
     neither set, 20, as far as the model's positions allow), greedy unless do_sample, then
     temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff and eta_cutoff (seed: reproducible
-    draws), repetition_penalty, suppress_tokens,
-    bad_words_ids and no_repeat_ngram_size (greedy or sampled, over the prompt and the new tokens),
+    draws), repetition_penalty, suppress_tokens, bad_words_ids, no_repeat_ngram_size and
+    sequence_bias (greedy or sampled, over the prompt and the new tokens),
     begin_suppress_tokens (never the first new token), and min_new_tokens (if set, else
     min_length - P) new tokens before eos may come; stop_strings (with the `tokenizer`, as
     model.generate needs it) end after the token that completes one, by transformers' own
@@ -378,6 +379,7 @@ def generate(
         "suppress_tokens": option(suppress_tokens, "suppress_tokens") or (),
         "bad_sequences": _bad_sequences(option(bad_words_ids, "bad_words_ids"), stop_token_set(stops)),
         "no_repeat_ngram_size": option(no_repeat_ngram_size, "no_repeat_ngram_size"),
+        "sequence_bias": option(sequence_bias, "sequence_bias") or (),
     }
     sampling = SamplingParams(**constraints)  # greedy
     if option(do_sample, "do_sample"):
@@ -475,7 +477,7 @@ def _check_options(configs: list[GenerationConfig], options: dict) -> None:
                                     "neoxfuse.hf.generate does not implement it (greedy or sampled batch-1 decoding with "
                                     "temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty, "
                                     "suppress_tokens, begin_suppress_tokens, "
-                                    "bad_words_ids, no_repeat_ngram_size, stop_strings and a minimum length)")
+                                    "bad_words_ids, no_repeat_ngram_size, sequence_bias, stop_strings and a minimum length)")
 
 
 def _engine(model: GPTNeoXForCausalLM, backend: str) -> Engine:

@@ -3,6 +3,9 @@ min-p, typical, epsilon and eta filters.
 
 Given logits z [vocab] (computed in fp32 whatever the model's dtype):
 
+- with sequence_bias (transformers' SequenceBiasLogitsProcessor; OpenAI's logit_bias is one-token
+  sequences), first z_{b_m} += bias for each biased sequence b_1 .. b_m whose b_1 .. b_{m-1} the
+  sequence so far s ends with (always, for m = 1), the biases of sequences ending in one token added up.
 - with a repetition penalty r != 1 (as transformers' RepetitionPenaltyLogitsProcessor), first every
   token already in the sequence s (the prompt and the tokens generated so far) is made less likely
   for r > 1:  z_i <- z_i / r where z_i > 0, z_i * r where z_i < 0, for each i in s.
@@ -61,8 +64,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -96,6 +100,9 @@ class SamplingParams:
     typical_p: in (0, 1]; < 1 samples only the most typical tokens, of mass typical_p (1 is off).
     epsilon_cutoff, eta_cutoff: in [0, 1); > 0 samples only tokens at least that likely (eta: less
         when the distribution is spread out; see the module docstring); 0 is off.
+    sequence_bias: {token id sequence: bias} (or (sequence, bias) pairs; kept as a frozenset of
+        them): the bias, a finite number, is added to the logit of a sequence's last token where the
+        sequence so far ends with the others (greedy or sampled; see the module docstring).
     """
 
     temperature: float = 0.0
@@ -110,6 +117,7 @@ class SamplingParams:
     typical_p: float = 1.0
     epsilon_cutoff: float = 0.0
     eta_cutoff: float = 0.0
+    sequence_bias: frozenset[tuple[tuple[int, ...], float]] = frozenset()
 
     def __post_init__(self):
         check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.min_p, self.typical_p,
@@ -122,6 +130,7 @@ class SamplingParams:
                                                     for b in sequences):
             raise InvalidInputError(f"bad_sequences must be a collection of non-empty token id sequences, got {sequences!r}")
         object.__setattr__(self, "bad_sequences", frozenset(tuple(int(t) for t in b) for b in sequences))
+        object.__setattr__(self, "sequence_bias", _sequence_bias(self.sequence_bias))
         if self.seed is not None:
             check_seed(self.seed)
         for name, kind in [("temperature", float), ("top_k", int), ("top_p", float), ("seed", int),
@@ -165,8 +174,9 @@ class SamplingParams:
     @property
     def needs_history(self) -> bool:
         """Whether choosing a token reads the sequence so far: with a repetition penalty, an n-gram
-        ban or bad sequences."""
-        return self.penalized or self.no_repeat_ngram_size > 0 or bool(self.bad_sequences)
+        ban, bad sequences or a bias of a sequence longer than one token."""
+        return (self.penalized or self.no_repeat_ngram_size > 0 or bool(self.bad_sequences)
+                or any(len(sequence) > 1 for sequence, _ in self.sequence_bias))
 
     def history(self, tokens: Sequence[int], capacity: int, device: torch.device | str) -> torch.Tensor | None:
         """The sequence so far, `tokens` (the prompt's), as choose() reads and extends it: long
@@ -182,11 +192,12 @@ class SamplingParams:
         return history.to(device)
 
     def check_vocab(self, vocab: int) -> None:
-        """InvalidInputError for a suppressed or bad-sequence id past the vocabulary, or for
+        """InvalidInputError for a suppressed, bad-sequence or biased id past the vocabulary, or for
         suppressing all of it."""
-        ids = self.suppress_tokens | {t for sequence in self.bad_sequences for t in sequence}
+        sequences = [*self.bad_sequences, *(sequence for sequence, _ in self.sequence_bias)]
+        ids = self.suppress_tokens | {t for sequence in sequences for t in sequence}
         if ids and max(ids) >= vocab:
-            raise InvalidInputError(f"suppress_tokens and bad_sequences are token ids in [0, {vocab}); got {max(ids)}")
+            raise InvalidInputError(f"suppress_tokens, bad_sequences and sequence_bias are token ids in [0, {vocab}); got {max(ids)}")
         if len(self.suppress_tokens) == vocab:
             raise InvalidInputError(f"suppress_tokens must leave tokens to choose from; it holds all {vocab}")
 
@@ -194,16 +205,15 @@ class SamplingParams:
         """What the rule's bans need on `device` (built once per rule, outside any CUDA graph);
         the ids checked against `vocab` (check_vocab)."""
         self.check_vocab(vocab)
-        suppressed = bad_sequences = None
+        suppressed = None
         if self.suppress_tokens:
             suppressed = torch.zeros(vocab, dtype=torch.bool)
             suppressed[sorted(self.suppress_tokens)] = True
             suppressed = suppressed.to(device)
-        if self.bad_sequences:
-            longest = max(len(sequence) for sequence in self.bad_sequences)
-            rows = [[-1] * (longest - len(sequence)) + list(sequence) for sequence in sorted(self.bad_sequences)]
-            bad_sequences = torch.tensor(rows, dtype=torch.long).to(device)
-        return Constraints(suppressed, bad_sequences)
+        biased = sorted(self.sequence_bias)
+        biases = torch.tensor([bias for _, bias in biased], dtype=torch.float32).to(device) if biased else None
+        return Constraints(suppressed, _right_aligned(sorted(self.bad_sequences), device),
+                           _right_aligned([sequence for sequence, _ in biased], device), biases)
 
     def rng(self, device: torch.device | str) -> torch.Tensor | None:
         """The random state tokens are drawn with on `device`: [seed, 0] (int64 [2]; a random seed
@@ -214,10 +224,35 @@ class SamplingParams:
 
 
 class Constraints(NamedTuple):
-    """A rule's bans as device tensors (SamplingParams.constraints)."""
+    """A rule's bans and biases as device tensors (SamplingParams.constraints)."""
 
     suppressed: torch.Tensor | None  # bool [vocab]: suppress_tokens
     bad_sequences: torch.Tensor | None  # long [sequences, longest]: each right-aligned, -1 before it
+    biased_sequences: torch.Tensor | None = None  # long [sequences, longest]: sequence_bias's sequences, so
+    biases: torch.Tensor | None = None  # fp32 [sequences]: their biases
+
+
+def _right_aligned(sequences: list[tuple[int, ...]], device: torch.device | str) -> torch.Tensor | None:
+    """long [sequences, longest] on `device`: each sequence right-aligned, -1 before it; None for none."""
+    if not sequences:
+        return None
+    longest = max(len(sequence) for sequence in sequences)
+    return torch.tensor([[-1] * (longest - len(sequence)) + list(sequence) for sequence in sequences], dtype=torch.long).to(device)
+
+
+def _sequence_bias(given: object) -> frozenset[tuple[tuple[int, ...], float]]:
+    """sequence_bias ({sequence: bias} or (sequence, bias) pairs) as a frozenset of (tuple, float), checked."""
+    pairs = given.items() if isinstance(given, Mapping) else given
+    if not _is_collection(pairs) or not all(_is_collection(pair) and len(pair) == 2 for pair in pairs):
+        raise InvalidInputError(f"sequence_bias must map token id sequences to biases, got {given!r}")
+    table = {}
+    for sequence, bias in pairs:
+        if not _is_collection(sequence) or not len(sequence) or not all(is_integer(t) and t >= 0 for t in sequence):
+            raise InvalidInputError(f"sequence_bias's keys must be non-empty token id sequences, got {sequence!r}")
+        if isinstance(bias, bool) or not isinstance(bias, numbers.Real) or not math.isfinite(bias):
+            raise InvalidInputError(f"sequence_bias's biases must be finite numbers, got {bias!r} for {tuple(sequence)}")
+        table[tuple(int(t) for t in sequence)] = float(bias)
+    return frozenset(table.items())
 
 
 def token_id_set(ids: Iterable[int], name: str) -> frozenset[int]:
@@ -266,19 +301,39 @@ def repeated_ngram_ends(history: torch.Tensor, n: int, vocab: int) -> torch.Tens
     return banned.index_add_(0, windows[:, -1].clamp(min=0), matches.to(torch.int32)) > 0
 
 
+def _completable(history: torch.Tensor | None, sequences: torch.Tensor) -> torch.Tensor:
+    """bool [sequences]: whether the history ends with all but the last token of each sequence
+    (always for a one-token sequence, whatever the history, which may then be None).
+
+    history: long [capacity]; sequences: long [sequences, longest], each right-aligned, -1 before it.
+    """
+    before = sequences.shape[1] - 1  # the longest prefix
+    if before == 0:
+        return torch.ones(sequences.shape[0], dtype=torch.bool, device=sequences.device)
+    length = history_length(history)
+    index = length - before + torch.arange(before, device=history.device)  # [before]: the history's last tokens
+    tail = torch.where(index >= 0, history[index.clamp(min=0)], -2)  # -2 before the first token: matches no id
+    return ((sequences[:, :-1] == tail) | (sequences[:, :-1] < 0)).all(dim=1)
+
+
 def bad_sequence_ends(history: torch.Tensor, bad_sequences: torch.Tensor, vocab: int) -> torch.Tensor:
     """bool [vocab]: the last tokens of the bad sequences the history ends with all but the last
     token of (module docstring), without waiting for the device.
 
     history: long [capacity]; bad_sequences: long [sequences, longest], each right-aligned, -1 before it.
     """
-    before = bad_sequences.shape[1] - 1  # the longest prefix
-    length = history_length(history)
-    index = length - before + torch.arange(before, device=history.device)  # [before]: the history's last tokens
-    tail = torch.where(index >= 0, history[index.clamp(min=0)], -2)  # -2 before the first token: matches no id
-    matches = ((bad_sequences[:, :-1] == tail) | (bad_sequences[:, :-1] < 0)).all(dim=1)  # [sequences]
-    banned = torch.zeros(vocab, dtype=torch.int32, device=history.device)
-    return banned.index_add_(0, bad_sequences[:, -1], matches.to(torch.int32)) > 0
+    banned = torch.zeros(vocab, dtype=torch.int32, device=bad_sequences.device)
+    return banned.index_add_(0, bad_sequences[:, -1], _completable(history, bad_sequences).to(torch.int32)) > 0
+
+
+def sequence_biases(history: torch.Tensor | None, sequences: torch.Tensor, biases: torch.Tensor, vocab: int) -> torch.Tensor:
+    """fp32 [vocab]: the bias added to each token's logit (module docstring): the sum of the biases
+    of the sequences it completes, without waiting for the device.
+
+    history: as _completable takes it; sequences: long [sequences, longest], right-aligned; biases: fp32 [sequences].
+    """
+    added = torch.where(_completable(history, sequences), biases, torch.zeros_like(biases))
+    return torch.zeros(vocab, device=biases.device).index_add_(0, sequences[:, -1], added)
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -292,8 +347,8 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
 
 def constrained(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
                 constraints: Constraints) -> torch.Tensor:
-    """The logits a token is chosen from (module docstring): with the repetition penalty applied
-    where one applies, and -inf at the banned tokens where there are any and, for a sampled rule,
+    """The logits a token is chosen from (module docstring): with the sequence biases and the
+    repetition penalty applied where they apply, and -inf at the banned tokens where there are any and, for a sampled rule,
     at the tokens its filters before the draw drop (truncated(); else the logits as given).
     No host synchronisation, so a CUDA graph can capture it.
 
@@ -301,6 +356,8 @@ def constrained(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
     constraints: params.constraints(vocab, device); all on one device.
     """
     vocab = logits.shape[-1]
+    if params.sequence_bias:
+        logits = logits.float() + sequence_biases(history, constraints.biased_sequences, constraints.biases, vocab)
     if params.penalized:
         logits = penalize(logits, tokens_in(history, vocab), params.repetition_penalty)
     banned = [mask for mask in (

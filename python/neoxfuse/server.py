@@ -13,9 +13,9 @@ one after another (the others wait for it), each at the Engine's speed.
 A completion request (JSON) takes OpenAI's fields: prompt (text or token ids, or a list of them),
 n (completions per prompt, default 1; choice p * n + i is prompt p's i-th, drawn with seed + i when
 seeded), max_tokens (default 16; 0 with echo: the prompt only), temperature (default 1; 0 is greedy),
-top_p, seed, stop (a string or a list of them), echo, logprobs (0 to 20), stream and
-stream_options.include_usage; best_of only null or n, logit_bias only null, presence_penalty and
-frequency_penalty only 0 (anything else is refused, as is a field the API does not have); and vLLM's
+top_p, seed, stop (a string or a list of them), echo, logprobs (0 to 20), logit_bias ({token id:
+bias from -100 to 100}, added to those tokens' logits before anything else), stream and
+stream_options.include_usage; best_of only null or n, presence_penalty and frequency_penalty only 0 (anything else is refused, as is a field the API does not have); and vLLM's
 extensions top_k, min_p, typical_p, repetition_penalty, min_tokens, stop_token_ids and ignore_eos.
 
 The reply is OpenAI's text_completion: a choice per prompt whose text is the new tokens' text (special
@@ -60,10 +60,10 @@ from neoxfuse.scoring import TokenLogprobs
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
 # Fields taken only where they change nothing (OpenAI's defaults), and fields that change nothing at all.
-_NEUTRAL = {"logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0, "suffix": None}
+_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "suffix": None}
 _IGNORED = {"model", "user"}
 _SAMPLING = {"temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "seed"}
-_FIELDS = {"prompt", "n", "best_of", "max_tokens", "stop", "echo", "logprobs", "stream", "stream_options", "min_tokens",
+_FIELDS = {"prompt", "n", "best_of", "logit_bias", "max_tokens", "stop", "echo", "logprobs", "stream", "stream_options", "min_tokens",
            "stop_token_ids", "ignore_eos", *_SAMPLING, *_NEUTRAL, *_IGNORED}
 
 Prompt = str | list[int]
@@ -108,6 +108,7 @@ class CompletionRequest:
         options.setdefault("temperature", 1.0)  # OpenAI's default: sampled
         if options.get("top_k") == -1:  # vLLM's word for all
             options["top_k"] = 0
+        options["sequence_bias"] = {(token,): bias for token, bias in _logit_bias(body.get("logit_bias")).items()}
         sampling = SamplingParams(**options)  # InvalidInputError names a bad value
         eos = None if body.get("ignore_eos") or engine.tokenizer is None else engine.tokenizer.eos_token_id
         stop_token_ids = body.get("stop_token_ids") or []
@@ -150,6 +151,17 @@ def _body(body: object, fields: set[str], model_name: str, api: str) -> dict:
         raise RequestError(f"the model {body['model']!r} does not exist here; this server serves {model_name!r}",
                            HTTPStatus.NOT_FOUND, "model_not_found")
     return body
+
+
+def _logit_bias(given: object) -> dict[int, float]:
+    """OpenAI's logit_bias, {token id (a JSON key: text): bias in [-100, 100]}, as {id: bias}; {} for null."""
+    if given is None:
+        return {}
+    if not isinstance(given, dict) or not all(
+            key.isdigit() and not isinstance(bias, bool) and isinstance(bias, (int, float)) and -100 <= bias <= 100
+            for key, bias in given.items()):
+        raise RequestError(f"logit_bias must map token ids to biases from -100 to 100, got {given!r}"[:300])
+    return {int(key): float(bias) for key, bias in given.items()}
 
 
 def _is_token_ids(prompt: object) -> bool:
