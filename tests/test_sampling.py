@@ -311,7 +311,7 @@ def test_suppressed_tokens_are_never_chosen():
     sampled = SamplingParams(temperature=5.0, suppress_tokens=range(4), seed=1)  # only token 4 is left
     rng = sampled.rng("cpu")
     assert [next_token(logits, sampled, rng) for _ in range(5)] == [4] * 5
-    assert SamplingParams().constraints(5, "cpu") == (None, None, None, None)
+    assert SamplingParams().constraints(5, "cpu") == (None, None, None, None, None)
     with pytest.raises(InvalidInputError, match=r"suppress_tokens, bad_sequences and sequence_bias are token ids in \[0, 5\); got 5"):
         SamplingParams(suppress_tokens={5}).constraints(5, "cpu")
     with pytest.raises(InvalidInputError, match=r"token ids in \[0, 5\); got 7"):
@@ -490,7 +490,8 @@ def test_sequence_biases_are_transformers_sequence_bias_processor_before_the_pen
     processors = [SequenceBiasLogitsProcessor({key: value for key, value in bias.items()}), RepetitionPenaltyLogitsProcessor(1.4)]
     params = SamplingParams(sequence_bias=bias, repetition_penalty=1.4)
     constraints = params.constraints(7, "cpu")
-    assert params.needs_history and constraints.biases.tolist() == [-0.5, 2.0, 1.25, -1.0, -3.5, 4.0]
+    assert params.needs_history and constraints.bias_targets.tolist() == [2, 4, 5]  # (0, 2), (1, 2), (2, 2, 2) end in 2
+    assert constraints.bias_sums.tolist() == [[-0.5, 2.0, 1.25, 0, 0, 0], [0, 0, 0, 0, -3.5, 0], [0, 0, 0, -1.0, 0, 4.0]]
     rng = torch.Generator().manual_seed(rng.randrange(2**32))
     logits = torch.randn(7, generator=rng)
     added = set()
@@ -504,6 +505,9 @@ def test_sequence_biases_are_transformers_sequence_bias_processor_before_the_pen
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=str(ids))
             added |= {value for value in (want - RepetitionPenaltyLogitsProcessor(1.4)(torch.tensor([ids]), logits[None].clone())[0]).tolist()}
     assert len(added) > 4  # several biases, and sums of them, came into play
+    nested = SamplingParams(sequence_bias={(2,): 0.5, (1, 2): 2.0, (3, 1, 2): 0.25})  # after 3 1, all three add to 2's
+    got = sampling.sequence_biases(nested.history([0, 3, 1], 6, "cpu"), nested.constraints(7, "cpu"), 7)
+    assert got.tolist() == [0, 0, 2.75, 0, 0, 0, 0]
     alone = SamplingParams(sequence_bias=[((4,), -3.5), ((5,), 4.0)])  # one-token sequences: no history read
     assert not alone.needs_history and alone.history([1], 4, "cpu") is None
     assert next_token(torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -3.0, 0.0]), alone) == 5

@@ -211,9 +211,13 @@ class SamplingParams:
             suppressed[sorted(self.suppress_tokens)] = True
             suppressed = suppressed.to(device)
         biased = sorted(self.sequence_bias)
-        biases = torch.tensor([bias for _, bias in biased], dtype=torch.float32).to(device) if biased else None
+        targets = sorted({sequence[-1] for sequence, _ in biased})
+        bias_sums = bias_targets = None
+        if biased:  # [targets, sequences]: row u holds the biases of the sequences that end in targets[u]
+            bias_sums = torch.tensor([[bias if sequence[-1] == target else 0.0 for sequence, bias in biased] for target in targets])
+            bias_sums, bias_targets = bias_sums.to(device), torch.tensor(targets, dtype=torch.long).to(device)
         return Constraints(suppressed, _right_aligned(sorted(self.bad_sequences), device),
-                           _right_aligned([sequence for sequence, _ in biased], device), biases)
+                           _right_aligned([sequence for sequence, _ in biased], device), bias_sums, bias_targets)
 
     def rng(self, device: torch.device | str) -> torch.Tensor | None:
         """The random state tokens are drawn with on `device`: [seed, 0] (int64 [2]; a random seed
@@ -229,7 +233,8 @@ class Constraints(NamedTuple):
     suppressed: torch.Tensor | None  # bool [vocab]: suppress_tokens
     bad_sequences: torch.Tensor | None  # long [sequences, longest]: each right-aligned, -1 before it
     biased_sequences: torch.Tensor | None = None  # long [sequences, longest]: sequence_bias's sequences, so
-    biases: torch.Tensor | None = None  # fp32 [sequences]: their biases
+    bias_sums: torch.Tensor | None = None  # fp32 [targets, sequences]: each sequence's bias in the row of its last token
+    bias_targets: torch.Tensor | None = None  # long [targets]: those last tokens, each once
 
 
 def _right_aligned(sequences: list[tuple[int, ...]], device: torch.device | str) -> torch.Tensor | None:
@@ -326,14 +331,16 @@ def bad_sequence_ends(history: torch.Tensor, bad_sequences: torch.Tensor, vocab:
     return banned.index_add_(0, bad_sequences[:, -1], _completable(history, bad_sequences).to(torch.int32)) > 0
 
 
-def sequence_biases(history: torch.Tensor | None, sequences: torch.Tensor, biases: torch.Tensor, vocab: int) -> torch.Tensor:
+def sequence_biases(history: torch.Tensor | None, constraints: Constraints, vocab: int) -> torch.Tensor:
     """fp32 [vocab]: the bias added to each token's logit (module docstring): the sum of the biases
-    of the sequences it completes, without waiting for the device.
+    of the sequences it completes, without waiting for the device. Deterministic: the sums are a
+    matrix-vector product and each token is written once (no float atomics).
 
-    history: as _completable takes it; sequences: long [sequences, longest], right-aligned; biases: fp32 [sequences].
+    history: as _completable takes it; constraints: with the rule's biased sequences.
     """
-    added = torch.where(_completable(history, sequences), biases, torch.zeros_like(biases))
-    return torch.zeros(vocab, device=biases.device).index_add_(0, sequences[:, -1], added)
+    completed = _completable(history, constraints.biased_sequences).float()  # [sequences]: 1 or 0
+    added = constraints.bias_sums @ completed  # [targets]
+    return torch.zeros(vocab, device=added.device).index_put_((constraints.bias_targets,), added)
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -357,7 +364,7 @@ def constrained(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
     """
     vocab = logits.shape[-1]
     if params.sequence_bias:
-        logits = logits.float() + sequence_biases(history, constraints.biased_sequences, constraints.biases, vocab)
+        logits = logits.float() + sequence_biases(history, constraints, vocab)
     if params.penalized:
         logits = penalize(logits, tokens_in(history, vocab), params.repetition_penalty)
     banned = [mask for mask in (
