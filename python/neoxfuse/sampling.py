@@ -333,13 +333,14 @@ def bad_sequence_ends(history: torch.Tensor, bad_sequences: torch.Tensor, vocab:
 
 def sequence_biases(history: torch.Tensor | None, constraints: Constraints, vocab: int) -> torch.Tensor:
     """fp32 [vocab]: the bias added to each token's logit (module docstring): the sum of the biases
-    of the sequences it completes, without waiting for the device. Deterministic: the sums are a
-    matrix-vector product and each token is written once (no float atomics).
+    of the sequences it completes, without waiting for the device. Deterministic: the sums are
+    reductions over each token's row (not a matmul, which TF32 could round), each token written once
+    (no float atomics).
 
     history: as _completable takes it; constraints: with the rule's biased sequences.
     """
     completed = _completable(history, constraints.biased_sequences).float()  # [sequences]: 1 or 0
-    added = constraints.bias_sums @ completed  # [targets]
+    added = (constraints.bias_sums * completed).sum(dim=1)  # [targets]
     return torch.zeros(vocab, device=added.device).index_put_((constraints.bias_targets,), added)
 
 
