@@ -1179,6 +1179,24 @@ def test_fused_engine_scores_a_text_as_hf_does(hf_models):
 
 @pytest.mark.gpu
 @torch.inference_mode()
+def test_fused_engine_logprobs_and_logits_are_the_graphs_steps(hf_models):
+    # Chosen in the step's CUDA graph, 32 steps a chunk, each step's logits copied out after its
+    # replay: the logprobs and kept logits are bitwise those of decode steps from the same prefill.
+    model16 = hf_models[0]
+    engine = Engine(model16, max_seq_len=128)
+    assert engine.backend_name == "fused", engine.backend_reason
+    prompt = torch.randint(0, model16.config.vocab_size, (9,)).tolist()
+    rule = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.3, sequence_bias={(7,): 2.0}, seed=3)
+    out = engine.generate(prompt, 40, rule, logprobs=3, keep_logits=True)
+    backend = FusedBackend(engine.weights, 128, use_graph=False)
+    cache = backend.new_cache()
+    logits = [backend.prefill(torch.tensor(prompt, device="cuda"), cache), *(backend.decode_step(t, cache) for t in out.tokens[:-1])]
+    assert torch.equal(out.logits, torch.stack(logits))
+    assert out.logprobs == logprobs_of(torch.stack(logits), torch.tensor(out.tokens, device="cuda"), 3)
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
 def test_fused_engine_loglikelihoods_are_hfs(hf_models):
     # lm-evaluation-harness's requests (neoxfuse.evaluation) through the fused decode steps: the
     # context prefilled in PyTorch, each continuation token's prediction a fused step, against HF
