@@ -220,7 +220,8 @@ def test_hf_generate_takes_other_options_where_they_change_nothing(hf_model, mon
     neutral = {"num_beams": 1, "renormalize_logits": False, "use_cache": False, "output_attentions": True, "length_penalty": 2.0,
                "return_dict_in_generate": False, "bos_token_id": 3}
     assert neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **neutral).tolist() == want.tolist()
-    for name, value in [("num_beams", 2), ("renormalize_logits", True), ("forced_bos_token_id", 3), ("max_time", 2.0), ("encoder_no_repeat_ngram_size", 2), ("max_time", 1.0)]:
+    for name, value in [("num_beams", 2), ("renormalize_logits", True), ("forced_bos_token_id", 3), ("max_time", 2.0),
+                        ("encoder_no_repeat_ngram_size", 2), ("max_time", 1.0)]:
         with pytest.raises(InvalidInputError, match=re.escape(f"{name}={value!r} (set in the call) would change what model.generate")):
             neoxfuse.hf.generate(hf_model, ids, max_new_tokens=6, **{name: value})
     with pytest.raises(InvalidInputError, match=r"unknown options \['max_new_token'\]"):

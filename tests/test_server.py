@@ -214,7 +214,8 @@ def test_n_completions_per_prompt_draw_with_successive_seeds(served):
     assert [choice["token_ids"] for choice in got["choices"]] == [out.tokens for out in want]
     assert len({tuple(out.tokens) for out in want}) == 6
     texts = [engine.tokenizer.decode(out.tokens) for out in want]
-    assert [choice["text"] for choice in got["choices"]] == [f"{prompt}{text}" for prompt, text in zip(["hello world"] * 3 + ["w9 w10"] * 3, texts)]
+    prompts = ["hello world"] * 3 + ["w9 w10"] * 3
+    assert [choice["text"] for choice in got["choices"]] == [f"{prompt}{text}" for prompt, text in zip(prompts, texts)]
     scored = [choice["logprobs"]["token_logprobs"][:2] for choice in got["choices"]]
     assert scored[:3] == [[None, engine.prompt_logprobs("hello world")[0].logprob]] * 3 and scored[3] == scored[5] != scored[0]
     assert got["usage"]["prompt_tokens"] == 4 and got["usage"]["completion_tokens"] == sum(len(out.tokens) for out in want)
