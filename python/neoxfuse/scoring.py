@@ -133,9 +133,11 @@ def token_logprobs(tokens: Sequence[int], nll: torch.Tensor, top_values: torch.T
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprobs]:
-    """The TokenLogprobs of tokens [n] (long) under logits [n, vocab], each with its `top` most likely tokens."""
-    nll, _ = token_scores(logits, tokens)
-    return token_logprobs(tokens.tolist(), nll, *top_logprobs(logits, top))
+    """The TokenLogprobs of tokens [n] (long) under logits [n, vocab], each with its `top` most likely
+    tokens (one log-softmax for both, as token_scores and top_logprobs compute it)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # [n, vocab]
+    values, ids = log_probs.topk(top, dim=-1)  # [n, top] each
+    return token_logprobs(tokens.tolist(), -log_probs.gather(-1, tokens[:, None])[:, 0], values, ids)
 
 
 @dataclass(frozen=True)
