@@ -356,8 +356,9 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
 def constrained(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
                 constraints: Constraints) -> torch.Tensor:
     """The logits a token is chosen from (module docstring): with the sequence biases and the
-    repetition penalty applied where they apply, and -inf at the banned tokens where there are any and, for a sampled rule,
-    at the tokens its filters before the draw drop (truncated(); else the logits as given).
+    repetition penalty applied where they apply, and -inf at the banned tokens where there are any
+    and, for a sampled rule, at the tokens its filters before the draw drop (truncated(); else the
+    logits as given).
     No host synchronisation, so a CUDA graph can capture it.
 
     logits: [vocab]; history: long [capacity] (params.history) where params.needs_history;
@@ -388,8 +389,7 @@ def truncated(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     z = logits.float()
     temperature = params.temperature
     if params.truncates_before_draw:
-        kept = top_k_top_p_kept(torch.softmax(z / temperature, dim=-1), params.top_k, params.top_p)
-        z = z.masked_fill(~kept, float("-inf"))
+        z = _top_k_top_p_masked(z, params)
     if params.min_p:
         z = z.masked_fill((z - z.max()) / temperature < math.log(params.min_p), float("-inf"))
     if params.typical_p < 1:
@@ -416,9 +416,14 @@ def processed_scores(logits: torch.Tensor, params: SamplingParams, history: torc
     if params.greedy:
         return z
     if not params.truncates_before_draw:
-        kept = top_k_top_p_kept(torch.softmax(z / params.temperature, dim=-1), params.top_k, params.top_p)
-        z = z.masked_fill(~kept, float("-inf"))
+        z = _top_k_top_p_masked(z, params)
     return z / params.temperature
+
+
+def _top_k_top_p_masked(z: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """fp32 logits z [vocab], -inf at the tokens top-k and top-p drop from softmax(z / T)."""
+    kept = top_k_top_p_kept(torch.softmax(z / params.temperature, dim=-1), params.top_k, params.top_p)
+    return z.masked_fill(~kept, float("-inf"))
 
 
 def _entropy(log_p: torch.Tensor) -> torch.Tensor:
