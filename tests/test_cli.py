@@ -102,6 +102,11 @@ def test_generate_from_a_checkpoint_and_sampling_options(tiny_checkpoint, capsys
     out = capsys.readouterr().out
     assert f"generated (12 tokens): {','.join(map(str, banned))}" in out and "no 2-gram of the prompt and the generated" in out
     assert banned != want
+    counted = engine.generate([5, 6], 12, SamplingParams(presence_penalty=-2.0, frequency_penalty=0.5)).tokens
+    assert main([*args, "--max-new-tokens", "12", "--presence-penalty", "-2", "--frequency-penalty", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert f"generated (12 tokens): {','.join(map(str, counted))}" in out
+    assert "presence penalty -2.0, frequency penalty 0.5 on the generated tokens" in out and counted != want
     filters = {"top_p": 0.9, "min_p": 0.05, "typical_p": 0.8, "epsilon_cutoff": 1e-3, "eta_cutoff": 2e-3}
     drawn = engine.generate([5, 6], 12, SamplingParams(temperature=0.9, seed=4, **filters)).tokens
     flags = [text for name, value in filters.items() for text in ("--" + name.replace("_", "-"), str(value))]

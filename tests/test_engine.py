@@ -326,6 +326,26 @@ def test_hf_generate_biases_sequences_as_model_generate_does(hf_model):
         neoxfuse.hf.generate(hf_model, ids, sequence_bias={(3,): float("nan")}, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("presence, frequency", [(-1.5, 0.6), (2.0, 0.0), (0.0, 1.0)])
+def test_presence_and_frequency_penalties_count_the_generated_tokens_only(hf_model, engine, presence, frequency):
+    # OpenAI's formula, as vLLM applies it, over HF's logits of the sequence so far: z - f c - a [c > 0],
+    # c counting the new tokens (the first, from the prefill, too; the prompt's not), greedy, over
+    # more than one decode chunk; and the scores each token was chosen from. The prompt ends with
+    # the model's own greedy text, whose tokens it would choose again.
+    prompt = [5, 6, 7, *engine.generate([5, 6, 7], 8).tokens]
+    got = engine.generate(prompt, 40, SamplingParams(presence_penalty=presence, frequency_penalty=frequency), keep_scores=True)
+    tokens, counts, scores = list(prompt), torch.zeros(hf_model.config.vocab_size), []
+    with torch.no_grad():
+        for _ in range(40):
+            logits = hf_model(torch.tensor([tokens])).logits[0, -1].float()  # [vocab]
+            scores.append(logits - frequency * counts - presence * (counts > 0).float())
+            tokens.append(int(scores[-1].argmax()))
+            counts[tokens[-1]] += 1
+    assert got.tokens == tokens[len(prompt):]
+    assert got.tokens != engine.generate(prompt, 40).tokens  # the penalties changed the choices
+    torch.testing.assert_close(got.scores, torch.stack(scores), rtol=1e-5, atol=1e-5)
+
+
 def test_engine_holds_the_stop_tokens_back_for_min_new_tokens(engine):
     plain = engine.generate([3, 4], 70).tokens
     stop = plain[1]

@@ -436,8 +436,9 @@ def _decode_step_tokens(backend, prompt, sampling, steps, device):
     cache = backend.new_cache()
     first = int(backend.prefill(prompt, cache).argmax())
     rng, history, chosen, token = sampling.rng(device), _history(backend, prompt, first, sampling), [], first
+    counts = sampling.counts([first], backend.shape.vocab, device)
     for _ in range(steps):
-        token = next_token(backend.decode_step(token, cache), sampling, rng, history)
+        token = next_token(backend.decode_step(token, cache), sampling, rng, history, counts=counts)
         chosen.append(token)
     return first, chosen, rng
 
@@ -464,13 +465,17 @@ _TYPICAL = SamplingParams(temperature=1.5, top_k=40, top_p=0.8, seed=2, typical_
 # certain right after the second choice, by a two-token sequence's bias of 25.
 _BIASED = [SamplingParams(sequence_bias={(173,): -20.0, (126, 7): 25.0}),
            SamplingParams(temperature=1.5, top_k=40, seed=2, sequence_bias={(15,): -20.0, (200, 9): 25.0})]
+# Presence and frequency penalties: a negative presence penalty makes the tokens chosen likelier (the
+# tiny models then repeat themselves), a frequency penalty less likely the more often they come.
+_COUNTING = [SamplingParams(presence_penalty=-2.0, frequency_penalty=1.0),
+             SamplingParams(temperature=1.5, top_k=40, seed=2, presence_penalty=-2.0, frequency_penalty=1.0)]
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5, top_k=40, seed=2), *_PENALIZED, *_SUPPRESSING,
-                                      *_BANNING, _MIN_P, _TYPICAL, *_BIASED],
+                                      *_BANNING, _MIN_P, _TYPICAL, *_BIASED, *_COUNTING],
                          ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized", "greedy-suppressing",
                               "sampled-suppressing", "greedy-banning", "sampled-banning", "sampled-min-p", "sampled-typical",
-                              "greedy-biased", "sampled-biased"])
+                              "greedy-biased", "sampled-biased", "greedy-counting", "sampled-counting"])
 def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(oracle_backend, sampling):
     backend = oracle_backend[0]
     prompt = torch.tensor([3, 1, 4, 1, 5])
@@ -479,22 +484,27 @@ def test_backend_on_oracle_kernels_chooses_on_the_device_what_decode_steps_give(
     cache = backend.new_cache()
     backend.prefill(prompt, cache)
     rng, history = sampling.rng("cpu"), _history(backend, prompt, first, sampling)
-    got = backend.decode_tokens(first, cache, 5, sampling, rng, StepClock(torch.device("cpu")), history).tolist()
-    got += backend.decode_tokens(got[-1], cache, 7, sampling, rng, StepClock(torch.device("cpu")), history).tolist()
+    counts = sampling.counts([first], backend.shape.vocab, "cpu")
+    got = backend.decode_tokens(first, cache, 5, sampling, rng, StepClock(torch.device("cpu")), history, counts=counts).tolist()
+    got += backend.decode_tokens(got[-1], cache, 7, sampling, rng, StepClock(torch.device("cpu")), history, counts=counts).tolist()
     assert got == want[:12]
     assert cache.length == int(backend._position) == 17
-    assert next_token(backend.decode_step(got[-1], cache), sampling, rng, history) == want[12]
+    assert next_token(backend.decode_step(got[-1], cache), sampling, rng, history, counts=counts) == want[12]
     if sampling.needs_history:  # the whole sequence, the tokens chosen on the device too
         assert history.tolist() == [3, 1, 4, 1, 5, first, *want, *[-1] * (41 - 19)]
+    if sampling.counts_chosen:  # the tokens chosen, on the device too, and not the prompt's
+        assert counts.tolist() == torch.bincount(torch.tensor([first, *want]), minlength=backend.shape.vocab).tolist()
+        assert len(set(want)) < len(want)  # the rule made the model repeat itself
     unbanned = dataclasses.replace(sampling, suppress_tokens=(), no_repeat_ngram_size=0, bad_sequences=())
     for without in {unbanned, dataclasses.replace(sampling, repetition_penalty=1.0), dataclasses.replace(sampling, min_p=0.0),
-                    dataclasses.replace(sampling, typical_p=1.0), dataclasses.replace(sampling, sequence_bias=())} - {sampling}:
+                    dataclasses.replace(sampling, typical_p=1.0), dataclasses.replace(sampling, sequence_bias=()),
+                    dataclasses.replace(sampling, presence_penalty=0.0), dataclasses.replace(sampling, frequency_penalty=0.0)} - {sampling}:
         assert want != _decode_step_tokens(backend, prompt, without, 13, "cpu")[1]  # each part of the rule changed the choices
     assert not sampling.suppress_tokens & {*want, *got}
     with pytest.raises(SequenceTooLongError):
-        backend.decode_tokens(got[-1], cache, 23, sampling, rng, StepClock(torch.device("cpu")), history)
+        backend.decode_tokens(got[-1], cache, 23, sampling, rng, StepClock(torch.device("cpu")), history, counts=counts)
     with pytest.raises(InvalidInputError, match="steps"):
-        backend.decode_tokens(got[-1], cache, 0, sampling, rng, StepClock(torch.device("cpu")), history)
+        backend.decode_tokens(got[-1], cache, 0, sampling, rng, StepClock(torch.device("cpu")), history, counts=counts)
     assert cache.length == 18
 
 
@@ -533,6 +543,11 @@ def test_backend_steps_need_their_rules_state_before_running(oracle_backend):
     bad = SamplingParams(bad_sequences={(3, 300)})
     with pytest.raises(InvalidInputError, match=r"token ids in \[0, 300\); got 300"):
         backend.decode_tokens(5, cache, 2, bad, None, StepClock(torch.device("cpu")), bad.history([3, 1, 4], 41, "cpu"))
+    counting = SamplingParams(presence_penalty=0.5)
+    with pytest.raises(InvalidInputError, match="a presence or frequency penalty needs the counts of the tokens chosen"):
+        backend.decode_tokens(5, cache, 2, counting, None, StepClock(torch.device("cpu")))
+    with pytest.raises(InvalidInputError, match=r"counts must be int32 \[300\] \(the vocabulary\), .* got \[299\]"):
+        backend.decode_tokens(5, cache, 2, counting, None, StepClock(torch.device("cpu")), counts=counting.counts([], 299, "cpu"))
     assert cache.length == 3 and int(backend._position) == 0  # nothing ran, nothing was put on the device
 
 
@@ -701,13 +716,14 @@ def test_emulated_engine_scores_on_the_fused_backend_what_hf_scores(monkeypatch,
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("rule", [{}, {"repetition_penalty": 0.3}, {"suppress_tokens": range(0, 300, 2)}, {"no_repeat_ngram_size": 1}],
-                         ids=["plain", "penalized", "suppressing", "banning"])
+@pytest.mark.parametrize("rule", [{}, {"repetition_penalty": 0.3}, {"suppress_tokens": range(0, 300, 2)}, {"no_repeat_ngram_size": 1},
+                                  {"presence_penalty": -2.0, "frequency_penalty": 1.0}],
+                         ids=["plain", "penalized", "suppressing", "banning", "counting"])
 def test_emulated_backend_draws_in_the_step_what_the_pytorch_race_draws_after_decode_steps(monkeypatch, emulated, rule):
     # The sampling kernel inside the step (as the GPU's graph holds it) against decode_step's
     # logits sampled from with PyTorch ops: the same seed gives the same tokens, and rng ends
-    # advanced by one per token either way; with a repetition penalty, or the even ids suppressed
-    # (their logits -inf in the kernel), too.
+    # advanced by one per token either way; with a repetition penalty, the even ids suppressed
+    # (their logits -inf in the kernel), or presence and frequency penalties, too.
     monkeypatch.setattr(neoxfuse.fused, "ops", _EmulatedKernels(emulated))
     backend = FusedBackend(from_hf(random_model(pythia_config("tiny", **TINY), seed=4)).to(dtype=torch.float16), 32,
                            use_graph=False)
@@ -719,8 +735,9 @@ def test_emulated_backend_draws_in_the_step_what_the_pytorch_race_draws_after_de
     cache = backend.new_cache()
     backend.prefill(prompt, cache)
     rng, history = sampling.rng("cpu"), _history(backend, prompt, first, sampling)
-    got = backend.decode_tokens(first, cache, 6, sampling, rng, StepClock(torch.device("cpu")), history).tolist()
-    got += backend.decode_tokens(got[-1], cache, 4, sampling, rng, StepClock(torch.device("cpu")), history).tolist()
+    counts = sampling.counts([first], backend.shape.vocab, "cpu")
+    got = backend.decode_tokens(first, cache, 6, sampling, rng, StepClock(torch.device("cpu")), history, counts=counts).tolist()
+    got += backend.decode_tokens(got[-1], cache, 4, sampling, rng, StepClock(torch.device("cpu")), history, counts=counts).tolist()
     assert got == want
     assert rng.tolist() == [2**40 + 9, 10]
     assert len(set(want)) > 3  # a real draw, not the argmax every step
@@ -1356,10 +1373,10 @@ def test_graph_replay_equals_eager_and_runs_are_bitwise_identical(hf_models):
 @torch.inference_mode()
 @pytest.mark.parametrize("use_graph", [True, False])
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=5), *_PENALIZED, *_SUPPRESSING,
-                                      *_BANNING, _MIN_P, _TYPICAL, *_BIASED],
+                                      *_BANNING, _MIN_P, _TYPICAL, *_BIASED, *_COUNTING],
                          ids=["greedy", "sampled", "greedy-penalized", "sampled-penalized", "greedy-suppressing",
                               "sampled-suppressing", "greedy-banning", "sampled-banning", "sampled-min-p", "sampled-typical",
-                              "greedy-biased", "sampled-biased"])
+                              "greedy-biased", "sampled-biased", "greedy-counting", "sampled-counting"])
 def test_tokens_chosen_on_the_device_equal_tokens_chosen_from_decode_steps(hf_models, use_graph, sampling):
     # decode_tokens keeps each step's token on the device (written by the step: the argmax, or the
     # sampling kernel); decode_step returns logits for the host. Same kernels in the same order, the
@@ -1372,13 +1389,14 @@ def test_tokens_chosen_on_the_device_equal_tokens_chosen_from_decode_steps(hf_mo
     cache = backend.new_cache()  # the same storage, from position 0 again
     backend.prefill(prompt, cache)
     rng, history = sampling.rng("cuda"), _history(backend, prompt, first, sampling)
+    counts = sampling.counts([first], backend.shape.vocab, "cuda")
     clock = StepClock(torch.device("cuda"))
-    got = backend.decode_tokens(first, cache, 12, sampling, rng, clock, history).tolist()
+    got = backend.decode_tokens(first, cache, 12, sampling, rng, clock, history, counts=counts).tolist()
     assert len(clock.intervals_ms()) == 12 and all(ms > 0 for ms in clock.intervals_ms())
-    got += backend.decode_tokens(got[-1], cache, 8, sampling, rng, StepClock(torch.device("cuda")), history).tolist()
+    got += backend.decode_tokens(got[-1], cache, 8, sampling, rng, StepClock(torch.device("cuda")), history, counts=counts).tolist()
     assert got == want[:20]
     assert cache.length == int(backend._position) == 28
-    assert next_token(backend.decode_step(got[-1], cache), sampling, rng, history) == want[20]  # decode_step goes on from there
+    assert next_token(backend.decode_step(got[-1], cache), sampling, rng, history, counts=counts) == want[20]  # decode_step goes on
 
 
 @pytest.mark.gpu

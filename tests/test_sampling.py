@@ -56,6 +56,12 @@ def _shuffled_logits(probs: list[float], generator: torch.Generator) -> tuple[to
         {"suppress_tokens": [3, -1]},
         {"suppress_tokens": [3, 2.0]},
         {"suppress_tokens": [True]},
+        {"presence_penalty": float("nan")},
+        {"presence_penalty": float("-inf")},
+        {"presence_penalty": None},
+        {"frequency_penalty": float("inf")},
+        {"frequency_penalty": "0.5"},
+        {"frequency_penalty": True},
     ],
 )
 def test_invalid_sampling_parameters_are_rejected(kwargs):
@@ -318,6 +324,43 @@ def test_suppressed_tokens_are_never_chosen():
         next_token(logits, SamplingParams(bad_sequences=[(1, 7)]), history=torch.full((4,), -1))
     with pytest.raises(InvalidInputError, match="must leave tokens to choose from; it holds all 5"):
         next_token(logits, SamplingParams(suppress_tokens=range(5)))
+
+
+def test_presence_and_frequency_penalties_are_openais_formula_over_the_tokens_chosen():
+    # z_i - f c_i - a [c_i > 0], c counting the tokens chosen (the prompt's are not: a history holds
+    # them and the counts do not); after the repetition penalty, before the filters.
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(40, generator=generator) * 3  # [vocab]
+    chosen = [3, 7, 3, 3, 12, 7]
+    params = SamplingParams(presence_penalty=0.7, frequency_penalty=-0.4, repetition_penalty=1.5)
+    counts = params.counts(chosen, 40, "cpu")
+    assert counts.dtype == torch.int32 and counts.nonzero().flatten().tolist() == [3, 7, 12]
+    assert counts[[3, 7, 12]].tolist() == [3, 2, 1] and int(counts.sum()) == 6
+    history = params.history([1, 2, 3, *chosen], 20, "cpu")
+    penalized = sampling.penalize(logits, sampling.tokens_in(history, 40), 1.5)
+    want = penalized.clone()
+    for token in set(chosen):
+        want[token] -= -0.4 * chosen.count(token) + 0.7
+    got = sampling.constrained(logits, params, history, params.constraints(40, "cpu"), counts)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(got[[0, 1, 2]], penalized[[0, 1, 2]])  # 1 and 2 only in the prompt: the repetition penalty alone
+    assert SamplingParams().counts(chosen, 40, "cpu") is None and not SamplingParams(repetition_penalty=1.5).counts_chosen
+
+
+def test_a_counted_choice_counts_its_token_and_reads_the_counts():
+    logits = torch.tensor([0.0, 5.0, 4.2, -1.0, 3.4])
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=1.0)
+    counts = params.counts([], 5, "cpu")
+    # 5 > 4.2; 5 - 1.5 < 4.2; 3.5 > 4.2 - 1.5 and 3.4; 5 - 2.5 < 3.4; 4.2 - 1.5 > 2.5 and 3.4 - 1.5
+    assert [next_token(logits, params, counts=counts) for _ in range(5)] == [1, 2, 1, 4, 2]
+    assert counts.tolist() == [0, 2, 2, 0, 1]
+    sampled = SamplingParams(temperature=1.0, top_k=1, seed=3, presence_penalty=10.0)
+    counts = sampled.counts([1], 5, "cpu")
+    assert next_token(logits, sampled, sampled.rng("cpu"), counts=counts) == 2 and counts.tolist() == [0, 1, 1, 0, 0]
+    with pytest.raises(InvalidInputError, match="a presence or frequency penalty needs the counts of the tokens chosen"):
+        next_token(logits, params)
+    with pytest.raises(InvalidInputError, match=r"int32 \[vocab\]"):
+        next_token(logits, params, counts=torch.zeros(5))
 
 
 @pytest.mark.parametrize("temperature, top_k, min_p", [(1.0, 0, 0.1), (0.7, 0, 0.05), (1.5, 20, 0.02), (0.3, 0, 1.0)])

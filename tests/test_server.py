@@ -203,6 +203,15 @@ def test_logit_bias_is_the_engines_one_token_sequence_bias(served):
     assert got["choices"][0]["token_ids"] == want.tokens != plain and plain[1] not in want.tokens
 
 
+def test_presence_and_frequency_penalties_are_the_engines(served):
+    server, engine = served
+    plain = engine.generate("w9 w10 w11", 12, stop_token_ids=0).tokens
+    for penalties in [{"presence_penalty": 2.0}, {"frequency_penalty": -1.5}]:
+        want = engine.generate("w9 w10 w11", 12, SamplingParams(**penalties), stop_token_ids=0).tokens
+        got = _complete(server, prompt="w9 w10 w11", max_tokens=12, temperature=0, **penalties)
+        assert got["choices"][0]["token_ids"] == want != plain
+
+
 def test_n_completions_per_prompt_draw_with_successive_seeds(served):
     server, engine = served
     rule = {"temperature": 1.1, "top_k": 30}
@@ -280,7 +289,10 @@ def test_a_model_without_a_tokenizer_lists_token_ids_and_has_no_tokenizer_routes
     ({"prompt": "hello", "echo": "yes"}, 400, "echo must be true or false"),
     ({"prompt": "hello", "logprobs": 21}, 400, "logprobs must be null or an integer from 0 to 20, got 21"),
     ({"prompt": "hello", "logprobs": True}, 400, "logprobs must be null or an integer"),
-    ({"prompt": "hello", "frequency_penalty": 0.5}, 400, "frequency_penalty=0.5 is not implemented"),
+    ({"prompt": "hello", "suffix": "!"}, 400, "suffix='!' is not implemented"),
+    ({"prompt": "hello", "frequency_penalty": 2.5}, 400, "frequency_penalty must be a number from -2 to 2, got 2.5"),
+    ({"prompt": "hello", "presence_penalty": "1"}, 400, "presence_penalty must be a number from -2 to 2, got '1'"),
+    ({"prompt": "hello", "presence_penalty": True}, 400, "presence_penalty must be a finite number"),
     ({"prompt": "hello", "logit_bias": {"5": 101}}, 400, "logit_bias must map token ids to biases from -100 to 100"),
     ({"prompt": "hello", "logit_bias": {"w5": 1}}, 400, "logit_bias must map token ids"),
     ({"prompt": "hello", "logit_bias": [5, 1]}, 400, "logit_bias must map token ids"),

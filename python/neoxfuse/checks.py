@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -107,11 +108,12 @@ def check_seed(seed: object) -> None:
 
 
 def check_sampling(temperature: object, top_k: object, top_p: object, repetition_penalty: object = 1.0,
-                   min_p: object = 0.0, typical_p: object = 1.0, epsilon_cutoff: object = 0.0, eta_cutoff: object = 0.0) -> None:
+                   min_p: object = 0.0, typical_p: object = 1.0, epsilon_cutoff: object = 0.0, eta_cutoff: object = 0.0,
+                   presence_penalty: object = 0.0, frequency_penalty: object = 0.0) -> None:
     """A sampling rule's ranges (neoxfuse.sampling.SamplingParams): temperature >= 0 and finite
     (0: greedy), top_k an integer >= 0 (0: off), top_p in (0, 1] (1: off), repetition_penalty > 0
     and finite (1: off), min_p in [0, 1] (0: off), typical_p in (0, 1] (1: off), epsilon_cutoff and
-    eta_cutoff in [0, 1) (0: off)."""
+    eta_cutoff in [0, 1) (0: off), presence_penalty and frequency_penalty finite (0: off)."""
     if not (_is_real(temperature) and temperature >= 0 and temperature != float("inf")):
         raise InvalidInputError(f"temperature must be >= 0 and finite (0 means greedy), got {temperature!r}")
     if not is_integer(top_k) or top_k < 0:
@@ -127,3 +129,6 @@ def check_sampling(temperature: object, top_k: object, top_p: object, repetition
     for name, cutoff in [("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)]:
         if not (_is_real(cutoff) and 0 <= cutoff < 1):
             raise InvalidInputError(f"{name} must be in [0, 1) (0 is off), got {cutoff!r}")
+    for name, penalty in [("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)]:
+        if not (_is_real(penalty) and math.isfinite(penalty)):
+            raise InvalidInputError(f"{name} must be a finite number (0 is off), got {penalty!r}")

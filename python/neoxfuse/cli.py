@@ -189,6 +189,10 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         "likely, greedy or sampled, as transformers' repetition_penalty (default 1: none)")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N", help="never repeat an N-gram of the "
                         "text (the prompt's too), greedy or sampled, as transformers' no_repeat_ngram_size (default 0: off)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted from the logits of the tokens "
+                        "generated so far (not the prompt's), greedy or sampled, as OpenAI's presence_penalty (default 0)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted from the logits of the tokens "
+                        "generated so far once per time generated, as OpenAI's frequency_penalty (default 0)")
     parser.add_argument("--seed", type=int, help="seed for sampling (and for a random-initialised model's weights; default 0)")
     parser.add_argument("--max-seq-len", type=int, help="KV cache positions (default: the model's maximum)")
     parser.add_argument("--stream", action="store_true", help="print the new text (token ids without a tokenizer) as it "
@@ -210,8 +214,8 @@ def _generate(args) -> int:
     """Generate tokens after a prompt, print them and their timings.
 
     Greedy by default; --temperature > 0 samples (with --top-k, --top-p, --min-p, --typical-p,
-    --epsilon-cutoff, --eta-cutoff, --seed); --repetition-penalty
-    and --no-repeat-ngram-size apply either way. With a tokenizer
+    --epsilon-cutoff, --eta-cutoff, --seed); --repetition-penalty, --no-repeat-ngram-size,
+    --presence-penalty and --frequency-penalty apply either way. With a tokenizer
     (a checkpoint directory that has one) the text is printed too and generation stops at its EOS
     (and after any --stop text).
     --interactive then continues the text with lines from stdin, turn by turn.
@@ -220,7 +224,8 @@ def _generate(args) -> int:
         raise InvalidInputError("generate needs a prompt: --prompt TEXT, --tokens 1,2,3 or --interactive (lines from stdin)")
     device = resolve_device(args.device)
     sampling = SamplingParams(temperature=args.temperature, seed=args.seed, repetition_penalty=args.repetition_penalty,
-                              no_repeat_ngram_size=args.no_repeat_ngram_size, **{name: getattr(args, name) for name in SAMPLED_ONLY})
+                              no_repeat_ngram_size=args.no_repeat_ngram_size, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty, **{name: getattr(args, name) for name in SAMPLED_ONLY})
     if sampling.greedy and (set_filters := sampling.filters_on()):
         flags = ", ".join("--" + name.replace("_", "-") for name in set_filters)
         print(f"neoxfuse: greedy decoding (--temperature 0): {flags} {'has' if len(set_filters) == 1 else 'have'} no effect",
@@ -258,6 +263,8 @@ def _generate(args) -> int:
         print(f"repetition penalty {sampling.repetition_penalty} on the prompt's and the generated tokens")
     if sampling.no_repeat_ngram_size:
         print(f"no {sampling.no_repeat_ngram_size}-gram of the prompt and the generated tokens repeated")
+    if sampling.counts_chosen:
+        print(f"presence penalty {sampling.presence_penalty}, frequency penalty {sampling.frequency_penalty} on the generated tokens")
     if out.text is not None:
         print(f"text: {args.prompt if args.prompt is not None else engine.tokenizer.decode(out.prompt_tokens)}{out.text}")
     if out.logprobs is not None:

@@ -131,13 +131,14 @@ class Backend(ABC):
         SequenceTooLongError when full."""
 
     def decode_tokens(self, token: int, cache, steps: int, sampling: SamplingParams, rng: torch.Tensor | None,
-                      clock: StepClock, history: torch.Tensor | None = None, logits_out: torch.Tensor | None = None) -> torch.Tensor:
+                      clock: StepClock, history: torch.Tensor | None = None, logits_out: torch.Tensor | None = None,
+                      counts: torch.Tensor | None = None) -> torch.Tensor:
         """Decodes `steps` tokens after `token` (at position cache.length) without waiting for the
-        device: token i+1 = neoxfuse.sampling.choose(logits of token i, sampling, rng, history). The
-        chosen tokens [steps] (long, on the device); clock.mark() after each step; cache.length
-        grows by `steps`; rng advances by `steps` draws when sampled, history gains the chosen tokens
-        when the rule reads it (sampling.needs_history); logits_out [>= steps, vocab] fp32, when given,
-        gets step i's logits in row i.
+        device: token i+1 = neoxfuse.sampling.choose(logits of token i, sampling, rng, history,
+        counts). The chosen tokens [steps] (long, on the device); clock.mark() after each step;
+        cache.length grows by `steps`; rng advances by `steps` draws when sampled, history gains the
+        chosen tokens and counts counts them where the rule reads them (sampling.needs_history,
+        counts_chosen); logits_out [>= steps, vocab] fp32, when given, gets step i's logits in row i.
 
         This default runs decode_step and choose per step; a backend overrides it to keep more
         of the loop on the device (the fused backend replays a CUDA graph per step).
@@ -151,7 +152,7 @@ class Backend(ABC):
                 logits_out[len(chosen)].copy_(logits)
             if constraints is None:
                 constraints = sampling.constraints(logits.shape[-1], logits.device)
-            current = choose(logits, sampling, rng, history, constraints)  # [1]
+            current = choose(logits, sampling, rng, history, constraints, counts)  # [1]
             chosen.append(current)
             clock.mark()
         return torch.cat(chosen)
@@ -538,20 +539,21 @@ class Engine:
         first.check_vocab(self.shape.vocab)
         rng = sampling.rng(self.device)  # [seed, draw] on the device
         history = sampling.history(prompt_tokens, self.max_seq_len + 1, self.device)  # [max_seq_len + 1], where read
+        counts = sampling.counts([], self.shape.vocab, self.device)  # [vocab], where read
         cache, reused = self._cache_for(prompt_tokens)
         prompt_tensor = torch.tensor(prompt_tokens[reused:], dtype=torch.long, device=self.device)  # [T - reused]
 
         synchronize(self.device)
         start = time.perf_counter()
         logits = self.backend.prefill(prompt_tensor, cache)  # [vocab]
-        token = next_token(logits, first, rng, history)  # int(): waits for the GPU
+        token = next_token(logits, first, rng, history, counts=counts)  # int(): waits for the GPU
         result = Generation(prompt_tokens, [], prefill_ms=(time.perf_counter() - start) * 1e3, seed=sampling.seed,
                             reused_tokens=reused, logprobs=None if logprobs is None else [])
         listed = None if logprobs is None else logprobs_of(logits[None], torch.tensor([token], device=self.device), logprobs)
         streams = (on_tokens, on_logprobs)
         stopped = _take(result, [token], [], listed, stop_rule, streams)
         kept_rows = ([] if keep_logits else None, [] if keep_scores else None)  # [n, vocab] each, where kept
-        self._keep(logits[None], first, prompt_tokens, result.tokens, kept_rows)
+        self._keep(logits[None], first, prompt_tokens, [], result.tokens, kept_rows)
         with_logits = logprobs is not None or keep_logits or keep_scores
         with progress_bar(max_new_tokens, "decoding", unit="tok", enabled=progress) as bar:
             bar.update(1)
@@ -561,12 +563,12 @@ class Engine:
                 rule = sampling
                 if done < min_new_tokens:  # the chunk ends where the stop tokens may come again
                     steps, rule = min(steps, min_new_tokens - done), early
-                tokens, times, logits = self._decode_chunk(token, cache, steps, rule, rng, history, with_logits)
+                tokens, times, logits = self._decode_chunk(token, cache, steps, rule, rng, history, counts, with_logits)
                 token = tokens[-1]
                 taken = len(result.tokens)
                 listed = None if logprobs is None else logprobs_of(logits, torch.tensor(tokens, device=self.device), logprobs)
                 stopped = _take(result, tokens, times, listed, stop_rule, streams)
-                self._keep(logits, rule, prompt_tokens + result.tokens[:taken], result.tokens[taken:], kept_rows)
+                self._keep(logits, rule, prompt_tokens, result.tokens[:taken], result.tokens[taken:], kept_rows)
                 bar.update(len(result.tokens) - taken)
         result.logits, result.scores = (None if rows is None else torch.cat(rows) for rows in kept_rows)
         if self.prefix_cache:  # the tokens at the cache's first positions (steps run after a stop token come later)
@@ -717,27 +719,30 @@ class Engine:
         return texts
 
     def _decode_chunk(self, token: int, cache, steps: int, sampling: SamplingParams, rng: torch.Tensor | None,
-                      history: torch.Tensor | None, with_logits: bool) -> tuple[list[int], list[float], torch.Tensor | None]:
+                      history: torch.Tensor | None, counts: torch.Tensor | None,
+                      with_logits: bool) -> tuple[list[int], list[float], torch.Tensor | None]:
         """`steps` tokens after `token`, each one's step time in ms and, with_logits, the logits each
         was chosen from ([steps, vocab] fp32); decoded on the device with one wait at the end."""
         clock = StepClock(self.device)
         logits = torch.empty(steps, self.shape.vocab, device=self.device) if with_logits else None
-        tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock, history, logits).tolist()
+        tokens = self.backend.decode_tokens(token, cache, steps, sampling, rng, clock, history, logits, counts).tolist()
         return tokens, clock.intervals_ms(), logits
 
-    def _keep(self, logits: torch.Tensor, rule: SamplingParams, earlier: list[int], chosen: list[int],
+    def _keep(self, logits: torch.Tensor, rule: SamplingParams, prompt: list[int], generated: list[int], chosen: list[int],
               kept_rows: tuple[list | None, list | None]) -> None:
-        """Adds the logits [>= n, vocab] that the n tokens `chosen` (after `earlier`) were chosen from by
-        `rule` to kept_rows (logits, scores), where each is a list: the logits as they are, and their
-        processed_scores with the history each read."""
+        """Adds the logits [>= n, vocab] that the n tokens `chosen` (after `prompt` and the tokens
+        `generated` before them) were chosen from by `rule` to kept_rows (logits, scores), where each
+        is a list: the logits as they are, and their processed_scores with the history and counts each read."""
         logit_rows, score_rows = kept_rows
         if logit_rows is not None:
             logit_rows.append(logits[: len(chosen)].float())
         if score_rows is not None:
             constraints = rule.constraints(self.shape.vocab, self.device)
+            capacity = len(prompt) + len(generated) + len(chosen) + 1
             for j in range(len(chosen)):
-                history = rule.history(earlier + chosen[:j], len(earlier) + len(chosen) + 1, self.device)
-                score_rows.append(processed_scores(logits[j], rule, history, constraints)[None])
+                history = rule.history(prompt + generated + chosen[:j], capacity, self.device)
+                counts = rule.counts(generated + chosen[:j], self.shape.vocab, self.device)
+                score_rows.append(processed_scores(logits[j], rule, history, constraints, counts)[None])
 
 
 def stop_token_set(ids: int | Collection[int] | torch.Tensor) -> frozenset[int]:

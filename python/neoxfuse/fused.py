@@ -8,15 +8,17 @@ A decode step at position p = cache.length is
     p      = p + 1
     tokens[p] = argmax(logits)                            (greedy steps)
     tokens[p] = sample(logits, rule, rng)                 (sampled steps: neoxfuse.sampling's rule)
-    (of constrained(logits, rule, history, constraints): with a repetition penalty and the
-    banned tokens' logits -inf, and then tokens[p] appended to history)
+    (of constrained(logits, rule, history, constraints, counts): with the rule's biases and
+    penalties and the banned tokens' logits -inf, and then tokens[p] appended to history and
+    counted in counts)
 
-all on the GPU, with the tokens, p, the sampler's random state rng = [seed, draw] and the sequence
-so far (history) in device memory (the sampling kernel advances rng), so the whole step, token choice
+all on the GPU, with the tokens, p, the sampler's random state rng = [seed, draw], the sequence
+so far (history) and the counts of the tokens chosen in device memory (the sampling kernel
+advances rng), so the whole step, token choice
 included, is captured once as a CUDA graph and replayed for every later token (no per-kernel
 Python cost). The first step of a cache runs eagerly (it also warms up the kernels' plan), then
 the graph is captured: one graph for logits-only steps, one for plain greedy steps and one per
-other rule used (temperature, its filters, repetition penalty, banned tokens), the last
+other rule used (temperature, its filters, biases, penalties, banned tokens), the last
 MAX_SAMPLING_GRAPHS of those kept, each with its rule's constraints (device tensors it reads).
 decode_step writes tokens[p] from the host and returns the logits; decode_tokens replays a graph
 `steps` times with nothing between replays and no host wait, so the GPU does not idle waiting
@@ -45,7 +47,8 @@ from neoxfuse.engine import Availability, Backend, StepClock, register_backend
 from neoxfuse.errors import InvalidInputError, LibraryNotFoundError, NeoxfuseError
 from neoxfuse.ops import fused_decoder as ops
 from neoxfuse.reference import KVCache, ReferenceModel
-from neoxfuse.sampling import SAMPLED_ONLY, Constraints, SamplingParams, append, check_rng, constrained, exponential_race, probabilities
+from neoxfuse.sampling import (SAMPLED_ONLY, Constraints, SamplingParams, append, check_rng, constrained, count, exponential_race,
+                               probabilities)
 from neoxfuse.weights import ModelWeights
 
 
@@ -111,6 +114,7 @@ class FusedBackend(Backend):
         self._rng = buffer(2, torch.long)  # [2] the sampler's [seed, draw]
         self._drawn = buffer(1, torch.long)  # [1] a sampled step's token
         self._history = buffer(self.max_seq_len + 1, torch.long)  # [max_seq_len + 1] the sequence so far, then -1s
+        self._counts = buffer(shape.vocab, torch.int32)  # [vocab] how often each token was chosen
         self._device_length: int | None = None  # what self._position holds, when known on the host
         self._storage: KVCache | None = None
         self._graphs: dict[SamplingParams | None, tuple[torch.cuda.CUDAGraph, Constraints | None]] = {}  # rule -> graph
@@ -139,26 +143,32 @@ class FusedBackend(Backend):
 
     def decode_tokens(self, token: int | torch.Tensor, cache: KVCache, steps: int, sampling: SamplingParams,
                       rng: torch.Tensor | None, clock: StepClock, history: torch.Tensor | None = None,
-                      logits_out: torch.Tensor | None = None) -> torch.Tensor:
+                      logits_out: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
         """Backend.decode_tokens on the device: `steps` graph replays, each writing its chosen token
         into the device's token buffer for the next (and, with logits_out, followed by a copy of its
         logits there); the chosen tokens [steps] (long, on the GPU).
-        Sampled steps draw with the backend's copy of rng, and rules that read the sequence so far
-        read and extend its copy of history (long [max_seq_len + 1]), both copied back afterwards.
-        The same errors as decode_step, and one for a history of another size, before anything runs."""
+        Sampled steps draw with the backend's copy of rng, and rules that read the sequence so far or
+        the counts of the tokens chosen read and extend its copies of history (long [max_seq_len + 1])
+        and counts (int32 [vocab]), all copied back afterwards.
+        The same errors as decode_step, and one for a history or counts of another size, before anything runs."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidInputError(f"steps must be an integer >= 1, got {steps!r}")
-        check_rng(sampling, rng, history)
+        check_rng(sampling, rng, history, counts)
         sampling.check_vocab(self.shape.vocab)
         if sampling.needs_history and (history.shape != self._history.shape or history.dtype != torch.long):
             raise InvalidInputError(f"history must be long [{self._history.numel()}] (max_seq_len + 1), from sampling.history(); "
                                     f"got {history.dtype} {list(history.shape)}")
+        if sampling.counts_chosen and counts.shape != self._counts.shape:
+            raise InvalidInputError(f"counts must be int32 [{self.shape.vocab}] (the vocabulary), from sampling.counts(); "
+                                    f"got {list(counts.shape)}")
         start = self._start(token, cache, steps)
         selection = _selection_rule(sampling)
         if not sampling.greedy:
             self._rng.copy_(rng)
         if sampling.needs_history:
             self._history.copy_(history)
+        if sampling.counts_chosen:
+            self._counts.copy_(counts)
         for step in range(steps):
             self._run(cache, selection)
             if logits_out is not None:
@@ -168,6 +178,8 @@ class FusedBackend(Backend):
             rng.copy_(self._rng)
         if sampling.needs_history:
             history.copy_(self._history)
+        if sampling.counts_chosen:
+            counts.copy_(self._counts)
         self._advance(cache, steps)
         return self._tokens[start + 1 : start + 1 + steps].clone()
 
@@ -217,7 +229,8 @@ class FusedBackend(Backend):
         """One decode step on the current stream, reading self._tokens at self._position, writing
         self._logits, advancing self._position and, unless `selection` is None, writing the chosen
         token at the new position (sampled: drawn with self._rng, which advances; with the rule's
-        constraints, and appended to self._history where the rule reads it): the work a graph holds."""
+        constraints, and appended to self._history and counted in self._counts where the rule reads
+        them): the work a graph holds."""
         w = self.weights
         x = self._residual[0]
         token = self._tokens.index_select(0, self._position)  # [1]
@@ -231,13 +244,15 @@ class FusedBackend(Backend):
         self._position.add_(1)
         if selection is None:
             return
-        logits = constrained(self._logits, selection, self._history, constraints)  # [vocab] fp32
+        logits = constrained(self._logits, selection, self._history, constraints, self._counts)  # [vocab] fp32
         if selection.greedy:
             chosen = logits.argmax().reshape(1)  # [1]
         else:
             chosen = self._sample(logits, selection)  # [1]
         if selection.needs_history:
             append(self._history, chosen)
+        if selection.counts_chosen:
+            count(self._counts, chosen)
         self._tokens.index_put_((self._position,), chosen)
 
     def _sample(self, logits: torch.Tensor, selection: SamplingParams) -> torch.Tensor:

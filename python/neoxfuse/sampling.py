@@ -9,6 +9,10 @@ Given logits z [vocab] (computed in fp32 whatever the model's dtype):
 - with a repetition penalty r != 1 (as transformers' RepetitionPenaltyLogitsProcessor), first every
   token already in the sequence s (the prompt and the tokens generated so far) is made less likely
   for r > 1:  z_i <- z_i / r where z_i > 0, z_i * r where z_i < 0, for each i in s.
+- with a presence penalty a or a frequency penalty f (OpenAI's presence_penalty and
+  frequency_penalty, which count the tokens chosen, as vLLM does: not the prompt's), then
+  z_i <- z_i - f c_i - a [c_i > 0], c_i the number of times token i was chosen so far. The counts
+  live in device memory as `counts`, int32 [vocab], that each choice adds its token to.
 - banned tokens get z_i = -inf, never chosen:
   - suppressed tokens (suppress_tokens, as transformers' option of that name; the engine's
     min_new_tokens suppresses the stop tokens for the first new tokens);
@@ -103,6 +107,8 @@ class SamplingParams:
     sequence_bias: {token id sequence: bias} (or (sequence, bias) pairs; kept as a frozenset of
         them): the bias, a finite number, is added to the logit of a sequence's last token where the
         sequence so far ends with the others (greedy or sampled; see the module docstring).
+    presence_penalty, frequency_penalty: finite; 0 is none, > 0 makes the tokens chosen so far less
+        likely, by presence_penalty once and frequency_penalty per time chosen (greedy or sampled).
     """
 
     temperature: float = 0.0
@@ -118,10 +124,12 @@ class SamplingParams:
     epsilon_cutoff: float = 0.0
     eta_cutoff: float = 0.0
     sequence_bias: frozenset[tuple[tuple[int, ...], float]] = frozenset()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.min_p, self.typical_p,
-                       self.epsilon_cutoff, self.eta_cutoff)
+                       self.epsilon_cutoff, self.eta_cutoff, self.presence_penalty, self.frequency_penalty)
         object.__setattr__(self, "suppress_tokens", token_id_set(self.suppress_tokens, "suppress_tokens"))
         if not is_integer(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
             raise InvalidInputError(f"no_repeat_ngram_size must be an integer >= 0 (0 is off), got {self.no_repeat_ngram_size!r}")
@@ -135,7 +143,8 @@ class SamplingParams:
             check_seed(self.seed)
         for name, kind in [("temperature", float), ("top_k", int), ("top_p", float), ("seed", int),
                            ("repetition_penalty", float), ("min_p", float), ("no_repeat_ngram_size", int),
-                           ("typical_p", float), ("epsilon_cutoff", float), ("eta_cutoff", float)]:  # NumPy's -> Python's
+                           ("typical_p", float), ("epsilon_cutoff", float), ("eta_cutoff", float),
+                           ("presence_penalty", float), ("frequency_penalty", float)]:  # NumPy's -> Python's
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, kind(getattr(self, name)))
 
@@ -172,6 +181,12 @@ class SamplingParams:
         return self.repetition_penalty != 1
 
     @property
+    def counts_chosen(self) -> bool:
+        """Whether choosing a token reads how often each token was chosen so far: with a presence or
+        a frequency penalty."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
     def needs_history(self) -> bool:
         """Whether choosing a token reads the sequence so far: with a repetition penalty, an n-gram
         ban, bad sequences or a bias of a sequence longer than one token."""
@@ -190,6 +205,13 @@ class SamplingParams:
         history = torch.full((capacity,), -1, dtype=torch.long)
         history[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         return history.to(device)
+
+    def counts(self, chosen: Iterable[int], vocab: int, device: torch.device | str) -> torch.Tensor | None:
+        """How often each token occurs in `chosen` (the tokens chosen so far), as choose() reads and
+        extends it: int32 [vocab] on `device`; None when the rule does not read it (counts_chosen)."""
+        if not self.counts_chosen:
+            return None
+        return torch.bincount(torch.tensor(list(chosen), dtype=torch.long), minlength=vocab).to(torch.int32).to(device)
 
     def check_vocab(self, vocab: int) -> None:
         """InvalidInputError for a suppressed, bad-sequence or biased id past the vocabulary, or for
@@ -283,6 +305,12 @@ def append(history: torch.Tensor, token: torch.Tensor) -> None:
     history.index_put_((length,), token)
 
 
+def count(counts: torch.Tensor, token: torch.Tensor) -> None:
+    """Adds one to the count of token [1] in counts [vocab] (int32: exact and deterministic), on the
+    device, without waiting for it."""
+    counts.index_add_(0, token, torch.ones_like(token, dtype=torch.int32))
+
+
 def tokens_in(history: torch.Tensor, vocab: int) -> torch.Tensor:
     """bool [vocab]: which tokens occur in history."""
     counts = torch.zeros(vocab, dtype=torch.int32, device=history.device)
@@ -354,21 +382,24 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
 
 
 def constrained(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
-                constraints: Constraints) -> torch.Tensor:
+                constraints: Constraints, counts: torch.Tensor | None = None) -> torch.Tensor:
     """The logits a token is chosen from (module docstring): with the sequence biases and the
-    repetition penalty applied where they apply, and -inf at the banned tokens where there are any
-    and, for a sampled rule, at the tokens its filters before the draw drop (truncated(); else the
-    logits as given).
+    repetition, presence and frequency penalties applied where they apply, and -inf at the banned
+    tokens where there are any and, for a sampled rule, at the tokens its filters before the draw
+    drop (truncated(); else the logits as given).
     No host synchronisation, so a CUDA graph can capture it.
 
     logits: [vocab]; history: long [capacity] (params.history) where params.needs_history;
-    constraints: params.constraints(vocab, device); all on one device.
+    constraints: params.constraints(vocab, device); counts: int32 [vocab] (params.counts) where
+    params.counts_chosen; all on one device.
     """
     vocab = logits.shape[-1]
     if params.sequence_bias:
         logits = logits.float() + sequence_biases(history, constraints, vocab)
     if params.penalized:
         logits = penalize(logits, tokens_in(history, vocab), params.repetition_penalty)
+    if params.counts_chosen:
+        logits = logits.float() - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
     banned = [mask for mask in (
         constraints.suppressed,
         repeated_ngram_ends(history, params.no_repeat_ngram_size, vocab) if params.no_repeat_ngram_size else None,
@@ -401,7 +432,7 @@ def truncated(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def processed_scores(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
-                     constraints: Constraints) -> torch.Tensor:
+                     constraints: Constraints, counts: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' scores of a step (model.generate's output_scores): fp32 [vocab], the logits
     after its logits processors and warpers as this rule applies them, that is constrained() (the
     penalty, the bans and the filters before the draw) and, for a sampled rule, top-k and top-p where
@@ -410,9 +441,9 @@ def processed_scores(logits: torch.Tensor, params: SamplingParams, history: torc
         greedy:   constrained(z)
         sampled:  constrained(z) / T, -inf outside what top-k and top-p keep of softmax(constrained(z) / T)
 
-    logits: [vocab]; history, constraints: as constrained() takes them.
+    logits: [vocab]; history, constraints, counts: as constrained() takes them.
     """
-    z = constrained(logits, params, history, constraints).float()
+    z = constrained(logits, params, history, constraints, counts).float()
     if params.greedy:
         return z
     if not params.truncates_before_draw:
@@ -541,31 +572,39 @@ def sample_kernel_runs(device: torch.device, vocab: int) -> bool:
     return built and _lib.missing_code(index) is None
 
 
-def check_rng(params: SamplingParams, rng: torch.Tensor | None, history: torch.Tensor | None = None) -> None:
-    """InvalidInputError when sampled decoding is asked for without its random state, or a rule
-    that reads the sequence so far without it."""
+def check_rng(params: SamplingParams, rng: torch.Tensor | None, history: torch.Tensor | None = None,
+              counts: torch.Tensor | None = None) -> None:
+    """InvalidInputError when sampled decoding is asked for without its random state, a rule that
+    reads the sequence so far without it, or one that reads the counts of the tokens chosen without
+    them."""
     if not params.greedy and rng is None:
         raise InvalidInputError("sampled decoding needs the random state from params.rng(device)")
     if params.needs_history and history is None:
         raise InvalidInputError("a repetition penalty, an n-gram ban or bad sequences need the sequence so far, from "
                                 "params.history(prompt, capacity, device)")
+    if params.counts_chosen and (counts is None or counts.dtype != torch.int32 or counts.dim() != 1):
+        raise InvalidInputError("a presence or frequency penalty needs the counts of the tokens chosen so far (int32 "
+                                "[vocab]), from params.counts(chosen, vocab, device)")
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None,
-           history: torch.Tensor | None = None, constraints: Constraints | None = None) -> torch.Tensor:
+           history: torch.Tensor | None = None, constraints: Constraints | None = None,
+           counts: torch.Tensor | None = None) -> torch.Tensor:
     """The next token id as a [1] long tensor on the logits' device, without waiting for the device:
     argmax(logits) when greedy, else the exponential race over probabilities(logits, params.draw)
     (module docstring: one kernel on an sm_90 or sm_12x GPU, PyTorch ops elsewhere), of the
-    constrained() logits; the token is appended to history where the rule reads it.
+    constrained() logits; the token is appended to history and counted in counts where the rule
+    reads them.
 
     logits: [vocab]; rng: from `params.rng(logits.device)` (advanced by one when sampled); history:
     from `params.history(prompt, capacity, logits.device)` where params.needs_history;
-    constraints: params.constraints(vocab, logits.device) (built here when not given).
+    constraints: params.constraints(vocab, logits.device) (built here when not given); counts: from
+    `params.counts(chosen, vocab, logits.device)` where params.counts_chosen.
     """
-    check_rng(params, rng, history)
+    check_rng(params, rng, history, counts)
     if constraints is None:
         constraints = params.constraints(logits.shape[-1], logits.device)
-    logits = constrained(logits, params, history, constraints)
+    logits = constrained(logits, params, history, constraints, counts)
     draw = params.draw
     if params.greedy:
         token = torch.argmax(logits).reshape(1)
@@ -575,10 +614,13 @@ def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | Non
         token = exponential_race(probabilities(logits, draw), rng)
     if params.needs_history:
         append(history, token)
+    if params.counts_chosen:
+        count(counts, token)
     return token
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, rng: torch.Tensor | None = None,
-               history: torch.Tensor | None = None, constraints: Constraints | None = None) -> int:
-    """choose(logits, params, rng, history, constraints) as a Python int (waits for the device)."""
-    return int(choose(logits, params, rng, history, constraints))
+               history: torch.Tensor | None = None, constraints: Constraints | None = None,
+               counts: torch.Tensor | None = None) -> int:
+    """choose(logits, params, rng, history, constraints, counts) as a Python int (waits for the device)."""
+    return int(choose(logits, params, rng, history, constraints, counts))

@@ -15,9 +15,10 @@ n (completions per prompt, default 1; choice p * n + i is prompt p's i-th, drawn
 seeded), max_tokens (default 16; 0 with echo: the prompt only), temperature (default 1; 0 is greedy),
 top_p, seed, stop (a string or a list of them), echo, logprobs (0 to 20), logit_bias ({token id:
 bias from -100 to 100}, added to those tokens' logits before anything else), stream and
-stream_options.include_usage; best_of only null or n, presence_penalty and frequency_penalty only
-0 (anything else is refused, as is a field the API does not have); and vLLM's extensions top_k,
-min_p, typical_p, repetition_penalty, min_tokens, stop_token_ids and ignore_eos.
+stream_options.include_usage, presence_penalty and frequency_penalty (from -2 to 2, on the tokens
+generated, as vLLM applies them); best_of only null or n (anything else is refused, as is a field
+the API does not have); and vLLM's extensions top_k, min_p, typical_p, repetition_penalty,
+min_tokens, stop_token_ids and ignore_eos.
 
 The reply is OpenAI's text_completion: a choice per prompt whose text is the new tokens' text
 (special tokens skipped; after the prompt's text with echo), cut before the first stop string as
@@ -61,9 +62,9 @@ from neoxfuse.scoring import TokenLogprobs
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
 # Fields taken only where they change nothing (OpenAI's defaults), and fields that change nothing at all.
-_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "suffix": None}
+_NEUTRAL = {"suffix": None}
 _IGNORED = {"model", "user"}
-_SAMPLING = {"temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "seed"}
+_SAMPLING = {"temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed"}
 _FIELDS = {"prompt", "n", "best_of", "logit_bias", "max_tokens", "stop", "echo", "logprobs", "stream", "stream_options", "min_tokens",
            "stop_token_ids", "ignore_eos", *_SAMPLING, *_NEUTRAL, *_IGNORED}
 
@@ -106,6 +107,9 @@ class CompletionRequest:
             if not isinstance(body.get(name, False), bool):
                 raise RequestError(f"{name} must be true or false, got {body[name]!r}")
         options = {name: body[name] for name in _SAMPLING if body.get(name) is not None}
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (isinstance(options.get(name, 0), (int, float)) and -2 <= options.get(name, 0) <= 2):
+                raise RequestError(f"{name} must be a number from -2 to 2, got {options[name]!r}")
         options.setdefault("temperature", 1.0)  # OpenAI's default: sampled
         if options.get("top_k") == -1:  # vLLM's word for all
             options["top_k"] = 0
