@@ -135,6 +135,29 @@ def test_lm_evals_local_completions_model_gets_neoxfuse_serves_answers(checkpoin
         server.server_close()
 
 
+def test_lm_evals_local_chat_completions_model_gets_neoxfuse_serves_chat_answers(checkpoint):
+    # lm_eval's chat client (its generations for chat-templated tasks) against the server's chat
+    # route: the assistant's text the Engine generates from the rendered messages, cut at the stop.
+    api_models = pytest.importorskip("lm_eval.models.openai_completions", reason="lm-eval[api] is not installed here "
+                                     "(requirements.txt installs it)")
+    from lm_eval.models.api_models import JsonChatStr
+
+    engine = Engine(checkpoint, device="cpu", max_seq_len=MAX_LENGTH)
+    template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w6{% endif %}"
+    server = CompletionServer(engine, ("127.0.0.1", 0), "tiny", chat_template=template)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        api = api_models.LocalChatCompletion(model="tiny", base_url=f"{server.url}/v1/chat/completions")
+        plain = engine.generate("w9 w10 w6", 8).text.split()
+        chat = JsonChatStr(json.dumps([{"role": "user", "content": "w9"}, {"role": "user", "content": "w10"}]))
+        got = api.generate_until(_requests("generate_until", [(chat, {"until": [plain[3]], "max_gen_toks": 8, "do_sample": False})]))
+        assert got == [engine.generate("w9 w10 w6", 8, stop=[plain[3]], stop_token_ids=0).text.split(plain[3])[0]]
+        assert got[0].split() == plain[:3]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("gen_kwargs, message", [
     ({"num_beams": 2}, r"generate_until options \['num_beams'\] are not implemented by neoxfuse"),
     ({"do_sample": True, "temperature": 0.0}, "do_sample with temperature 0"),

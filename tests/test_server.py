@@ -1,5 +1,6 @@
-"""neoxfuse.server: OpenAI's completions API over HTTP against Engine.generate on a tiny checkpoint
-with a word tokenizer; streaming, errors, one request at a time; `neoxfuse serve` end to end."""
+"""neoxfuse.server: OpenAI's completions and chat completions APIs over HTTP against Engine.generate
+on a tiny checkpoint with a word tokenizer; streaming, errors, one request at a time; `neoxfuse serve`
+end to end."""
 
 import json
 import subprocess
@@ -54,8 +55,8 @@ def _complete(server, **body) -> dict:
     return json.loads(data)
 
 
-def _events(server, **body) -> list:
-    status, data = _request(server, "/v1/completions", {**body, "stream": True})
+def _events(server, path: str = "/v1/completions", **body) -> list:
+    status, data = _request(server, path, {**body, "stream": True})
     assert status == 200, data
     events = [block for block in data.decode().split("\n\n") if block]
     assert all(block.startswith("data: ") for block in events)
@@ -332,8 +333,8 @@ def test_routes_and_bodies_that_are_not_requests(served):
     assert _request(server, "/health") == (200, b'{"status": "ok"}')
     models = json.loads(_request(server, "/v1/models")[1])
     assert [model["id"] for model in models["data"]] == ["tiny"] and models["data"][0]["owned_by"] == "neoxfuse"
-    status, data = _request(server, "/v1/chat/completions", {"messages": []})
-    assert status == 404 and "neoxfuse serves /v1/completions" in json.loads(data)["error"]["message"]
+    status, data = _request(server, "/v1/embeddings", {"input": "w9"})
+    assert status == 404 and "neoxfuse serves /v1/completions and /v1/chat/completions" in json.loads(data)["error"]["message"]
     assert _request(server, "/nothing")[0] == 404
     status, data = _request(server, "/v1/completions", raw=b"{not json")
     assert status == 400 and "the request body is not JSON" in json.loads(data)["error"]["message"]
@@ -434,3 +435,124 @@ def test_serve_says_in_one_line_why_it_cannot_listen(checkpoint, served, capsys)
         assert main(["serve", "--model", str(checkpoint), "--device", "cpu", "--port", port]) == 1
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("neoxfuse: error: ")]
         assert len(errors) == 1 and errors[0].startswith(f"neoxfuse: error: cannot listen on 127.0.0.1:{port}: ") and why in errors[0]
+
+
+# A chat template in the word tokenizer's words: a system turn is w3, a user turn w4, an assistant
+# turn w5 before the message (another role is refused); the assistant's turn opened is w6.
+CHAT_TEMPLATE = ("{% set marks = {'system': 'w3', 'user': 'w4', 'assistant': 'w5'} %}{% for m in messages %}"
+                 "{% if m['role'] not in marks %}{{ raise_exception('roles are system, user and assistant') }}{% endif %}"
+                 "{{ marks[m['role']] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w6{% endif %}")
+CHAT = [{"role": "system", "content": "w20"}, {"role": "user", "content": "w9 w10"}, {"role": "assistant", "content": "w11"},
+        {"role": "user", "content": [{"type": "text", "text": "w12"}, {"type": "text", "text": "w13"}]}]
+CHAT_PROMPT = "w3 w20 w4 w9 w10 w5 w11 w4 w12 w13 w6"  # CHAT rendered by CHAT_TEMPLATE
+
+
+@pytest.fixture
+def chat_served(served, monkeypatch):
+    monkeypatch.setattr(served[0], "chat_template", CHAT_TEMPLATE)
+    return served
+
+
+def _chat(server, **body) -> dict:
+    status, data = _request(server, "/v1/chat/completions", body)
+    assert status == 200, data
+    return json.loads(data)
+
+
+def test_chat_completions_are_the_engines_generations_of_the_rendered_messages(chat_served):
+    server, engine = chat_served
+    want = engine.generate(CHAT_PROMPT, 10, SamplingParams(presence_penalty=1.0), logprobs=3)
+    got = _chat(server, model="tiny", messages=CHAT, max_completion_tokens=10, temperature=0, presence_penalty=1.0,
+                logprobs=True, top_logprobs=3, ignore_eos=True)
+    assert got["object"] == "chat.completion" and got["id"].startswith("chatcmpl-") and got["model"] == "tiny"
+    choice = got["choices"][0]
+    text = engine.tokenizer.decode(want.tokens, skip_special_tokens=True)
+    assert choice["message"] == {"role": "assistant", "content": text} and choice["token_ids"] == want.tokens
+    assert choice["finish_reason"] == "length" and got["usage"]["prompt_tokens"] == 11 and got["usage"]["completion_tokens"] == 10
+    listed = choice["logprobs"]["content"]
+    assert [entry["token"] for entry in listed] == [engine.tokenizer.decode([t]) for t in want.tokens]
+    assert [entry["logprob"] for entry in listed] == pytest.approx([entry.logprob for entry in want.logprobs], abs=1e-5)
+    assert all(entry["bytes"] == list(entry["token"].encode()) for entry in listed)
+    for entry, wanted in zip(listed, want.logprobs):  # the three most likely tokens, not the chosen one added
+        assert [top["token"] for top in entry["top_logprobs"]] == [engine.tokenizer.decode([t]) for t, _ in wanted.top]
+        assert [top["logprob"] for top in entry["top_logprobs"]] == pytest.approx([v for _, v in wanted.top], abs=1e-5)
+    assert _chat(server, messages=CHAT, max_tokens=10, temperature=0)["choices"][0]["logprobs"] is None
+    bare = _chat(server, messages=CHAT, max_tokens=10, temperature=0, presence_penalty=1.0, logprobs=True, ignore_eos=True)
+    bare = bare["choices"][0]["logprobs"]["content"]
+    assert [entry["top_logprobs"] for entry in bare] == [[]] * 10 and [entry["token"] for entry in bare] == [e["token"] for e in listed]
+    unopened = engine.generate(CHAT_PROMPT.removesuffix(" w6"), 4, stop_token_ids=0).tokens
+    assert _chat(server, messages=CHAT, max_tokens=4, temperature=0, add_generation_prompt=False)["choices"][0]["token_ids"] == unopened
+
+
+def test_a_chat_completion_runs_to_the_end_of_the_cache_by_default(chat_served):
+    server, engine = chat_served
+    got = _chat(server, messages=CHAT, temperature=0, ignore_eos=True)  # 11 prompt tokens, 64 positions
+    assert got["usage"]["completion_tokens"] == 64 + 1 - 11 and got["choices"][0]["finish_reason"] == "length"
+    assert got["choices"][0]["token_ids"] == engine.generate(CHAT_PROMPT, 54).tokens
+
+
+def test_a_streamed_chat_completion_sends_its_message_in_deltas(chat_served):
+    server = chat_served[0]
+    body = {"messages": CHAT, "max_tokens": 12, "temperature": 0.8, "seed": 5, "n": 2, "logprobs": True,
+            "stream_options": {"include_usage": True}}
+    whole = _chat(server, **body)
+    events = _events(server, "/v1/chat/completions", **body)
+    assert {event["object"] for event in events} == {"chat.completion.chunk"} and len({event["id"] for event in events}) == 1
+    for index in (0, 1):
+        chunks = [event["choices"][0] for event in events if event["choices"] and event["choices"][0]["index"] == index]
+        assert chunks[0]["delta"]["role"] == "assistant" and all("role" not in chunk["delta"] for chunk in chunks[1:])
+        assert "".join(chunk["delta"].get("content", "") for chunk in chunks) == whole["choices"][index]["message"]["content"]
+        assert [entry for chunk in chunks if chunk["logprobs"] for entry in chunk["logprobs"]["content"]] == \
+            whole["choices"][index]["logprobs"]["content"]
+        assert [chunk["finish_reason"] for chunk in chunks] == [None] * (len(chunks) - 1) + ["length"] and chunks[-1]["delta"] == {}
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": []}, "messages must be a non-empty list of {role, content}"),
+    ({"messages": [{"role": "user"}]}, "messages must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "content text or text parts"),
+    ({"messages": "w9"}, "messages must be a non-empty list"),
+    ({"messages": [{"role": "tool", "content": "w9"}]}, "the chat template refused the messages: roles are system, user and"),
+    ({"messages": CHAT, "prompt": "w9"}, "unknown fields ['prompt']: not in the chat completions API"),
+    ({"messages": CHAT, "echo": True}, "unknown fields ['echo']"),
+    ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs must be null or an integer from 0 to 20, with logprobs true; got 2"),
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs must be null or an integer from 0 to 20"),
+    ({"messages": CHAT, "logprobs": 3}, "logprobs must be true or false, got 3"),
+    ({"messages": CHAT, "add_generation_prompt": "yes"}, "add_generation_prompt must be true or false"),
+    ({"messages": CHAT, "max_completion_tokens": 60}, "a 11-token prompt and 60 new tokens need 70 KV cache positions"),
+    ({"messages": CHAT * 7}, "a 71-token prompt and 1 new tokens need 71 KV cache positions"),
+])
+def test_bad_chat_requests_are_refused(chat_served, body, message):
+    status, data = _request(chat_served[0], "/v1/chat/completions", body)
+    assert status == 400 and message in json.loads(data)["error"]["message"]
+
+
+def test_a_chat_needs_a_template_and_a_tokenizer(served):
+    status, data = _request(served[0], "/v1/chat/completions", {"messages": CHAT})  # the word tokenizer has no template
+    assert status == 400 and "has no chat template (its tokenizer holds none): serve it with --chat-template FILE" in data.decode()
+    bare = CompletionServer(Engine("tiny", device="cpu"), ("127.0.0.1", 0), "bare", chat_template=CHAT_TEMPLATE)
+    threading.Thread(target=bare.serve_forever, daemon=True).start()
+    try:
+        status, data = _request(bare, "/v1/chat/completions", {"messages": CHAT})
+        assert status == 400 and "has no tokenizer, which a chat needs" in json.loads(data)["error"]["message"]
+    finally:
+        bare.shutdown()
+        bare.server_close()
+
+
+def test_neoxfuse_serve_takes_a_chat_template_file(checkpoint, tmp_path, capsys):
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    command, env = neoxfuse_command("serve", "--model", str(checkpoint), "--device", "cpu", "--port", "0", "--chat-template", str(template))
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = next(line for line in process.stderr if "serving" in line)
+        server = type("Server", (), {"url": line.split(" at ")[1].split()[0].removesuffix("/v1")})
+        got = _chat(server, messages=CHAT, max_tokens=5, temperature=0)
+        assert got["choices"][0]["token_ids"] == Engine(str(checkpoint), device="cpu").generate(CHAT_PROMPT, 5).tokens
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert main(["serve", "--model", str(checkpoint), "--device", "cpu", "--chat-template", str(tmp_path / "none.jinja")]) == 1
+    assert "neoxfuse: error: --chat-template " in capsys.readouterr().err

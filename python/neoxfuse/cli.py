@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)
 
-    serve = commands.add_parser("serve", help="serve OpenAI's completions API over HTTP (neoxfuse.server)", description=_serve.__doc__)
+    serve = commands.add_parser("serve", help="serve OpenAI's completions and chat completions APIs over HTTP (neoxfuse.server)",
+                                description=_serve.__doc__)
     _add_serve_arguments(serve)
     serve.set_defaults(handler=_serve)
 
@@ -678,11 +679,13 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "request, which then prefills only its prompt after the longest prefix they share (a conversation's "
                         "next turn; usage.prompt_tokens_details.cached_tokens counts the rest); off by default, as the Engine's "
                         "prefix_cache, since reused keys and values round differently from a prefill's")
+    parser.add_argument("--chat-template", type=Path, metavar="FILE", help="a Jinja chat template that renders "
+                        "/v1/chat/completions messages into a prompt (default: the tokenizer's own, where it has one)")
 
 
 def _serve(args) -> int:
-    """Serve OpenAI's completions API (POST /v1/completions, GET /v1/models) and vLLM's tokenizer
-    routes over HTTP until Ctrl-C.
+    """Serve OpenAI's completions and chat completions APIs (POST /v1/completions,
+    POST /v1/chat/completions, GET /v1/models) and vLLM's tokenizer routes over HTTP until Ctrl-C.
 
     One Engine answers every request, one request at a time (batch 1); see neoxfuse.server for the
     fields it takes. `curl localhost:8000/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}'`;
@@ -691,10 +694,16 @@ def _serve(args) -> int:
     """
     device = resolve_device(args.device)
     model = _model_name(args, device)
+    chat_template = None
+    if args.chat_template is not None:
+        try:
+            chat_template = args.chat_template.read_text()
+        except OSError as err:
+            raise InvalidInputError(f"--chat-template {args.chat_template}: {err.strerror or err}") from None
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed,
                     revision=args.revision, prefix_cache=args.prefix_cache)
     try:
-        server = CompletionServer(engine, (args.host, args.port), args.served_model_name or model)
+        server = CompletionServer(engine, (args.host, args.port), args.served_model_name or model, chat_template)
     except (OSError, OverflowError) as err:  # in use, not this machine's address, past 65535
         raise InvalidInputError(f"cannot listen on {args.host}:{args.port}: {getattr(err, 'strerror', None) or err}") from None
     print(f"model: {_engine_summary(engine)}", flush=True)

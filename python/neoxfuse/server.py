@@ -1,13 +1,13 @@
-"""OpenAI's completions API over HTTP, served by one Engine: `neoxfuse serve`.
+"""OpenAI's completions and chat completions APIs over HTTP, served by one Engine: `neoxfuse serve`.
 
     neoxfuse serve --model /ckpt/pythia-2.8b --port 8000
     curl localhost:8000/v1/completions -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'
     lm_eval --model local-completions --tasks arc_easy \\
         --model_args model=/ckpt/pythia-2.8b,base_url=http://127.0.0.1:8000/v1/completions
 
-Routes: GET /v1/models, GET /health, POST /v1/completions, and vLLM's tokenizer routes POST /tokenize,
-POST /detokenize and GET /tokenizer_info (which lm-evaluation-harness's local-completions model finds
-and then tokenizes with). Batch 1: the Engine decodes one sequence at a time, so requests are served
+Routes: GET /v1/models, GET /health, POST /v1/completions, POST /v1/chat/completions, and vLLM's
+tokenizer routes POST /tokenize, POST /detokenize and GET /tokenizer_info (which
+lm-evaluation-harness's local-completions model finds and then tokenizes with). Batch 1: the Engine decodes one sequence at a time, so requests are served
 one after another (the others wait for it), each at the Engine's speed.
 
 A completion request (JSON) takes OpenAI's fields: prompt (text or token ids, or a list of them),
@@ -37,6 +37,16 @@ chunk per batch of new tokens the Engine hands over (text that could still turn 
 string is held back, as is an incomplete character; their logprobs come with the batch), a last
 chunk with the finish_reason; then one with usage when asked, and `data: [DONE]`.
 
+A chat completion request takes messages (a list of {role, content}, content text or a list of
+text parts), rendered into the prompt by the chat template (`neoxfuse serve --chat-template FILE`,
+else the tokenizer's own; Pythia's tokenizer has none) with the assistant's turn opened
+(add_generation_prompt, default true), and then the completion fields above but prompt, echo,
+best_of and suffix, with max_completion_tokens (or max_tokens; default: the rest of the KV cache),
+and logprobs true or false with top_logprobs (0 to 20). The reply is OpenAI's chat.completion: a
+choice per completion whose message is the assistant's, its text as above; logprobs {content:
+[{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}. Streamed, chat.completion.chunk
+events whose choices carry the message's next piece as a delta (the first with the role).
+
 Errors are OpenAI's {"error": {"message", "type", "param", "code"}}: 400 for a bad request (every
 InvalidInputError of the Engine too, such as a prompt and max_tokens past the KV cache), 404 for an
 unknown route or model name (and the tokenizer routes of a model without a tokenizer), 500 for
@@ -54,6 +64,8 @@ from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import jinja2
+
 from neoxfuse.checks import check_token_ids, is_integer
 from neoxfuse.engine import MAX_LOGPROBS, Engine, Generation
 from neoxfuse.errors import InvalidInputError
@@ -67,6 +79,10 @@ _IGNORED = {"model", "user"}
 _SAMPLING = {"temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed"}
 _FIELDS = {"prompt", "n", "best_of", "logit_bias", "max_tokens", "stop", "echo", "logprobs", "stream", "stream_options", "min_tokens",
            "stop_token_ids", "ignore_eos", *_SAMPLING, *_NEUTRAL, *_IGNORED}
+# A chat request's own fields; the others it shares with a completion request (but for prompt,
+# echo, best_of and suffix, which it does not have).
+_CHAT_FIELDS = {"messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt",
+                *(_FIELDS - {"prompt", "echo", "best_of", "suffix"})}
 
 Prompt = str | list[int]
 
@@ -94,6 +110,7 @@ class CompletionRequest:
     logprobs: int | None
     stream: bool
     include_usage: bool
+    chat: bool = False  # answered as a chat completion (a request to /v1/chat/completions)
 
     @classmethod
     def parse(cls, body: object, engine: Engine, model_name: str) -> CompletionRequest:
@@ -144,6 +161,59 @@ class CompletionRequest:
                    stop_token_ids=(*([] if eos is None else [eos]), *stop_token_ids), min_tokens=body.get("min_tokens") or 0,
                    echo=echo, logprobs=logprobs, stream=body.get("stream", False),
                    include_usage=bool(stream_options.get("include_usage")))
+
+    @classmethod
+    def parse_chat(cls, body: object, engine: Engine, model_name: str, template: str | None) -> CompletionRequest:
+        """A chat request (module docstring) read as the completion request of its prompt: the
+        messages rendered by the chat template (`template`, else the tokenizer's) and tokenized.
+        RequestError for a body that is not a chat request this server implements."""
+        body = dict(_body(body, _CHAT_FIELDS, model_name, "the chat completions API"))
+        tokens = _chat_prompt(engine, body.pop("messages", None), template, body.pop("add_generation_prompt", True))
+        max_tokens = body.pop("max_completion_tokens", None)
+        max_tokens = body.pop("max_tokens", None) if max_tokens is None else max_tokens
+        room = max(engine.max_seq_len + 1 - len(tokens), 1)  # the new tokens the KV cache holds after the prompt
+        body["max_tokens"] = room if max_tokens is None else max_tokens
+        if not isinstance(body.get("logprobs", False), bool):
+            raise RequestError(f"logprobs must be true or false, got {body['logprobs']!r}")
+        top = body.pop("top_logprobs", None)
+        if top is not None and (not is_integer(top) or not 0 <= top <= MAX_LOGPROBS or not body.get("logprobs")):
+            raise RequestError(f"top_logprobs must be null or an integer from 0 to {MAX_LOGPROBS}, with logprobs true; got {top!r}")
+        body["logprobs"] = (top or 0) if body.get("logprobs") else None
+        return replace(cls.parse({**body, "prompt": tokens}, engine, model_name), chat=True)
+
+
+def _chat_prompt(engine: Engine, messages: object, template: str | None, add_generation_prompt: object) -> list[int]:
+    """The token ids of `messages` (a non-empty list of {role, content}; content text or a list of
+    {"type": "text", "text"} parts, joined by newlines) rendered by the chat template."""
+    if engine.tokenizer is None:
+        raise RequestError(f"{engine.description} has no tokenizer, which a chat needs to make text of its messages; "
+                           "use /v1/completions with token ids")
+    template = template or getattr(engine.tokenizer, "chat_template", None)
+    if template is None:
+        raise RequestError("the model has no chat template (its tokenizer holds none): serve it with --chat-template FILE")
+    if not isinstance(add_generation_prompt, bool):
+        raise RequestError(f"add_generation_prompt must be true or false, got {add_generation_prompt!r}")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(message, dict) and isinstance(message.get("role"), str) and _text_content(message.get("content")) is not None
+            for message in messages):
+        raise RequestError(f"messages must be a non-empty list of {{role, content}}, content text or text parts; got {messages!r}"[:300])
+    messages = [{**message, "content": _text_content(message["content"])} for message in messages]
+    try:
+        text = engine.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=add_generation_prompt,
+                                                    tokenize=False)
+    except jinja2.TemplateError as err:
+        raise RequestError(f"the chat template refused the messages: {err}") from None
+    return engine.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the special tokens it wants
+
+
+def _text_content(content: object) -> str | None:
+    """A message's content as text: the text itself, or a list of text parts joined by newlines; None for anything else."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                                         for part in content):
+        return "\n".join(part["text"] for part in content)
+    return None
 
 
 def _body(body: object, fields: set[str], model_name: str, api: str) -> dict:
@@ -237,6 +307,27 @@ class LogprobsListing:
         return part
 
 
+class ChatLogprobsListing:
+    """The chat API's logprobs object of a choice, built a batch of tokens at a time: {"content": [
+    {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}, ...]}, ...]} (bytes: the token
+    text's UTF-8 bytes)."""
+
+    def __init__(self, token_text: Callable[[int], str]):
+        self.token_text = token_text
+        self.whole: dict[str, list] = {"content": []}
+
+    def extend(self, tokens: list[int], listed: list[TokenLogprobs]) -> dict:
+        """Lists `tokens` (their TokenLogprobs); the part of the object for these tokens alone."""
+        part = [{**self._entry(token, entry.logprob), "top_logprobs": [self._entry(other, value) for other, value in entry.top]}
+                for token, entry in zip(tokens, listed, strict=True)]
+        self.whole["content"] += part
+        return {"content": part}
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        text = self.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
 class CompletionServer(ThreadingHTTPServer):
     """The completions API (module docstring) for `engine` at `address` (port 0: any free port;
     self.url says which), answering to `model_name` (default: the engine's description).
@@ -244,10 +335,12 @@ class CompletionServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, engine: Engine, address: tuple[str, int] = ("127.0.0.1", 8000), model_name: str | None = None):
+    def __init__(self, engine: Engine, address: tuple[str, int] = ("127.0.0.1", 8000), model_name: str | None = None,
+                 chat_template: str | None = None):
         super().__init__(address, _Handler)
         self.engine = engine
         self.model_name = model_name or engine.description
+        self.chat_template = chat_template  # a Jinja chat template over the tokenizer's (None: the tokenizer's)
         self.created = int(time.time())
         self.engine_lock = threading.Lock()  # one generation at a time
 
@@ -276,7 +369,7 @@ class CompletionServer(ThreadingHTTPServer):
         outs = [out for _, out in done if out is not None]
         prompt_tokens, completion_tokens = sum(map(len, prompts)), sum(len(out.tokens) for out in outs)
         decode_ms = [ms for out in outs for ms in out.decode_ms]
-        return {**self.header(), "choices": [choice for choice, _ in done],
+        return {**self.header(request), "choices": [_chat_choice(choice) if request.chat else choice for choice, _ in done],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens,
                           "prompt_tokens_details": {"cached_tokens": sum(out.reused_tokens for out in outs)}},
@@ -303,7 +396,7 @@ class CompletionServer(ThreadingHTTPServer):
             if on_chunk is not None:
                 on_chunk({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
 
-        listing = None if request.logprobs is None else LogprobsListing(self._token_text)
+        listing = None if request.logprobs is None else (ChatLogprobsListing if request.chat else LogprobsListing)(self._token_text)
         echoed = ""
         if request.echo:
             echoed = prompt if isinstance(prompt, str) else "" if engine.tokenizer is None else engine.tokenizer.decode(prompt)
@@ -343,9 +436,11 @@ class CompletionServer(ThreadingHTTPServer):
         tokenizer = self.engine.tokenizer
         return f"token_id:{token}" if tokenizer is None else tokenizer.decode([token])
 
-    def header(self) -> dict:
-        return {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_name}
+    def header(self, request: CompletionRequest, chunk: bool = False) -> dict:
+        """The id, object, created and model fields of the reply to `request` (chunk: of its streamed chunks)."""
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if request.chat else "text_completion"
+        return {"id": f"{'chatcmpl' if request.chat else 'cmpl'}-{secrets.token_hex(12)}", "object": kind,
+                "created": int(time.time()), "model": self.model_name}
 
     def tokenizer_info(self) -> dict:
         """vLLM's GET /tokenizer_info: the tokenizer's special tokens, class and the context length."""
@@ -375,6 +470,19 @@ class CompletionServer(ThreadingHTTPServer):
         return self.engine.tokenizer
 
 
+def _chat_choice(choice: dict) -> dict:
+    """A completion's choice as a chat completion's: its text as the assistant's message."""
+    return {"index": choice["index"], "message": {"role": "assistant", "content": choice["text"]}, "logprobs": choice["logprobs"],
+            "finish_reason": choice["finish_reason"], "token_ids": choice["token_ids"]}
+
+
+def _chat_delta(choice: dict, first: bool) -> dict:
+    """A streamed completion chunk's choice as a chat chunk's: its text as the message's next piece
+    (the first with the role)."""
+    delta = {"role": "assistant", "content": choice["text"]} if first else {"content": choice["text"]} if choice["text"] else {}
+    return {"index": choice["index"], "delta": delta, "logprobs": choice["logprobs"], "finish_reason": choice["finish_reason"]}
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: CompletionServer
 
@@ -395,9 +503,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.streaming = False  # whether a 200 and events went out: then an error can only end the stream
         try:
-            routes = {"/v1/completions": None, "/tokenize": self.server.tokenize, "/detokenize": self.server.detokenize}
+            routes = {"/v1/completions": None, "/v1/chat/completions": None, "/tokenize": self.server.tokenize,
+                      "/detokenize": self.server.detokenize}
             if self.path not in routes:
-                raise RequestError(f"no route POST {self.path} (neoxfuse serves /v1/completions)", HTTPStatus.NOT_FOUND, "not_found")
+                raise RequestError(f"no route POST {self.path} (neoxfuse serves /v1/completions and /v1/chat/completions)",
+                                   HTTPStatus.NOT_FOUND, "not_found")
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
             except (ValueError, UnicodeDecodeError) as err:
@@ -405,7 +515,11 @@ class _Handler(BaseHTTPRequestHandler):
             if routes[self.path] is not None:
                 self._send_json(routes[self.path](body))
                 return
-            request = CompletionRequest.parse(body, self.server.engine, self.server.model_name)
+            server = self.server
+            if self.path == "/v1/chat/completions":
+                request = CompletionRequest.parse_chat(body, server.engine, server.model_name, server.chat_template)
+            else:
+                request = CompletionRequest.parse(body, server.engine, server.model_name)
             if request.stream:
                 self._stream(request)
             else:
@@ -425,11 +539,19 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_error(err)
 
     def _stream(self, request: CompletionRequest) -> None:
-        """Server-sent events: each choice's chunks (text, logprobs, then its finish_reason), usage if
-        asked, [DONE]. The 200 goes out with the first chunk, so an error found before it (the Engine
-        checks everything before it runs) is a plain error response."""
-        header = self.server.header()
-        result = self.server.complete(request, lambda choice: self._event({**header, "choices": [choice]}))
+        """Server-sent events: each choice's chunks (text, logprobs, then its finish_reason; a chat's as
+        deltas of its message), usage if asked, [DONE]. The 200 goes out with the first chunk, so an
+        error found before it (the Engine checks everything before it runs) is a plain error response."""
+        header = self.server.header(request, chunk=True)
+        opened: set[int] = set()  # the chat choices whose first chunk went out
+
+        def send(choice: dict) -> None:
+            if request.chat:
+                choice = _chat_delta(choice, first=choice["index"] not in opened)
+                opened.add(choice["index"])
+            self._event({**header, "choices": [choice]})
+
+        result = self.server.complete(request, send)
         if request.include_usage:
             self._event({**header, "choices": [], "usage": result["usage"]})
         self._event("[DONE]")
