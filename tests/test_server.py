@@ -476,7 +476,9 @@ def test_chat_completions_are_the_engines_generations_of_the_rendered_messages(c
     for entry, wanted in zip(listed, want.logprobs):  # the three most likely tokens, not the chosen one added
         assert [top["token"] for top in entry["top_logprobs"]] == [engine.tokenizer.decode([t]) for t, _ in wanted.top]
         assert [top["logprob"] for top in entry["top_logprobs"]] == pytest.approx([v for _, v in wanted.top], abs=1e-5)
-    assert _chat(server, messages=CHAT, max_tokens=10, temperature=0)["choices"][0]["logprobs"] is None
+    for unasked in ({}, {"logprobs": None}, {"logprobs": False, "top_logprobs": None, "add_generation_prompt": None}):
+        unlisted = _chat(server, messages=CHAT, max_tokens=10, temperature=0, presence_penalty=1.0, ignore_eos=True, **unasked)
+        assert unlisted["choices"][0]["logprobs"] is None and unlisted["choices"][0]["token_ids"] == want.tokens
     bare = _chat(server, messages=CHAT, max_tokens=10, temperature=0, presence_penalty=1.0, logprobs=True, ignore_eos=True)
     bare = bare["choices"][0]["logprobs"]["content"]
     assert [entry["top_logprobs"] for entry in bare] == [[]] * 10 and [entry["token"] for entry in bare] == [e["token"] for e in listed]
@@ -519,6 +521,7 @@ def test_a_streamed_chat_completion_sends_its_message_in_deltas(chat_served):
     ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs must be null or an integer from 0 to 20, with logprobs true; got 2"),
     ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs must be null or an integer from 0 to 20"),
     ({"messages": CHAT, "logprobs": 3}, "logprobs must be true or false, got 3"),
+    ({"messages": CHAT, "logprobs": 0}, "logprobs must be true or false, got 0"),
     ({"messages": CHAT, "add_generation_prompt": "yes"}, "add_generation_prompt must be true or false"),
     ({"messages": CHAT, "max_completion_tokens": 60}, "a 11-token prompt and 60 new tokens need 70 KV cache positions"),
     ({"messages": CHAT * 7}, "a 71-token prompt and 1 new tokens need 71 KV cache positions"),

@@ -168,12 +168,13 @@ class CompletionRequest:
         messages rendered by the chat template (`template`, else the tokenizer's) and tokenized.
         RequestError for a body that is not a chat request this server implements."""
         body = dict(_body(body, _CHAT_FIELDS, model_name, "the chat completions API"))
-        tokens = _chat_prompt(engine, body.pop("messages", None), template, body.pop("add_generation_prompt", True))
+        opened = body.pop("add_generation_prompt", None)
+        tokens = _chat_prompt(engine, body.pop("messages", None), template, True if opened is None else opened)
         max_tokens = body.pop("max_completion_tokens", None)
         max_tokens = body.pop("max_tokens", None) if max_tokens is None else max_tokens
         room = max(engine.max_seq_len + 1 - len(tokens), 1)  # the new tokens the KV cache holds after the prompt
         body["max_tokens"] = room if max_tokens is None else max_tokens
-        if not isinstance(body.get("logprobs", False), bool):
+        if not (body.get("logprobs") is None or isinstance(body["logprobs"], bool)):
             raise RequestError(f"logprobs must be true or false, got {body['logprobs']!r}")
         top = body.pop("top_logprobs", None)
         if top is not None and (not is_integer(top) or not 0 <= top <= MAX_LOGPROBS or not body.get("logprobs")):
