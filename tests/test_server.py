@@ -290,7 +290,7 @@ def test_a_model_without_a_tokenizer_lists_token_ids_and_has_no_tokenizer_routes
     ({"prompt": "hello", "echo": "yes"}, 400, "echo must be true or false"),
     ({"prompt": "hello", "logprobs": 21}, 400, "logprobs must be null or an integer from 0 to 20, got 21"),
     ({"prompt": "hello", "logprobs": True}, 400, "logprobs must be null or an integer"),
-    ({"prompt": "hello", "suffix": "!"}, 400, "suffix='!' is not implemented"),
+    ({"prompt": "hello", "suffix": "!"}, 400, "suffix='!' is not implemented (GPT-NeoX models are not trained to fill in"),
     ({"prompt": "hello", "frequency_penalty": 2.5}, 400, "frequency_penalty must be a number from -2 to 2, got 2.5"),
     ({"prompt": "hello", "presence_penalty": "1"}, 400, "presence_penalty must be a number from -2 to 2, got '1'"),
     ({"prompt": "hello", "presence_penalty": True}, 400, "presence_penalty must be a finite number"),

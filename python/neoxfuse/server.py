@@ -16,8 +16,8 @@ seeded), max_tokens (default 16; 0 with echo: the prompt only), temperature (def
 top_p, seed, stop (a string or a list of them), echo, logprobs (0 to 20), logit_bias ({token id:
 bias from -100 to 100}, added to those tokens' logits before anything else), stream and
 stream_options.include_usage, presence_penalty and frequency_penalty (from -2 to 2, on the tokens
-generated, as vLLM applies them); best_of only null or n (anything else is refused, as is a field
-the API does not have); and vLLM's extensions top_k, min_p, typical_p, repetition_penalty,
+generated, as vLLM applies them); best_of only null or n and suffix only null (anything else is
+refused, as is a field the API does not have); and vLLM's extensions top_k, min_p, typical_p, repetition_penalty,
 min_tokens, stop_token_ids and ignore_eos.
 
 The reply is OpenAI's text_completion: a choice per prompt whose text is the new tokens' text
@@ -73,12 +73,10 @@ from neoxfuse.sampling import SamplingParams
 from neoxfuse.scoring import TokenLogprobs
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
-# Fields taken only where they change nothing (OpenAI's defaults), and fields that change nothing at all.
-_NEUTRAL = {"suffix": None}
-_IGNORED = {"model", "user"}
+_IGNORED = {"model", "user"}  # fields that change nothing
 _SAMPLING = {"temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed"}
-_FIELDS = {"prompt", "n", "best_of", "logit_bias", "max_tokens", "stop", "echo", "logprobs", "stream", "stream_options", "min_tokens",
-           "stop_token_ids", "ignore_eos", *_SAMPLING, *_NEUTRAL, *_IGNORED}
+_FIELDS = {"prompt", "suffix", "n", "best_of", "logit_bias", "max_tokens", "stop", "echo", "logprobs", "stream", "stream_options",
+           "min_tokens", "stop_token_ids", "ignore_eos", *_SAMPLING, *_IGNORED}
 # A chat request's own fields; the others it shares with a completion request (but for prompt,
 # echo, best_of and suffix, which it does not have).
 _CHAT_FIELDS = {"messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt",
@@ -116,10 +114,9 @@ class CompletionRequest:
     def parse(cls, body: object, engine: Engine, model_name: str) -> CompletionRequest:
         """RequestError for a body that is not a completion request this server implements."""
         body = _body(body, _FIELDS, model_name, "the completions API")
-        for name, neutral in _NEUTRAL.items():
-            if body.get(name) not in (None, neutral):
-                raise RequestError(f"{name}={body[name]!r} is not implemented (neoxfuse decodes one sequence; "
-                                   f"it takes {name} only at {neutral!r})")
+        if body.get("suffix") is not None:
+            raise RequestError(f"suffix={body['suffix']!r} is not implemented (GPT-NeoX models are not trained to fill in "
+                               "the middle; suffix only null)")
         for name in ("stream", "ignore_eos", "echo"):
             if not isinstance(body.get(name, False), bool):
                 raise RequestError(f"{name} must be true or false, got {body[name]!r}")
