@@ -234,6 +234,55 @@ def test_interactive_reads_text_with_a_tokenizer(monkeypatch, capsys, tiny_check
     assert f"[{len(second.prompt_tokens)} tokens of context, {len(first.tokens)} reused from the cache" in err
 
 
+# A chat template in the word tokenizer's words (test_server's): a user turn w4, an assistant turn
+# w5 before the message, the assistant's turn opened w6.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ {'user': 'w4', 'assistant': 'w5'}[m['role']] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}w6{% endif %}")
+
+
+@pytest.fixture
+def chat_template(tmp_path) -> str:
+    path = tmp_path / "chat.jinja"
+    path.write_text(CHAT_TEMPLATE)
+    return str(path)
+
+
+def test_generate_chat_answers_the_message_rendered_by_the_template(tiny_checkpoint_with_tokenizer, chat_template, capsys):
+    checkpoint = str(tiny_checkpoint_with_tokenizer)
+    want = Engine(checkpoint, device="cpu").generate("w4 w9 w10 w6", 6, stop_token_ids=(0,))
+    assert main(["generate", "--device", "cpu", "--model", checkpoint, "--prompt", "w9 w10", "--max-new-tokens", "6",
+                 "--chat-template", chat_template]) == 0
+    out = capsys.readouterr().out
+    assert f"generated ({len(want.tokens)} token{'s' * (len(want.tokens) > 1)}): {','.join(map(str, want.tokens))}" in out and f"text: w4 w9 w10 w6{want.text}" in out
+    for args, message in [(["--chat", "--prompt", "w9"], "the model has no chat template (its tokenizer holds none)"),
+                          (["--chat", "--tokens", "1,2"], "--chat takes the user's message as text"),
+                          (["--prompt", "w9", "--chat-template", chat_template + ".missing"], "--chat-template " + chat_template)]:
+        assert main(["generate", "--device", "cpu", "--model", checkpoint, *args]) == 1
+        assert message in capsys.readouterr().err
+
+
+def test_interactive_chat_answers_each_line_as_the_users_message(monkeypatch, capsys, tiny_checkpoint_with_tokenizer, chat_template):
+    # Room for 24 - 4 + 1 = 21 tokens of conversation: the fourth message's turn (3 exchanges of 2 + 5
+    # tokens or fewer, its own 2 and 1) drops the oldest exchange.
+    checkpoint = str(tiny_checkpoint_with_tokenizer)
+    out, err = _interactive(monkeypatch, capsys, "w9\n\nw10 w11\nw12\n", "--model", checkpoint, "--prompt", "w8",
+                            "--chat-template", chat_template, "--max-seq-len", "24")
+    engine = Engine(checkpoint, device="cpu")
+    said, replies, printed = [], [], []
+
+    def rendered() -> str:
+        return "".join(f"w4 {user} w5 {reply} " for user, reply in zip(said, replies)) + f"w4 {said[-1]} w6"
+
+    for message in ["w8", "w9", "w10 w11", "w12"]:
+        said.append(message)
+        while len(engine.encode(rendered())) > 21 and len(said) > 1:
+            said, replies = said[1:], replies[1:]
+        replies.append(engine.generate(rendered(), 4, stop_token_ids=(0,)).text)
+        printed.append(replies[-1])
+    assert out == printed and len(said) == 3 and "dropping the oldest exchange" in err
+    assert "[3 tokens of conversation, 0 reused from the cache" in err
+
+
 def test_generate_and_interactive_stop_after_a_stop_text(monkeypatch, capsys, tiny_checkpoint_with_tokenizer):
     checkpoint = str(tiny_checkpoint_with_tokenizer)
     engine = Engine(checkpoint, device="cpu")

@@ -533,7 +533,7 @@ def test_bad_chat_requests_are_refused(chat_served, body, message):
 
 def test_a_chat_needs_a_template_and_a_tokenizer(served):
     status, data = _request(served[0], "/v1/chat/completions", {"messages": CHAT})  # the word tokenizer has no template
-    assert status == 400 and "has no chat template (its tokenizer holds none): serve it with --chat-template FILE" in data.decode()
+    assert status == 400 and "has no chat template (its tokenizer holds none): give one (--chat-template FILE)" in data.decode()
     bare = CompletionServer(Engine("tiny", device="cpu"), ("127.0.0.1", 0), "bare", chat_template=CHAT_TEMPLATE)
     threading.Thread(target=bare.serve_forever, daemon=True).start()
     try:

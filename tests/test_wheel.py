@@ -56,7 +56,7 @@ def test_wheel_record_matches_contents(wheel):
 # The distribution that provides each module the package imports from outside the standard library,
 # and the imports that are optional peers (a benchmark reports them as not run where they are missing).
 DISTRIBUTIONS = {"torch": "torch", "transformers": "transformers", "huggingface_hub": "huggingface_hub",
-                 "safetensors": "safetensors", "tqdm": "tqdm", "pynvml": "nvidia-ml-py"}
+                 "safetensors": "safetensors", "tqdm": "tqdm", "jinja2": "jinja2", "pynvml": "nvidia-ml-py"}
 OPTIONAL_IMPORTS = {"flashinfer", "lm_eval"}  # bench ln-residual's FlashInfer peer; neoxfuse.evaluation and `neoxfuse eval`
 
 

@@ -26,6 +26,7 @@ import torch
 
 import neoxfuse
 from neoxfuse import _lib, bench
+from neoxfuse.chat import chat_tokens
 from neoxfuse.configs import MODEL_NAMES
 from neoxfuse.device import devices
 from neoxfuse.engine import AUTO, AUTO_ORDER, BACKENDS, DTYPES, Engine, backend_availability, load_hf_model, resolve_device, resolve_dtype
@@ -204,6 +205,11 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         "in the new text (needs a tokenizer; repeatable; $'\\nQ:' in bash for a newline)")
     parser.add_argument("--logprobs", type=int, metavar="N", help="print each new token's log-probability (from the model's "
                         "logits, before the sampling rule) and the N most likely tokens where it was chosen (0 to 20)")
+    parser.add_argument("--chat", action="store_true", help="the prompt (--prompt) is the user's message of a chat, and "
+                        "with --interactive each line is the next one: the conversation is rendered by the chat template (the "
+                        "tokenizer's own, or --chat-template's) and each reply printed as the assistant's")
+    parser.add_argument("--chat-template", type=Path, metavar="FILE", help="a Jinja chat template for --chat (implies it; "
+                        "default: the tokenizer's own)")
     parser.add_argument("--interactive", action="store_true", help="then read lines from stdin, each added as typed to the "
                         "text so far (the prompt, if given, and every continuation; token ids without a tokenizer; an empty "
                         "line adds nothing), and continue it: the KV cache of the text so far is reused (Engine's "
@@ -219,10 +225,15 @@ def _generate(args) -> int:
     --presence-penalty and --frequency-penalty apply either way. With a tokenizer
     (a checkpoint directory that has one) the text is printed too and generation stops at its EOS
     (and after any --stop text).
-    --interactive then continues the text with lines from stdin, turn by turn.
+    --interactive then continues the text with lines from stdin, turn by turn. --chat makes the
+    prompt and each line the user's messages of a chat, rendered by the chat template.
     """
     if args.prompt is None and args.tokens is None and not args.interactive:
         raise InvalidInputError("generate needs a prompt: --prompt TEXT, --tokens 1,2,3 or --interactive (lines from stdin)")
+    chat_template = _read_chat_template(args.chat_template)
+    chat = args.chat or chat_template is not None
+    if chat and args.tokens is not None:
+        raise InvalidInputError("--chat takes the user's message as text (--prompt TEXT), not token ids")
     device = resolve_device(args.device)
     sampling = SamplingParams(temperature=args.temperature, seed=args.seed, repetition_penalty=args.repetition_penalty,
                               no_repeat_ngram_size=args.no_repeat_ngram_size, presence_penalty=args.presence_penalty,
@@ -234,7 +245,10 @@ def _generate(args) -> int:
     model = _model_name(args, device)
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed or 0,
                     revision=args.revision, prefix_cache=args.interactive)
-    prompt = args.tokens if args.prompt is None else engine.encode(args.prompt)
+    if chat:
+        prompt = None if args.prompt is None else chat_tokens(engine, [_said("user", args.prompt)], chat_template)
+    else:
+        prompt = args.tokens if args.prompt is None else engine.encode(args.prompt)
     if args.stop and engine.tokenizer is None:
         raise InvalidInputError(f"--stop matches text, and {engine.description} has no tokenizer to make text of its tokens")
     eos = getattr(engine.tokenizer, "eos_token_id", None)
@@ -243,6 +257,8 @@ def _generate(args) -> int:
     if args.interactive:
         if args.logprobs is not None:
             raise InvalidInputError("--logprobs lists a generation's tokens after it; --interactive streams turns instead")
+        if chat:
+            return _chat(engine, args.prompt, chat_template, args.max_new_tokens, sampling, stops)
         return _interactive(engine, prompt or [], args.max_new_tokens, sampling, stops)
     stream = _Stream(engine.tokenizer) if args.stream else None
     out = engine.generate(prompt, args.max_new_tokens, sampling, progress=stream is None, on_tokens=stream, logprobs=args.logprobs,
@@ -267,7 +283,8 @@ def _generate(args) -> int:
     if sampling.counts_chosen:
         print(f"presence penalty {sampling.presence_penalty}, frequency penalty {sampling.frequency_penalty} on the generated tokens")
     if out.text is not None:
-        print(f"text: {args.prompt if args.prompt is not None else engine.tokenizer.decode(out.prompt_tokens)}{out.text}")
+        shown = args.prompt if args.prompt is not None and not chat else engine.tokenizer.decode(out.prompt_tokens)  # chat: as rendered
+        print(f"text: {shown}{out.text}")
     if out.logprobs is not None:
         _print_logprobs(engine, out.logprobs)
     timing = f"prefill {out.prefill_ms:.2f} ms"
@@ -346,15 +363,79 @@ def _continue(engine: Engine, text: list[int], added: list[int], room: int, max_
     return prompt + out.tokens
 
 
+def _chat(engine: Engine, first: str | None, template: str | None, max_new_tokens: int, sampling: SamplingParams,
+          stops: dict) -> int:
+    """A chat turn by turn: the first message (if any) and each line read from stdin (an empty one
+    adds nothing) is the user's, the model's reply to the conversation so far, rendered by the chat
+    template, the assistant's. The engine's prefix cache keeps what the last turn ran, so a turn
+    prefills about its new messages only; when the conversation and max_new_tokens would not fit the
+    cache, its oldest exchanges are dropped."""
+    room = engine.max_seq_len - max_new_tokens + 1  # positions the rendered conversation may fill
+    print(f"neoxfuse: {_engine_summary(engine)}. Each line is your message in the chat; Ctrl-C stops a reply, EOF (Ctrl-D) ends.",
+          file=sys.stderr)
+    messages: list[dict] = []
+    line = first
+    while line is not None:
+        if line:
+            messages = _reply(engine, [*messages, _said("user", line)], template, room, max_new_tokens, sampling, stops)
+        line = _read_line()
+    return 0
+
+
+def _reply(engine: Engine, messages: list[dict], template: str | None, room: int, max_new_tokens: int, sampling: SamplingParams,
+           stops: dict) -> list[dict]:
+    """One chat turn: the assistant's reply to `messages` (the oldest user-assistant exchanges dropped
+    while the rendered conversation is longer than `room`), streamed; the messages with it (without
+    the last when it cannot be answered; up to the text printed when Ctrl-C interrupts the reply)."""
+    try:
+        prompt = chat_tokens(engine, messages, template)
+        while len(prompt) > room and len(messages) > 2:
+            messages = messages[2:]
+            print("neoxfuse: the context is full: dropping the oldest exchange", file=sys.stderr)
+            prompt = chat_tokens(engine, messages, template)
+        stream = _Stream(engine.tokenizer)
+        try:
+            out = engine.generate(prompt, max_new_tokens, sampling, on_tokens=stream, **stops)
+        except KeyboardInterrupt:
+            print(flush=True)
+            return [*messages, _said("assistant", engine.tokenizer.decode(stream.tokens, skip_special_tokens=True))]
+    except InvalidInputError as err:  # refused before anything ran: the message goes unanswered
+        print(f"neoxfuse: error: {_one_line(err)}", file=sys.stderr)
+        return messages[:-1]
+    print(flush=True)
+    print(f"[{_count(out.prompt_tokens, 'token')} of conversation, {out.reused_tokens} reused from the cache; "
+          f"{_count(out.tokens, 'new token')}]", file=sys.stderr)
+    return [*messages, _said("assistant", engine.tokenizer.decode(out.tokens, skip_special_tokens=True))]
+
+
+def _said(role: str, text: str) -> dict:
+    return {"role": role, "content": text}
+
+
+def _read_chat_template(path: Path | None) -> str | None:
+    """The text of a --chat-template file (None for none); InvalidInputError when it cannot be read."""
+    if path is None:
+        return None
+    try:
+        return path.read_text()
+    except OSError as err:
+        raise InvalidInputError(f"--chat-template {path}: {err.strerror or err}") from None
+
+
+def _read_line() -> str | None:
+    """The next line of stdin without its newline (after a prompt where it is a terminal), or None at its end."""
+    if sys.stdin.isatty():
+        print("> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    return line.removesuffix("\n") if line else None
+
+
 def _read_turn(engine: Engine) -> list[int] | None:
     """The tokens of the next line of stdin (without its newline), or None at its end."""
     while True:
-        if sys.stdin.isatty():
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        line = _read_line()
+        if line is None:
             return None
-        line = line.removesuffix("\n")
         if engine.tokenizer is not None:
             return engine.encode(line) if line else []
         try:
@@ -694,12 +775,7 @@ def _serve(args) -> int:
     """
     device = resolve_device(args.device)
     model = _model_name(args, device)
-    chat_template = None
-    if args.chat_template is not None:
-        try:
-            chat_template = args.chat_template.read_text()
-        except OSError as err:
-            raise InvalidInputError(f"--chat-template {args.chat_template}: {err.strerror or err}") from None
+    chat_template = _read_chat_template(args.chat_template)
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed,
                     revision=args.revision, prefix_cache=args.prefix_cache)
     try:

@@ -64,8 +64,7 @@ from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import jinja2
-
+from neoxfuse.chat import chat_tokens
 from neoxfuse.checks import check_token_ids, is_integer
 from neoxfuse.engine import MAX_LOGPROBS, Engine, Generation
 from neoxfuse.errors import InvalidInputError
@@ -166,7 +165,7 @@ class CompletionRequest:
         RequestError for a body that is not a chat request this server implements."""
         body = dict(_body(body, _CHAT_FIELDS, model_name, "the chat completions API"))
         opened = body.pop("add_generation_prompt", None)
-        tokens = _chat_prompt(engine, body.pop("messages", None), template, True if opened is None else opened)
+        tokens = chat_tokens(engine, body.pop("messages", None), template, True if opened is None else opened)
         max_tokens = body.pop("max_completion_tokens", None)
         max_tokens = body.pop("max_tokens", None) if max_tokens is None else max_tokens
         room = max(engine.max_seq_len + 1 - len(tokens), 1)  # the new tokens the KV cache holds after the prompt
@@ -178,40 +177,6 @@ class CompletionRequest:
             raise RequestError(f"top_logprobs must be null or an integer from 0 to {MAX_LOGPROBS}, with logprobs true; got {top!r}")
         body["logprobs"] = (top or 0) if body.get("logprobs") else None
         return replace(cls.parse({**body, "prompt": tokens}, engine, model_name), chat=True)
-
-
-def _chat_prompt(engine: Engine, messages: object, template: str | None, add_generation_prompt: object) -> list[int]:
-    """The token ids of `messages` (a non-empty list of {role, content}; content text or a list of
-    {"type": "text", "text"} parts, joined by newlines) rendered by the chat template."""
-    if engine.tokenizer is None:
-        raise RequestError(f"{engine.description} has no tokenizer, which a chat needs to make text of its messages; "
-                           "use /v1/completions with token ids")
-    template = template or getattr(engine.tokenizer, "chat_template", None)
-    if template is None:
-        raise RequestError("the model has no chat template (its tokenizer holds none): serve it with --chat-template FILE")
-    if not isinstance(add_generation_prompt, bool):
-        raise RequestError(f"add_generation_prompt must be true or false, got {add_generation_prompt!r}")
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(message, dict) and isinstance(message.get("role"), str) and _text_content(message.get("content")) is not None
-            for message in messages):
-        raise RequestError(f"messages must be a non-empty list of {{role, content}}, content text or text parts; got {messages!r}"[:300])
-    messages = [{**message, "content": _text_content(message["content"])} for message in messages]
-    try:
-        text = engine.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=add_generation_prompt,
-                                                    tokenize=False)
-    except jinja2.TemplateError as err:
-        raise RequestError(f"the chat template refused the messages: {err}") from None
-    return engine.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the special tokens it wants
-
-
-def _text_content(content: object) -> str | None:
-    """A message's content as text: the text itself, or a list of text parts joined by newlines; None for anything else."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-                                         for part in content):
-        return "\n".join(part["text"] for part in content)
-    return None
 
 
 def _body(body: object, fields: set[str], model_name: str, api: str) -> dict:
