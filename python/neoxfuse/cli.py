@@ -387,21 +387,20 @@ def _reply(engine: Engine, messages: list[dict], template: str | None, room: int
     """One chat turn: the assistant's reply to `messages` (the oldest user-assistant exchanges dropped
     while the rendered conversation is longer than `room`), streamed; the messages with it (without
     the last when it cannot be answered; up to the text printed when Ctrl-C interrupts the reply)."""
+    stream = _Stream(engine.tokenizer)
     try:
         prompt = chat_tokens(engine, messages, template)
         while len(prompt) > room and len(messages) > 2:
             messages = messages[2:]
             print("neoxfuse: the context is full: dropping the oldest exchange", file=sys.stderr)
             prompt = chat_tokens(engine, messages, template)
-        stream = _Stream(engine.tokenizer)
-        try:
-            out = engine.generate(prompt, max_new_tokens, sampling, on_tokens=stream, **stops)
-        except KeyboardInterrupt:
-            print(flush=True)
-            return [*messages, _said("assistant", engine.tokenizer.decode(stream.tokens, skip_special_tokens=True))]
+        out = engine.generate(prompt, max_new_tokens, sampling, on_tokens=stream, **stops)
     except InvalidInputError as err:  # refused before anything ran: the message goes unanswered
         print(f"neoxfuse: error: {_one_line(err)}", file=sys.stderr)
         return messages[:-1]
+    except KeyboardInterrupt:
+        print(flush=True)
+        return [*messages, _said("assistant", engine.tokenizer.decode(stream.tokens, skip_special_tokens=True))]
     print(flush=True)
     print(f"[{_count(out.prompt_tokens, 'token')} of conversation, {out.reused_tokens} reused from the cache; "
           f"{_count(out.tokens, 'new token')}]", file=sys.stderr)
