@@ -193,10 +193,10 @@ def local_tasks(tmp_path_factory):
     return folder, documents
 
 
-def _evaluate(model: str, checkpoint: str, folder) -> dict:
+def _evaluate(model: str, checkpoint: str, folder, **options) -> dict:
     return lm_eval.simple_evaluate(model=model, model_args=f"pretrained={checkpoint},device=cpu,dtype=auto,max_length={MAX_LENGTH}",
                                    tasks=["local_rolling", "local_choice"], log_samples=False,
-                                   task_manager=TaskManager(include_path=str(folder), include_defaults=False))["results"]
+                                   task_manager=TaskManager(include_path=str(folder), include_defaults=False), **options)["results"]
 
 
 def _same_metrics(ours: dict, hf: dict) -> None:
@@ -216,6 +216,55 @@ def test_simple_evaluate_runs_tasks_through_neoxfuse_as_through_hf(checkpoint, l
     texts = [document["text"] for document in documents]
     corpus = CorpusScores(tuple(engine.score(text, prefix_token=0) for text in texts))
     assert corpus.text_measures(texts).word_perplexity == pytest.approx(ours["local_rolling"]["word_perplexity,none"], rel=1e-9)
+
+
+# A chat template in the word tokenizer's words: a system turn w3, a user turn w4, an assistant turn
+# w5 before the message, the assistant's turn opened "w6 " (a space before the answer, which lm_eval
+# writes without its target delimiter after a chat's context); STRICT refuses system turns.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ {'system': 'w3', 'user': 'w4', 'assistant': 'w5'}[m['role']] }} {{ m['content'] }} "
+                 "{% endfor %}{% if add_generation_prompt %}w6 {% endif %}")
+STRICT_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
+                        "{% endfor %}" + CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory, word_tokenizer):
+    """checkpoint's model and word tokenizer, the tokenizer with CHAT_TEMPLATE."""
+    directory = tmp_path_factory.mktemp("tiny-chat")
+    model = random_model("tiny", seed=3)
+    model.save_pretrained(directory)
+    tokenizer = word_tokenizer(model.config.vocab_size)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_chat_templated_tasks_score_as_through_hf(chat_checkpoint, local_tasks, monkeypatch, tmp_path):
+    # lm_eval's apply_chat_template: neoxfuse renders the turns as its HFLM does (the assistant's
+    # turn opened, or the last message continued; a template that refuses system turns gets none),
+    # and the tasks' metrics are HF's.
+    ours, hf = (NeoxfuseLM(pretrained=chat_checkpoint, device="cpu"), HFLM(pretrained=chat_checkpoint, device="cpu", batch_size=1))
+    history = [{"role": "system", "content": "w20"}, {"role": "user", "content": "w9 w10"}, {"role": "assistant", "content": "w11"}]
+    assert ours.apply_chat_template(history[:2]) == hf.apply_chat_template(history[:2]) == "w3 w20 w4 w9 w10 w6 "
+    assert ours.apply_chat_template(history, False) == hf.apply_chat_template(history, False) == "w3 w20 w4 w9 w10 w5 w11"
+    assert ours.tokenizer_name == hf.tokenizer_name
+    for lm in (ours, hf):
+        monkeypatch.setattr(lm.tokenizer, "chat_template", STRICT_CHAT_TEMPLATE)
+    assert ours.apply_chat_template(history[:2]) == hf.apply_chat_template(history[:2]) == "w4 w9 w10 w6 "
+    monkeypatch.undo()
+
+    folder, _ = local_tasks
+    rendered, render = [], NeoxfuseLM.apply_chat_template
+    monkeypatch.setattr(NeoxfuseLM, "apply_chat_template",
+                        lambda lm, *args, **kwargs: rendered.append(render(lm, *args, **kwargs)) or rendered[-1])
+    ours = _evaluate("neoxfuse", chat_checkpoint, folder, apply_chat_template=True)
+    assert rendered and all(text.endswith(" w6 ") for text in rendered)  # each question as the user's turn
+    _same_metrics(ours, _evaluate("hf", chat_checkpoint, folder, apply_chat_template=True))
+    out_file, before = tmp_path / "eval.json", len(rendered)
+    assert main(["eval", "--device", "cpu", "--model", chat_checkpoint, "--max-length", str(MAX_LENGTH), "--include-path", str(folder),
+                 "--tasks", "local_rolling,local_choice", "--apply-chat-template", "--out", str(out_file)]) == 0
+    assert sorted(rendered[before:]) == sorted(rendered[:before])  # the command rendered the same contexts
+    _same_metrics(json.loads(out_file.read_text())["neoxfuse"], ours)
 
 
 def test_a_questions_choices_share_one_prefill_of_its_context(checkpoint, local_tasks, monkeypatch):
@@ -250,3 +299,5 @@ def test_the_eval_command_prints_and_saves_both_tables(checkpoint, local_tasks, 
     assert "unknown lm-evaluation-harness tasks ['no_such_task']" in capsys.readouterr().err
     assert main(["eval", "--device", "cpu", "--model", "tiny", "--tasks", "local_choice", "--include-path", str(folder)]) == 1
     assert "lm_eval's requests are text: tiny (random-initialised) needs a tokenizer" in capsys.readouterr().err
+    assert main([*args, "--tasks", "local_choice", "--apply-chat-template"]) == 1
+    assert "--apply-chat-template: the tokenizer of " in capsys.readouterr().err

@@ -692,6 +692,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=float, help="only the first N documents of each task (N < 1: that fraction)")
     parser.add_argument("--num-fewshot", type=int, help="examples before each question (default: each task's)")
     parser.add_argument("--max-length", type=int, help="the context the model sees (default: all its positions)")
+    parser.add_argument("--apply-chat-template", action="store_true", help="render each request's context with the "
+                        "tokenizer's chat template (a chat model's), few-shot examples as turns: lm_eval's apply_chat_template")
     parser.add_argument("--compare-hf", action="store_true", help="run the same tasks through lm-evaluation-harness's HF "
                         "model (the checkpoint loaded by transformers, same device and dtype) and print both")
     parser.add_argument("--out", help="also write the metrics to this JSON file")
@@ -726,9 +728,12 @@ def _eval(args) -> int:
                       revision=args.revision)
     print(f"model: {_engine_summary(ours.engine)}")
 
+    if args.apply_chat_template and getattr(ours.tokenizer, "chat_template", None) is None:
+        raise InvalidInputError(f"--apply-chat-template: the tokenizer of {ours.engine.description} has no chat template")
+
     def evaluate(lm) -> dict:
         return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
-                                       num_fewshot=args.num_fewshot, log_samples=False)
+                                       num_fewshot=args.num_fewshot, log_samples=False, apply_chat_template=args.apply_chat_template)
 
     runs = {"neoxfuse": evaluate(ours)}
     print(f"neoxfuse ({ours.engine.backend_name}):\n{make_table(runs['neoxfuse'])}")

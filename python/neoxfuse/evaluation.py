@@ -20,12 +20,17 @@ kernels, and a benchmark's score checks them on real tasks:
   eta_cutoff, with neoxfuse's Philox draws, not torch's); repetition_penalty and
   no_repeat_ngram_size too; any other option is refused.
 
+With lm_eval's apply_chat_template (`neoxfuse eval --apply-chat-template`), each request's context
+is the task's turns rendered by the tokenizer's chat template, as its HFLM renders them
+(apply_chat_template below), for checkpoints whose tokenizer has one.
+
 The numbers are HF's (lm_eval's HFLM on the same checkpoint) to the backend's precision:
 tests/test_evaluation.py compares them request by request.
 """
 
 from __future__ import annotations
 
+import jinja2
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (
@@ -73,6 +78,24 @@ class NeoxfuseLM(TemplateLM):
     @property
     def max_length(self) -> int:
         return self.engine.max_seq_len
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The tokenizer's name, as HFLM gives it (lm_eval fingerprints chat-templated requests with it)."""
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The turns rendered by the tokenizer's chat template as HFLM renders them: the assistant's
+        turn opened after them (add_generation_prompt), else their last message continued; without
+        the system messages where the template refuses them."""
+        def render(history: list[dict[str, str]]) -> str:
+            return self.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=not add_generation_prompt)
+
+        try:
+            return render(chat_history)
+        except jinja2.TemplateError:
+            return render([message for message in chat_history if message["role"] != "system"])
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """The text's token ids, without special tokens (GPT-NeoX adds none; as lm_eval's HFLM)."""
