@@ -283,6 +283,23 @@ def test_interactive_chat_answers_each_line_as_the_users_message(monkeypatch, ca
     assert "[3 tokens of conversation, 0 reused from the cache" in err
 
 
+def test_interactive_chat_ctrl_c_keeps_the_reply_so_far(monkeypatch, capsys, tiny_checkpoint_with_tokenizer, chat_template):
+    interrupts = [KeyboardInterrupt]  # one, in the first reply, after its first token is printed
+
+    class InterruptedOnce(neoxfuse.cli._Stream):
+        def __call__(self, tokens):
+            if self.tokens and interrupts:
+                raise interrupts.pop()
+            super().__call__(tokens)
+
+    monkeypatch.setattr(neoxfuse.cli, "_Stream", InterruptedOnce)
+    checkpoint = str(tiny_checkpoint_with_tokenizer)
+    out, _ = _interactive(monkeypatch, capsys, "w9\n", "--model", checkpoint, "--prompt", "w8", "--chat-template", chat_template)
+    engine = Engine(checkpoint, device="cpu")
+    first = engine.generate("w4 w8 w6", 1, stop_token_ids=(0,)).text
+    assert out == [first, engine.generate(f"w4 w8 w5 {first} w4 w9 w6", 4, stop_token_ids=(0,)).text]
+
+
 def test_generate_and_interactive_stop_after_a_stop_text(monkeypatch, capsys, tiny_checkpoint_with_tokenizer):
     checkpoint = str(tiny_checkpoint_with_tokenizer)
     engine = Engine(checkpoint, device="cpu")
