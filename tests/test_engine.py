@@ -309,6 +309,37 @@ def test_hf_generate_returns_the_logits_and_scores_model_generate_returns(hf_mod
         neoxfuse.hf.generate(hf_model, ids, max_new_tokens=3, return_dict_in_generate=True, output_attentions=True)
 
 
+def test_hf_generate_makes_num_return_sequences_drawn_with_successive_seeds(hf_model, engine):
+    # Sequence i is the one sequence of seed + i (wrapping past 2^63 - 1), as Engine.generate draws
+    # it; those that end early (at eos, or at a stop string with an eos to pad with) are padded to
+    # the longest as model.generate pads them: with pad_token_id, else the first eos.
+    ids, tokenizer = torch.tensor([[5, 6, 7]]), _byte_bpe_tokenizer(hf_model.config.vocab_size)
+    sampled = {"do_sample": True, "top_k": 0, "max_new_tokens": 12}
+    seeds = (2**63 - 1, 0, 1)
+    plain = [engine.generate([5, 6, 7], 12, SamplingParams(temperature=1.0, seed=seed)).tokens for seed in seeds]
+    got = neoxfuse.hf.generate(hf_model, ids, num_return_sequences=3, eos_token_id=None, seed=seeds[0], **sampled)
+    assert got.tolist() == [[5, 6, 7, *tokens] for tokens in plain] and len({tuple(tokens) for tokens in plain}) == 3
+    eos = next(token for token in plain[1][1:] if token not in plain[1][:1])  # ends the second sequence early
+    stop = next(text for text in map(tokenizer.decode, [[token] for token in plain[0][1:]]) if text.isascii() and text.strip())
+    cases = []
+    for pad, options in [(eos, {}), (1, {"pad_token_id": 1}), (eos, {"stop_strings": stop, "tokenizer": tokenizer})]:
+        options = {**sampled, "eos_token_id": [eos, 2], **options}
+        ones = [neoxfuse.hf.generate(hf_model, ids, seed=seed, **options)[0, 3:].tolist() for seed in seeds]
+        cases.append(ones)
+        assert min(map(len, ones)) < 12 and max(map(len, ones)) == 12
+        width = max(map(len, ones))
+        got = neoxfuse.hf.generate(hf_model, ids, num_return_sequences=3, seed=seeds[0], **options)
+        assert got.tolist() == [[5, 6, 7, *tokens, *[pad] * (width - len(tokens))] for tokens in ones]
+    assert cases[2] != cases[0]  # the stop string ended a sequence too
+    for options, message in [({"do_sample": False}, "num_return_sequences > 1 needs do_sample=True"),
+                             ({"streamer": TextStreamer(tokenizer)}, "a streamer takes one sequence"),
+                             ({"return_dict_in_generate": True, "output_scores": True}, "output_scores and output_logits come with one"),
+                             ({"stop_strings": "w3", "tokenizer": tokenizer, "eos_token_id": None}, "stop_strings with num_"),
+                             ({"num_return_sequences": 0}, "num_return_sequences must be an integer >= 1, got 0")]:
+        with pytest.raises(InvalidInputError, match=message):
+            neoxfuse.hf.generate(hf_model, ids, **{**sampled, "num_return_sequences": 2, **options})
+
+
 def test_hf_generate_biases_sequences_as_model_generate_does(hf_model):
     # One-token biases (OpenAI's logit_bias) and a two-token one that fires only after its first token,
     # with a repetition penalty after them, in both of transformers' forms: its tokens and scores.

@@ -40,6 +40,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Collection
+from dataclasses import replace
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -261,12 +262,13 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((
 _HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
                 "min_length": 0, "suppress_tokens": None, "bad_words_ids": None, "no_repeat_ngram_size": 0,
                 "begin_suppress_tokens": None, "min_p": None, "stop_strings": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-                "eta_cutoff": 0.0, "sequence_bias": None, "return_dict_in_generate": False, "output_scores": False, "output_logits": None}
+                "eta_cutoff": 0.0, "sequence_bias": None, "return_dict_in_generate": False, "output_scores": False, "output_logits": None,
+                "num_return_sequences": 1}
 _DEFAULT_NEW_TOKENS = 20
 _IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
 # or in the model's generation config, they are refused, since model.generate would apply them.
-_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
+_NEUTRAL = {"num_beams": 1, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
             "num_beam_groups": 1, "renormalize_logits": False, "remove_invalid_values": False}
 # Options that change no token at any value: caching and compilation choices, settings of beam search
 # and of assisted decoding only, what only return_dict_in_generate would return (attentions and hidden
@@ -311,6 +313,7 @@ def generate(
     return_dict_in_generate: bool | None = UNSET,
     output_scores: bool | None = UNSET,
     output_logits: bool | None = UNSET,
+    num_return_sequences: int | None = UNSET,
     backend: str = AUTO,
     **options,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
@@ -332,7 +335,9 @@ def generate(
     transformers' GenerateDecoderOnlyOutput: its sequences, and with output_logits the logits each new
     token was chosen from, with output_scores those after the processors and warpers (each a tuple of
     N [1, vocab] fp32 tensors, as model.generate gives them; no past_key_values: the KV cache is the
-    Engine's). Any other
+    Engine's). num_return_sequences=R (sampled) gives [R, P + N]: sequence i drawn with seed + i
+    (one after another), those that end early padded to the longest with pad_token_id, else the
+    first eos token, as model.generate pads them. Any other
     model.generate option (num_beams, renormalize_logits, ...) is taken where it changes nothing and
     refused elsewhere, whether the call or a generation config sets it: the tokens are
     model.generate's, or an error says why not.
@@ -417,16 +422,29 @@ def generate(
                                     "logits only (the decode kernels keep no attention weights or hidden states)")
     keep = {"keep_logits": bool(as_dict and option(output_logits, "output_logits")),
             "keep_scores": bool(as_dict and option(output_scores, "output_scores"))}
+    copies = option(num_return_sequences, "num_return_sequences")
+    first_eos = _first(stops)
+    rules = [sampling]
+    if copies != 1:
+        _check_copies(copies, sampling, streamer, keep, first_eos is None and stop_when is not None)
+        sampling = sampling.seeded()
+        rules = [replace(sampling, seed=(sampling.seed + i) % 2**63) for i in range(copies)]  # as many draws, seed + i
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    out = _engine(model, backend).generate(input_ids[0], new_tokens, sampling, stop_token_ids=stops,
-                                           min_new_tokens=at_least, on_tokens=stream if streamer is not None else None,
-                                           begin_suppress_tokens=option(begin_suppress_tokens, "begin_suppress_tokens") or (),
-                                           stop_when=stop_when, **keep)
+    outs = [_engine(model, backend).generate(input_ids[0], new_tokens, rule, stop_token_ids=stops,
+                                             min_new_tokens=at_least, on_tokens=stream if streamer is not None else None,
+                                             begin_suppress_tokens=option(begin_suppress_tokens, "begin_suppress_tokens") or (),
+                                             stop_when=stop_when, **keep) for rule in rules]
     if streamer is not None:
         streamer.end()
-    new = torch.tensor(out.tokens, dtype=input_ids.dtype, device=input_ids.device)
-    sequences = torch.cat([input_ids, new[None]], dim=1)
+    rows = [generation.tokens for generation in outs]
+    width = max(map(len, rows))
+    pad = option(pad_token_id, "pad_token_id")
+    pad = first_eos if pad is None else pad  # as model.generate pads without one
+    # Every row that ends early ends at an eos token (_check_copies), so there is one to pad with.
+    new = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=input_ids.dtype, device=input_ids.device)
+    sequences = torch.cat([input_ids.expand(len(rows), -1), new], dim=1)  # [copies, P + width]
+    out = outs[0]
     if not as_dict:
         return sequences
 
@@ -434,6 +452,31 @@ def generate(
         return None if rows is None else tuple(rows.to(input_ids.device)[:, None])  # N of [1, vocab]
 
     return GenerateDecoderOnlyOutput(sequences=sequences, scores=per_token(out.scores), logits=per_token(out.logits))
+
+
+def _first(ids: int | Collection[int] | torch.Tensor) -> int | None:
+    """The first of eos_token_id's ids (model.generate's pad token when none is set), None for none."""
+    values = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else [ids] if is_integer(ids) else list(ids)
+    return int(values[0]) if values else None
+
+
+def _check_copies(copies: object, sampling: SamplingParams, streamer: BaseStreamer | None, keep: dict, unpadded: bool) -> None:
+    """InvalidInputError for a num_return_sequences other than 1 that generate() does not make:
+    not an integer >= 1, greedy (model.generate refuses it too), with a streamer (transformers'
+    streamers take one sequence), scores or logits kept, or stop strings without an eos token (where
+    model.generate goes on generating a stopped sequence until all have stopped)."""
+    if not is_integer(copies) or copies < 1:
+        raise InvalidInputError(f"num_return_sequences must be an integer >= 1, got {copies!r}")
+    if sampling.greedy:
+        raise InvalidInputError("num_return_sequences > 1 needs do_sample=True: greedy decoding makes one sequence "
+                                "(model.generate refuses it too)")
+    if streamer is not None:
+        raise InvalidInputError("a streamer takes one sequence (transformers' streamers refuse more): num_return_sequences 1")
+    if any(keep.values()):
+        raise InvalidInputError("output_scores and output_logits come with one sequence here: num_return_sequences 1")
+    if unpadded:
+        raise InvalidInputError("stop_strings with num_return_sequences > 1 need an eos_token_id: without one, model.generate "
+                                "goes on generating a stopped sequence until all have stopped, and neoxfuse stops it")
 
 
 def _stop_strings_criterion(stop_strings: str | list[str] | None, tokenizer, prompt: list[int]):
