@@ -4,6 +4,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -232,6 +233,16 @@ def test_interactive_reads_text_with_a_tokenizer(monkeypatch, capsys, tiny_check
     second = engine.generate([1, *first.tokens, 2, 7], 4, stop_token_ids=(0,))
     assert out == [first.text, second.text]
     assert f"[{len(second.prompt_tokens)} tokens of context, {len(first.tokens)} reused from the cache" in err
+
+
+def test_generate_ends_at_the_generation_configs_end_of_text_tokens(tiny_checkpoint_with_tokenizer, tmp_path, capsys):
+    shutil.copytree(tiny_checkpoint_with_tokenizer, tmp_path / "chat")
+    plain = Engine(str(tiny_checkpoint_with_tokenizer), device="cpu").generate("w9 w10", 12).tokens
+    end = next(token for token in plain[2:] if token not in plain[:2])
+    (tmp_path / "chat" / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, end]}))
+    assert main(["generate", "--device", "cpu", "--model", str(tmp_path / "chat"), "--prompt", "w9 w10", "--max-new-tokens", "12"]) == 0
+    want = plain[: plain.index(end) + 1]
+    assert f"generated ({len(want)} tokens): {','.join(map(str, want))}" in capsys.readouterr().out
 
 
 # A chat template in the word tokenizer's words (test_server's): a user turn w4, an assistant turn

@@ -566,6 +566,26 @@ def test_text_prompts_use_the_checkpoints_tokenizer(hf_model, tmp_path, word_tok
     assert out.text == tokenizer.decode(out.tokens) and out.text.startswith("w")
 
 
+def test_the_end_of_text_tokens_are_the_tokenizers_and_the_generation_configs(hf_model, tmp_path, word_tokenizer):
+    # A chat model's generation_config.json may list its end-of-turn token beside the end-of-text one.
+    hf_model.save_pretrained(tmp_path)
+    word_tokenizer(hf_model.config.vocab_size).save_pretrained(tmp_path)  # its eos: id 0
+    config = tmp_path / "generation_config.json"
+    for eos, want in [([7, 9], {0, 7, 9}), (5, {0, 5}), (None, {0}), ([3, 10**6], {0, 3})]:  # ids past the vocabulary: none
+        config.write_text(json.dumps({"eos_token_id": eos}))
+        assert Engine(tmp_path, device="cpu").eos_token_ids == want
+    config.unlink()
+    assert Engine(tmp_path, device="cpu").eos_token_ids == {0}
+    for text, message in [("[7, 9", "is not a JSON object"), ("[7]", "is not a JSON object"),
+                          ('{"eos_token_id": "7"}', "eos_token_id must be a token id or a list of them, got '7'")]:
+        config.write_text(text)
+        with pytest.raises(InvalidInputError, match=message):
+            Engine(tmp_path, device="cpu")
+    model = copy.deepcopy(hf_model)
+    model.generation_config.eos_token_id = [4, 6]
+    assert Engine(model, device="cpu").eos_token_ids == {4, 6} and Engine("tiny", device="cpu").eos_token_ids == frozenset()
+
+
 def test_text_prompt_without_tokenizer_is_a_clear_error(engine):
     with pytest.raises(InvalidInputError, match="needs a tokenizer"):
         engine.generate("hello", 4)

@@ -3,6 +3,7 @@ on a tiny checkpoint with a word tokenizer; streaming, errors, one request at a 
 end to end."""
 
 import json
+import shutil
 import subprocess
 import threading
 import time
@@ -211,6 +212,24 @@ def test_presence_and_frequency_penalties_are_the_engines(served):
         want = engine.generate("w9 w10 w11", 12, SamplingParams(**penalties), stop_token_ids=0).tokens
         got = _complete(server, prompt="w9 w10 w11", max_tokens=12, temperature=0, **penalties)
         assert got["choices"][0]["token_ids"] == want != plain
+
+
+def test_completions_end_at_the_generation_configs_end_of_text_tokens(checkpoint, tmp_path):
+    # A chat model's generation_config.json may list its end-of-turn token beside the end-of-text
+    # one: a completion ends at either (finish_reason "stop"), as vLLM's does; ignore_eos runs on.
+    shutil.copytree(checkpoint, tmp_path / "chat")
+    plain = Engine(str(checkpoint), device="cpu").generate("w9 w10 w11", 12).tokens
+    end = next(token for token in plain[2:] if token not in plain[:2])
+    (tmp_path / "chat" / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, end]}))
+    server = CompletionServer(Engine(str(tmp_path / "chat"), device="cpu"), ("127.0.0.1", 0), "tiny")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        choice = _complete(server, prompt="w9 w10 w11", max_tokens=12, temperature=0)["choices"][0]
+        assert choice["token_ids"] == plain[: plain.index(end) + 1] and choice["finish_reason"] == "stop"
+        assert _complete(server, prompt="w9 w10 w11", max_tokens=12, temperature=0, ignore_eos=True)["choices"][0]["token_ids"] == plain
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_n_completions_per_prompt_draw_with_successive_seeds(served):

@@ -223,8 +223,9 @@ def _generate(args) -> int:
     Greedy by default; --temperature > 0 samples (with --top-k, --top-p, --min-p, --typical-p,
     --epsilon-cutoff, --eta-cutoff, --seed); --repetition-penalty, --no-repeat-ngram-size,
     --presence-penalty and --frequency-penalty apply either way. With a tokenizer
-    (a checkpoint directory that has one) the text is printed too and generation stops at its EOS
-    (and after any --stop text).
+    (a checkpoint directory that has one) the text is printed too. Generation stops at the
+    end-of-text tokens (the tokenizer's and the checkpoint's generation_config.json's, a chat
+    model's end of turn among them: Engine.eos_token_ids) and after any --stop text.
     --interactive then continues the text with lines from stdin, turn by turn. --chat makes the
     prompt and each line the user's messages of a chat, rendered by the chat template.
     """
@@ -251,8 +252,7 @@ def _generate(args) -> int:
         prompt = args.tokens if args.prompt is None else engine.encode(args.prompt)
     if args.stop and engine.tokenizer is None:
         raise InvalidInputError(f"--stop matches text, and {engine.description} has no tokenizer to make text of its tokens")
-    eos = getattr(engine.tokenizer, "eos_token_id", None)
-    stops = {"stop_token_ids": () if eos is None else (eos,), "stop": args.stop,  # Engine.generate's arguments on the end
+    stops = {"stop_token_ids": engine.eos_token_ids, "stop": args.stop,  # Engine.generate's arguments on the end
              "min_new_tokens": args.min_new_tokens}
     if args.interactive:
         if args.logprobs is not None:

@@ -45,8 +45,8 @@ from neoxfuse.reference import ReferenceModel
 from neoxfuse.sampling import SamplingParams, choose, next_token, processed_scores, token_id_set
 from neoxfuse.scoring import (Loglikelihood, Scores, Span, TokenLogprobs, logprobs_of, resolve_stride, token_logprobs, token_scores,
                               top_logprobs, windows, with_prefix)
-from neoxfuse.weights import (ModelWeights, describe_checkpoint, from_hf, load_checkpoint, load_tokenizer, model_source, random_model,
-                              read_checkpoint_config)
+from neoxfuse.weights import (ModelWeights, describe_checkpoint, from_hf, load_checkpoint, load_generation_eos, load_tokenizer,
+                              model_source, random_model, read_checkpoint_config)
 
 ModelSource = Union[str, os.PathLike, torch.nn.Module, ModelWeights]
 
@@ -231,6 +231,7 @@ class LoadedModel:
     tokenizer: object | None  # a transformers tokenizer, when the checkpoint has one
     description: str  # "pythia-70m (random-initialised)", a checkpoint path, ...
     random_init: bool
+    eos_token_ids: tuple[int, ...] = ()  # the generation config's (a checkpoint's generation_config.json, a model's)
 
 
 def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed: int = 0,
@@ -251,7 +252,9 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed:
         model_type = getattr(getattr(source, "config", None), "model_type", None)
         if model_type != "gpt_neox":
             raise UnsupportedModelError(f"neoxfuse runs GPT-NeoX models; got {type(source).__name__} (model_type {model_type!r})")
-        return LoadedModel(from_hf(source), None, f"in-memory {type(source).__name__}", random_init=False)
+        eos = getattr(getattr(source, "generation_config", None), "eos_token_id", None)
+        eos = () if eos is None else (eos,) if is_integer(eos) else tuple(eos)
+        return LoadedModel(from_hf(source), None, f"in-memory {type(source).__name__}", random_init=False, eos_token_ids=eos)
     if not isinstance(source, (str, os.PathLike)):
         raise InvalidInputError(f"a model is a Pythia name, a checkpoint directory, a cached Hub repo id, a GPTNeoXForCausalLM or ModelWeights; got {type(source).__name__}")
     resolved = model_source(source, revision)
@@ -262,7 +265,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed:
     if is_quantized_checkpoint(resolved):
         return _load_gptq_checkpoint(resolved, dtype, description)
     weights, tokenizer = load_checkpoint(resolved)
-    return LoadedModel(weights, tokenizer, description, random_init=False)
+    return LoadedModel(weights, tokenizer, description, random_init=False, eos_token_ids=load_generation_eos(resolved))
 
 
 def load_hf_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, seed: int = 0,
@@ -296,7 +299,8 @@ def _load_gptq_checkpoint(path: Path, dtype: torch.dtype, description: str) -> L
     the engine's backends run dense weights. UnsupportedModelError for a quantization that is not GPTQ."""
     checkpoint = load_gptq_checkpoint(path)
     weights = from_hf(dequantized_gpt_neox(checkpoint, "cpu", dtype))
-    return LoadedModel(weights, load_tokenizer(path), describe_dequantized(description, checkpoint, dtype), random_init=False)
+    return LoadedModel(weights, load_tokenizer(path), describe_dequantized(description, checkpoint, dtype), random_init=False,
+                       eos_token_ids=load_generation_eos(path))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -424,6 +428,11 @@ class Engine:
         self.weights = loaded.weights.to(device=self.device, dtype=self.dtype)
         self.backend = backend_cls(self.weights, self.max_seq_len)
         self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
+        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+        # The ids that end a text: the tokenizer's end-of-text token and the generation config's (what
+        # the CLI and the server stop at; generate() itself stops where its stop_token_ids say).
+        self.eos_token_ids = frozenset(t for t in {*loaded.eos_token_ids, *([] if tokenizer_eos is None else [tokenizer_eos])}
+                                       if 0 <= t < self.shape.vocab)
         self.description = loaded.description
         self.random_init = loaded.random_init
         self.prefix_cache = prefix_cache

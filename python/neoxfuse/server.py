@@ -22,7 +22,8 @@ min_tokens, stop_token_ids and ignore_eos.
 
 The reply is OpenAI's text_completion: a choice per prompt whose text is the new tokens' text
 (special tokens skipped; after the prompt's text with echo), cut before the first stop string as
-OpenAI cuts it, and finish_reason "stop" (the end-of-text token, a stop token or a stop string) or
+OpenAI cuts it, and finish_reason "stop" (an end-of-text token: the tokenizer's or the checkpoint
+generation config's, as vLLM stops; a stop token or a stop string) or
 "length"; usage counts tokens (prompt_tokens_details.cached_tokens: the prompt tokens an Engine with
 prefix_cache, `neoxfuse serve --prefix-cache`, did not run again). logprobs N lists, per token, its
 text, its log-probability where it was chosen (natural log, from the model's logits before the
@@ -101,7 +102,7 @@ class CompletionRequest:
     max_tokens: int  # 0 only with echo
     sampling: SamplingParams
     stop: tuple[str, ...]
-    stop_token_ids: tuple[int, ...]  # the end-of-text token's (unless ignore_eos) and the request's; Engine checks them
+    stop_token_ids: tuple[int, ...]  # the end-of-text tokens (Engine.eos_token_ids, unless ignore_eos) and the request's
     min_tokens: int
     echo: bool
     logprobs: int | None
@@ -128,7 +129,7 @@ class CompletionRequest:
             options["top_k"] = 0
         options["sequence_bias"] = {(token,): bias for token, bias in _logit_bias(body.get("logit_bias")).items()}
         sampling = SamplingParams(**options)  # InvalidInputError names a bad value
-        eos = None if body.get("ignore_eos") or engine.tokenizer is None else engine.tokenizer.eos_token_id
+        eos = () if body.get("ignore_eos") else tuple(sorted(engine.eos_token_ids))
         stop_token_ids = body.get("stop_token_ids") or []
         if not isinstance(stop_token_ids, list):
             raise RequestError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
@@ -154,7 +155,7 @@ class CompletionRequest:
         if logprobs is not None and (not is_integer(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
             raise RequestError(f"logprobs must be null or an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}")
         return cls(prompts=_prompts(body.get("prompt")), n=n, max_tokens=max_tokens, sampling=sampling, stop=tuple(stop),
-                   stop_token_ids=(*([] if eos is None else [eos]), *stop_token_ids), min_tokens=body.get("min_tokens") or 0,
+                   stop_token_ids=(*eos, *stop_token_ids), min_tokens=body.get("min_tokens") or 0,
                    echo=echo, logprobs=logprobs, stream=body.get("stream", False),
                    include_usage=bool(stream_options.get("include_usage")))
 

@@ -297,6 +297,23 @@ def load_checkpoint(path: str | Path) -> tuple[ModelWeights, object | None]:
     return weights, load_tokenizer(directory)
 
 
+def load_generation_eos(path: str | Path) -> tuple[int, ...]:
+    """The end-of-text token ids that a checkpoint directory's generation_config.json gives
+    (eos_token_id: one id or a list of them; a chat model's may add its end-of-turn token); () where
+    it gives none. InvalidInputError for a file that is not that."""
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return ()
+    try:
+        eos = json.loads(file.read_text()).get("eos_token_id")
+    except (ValueError, AttributeError) as err:
+        raise InvalidInputError(f"{file} is not a JSON object: {err}") from None
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise InvalidInputError(f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return tuple(ids)
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer of a checkpoint directory (transformers' AutoTokenizer), or None when it has no tokenizer files."""
     directory = Path(path)
