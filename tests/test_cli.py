@@ -197,8 +197,9 @@ def test_interactive_without_a_prompt_starts_at_the_first_line_with_tokens(monke
     assert "error" not in err and "[2 tokens of context, 0 reused from the cache" in err
 
 
-def test_interactive_ctrl_c_ends_the_turn_not_the_session(monkeypatch, capsys):
-    interrupts = [KeyboardInterrupt]  # one, in the first turn, after its first token is printed
+def _interrupt_once(monkeypatch) -> None:
+    """Ctrl-C once: in the first turn that streams, after its first token is printed."""
+    interrupts = [KeyboardInterrupt]
 
     class InterruptedOnce(neoxfuse.cli._Stream):
         def __call__(self, tokens):
@@ -207,6 +208,10 @@ def test_interactive_ctrl_c_ends_the_turn_not_the_session(monkeypatch, capsys):
             super().__call__(tokens)
 
     monkeypatch.setattr(neoxfuse.cli, "_Stream", InterruptedOnce)
+
+
+def test_interactive_ctrl_c_ends_the_turn_not_the_session(monkeypatch, capsys):
+    _interrupt_once(monkeypatch)
     out, err = _interactive(monkeypatch, capsys, "5\n", "--model", "tiny", "--tokens", "1,2,3")
     engine = Engine("tiny", device="cpu")
     first = engine.generate([1, 2, 3], 1).tokens
@@ -295,15 +300,7 @@ def test_interactive_chat_answers_each_line_as_the_users_message(monkeypatch, ca
 
 
 def test_interactive_chat_ctrl_c_keeps_the_reply_so_far(monkeypatch, capsys, tiny_checkpoint_with_tokenizer, chat_template):
-    interrupts = [KeyboardInterrupt]  # one, in the first reply, after its first token is printed
-
-    class InterruptedOnce(neoxfuse.cli._Stream):
-        def __call__(self, tokens):
-            if self.tokens and interrupts:
-                raise interrupts.pop()
-            super().__call__(tokens)
-
-    monkeypatch.setattr(neoxfuse.cli, "_Stream", InterruptedOnce)
+    _interrupt_once(monkeypatch)
     checkpoint = str(tiny_checkpoint_with_tokenizer)
     out, _ = _interactive(monkeypatch, capsys, "w9\n", "--model", checkpoint, "--prompt", "w8", "--chat-template", chat_template)
     engine = Engine(checkpoint, device="cpu")
