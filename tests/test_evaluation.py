@@ -1,6 +1,7 @@
 """neoxfuse.evaluation: lm-evaluation-harness's model "neoxfuse" against its own HF model (HFLM) on one checkpoint."""
 
 import json
+import shutil
 import threading
 
 import pytest
@@ -92,6 +93,21 @@ def test_greedy_generations_are_hfs(models):
     want = hf.generate_until(_requests("generate_until", requests))
     assert got == want
     assert got[0] == "" and got[4] != " ".join(plain) and len(set(got[5].split())) == 10
+
+
+def test_generations_end_at_the_generation_configs_end_of_text_tokens_as_hfs(checkpoint, models, tmp_path):
+    # A chat model's generation_config.json may list its end-of-turn token: HF's model.generate (and
+    # so lm_eval's HF model) ends there, and so does neoxfuse.
+    plain = models[0].engine.generate("hello w12", 10).tokens
+    end = next(token for token in plain[2:] if token not in plain[:2])
+    shutil.copytree(checkpoint, tmp_path / "chat")
+    (tmp_path / "chat" / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, end]}))
+    ours = NeoxfuseLM(pretrained=str(tmp_path / "chat"), device="cpu", max_length=MAX_LENGTH)
+    hf = HFLM(pretrained=str(tmp_path / "chat"), device="cpu", batch_size=1, max_length=MAX_LENGTH)
+    requests = _requests("generate_until", [("hello w12", {"until": ["\n"], "max_gen_toks": 10, "do_sample": False})])
+    got = ours.generate_until(requests)
+    assert got == hf.generate_until(requests) != models[0].generate_until(requests)
+    assert got[0].split()[-1] == models[0].tokenizer.decode([end])
 
 
 def test_sampled_generations_draw_with_seed_zero(models):

@@ -14,8 +14,9 @@ kernels, and a benchmark's score checks them on real tasks:
 - loglikelihood_rolling (text): Engine.score after the end-of-text token in windows of
   max_length + 1 tokens, which are lm_eval's rolling windows (neoxfuse.scoring): -total NLL;
 - generate_until (context, gen_kwargs): Engine.generate of up to max_gen_toks tokens after the
-  context (its last max_length - max_gen_toks tokens), ending at the end-of-text token or after
-  the token that completes one of `until`, the text cut at the first of them as lm_eval cuts it.
+  context (its last max_length - max_gen_toks tokens), ending at an end-of-text token (the
+  tokenizer's and the generation config's, where HF's model.generate ends too) or after the token
+  that completes one of `until`, the text cut at the first of them as lm_eval cuts it.
   Greedy unless do_sample (then temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff,
   eta_cutoff, with neoxfuse's Philox draws, not torch's); repetition_penalty and
   no_repeat_ngram_size too; any other option is refused.
@@ -132,7 +133,8 @@ class NeoxfuseLM(TemplateLM):
                 raise InvalidInputError(f"max_gen_toks must be from 1 to the model's {self.max_length} positions minus one "
                                         f"(room for the context); got {max_new}")
             prompt = self.tok_encode(context)[-(self.max_length - max_new) :] or [self.prefix_token_id]
-            out = self.engine.generate(prompt, max_new, _sampling(options), stop_token_ids=self.eot_token_id,
+            ends = {*self.engine.eos_token_ids, self.eot_token_id}  # where HF's model.generate ends too
+            out = self.engine.generate(prompt, max_new, _sampling(options), stop_token_ids=ends,
                                        stop=[text for text in until if text and text != eos_text])
             text = postprocess_generated_text(self.tokenizer.decode(out.tokens, skip_special_tokens=True), until, None)
             results.append(text)
