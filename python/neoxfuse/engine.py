@@ -253,7 +253,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32, seed:
         if model_type != "gpt_neox":
             raise UnsupportedModelError(f"neoxfuse runs GPT-NeoX models; got {type(source).__name__} (model_type {model_type!r})")
         eos = getattr(getattr(source, "generation_config", None), "eos_token_id", None)
-        eos = () if eos is None else (eos,) if is_integer(eos) else tuple(eos)
+        eos = () if eos is None else tuple(stop_token_set(eos))
         return LoadedModel(from_hf(source), None, f"in-memory {type(source).__name__}", random_init=False, eos_token_ids=eos)
     if not isinstance(source, (str, os.PathLike)):
         raise InvalidInputError(f"a model is a Pythia name, a checkpoint directory, a cached Hub repo id, a GPTNeoXForCausalLM or ModelWeights; got {type(source).__name__}")

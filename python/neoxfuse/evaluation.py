@@ -133,8 +133,7 @@ class NeoxfuseLM(TemplateLM):
                 raise InvalidInputError(f"max_gen_toks must be from 1 to the model's {self.max_length} positions minus one "
                                         f"(room for the context); got {max_new}")
             prompt = self.tok_encode(context)[-(self.max_length - max_new) :] or [self.prefix_token_id]
-            ends = {*self.engine.eos_token_ids, self.eot_token_id}  # where HF's model.generate ends too
-            out = self.engine.generate(prompt, max_new, _sampling(options), stop_token_ids=ends,
+            out = self.engine.generate(prompt, max_new, _sampling(options), stop_token_ids=self.engine.eos_token_ids,
                                        stop=[text for text in until if text and text != eos_text])
             text = postprocess_generated_text(self.tokenizer.decode(out.tokens, skip_special_tokens=True), until, None)
             results.append(text)

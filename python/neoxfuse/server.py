@@ -7,36 +7,37 @@
 
 Routes: GET /v1/models, GET /health, POST /v1/completions, POST /v1/chat/completions, and vLLM's
 tokenizer routes POST /tokenize, POST /detokenize and GET /tokenizer_info (which
-lm-evaluation-harness's local-completions model finds and then tokenizes with). Batch 1: the Engine decodes one sequence at a time, so requests are served
-one after another (the others wait for it), each at the Engine's speed.
+lm-evaluation-harness's local-completions model finds and then tokenizes with). Batch 1: the Engine
+decodes one sequence at a time, so requests are served one after another (the others wait for it),
+each at the Engine's speed.
 
-A completion request (JSON) takes OpenAI's fields: prompt (text or token ids, or a list of them),
-n (completions per prompt, default 1; choice p * n + i is prompt p's i-th, drawn with seed + i when
-seeded), max_tokens (default 16; 0 with echo: the prompt only), temperature (default 1; 0 is greedy),
-top_p, seed, stop (a string or a list of them), echo, logprobs (0 to 20), logit_bias ({token id:
-bias from -100 to 100}, added to those tokens' logits before anything else), stream and
+A completion request (JSON) takes OpenAI's fields: prompt (text or token ids, or a list of them), n
+(completions per prompt, default 1; choice p * n + i is prompt p's i-th, drawn with seed + i when
+seeded), max_tokens (default 16; 0 with echo: the prompt only), temperature (default 1; 0 is
+greedy), top_p, seed, stop (a string or a list of them), echo, logprobs (0 to 20), logit_bias
+({token id: bias from -100 to 100}, added to those tokens' logits before anything else), stream and
 stream_options.include_usage, presence_penalty and frequency_penalty (from -2 to 2, on the tokens
 generated, as vLLM applies them); best_of only null or n and suffix only null (anything else is
-refused, as is a field the API does not have); and vLLM's extensions top_k, min_p, typical_p, repetition_penalty,
-min_tokens, stop_token_ids and ignore_eos.
+refused, as is a field the API does not have); and vLLM's extensions top_k, min_p, typical_p,
+repetition_penalty, min_tokens, stop_token_ids and ignore_eos.
 
 The reply is OpenAI's text_completion: a choice per prompt whose text is the new tokens' text
 (special tokens skipped; after the prompt's text with echo), cut before the first stop string as
 OpenAI cuts it, and finish_reason "stop" (an end-of-text token: the tokenizer's or the checkpoint
-generation config's, as vLLM stops; a stop token or a stop string) or
-"length"; usage counts tokens (prompt_tokens_details.cached_tokens: the prompt tokens an Engine with
-prefix_cache, `neoxfuse serve --prefix-cache`, did not run again). logprobs N lists, per token, its
-text, its log-probability where it was chosen (natural log, from the model's logits before the
-sampling rule: vLLM's default) and the N most likely tokens there with the token itself (up to N +
-1), and each token's offset in the text; with echo the prompt's tokens come first, scored teacher
-forced as Engine.prompt_logprobs scores them (the first with null, nothing predicts it). A token's
-text is what the tokenizer decodes it to alone ("token_id:ID" without a tokenizer). Two fields more:
-the choice's token_ids (the new tokens, so a checkpoint without a tokenizer can be served with
-token-id prompts) and timings (prefill_ms summed and tpot_ms over the prompts' generations,
-backend). With stream, server-sent events: for each prompt, a chunk with its text when echoed, a
-chunk per batch of new tokens the Engine hands over (text that could still turn out to begin a stop
-string is held back, as is an incomplete character; their logprobs come with the batch), a last
-chunk with the finish_reason; then one with usage when asked, and `data: [DONE]`.
+generation config's, as vLLM stops; a stop token or a stop string) or "length"; usage counts tokens
+(prompt_tokens_details.cached_tokens: the prompt tokens an Engine with prefix_cache, `neoxfuse serve
+--prefix-cache`, did not run again). logprobs N lists, per token, its text, its log-probability
+where it was chosen (natural log, from the model's logits before the sampling rule: vLLM's default)
+and the N most likely tokens there with the token itself (up to N + 1), and each token's offset in
+the text; with echo the prompt's tokens come first, scored teacher forced as Engine.prompt_logprobs
+scores them (the first with null, nothing predicts it). A token's text is what the tokenizer decodes
+it to alone ("token_id:ID" without a tokenizer). Two fields more: the choice's token_ids (the new
+tokens, so a checkpoint without a tokenizer can be served with token-id prompts) and timings
+(prefill_ms summed and tpot_ms over the prompts' generations, backend). With stream, server-sent
+events: for each prompt, a chunk with its text when echoed, a chunk per batch of new tokens the
+Engine hands over (text that could still turn out to begin a stop string is held back, as is an
+incomplete character; their logprobs come with the batch), a last chunk with the finish_reason; then
+one with usage when asked, and `data: [DONE]`.
 
 A chat completion request takes messages (a list of {role, content}, content text or a list of
 text parts), rendered into the prompt by the chat template (`neoxfuse serve --chat-template FILE`,
