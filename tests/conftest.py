@@ -165,6 +165,14 @@ def word_tokenizer():
     return build
 
 
+# A chat template in word_tokenizer's words: a system turn is w3, a user turn w4, an assistant turn w5
+# before the message (another role is refused); the assistant's turn opened is "w6 " (a space before
+# the answer, which lm_eval writes without its target delimiter after a chat's context).
+CHAT_TEMPLATE = ("{% set marks = {'system': 'w3', 'user': 'w4', 'assistant': 'w5'} %}{% for m in messages %}"
+                 "{% if m['role'] not in marks %}{{ raise_exception('roles are system, user and assistant') }}{% endif %}"
+                 "{{ marks[m['role']] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w6 {% endif %}")
+
+
 def neoxfuse_command(*args: str, env: dict | None = None) -> tuple[list[str], dict]:
     """(command, environment) of `python -m neoxfuse ARGS` in a fresh process that finds this
     checkout's package (env: the environment to start from; default this process's)."""

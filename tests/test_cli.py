@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import neoxfuse_command
+from conftest import CHAT_TEMPLATE, neoxfuse_command
 
 import neoxfuse
 import neoxfuse.cli
@@ -248,12 +248,6 @@ def test_generate_ends_at_the_generation_configs_end_of_text_tokens(tiny_checkpo
     assert main(["generate", "--device", "cpu", "--model", str(tmp_path / "chat"), "--prompt", "w9 w10", "--max-new-tokens", "12"]) == 0
     want = plain[: plain.index(end) + 1]
     assert f"generated ({len(want)} tokens): {','.join(map(str, want))}" in capsys.readouterr().out
-
-
-# A chat template in the word tokenizer's words (test_server's): a user turn w4, an assistant turn
-# w5 before the message, the assistant's turn opened w6.
-CHAT_TEMPLATE = ("{% for m in messages %}{{ {'user': 'w4', 'assistant': 'w5'}[m['role']] }} {{ m['content'] }} {% endfor %}"
-                 "{% if add_generation_prompt %}w6{% endif %}")
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
+from conftest import CHAT_TEMPLATE
+
 from neoxfuse.cli import main
 from neoxfuse.engine import Engine, ReferenceBackend
 from neoxfuse.errors import InvalidInputError
@@ -234,11 +236,7 @@ def test_simple_evaluate_runs_tasks_through_neoxfuse_as_through_hf(checkpoint, l
     assert corpus.text_measures(texts).word_perplexity == pytest.approx(ours["local_rolling"]["word_perplexity,none"], rel=1e-9)
 
 
-# A chat template in the word tokenizer's words: a system turn w3, a user turn w4, an assistant turn
-# w5 before the message, the assistant's turn opened "w6 " (a space before the answer, which lm_eval
-# writes without its target delimiter after a chat's context); STRICT refuses system turns.
-CHAT_TEMPLATE = ("{% for m in messages %}{{ {'system': 'w3', 'user': 'w4', 'assistant': 'w5'}[m['role']] }} {{ m['content'] }} "
-                 "{% endfor %}{% if add_generation_prompt %}w6 {% endif %}")
+# conftest's CHAT_TEMPLATE, refusing system turns.
 STRICT_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
                         "{% endfor %}" + CHAT_TEMPLATE)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import neoxfuse_command
+from conftest import CHAT_TEMPLATE, neoxfuse_command
 
 import neoxfuse
 from neoxfuse.cli import main
@@ -456,11 +456,6 @@ def test_serve_says_in_one_line_why_it_cannot_listen(checkpoint, served, capsys)
         assert len(errors) == 1 and errors[0].startswith(f"neoxfuse: error: cannot listen on 127.0.0.1:{port}: ") and why in errors[0]
 
 
-# A chat template in the word tokenizer's words: a system turn is w3, a user turn w4, an assistant
-# turn w5 before the message (another role is refused); the assistant's turn opened is w6.
-CHAT_TEMPLATE = ("{% set marks = {'system': 'w3', 'user': 'w4', 'assistant': 'w5'} %}{% for m in messages %}"
-                 "{% if m['role'] not in marks %}{{ raise_exception('roles are system, user and assistant') }}{% endif %}"
-                 "{{ marks[m['role']] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w6{% endif %}")
 CHAT = [{"role": "system", "content": "w20"}, {"role": "user", "content": "w9 w10"}, {"role": "assistant", "content": "w11"},
         {"role": "user", "content": [{"type": "text", "text": "w12"}, {"type": "text", "text": "w13"}]}]
 CHAT_PROMPT = "w3 w20 w4 w9 w10 w5 w11 w4 w12 w13 w6"  # CHAT rendered by CHAT_TEMPLATE
