@@ -8,9 +8,22 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TextStreamer
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessorList,
+    MaxLengthCriteria,
+    PreTrainedTokenizerFast,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TextStreamer,
+    pipeline,
+)
 from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.generation.streamers import BaseStreamer
+
+from conftest import CHAT_TEMPLATE
 
 import neoxfuse
 import neoxfuse.hf
@@ -552,6 +565,62 @@ def test_hf_generate_feeds_a_streamer_as_model_generate_does(hf_model, capsys, w
     neoxfuse.hf.generate(hf_model, ids, streamer=recorder, eos_token_id=(), max_new_tokens=40)
     assert recorder.puts[0] == ids.tolist() and recorder.ended == 1
     assert [t for put in recorder.puts[1:] for t in put[0]] == got[0, 3:].tolist()
+
+
+def test_a_patched_model_generate_runs_transformers_pipelines_on_the_engine(hf_model, word_tokenizer, monkeypatch):
+    # transformers' text-generation pipeline calls model.generate itself: patched, the Engine makes
+    # the text (one Engine.generate per call) and it is HF's; unpatched, HF makes it again.
+    model = copy.deepcopy(hf_model)  # patched in place
+    tokenizer = word_tokenizer(model.config.vocab_size)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompts = ["hello world w5", [{"role": "user", "content": "hello w9 world"}]]  # text, and a chat's messages
+    want = [pipe(prompt, max_new_tokens=12, do_sample=False) for prompt in prompts]
+    runs = []
+    engine_generate = Engine.generate
+
+    def counted(self, *args, **kwargs):
+        runs.append(self)
+        return engine_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", counted)
+    assert neoxfuse.hf.patch_generate(model) is model
+    assert [pipe(prompt, max_new_tokens=12, do_sample=False) for prompt in prompts] == want
+    assert len(runs) == 2 and runs[0].backend_name == "reference"
+    assert neoxfuse.hf.unpatch_generate(model) is model and "generate" not in vars(model)
+    assert pipe(prompts[0], max_new_tokens=12, do_sample=False) == want[0] and len(runs) == 2
+
+
+def test_a_patched_model_generate_takes_model_generates_arguments(hf_model):
+    model = neoxfuse.hf.patch_generate(copy.deepcopy(hf_model))
+    ids = torch.tensor([[5, 6, 7]])
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    want = hf_model.generate(ids, attention_mask=torch.ones_like(ids), **greedy).tolist()
+    assert model.generate(ids, **greedy).tolist() == want
+    assert model.generate(inputs=ids, **greedy).tolist() == want
+    assert model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **greedy).tolist() == want
+    assert model.generate(ids, GenerationConfig(**greedy)).tolist() == want  # generation_config, second as in HF
+    # No inputs: the sequence starts with the bos token, as model.generate starts it.
+    assert model.generate(**greedy).tolist() == hf_model.generate(**greedy).tolist()
+    assert model.generate(**greedy, bos_token_id=9).tolist() == hf_model.generate(**greedy, bos_token_id=9).tolist()
+    # model.generate's own arguments: taken where they change nothing, refused elsewhere.
+    nothing = {"logits_processor": LogitsProcessorList(), "stopping_criteria": StoppingCriteriaList(), "synced_gpus": False,
+               "assistant_model": None}
+    assert model.generate(ids, **greedy, **nothing).tolist() == want
+    for name, value in [("logits_processor", LogitsProcessorList([TemperatureLogitsWarper(0.5)])),
+                        ("stopping_criteria", StoppingCriteriaList([MaxLengthCriteria(5)])), ("assistant_model", hf_model)]:
+        with pytest.raises(InvalidInputError, match=f"model.generate's {name} is not implemented by neoxfuse.hf.generate"):
+            model.generate(ids, **greedy, **{name: value})
+    with pytest.raises(InvalidInputError, match="model.generate got both inputs and input_ids: pass one of them"):
+        model.generate(ids, input_ids=ids, **greedy)
+    with pytest.raises(InvalidInputError, match="no input_ids and no bos_token_id to start from"):
+        model.generate(**greedy, bos_token_id=None)
+    with pytest.raises(UnsupportedModelError, match="patch_generate takes a GPTNeoXForCausalLM, got LlamaForCausalLM"):
+        neoxfuse.hf.patch_generate(LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8,
+                                                                num_attention_heads=2, vocab_size=16)))
+    twin = copy.deepcopy(model)  # a copy's patched generate decodes the copy
+    assert twin.generate.__self__ is twin and twin.generate(ids, **greedy).tolist() == want
+    assert neoxfuse.hf.unpatch_generate(neoxfuse.hf.patch_generate(model)) is model and "generate" not in vars(model)
 
 
 def test_text_prompts_use_the_checkpoints_tokenizer(hf_model, tmp_path, word_tokenizer):

@@ -2,6 +2,7 @@
 its LayerNorms and residual adds as neoxfuse's fused ln_residual kernels.
 
     out = neoxfuse.hf.generate(model, input_ids, max_new_tokens=64)   # model.generate, batch 1
+    neoxfuse.hf.patch_generate(model)   # in place: model.generate decodes so (pipelines too); unpatch_generate
     model = neoxfuse.hf.fuse_layernorms(model)   # in place; unfuse_layernorms(model) undoes it
 
 `generate` decodes with an Engine built once per model on the model's own weights (no copy):
@@ -38,13 +39,14 @@ as `generate` does). Otherwise the modules run HF's own forward, since the kerne
 from __future__ import annotations
 
 import inspect
+import types
 import weakref
 from collections.abc import Collection
 from dataclasses import replace
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
-from transformers.generation import GenerateDecoderOnlyOutput
+from transformers.generation import GenerateDecoderOnlyOutput, GenerationMixin
 from transformers.generation.stopping_criteria import StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXForCausalLM, GPTNeoXLayer, GPTNeoXModel
@@ -265,6 +267,10 @@ _HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.
                 "eta_cutoff": 0.0, "sequence_bias": None, "return_dict_in_generate": False, "output_scores": False, "output_logits": None,
                 "num_return_sequences": 1}
 _DEFAULT_NEW_TOKENS = 20
+# model.generate's own arguments besides its inputs, generation config and options (logits_processor,
+# stopping_criteria, assistant_model, ...): none implemented, each taken where it changes nothing.
+_GENERATE_ARGUMENTS = set(inspect.signature(GenerationMixin.generate).parameters) - {
+    "self", "inputs", "generation_config", "streamer", "kwargs"}
 _IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
 # or in the model's generation config, they are refused, since model.generate would apply them.
@@ -272,7 +278,7 @@ _NEUTRAL = {"num_beams": 1, "encoder_repetition_penalty": 1.0, "encoder_no_repea
             "num_beam_groups": 1, "renormalize_logits": False, "remove_invalid_values": False}
 # Options that change no token at any value: caching and compilation choices, settings of beam search
 # and of assisted decoding only, what only return_dict_in_generate would return (attentions and hidden
-# states, refused there), other models' ids.
+# states, refused there), other models' ids (bos_token_id: only the first token where no input_ids are given).
 _NO_EFFECT = {"use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
               "low_memory", "prefill_chunk_size", "length_penalty", "early_stopping", "diversity_penalty",
               "output_attentions", "output_hidden_states", "bos_token_id", "decoder_start_token_id", "is_assistant",
@@ -282,7 +288,7 @@ _NO_EFFECT = {"use_cache", "cache_implementation", "cache_config", "max_cache_le
 
 def generate(
     model: GPTNeoXForCausalLM,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     *,
     max_new_tokens: int | None = UNSET,
@@ -320,7 +326,8 @@ def generate(
     """`model.generate(input_ids, ...)` for one sequence, decoded by a neoxfuse Engine.
 
     input_ids [1, P] (long) -> [1, P + N] on the same device: the prompt, then N <= max_new_tokens
-    new tokens ending at the first of eos_token_id. An option not given comes from
+    new tokens ending at the first of eos_token_id (no input_ids: the prompt is [[bos_token_id]],
+    as model.generate starts). An option not given comes from
     `generation_config`, then model.generation_config, then transformers' default, as
     model.generate (transformers 5) reads it (and one given as None is transformers' default:
     eos_token_id=None, no eos, whatever the configs say): max_new_tokens (else max_length - P; with
@@ -355,16 +362,6 @@ def generate(
     _check_options(configs, options)
     if streamer is not None and not all(callable(getattr(streamer, name, None)) for name in ("put", "end")):
         raise InvalidInputError(f"streamer must have put() and end(), as transformers' streamers do; got {type(streamer).__name__}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise InvalidInputError(f"input_ids must be one sequence [1, P]; got {shape} (neoxfuse decodes batch 1)")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-            shape = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-            raise InvalidInputError(f"attention_mask must have the shape of input_ids, {list(input_ids.shape)}; got {shape}")
-        if not bool((attention_mask == 1).all()):
-            raise InvalidInputError("attention_mask must be all ones: neoxfuse decodes one sequence without padding "
-                                    "(leave the padded positions out of input_ids)")
 
     def option(given, name: str):
         """The argument if given, else the first generation config's that sets it, else transformers'
@@ -376,6 +373,22 @@ def generate(
             if (value := getattr(config, name, None)) is not None:
                 return value
         return _HF_DEFAULTS.get(name)
+
+    if input_ids is None:  # as model.generate: the sequence starts with the bos token
+        bos = option(options.get("bos_token_id", UNSET), "bos_token_id")
+        if bos is None:
+            raise InvalidInputError("no input_ids and no bos_token_id to start from (model.generate needs one of them too)")
+        input_ids = torch.tensor([[bos]], device=model.device)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise InvalidInputError(f"input_ids must be one sequence [1, P]; got {shape} (neoxfuse decodes batch 1)")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            shape = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise InvalidInputError(f"attention_mask must have the shape of input_ids, {list(input_ids.shape)}; got {shape}")
+        if not bool((attention_mask == 1).all()):
+            raise InvalidInputError("attention_mask must be all ones: neoxfuse decodes one sequence without padding "
+                                    "(leave the padded positions out of input_ids)")
 
     eos = option(eos_token_id, "eos_token_id")
     stops = () if eos is None else eos
@@ -454,6 +467,36 @@ def generate(
     return GenerateDecoderOnlyOutput(sequences=sequences, scores=per_token(out.scores), logits=per_token(out.logits))
 
 
+def patch_generate(model: GPTNeoXForCausalLM) -> GPTNeoXForCausalLM:
+    """Makes `model.generate` decode through generate() above, in place; returns the model. Code
+    that calls model.generate itself (transformers' text-generation pipeline, say) then runs on the
+    Engine. The method takes model.generate's arguments (`inputs` or `input_ids`, a
+    `generation_config`, options) and refuses, as generate() does, what it does not implement.
+    Only the instance changes (its own `generate` attribute; a deepcopy's is bound to the copy);
+    unpatch_generate(model) gives it transformers' back. Idempotent."""
+    if not isinstance(model, GPTNeoXForCausalLM):
+        raise UnsupportedModelError(f"patch_generate takes a GPTNeoXForCausalLM, got {type(model).__name__}")
+    model.generate = types.MethodType(_generate_method, model)
+    return model
+
+
+def unpatch_generate(model: GPTNeoXForCausalLM) -> GPTNeoXForCausalLM:
+    """Undoes patch_generate: model.generate is transformers' again. Returns the model."""
+    if getattr(vars(model).get("generate"), "__func__", None) is _generate_method:
+        del model.generate
+    return model
+
+
+def _generate_method(model: GPTNeoXForCausalLM, inputs: torch.Tensor | None = None,
+                     generation_config: GenerationConfig | None = None, **options) -> torch.Tensor | GenerateDecoderOnlyOutput:
+    """model.generate(inputs, generation_config, **options) through generate(): patch_generate's method."""
+    if inputs is not None:
+        if options.get("input_ids") is not None:
+            raise InvalidInputError("model.generate got both inputs and input_ids: pass one of them")
+        options["input_ids"] = inputs
+    return generate(model, generation_config=generation_config, **options)
+
+
 def _first(ids: int | Collection[int] | torch.Tensor) -> int | None:
     """The first of eos_token_id's ids (model.generate's pad token when none is set), None for none."""
     values = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else [ids] if is_integer(ids) else list(ids)
@@ -505,14 +548,18 @@ def _bad_sequences(bad_words_ids: list[list[int]] | None, eos: frozenset[int]) -
 def _check_options(configs: list[GenerationConfig], options: dict) -> None:
     """InvalidInputError for an option that `options` (the call's) or one of `configs` (the first
     wins) sets and generate() does not implement, unless where it changes nothing (_NEUTRAL, _NO_EFFECT)."""
-    unknown = [name for name in options if name not in vars(GenerationConfig())]
+    unknown = [name for name in options if name not in vars(GenerationConfig()) and name not in _GENERATE_ARGUMENTS]
     if unknown:
         raise InvalidInputError(f"neoxfuse.hf.generate got unknown options {unknown} (not model.generate options)")
+    for name in _GENERATE_ARGUMENTS & options.keys():
+        value = options[name]
+        if not (value is None or value is False or (isinstance(value, list) and not value)):  # None, False, an empty list
+            raise InvalidInputError(f"model.generate's {name} is not implemented by neoxfuse.hf.generate (given {value!r})")
     values = {}
     for config in reversed(configs):
         values |= {name: value for name, value in config.to_diff_dict().items() if value is not None}  # what it sets
     for name, value in (values | options).items():
-        if name.startswith("_") or name in _IMPLEMENTED or name in _NO_EFFECT or value is None:
+        if name.startswith("_") or name in _IMPLEMENTED or name in _NO_EFFECT or name in _GENERATE_ARGUMENTS or value is None:
             continue
         if name not in _NEUTRAL or value != _NEUTRAL[name]:
             where = "the call" if name in options else "the generation config"
