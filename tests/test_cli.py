@@ -240,6 +240,26 @@ def test_interactive_reads_text_with_a_tokenizer(monkeypatch, capsys, tiny_check
     assert f"[{len(second.prompt_tokens)} tokens of context, {len(first.tokens)} reused from the cache" in err
 
 
+def test_generate_reads_the_prompt_from_a_file(tiny_checkpoint_with_tokenizer, tmp_path, capsys):
+    args = ["generate", "--device", "cpu", "--model", str(tiny_checkpoint_with_tokenizer), "--max-new-tokens", "6"]
+    text = "w9 w10\nhello world\n"
+    (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("w9 caf\xe9".encode("latin-1"))
+
+    def untimed(out: str) -> list[str]:
+        return [line for line in out.splitlines() if not line.startswith("prefill ")]
+
+    assert main([*args, "--prompt", text]) == 0
+    want = untimed(capsys.readouterr().out)
+    assert main([*args, "--prompt-file", str(tmp_path / "prompt.txt")]) == 0
+    assert untimed(capsys.readouterr().out) == want and "text: w9 w10" in want
+    for path, message in [("latin1.txt", "latin1.txt is not UTF-8 text"), ("missing.txt", "No such file or directory")]:
+        assert main([*args, "--prompt-file", str(tmp_path / path)]) == 1
+        assert message in _one_line_error(capsys.readouterr().err)
+    assert main([*args, "--prompt", text, "--prompt-file", str(tmp_path / "prompt.txt")]) == 2  # a usage error
+    assert "argument --prompt-file: not allowed with argument --prompt" in capsys.readouterr().err
+
+
 def test_generate_ends_at_the_generation_configs_end_of_text_tokens(tiny_checkpoint_with_tokenizer, tmp_path, capsys):
     shutil.copytree(tiny_checkpoint_with_tokenizer, tmp_path / "chat")
     plain = Engine(str(tiny_checkpoint_with_tokenizer), device="cpu").generate("w9 w10", 12).tokens
@@ -325,7 +345,7 @@ def test_interactive_lines_are_encoded_without_their_newline(monkeypatch):
 
 def test_interactive_mistakes_are_one_line_errors(capsys):
     assert main(["generate", "--device", "cpu", "--model", "tiny"]) == 1
-    assert "generate needs a prompt: --prompt TEXT, --tokens 1,2,3 or --interactive" in _one_line_error(capsys.readouterr().err)
+    assert "generate needs a prompt: --prompt TEXT, --prompt-file FILE, --tokens 1,2,3 or --interactive" in _one_line_error(capsys.readouterr().err)
     assert main(["generate", "--device", "cpu", "--model", "tiny", "--interactive", "--max-seq-len", "8", "--max-new-tokens", "9"]) == 1
     assert "--max-new-tokens 9 leaves no room for a prompt in the 8-position KV cache" in _one_line_error(capsys.readouterr().err)
     assert main(["generate", "--device", "cpu", "--model", "tiny", "--tokens", "1", "--stop", "w1"]) == 1

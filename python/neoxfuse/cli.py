@@ -174,6 +174,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(parser)
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (needs a checkpoint with a tokenizer)")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="prompt text read from a UTF-8 file (needs a checkpoint with a tokenizer)")
     prompt.add_argument("--tokens", type=_token_list, help="prompt token ids, comma-separated: 1,2,3")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample from softmax(logits / T)")
@@ -229,8 +230,11 @@ def _generate(args) -> int:
     --interactive then continues the text with lines from stdin, turn by turn. --chat makes the
     prompt and each line the user's messages of a chat, rendered by the chat template.
     """
+    if args.prompt_file is not None:  # --prompt, --prompt-file and --tokens exclude one another
+        args.prompt = _read_text(args.prompt_file)
     if args.prompt is None and args.tokens is None and not args.interactive:
-        raise InvalidInputError("generate needs a prompt: --prompt TEXT, --tokens 1,2,3 or --interactive (lines from stdin)")
+        raise InvalidInputError("generate needs a prompt: --prompt TEXT, --prompt-file FILE, --tokens 1,2,3 or --interactive "
+                                "(lines from stdin)")
     chat_template = _read_chat_template(args.chat_template)
     chat = args.chat or chat_template is not None
     if chat and args.tokens is not None:
