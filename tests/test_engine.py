@@ -13,8 +13,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LogitsProcessorList,
-    MaxLengthCriteria,
     PreTrainedTokenizerFast,
+    StoppingCriteria,
     StoppingCriteriaList,
     TemperatureLogitsWarper,
     TextStreamer,
@@ -347,7 +347,7 @@ def test_hf_generate_makes_num_return_sequences_drawn_with_successive_seeds(hf_m
     for options, message in [({"do_sample": False}, "num_return_sequences > 1 needs do_sample=True"),
                              ({"streamer": TextStreamer(tokenizer)}, "a streamer takes one sequence"),
                              ({"return_dict_in_generate": True, "output_scores": True}, "output_scores and output_logits come with one"),
-                             ({"stop_strings": "w3", "tokenizer": tokenizer, "eos_token_id": None}, "stop_strings with num_"),
+                             ({"stop_strings": "w3", "tokenizer": tokenizer, "eos_token_id": None}, "stop_strings or stopping_criteria with num_"),
                              ({"num_return_sequences": 0}, "num_return_sequences must be an integer >= 1, got 0")]:
         with pytest.raises(InvalidInputError, match=message):
             neoxfuse.hf.generate(hf_model, ids, **{**sampled, "num_return_sequences": 2, **options})
@@ -527,6 +527,36 @@ def test_hf_generate_ends_at_stop_strings_as_model_generate_does(hf_model, engin
         engine.generate([5, 6], 4, stop_when=3)
 
 
+def test_hf_generate_ends_where_stopping_criteria_say_as_model_generate_does(hf_model):
+    # A criterion of the whole sequence (the sum of its last two tokens past a bound: it sees the
+    # prompt's last token too), another of its length, and one that never stops, called as
+    # model.generate calls them: ends after the first token where one is true, past a decode chunk too.
+    ids = torch.tensor([[5, 6, 7]])
+    greedy = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 60, "do_sample": False, "eos_token_id": None}
+    plain = hf_model.generate(ids, **greedy)[0].tolist()
+    bound = sorted(a + b for a, b in zip(plain[2:-1], plain[3:]))[-3]  # reached by the third largest pair
+
+    class PairSum(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            assert input_ids.dtype == ids.dtype and input_ids.device == ids.device
+            return input_ids[:, -2:].sum(dim=1) >= bound
+
+    seen = []
+    length = lambda input_ids, scores: torch.tensor([input_ids.shape[1] >= 3 + 45])  # noqa: E731  a plain function
+    never = lambda input_ids, scores: seen.append(input_ids.shape[1]) or torch.tensor([False])  # noqa: E731
+    ends = []
+    for criteria in [[PairSum()], StoppingCriteriaList([length, never]), [never, PairSum()], []]:
+        want = hf_model.generate(ids, stopping_criteria=StoppingCriteriaList(criteria), **greedy)
+        assert neoxfuse.hf.generate(hf_model, ids, stopping_criteria=criteria, **greedy).tolist() == want.tolist()
+        ends.append(want.shape[1] - 3)
+    assert ends[0] == ends[2] < 60 and ends[1] == 45 and ends[3] == 60 and 3 + 45 in seen
+    with pytest.raises(InvalidInputError, match="stopping_criteria must be a list of transformers' StoppingCriteria, got 3"):
+        neoxfuse.hf.generate(hf_model, ids, stopping_criteria=3, **greedy)
+    with pytest.raises(InvalidInputError, match="stop_strings or stopping_criteria with num_return_sequences > 1 need an eos"):
+        neoxfuse.hf.generate(hf_model, ids, stopping_criteria=[PairSum()], num_return_sequences=2, do_sample=True,
+                             max_new_tokens=8, eos_token_id=None)
+
+
 def test_new_tokens_stream_in_order_and_stop_at_the_stop_token(engine):
     batches = []
     out = engine.generate([3, 4], 70, on_tokens=batches.append)
@@ -604,11 +634,11 @@ def test_a_patched_model_generate_takes_model_generates_arguments(hf_model):
     assert model.generate(**greedy).tolist() == hf_model.generate(**greedy).tolist()
     assert model.generate(**greedy, bos_token_id=9).tolist() == hf_model.generate(**greedy, bos_token_id=9).tolist()
     # model.generate's own arguments: taken where they change nothing, refused elsewhere.
-    nothing = {"logits_processor": LogitsProcessorList(), "stopping_criteria": StoppingCriteriaList(), "synced_gpus": False,
+    nothing = {"logits_processor": LogitsProcessorList(), "prefix_allowed_tokens_fn": None, "synced_gpus": False,
                "assistant_model": None}
     assert model.generate(ids, **greedy, **nothing).tolist() == want
     for name, value in [("logits_processor", LogitsProcessorList([TemperatureLogitsWarper(0.5)])),
-                        ("stopping_criteria", StoppingCriteriaList([MaxLengthCriteria(5)])), ("assistant_model", hf_model)]:
+                        ("prefix_allowed_tokens_fn", lambda batch, ids: [1]), ("assistant_model", hf_model)]:
         with pytest.raises(InvalidInputError, match=f"model.generate's {name} is not implemented by neoxfuse.hf.generate"):
             model.generate(ids, **greedy, **{name: value})
     with pytest.raises(InvalidInputError, match="model.generate got both inputs and input_ids: pass one of them"):

@@ -41,13 +41,13 @@ from __future__ import annotations
 import inspect
 import types
 import weakref
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 from transformers.generation import GenerateDecoderOnlyOutput, GenerationMixin
-from transformers.generation.stopping_criteria import StopStringCriteria
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXForCausalLM, GPTNeoXLayer, GPTNeoXModel
 
@@ -270,7 +270,7 @@ _DEFAULT_NEW_TOKENS = 20
 # model.generate's own arguments besides its inputs, generation config and options (logits_processor,
 # stopping_criteria, assistant_model, ...): none implemented, each taken where it changes nothing.
 _GENERATE_ARGUMENTS = set(inspect.signature(GenerationMixin.generate).parameters) - {
-    "self", "inputs", "generation_config", "streamer", "kwargs"}
+    "self", "inputs", "generation_config", "streamer", "stopping_criteria", "kwargs"}
 _IMPLEMENTED = {"max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id", *_HF_DEFAULTS}
 # Other model.generate options, at the values where they change nothing; set otherwise, in the call
 # or in the model's generation config, they are refused, since model.generate would apply them.
@@ -311,6 +311,7 @@ def generate(
     begin_suppress_tokens: Collection[int] | None = UNSET,
     eos_token_id: int | Collection[int] | None = UNSET,
     stop_strings: str | list[str] | None = UNSET,
+    stopping_criteria: StoppingCriteriaList | list[StoppingCriteria] | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     seed: int | None = None,
     streamer: BaseStreamer | None = None,
@@ -338,7 +339,10 @@ def generate(
     begin_suppress_tokens (never the first new token), and min_new_tokens (if set, else
     min_length - P) new tokens before eos may come; stop_strings (with the `tokenizer`, as
     model.generate needs it) end after the token that completes one, by transformers' own
-    StopStringCriteria over the prompt and the new tokens. return_dict_in_generate returns
+    StopStringCriteria over the prompt and the new tokens, and stopping_criteria (transformers'
+    StoppingCriteria, or any function of (input_ids, scores) -> bool [1]) after the first token where
+    one is true, called as model.generate calls them (sequence [1, P + n] on input_ids' device) but
+    with scores None. return_dict_in_generate returns
     transformers' GenerateDecoderOnlyOutput: its sequences, and with output_logits the logits each new
     token was chosen from, with output_scores those after the processors and warpers (each a tuple of
     N [1, vocab] fp32 tensors, as model.generate gives them; no past_key_values: the KV cache is the
@@ -423,7 +427,8 @@ def generate(
     if at_least is None:
         at_least = max(option(min_length, "min_length") - prompt_length, 0)
 
-    stop_when = _stop_strings_criterion(option(stop_strings, "stop_strings"), tokenizer, input_ids[0].tolist())
+    stop_when = _stop_when([*_stop_strings_criteria(option(stop_strings, "stop_strings"), tokenizer),
+                            *_stopping_criteria(stopping_criteria)], input_ids)
 
     def stream(tokens: list[int]) -> None:
         streamer.put(torch.tensor([tokens], dtype=input_ids.dtype))  # [1, n], on the CPU as HF puts them
@@ -506,8 +511,8 @@ def _first(ids: int | Collection[int] | torch.Tensor) -> int | None:
 def _check_copies(copies: object, sampling: SamplingParams, streamer: BaseStreamer | None, keep: dict, unpadded: bool) -> None:
     """InvalidInputError for a num_return_sequences other than 1 that generate() does not make:
     not an integer >= 1, greedy (model.generate refuses it too), with a streamer (transformers'
-    streamers take one sequence), scores or logits kept, or stop strings without an eos token (where
-    model.generate goes on generating a stopped sequence until all have stopped)."""
+    streamers take one sequence), scores or logits kept, or stop strings or stopping criteria without
+    an eos token (where model.generate goes on generating a stopped sequence until all have stopped)."""
     if not is_integer(copies) or copies < 1:
         raise InvalidInputError(f"num_return_sequences must be an integer >= 1, got {copies!r}")
     if sampling.greedy:
@@ -518,21 +523,43 @@ def _check_copies(copies: object, sampling: SamplingParams, streamer: BaseStream
     if any(keep.values()):
         raise InvalidInputError("output_scores and output_logits come with one sequence here: num_return_sequences 1")
     if unpadded:
-        raise InvalidInputError("stop_strings with num_return_sequences > 1 need an eos_token_id: without one, model.generate "
-                                "goes on generating a stopped sequence until all have stopped, and neoxfuse stops it")
+        raise InvalidInputError("stop_strings or stopping_criteria with num_return_sequences > 1 need an eos_token_id: without "
+                                "one, model.generate goes on generating a stopped sequence until all have stopped, and "
+                                "neoxfuse stops it")
 
 
-def _stop_strings_criterion(stop_strings: str | list[str] | None, tokenizer, prompt: list[int]):
-    """Engine.generate's stop_when for model.generate's stop_strings: transformers' StopStringCriteria
-    of the prompt and the new tokens (a stop string may begin in the prompt, and end inside the
-    last token); None without stop strings."""
+def _stop_strings_criteria(stop_strings: str | list[str] | None, tokenizer) -> list[StoppingCriteria]:
+    """model.generate's stop_strings as transformers' StopStringCriteria (a stop string may begin in
+    the prompt, and end inside the last token); none without stop strings."""
     if not stop_strings:
-        return None
+        return []
     if tokenizer is None:
         raise InvalidInputError("stop_strings are matched in text: pass the model's tokenizer (tokenizer=), as "
                                 "model.generate needs it too")
-    criterion = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
-    return lambda new: bool(criterion(torch.tensor([prompt + new]), None)[0])
+    return [StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)]
+
+
+def _stopping_criteria(given: StoppingCriteriaList | list[StoppingCriteria] | None) -> list[StoppingCriteria]:
+    """model.generate's stopping_criteria, checked: a list of callables (transformers' StoppingCriteria)."""
+    criteria = [] if given is None else given
+    if not isinstance(criteria, (list, tuple)) or not all(callable(criterion) for criterion in criteria):
+        raise InvalidInputError(f"stopping_criteria must be a list of transformers' StoppingCriteria, got {given!r}")
+    return list(criteria)
+
+
+def _stop_when(criteria: list[StoppingCriteria], input_ids: torch.Tensor) -> Callable[[list[int]], bool] | None:
+    """Engine.generate's stop_when of stopping criteria, as model.generate calls them after each new
+    token: criterion(sequence [1, P + n] on input_ids' device, scores=None) (the scores stay in the
+    decode step's graph; transformers' own criteria do not read them); None for no criteria."""
+    if not criteria:
+        return None
+    listed, prompt = StoppingCriteriaList(criteria), input_ids[0].tolist()
+
+    def stop(new: list[int]) -> bool:
+        sequence = torch.tensor([prompt + new], dtype=input_ids.dtype, device=input_ids.device)
+        return bool(listed(sequence, None)[0])
+
+    return stop
 
 
 def _bad_sequences(bad_words_ids: list[list[int]] | None, eos: frozenset[int]) -> list[tuple[int, ...]]:
