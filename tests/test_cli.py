@@ -284,24 +284,32 @@ def test_generate_chat_answers_the_message_rendered_by_the_template(tiny_checkpo
                  "--chat-template", chat_template]) == 0
     out = capsys.readouterr().out
     assert f"generated ({len(want.tokens)} token{'s' * (len(want.tokens) > 1)}): {','.join(map(str, want.tokens))}" in out and f"text: w4 w9 w10 w6{want.text}" in out
+    system = Engine(checkpoint, device="cpu").generate("w3 w20 w4 w9 w10 w6", 6, stop_token_ids=(0,))
+    assert main(["generate", "--device", "cpu", "--model", checkpoint, "--prompt", "w9 w10", "--max-new-tokens", "6",
+                 "--chat-template", chat_template, "--system", "w20"]) == 0
+    assert f"text: w3 w20 w4 w9 w10 w6{system.text}" in capsys.readouterr().out
     for args, message in [(["--chat", "--prompt", "w9"], "the model has no chat template (its tokenizer holds none)"),
+                          (["--prompt", "w9", "--system", "w20"], "--system is a chat's system message: give --chat too"),
                           (["--chat", "--tokens", "1,2"], "--chat takes the user's message as text"),
                           (["--prompt", "w9", "--chat-template", chat_template + ".missing"], "--chat-template " + chat_template)]:
         assert main(["generate", "--device", "cpu", "--model", checkpoint, *args]) == 1
         assert message in capsys.readouterr().err
 
 
-def test_interactive_chat_answers_each_line_as_the_users_message(monkeypatch, capsys, tiny_checkpoint_with_tokenizer, chat_template):
+@pytest.mark.parametrize("system", [None, "w20"])
+def test_interactive_chat_answers_each_line_as_the_users_message(monkeypatch, capsys, tiny_checkpoint_with_tokenizer, chat_template,
+                                                                 system):
     # Room for 24 - 4 + 1 = 21 tokens of conversation: the fourth message's turn (3 exchanges of 2 + 5
-    # tokens or fewer, its own 2 and 1) drops the oldest exchange.
+    # tokens or fewer, its own 2 and 1) drops the oldest exchange; a system message stays first.
     checkpoint = str(tiny_checkpoint_with_tokenizer)
     out, err = _interactive(monkeypatch, capsys, "w9\n\nw10 w11\nw12\n", "--model", checkpoint, "--prompt", "w8",
-                            "--chat-template", chat_template, "--max-seq-len", "24")
+                            "--chat-template", chat_template, "--max-seq-len", "24", *(["--system", system] if system else []))
     engine = Engine(checkpoint, device="cpu")
     said, replies, printed = [], [], []
 
     def rendered() -> str:
-        return "".join(f"w4 {user} w5 {reply} " for user, reply in zip(said, replies)) + f"w4 {said[-1]} w6"
+        return (f"w3 {system} " if system else "") + "".join(f"w4 {user} w5 {reply} " for user, reply in zip(said, replies)) + \
+            f"w4 {said[-1]} w6"
 
     for message in ["w8", "w9", "w10 w11", "w12"]:
         said.append(message)
@@ -310,7 +318,7 @@ def test_interactive_chat_answers_each_line_as_the_users_message(monkeypatch, ca
         replies.append(engine.generate(rendered(), 4, stop_token_ids=(0,)).text)
         printed.append(replies[-1])
     assert out == printed and len(said) == 3 and "dropping the oldest exchange" in err
-    assert "[3 tokens of conversation, 0 reused from the cache" in err
+    assert f"[{5 if system else 3} tokens of conversation, 0 reused from the cache" in err
 
 
 def test_interactive_chat_ctrl_c_keeps_the_reply_so_far(monkeypatch, capsys, tiny_checkpoint_with_tokenizer, chat_template):

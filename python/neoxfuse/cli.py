@@ -211,6 +211,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         "tokenizer's own, or --chat-template's) and each reply printed as the assistant's")
     parser.add_argument("--chat-template", type=Path, metavar="FILE", help="a Jinja chat template for --chat (implies it; "
                         "default: the tokenizer's own)")
+    parser.add_argument("--system", metavar="TEXT", help="the chat's system message, first in every turn's conversation "
+                        "(with --chat)")
     parser.add_argument("--interactive", action="store_true", help="then read lines from stdin, each added as typed to the "
                         "text so far (the prompt, if given, and every continuation; token ids without a tokenizer; an empty "
                         "line adds nothing), and continue it: the KV cache of the text so far is reused (Engine's "
@@ -239,6 +241,9 @@ def _generate(args) -> int:
     chat = args.chat or chat_template is not None
     if chat and args.tokens is not None:
         raise InvalidInputError("--chat takes the user's message as text (--prompt TEXT), not token ids")
+    if args.system is not None and not chat:
+        raise InvalidInputError("--system is a chat's system message: give --chat too")
+    system = [] if args.system is None else [_said("system", args.system)]
     device = resolve_device(args.device)
     sampling = SamplingParams(temperature=args.temperature, seed=args.seed, repetition_penalty=args.repetition_penalty,
                               no_repeat_ngram_size=args.no_repeat_ngram_size, presence_penalty=args.presence_penalty,
@@ -251,7 +256,7 @@ def _generate(args) -> int:
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed or 0,
                     revision=args.revision, prefix_cache=args.interactive)
     if chat:
-        prompt = None if args.prompt is None else chat_tokens(engine, [_said("user", args.prompt)], chat_template)
+        prompt = None if args.prompt is None else chat_tokens(engine, [*system, _said("user", args.prompt)], chat_template)
     else:
         prompt = args.tokens if args.prompt is None else engine.encode(args.prompt)
     if args.stop and engine.tokenizer is None:
@@ -262,7 +267,7 @@ def _generate(args) -> int:
         if args.logprobs is not None:
             raise InvalidInputError("--logprobs lists a generation's tokens after it; --interactive streams turns instead")
         if chat:
-            return _chat(engine, args.prompt, chat_template, args.max_new_tokens, sampling, stops)
+            return _chat(engine, system, args.prompt, chat_template, args.max_new_tokens, sampling, stops)
         return _interactive(engine, prompt or [], args.max_new_tokens, sampling, stops)
     stream = _Stream(engine.tokenizer) if args.stream else None
     out = engine.generate(prompt, args.max_new_tokens, sampling, progress=stream is None, on_tokens=stream, logprobs=args.logprobs,
@@ -367,13 +372,13 @@ def _continue(engine: Engine, text: list[int], added: list[int], room: int, max_
     return prompt + out.tokens
 
 
-def _chat(engine: Engine, first: str | None, template: str | None, max_new_tokens: int, sampling: SamplingParams,
-          stops: dict) -> int:
+def _chat(engine: Engine, system: list[dict], first: str | None, template: str | None, max_new_tokens: int,
+          sampling: SamplingParams, stops: dict) -> int:
     """A chat turn by turn: the first message (if any) and each line read from stdin (an empty one
-    adds nothing) is the user's, the model's reply to the conversation so far, rendered by the chat
-    template, the assistant's. The engine's prefix cache keeps what the last turn ran, so a turn
-    prefills about its new messages only; when the conversation and max_new_tokens would not fit the
-    cache, its oldest exchanges are dropped."""
+    adds nothing) is the user's, the model's reply to the conversation so far (after the `system`
+    messages), rendered by the chat template, the assistant's. The engine's prefix cache keeps what
+    the last turn ran, so a turn prefills about its new messages only; when the conversation and
+    max_new_tokens would not fit the cache, its oldest exchanges are dropped (never the system's)."""
     room = engine.max_seq_len - max_new_tokens + 1  # positions the rendered conversation may fill
     print(f"neoxfuse: {_engine_summary(engine)}. Each line is your message in the chat; Ctrl-C stops a reply, EOF (Ctrl-D) ends.",
           file=sys.stderr)
@@ -381,23 +386,24 @@ def _chat(engine: Engine, first: str | None, template: str | None, max_new_token
     line = first
     while line is not None:
         if line:
-            messages = _reply(engine, [*messages, _said("user", line)], template, room, max_new_tokens, sampling, stops)
+            messages = _reply(engine, system, [*messages, _said("user", line)], template, room, max_new_tokens, sampling, stops)
         line = _read_line()
     return 0
 
 
-def _reply(engine: Engine, messages: list[dict], template: str | None, room: int, max_new_tokens: int, sampling: SamplingParams,
-           stops: dict) -> list[dict]:
-    """One chat turn: the assistant's reply to `messages` (the oldest user-assistant exchanges dropped
-    while the rendered conversation is longer than `room`), streamed; the messages with it (without
-    the last when it cannot be answered; up to the text printed when Ctrl-C interrupts the reply)."""
+def _reply(engine: Engine, system: list[dict], messages: list[dict], template: str | None, room: int, max_new_tokens: int,
+           sampling: SamplingParams, stops: dict) -> list[dict]:
+    """One chat turn: the assistant's reply to `messages` after `system` (the oldest user-assistant
+    exchanges dropped while the rendered conversation is longer than `room`), streamed; the messages
+    with it (without the last when it cannot be answered; up to the text printed when Ctrl-C
+    interrupts the reply)."""
     stream = _Stream(engine.tokenizer)
     try:
-        prompt = chat_tokens(engine, messages, template)
+        prompt = chat_tokens(engine, [*system, *messages], template)
         while len(prompt) > room and len(messages) > 2:
             messages = messages[2:]
             print("neoxfuse: the context is full: dropping the oldest exchange", file=sys.stderr)
-            prompt = chat_tokens(engine, messages, template)
+            prompt = chat_tokens(engine, [*system, *messages], template)
         out = engine.generate(prompt, max_new_tokens, sampling, on_tokens=stream, **stops)
     except InvalidInputError as err:  # refused before anything ran: the message goes unanswered
         print(f"neoxfuse: error: {_one_line(err)}", file=sys.stderr)
