@@ -16,6 +16,7 @@ import pytest
 from conftest import CHAT_TEMPLATE, neoxfuse_command
 
 import neoxfuse
+import neoxfuse.cli
 from neoxfuse.cli import main
 from neoxfuse.engine import Engine
 from neoxfuse.sampling import SamplingParams
@@ -40,9 +41,9 @@ def served(checkpoint):
     server.server_close()
 
 
-def _request(server, path: str, body: object = None, raw: bytes | None = None) -> tuple[int, bytes]:
+def _request(server, path: str, body: object = None, raw: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, response.read()
@@ -448,6 +449,29 @@ def test_neoxfuse_serve_answers_over_http(checkpoint):
         process.wait(timeout=30)
 
 
+def test_a_server_with_an_api_key_answers_only_requests_that_carry_it(checkpoint):
+    server = CompletionServer(Engine(str(checkpoint), device="cpu", max_seq_len=64), ("127.0.0.1", 0), "tiny", api_key="s3cret")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    routes = [("/v1/completions", {"prompt": "hello world", "max_tokens": 3, "temperature": 0}), ("/v1/models", None),
+              ("/tokenize", {"prompt": "hello"}), ("/tokenizer_info", None),
+              ("/v1/completions", {"prompt": "hello " * 50_000, "max_tokens": 3})]  # refused before its body is read
+    try:
+        for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Basic s3cret"},
+                        {"Authorization": "Bearer s3cre"}]:
+            for path, body in routes:
+                status, data = _request(server, path, body, headers=headers)
+                error = json.loads(data)["error"]
+                assert status == 401 and error["code"] == "invalid_api_key" and "Authorization: Bearer KEY" in error["message"]
+        assert _request(server, "/health") == (200, b'{"status": "ok"}')  # for liveness probes
+        key = {"Authorization": "Bearer s3cret"}
+        assert [_request(server, path, body, headers=key)[0] for path, body in routes[:4]] == [200] * 4
+        status, data = _request(server, "/v1/completions", {"prompt": "hello", "max_tokens": 2, "stream": True}, headers=key)
+        assert status == 200 and data.decode().endswith("data: [DONE]\n\n")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_serve_says_in_one_line_why_it_cannot_listen(checkpoint, served, capsys):
     taken = str(served[0].server_address[1])
     for port, why in [(taken, "Address already in use"), ("70000", "port must be 0-65535")]:
@@ -573,3 +597,25 @@ def test_neoxfuse_serve_takes_a_chat_template_file(checkpoint, tmp_path, capsys)
         process.wait(timeout=30)
     assert main(["serve", "--model", str(checkpoint), "--device", "cpu", "--chat-template", str(tmp_path / "none.jinja")]) == 1
     assert "neoxfuse: error: --chat-template " in capsys.readouterr().err
+
+
+def test_neoxfuse_serve_takes_its_api_key_from_the_command_line_else_the_environment(checkpoint, capsys, monkeypatch):
+    keys = []
+
+    class Recorder(CompletionServer):
+        def __init__(self, *args):
+            keys.append(args[-1])
+            raise OSError("recorded")
+
+    monkeypatch.setattr(neoxfuse.cli, "CompletionServer", Recorder)
+    serve = ["serve", "--model", str(checkpoint), "--device", "cpu"]
+    monkeypatch.delenv("NEOXFUSE_API_KEY", raising=False)
+    assert main(serve) == 1
+    monkeypatch.setenv("NEOXFUSE_API_KEY", "from-env")
+    assert main(serve) == 1 and main([*serve, "--api-key", "from-cli"]) == 1
+    assert keys == [None, "from-env", "from-cli"]
+    for args in (["--api-key", " "], []):
+        monkeypatch.setenv("NEOXFUSE_API_KEY", "")
+        assert main([*serve, *args]) == 1
+        assert "neoxfuse: error: the API key (--api-key or NEOXFUSE_API_KEY) is empty" in capsys.readouterr().err
+    assert len(keys) == 3

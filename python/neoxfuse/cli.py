@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -776,6 +777,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "prefix_cache, since reused keys and values round differently from a prefill's")
     parser.add_argument("--chat-template", type=Path, metavar="FILE", help="a Jinja chat template that renders "
                         "/v1/chat/completions messages into a prompt (default: the tokenizer's own, where it has one)")
+    parser.add_argument("--api-key", metavar="KEY", help="answer only requests that carry KEY (`Authorization: Bearer KEY`, as OpenAI's clients send "
+                        "it; every route but /health); default: the environment's NEOXFUSE_API_KEY, else none")
 
 
 def _serve(args) -> int:
@@ -790,10 +793,13 @@ def _serve(args) -> int:
     device = resolve_device(args.device)
     model = _model_name(args, device)
     chat_template = _read_chat_template(args.chat_template)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("NEOXFUSE_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise InvalidInputError("the API key (--api-key or NEOXFUSE_API_KEY) is empty; give one, or leave both unset to serve without")
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed,
                     revision=args.revision, prefix_cache=args.prefix_cache)
     try:
-        server = CompletionServer(engine, (args.host, args.port), args.served_model_name or model, chat_template)
+        server = CompletionServer(engine, (args.host, args.port), args.served_model_name or model, chat_template, api_key)
     except (OSError, OverflowError) as err:  # in use, not this machine's address, past 65535
         raise InvalidInputError(f"cannot listen on {args.host}:{args.port}: {getattr(err, 'strerror', None) or err}") from None
     print(f"model: {_engine_summary(engine)}", flush=True)

@@ -49,10 +49,13 @@ choice per completion whose message is the assistant's, its text as above; logpr
 [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}. Streamed, chat.completion.chunk
 events whose choices carry the message's next piece as a delta (the first with the role).
 
+A server started with an API key (`neoxfuse serve --api-key KEY`) answers every route but /health
+only to requests that carry it, as OpenAI's clients send it: `Authorization: Bearer KEY`.
+
 Errors are OpenAI's {"error": {"message", "type", "param", "code"}}: 400 for a bad request (every
-InvalidInputError of the Engine too, such as a prompt and max_tokens past the KV cache), 404 for an
-unknown route or model name (and the tokenizer routes of a model without a tokenizer), 500 for
-anything else.
+InvalidInputError of the Engine too, such as a prompt and max_tokens past the KV cache), 401 for a
+missing or wrong API key (code invalid_api_key), 404 for an unknown route or model name (and the
+tokenizer routes of a model without a tokenizer), 500 for anything else.
 """
 
 from __future__ import annotations
@@ -87,11 +90,16 @@ Prompt = str | list[int]
 
 
 class RequestError(Exception):
-    """A request the server answers with an error: its HTTP status and OpenAI's error type."""
+    """A request the server answers with an error: its HTTP status, OpenAI's error type and code."""
 
-    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST, kind: str = "invalid_request_error"):
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST, kind: str = "invalid_request_error",
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.kind = status, kind
+        self.status, self.kind, self.code = status, kind, code
+
+    def body(self) -> dict:
+        """OpenAI's error object."""
+        return {"error": {"message": str(self), "type": self.kind, "param": None, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -301,11 +309,12 @@ class CompletionServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, engine: Engine, address: tuple[str, int] = ("127.0.0.1", 8000), model_name: str | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, api_key: str | None = None):
         super().__init__(address, _Handler)
         self.engine = engine
         self.model_name = model_name or engine.description
         self.chat_template = chat_template  # a Jinja chat template over the tokenizer's (None: the tokenizer's)
+        self.api_key = api_key  # what every route but /health asks for as `Authorization: Bearer KEY` (None: nothing)
         self.created = int(time.time())
         self.engine_lock = threading.Lock()  # one generation at a time
 
@@ -453,6 +462,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         try:
+            if self.path != "/health":
+                self._check_api_key()
             if self.path == "/health":
                 self._send_json({"status": "ok"})
             elif self.path == "/v1/models":
@@ -468,6 +479,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.streaming = False  # whether a 200 and events went out: then an error can only end the stream
         try:
+            self._check_api_key()
             routes = {"/v1/completions": None, "/v1/chat/completions": None, "/tokenize": self.server.tokenize,
                       "/detokenize": self.server.detokenize}
             if self.path not in routes:
@@ -498,10 +510,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self.log_error("%s", f"{type(err).__name__}: {err}")
                 err = RequestError(f"{type(err).__name__}: {err}", HTTPStatus.INTERNAL_SERVER_ERROR, "server_error")
             if self.streaming:
-                self._event({"error": {"message": str(err), "type": err.kind, "param": None, "code": None}})
+                self._event(err.body())
                 self._event("[DONE]")
             else:
                 self._send_error(err)
+
+    def _check_api_key(self) -> None:
+        """A 401 unless the server has no API key or the request carries it (`Authorization: Bearer KEY`)."""
+        key = self.server.api_key
+        if key is None:
+            return
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), key.encode()):
+            raise RequestError("a missing or incorrect API key: send `Authorization: Bearer KEY` with the key the server was "
+                               "started with (neoxfuse serve --api-key)", HTTPStatus.UNAUTHORIZED, code="invalid_api_key")
 
     def _stream(self, request: CompletionRequest) -> None:
         """Server-sent events: each choice's chunks (text, logprobs, then its finish_reason; a chat's as
@@ -541,4 +563,4 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _send_error(self, err: RequestError) -> None:
-        self._send_json({"error": {"message": str(err), "type": err.kind, "param": None, "code": None}}, err.status)
+        self._send_json(err.body(), err.status)
