@@ -141,6 +141,28 @@ def test_generate_prints_each_new_tokens_logprobs(tiny_checkpoint, tiny_checkpoi
     assert "--logprobs lists a generation's tokens after it" in _one_line_error(capsys.readouterr().err)
 
 
+def test_generate_writes_the_generation_to_a_json_file(tiny_checkpoint_with_tokenizer, tmp_path, capsys):
+    args = ["generate", "--tokens", "5,6", "--max-new-tokens", "4", "--device", "cpu", "--temperature", "1.3", "--seed", "2",
+            "--model", str(tiny_checkpoint_with_tokenizer)]
+    want = Engine(str(tiny_checkpoint_with_tokenizer), device="cpu").generate(
+        [5, 6], 4, SamplingParams(temperature=1.3, seed=2), stop_token_ids=0, logprobs=2)
+    assert main([*args, "--logprobs", "2", "--out", str(tmp_path / "out.json")]) == 0
+    assert f"results: {tmp_path / 'out.json'}" in capsys.readouterr().out
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert (got["model"], got["backend"], got["device"], got["dtype"]) == (str(tiny_checkpoint_with_tokenizer), "reference", "cpu",
+                                                                           "float32")
+    assert got["sampling"]["temperature"] == 1.3 and got["sampling"]["top_p"] == 1.0 and got["seed"] == 2
+    assert (got["prompt_tokens"], got["tokens"], got["text"]) == ([5, 6], want.tokens, want.text)
+    assert len(got["decode_ms"]) == len(want.tokens) - 1 and got["tpot_ms"] == pytest.approx(sum(got["decode_ms"]) / 3)
+    assert got["prefill_ms"] > 0 and got["reused_tokens"] == 0
+    assert got["logprobs"] == [{"token": entry.token, "logprob": entry.logprob, "top": [list(pair) for pair in entry.top]}
+                               for entry in want.logprobs]
+    assert main([*args, "--out", str(tmp_path / "greedy.json"), "--temperature", "0"]) == 0
+    assert json.loads((tmp_path / "greedy.json").read_text())["logprobs"] is None
+    assert main([*args, "--out", str(tmp_path / "x.json"), "--interactive"]) == 1
+    assert "--out writes a generation's tokens after it; --interactive streams turns instead" in _one_line_error(capsys.readouterr().err)
+
+
 def test_generate_streams_ids_or_text(tiny_checkpoint, tiny_checkpoint_with_tokenizer, capsys):
     args = ["generate", "--tokens", "5,6", "--max-new-tokens", "40", "--device", "cpu", "--stream"]
     assert main([*args, "--model", str(tiny_checkpoint)]) == 0

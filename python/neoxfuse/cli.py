@@ -30,7 +30,7 @@ from neoxfuse import _lib, bench
 from neoxfuse.chat import chat_tokens
 from neoxfuse.configs import MODEL_NAMES
 from neoxfuse.device import devices
-from neoxfuse.engine import AUTO, AUTO_ORDER, BACKENDS, DTYPES, Engine, backend_availability, load_hf_model, resolve_device, resolve_dtype
+from neoxfuse.engine import AUTO, AUTO_ORDER, BACKENDS, DTYPES, Engine, Generation, backend_availability, load_hf_model, resolve_device, resolve_dtype
 from neoxfuse.errors import InvalidInputError, NeoxfuseError
 from neoxfuse.sampling import LATER_FILTERS, SAMPLED_ONLY, SamplingParams
 from neoxfuse.progress import progress_bar
@@ -219,6 +219,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         "line adds nothing), and continue it: the KV cache of the text so far is reused (Engine's "
                         "prefix_cache), so a turn prefills only its new tokens; the oldest tokens go when the context is full; Ctrl-C stops "
                         "a turn, EOF ends")
+    parser.add_argument("--out", metavar="FILE", help="also write the generation to this JSON file: model, backend, sampling, "
+                        "prompt and new tokens, text, timings, logprobs (not with --interactive)")
 
 
 def _generate(args) -> int:
@@ -265,8 +267,9 @@ def _generate(args) -> int:
     stops = {"stop_token_ids": engine.eos_token_ids, "stop": args.stop,  # Engine.generate's arguments on the end
              "min_new_tokens": args.min_new_tokens}
     if args.interactive:
-        if args.logprobs is not None:
-            raise InvalidInputError("--logprobs lists a generation's tokens after it; --interactive streams turns instead")
+        if args.logprobs is not None or args.out is not None:
+            flag = "--logprobs lists" if args.logprobs is not None else "--out writes"
+            raise InvalidInputError(f"{flag} a generation's tokens after it; --interactive streams turns instead")
         if chat:
             return _chat(engine, system, args.prompt, chat_template, args.max_new_tokens, sampling, stops)
         return _interactive(engine, prompt or [], args.max_new_tokens, sampling, stops)
@@ -301,7 +304,24 @@ def _generate(args) -> int:
     if out.tpot_ms is not None:
         timing += f"; {_count(out.decode_ms, 'decode step')}, TPOT {out.tpot_ms:.3f} ms ({1e3 / out.tpot_ms:.1f} tokens/s)"
     print(timing)
+    if args.out is not None:
+        _write_generation(Path(args.out), engine, sampling, out)
+        print(f"results: {args.out}")
     return 0
+
+
+def _write_generation(path: Path, engine: Engine, sampling: SamplingParams, out: Generation) -> None:
+    """generate --out: the generation as JSON (times in ms; logprobs natural log, null unless asked for)."""
+    record = {
+        "model": engine.description, "backend": engine.backend_name, "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "sampling": {name: value for name, value in dataclasses.asdict(sampling).items() if not isinstance(value, frozenset)},
+        "seed": out.seed, "prompt_tokens": out.prompt_tokens, "tokens": out.tokens, "text": out.text,
+        "reused_tokens": out.reused_tokens, "prefill_ms": out.prefill_ms, "decode_ms": out.decode_ms, "tpot_ms": out.tpot_ms,
+        "logprobs": None if out.logprobs is None else [{"token": entry.token, "logprob": entry.logprob, "top": entry.top}
+                                                       for entry in out.logprobs],
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _print_logprobs(engine: Engine, listed: list[TokenLogprobs]) -> None:
