@@ -1,6 +1,7 @@
 """neoxfuse.Engine: model sources, greedy and sampled generation, the KV cache limit, the backend registry."""
 
 import copy
+import itertools
 import json
 import re
 
@@ -192,10 +193,11 @@ def test_hf_generate_samples_with_the_generation_configs_options(hf_model, engin
     got = neoxfuse.hf.generate(hf_model, ids, max_new_tokens=12, do_sample=True, temperature=0.7, seed=9, eos_token_id=())
     want = engine.generate([5, 6, 7], 12, SamplingParams(temperature=0.7, top_k=20, seed=9)).tokens
     assert got[0, 3:].tolist() == want
-    with pytest.raises(InvalidInputError, match="batch 1"):
-        neoxfuse.hf.generate(hf_model, torch.zeros(2, 3, dtype=torch.long), max_new_tokens=4)
-    with pytest.raises(InvalidInputError, match="attention_mask must be all ones: neoxfuse decodes one sequence without padding"):
-        neoxfuse.hf.generate(hf_model, ids, torch.tensor([[0, 1, 1]]), max_new_tokens=4)
+    with pytest.raises(InvalidInputError, match=r"input_ids must be a batch of token id sequences \[B, P\]; got \[3\]"):
+        neoxfuse.hf.generate(hf_model, torch.zeros(3, dtype=torch.long), max_new_tokens=4)
+    for mask in ([[1, 1, 0]], [[1, 0, 1]], [[0, 0, 0]], [[0, 2, 1]]):  # padding on the right or inside, none left, not 0/1
+        with pytest.raises(InvalidInputError, match="attention_mask must mark padding .0s. on the left of each row only"):
+            neoxfuse.hf.generate(hf_model, ids, torch.tensor(mask), max_new_tokens=4)
     with pytest.raises(InvalidInputError, match=r"attention_mask must have the shape of input_ids, \[1, 3\]; got \[1, 2\]"):
         neoxfuse.hf.generate(hf_model, ids, torch.ones(1, 2), max_new_tokens=4)
     with pytest.raises(InvalidInputError, match="token ids must be integers, got a torch.float32 tensor"):
@@ -347,10 +349,43 @@ def test_hf_generate_makes_num_return_sequences_drawn_with_successive_seeds(hf_m
     for options, message in [({"do_sample": False}, "num_return_sequences > 1 needs do_sample=True"),
                              ({"streamer": TextStreamer(tokenizer)}, "a streamer takes one sequence"),
                              ({"return_dict_in_generate": True, "output_scores": True}, "output_scores and output_logits come with one"),
-                             ({"stop_strings": "w3", "tokenizer": tokenizer, "eos_token_id": None}, "stop_strings or stopping_criteria with num_"),
+                             ({"stop_strings": "w3", "tokenizer": tokenizer, "eos_token_id": None}, "stop_strings or stopping_criteria with more"),
                              ({"num_return_sequences": 0}, "num_return_sequences must be an integer >= 1, got 0")]:
         with pytest.raises(InvalidInputError, match=message):
             neoxfuse.hf.generate(hf_model, ids, **{**sampled, "num_return_sequences": 2, **options})
+
+
+def test_hf_generate_decodes_a_left_padded_batch_row_by_row_as_model_generate_does(hf_model, engine, word_tokenizer):
+    # model.generate decodes the rows together, neoxfuse one after another without their padding:
+    # the same tokens, and the same padding (on the left as given; on the right, with pad_token_id,
+    # after the rows that end early at eos).
+    tokenizer = word_tokenizer(hf_model.config.vocab_size)
+    tokenizer.padding_side, tokenizer.pad_token = "left", "w3"
+    batch = tokenizer(["hello world w7 w9", "w5", "w8 w30 w4"], padding=True, return_tensors="pt")  # [3, 4]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 0, 1], [0, 1, 1, 1]]
+    greedy = {"max_new_tokens": 40, "do_sample": False, "pad_token_id": 3}
+    plain = hf_model.generate(**batch, **greedy, eos_token_id=None)
+    assert neoxfuse.hf.generate(hf_model, **batch, **greedy, eos_token_id=None).tolist() == plain.tolist()
+    eos = int(plain[1, 4 + 5])  # ends the second row early (and maybe others)
+    want = hf_model.generate(**batch, **greedy, eos_token_id=eos)
+    got = neoxfuse.hf.generate(hf_model, **batch, **greedy, eos_token_id=eos)
+    assert got.tolist() == want.tolist() and (got[1, 4 + 6 :] == 3).all() and got.shape[1] > 4 + 6
+    # A stopping criterion sees a row as model.generate shows it: with its padding (the first column).
+    criteria = StoppingCriteriaList([lambda ids, scores: ids[:, -1] % 5 == ids[:, 0] % 5])
+    want = hf_model.generate(**batch, **greedy, eos_token_id=2, stopping_criteria=criteria)
+    got = neoxfuse.hf.generate(hf_model, **batch, **greedy, eos_token_id=2, stopping_criteria=criteria)
+    assert got.tolist() == want.tolist() and (got == 3).sum() > (batch["input_ids"] == 3).sum()  # rows ended early
+    # Sampled: sequence i (of prompt i // R) drawn with seed + i, as Engine.generate draws it.
+    sampled = {"max_new_tokens": 6, "do_sample": True, "top_k": 0, "eos_token_id": None}
+    got = neoxfuse.hf.generate(hf_model, **batch, **sampled, num_return_sequences=2, seed=5)
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert got[:, 4:].tolist() == [engine.generate(prompts[i // 2], 6, SamplingParams(temperature=1.0, seed=5 + i)).tokens
+                                   for i in range(6)]
+    assert got[:, :4].tolist() == batch["input_ids"].repeat_interleave(2, dim=0).tolist()
+    for options, message in [({"streamer": TextStreamer(tokenizer)}, "a streamer takes one sequence"),
+                             ({"return_dict_in_generate": True, "output_logits": True}, "output_scores and output_logits come with one")]:
+        with pytest.raises(InvalidInputError, match=message):
+            neoxfuse.hf.generate(hf_model, **batch, **greedy, **options)
 
 
 def test_hf_generate_biases_sequences_as_model_generate_does(hf_model):
@@ -534,7 +569,7 @@ def test_hf_generate_ends_where_stopping_criteria_say_as_model_generate_does(hf_
     ids = torch.tensor([[5, 6, 7]])
     greedy = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 60, "do_sample": False, "eos_token_id": None}
     plain = hf_model.generate(ids, **greedy)[0].tolist()
-    bound = sorted(a + b for a, b in zip(plain[2:-1], plain[3:]))[-3]  # reached by the third largest pair
+    bound = sorted(a + b for a, b in itertools.pairwise(plain[2:]))[-3]  # reached by the third largest pair
 
     class PairSum(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -542,8 +577,14 @@ def test_hf_generate_ends_where_stopping_criteria_say_as_model_generate_does(hf_
             return input_ids[:, -2:].sum(dim=1) >= bound
 
     seen = []
-    length = lambda input_ids, scores: torch.tensor([input_ids.shape[1] >= 3 + 45])  # noqa: E731  a plain function
-    never = lambda input_ids, scores: seen.append(input_ids.shape[1]) or torch.tensor([False])  # noqa: E731
+
+    def length(input_ids, scores):  # a plain function
+        return torch.tensor([input_ids.shape[1] >= 3 + 45])
+
+    def never(input_ids, scores):
+        seen.append(input_ids.shape[1])
+        return torch.tensor([False])
+
     ends = []
     for criteria in [[PairSum()], StoppingCriteriaList([length, never]), [never, PairSum()], []]:
         want = hf_model.generate(ids, stopping_criteria=StoppingCriteriaList(criteria), **greedy)
@@ -552,7 +593,7 @@ def test_hf_generate_ends_where_stopping_criteria_say_as_model_generate_does(hf_
     assert ends[0] == ends[2] < 60 and ends[1] == 45 and ends[3] == 60 and 3 + 45 in seen
     with pytest.raises(InvalidInputError, match="stopping_criteria must be a list of transformers' StoppingCriteria, got 3"):
         neoxfuse.hf.generate(hf_model, ids, stopping_criteria=3, **greedy)
-    with pytest.raises(InvalidInputError, match="stop_strings or stopping_criteria with num_return_sequences > 1 need an eos"):
+    with pytest.raises(InvalidInputError, match="stop_strings or stopping_criteria with more than one sequence"):
         neoxfuse.hf.generate(hf_model, ids, stopping_criteria=[PairSum()], num_return_sequences=2, do_sample=True,
                              max_new_tokens=8, eos_token_id=None)
 
@@ -604,8 +645,11 @@ def test_a_patched_model_generate_runs_transformers_pipelines_on_the_engine(hf_m
     tokenizer = word_tokenizer(model.config.vocab_size)
     tokenizer.chat_template = CHAT_TEMPLATE
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    tokenizer.padding_side, tokenizer.pad_token = "left", "w3"
     prompts = ["hello world w5", [{"role": "user", "content": "hello w9 world"}]]  # text, and a chat's messages
+    batch = ["w9 w10 w11 w12", "hello", "w7 w8"]  # batched by two (left padded), decoded row by row
     want = [pipe(prompt, max_new_tokens=12, do_sample=False) for prompt in prompts]
+    want_batched = pipe(batch, batch_size=2, max_new_tokens=12, do_sample=False)
     runs = []
     engine_generate = Engine.generate
 
@@ -616,9 +660,10 @@ def test_a_patched_model_generate_runs_transformers_pipelines_on_the_engine(hf_m
     monkeypatch.setattr(Engine, "generate", counted)
     assert neoxfuse.hf.patch_generate(model) is model
     assert [pipe(prompt, max_new_tokens=12, do_sample=False) for prompt in prompts] == want
-    assert len(runs) == 2 and runs[0].backend_name == "reference"
+    assert pipe(batch, batch_size=2, max_new_tokens=12, do_sample=False) == want_batched
+    assert len(runs) == 5 and runs[0].backend_name == "reference"
     assert neoxfuse.hf.unpatch_generate(model) is model and "generate" not in vars(model)
-    assert pipe(prompts[0], max_new_tokens=12, do_sample=False) == want[0] and len(runs) == 2
+    assert pipe(prompts[0], max_new_tokens=12, do_sample=False) == want[0] and len(runs) == 5
 
 
 def test_a_patched_model_generate_takes_model_generates_arguments(hf_model):

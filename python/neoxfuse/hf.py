@@ -1,7 +1,7 @@
 """Hugging Face integration for a GPTNeoXForCausalLM: decode it with the neoxfuse Engine, or run
 its LayerNorms and residual adds as neoxfuse's fused ln_residual kernels.
 
-    out = neoxfuse.hf.generate(model, input_ids, max_new_tokens=64)   # model.generate, batch 1
+    out = neoxfuse.hf.generate(model, input_ids, max_new_tokens=64)   # model.generate (a batch: row by row)
     neoxfuse.hf.patch_generate(model)   # in place: model.generate decodes so (pipelines too); unpatch_generate
     model = neoxfuse.hf.fuse_layernorms(model)   # in place; unfuse_layernorms(model) undoes it
 
@@ -246,7 +246,7 @@ def is_fused(model: torch.nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# generate: model.generate for batch 1, through the neoxfuse Engine
+# generate: model.generate through the neoxfuse Engine, one sequence at a time
 
 class _Unset:
     """The default of generate()'s model.generate options: not given (None given means transformers' default)."""
@@ -324,41 +324,42 @@ def generate(
     backend: str = AUTO,
     **options,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
-    """`model.generate(input_ids, ...)` for one sequence, decoded by a neoxfuse Engine.
+    """`model.generate(input_ids, ...)`, decoded by a neoxfuse Engine one sequence at a time.
 
-    input_ids [1, P] (long) -> [1, P + N] on the same device: the prompt, then N <= max_new_tokens
-    new tokens ending at the first of eos_token_id (no input_ids: the prompt is [[bos_token_id]],
-    as model.generate starts). An option not given comes from
-    `generation_config`, then model.generation_config, then transformers' default, as
-    model.generate (transformers 5) reads it (and one given as None is transformers' default:
-    eos_token_id=None, no eos, whatever the configs say): max_new_tokens (else max_length - P; with
-    neither set, 20, as far as the model's positions allow), greedy unless do_sample, then
-    temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff and eta_cutoff (seed: reproducible
-    draws), repetition_penalty, suppress_tokens, bad_words_ids, no_repeat_ngram_size and
-    sequence_bias (greedy or sampled, over the prompt and the new tokens),
-    begin_suppress_tokens (never the first new token), and min_new_tokens (if set, else
-    min_length - P) new tokens before eos may come; stop_strings (with the `tokenizer`, as
-    model.generate needs it) end after the token that completes one, by transformers' own
-    StopStringCriteria over the prompt and the new tokens, and stopping_criteria (transformers'
-    StoppingCriteria, or any function of (input_ids, scores) -> bool [1]) after the first token where
-    one is true, called as model.generate calls them (sequence [1, P + n] on input_ids' device) but
-    with scores None. return_dict_in_generate returns
-    transformers' GenerateDecoderOnlyOutput: its sequences, and with output_logits the logits each new
-    token was chosen from, with output_scores those after the processors and warpers (each a tuple of
-    N [1, vocab] fp32 tensors, as model.generate gives them; no past_key_values: the KV cache is the
-    Engine's). num_return_sequences=R (sampled) gives [R, P + N]: sequence i drawn with seed + i
-    (one after another), those that end early padded to the longest with pad_token_id, else the
-    first eos token, as model.generate pads them. Any other
-    model.generate option (num_beams, renormalize_logits, ...) is taken where it changes nothing and
-    refused elsewhere, whether the call or a generation config sets it: the tokens are
-    model.generate's, or an error says why not.
-    A tokenizer's output goes in as it does to model.generate (`generate(model, **tokenizer(text,
-    return_tensors="pt"), ...)`): its attention_mask must be all ones (one sequence has no padding);
-    pad_token_id, which pads only the sequences of a batch that end early, changes nothing.
-    A streamer (HF's TextStreamer, say) gets what model.generate gives it: put(prompt), put(new
-    tokens) as they arrive (in batches of up to 32 here, not one by one), end(). The Engine (its KV
-    cache and CUDA graphs) is built on the first call for a model and kept while the model and its
-    weights stay; `backend` as in Engine.
+    input_ids [B, P] (long) -> [B * R, P + N] on the same device: each prompt (R times with
+    num_return_sequences=R), then up to max_new_tokens new tokens ending at the first of
+    eos_token_id; no input_ids: the prompt is [[bos_token_id]], as model.generate starts. A batch
+    (B > 1) is padded on the left as a decoder-only model's is (attention_mask: 0 for padding, on
+    the left of a row only; `tokenizer(texts, padding=True, return_tensors="pt")` with
+    tokenizer.padding_side = "left"): each row's tokens are decoded on their own, at batch 1, one
+    row after another, and the output keeps the padding as model.generate does.
+
+    An option not given comes from `generation_config`, then model.generation_config, then
+    transformers' default, as model.generate (transformers 5) reads it (and one given as None is
+    transformers' default: eos_token_id=None, no eos, whatever the configs say): max_new_tokens (else
+    max_length - P; with neither set, 20, as far as the model's positions allow), greedy unless
+    do_sample, then temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff and eta_cutoff
+    (seed: reproducible draws), repetition_penalty, suppress_tokens, bad_words_ids,
+    no_repeat_ngram_size and sequence_bias (greedy or sampled, over the prompt and the new tokens),
+    begin_suppress_tokens (never the first new token), and min_new_tokens (if set, else min_length -
+    P) new tokens before eos may come; stop_strings (with the `tokenizer`, as model.generate needs
+    it) end after the token that completes one, by transformers' own StopStringCriteria over the
+    prompt and the new tokens, and stopping_criteria (transformers' StoppingCriteria, or any function
+    of (input_ids, scores) -> bool [1]) after the first token where one is true, called as
+    model.generate calls them (a row [1, P + n] on input_ids' device) but with scores None.
+    return_dict_in_generate returns transformers' GenerateDecoderOnlyOutput: its sequences, and
+    with output_logits the logits each new token was chosen from, with output_scores those after the
+    processors and warpers (each a tuple of N [1, vocab] fp32 tensors, as model.generate gives them;
+    one sequence only; no past_key_values: the KV cache is the Engine's). Sampled output sequence i
+    is drawn with seed + i; those that end early are padded to the longest with pad_token_id, else
+    the first eos token, as model.generate pads them. Any other model.generate option (num_beams,
+    renormalize_logits, ...) is taken where it changes nothing and refused elsewhere, whether the
+    call or a generation config sets it: the tokens are model.generate's, or an error says why not.
+
+    A streamer (HF's TextStreamer, say; one sequence) gets what model.generate gives it:
+    put(prompt), put(new tokens) as they arrive (in batches of up to 32 here, not one by one),
+    end(). The Engine (its KV cache and CUDA graphs) is built on the first call for a model and kept
+    while the model and its weights stay; `backend` as in Engine.
     """
     if not isinstance(model, GPTNeoXForCausalLM):
         raise UnsupportedModelError(f"neoxfuse.hf.generate takes a GPTNeoXForCausalLM, got {type(model).__name__}")
@@ -383,16 +384,7 @@ def generate(
         if bos is None:
             raise InvalidInputError("no input_ids and no bos_token_id to start from (model.generate needs one of them too)")
         input_ids = torch.tensor([[bos]], device=model.device)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise InvalidInputError(f"input_ids must be one sequence [1, P]; got {shape} (neoxfuse decodes batch 1)")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-            shape = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-            raise InvalidInputError(f"attention_mask must have the shape of input_ids, {list(input_ids.shape)}; got {shape}")
-        if not bool((attention_mask == 1).all()):
-            raise InvalidInputError("attention_mask must be all ones: neoxfuse decodes one sequence without padding "
-                                    "(leave the padded positions out of input_ids)")
+    prompts = _prompts(input_ids, attention_mask)
 
     eos = option(eos_token_id, "eos_token_id")
     stops = () if eos is None else eos
@@ -427,8 +419,7 @@ def generate(
     if at_least is None:
         at_least = max(option(min_length, "min_length") - prompt_length, 0)
 
-    stop_when = _stop_when([*_stop_strings_criteria(option(stop_strings, "stop_strings"), tokenizer),
-                            *_stopping_criteria(stopping_criteria)], input_ids)
+    criteria = [*_stop_strings_criteria(option(stop_strings, "stop_strings"), tokenizer), *_stopping_criteria(stopping_criteria)]
 
     def stream(tokens: list[int]) -> None:
         streamer.put(torch.tensor([tokens], dtype=input_ids.dtype))  # [1, n], on the CPU as HF puts them
@@ -441,27 +432,31 @@ def generate(
     keep = {"keep_logits": bool(as_dict and option(output_logits, "output_logits")),
             "keep_scores": bool(as_dict and option(output_scores, "output_scores"))}
     copies = option(num_return_sequences, "num_return_sequences")
+    _check_copies(copies, sampling)
     first_eos = _first(stops)
-    rules = [sampling]
-    if copies != 1:
-        _check_copies(copies, sampling, streamer, keep, first_eos is None and stop_when is not None)
+    if len(prompts) * copies > 1:
+        _check_many(streamer, keep, first_eos is None and bool(criteria))
+    if not sampling.greedy and len(prompts) * copies > 1:
         sampling = sampling.seeded()
-        rules = [replace(sampling, seed=(sampling.seed + i) % 2**63) for i in range(copies)]  # as many draws, seed + i
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    outs = [_engine(model, backend).generate(input_ids[0], new_tokens, rule, stop_token_ids=stops,
-                                             min_new_tokens=at_least, on_tokens=stream if streamer is not None else None,
-                                             begin_suppress_tokens=option(begin_suppress_tokens, "begin_suppress_tokens") or (),
-                                             stop_when=stop_when, **keep) for rule in rules]
+    engine, outs = _engine(model, backend), []
+    for i in range(len(prompts) * copies):  # sequence i: of prompt i // copies, drawn with seed + i when sampled
+        row = i // copies
+        rule = sampling if sampling.seed is None else replace(sampling, seed=(sampling.seed + i) % 2**63)
+        outs.append(engine.generate(prompts[row], new_tokens, rule, stop_token_ids=stops, min_new_tokens=at_least,
+                                    on_tokens=stream if streamer is not None else None,
+                                    begin_suppress_tokens=option(begin_suppress_tokens, "begin_suppress_tokens") or (),
+                                    stop_when=_stop_when(criteria, input_ids[row : row + 1]), **keep))
     if streamer is not None:
         streamer.end()
     rows = [generation.tokens for generation in outs]
     width = max(map(len, rows))
     pad = option(pad_token_id, "pad_token_id")
     pad = first_eos if pad is None else pad  # as model.generate pads without one
-    # Every row that ends early ends at an eos token (_check_copies), so there is one to pad with.
+    # Every row that ends early ends at an eos token (_check_many), so there is one to pad with.
     new = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=input_ids.dtype, device=input_ids.device)
-    sequences = torch.cat([input_ids.expand(len(rows), -1), new], dim=1)  # [copies, P + width]
+    sequences = torch.cat([input_ids.repeat_interleave(copies, dim=0), new], dim=1)  # [B * copies, P + width]
     out = outs[0]
     if not as_dict:
         return sequences
@@ -508,24 +503,50 @@ def _first(ids: int | Collection[int] | torch.Tensor) -> int | None:
     return int(values[0]) if values else None
 
 
-def _check_copies(copies: object, sampling: SamplingParams, streamer: BaseStreamer | None, keep: dict, unpadded: bool) -> None:
-    """InvalidInputError for a num_return_sequences other than 1 that generate() does not make:
-    not an integer >= 1, greedy (model.generate refuses it too), with a streamer (transformers'
-    streamers take one sequence), scores or logits kept, or stop strings or stopping criteria without
-    an eos token (where model.generate goes on generating a stopped sequence until all have stopped)."""
+def _prompts(input_ids: object, attention_mask: object) -> list[torch.Tensor]:
+    """The prompts of input_ids [B, P]: each row without the padding attention_mask [B, P] marks (0s,
+    on the left, as a decoder-only model's batch is padded; none without a mask). InvalidInputError
+    for other shapes, or a mask of other values or padding elsewhere."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or 0 in input_ids.shape:
+        shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise InvalidInputError(f"input_ids must be a batch of token id sequences [B, P]; got {shape}")
+    if attention_mask is None:
+        return list(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise InvalidInputError(f"attention_mask must have the shape of input_ids, {list(input_ids.shape)}; got {shape}")
+    mask = attention_mask.long()
+    if not bool(((mask == 0) | (mask == 1)).all() and (mask[:, 1:] >= mask[:, :-1]).all() and (mask[:, -1] == 1).all()):
+        raise InvalidInputError("attention_mask must mark padding (0s) on the left of each row only, as a decoder-only model's "
+                                "batch is padded (tokenizer.padding_side = 'left'), with at least one token (1) per row")
+    return [row[keep.bool()] for row, keep in zip(input_ids, mask)]
+
+
+def _check_copies(copies: object, sampling: SamplingParams) -> None:
+    """InvalidInputError for a num_return_sequences that generate() does not make: not an integer
+    >= 1, or more than 1 greedy (model.generate refuses it too)."""
     if not is_integer(copies) or copies < 1:
         raise InvalidInputError(f"num_return_sequences must be an integer >= 1, got {copies!r}")
-    if sampling.greedy:
+    if copies > 1 and sampling.greedy:
         raise InvalidInputError("num_return_sequences > 1 needs do_sample=True: greedy decoding makes one sequence "
                                 "(model.generate refuses it too)")
+
+
+def _check_many(streamer: BaseStreamer | None, keep: dict, unpadded: bool) -> None:
+    """InvalidInputError for what generate() does not make with more than one output sequence (a
+    batch, or num_return_sequences > 1): a streamer (transformers' streamers take one sequence),
+    scores or logits kept, or stop strings or stopping criteria without an eos token (where
+    model.generate goes on generating a stopped sequence until all have stopped)."""
     if streamer is not None:
-        raise InvalidInputError("a streamer takes one sequence (transformers' streamers refuse more): num_return_sequences 1")
+        raise InvalidInputError("a streamer takes one sequence (transformers' streamers refuse more): a batch of one "
+                                "and num_return_sequences 1")
     if any(keep.values()):
-        raise InvalidInputError("output_scores and output_logits come with one sequence here: num_return_sequences 1")
+        raise InvalidInputError("output_scores and output_logits come with one sequence here: a batch of one and "
+                                "num_return_sequences 1")
     if unpadded:
-        raise InvalidInputError("stop_strings or stopping_criteria with num_return_sequences > 1 need an eos_token_id: without "
-                                "one, model.generate goes on generating a stopped sequence until all have stopped, and "
-                                "neoxfuse stops it")
+        raise InvalidInputError("stop_strings or stopping_criteria with more than one sequence (a batch, or "
+                                "num_return_sequences > 1) need an eos_token_id: without one, model.generate goes on "
+                                "generating a stopped sequence until all have stopped, and neoxfuse stops it")
 
 
 def _stop_strings_criteria(stop_strings: str | list[str] | None, tokenizer) -> list[StoppingCriteria]:
