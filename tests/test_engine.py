@@ -349,7 +349,7 @@ def test_hf_generate_makes_num_return_sequences_drawn_with_successive_seeds(hf_m
     for options, message in [({"do_sample": False}, "num_return_sequences > 1 needs do_sample=True"),
                              ({"streamer": TextStreamer(tokenizer)}, "a streamer takes one sequence"),
                              ({"return_dict_in_generate": True, "output_scores": True}, "output_scores and output_logits come with one"),
-                             ({"stop_strings": "w3", "tokenizer": tokenizer, "eos_token_id": None}, "stop_strings or stopping_criteria with more"),
+                             ({"stop_strings": "w3", "tokenizer": tokenizer, "eos_token_id": None}, "stop_strings with more than one"),
                              ({"num_return_sequences": 0}, "num_return_sequences must be an integer >= 1, got 0")]:
         with pytest.raises(InvalidInputError, match=message):
             neoxfuse.hf.generate(hf_model, ids, **{**sampled, "num_return_sequences": 2, **options})
@@ -370,11 +370,15 @@ def test_hf_generate_decodes_a_left_padded_batch_row_by_row_as_model_generate_do
     want = hf_model.generate(**batch, **greedy, eos_token_id=eos)
     got = neoxfuse.hf.generate(hf_model, **batch, **greedy, eos_token_id=eos)
     assert got.tolist() == want.tolist() and (got[1, 4 + 6 :] == 3).all() and got.shape[1] > 4 + 6
-    # A stopping criterion sees a row as model.generate shows it: with its padding (the first column).
-    criteria = StoppingCriteriaList([lambda ids, scores: ids[:, -1] % 5 == ids[:, 0] % 5])
-    want = hf_model.generate(**batch, **greedy, eos_token_id=2, stopping_criteria=criteria)
-    got = neoxfuse.hf.generate(hf_model, **batch, **greedy, eos_token_id=2, stopping_criteria=criteria)
-    assert got.tolist() == want.tolist() and (got == 3).sum() > (batch["input_ids"] == 3).sum()  # rows ended early
+    # A stop string is matched in each row as model.generate matches it: here one that begins in the
+    # last row's prompt and ends in its first new token.
+    bpe = _byte_bpe_tokenizer(hf_model.config.vocab_size)
+    ids, mask = torch.tensor([[70, 71, 72, 73], [0, 0, 74, 75], [0, 80, 81, 82]]), batch["attention_mask"]  # "pqr" then "2"
+    plain = hf_model.generate(ids, attention_mask=mask, **greedy, eos_token_id=None)
+    stop = bpe.decode([82]) + bpe.decode(plain[2, 4:5])
+    want = hf_model.generate(ids, attention_mask=mask, **greedy, eos_token_id=2, stop_strings=stop, tokenizer=bpe)
+    got = neoxfuse.hf.generate(hf_model, ids, mask, **greedy, eos_token_id=2, stop_strings=stop, tokenizer=bpe)
+    assert got.tolist() == want.tolist() and (got[2, 5:] == 3).all()
     # Sampled: sequence i (of prompt i // R) drawn with seed + i, as Engine.generate draws it.
     sampled = {"max_new_tokens": 6, "do_sample": True, "top_k": 0, "eos_token_id": None}
     got = neoxfuse.hf.generate(hf_model, **batch, **sampled, num_return_sequences=2, seed=5)
@@ -383,7 +387,8 @@ def test_hf_generate_decodes_a_left_padded_batch_row_by_row_as_model_generate_do
                                    for i in range(6)]
     assert got[:, :4].tolist() == batch["input_ids"].repeat_interleave(2, dim=0).tolist()
     for options, message in [({"streamer": TextStreamer(tokenizer)}, "a streamer takes one sequence"),
-                             ({"return_dict_in_generate": True, "output_logits": True}, "output_scores and output_logits come with one")]:
+                             ({"return_dict_in_generate": True, "output_logits": True}, "output_scores and output_logits come with one"),
+                             ({"stopping_criteria": [lambda ids, scores: ids[:, -1] == 5]}, "stopping_criteria come with one sequence")]:
         with pytest.raises(InvalidInputError, match=message):
             neoxfuse.hf.generate(hf_model, **batch, **greedy, **options)
 
@@ -593,7 +598,7 @@ def test_hf_generate_ends_where_stopping_criteria_say_as_model_generate_does(hf_
     assert ends[0] == ends[2] < 60 and ends[1] == 45 and ends[3] == 60 and 3 + 45 in seen
     with pytest.raises(InvalidInputError, match="stopping_criteria must be a list of transformers' StoppingCriteria, got 3"):
         neoxfuse.hf.generate(hf_model, ids, stopping_criteria=3, **greedy)
-    with pytest.raises(InvalidInputError, match="stop_strings or stopping_criteria with more than one sequence"):
+    with pytest.raises(InvalidInputError, match="stopping_criteria come with one sequence here"):
         neoxfuse.hf.generate(hf_model, ids, stopping_criteria=[PairSum()], num_return_sequences=2, do_sample=True,
                              max_new_tokens=8, eos_token_id=None)
 

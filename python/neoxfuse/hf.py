@@ -344,9 +344,10 @@ def generate(
     begin_suppress_tokens (never the first new token), and min_new_tokens (if set, else min_length -
     P) new tokens before eos may come; stop_strings (with the `tokenizer`, as model.generate needs
     it) end after the token that completes one, by transformers' own StopStringCriteria over the
-    prompt and the new tokens, and stopping_criteria (transformers' StoppingCriteria, or any function
-    of (input_ids, scores) -> bool [1]) after the first token where one is true, called as
-    model.generate calls them (a row [1, P + n] on input_ids' device) but with scores None.
+    prompt and the new tokens (in each row), and stopping_criteria (transformers' StoppingCriteria, or
+    any function of (input_ids, scores) -> bool [1]; one sequence only) after the first token where
+    one is true, called as model.generate calls them (input_ids [1, P + n] on its device, one call
+    per new token in order) but with scores None.
     return_dict_in_generate returns transformers' GenerateDecoderOnlyOutput: its sequences, and
     with output_logits the logits each new token was chosen from, with output_scores those after the
     processors and warpers (each a tuple of N [1, vocab] fp32 tensors, as model.generate gives them;
@@ -419,7 +420,8 @@ def generate(
     if at_least is None:
         at_least = max(option(min_length, "min_length") - prompt_length, 0)
 
-    criteria = [*_stop_strings_criteria(option(stop_strings, "stop_strings"), tokenizer), *_stopping_criteria(stopping_criteria)]
+    given_criteria = _stopping_criteria(stopping_criteria)
+    criteria = [*_stop_strings_criteria(option(stop_strings, "stop_strings"), tokenizer), *given_criteria]
 
     def stream(tokens: list[int]) -> None:
         streamer.put(torch.tensor([tokens], dtype=input_ids.dtype))  # [1, n], on the CPU as HF puts them
@@ -435,7 +437,7 @@ def generate(
     _check_copies(copies, sampling)
     first_eos = _first(stops)
     if len(prompts) * copies > 1:
-        _check_many(streamer, keep, first_eos is None and bool(criteria))
+        _check_many(streamer, keep, bool(given_criteria), first_eos is None and bool(criteria))
     if not sampling.greedy and len(prompts) * copies > 1:
         sampling = sampling.seeded()
     if streamer is not None:
@@ -532,10 +534,11 @@ def _check_copies(copies: object, sampling: SamplingParams) -> None:
                                 "(model.generate refuses it too)")
 
 
-def _check_many(streamer: BaseStreamer | None, keep: dict, unpadded: bool) -> None:
+def _check_many(streamer: BaseStreamer | None, keep: dict, criteria: bool, unpadded: bool) -> None:
     """InvalidInputError for what generate() does not make with more than one output sequence (a
     batch, or num_return_sequences > 1): a streamer (transformers' streamers take one sequence),
-    scores or logits kept, or stop strings or stopping criteria without an eos token (where
+    scores or logits kept, stopping criteria (model.generate calls them on the whole batch, and they
+    may couple its rows, as lm-evaluation-harness's do), or stop strings without an eos token (where
     model.generate goes on generating a stopped sequence until all have stopped)."""
     if streamer is not None:
         raise InvalidInputError("a streamer takes one sequence (transformers' streamers refuse more): a batch of one "
@@ -543,10 +546,14 @@ def _check_many(streamer: BaseStreamer | None, keep: dict, unpadded: bool) -> No
     if any(keep.values()):
         raise InvalidInputError("output_scores and output_logits come with one sequence here: a batch of one and "
                                 "num_return_sequences 1")
+    if criteria:
+        raise InvalidInputError("stopping_criteria come with one sequence here (a batch of one and num_return_sequences 1): "
+                                "model.generate calls them on the whole batch, where they may couple its rows, and neoxfuse "
+                                "decodes one row at a time")
     if unpadded:
-        raise InvalidInputError("stop_strings or stopping_criteria with more than one sequence (a batch, or "
-                                "num_return_sequences > 1) need an eos_token_id: without one, model.generate goes on "
-                                "generating a stopped sequence until all have stopped, and neoxfuse stops it")
+        raise InvalidInputError("stop_strings with more than one sequence (a batch, or num_return_sequences > 1) need an "
+                                "eos_token_id: without one, model.generate goes on generating a stopped sequence until "
+                                "all have stopped, and neoxfuse stops it")
 
 
 def _stop_strings_criteria(stop_strings: str | list[str] | None, tokenizer) -> list[StoppingCriteria]:
