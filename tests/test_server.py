@@ -4,6 +4,7 @@ end to end."""
 
 import json
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -389,6 +390,60 @@ def test_requests_at_once_are_served_one_after_another(served, monkeypatch):
     for thread in threads:
         thread.join()
     assert got == want and max(most) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_gets_nothing_more_made(served, monkeypatch, stream):
+    # A client that leaves while its completion is made (after its first token), or while its
+    # request waits for the engine: the engine makes nothing more for it and serves the next one.
+    server, engine = served
+    calls, chunks, outcomes = [], [], []
+    generate, complete = server.engine.generate, server.complete
+    started, left, done = threading.Event(), threading.Event(), threading.Event()
+
+    def watched(*args, on_tokens, **kwargs):
+        calls.append(1)
+
+        def seen(new: list[int]) -> None:
+            chunks.append(len(new))
+            started.set()
+            left.wait(30)  # until the client has left
+            on_tokens(new)
+
+        return generate(*args, on_tokens=seen, **kwargs)
+
+    def recorded(*args, **kwargs):
+        try:
+            return complete(*args, **kwargs)
+        except Exception as err:
+            outcomes.append(type(err).__name__)
+            raise
+        finally:
+            done.set()
+
+    monkeypatch.setattr(server.engine, "generate", watched)
+    monkeypatch.setattr(server, "complete", recorded)
+    body = json.dumps({"prompt": "hello", "max_tokens": 50, "temperature": 0, "ignore_eos": True, "stream": stream}).encode()
+
+    def send_and_leave(after: threading.Event | None = None) -> None:
+        with socket.create_connection(server.server_address[:2]) as client:
+            client.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            if after is not None:
+                after.wait(30)
+
+    client = threading.Thread(target=send_and_leave, args=(started,))
+    client.start()
+    client.join()
+    time.sleep(0.2)  # the server's end of the connection sees it closed
+    left.set()
+    assert done.wait(30) and outcomes == ["ConnectionResetError"] and chunks == [1] and len(calls) == 1
+    done.clear()
+    with server.engine_lock:  # the engine busy while the next client comes and goes
+        send_and_leave()
+        time.sleep(0.2)
+    assert done.wait(30) and outcomes == ["ConnectionResetError"] * 2 and len(calls) == 1  # never started
+    got = _complete(server, prompt="hello", max_tokens=5, temperature=0)["choices"][0]["token_ids"]
+    assert got == engine.generate("hello", 5).tokens
 
 
 def test_an_engine_with_a_prefix_cache_prefills_only_a_turns_new_tokens(checkpoint):

@@ -9,7 +9,9 @@ Routes: GET /v1/models, GET /health, POST /v1/completions, POST /v1/chat/complet
 tokenizer routes POST /tokenize, POST /detokenize and GET /tokenizer_info (which
 lm-evaluation-harness's local-completions model finds and then tokenizes with). Batch 1: the Engine
 decodes one sequence at a time, so requests are served one after another (the others wait for it),
-each at the Engine's speed.
+each at the Engine's speed. A client that closes its connection (a timeout, say) takes its request
+with it: one that is still waiting never runs, and one that runs stops at the Engine's next chunk of
+new tokens (up to 32), so abandoned requests do not hold up those behind them.
 
 A completion request (JSON) takes OpenAI's fields: prompt (text or token ids, or a list of them), n
 (completions per prompt, default 1; choice p * n + i is prompt p's i-th, drawn with seed + i when
@@ -62,6 +64,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -323,11 +327,14 @@ class CompletionServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def complete(self, request: CompletionRequest, on_chunk: Callable[[dict], None] | None = None) -> dict:
+    def complete(self, request: CompletionRequest, on_chunk: Callable[[dict], None] | None = None,
+                 client_left: Callable[[], bool] = lambda: False) -> dict:
         """The completion of `request` as OpenAI's text_completion object (module docstring);
         on_chunk, if given, gets each choice's pieces as they come, in order, each as a choice of a
         streamed chunk: {index, text (the next piece of its final text), logprobs (its tokens' part
-        of the logprobs object, or None), finish_reason (None until the choice's last)}."""
+        of the logprobs object, or None), finish_reason (None until the choice's last)}.
+        ConnectionResetError, and the engine free for the next request, where client_left() is true
+        when the request's turn comes or between the Engine's chunks of new tokens."""
         prompts = [self._prompt_tokens(prompt, request.max_tokens) for prompt in request.prompts]  # all checked before any runs
         done = []
         with self.engine_lock:
@@ -339,7 +346,9 @@ class CompletionServer(ThreadingHTTPServer):
                     sampling = request.sampling
                     if sampling.seed is not None:
                         sampling = replace(sampling, seed=(sampling.seed + copy) % 2**63)
-                    done.append(self._choice(number * request.n + copy, prompt, tokens, scored, sampling, request, on_chunk))
+                    _check_client(client_left)
+                    done.append(self._choice(number * request.n + copy, prompt, tokens, scored, sampling, request, on_chunk,
+                                             client_left))
         outs = [out for _, out in done if out is not None]
         prompt_tokens, completion_tokens = sum(map(len, prompts)), sum(len(out.tokens) for out in outs)
         decode_ms = [ms for out in outs for ms in out.decode_ms]
@@ -360,7 +369,8 @@ class CompletionServer(ThreadingHTTPServer):
         return tokens
 
     def _choice(self, index: int, prompt: Prompt, tokens: list[int], scored: list[TokenLogprobs] | None, sampling: SamplingParams,
-                request: CompletionRequest, on_chunk: Callable[[dict], None] | None) -> tuple[dict, Generation | None]:
+                request: CompletionRequest, on_chunk: Callable[[dict], None] | None,
+                client_left: Callable[[], bool]) -> tuple[dict, Generation | None]:
         """The choice of `prompt` (its `tokens`; `scored`: their prompt_logprobs where echoed with
         logprobs) drawn by `sampling`, its pieces sent to on_chunk as they come (see complete()), and
         its Generation (None for max_tokens 0)."""
@@ -387,6 +397,7 @@ class CompletionServer(ThreadingHTTPServer):
 
         def on_tokens(new: list[int]) -> None:
             nonlocal sent
+            _check_client(client_left)
             text.tokens += new
             part = None if listing is None else listing.extend(new, listed)
             listed.clear()
@@ -442,6 +453,11 @@ class CompletionServer(ThreadingHTTPServer):
         if self.engine.tokenizer is None:
             raise RequestError(f"{self.model_name!r} has no tokenizer: give prompts as token ids", HTTPStatus.NOT_FOUND, "not_found")
         return self.engine.tokenizer
+
+
+def _check_client(client_left: Callable[[], bool]) -> None:
+    if client_left():
+        raise ConnectionResetError("the client left: its completion is not made")
 
 
 def _chat_choice(choice: dict) -> dict:
@@ -500,9 +516,9 @@ class _Handler(BaseHTTPRequestHandler):
             if request.stream:
                 self._stream(request)
             else:
-                self._send_json(self.server.complete(request))
+                self._send_json(self.server.complete(request, client_left=self._client_left))
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left, and with it the generation it asked for
+            self.log_message("%s", f"{self.path}: the client left, and with it the generation it asked for")
         except Exception as err:  # noqa: BLE001 -- any failure is answered (a 500 for the unexpected); the server goes on
             if isinstance(err, InvalidInputError):
                 err = RequestError(str(err))
@@ -538,10 +554,19 @@ class _Handler(BaseHTTPRequestHandler):
                 opened.add(choice["index"])
             self._event({**header, "choices": [choice]})
 
-        result = self.server.complete(request, send)
+        result = self.server.complete(request, send, self._client_left)
         if request.include_usage:
             self._event({**header, "choices": [], "usage": result["usage"]})
         self._event("[DONE]")
+
+    def _client_left(self) -> bool:
+        """Whether the client has closed the connection: its request was read whole, so a client
+        still waiting for the reply sends nothing, and the socket reads as ended only once it left."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:  # reset by the client
+            return True
 
     def _event(self, data: dict | str) -> None:
         """One server-sent event (after the response's head, the first time)."""
