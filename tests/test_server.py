@@ -20,6 +20,7 @@ import neoxfuse
 import neoxfuse.cli
 from neoxfuse.cli import main
 from neoxfuse.engine import Engine
+from neoxfuse.errors import InvalidInputError
 from neoxfuse.sampling import SamplingParams
 from neoxfuse.server import CompletionServer, CompletionText
 from neoxfuse.weights import random_model
@@ -446,6 +447,49 @@ def test_a_client_that_leaves_gets_nothing_more_made(served, monkeypatch, stream
     assert got == engine.generate("hello", 5).tokens
 
 
+def test_a_server_refuses_a_request_past_its_queue_with_a_503(checkpoint, monkeypatch):
+    server = CompletionServer(Engine(str(checkpoint), device="cpu", max_seq_len=64), ("127.0.0.1", 0), "tiny", max_waiting=1)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    running, release = threading.Event(), threading.Event()
+    generate = server.engine.generate
+
+    def held(*args, **kwargs):
+        running.set()
+        release.wait(30)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(server.engine, "generate", held)
+    body = {"prompt": "hello", "max_tokens": 3, "temperature": 0}
+    replies = {}
+
+    def ask(name: str) -> None:
+        replies[name] = _request(server, "/v1/completions", body)
+
+    try:
+        first = threading.Thread(target=ask, args=("running",))
+        first.start()
+        assert running.wait(30)
+        second = threading.Thread(target=ask, args=("waiting",))
+        second.start()
+        deadline = time.monotonic() + 30
+        while server._pending < 2 and time.monotonic() < deadline:  # the second waits for the engine
+            time.sleep(0.01)
+        status, data = _request(server, "/v1/completions", body)
+        error = json.loads(data)["error"]
+        assert status == 503 and error["code"] == "overloaded" and "one request runs and 1 wait" in error["message"]
+        release.set()
+        first.join()
+        second.join()
+        assert replies["running"][0] == replies["waiting"][0] == 200
+        assert _request(server, "/v1/completions", body)[0] == 200  # the queue is free again
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(InvalidInputError, match="max_waiting must be None or an integer >= 0, got -1"):
+        CompletionServer(server.engine, ("127.0.0.1", 0), "tiny", max_waiting=-1)
+
+
 def test_an_engine_with_a_prefix_cache_prefills_only_a_turns_new_tokens(checkpoint):
     # A conversation's next turn: the prompt is the last one, its completion and more.
     engine, mirror = (Engine(str(checkpoint), device="cpu", max_seq_len=64, prefix_cache=True) for _ in range(2))
@@ -654,12 +698,13 @@ def test_neoxfuse_serve_takes_a_chat_template_file(checkpoint, tmp_path, capsys)
     assert "neoxfuse: error: --chat-template " in capsys.readouterr().err
 
 
-def test_neoxfuse_serve_takes_its_api_key_from_the_command_line_else_the_environment(checkpoint, capsys, monkeypatch):
-    keys = []
+def test_neoxfuse_serve_passes_its_api_key_and_queue_limit_to_the_server(checkpoint, capsys, monkeypatch):
+    keys, queues = [], []
 
     class Recorder(CompletionServer):
-        def __init__(self, *args):
-            keys.append(args[-1])
+        def __init__(self, engine, address, model_name, chat_template, api_key, max_waiting):
+            keys.append(api_key)
+            queues.append(max_waiting)
             raise OSError("recorded")
 
     monkeypatch.setattr(neoxfuse.cli, "CompletionServer", Recorder)
@@ -667,8 +712,10 @@ def test_neoxfuse_serve_takes_its_api_key_from_the_command_line_else_the_environ
     monkeypatch.delenv("NEOXFUSE_API_KEY", raising=False)
     assert main(serve) == 1
     monkeypatch.setenv("NEOXFUSE_API_KEY", "from-env")
-    assert main(serve) == 1 and main([*serve, "--api-key", "from-cli"]) == 1
-    assert keys == [None, "from-env", "from-cli"]
+    assert main(serve) == 1 and main([*serve, "--api-key", "from-cli", "--max-waiting", "2"]) == 1
+    assert keys == [None, "from-env", "from-cli"] and queues == [None, None, 2]
+    assert main([*serve, "--max-waiting", "-1"]) == 1
+    assert "neoxfuse: error: --max-waiting must be 0 or more, got -1" in capsys.readouterr().err
     for args in (["--api-key", " "], []):
         monkeypatch.setenv("NEOXFUSE_API_KEY", "")
         assert main([*serve, *args]) == 1

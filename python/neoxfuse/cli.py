@@ -797,6 +797,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "prefix_cache, since reused keys and values round differently from a prefill's")
     parser.add_argument("--chat-template", type=Path, metavar="FILE", help="a Jinja chat template that renders "
                         "/v1/chat/completions messages into a prompt (default: the tokenizer's own, where it has one)")
+    parser.add_argument("--max-waiting", type=int, metavar="N", help="refuse a request (503, code overloaded) when N "
+                        "already wait behind the running one (default: any number wait)")
     parser.add_argument("--api-key", metavar="KEY", help="answer only requests that carry KEY (`Authorization: Bearer KEY`, as OpenAI's clients send "
                         "it; every route but /health); default: the environment's NEOXFUSE_API_KEY, else none")
 
@@ -816,10 +818,13 @@ def _serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("NEOXFUSE_API_KEY")
     if api_key is not None and not api_key.strip():
         raise InvalidInputError("the API key (--api-key or NEOXFUSE_API_KEY) is empty; give one, or leave both unset to serve without")
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise InvalidInputError(f"--max-waiting must be 0 or more, got {args.max_waiting}")
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed,
                     revision=args.revision, prefix_cache=args.prefix_cache)
     try:
-        server = CompletionServer(engine, (args.host, args.port), args.served_model_name or model, chat_template, api_key)
+        server = CompletionServer(engine, (args.host, args.port), args.served_model_name or model, chat_template, api_key,
+                                  args.max_waiting)
     except (OSError, OverflowError) as err:  # in use, not this machine's address, past 65535
         raise InvalidInputError(f"cannot listen on {args.host}:{args.port}: {getattr(err, 'strerror', None) or err}") from None
     print(f"model: {_engine_summary(engine)}", flush=True)

@@ -11,7 +11,8 @@ lm-evaluation-harness's local-completions model finds and then tokenizes with). 
 decodes one sequence at a time, so requests are served one after another (the others wait for it),
 each at the Engine's speed. A client that closes its connection (a timeout, say) takes its request
 with it: one that is still waiting never runs, and one that runs stops at the Engine's next chunk of
-new tokens (up to 32), so abandoned requests do not hold up those behind them.
+new tokens (up to 32), so abandoned requests do not hold up those behind them. With max_waiting N
+(`neoxfuse serve --max-waiting N`), a request that would be the N+1-th to wait is refused at once (503).
 
 A completion request (JSON) takes OpenAI's fields: prompt (text or token ids, or a list of them), n
 (completions per prompt, default 1; choice p * n + i is prompt p's i-th, drawn with seed + i when
@@ -57,7 +58,8 @@ only to requests that carry it, as OpenAI's clients send it: `Authorization: Bea
 Errors are OpenAI's {"error": {"message", "type", "param", "code"}}: 400 for a bad request (every
 InvalidInputError of the Engine too, such as a prompt and max_tokens past the KV cache), 401 for a
 missing or wrong API key (code invalid_api_key), 404 for an unknown route or model name (and the
-tokenizer routes of a model without a tokenizer), 500 for anything else.
+tokenizer routes of a model without a tokenizer), 503 for a full queue (code overloaded), 500 for
+anything else.
 """
 
 from __future__ import annotations
@@ -313,7 +315,9 @@ class CompletionServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, engine: Engine, address: tuple[str, int] = ("127.0.0.1", 8000), model_name: str | None = None,
-                 chat_template: str | None = None, api_key: str | None = None):
+                 chat_template: str | None = None, api_key: str | None = None, max_waiting: int | None = None):
+        if max_waiting is not None and (not is_integer(max_waiting) or max_waiting < 0):
+            raise InvalidInputError(f"max_waiting must be None or an integer >= 0, got {max_waiting!r}")
         super().__init__(address, _Handler)
         self.engine = engine
         self.model_name = model_name or engine.description
@@ -321,6 +325,9 @@ class CompletionServer(ThreadingHTTPServer):
         self.api_key = api_key  # what every route but /health asks for as `Authorization: Bearer KEY` (None: nothing)
         self.created = int(time.time())
         self.engine_lock = threading.Lock()  # one generation at a time
+        self.max_waiting = max_waiting  # requests that may wait behind the running one (None: any number)
+        self._pending = 0  # completions running or waiting for the engine
+        self._pending_lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -334,8 +341,24 @@ class CompletionServer(ThreadingHTTPServer):
         streamed chunk: {index, text (the next piece of its final text), logprobs (its tokens' part
         of the logprobs object, or None), finish_reason (None until the choice's last)}.
         ConnectionResetError, and the engine free for the next request, where client_left() is true
-        when the request's turn comes or between the Engine's chunks of new tokens."""
+        when the request's turn comes or between the Engine's chunks of new tokens; a 503
+        RequestError where max_waiting requests already wait behind a running one."""
         prompts = [self._prompt_tokens(prompt, request.max_tokens) for prompt in request.prompts]  # all checked before any runs
+        with self._pending_lock:
+            if self.max_waiting is not None and self._pending > self.max_waiting:
+                raise RequestError(f"the server is busy: one request runs and {self._pending - 1} wait, the most it queues "
+                                   f"(max_waiting {self.max_waiting}); try again later",
+                                   HTTPStatus.SERVICE_UNAVAILABLE, "server_error", "overloaded")
+            self._pending += 1
+        try:
+            return self._complete(request, prompts, on_chunk, client_left)
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+
+    def _complete(self, request: CompletionRequest, prompts: list[list[int]], on_chunk: Callable[[dict], None] | None,
+                  client_left: Callable[[], bool]) -> dict:
+        """complete() once the request is admitted: its `prompts`' tokens, checked."""
         done = []
         with self.engine_lock:
             for number, (prompt, tokens) in enumerate(zip(request.prompts, prompts)):
