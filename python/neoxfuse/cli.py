@@ -35,7 +35,7 @@ from neoxfuse.errors import InvalidInputError, NeoxfuseError
 from neoxfuse.sampling import LATER_FILTERS, SAMPLED_ONLY, SamplingParams
 from neoxfuse.progress import progress_bar
 from neoxfuse.scoring import CorpusScores, Scores, TextMeasures, TokenLogprobs, hf_scores
-from neoxfuse.server import CompletionServer
+from neoxfuse.server import CompletionServer, check_serving
 
 GPU_DEFAULT_MODEL = "pythia-2.8b"
 CPU_DEFAULT_MODEL = "pythia-70m"
@@ -799,8 +799,9 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "/v1/chat/completions messages into a prompt (default: the tokenizer's own, where it has one)")
     parser.add_argument("--max-waiting", type=int, metavar="N", help="refuse a request (503, code overloaded) when N "
                         "already wait behind the running one (default: any number wait)")
-    parser.add_argument("--api-key", metavar="KEY", help="answer only requests that carry KEY (`Authorization: Bearer KEY`, as OpenAI's clients send "
-                        "it; every route but /health); default: the environment's NEOXFUSE_API_KEY, else none")
+    parser.add_argument("--api-key", metavar="KEY", help="answer only requests that carry KEY (`Authorization: Bearer "
+                        "KEY`, as OpenAI's clients send it; every route but /health); default: the environment's "
+                        "NEOXFUSE_API_KEY, else none")
 
 
 def _serve(args) -> int:
@@ -816,10 +817,7 @@ def _serve(args) -> int:
     model = _model_name(args, device)
     chat_template = _read_chat_template(args.chat_template)
     api_key = args.api_key if args.api_key is not None else os.environ.get("NEOXFUSE_API_KEY")
-    if api_key is not None and not api_key.strip():
-        raise InvalidInputError("the API key (--api-key or NEOXFUSE_API_KEY) is empty; give one, or leave both unset to serve without")
-    if args.max_waiting is not None and args.max_waiting < 0:
-        raise InvalidInputError(f"--max-waiting must be 0 or more, got {args.max_waiting}")
+    check_serving(api_key, args.max_waiting)  # before the model loads
     engine = Engine(model, backend=args.backend, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, seed=args.seed,
                     revision=args.revision, prefix_cache=args.prefix_cache)
     try:

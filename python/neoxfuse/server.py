@@ -316,8 +316,7 @@ class CompletionServer(ThreadingHTTPServer):
 
     def __init__(self, engine: Engine, address: tuple[str, int] = ("127.0.0.1", 8000), model_name: str | None = None,
                  chat_template: str | None = None, api_key: str | None = None, max_waiting: int | None = None):
-        if max_waiting is not None and (not is_integer(max_waiting) or max_waiting < 0):
-            raise InvalidInputError(f"max_waiting must be None or an integer >= 0, got {max_waiting!r}")
+        check_serving(api_key, max_waiting)
         super().__init__(address, _Handler)
         self.engine = engine
         self.model_name = model_name or engine.description
@@ -476,6 +475,15 @@ class CompletionServer(ThreadingHTTPServer):
         if self.engine.tokenizer is None:
             raise RequestError(f"{self.model_name!r} has no tokenizer: give prompts as token ids", HTTPStatus.NOT_FOUND, "not_found")
         return self.engine.tokenizer
+
+
+def check_serving(api_key: str | None, max_waiting: int | None) -> None:
+    """InvalidInputError for an API key that is empty (it would let every request in) or a
+    max_waiting other than None or an integer >= 0: CompletionServer's, checked before a model loads."""
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise InvalidInputError("the API key is empty; give one, or none to serve without")
+    if max_waiting is not None and (not is_integer(max_waiting) or max_waiting < 0):
+        raise InvalidInputError(f"max_waiting must be None or an integer >= 0, got {max_waiting!r}")
 
 
 def _check_client(client_left: Callable[[], bool]) -> None:
