@@ -382,7 +382,7 @@ def test_hf_generate_decodes_a_left_padded_batch_row_by_row_as_model_generate_do
     # Sampled: sequence i (of prompt i // R) drawn with seed + i, as Engine.generate draws it.
     sampled = {"max_new_tokens": 6, "do_sample": True, "top_k": 0, "eos_token_id": None}
     got = neoxfuse.hf.generate(hf_model, **batch, **sampled, num_return_sequences=2, seed=5)
-    prompts = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    prompts = [row[kept.bool()].tolist() for row, kept in zip(batch["input_ids"], batch["attention_mask"])]
     assert got[:, 4:].tolist() == [engine.generate(prompts[i // 2], 6, SamplingParams(temperature=1.0, seed=5 + i)).tokens
                                    for i in range(6)]
     assert got[:, :4].tolist() == batch["input_ids"].repeat_interleave(2, dim=0).tolist()
