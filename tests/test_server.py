@@ -3,6 +3,7 @@ on a tiny checkpoint with a word tokenizer; streaming, errors, one request at a 
 end to end."""
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -82,6 +83,15 @@ def test_greedy_completions_are_the_engines_generations(served):
     for prompt in (ids, [ids], ["hello world w7"]):  # token ids, or a list of one prompt
         assert _complete(server, prompt=prompt, max_tokens=12, temperature=0)["choices"][0]["token_ids"] == want.tokens
     assert len(_complete(server, prompt="hello", temperature=0)["choices"][0]["token_ids"]) == 16  # OpenAI's default max_tokens
+
+
+def test_each_completion_is_logged_with_its_tokens_and_timings(served, capsys):
+    server, _ = served
+    plain = _complete(server, prompt="hello world", max_tokens=4, temperature=0, ignore_eos=True)
+    streamed = _events(server, prompt="hello", max_tokens=1, temperature=0)
+    log = capsys.readouterr().err
+    assert re.search(f"{plain['id']}: prompt_tokens 2 .cached 0., completion_tokens 4, prefill [0-9.]+ ms, tpot [0-9.]+ ms", log)
+    assert re.search(f"{streamed[0]['id']}: prompt_tokens 1 .cached 0., completion_tokens 1, prefill [0-9.]+ ms\n", log)
 
 
 def test_stop_strings_and_stop_tokens_end_a_completion_as_openai_ends_it(served):

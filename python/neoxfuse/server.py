@@ -13,6 +13,8 @@ each at the Engine's speed. A client that closes its connection (a timeout, say)
 with it: one that is still waiting never runs, and one that runs stops at the Engine's next chunk of
 new tokens (up to 32), so abandoned requests do not hold up those behind them. With max_waiting N
 (`neoxfuse serve --max-waiting N`), a request that would be the N+1-th to wait is refused at once (503).
+The server's log (stderr) has a line per completion: its id, prompt_tokens (cached), completion_tokens,
+prefill and TPOT.
 
 A completion request (JSON) takes OpenAI's fields: prompt (text or token ids, or a list of them), n
 (completions per prompt, default 1; choice p * n + i is prompt p's i-th, drawn with seed + i when
@@ -545,9 +547,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 request = CompletionRequest.parse(body, server.engine, server.model_name)
             if request.stream:
-                self._stream(request)
+                result = self._stream(request)
             else:
-                self._send_json(self.server.complete(request, client_left=self._client_left))
+                result = self.server.complete(request, client_left=self._client_left)
+                self._send_json(result)
+            self._log_completion(result)
         except (BrokenPipeError, ConnectionResetError):
             self.log_message("%s", f"{self.path}: the client left, and with it the generation it asked for")
         except Exception as err:  # noqa: BLE001 -- any failure is answered (a 500 for the unexpected); the server goes on
@@ -572,10 +576,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError("a missing or incorrect API key: send `Authorization: Bearer KEY` with the key the server was "
                                "started with (neoxfuse serve --api-key)", HTTPStatus.UNAUTHORIZED, code="invalid_api_key")
 
-    def _stream(self, request: CompletionRequest) -> None:
+    def _stream(self, request: CompletionRequest) -> dict:
         """Server-sent events: each choice's chunks (text, logprobs, then its finish_reason; a chat's as
-        deltas of its message), usage if asked, [DONE]. The 200 goes out with the first chunk, so an
-        error found before it (the Engine checks everything before it runs) is a plain error response."""
+        deltas of its message), usage if asked, [DONE]; the completion, under its chunks' id. The 200
+        goes out with the first chunk, so an error found before it (the Engine checks everything
+        before it runs) is a plain error response."""
         header = self.server.header(request, chunk=True)
         opened: set[int] = set()  # the chat choices whose first chunk went out
 
@@ -589,6 +594,15 @@ class _Handler(BaseHTTPRequestHandler):
         if request.include_usage:
             self._event({**header, "choices": [], "usage": result["usage"]})
         self._event("[DONE]")
+        return {**result, "id": header["id"]}  # the id its chunks carried
+
+    def _log_completion(self, result: dict) -> None:
+        """One line per completion in the server's log: its tokens and timings."""
+        usage, timings = result["usage"], result["timings"]
+        tpot = "" if timings["tpot_ms"] is None else f", tpot {timings['tpot_ms']:.3f} ms"
+        self.log_message("%s", f"{result['id']}: prompt_tokens {usage['prompt_tokens']} (cached "
+                               f"{usage['prompt_tokens_details']['cached_tokens']}), completion_tokens {usage['completion_tokens']}, "
+                               f"prefill {timings['prefill_ms']:.2f} ms{tpot}")
 
     def _client_left(self) -> bool:
         """Whether the client has closed the connection: its request was read whole, so a client
