@@ -625,7 +625,8 @@ def test_chat_completions_are_the_engines_generations_of_the_rendered_messages(c
     for entry, wanted in zip(listed, want.logprobs):  # the three most likely tokens, not the chosen one added
         assert [top["token"] for top in entry["top_logprobs"]] == [engine.tokenizer.decode([t]) for t, _ in wanted.top]
         assert [top["logprob"] for top in entry["top_logprobs"]] == pytest.approx([v for _, v in wanted.top], abs=1e-5)
-    for unasked in ({}, {"logprobs": None}, {"logprobs": False, "top_logprobs": None, "add_generation_prompt": None}):
+    neutral = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "parallel_tool_calls": True, "store": False}
+    for unasked in ({}, {"logprobs": None}, {"logprobs": False, "top_logprobs": None, "add_generation_prompt": None}, neutral):
         unlisted = _chat(server, messages=CHAT, max_tokens=10, temperature=0, presence_penalty=1.0, ignore_eos=True, **unasked)
         assert unlisted["choices"][0]["logprobs"] is None and unlisted["choices"][0]["token_ids"] == want.tokens
     bare = _chat(server, messages=CHAT, max_tokens=10, temperature=0, presence_penalty=1.0, logprobs=True, ignore_eos=True)
@@ -674,6 +675,12 @@ def test_a_streamed_chat_completion_sends_its_message_in_deltas(chat_served):
     ({"messages": CHAT, "add_generation_prompt": "yes"}, "add_generation_prompt must be true or false"),
     ({"messages": CHAT, "max_completion_tokens": 60}, "a 11-token prompt and 60 new tokens need 70 KV cache positions"),
     ({"messages": CHAT * 7}, "a 71-token prompt and 1 new tokens need 71 KV cache positions"),
+    ({"messages": CHAT, "response_format": {"type": "json_object"}}, '''response_format={'type': 'json_object'} is not implemented (only {"type": "text"} or null)'''),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools=[{'type': 'function'"),
+    ({"messages": CHAT, "tool_choice": "auto"}, '''tool_choice='auto' is not implemented (only "none" or null)'''),
+    ({"messages": CHAT, "store": True}, "store=True is not implemented (only false or null)"),
+    ({"messages": CHAT, "parallel_tool_calls": 1}, "parallel_tool_calls=1 is not implemented (only true or false or null)"),
+    ({"messages": CHAT, "audio": {"voice": "x"}}, "unknown fields ['audio']: not in the chat completions API"),
 ])
 def test_bad_chat_requests_are_refused(chat_served, body, message):
     status, data = _request(chat_served[0], "/v1/chat/completions", body)

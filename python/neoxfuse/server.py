@@ -52,7 +52,9 @@ best_of and suffix, with max_completion_tokens (or max_tokens; default: the rest
 and logprobs true or false with top_logprobs (0 to 20). The reply is OpenAI's chat.completion: a
 choice per completion whose message is the assistant's, its text as above; logprobs {content:
 [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}. Streamed, chat.completion.chunk
-events whose choices carry the message's next piece as a delta (the first with the role).
+events whose choices carry the message's next piece as a delta (the first with the role). OpenAI's
+response_format, tools, tool_choice, parallel_tool_calls and store are taken where they change
+nothing (plain text, no tools, nothing stored: the values clients send as defaults), else refused.
 
 A server started with an API key (`neoxfuse serve --api-key KEY`) answers every route but /health
 only to requests that carry it, as OpenAI's clients send it: `Authorization: Bearer KEY`.
@@ -93,6 +95,10 @@ _FIELDS = {"prompt", "suffix", "n", "best_of", "logit_bias", "max_tokens", "stop
 # echo, best_of and suffix, which it does not have).
 _CHAT_FIELDS = {"messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt",
                 *(_FIELDS - {"prompt", "echo", "best_of", "suffix"})}
+# Chat fields neoxfuse does not implement, taken at the values where they change nothing (as clients
+# that send their defaults explicitly send them): plain text, no tools, nothing stored.
+_CHAT_NEUTRAL = {"response_format": ({"type": "text"}, None), "tools": ([], None), "tool_choice": ("none", None),
+                 "parallel_tool_calls": (True, False, None), "store": (False, None)}
 
 Prompt = str | list[int]
 
@@ -181,7 +187,11 @@ class CompletionRequest:
         """A chat request (module docstring) read as the completion request of its prompt: the
         messages rendered by the chat template (`template`, else the tokenizer's) and tokenized.
         RequestError for a body that is not a chat request this server implements."""
-        body = dict(_body(body, _CHAT_FIELDS, model_name, "the chat completions API"))
+        body = dict(_body(body, _CHAT_FIELDS | _CHAT_NEUTRAL.keys(), model_name, "the chat completions API"))
+        for name, neutral in _CHAT_NEUTRAL.items():
+            if not any(body.get(name) == value and type(body.get(name)) is type(value) for value in neutral):  # 1 is no true
+                raise RequestError(f"{name}={body[name]!r} is not implemented (only {' or '.join(map(json.dumps, neutral))})")
+            body.pop(name, None)
         opened = body.pop("add_generation_prompt", None)
         tokens = chat_tokens(engine, body.pop("messages", None), template, True if opened is None else opened)
         max_tokens = body.pop("max_completion_tokens", None)
