@@ -360,11 +360,17 @@ def test_bad_requests_get_openais_error_objects(served, body, status, message):
         assert error["type"] == ("model_not_found" if status == 404 else "invalid_request_error")
 
 
-def test_routes_and_bodies_that_are_not_requests(served):
+def test_routes_and_bodies_that_are_not_requests(served, monkeypatch):
     server, _ = served
     assert _request(server, "/health") == (200, b'{"status": "ok"}')
     models = json.loads(_request(server, "/v1/models")[1])
     assert [model["id"] for model in models["data"]] == ["tiny"] and models["data"][0]["owned_by"] == "neoxfuse"
+    assert json.loads(_request(server, "/v1/models/tiny")[1]) == models["data"][0]  # OpenAI's retrieve
+    status, data = _request(server, "/v1/models/tiny2")
+    assert status == 404 and json.loads(data)["error"]["type"] == "model_not_found"
+    monkeypatch.setattr(server, "model_name", "EleutherAI/pythia-tiny")  # a Hub id: a slash, quoted or not
+    for path in ("/v1/models/EleutherAI/pythia-tiny", "/v1/models/EleutherAI%2Fpythia-tiny"):
+        assert json.loads(_request(server, path)[1])["id"] == "EleutherAI/pythia-tiny"
     status, data = _request(server, "/v1/embeddings", {"input": "w9"})
     assert status == 404 and "neoxfuse serves /v1/completions and /v1/chat/completions" in json.loads(data)["error"]["message"]
     assert _request(server, "/nothing")[0] == 404
@@ -581,6 +587,20 @@ def test_a_server_with_an_api_key_answers_only_requests_that_carry_it(checkpoint
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_serve_warns_when_it_is_reachable_from_other_machines_without_an_api_key(checkpoint, capsys, monkeypatch):
+    def stop(self):
+        raise KeyboardInterrupt  # Ctrl-C as soon as it serves
+
+    monkeypatch.setattr(CompletionServer, "serve_forever", stop)
+    monkeypatch.delenv("NEOXFUSE_API_KEY", raising=False)
+    serve = ["serve", "--model", str(checkpoint), "--device", "cpu", "--port", "0"]
+    for args, warned in [([], False), (["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--api-key", "k"], False),
+                         (["--host", "localhost"], False)]:
+        assert main([*serve, *args]) == 0
+        err = capsys.readouterr().err
+        assert ("is reachable from other machines and no API key is set" in err) == warned and "neoxfuse: stopped" in err
 
 
 def test_serve_says_in_one_line_why_it_cannot_listen(checkpoint, served, capsys):

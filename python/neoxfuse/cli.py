@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import ipaddress
 import json
 import os
 import platform
@@ -827,6 +828,9 @@ def _serve(args) -> int:
         raise InvalidInputError(f"cannot listen on {args.host}:{args.port}: {getattr(err, 'strerror', None) or err}") from None
     print(f"model: {_engine_summary(engine)}", flush=True)
     print(f"neoxfuse: serving {server.model_name!r} at {server.url}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    if api_key is None and not ipaddress.ip_address(server.server_address[0]).is_loopback:
+        print(f"neoxfuse: warning: {args.host} is reachable from other machines and no API key is set: whoever reaches it "
+              "can use it (--api-key KEY)", file=sys.stderr, flush=True)
     with server:
         try:
             server.serve_forever()

@@ -5,7 +5,7 @@
     lm_eval --model local-completions --tasks arc_easy \\
         --model_args model=/ckpt/pythia-2.8b,base_url=http://127.0.0.1:8000/v1/completions
 
-Routes: GET /v1/models, GET /health, POST /v1/completions, POST /v1/chat/completions, and vLLM's
+Routes: GET /v1/models (and /v1/models/NAME), GET /health, POST /v1/completions, POST /v1/chat/completions, and vLLM's
 tokenizer routes POST /tokenize, POST /detokenize and GET /tokenizer_info (which
 lm-evaluation-harness's local-completions model finds and then tokenizes with). Batch 1: the Engine
 decodes one sequence at a time, so requests are served one after another (the others wait for it),
@@ -74,6 +74,7 @@ import select
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from http import HTTPStatus
@@ -526,8 +527,13 @@ class _Handler(BaseHTTPRequestHandler):
             if self.path == "/health":
                 self._send_json({"status": "ok"})
             elif self.path == "/v1/models":
-                self._send_json({"object": "list", "data": [{"id": self.server.model_name, "object": "model",
-                                                            "created": self.server.created, "owned_by": "neoxfuse"}]})
+                self._send_json({"object": "list", "data": [self._model()]})
+            elif self.path.startswith("/v1/models/"):  # OpenAI's retrieve: the model named after it (URL-quoted or not)
+                name = urllib.parse.unquote(self.path.removeprefix("/v1/models/"))
+                if name != self.server.model_name:
+                    raise RequestError(f"the model {name!r} does not exist here; this server serves {self.server.model_name!r}",
+                                       HTTPStatus.NOT_FOUND, "model_not_found")
+                self._send_json(self._model())
             elif self.path == "/tokenizer_info":
                 self._send_json(self.server.tokenizer_info())
             else:
@@ -575,6 +581,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._event("[DONE]")
             else:
                 self._send_error(err)
+
+    def _model(self) -> dict:
+        """OpenAI's model object of the model served."""
+        return {"id": self.server.model_name, "object": "model", "created": self.server.created, "owned_by": "neoxfuse"}
 
     def _check_api_key(self) -> None:
         """A 401 unless the server has no API key or the request carries it (`Authorization: Bearer KEY`)."""
