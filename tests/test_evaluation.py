@@ -13,6 +13,7 @@ from lm_eval.tasks import TaskManager
 
 from conftest import CHAT_TEMPLATE
 
+import neoxfuse.hf
 from neoxfuse.cli import main
 from neoxfuse.engine import Engine, ReferenceBackend
 from neoxfuse.errors import InvalidInputError
@@ -95,6 +96,29 @@ def test_greedy_generations_are_hfs(models):
     want = hf.generate_until(_requests("generate_until", requests))
     assert got == want
     assert got[0] == "" and got[4] != " ".join(plain) and len(set(got[5].split())) == 10
+
+
+def test_lm_evals_hf_model_runs_on_the_engine_with_its_model_generate_patched(checkpoint, models, monkeypatch):
+    # lm_eval's own HFLM calls model.generate with its stopping criteria (its stop sequences, which
+    # keep state per row): patched, the Engine makes HFLM's generations, and they are the same.
+    hf = models[1]
+    patched = HFLM(pretrained=checkpoint, device="cpu", batch_size=1, max_length=MAX_LENGTH)
+    neoxfuse.hf.patch_generate(patched.model)
+    plain = models[0].engine.generate("hello world w7", 10).text.split()
+    runs = []
+    engine_generate = Engine.generate
+
+    def counted(self, *args, **kwargs):
+        runs.append(self.backend_name)
+        return engine_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", counted)
+    gen = {"max_gen_toks": 10, "do_sample": False}
+    requests = [("hello world w7", {**gen, "until": [plain[1]]}), ("hello w12", gen),
+                ("w9 w9", {"until": ["w3", f"{plain[0]} {plain[1]}"], "temperature": 0.0, "max_gen_toks": 8})]
+    got = patched.generate_until(_requests("generate_until", requests))
+    assert got == hf.generate_until(_requests("generate_until", requests)) and runs == ["reference"] * 3
+    assert len(got[0].split()) < 10 and len(got[1].split()) == 10  # the first ended at its stop sequence
 
 
 def test_generations_end_at_the_generation_configs_end_of_text_tokens_as_hfs(checkpoint, models, tmp_path):
