@@ -104,6 +104,11 @@ def test_stop_strings_and_stop_tokens_end_a_completion_as_openai_ends_it(served)
     assert got["text"] == f"{words[0]} {words[1]} " and got["finish_reason"] == "stop" and got["token_ids"] == plain[:4]
     got = _complete(server, **greedy, stop=["w53", "119 w5"])["choices"][0]  # w53 completes both: the first one found cuts
     assert got["text"] == f"{words[0]} {words[1]} {words[2]} w" and got["token_ids"] == plain[:5]
+    # vLLM's include_stop_str_in_output: the text ends after the stop string that ends first.
+    got = _complete(server, **greedy, stop=["w53", "119 w5"], include_stop_str_in_output=True)["choices"][0]
+    assert got["text"] == f"{words[0]} {words[1]} {words[2]} w119 w5" and got["token_ids"] == plain[:5]
+    streamed = _events(server, **greedy, stop=[stop], include_stop_str_in_output=True)
+    assert "".join(event["choices"][0]["text"] for event in streamed) == f"{words[0]} {words[1]} {stop}"
     got = _complete(server, **greedy, stop_token_ids=[plain[5]])["choices"][0]
     assert got["token_ids"] == plain[:6] and got["finish_reason"] == "stop" and got["text"].split() == words[:6]
     got = _complete(server, **greedy, min_tokens=6, stop_token_ids=[plain[0]])["choices"][0]["token_ids"]
@@ -115,6 +120,22 @@ def test_stop_strings_and_stop_tokens_end_a_completion_as_openai_ends_it(served)
     assert got["token_ids"] == eos[:11] and got["finish_reason"] == "stop" and got["text"] == engine.tokenizer.decode(eos[:10])
     got = _complete(server, prompt="w40 w41", max_tokens=12, temperature=0, ignore_eos=True)["choices"][0]
     assert got["token_ids"] == eos and got["finish_reason"] == "length" and "endoftext" not in got["text"]
+    got = _complete(server, prompt="w40 w41", max_tokens=12, temperature=0, ignore_eos=True, skip_special_tokens=False)
+    assert got["choices"][0]["text"] == engine.tokenizer.decode(eos) and "<|endoftext|>" in got["choices"][0]["text"]
+
+
+def test_allowed_token_ids_leave_the_others_out_as_vllms_do(served):
+    server, engine = served
+    vocab = engine.shape.vocab
+    plain = engine.generate("w9 w10 w11", 8).tokens
+    allowed = [plain[1], plain[3], 7, 8, 9]  # the greedy first token is not among them
+    want = engine.generate("w9 w10 w11", 8, SamplingParams(suppress_tokens=set(range(vocab)) - set(allowed))).tokens
+    got = _complete(server, prompt="w9 w10 w11", max_tokens=8, temperature=0, allowed_token_ids=allowed)["choices"][0]["token_ids"]
+    assert got == want and set(got) <= set(allowed) and got != plain[: len(got)]
+    for given, message in [([], "allowed_token_ids must be a non-empty list of token ids"), ([vocab], "token ids"),
+                           ("w9", "allowed_token_ids must be a non-empty list")]:
+        status, data = _request(server, "/v1/completions", {"prompt": "w9", "allowed_token_ids": given})
+        assert status == 400 and message in json.loads(data)["error"]["message"]
 
 
 def test_sampled_completions_draw_the_engines_tokens_from_their_seed(served):

@@ -24,7 +24,8 @@ greedy), top_p, seed, stop (a string or a list of them), echo, logprobs (0 to 20
 stream_options.include_usage, presence_penalty and frequency_penalty (from -2 to 2, on the tokens
 generated, as vLLM applies them); best_of only null or n and suffix only null (anything else is
 refused, as is a field the API does not have); and vLLM's extensions top_k, min_p, typical_p,
-repetition_penalty, min_tokens, stop_token_ids and ignore_eos.
+repetition_penalty, min_tokens, stop_token_ids, ignore_eos, allowed_token_ids (only these may be
+generated), include_stop_str_in_output and skip_special_tokens (default true).
 
 The reply is OpenAI's text_completion: a choice per prompt whose text is the new tokens' text
 (special tokens skipped; after the prompt's text with echo), cut before the first stop string as
@@ -91,7 +92,8 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's
 _IGNORED = {"model", "user"}  # fields that change nothing
 _SAMPLING = {"temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed"}
 _FIELDS = {"prompt", "suffix", "n", "best_of", "logit_bias", "max_tokens", "stop", "echo", "logprobs", "stream", "stream_options",
-           "min_tokens", "stop_token_ids", "ignore_eos", *_SAMPLING, *_IGNORED}
+           "min_tokens", "stop_token_ids", "ignore_eos", "allowed_token_ids", "include_stop_str_in_output", "skip_special_tokens",
+           *_SAMPLING, *_IGNORED}
 # A chat request's own fields; the others it shares with a completion request (but for prompt,
 # echo, best_of and suffix, which it does not have).
 _CHAT_FIELDS = {"messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt",
@@ -132,6 +134,8 @@ class CompletionRequest:
     logprobs: int | None
     stream: bool
     include_usage: bool
+    include_stop: bool = False  # the text ends after its stop string, not before (vLLM's include_stop_str_in_output)
+    skip_special: bool = True  # special tokens left out of the text (vLLM's skip_special_tokens)
     chat: bool = False  # answered as a chat completion (a request to /v1/chat/completions)
 
     @classmethod
@@ -141,7 +145,7 @@ class CompletionRequest:
         if body.get("suffix") is not None:
             raise RequestError(f"suffix={body['suffix']!r} is not implemented (GPT-NeoX models are not trained to fill in "
                                "the middle; suffix only null)")
-        for name in ("stream", "ignore_eos", "echo"):
+        for name in ("stream", "ignore_eos", "echo", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(body.get(name, False), bool):
                 raise RequestError(f"{name} must be true or false, got {body[name]!r}")
         options = {name: body[name] for name in _SAMPLING if body.get(name) is not None}
@@ -152,6 +156,7 @@ class CompletionRequest:
         if options.get("top_k") == -1:  # vLLM's word for all
             options["top_k"] = 0
         options["sequence_bias"] = {(token,): bias for token, bias in _logit_bias(body.get("logit_bias")).items()}
+        options["suppress_tokens"] = _suppressed(body.get("allowed_token_ids"), engine.shape.vocab)
         sampling = SamplingParams(**options)  # InvalidInputError names a bad value
         eos = () if body.get("ignore_eos") else tuple(sorted(engine.eos_token_ids))
         stop_token_ids = body.get("stop_token_ids") or []
@@ -181,7 +186,8 @@ class CompletionRequest:
         return cls(prompts=_prompts(body.get("prompt")), n=n, max_tokens=max_tokens, sampling=sampling, stop=tuple(stop),
                    stop_token_ids=(*eos, *stop_token_ids), min_tokens=body.get("min_tokens") or 0,
                    echo=echo, logprobs=logprobs, stream=body.get("stream", False),
-                   include_usage=bool(stream_options.get("include_usage")))
+                   include_usage=bool(stream_options.get("include_usage")),
+                   include_stop=body.get("include_stop_str_in_output", False), skip_special=body.get("skip_special_tokens", True))
 
     @classmethod
     def parse_chat(cls, body: object, engine: Engine, model_name: str, template: str | None) -> CompletionRequest:
@@ -231,6 +237,15 @@ def _logit_bias(given: object) -> dict[int, float]:
     return {int(key): float(bias) for key, bias in given.items()}
 
 
+def _suppressed(allowed: object, vocab: int) -> frozenset[int]:
+    """The tokens vLLM's allowed_token_ids (a non-empty list of ids, or null: all) leaves out."""
+    if allowed is None:
+        return frozenset()
+    if not isinstance(allowed, list) or not allowed:
+        raise RequestError(f"allowed_token_ids must be a non-empty list of token ids, got {allowed!r}"[:300])
+    return frozenset(range(vocab)) - set(check_token_ids(allowed, vocab))
+
+
 def _is_token_ids(prompt: object) -> bool:
     return isinstance(prompt, list) and all(is_integer(token) for token in prompt)
 
@@ -245,23 +260,24 @@ def _prompts(prompt: object) -> tuple[Prompt, ...]:
 
 
 class CompletionText:
-    """The text of the new tokens as far as it is final: decoded with special tokens skipped, cut
-    before the first stop string; while generating (final=False), without an incomplete character
-    at its end or an end that could be the start of a stop string."""
+    """The text of the new tokens as far as it is final: decoded (special tokens skipped unless
+    skip_special is false), cut before the first stop string (after the first to end, with
+    include_stop); while generating (final=False), without an incomplete character at its end or an
+    end that could be the start of a stop string."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer, self.stop = tokenizer, stop
+    def __init__(self, tokenizer, stop: tuple[str, ...], include_stop: bool = False, skip_special: bool = True):
+        self.tokenizer, self.stop, self.include_stop, self.skip_special = tokenizer, stop, include_stop, skip_special
         self.tokens: list[int] = []
         self.stopped = False  # a stop string was found
 
     def text(self, final: bool) -> str:
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        found = [text.index(stop) for stop in self.stop if stop in text]
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special)
+        found = [(text.index(stop), len(stop)) for stop in self.stop if stop in text]
         if found:
             self.stopped = True
-            return text[: min(found)]
+            return text[: min(start + length for start, length in found)] if self.include_stop else text[: min(found)[0]]
         if final:
             return text
         text = text.rstrip("\ufffd")
@@ -427,7 +443,7 @@ class CompletionServer(ThreadingHTTPServer):
             send("", None, "length")
             return {"index": index, "text": echoed, "logprobs": listing and listing.whole, "finish_reason": "length",
                     "token_ids": []}, None
-        text = CompletionText(engine.tokenizer, request.stop)
+        text = CompletionText(engine.tokenizer, request.stop, request.include_stop, request.skip_special)
         sent, listed = "", []
 
         def on_tokens(new: list[int]) -> None:
