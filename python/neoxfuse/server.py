@@ -5,16 +5,16 @@
     lm_eval --model local-completions --tasks arc_easy \\
         --model_args model=/ckpt/pythia-2.8b,base_url=http://127.0.0.1:8000/v1/completions
 
-Routes: GET /v1/models (and /v1/models/NAME), GET /health, POST /v1/completions, POST /v1/chat/completions, and vLLM's
-tokenizer routes POST /tokenize, POST /detokenize and GET /tokenizer_info (which
-lm-evaluation-harness's local-completions model finds and then tokenizes with). Batch 1: the Engine
-decodes one sequence at a time, so requests are served one after another (the others wait for it),
-each at the Engine's speed. A client that closes its connection (a timeout, say) takes its request
-with it: one that is still waiting never runs, and one that runs stops at the Engine's next chunk of
-new tokens (up to 32), so abandoned requests do not hold up those behind them. With max_waiting N
-(`neoxfuse serve --max-waiting N`), a request that would be the N+1-th to wait is refused at once (503).
-The server's log (stderr) has a line per completion: its id, prompt_tokens (cached), completion_tokens,
-prefill and TPOT.
+Routes: GET /v1/models (and /v1/models/NAME), GET /health, POST /v1/completions, POST
+/v1/chat/completions, and vLLM's tokenizer routes POST /tokenize, POST /detokenize and GET
+/tokenizer_info (which lm-evaluation-harness's local-completions model finds and then tokenizes
+with). Batch 1: the Engine decodes one sequence at a time, so requests are served one after another
+(the others wait for it), each at the Engine's speed. A client that closes its connection (a
+timeout, say) takes its request with it: one that is still waiting never runs, and one that runs
+stops at the Engine's next chunk of new tokens (up to 32), so abandoned requests do not hold up
+those behind them. With max_waiting N (`neoxfuse serve --max-waiting N`), a request that would be
+the N+1-th to wait is refused at once (503). The server's log (stderr) has a line per completion:
+its id, prompt_tokens (cached), completion_tokens, prefill and TPOT.
 
 A completion request (JSON) takes OpenAI's fields: prompt (text or token ids, or a list of them), n
 (completions per prompt, default 1; choice p * n + i is prompt p's i-th, drawn with seed + i when
