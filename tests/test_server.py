@@ -124,6 +124,23 @@ def test_stop_strings_and_stop_tokens_end_a_completion_as_openai_ends_it(served)
     assert got["choices"][0]["text"] == engine.tokenizer.decode(eos) and "<|endoftext|>" in got["choices"][0]["text"]
 
 
+def test_truncate_prompt_tokens_keeps_each_prompts_last_tokens(served):
+    server, engine = served
+    want = engine.generate("w12 w13 w14", 6)
+    got = _complete(server, prompt="w9 w10 w11 w12 w13 w14", max_tokens=6, temperature=0, truncate_prompt_tokens=3, echo=True)
+    choice = got["choices"][0]
+    assert choice["token_ids"] == want.tokens and got["usage"]["prompt_tokens"] == 3
+    assert choice["text"].startswith("w12 w13 w14") and "w9" not in choice["text"]
+    too_long = [5] * 70  # past the 64-position cache, but for its last 10 tokens
+    status, _ = _request(server, "/v1/completions", {"prompt": too_long, "max_tokens": 4})
+    assert status == 400
+    got = _complete(server, prompt=too_long, max_tokens=4, temperature=0, truncate_prompt_tokens=10)
+    assert got["choices"][0]["token_ids"] == engine.generate([5] * 10, 4).tokens
+    for given in (0, "3", True):
+        status, data = _request(server, "/v1/completions", {"prompt": "w9", "truncate_prompt_tokens": given})
+        assert status == 400 and "truncate_prompt_tokens must be null or an integer >= 1" in json.loads(data)["error"]["message"]
+
+
 def test_allowed_token_ids_leave_the_others_out_as_vllms_do(served):
     server, engine = served
     vocab = engine.shape.vocab

@@ -25,7 +25,8 @@ stream_options.include_usage, presence_penalty and frequency_penalty (from -2 to
 generated, as vLLM applies them); best_of only null or n and suffix only null (anything else is
 refused, as is a field the API does not have); and vLLM's extensions top_k, min_p, typical_p,
 repetition_penalty, min_tokens, stop_token_ids, ignore_eos, allowed_token_ids (only these may be
-generated), include_stop_str_in_output and skip_special_tokens (default true).
+generated), include_stop_str_in_output, skip_special_tokens (default true) and
+truncate_prompt_tokens (each prompt cut to its last k tokens; echo then shows their text).
 
 The reply is OpenAI's text_completion: a choice per prompt whose text is the new tokens' text
 (special tokens skipped; after the prompt's text with echo), cut before the first stop string as
@@ -93,7 +94,7 @@ _IGNORED = {"model", "user"}  # fields that change nothing
 _SAMPLING = {"temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed"}
 _FIELDS = {"prompt", "suffix", "n", "best_of", "logit_bias", "max_tokens", "stop", "echo", "logprobs", "stream", "stream_options",
            "min_tokens", "stop_token_ids", "ignore_eos", "allowed_token_ids", "include_stop_str_in_output", "skip_special_tokens",
-           *_SAMPLING, *_IGNORED}
+           "truncate_prompt_tokens", *_SAMPLING, *_IGNORED}
 # A chat request's own fields; the others it shares with a completion request (but for prompt,
 # echo, best_of and suffix, which it does not have).
 _CHAT_FIELDS = {"messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt",
@@ -136,6 +137,7 @@ class CompletionRequest:
     include_usage: bool
     include_stop: bool = False  # the text ends after its stop string, not before (vLLM's include_stop_str_in_output)
     skip_special: bool = True  # special tokens left out of the text (vLLM's skip_special_tokens)
+    truncate: int | None = None  # each prompt cut to its last `truncate` tokens (vLLM's truncate_prompt_tokens)
     chat: bool = False  # answered as a chat completion (a request to /v1/chat/completions)
 
     @classmethod
@@ -180,6 +182,9 @@ class CompletionRequest:
         if body.get("best_of") not in (None, n):
             raise RequestError(f"best_of={body['best_of']!r} is not implemented (neoxfuse returns every completion it makes: "
                                "best_of only null or n)")
+        truncate = body.get("truncate_prompt_tokens")
+        if truncate is not None and (not is_integer(truncate) or truncate < 1):
+            raise RequestError(f"truncate_prompt_tokens must be null or an integer >= 1, got {truncate!r}")
         logprobs = body.get("logprobs")
         if logprobs is not None and (not is_integer(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
             raise RequestError(f"logprobs must be null or an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}")
@@ -187,7 +192,8 @@ class CompletionRequest:
                    stop_token_ids=(*eos, *stop_token_ids), min_tokens=body.get("min_tokens") or 0,
                    echo=echo, logprobs=logprobs, stream=body.get("stream", False),
                    include_usage=bool(stream_options.get("include_usage")),
-                   include_stop=body.get("include_stop_str_in_output", False), skip_special=body.get("skip_special_tokens", True))
+                   include_stop=body.get("include_stop_str_in_output", False), skip_special=body.get("skip_special_tokens", True),
+                   truncate=truncate)
 
     @classmethod
     def parse_chat(cls, body: object, engine: Engine, model_name: str, template: str | None) -> CompletionRequest:
@@ -371,7 +377,8 @@ class CompletionServer(ThreadingHTTPServer):
         ConnectionResetError, and the engine free for the next request, where client_left() is true
         when the request's turn comes or between the Engine's chunks of new tokens; a 503
         RequestError where max_waiting requests already wait behind a running one."""
-        prompts = [self._prompt_tokens(prompt, request.max_tokens) for prompt in request.prompts]  # all checked before any runs
+        prompts = [self._prompt_tokens(prompt, request.max_tokens, request.truncate)  # all checked before any runs
+                   for prompt in request.prompts]
         with self._pending_lock:
             if self.max_waiting is not None and self._pending > self.max_waiting:
                 raise RequestError(f"the server is busy: one request runs and {self._pending - 1} wait, the most it queues "
@@ -410,9 +417,11 @@ class CompletionServer(ThreadingHTTPServer):
                 "timings": {"prefill_ms": sum(out.prefill_ms for out in outs),
                             "tpot_ms": sum(decode_ms) / len(decode_ms) if decode_ms else None, "backend": self.engine.backend_name}}
 
-    def _prompt_tokens(self, prompt: Prompt, max_tokens: int) -> list[int]:
-        """The prompt's token ids, checked, as is the room for max_tokens new tokens after it."""
+    def _prompt_tokens(self, prompt: Prompt, max_tokens: int, truncate: int | None) -> list[int]:
+        """The prompt's token ids (its last `truncate`, if given), checked, as is the room for
+        max_tokens new tokens after them."""
         tokens = check_token_ids(self.engine.encode(prompt) if isinstance(prompt, str) else prompt, self.engine.shape.vocab)
+        tokens = tokens[-truncate:] if truncate else tokens
         if not tokens:
             raise InvalidInputError("the prompt is empty; give at least one token")
         if max_tokens:
@@ -434,7 +443,10 @@ class CompletionServer(ThreadingHTTPServer):
         listing = None if request.logprobs is None else (ChatLogprobsListing if request.chat else LogprobsListing)(self._token_text)
         echoed = ""
         if request.echo:
-            echoed = prompt if isinstance(prompt, str) else "" if engine.tokenizer is None else engine.tokenizer.decode(prompt)
+            if isinstance(prompt, str) and request.truncate is None:
+                echoed = prompt
+            else:  # token ids, or a prompt that may have been cut: the text of the tokens run
+                echoed = "" if engine.tokenizer is None else engine.tokenizer.decode(tokens)
             part = None if listing is None else listing.extend(tokens, [None, *scored])
             if listing is not None:
                 listing.offset = len(echoed)  # the new tokens' text comes after the prompt's
