@@ -699,6 +699,8 @@ def test_a_chat_completion_runs_to_the_end_of_the_cache_by_default(chat_served):
     got = _chat(server, messages=CHAT, temperature=0, ignore_eos=True)  # 11 prompt tokens, 64 positions
     assert got["usage"]["completion_tokens"] == 64 + 1 - 11 and got["choices"][0]["finish_reason"] == "length"
     assert got["choices"][0]["token_ids"] == engine.generate(CHAT_PROMPT, 54).tokens
+    cut = _chat(server, messages=CHAT * 7, temperature=0, ignore_eos=True, truncate_prompt_tokens=5)  # 71 tokens, the last 5 run
+    assert cut["usage"]["prompt_tokens"] == 5 and cut["usage"]["completion_tokens"] == 64 + 1 - 5
 
 
 def test_a_streamed_chat_completion_sends_its_message_in_deltas(chat_served):

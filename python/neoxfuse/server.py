@@ -209,7 +209,9 @@ class CompletionRequest:
         tokens = chat_tokens(engine, body.pop("messages", None), template, True if opened is None else opened)
         max_tokens = body.pop("max_completion_tokens", None)
         max_tokens = body.pop("max_tokens", None) if max_tokens is None else max_tokens
-        room = max(engine.max_seq_len + 1 - len(tokens), 1)  # the new tokens the KV cache holds after the prompt
+        truncate = body.get("truncate_prompt_tokens")  # checked by parse()
+        run = min(len(tokens), truncate) if is_integer(truncate) and truncate >= 1 else len(tokens)  # the prompt tokens run
+        room = max(engine.max_seq_len + 1 - run, 1)  # the new tokens the KV cache holds after the prompt
         body["max_tokens"] = room if max_tokens is None else max_tokens
         if not (body.get("logprobs") is None or isinstance(body["logprobs"], bool)):
             raise RequestError(f"logprobs must be true or false, got {body['logprobs']!r}")
