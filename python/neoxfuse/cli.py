@@ -319,8 +319,7 @@ def _write_generation(path: Path, engine: Engine, sampling: SamplingParams, out:
         "sampling": {name: value for name, value in dataclasses.asdict(sampling).items() if not isinstance(value, frozenset)},
         "seed": out.seed, "prompt_tokens": out.prompt_tokens, "tokens": out.tokens, "text": out.text,
         "reused_tokens": out.reused_tokens, "prefill_ms": out.prefill_ms, "decode_ms": out.decode_ms, "tpot_ms": out.tpot_ms,
-        "logprobs": None if out.logprobs is None else [{"token": entry.token, "logprob": entry.logprob, "top": entry.top}
-                                                       for entry in out.logprobs],
+        "logprobs": None if out.logprobs is None else [dataclasses.asdict(entry) for entry in out.logprobs],
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
 
